@@ -1,0 +1,443 @@
+"""The config.yml schema: the single source of truth for validation, config.schema.json and the
+docs table of fields, plus the loaders (file, string, CONFIG_YML) and the canonical digest.
+
+Regenerate the derived files with ``python config_schema.py --write``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import difflib
+import hashlib
+import json
+import posixpath
+import re
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Bump when the provisioning layout changes in a way that must re-provision existing volumes.
+PROVISION_FORMAT_VERSION = 1
+DEFAULT_COMFYUI_REF = "v0.3.75"
+
+ROOT = Path(__file__).resolve().parent
+SCHEMA_PATH = ROOT / "config.schema.json"
+DOCS_PATH = ROOT / "docs" / "config.md"
+DOCS_BEGIN = "<!-- BEGIN GENERATED FIELDS (python config_schema.py --write) -->"
+DOCS_END = "<!-- END GENERATED FIELDS -->"
+
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+class ConfigError(Exception):
+    """An invalid config: ``problems`` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _no_leading_dash(value: str) -> str:
+    if value.startswith("-"):
+        raise ValueError(f"must not begin with '-' ({value!r} would be read as a command-line option)")
+    return value
+
+
+def _relative_path(value: str, nested: bool) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
+        raise ValueError(f"must be a relative path, not an absolute one ({value!r})")
+    parts = [p for p in re.split(r"[/\\]", value) if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"must not contain '..' ({value!r}); everything stays inside ComfyUI's folders")
+    if not parts:
+        raise ValueError(f"must name a folder or file, not {value!r}")
+    if not nested and len(parts) > 1:
+        raise ValueError(f"must be a plain name without '/' ({value!r})")
+    _no_leading_dash(parts[0])
+    return "/".join(parts)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class ComfyUISection(_Strict):
+    """ComfyUI itself."""
+
+    ref: str | None = Field(
+        default=None,
+        description=f"Tag, branch or commit of `COMFYUI_REPO` to install (env `COMFYUI_REF` wins; "
+        f"default `{DEFAULT_COMFYUI_REF}`).",
+    )
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must not be empty")
+            _no_leading_dash(v)
+        return v
+
+
+class ModelEntry(_Strict):
+    """One model file to download."""
+
+    url: str = Field(description="Where to download from: a Hugging Face, CivitAI or any HTTP(S) URL.")
+    destination: str = Field(
+        description="Folder under `ComfyUI/models` (nested allowed, e.g. `loras/wan`).",
+    )
+    filename: str | None = Field(
+        default=None,
+        description="File name to save as; default: the server's Content-Disposition, else the last "
+        "URL path segment.",
+    )
+    sha256: str | None = Field(
+        default=None, description="Expected SHA256 (64 hex digits); a mismatch fails the entry."
+    )
+    optional: bool = Field(default=False, description="A failed optional entry never fails provisioning.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        _no_leading_dash(v)
+        parsed = urlparse(v)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"must be an http(s) URL, not {v!r}")
+        return v
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, v: str) -> str:
+        return _relative_path(v, nested=True)
+
+    @field_validator("filename")
+    @classmethod
+    def _filename(cls, v: str | None) -> str | None:
+        return None if v is None else _relative_path(v, nested=False)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if not _SHA256_RE.match(v):
+            raise ValueError(
+                f"must be 64 hexadecimal digits (got {len(v)} characters: {v!r}); `sha256sum FILE` prints it"
+            )
+        return v.lower()
+
+    def url_filename(self) -> str:
+        """The last path segment of the URL (the fallback file name)."""
+        return unquote(posixpath.basename(urlparse(self.url).path)) or "download"
+
+    def planned_path(self) -> str:
+        """destination/filename as far as it is known before contacting the server."""
+        return f"{self.destination}/{self.filename or self.url_filename()}"
+
+
+class NodeEntry(_Strict):
+    """One custom node (a git repository) to install into `ComfyUI/custom_nodes`."""
+
+    url: str = Field(description="Git URL: https, ssh (`git@host:org/repo.git`), `file://` or a local path.")
+    version: str = Field(
+        default="latest",
+        description="`latest` (newest release tag, else default branch), `nightly` (default branch "
+        "head), a tag, a branch, or a commit sha.",
+    )
+    name: str | None = Field(
+        default=None, description="Directory name under `custom_nodes` (default: the repo name from the URL)."
+    )
+    optional: bool = Field(default=False, description="A failed optional entry never fails provisioning.")
+    requirements: bool = Field(
+        default=True, description="Install the node's `requirements.txt` and run its `install.py`."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must not be empty")
+        return _no_leading_dash(v)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must not be empty (use 'latest', 'nightly', a tag, a branch or a sha)")
+        return _no_leading_dash(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else _relative_path(v, nested=False)
+
+    def dir_name(self) -> str:
+        """The folder under custom_nodes: ``name`` or the repository name from the URL."""
+        if self.name:
+            return self.name
+        tail = re.split(r"[/:\\]", self.url.rstrip("/\\"))[-1]
+        return tail[:-4] if tail.endswith(".git") else tail
+
+
+class WorkerConfig(_Strict):
+    """The whole config.yml."""
+
+    comfyui: ComfyUISection = Field(default_factory=ComfyUISection, description="ComfyUI itself (optional).")
+    models: list[ModelEntry] = Field(default_factory=list, description="Model files to download.")
+    nodes: list[NodeEntry] = Field(default_factory=list, description="Custom nodes to git-install.")
+
+    @field_validator("models", "nodes", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return [] if v is None else v
+
+    @field_validator("comfyui", mode="before")
+    @classmethod
+    def _none_is_default(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @model_validator(mode="after")
+    def _no_duplicate_targets(self) -> WorkerConfig:
+        problems = _duplicate_problems(list(enumerate(self.models)), list(enumerate(self.nodes)))
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def comfyui_ref(self) -> str:
+        return self.comfyui.ref or DEFAULT_COMFYUI_REF
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {"models": ModelEntry, "nodes": NodeEntry}
+
+
+def _duplicate_problems(models: list[tuple[int, ModelEntry]], nodes: list[tuple[int, NodeEntry]]) -> list[str]:
+    problems = []
+    seen: dict[str, int] = {}
+    for i, m in models:
+        key = m.planned_path().lower()
+        if key in seen:
+            problems.append(
+                f"models[{i}] ({m.url}): destination/filename: target models/{m.planned_path()} is already "
+                f"used by models[{seen[key]}]; give one of them another filename or destination"
+            )
+        seen.setdefault(key, i)
+    seen = {}
+    for i, n in nodes:
+        key = n.dir_name().lower()
+        if key in seen:
+            problems.append(
+                f"nodes[{i}] ({n.url}): name: directory custom_nodes/{n.dir_name()} is already used by "
+                f"nodes[{seen[key]}]; set a different 'name'"
+            )
+        seen.setdefault(key, i)
+    return problems
+
+
+def _individually_valid(raw: dict, section: str) -> list[tuple[int, Any]]:
+    items = raw.get(section)
+    if not isinstance(items, list):
+        return []
+    valid = []
+    for i, item in enumerate(items):
+        try:
+            valid.append((i, _SECTIONS[section].model_validate(item)))
+        except ValidationError:
+            pass
+    return valid
+
+
+def _entry_label(raw: Any, loc: tuple) -> str:
+    """'models[2] (https://...)' for an error location, or the dotted path for top-level fields."""
+    if len(loc) >= 2 and loc[0] in _SECTIONS and isinstance(loc[1], int):
+        label = f"{loc[0]}[{loc[1]}]"
+        try:
+            url = raw[loc[0]][loc[1]].get("url")
+        except (AttributeError, IndexError, KeyError, TypeError):
+            url = None
+        return f"{label} ({url})" if url else label
+    return str(loc[0]) if loc else "config"
+
+
+def _did_you_mean(key: str, loc: tuple) -> str:
+    if len(loc) >= 2 and loc[0] in _SECTIONS:
+        choices = list(_SECTIONS[loc[0]].model_fields)
+    elif len(loc) >= 2 and loc[0] == "comfyui":
+        choices = list(ComfyUISection.model_fields)
+    else:
+        choices = list(WorkerConfig.model_fields)
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; allowed keys: {', '.join(choices)}"
+
+
+def _problems_from(err: ValidationError, raw: Any) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        msg = str(e.get("ctx", {}).get("error", e["msg"]))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if e["type"] == "extra_forbidden":
+            field_loc = loc[:-1]
+            problems.append(f"{_entry_label(raw, field_loc)}: unknown key '{loc[-1]}'{_did_you_mean(str(loc[-1]), loc)}")
+        elif e["type"] == "missing":
+            problems.append(f"{_entry_label(raw, loc[:-1])}: field '{loc[-1]}' is required")
+        elif not loc:  # model-level validator (duplicates): already fully worded, one per line
+            problems.extend(msg.split("\n"))
+        else:
+            in_entry = loc[0] in _SECTIONS and len(loc) > 2
+            field = ".".join(map(str, loc[2:] if in_entry else loc))
+            problems.append(f"{_entry_label(raw, loc)}: {field}: {msg}")
+    if not any(not e["loc"] for e in err.errors()):  # duplicates are only checked once all else is valid
+        problems.extend(_duplicate_problems(_individually_valid(raw, "models"), _individually_valid(raw, "nodes")))
+    return problems
+
+
+def parse_config(raw: Any, source: str = "config") -> WorkerConfig:
+    """Validate already-parsed YAML data; raises ConfigError listing every problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the top level must be a mapping with models/nodes/comfyui, not {type(raw).__name__}"], source)
+    try:
+        return WorkerConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_problems_from(err, raw), source) from None
+
+
+def _yaml_load(text: str, source: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError([f"not valid YAML{where}: {problem}"], source) from None
+
+
+def load_config_text(text: str, source: str = "config") -> WorkerConfig:
+    return parse_config(_yaml_load(text, source), source)
+
+
+def load_config(path: str | Path) -> WorkerConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([f"cannot read {path}: {err.strerror}"], str(path)) from None
+    return load_config_text(text, str(path))
+
+
+def decode_config_env(value: str) -> str:
+    """The YAML text carried by a CONFIG_YML value: plain YAML first, then base64 (standard or
+    URL-safe alphabet, padding optional, whitespace ignored). Raises ConfigError when neither."""
+    source = "CONFIG_YML"
+    try:
+        plain = yaml.safe_load(value)
+    except yaml.YAMLError:
+        plain = None
+    if isinstance(plain, dict):
+        return value
+    compact = re.sub(r"\s+", "", value)
+    if not compact:
+        raise ConfigError(["the value is empty; set it to a config.yml or its base64"], source)
+    try:
+        data = base64.b64decode(
+            compact.replace("-", "+").replace("_", "/") + "=" * (-len(compact) % 4), validate=True
+        )
+        text = data.decode("utf-8")
+    except (binascii.Error, ValueError):
+        raise ConfigError(
+            [
+                "the value is neither a YAML mapping (models:/nodes:) nor valid base64 of one; "
+                "encode the file with `base64 -w0 config.yml`"
+            ],
+            source,
+        ) from None
+    decoded = _yaml_load(text, f"{source} (decoded from base64)")
+    if not isinstance(decoded, dict):
+        raise ConfigError(
+            [
+                f"the value decodes from base64 but the result is not a config (a YAML mapping with "
+                f"models:/nodes:), it is a {type(decoded).__name__}; encode the config.yml file itself"
+            ],
+            source,
+        )
+    return text
+
+
+def load_config_env(value: str) -> WorkerConfig:
+    return load_config_text(decode_config_env(value), "CONFIG_YML")
+
+
+def canonical_json(cfg: WorkerConfig) -> str:
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def config_digest(cfg: WorkerConfig, comfyui_ref: str | None = None) -> str:
+    """SHA256 of the parsed config (defaults filled in), the effective ComfyUI ref and the
+    provisioning format version: comments, whitespace and key order do not change it."""
+    payload = {
+        "config": json.loads(canonical_json(cfg)),
+        "comfyui_ref": comfyui_ref or cfg.comfyui_ref(),
+        "format": PROVISION_FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ---- derived artefacts: JSON Schema and the docs table ----
+
+
+def json_schema() -> dict:
+    schema = WorkerConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "comfy-worker config.yml"
+    return schema
+
+
+def json_schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def docs_table() -> str:
+    rows = ["| key | type | required | default | meaning |", "|---|---|---|---|---|"]
+    for prefix, model in (("comfyui.", ComfyUISection), ("models[].", ModelEntry), ("nodes[].", NodeEntry)):
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            typ = getattr(ann, "__name__", None) or str(ann).replace("typing.", "").replace(" | None", "")
+            typ = typ.replace("NoneType", "").strip("| ")
+            required = "yes" if f.is_required() else "no"
+            default = "" if f.is_required() or f.default is None else f"`{json.dumps(f.default)}`"
+            rows.append(f"| `{prefix}{name}` | {typ} | {required} | {default} | {f.description or ''} |")
+    return "\n".join(rows) + "\n"
+
+
+def docs_with_table(doc_text: str) -> str:
+    head, _, rest = doc_text.partition(DOCS_BEGIN)
+    _, _, tail = rest.partition(DOCS_END)
+    return f"{head}{DOCS_BEGIN}\n{docs_table()}{DOCS_END}{tail}"
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["--write"]:
+        print("usage: python config_schema.py --write   (regenerates config.schema.json and docs/config.md)")
+        return 2
+    SCHEMA_PATH.write_text(json_schema_text(), encoding="utf-8")
+    DOCS_PATH.write_text(docs_with_table(DOCS_PATH.read_text(encoding="utf-8")), encoding="utf-8")
+    print(f"wrote {SCHEMA_PATH.name} and {DOCS_PATH.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,173 @@
+"""Every environment variable comfy-worker reads, in one place (SPEC §2, §3, §7, §8).
+
+``Settings.from_env()`` reads ``os.environ`` (or a given mapping) at call time; nothing else in the
+project looks at ``os.environ`` for configuration. Secrets are excluded from ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config_schema import DEFAULT_COMFYUI_REF
+
+APP_DIR = Path(__file__).resolve().parent
+DEFAULT_COMFYUI_REPO = "https://github.com/comfyanonymous/ComfyUI.git"
+SECRET_ENV_NAMES = (
+    "HF_TOKEN",
+    "CIVITAI_TOKEN",
+    "GITHUB_TOKEN",
+    "BUCKET_ACCESS_KEY_ID",
+    "BUCKET_SECRET_ACCESS_KEY",
+    "COMFY_ORG_API_KEY",
+    "JUPYTER_PASSWORD",
+)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a whole number, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def default_volume_root(env: Mapping[str, str]) -> Path:
+    if env.get("VOLUME_ROOT"):
+        return Path(env["VOLUME_ROOT"])
+    for candidate in ("/runpod-volume", "/workspace"):
+        if Path(candidate).is_dir():
+            return Path(candidate)
+    return APP_DIR / "workspace"
+
+
+def default_mode(env: Mapping[str, str]) -> str:
+    if env.get("MODE"):
+        return env["MODE"]
+    if env.get("RUNPOD_ENDPOINT_ID"):
+        return "serverless"
+    if env.get("RUNPOD_POD_ID"):
+        return "pod"
+    return "local"
+
+
+@dataclass(frozen=True)
+class Settings:
+    volume_root: Path
+    comfyui_path: Path
+    app_dir: Path
+    mode: str
+    comfy_host: str
+    comfy_port: int
+    api_port: int
+    jupyter_port: int
+    comfy_args: str
+    comfyui_repo: str
+    comfyui_ref: str | None  # env COMFYUI_REF; None = use config / default
+    comfyui_update: bool
+    allow_cpu: bool
+    job_timeout: float
+    max_response_mb: float
+    refresh_worker: bool
+    concurrency: int
+    on_runpod: bool
+    bucket_endpoint_url: str | None
+    bucket_name: str
+    bucket_region: str | None
+    bucket_prefix: str
+    s3_url_expires: int
+    config_yml: str | None = field(default=None, repr=False)
+    bucket_access_key_id: str | None = field(default=None, repr=False)
+    bucket_secret_access_key: str | None = field(default=None, repr=False)
+    comfy_org_api_key: str | None = field(default=None, repr=False)
+    hf_token: str | None = field(default=None, repr=False)
+    civitai_token: str | None = field(default=None, repr=False)
+    github_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        volume_root = default_volume_root(env)
+        comfy_port = _int(env, "COMFY_PORT", 8188)
+        return cls(
+            volume_root=volume_root,
+            comfyui_path=Path(env.get("COMFYUI_PATH") or volume_root / "ComfyUI"),
+            app_dir=Path(env.get("APP_DIR") or APP_DIR),
+            mode=default_mode(env),
+            comfy_host=env.get("COMFY_HOST") or f"127.0.0.1:{comfy_port}",
+            comfy_port=comfy_port,
+            api_port=_int(env, "API_PORT", 8000),
+            jupyter_port=_int(env, "JUPYTER_PORT", 8888),
+            comfy_args=env.get("COMFY_ARGS", ""),
+            comfyui_repo=env.get("COMFYUI_REPO") or DEFAULT_COMFYUI_REPO,
+            comfyui_ref=env.get("COMFYUI_REF") or None,
+            comfyui_update=_flag(env, "COMFYUI_UPDATE"),
+            allow_cpu=_flag(env, "ALLOW_CPU"),
+            job_timeout=_float(env, "COMFY_JOB_TIMEOUT", 600.0),
+            max_response_mb=_float(env, "MAX_RESPONSE_MB", 18.0),
+            refresh_worker=_flag(env, "REFRESH_WORKER"),
+            concurrency=max(1, _int(env, "MAX_CONCURRENCY", 1)),
+            on_runpod=bool(env.get("RUNPOD_ENDPOINT_ID") or env.get("RUNPOD_POD_ID")),
+            bucket_endpoint_url=env.get("BUCKET_ENDPOINT_URL") or None,
+            bucket_name=env.get("BUCKET_NAME") or "comfyui-outputs",
+            bucket_region=env.get("BUCKET_REGION") or None,
+            bucket_prefix=env.get("BUCKET_PREFIX", ""),
+            s3_url_expires=_int(env, "S3_URL_EXPIRES", 3600),
+            config_yml=env.get("CONFIG_YML") or None,
+            bucket_access_key_id=env.get("BUCKET_ACCESS_KEY_ID") or None,
+            bucket_secret_access_key=env.get("BUCKET_SECRET_ACCESS_KEY") or None,
+            comfy_org_api_key=env.get("COMFY_ORG_API_KEY") or None,
+            hf_token=env.get("HF_TOKEN") or None,
+            civitai_token=env.get("CIVITAI_TOKEN") or None,
+            github_token=env.get("GITHUB_TOKEN") or None,
+        )
+
+    def effective_comfyui_ref(self, config_ref: str | None) -> str:
+        return self.comfyui_ref or config_ref or DEFAULT_COMFYUI_REF
+
+    @property
+    def models_dir(self) -> Path:
+        return self.comfyui_path / "models"
+
+    @property
+    def custom_nodes_dir(self) -> Path:
+        return self.comfyui_path / "custom_nodes"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.volume_root / "comfy.lock.yml"
+
+    def secrets(self) -> list[str]:
+        values = [
+            self.hf_token,
+            self.civitai_token,
+            self.github_token,
+            self.bucket_access_key_id,
+            self.bucket_secret_access_key,
+            self.comfy_org_api_key,
+        ]
+        return [v for v in values if v]
+
+
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    """Values of every secret env var that is set (for log redaction)."""
+    env = os.environ if env is None else env
+    return [env[n] for n in SECRET_ENV_NAMES if env.get(n) and len(env[n]) >= 4]
