@@ -59,10 +59,7 @@ def load_or_report(config_path: str | None, settings: Settings) -> tuple[WorkerC
 
 
 def validate_only(cfg: WorkerConfig, source: str) -> int:
-    print(
-        f"ok: {source} is valid ({len(cfg.models)} model(s), {len(cfg.nodes)} node(s), "
-        f"ComfyUI {cfg.comfyui_ref()})"
-    )
+    print(f"ok: {source} is valid ({len(cfg.models)} model(s), {len(cfg.nodes)} node(s), ComfyUI {cfg.comfyui_ref()})")
     return EXIT_OK
 
 

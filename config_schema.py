@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import difflib
 import hashlib
 import json
@@ -98,12 +99,9 @@ class ModelEntry(_Strict):
     )
     filename: str | None = Field(
         default=None,
-        description="File name to save as; default: the server's Content-Disposition, else the last "
-        "URL path segment.",
+        description="File name to save as; default: the server's Content-Disposition, else the last URL path segment.",
     )
-    sha256: str | None = Field(
-        default=None, description="Expected SHA256 (64 hex digits); a mismatch fails the entry."
-    )
+    sha256: str | None = Field(default=None, description="Expected SHA256 (64 hex digits); a mismatch fails the entry.")
     optional: bool = Field(default=False, description="A failed optional entry never fails provisioning.")
 
     @field_validator("url")
@@ -249,10 +247,8 @@ def _individually_valid(raw: dict, section: str) -> list[tuple[int, Any]]:
         return []
     valid = []
     for i, item in enumerate(items):
-        try:
+        with contextlib.suppress(ValidationError):
             valid.append((i, _SECTIONS[section].model_validate(item)))
-        except ValidationError:
-            pass
     return valid
 
 
@@ -290,7 +286,9 @@ def _problems_from(err: ValidationError, raw: Any) -> list[str]:
             msg = msg[len("Value error, ") :]
         if e["type"] == "extra_forbidden":
             field_loc = loc[:-1]
-            problems.append(f"{_entry_label(raw, field_loc)}: unknown key '{loc[-1]}'{_did_you_mean(str(loc[-1]), loc)}")
+            problems.append(
+                f"{_entry_label(raw, field_loc)}: unknown key '{loc[-1]}'{_did_you_mean(str(loc[-1]), loc)}"
+            )
         elif e["type"] == "missing":
             problems.append(f"{_entry_label(raw, loc[:-1])}: field '{loc[-1]}' is required")
         elif not loc:  # model-level validator (duplicates): already fully worded, one per line
@@ -309,7 +307,9 @@ def parse_config(raw: Any, source: str = "config") -> WorkerConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([f"the top level must be a mapping with models/nodes/comfyui, not {type(raw).__name__}"], source)
+        raise ConfigError(
+            [f"the top level must be a mapping with models/nodes/comfyui, not {type(raw).__name__}"], source
+        )
     try:
         return WorkerConfig.model_validate(raw)
     except ValidationError as err:
@@ -353,9 +353,7 @@ def decode_config_env(value: str) -> str:
     if not compact:
         raise ConfigError(["the value is empty; set it to a config.yml or its base64"], source)
     try:
-        data = base64.b64decode(
-            compact.replace("-", "+").replace("_", "/") + "=" * (-len(compact) % 4), validate=True
-        )
+        data = base64.b64decode(compact.replace("-", "+").replace("_", "/") + "=" * (-len(compact) % 4), validate=True)
         text = data.decode("utf-8")
     except (binascii.Error, ValueError):
         raise ConfigError(
@@ -388,8 +386,10 @@ def canonical_json(cfg: WorkerConfig) -> str:
 def config_digest(cfg: WorkerConfig, comfyui_ref: str | None = None) -> str:
     """SHA256 of the parsed config (defaults filled in), the effective ComfyUI ref and the
     provisioning format version: comments, whitespace and key order do not change it."""
+    config = json.loads(canonical_json(cfg))
+    del config["comfyui"]  # represented by the effective ref below, so `ref: <default>` == no ref
     payload = {
-        "config": json.loads(canonical_json(cfg)),
+        "config": config,
         "comfyui_ref": comfyui_ref or cfg.comfyui_ref(),
         "format": PROVISION_FORMAT_VERSION,
     }

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Sets up the dev environment and runs the worker locally: ComfyUI (CPU when there is no GPU), the
+# RunPod SDK's local API on API_PORT (8000) serving handler.py, and JupyterLab on JUPYTER_PORT (8888).
+# ComfyUI is cloned into $VOLUME_ROOT/ComfyUI (default ./workspace) from COMFYUI_REPO at the config's
+# ref, and the models and nodes of config.yml are provisioned first. Ctrl-C stops everything.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup_env.sh
+PY="$ROOT/.venv/bin/python"
+export VOLUME_ROOT="${VOLUME_ROOT:-$ROOT/workspace}"
+export COMFYUI_PATH="${COMFYUI_PATH:-$VOLUME_ROOT/ComfyUI}"
+export COMFY_PORT="${COMFY_PORT:-8188}" API_PORT="${API_PORT:-8000}" JUPYTER_PORT="${JUPYTER_PORT:-8888}"
+export COMFY_HOST="127.0.0.1:$COMFY_PORT"
+export COMFY_PID_FILE="${COMFY_PID_FILE:-$VOLUME_ROOT/.comfyui.pid}"
+REPO="${COMFYUI_REPO:-https://github.com/comfyanonymous/ComfyUI.git}"
+CONFIG="${CONFIG:-$ROOT/config.yml}"
+
+"$PY" download_models.py --validate-only --config "$CONFIG"
+REF="${COMFYUI_REF:-$("$PY" -c 'import sys, config_schema as c; print(c.load_config(sys.argv[1]).comfyui_ref())' "$CONFIG")}"
+mkdir -p "$VOLUME_ROOT"
+if [[ ! -f "$COMFYUI_PATH/main.py" ]]; then
+  echo "[dev] cloning ComfyUI $REF from $REPO into $COMFYUI_PATH"
+  git clone -q "$REPO" "$COMFYUI_PATH.partial"
+  git -C "$COMFYUI_PATH.partial" -c advice.detachedHead=false checkout -q "$REF"
+  mv "$COMFYUI_PATH.partial" "$COMFYUI_PATH"
+fi
+"$PY" download_models.py --config "$CONFIG" || echo "[dev] WARNING: some models failed (see above)"
+"$PY" install_nodes.py --config "$CONFIG" || echo "[dev] WARNING: some nodes failed (see above)"
+
+comfy_args=(--listen 127.0.0.1 --port "$COMFY_PORT")
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "[dev] WARNING: no CUDA device: ComfyUI runs on the CPU (slow)"
+  comfy_args+=(--cpu)
+fi
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait || true; }
+trap cleanup EXIT INT TERM
+(cd "$COMFYUI_PATH" && exec "$PY" main.py "${comfy_args[@]}") &
+pids+=($!)
+echo "$!" >"$COMFY_PID_FILE"
+"$PY" handler.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port "$API_PORT" &
+pids+=($!)
+"$PY" -m jupyterlab --no-browser --ip 127.0.0.1 --port "$JUPYTER_PORT" --notebook-dir "$ROOT" &
+pids+=($!)
+echo "[dev] ComfyUI http://127.0.0.1:$COMFY_PORT  API http://127.0.0.1:$API_PORT/docs  Jupyter http://127.0.0.1:$JUPYTER_PORT"
+wait -n

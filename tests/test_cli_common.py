@@ -1,0 +1,135 @@
+"""--validate-only of download_models.py and install_nodes.py, config source precedence (SPEC §4.1),
+and the shared CLI pieces (summary table, comfy.lock.yml sections)."""
+
+import base64
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli_common import format_table, human_size, read_lock_file, update_lock_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["download_models.py", "install_nodes.py"]
+
+INVALID = textwrap.dedent(
+    """\
+    models:
+      - url: https://huggingface.co/org/repo/resolve/main/model.safetensors
+        destination: ../checkpoints
+        sha265: abc
+    nodes:
+      - url: https://github.com/org/Node.git
+        version: --upload-pack=evil
+    """
+)
+
+
+def run(script: str, *args: str, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    clean_env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "VOLUME_ROOT": "/nonexistent-volume", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=clean_env, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("config", ["config.yml", "config.example.yml"])
+def test_shipped_configs_validate(script, config):
+    result = run(script, "--validate-only", "--config", str(ROOT / config))
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.startswith(f"ok: {ROOT / config} is valid (")
+    assert "ComfyUI v0.3.75" in line
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_invalid_config_exits_2_with_one_line_per_problem(script, tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_text(INVALID)
+    result = run(script, "--validate-only", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"error: {path} is invalid (3 problem(s)):"
+    url = "https://huggingface.co/org/repo/resolve/main/model.safetensors"
+    assert lines[1:] == [
+        f"  models[0] ({url}): destination: must not contain '..' ('../checkpoints'); "
+        "everything stays inside ComfyUI's folders",
+        f"  models[0] ({url}): unknown key 'sha265'; did you mean 'sha256'?",
+        "  nodes[0] (https://github.com/org/Node.git): version: must not begin with '-' "
+        "('--upload-pack=evil' would be read as a command-line option)",
+    ]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_config_yml_env_is_used_when_no_config_flag(script):
+    encoded = base64.b64encode(b"models:\n  - url: https://e.example/a.bin\n    destination: vae\n").decode()
+    result = run(script, "--validate-only", env={"CONFIG_YML": encoded})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: CONFIG_YML is valid (1 model(s), 0 node(s)")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_undecodable_config_yml_fails_and_does_not_fall_back(script, tmp_path):
+    (tmp_path / "config.yml").write_text("models: []\n")  # a valid file that must NOT be used instead
+    result = run(script, "--validate-only", env={"CONFIG_YML": "@@@ not base64 @@@", "VOLUME_ROOT": str(tmp_path)})
+    assert result.returncode == 2
+    assert "CONFIG_YML is invalid" in result.stderr
+    assert "neither a YAML mapping" in result.stderr
+
+
+def test_volume_config_wins_over_app_config(tmp_path):
+    volume, app = tmp_path / "volume", tmp_path / "app"
+    volume.mkdir()
+    app.mkdir()
+    (app / "config.yml").write_text("models: []\n")
+    env = {"VOLUME_ROOT": str(volume), "APP_DIR": str(app)}
+    assert f"ok: {app / 'config.yml'} is valid" in run("install_nodes.py", "--validate-only", env=env).stdout
+    (volume / "config.yml").write_text("nodes:\n  - url: https://github.com/a/b.git\n")
+    result = run("install_nodes.py", "--validate-only", env=env)
+    assert result.stdout.startswith(f"ok: {volume / 'config.yml'} is valid (0 model(s), 1 node(s)")
+
+
+def test_no_config_anywhere_is_a_clear_error(tmp_path):
+    result = run("download_models.py", "--validate-only", env={"VOLUME_ROOT": str(tmp_path), "APP_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "no config found: pass --config, set CONFIG_YML, or create" in result.stderr
+
+
+def test_format_table_aligns_columns():
+    table = format_table(["name", "size"], [["a.safetensors", "1.0 GiB"], ["b", "12 B"]])
+    assert table.splitlines() == [
+        "name           size",
+        "-------------  -------",
+        "a.safetensors  1.0 GiB",
+        "b              12 B",
+    ]
+
+
+def test_human_size():
+    assert human_size(None) == "?"
+    assert human_size(512) == "512 B"
+    assert human_size(10 * 1024) == "10.0 KiB"
+    assert human_size(3 * 1024**3) == "3.0 GiB"
+
+
+def _write_section(args):
+    path, section, i = args
+    update_lock_file(Path(path), section, [{"n": i}])
+
+
+def test_lock_file_sections_survive_concurrent_writers(tmp_path):
+    path = tmp_path / "comfy.lock.yml"
+    update_lock_file(path, "comfyui", {"ref": "abc"})
+    jobs = [(str(path), "models" if i % 2 else "nodes", i) for i in range(16)]
+    with ProcessPoolExecutor(4) as pool:
+        list(pool.map(_write_section, jobs))
+    data = read_lock_file(path)
+    assert data["comfyui"] == {"ref": "abc"}
+    assert set(data) == {"comfyui", "models", "nodes"}
+    assert yaml.safe_load(path.read_text()) == data
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".comfy.lock.yml.*"))

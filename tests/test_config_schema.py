@@ -1,0 +1,413 @@
+"""config_schema: SPEC §3 (schema, rejections) and §4.1 (CONFIG_YML decoding), plus the digest and
+the derived files (config.schema.json, docs table)."""
+
+import base64
+import json
+import textwrap
+
+import pytest
+
+import config_schema
+from config_schema import (
+    DEFAULT_COMFYUI_REF,
+    ConfigError,
+    config_digest,
+    decode_config_env,
+    load_config,
+    load_config_env,
+    load_config_text,
+)
+
+VALID = textwrap.dedent(
+    """\
+    # a comment
+    comfyui:
+      ref: v0.3.75
+    models:
+      - url: https://huggingface.co/org/repo/resolve/main/model.safetensors
+        destination: checkpoints
+        sha256: 3F1C000000000000000000000000000000000000000000000000000000000abc
+      - url: https://civitai.com/api/download/models/12345
+        destination: loras/wan
+        filename: my_lora.safetensors
+        optional: true
+    nodes:
+      - url: https://github.com/ltdrdata/ComfyUI-Manager.git
+        version: latest
+      - url: git@github.com:org/Other-Node.git
+        version: 1a2b3c4
+        name: other
+        requirements: false
+    """
+)
+
+
+def problems_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text)
+    return info.value.problems
+
+
+def one_model(**fields) -> str:
+    entry = {"url": "https://example.com/files/model.safetensors", "destination": "checkpoints", **fields}
+    return json.dumps({"models": [entry]})
+
+
+def one_node(**fields) -> str:
+    entry = {"url": "https://github.com/org/Node.git", **fields}
+    return json.dumps({"nodes": [entry]})
+
+
+# ---- a valid config ----
+
+
+def test_valid_config_parses_with_defaults_and_normalisation():
+    cfg = load_config_text(VALID)
+    assert cfg.comfyui_ref() == "v0.3.75"
+    hf, civitai = cfg.models
+    assert hf.destination == "checkpoints" and hf.filename is None and hf.optional is False
+    assert hf.sha256 == "3f1c" + "0" * 57 + "abc"  # normalised to lower case
+    assert hf.planned_path() == "checkpoints/model.safetensors"
+    assert civitai.destination == "loras/wan" and civitai.planned_path() == "loras/wan/my_lora.safetensors"
+    manager, other = cfg.nodes
+    assert manager.dir_name() == "ComfyUI-Manager" and manager.requirements is True
+    assert other.dir_name() == "other" and other.version == "1a2b3c4"
+
+
+def test_empty_sections_and_missing_comfyui_use_defaults():
+    cfg = load_config_text("models:\nnodes:\n")
+    assert cfg.models == [] and cfg.nodes == []
+    assert cfg.comfyui_ref() == DEFAULT_COMFYUI_REF
+
+
+def test_node_dir_name_from_each_url_kind():
+    cases = {
+        "https://github.com/org/ComfyUI-Foo.git": "ComfyUI-Foo",
+        "https://github.com/org/ComfyUI-Foo/": "ComfyUI-Foo",
+        "git@github.com:org/bar.git": "bar",
+        "file:///srv/git/baz.git": "baz",
+        "/srv/git/qux": "qux",
+    }
+    for url, expected in cases.items():
+        assert load_config_text(json.dumps({"nodes": [{"url": url}]})).nodes[0].dir_name() == expected
+
+
+def test_nested_destination_is_allowed_and_cleaned():
+    cfg = load_config_text(one_model(destination="loras/wan/"))
+    assert cfg.models[0].destination == "loras/wan"
+
+
+def test_load_config_from_file(tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_text(VALID)
+    assert len(load_config(path).models) == 2
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yml")
+    assert "cannot read" in info.value.problems[0] and "nope.yml" in info.value.problems[0]
+
+
+# ---- every rejection of SPEC §3, with the message text ----
+
+
+def test_unknown_key_in_model_names_entry_and_suggests_the_right_key():
+    (problem,) = problems_of(one_model(sha265="0" * 64))
+    assert problem == (
+        "models[0] (https://example.com/files/model.safetensors): unknown key 'sha265'; did you mean 'sha256'?"
+    )
+
+
+def test_unknown_key_in_node_and_at_top_level():
+    assert problems_of(one_node(requirments=False)) == [
+        "nodes[0] (https://github.com/org/Node.git): unknown key 'requirments'; did you mean 'requirements'?"
+    ]
+    assert problems_of("model:\n  - url: x\n") == ["config: unknown key 'model'; did you mean 'models'?"]
+    assert problems_of("comfyui:\n  reff: v1\n") == ["comfyui: unknown key 'reff'; did you mean 'ref'?"]
+
+
+def test_unknown_key_without_a_close_match_lists_the_allowed_keys():
+    (problem,) = problems_of(one_node(zzz=1))
+    assert problem.endswith("unknown key 'zzz'; allowed keys: url, version, name, optional, requirements")
+
+
+@pytest.mark.parametrize("field", ["destination", "filename"])
+def test_dot_dot_in_model_paths_is_rejected(field):
+    (problem,) = problems_of(one_model(**{field: "../../etc/passwd" if field == "destination" else "../x"}))
+    assert problem.startswith(
+        f"models[0] (https://example.com/files/model.safetensors): {field}: must not contain '..'"
+    )
+
+
+def test_dot_dot_and_absolute_in_node_name_are_rejected():
+    (problem,) = problems_of(one_node(name=".."))
+    assert problem.startswith("nodes[0] (https://github.com/org/Node.git): name: must not contain '..'")
+    (problem,) = problems_of(one_node(name="/tmp/x"))
+    assert "name: must be a relative path, not an absolute one ('/tmp/x')" in problem
+
+
+@pytest.mark.parametrize("field,value", [("destination", "/models/checkpoints"), ("filename", "/x.safetensors")])
+def test_absolute_model_paths_are_rejected(field, value):
+    (problem,) = problems_of(one_model(**{field: value}))
+    assert f"{field}: must be a relative path, not an absolute one" in problem
+
+
+def test_filename_must_be_a_plain_name():
+    (problem,) = problems_of(one_model(filename="sub/x.safetensors"))
+    assert "filename: must be a plain name without '/'" in problem
+
+
+def test_url_beginning_with_dash_is_rejected_for_models_and_nodes():
+    (problem,) = problems_of(json.dumps({"models": [{"url": "-oProxyCommand=x", "destination": "vae"}]}))
+    assert problem == (
+        "models[0] (-oProxyCommand=x): url: must not begin with '-' ('-oProxyCommand=x' would be read as a "
+        "command-line option)"
+    )
+    (problem,) = problems_of(json.dumps({"nodes": [{"url": "--upload-pack=touch /tmp/x"}]}))
+    assert problem.startswith("nodes[0] (--upload-pack=touch /tmp/x): url: must not begin with '-'")
+
+
+def test_version_beginning_with_dash_is_rejected():
+    (problem,) = problems_of(one_node(version="--upload-pack=evil"))
+    assert problem.startswith("nodes[0] (https://github.com/org/Node.git): version: must not begin with '-'")
+
+
+def test_model_url_must_be_http():
+    (problem,) = problems_of(one_model(url="ftp://example.com/a.bin"))
+    assert "url: must be an http(s) URL, not 'ftp://example.com/a.bin'" in problem
+
+
+def test_bad_sha256_hex_is_rejected():
+    (problem,) = problems_of(one_model(sha256="xyz"))
+    assert problem == (
+        "models[0] (https://example.com/files/model.safetensors): sha256: must be 64 hexadecimal digits "
+        "(got 3 characters: 'xyz'); `sha256sum FILE` prints it"
+    )
+    (problem,) = problems_of(one_model(sha256="g" * 64))
+    assert "sha256: must be 64 hexadecimal digits" in problem
+
+
+def test_duplicate_model_target_paths_are_rejected():
+    text = json.dumps(
+        {
+            "models": [
+                {"url": "https://a.example/x/model.safetensors", "destination": "checkpoints"},
+                {
+                    "url": "https://b.example/y/other.bin",
+                    "destination": "checkpoints/",
+                    "filename": "model.safetensors",
+                },
+            ]
+        }
+    )
+    assert problems_of(text) == [
+        "models[1] (https://b.example/y/other.bin): destination/filename: target models/checkpoints/model.safetensors "
+        "is already used by models[0]; give one of them another filename or destination"
+    ]
+
+
+def test_duplicate_node_directories_are_rejected():
+    text = json.dumps({"nodes": [{"url": "https://github.com/a/Node.git"}, {"url": "https://gitlab.com/b/Node"}]})
+    assert problems_of(text) == [
+        "nodes[1] (https://gitlab.com/b/Node): name: directory custom_nodes/Node is already used by nodes[0]; "
+        "set a different 'name'"
+    ]
+
+
+def test_duplicates_are_reported_together_with_other_problems():
+    text = json.dumps(
+        {
+            "models": [
+                {"url": "https://a.example/m.bin", "destination": "vae"},
+                {"url": "https://b.example/m.bin", "destination": "vae"},
+                {"url": "https://c.example/n.bin", "destination": "/abs"},
+            ]
+        }
+    )
+    problems = problems_of(text)
+    assert len(problems) == 2
+    assert any("destination: must be a relative path" in p for p in problems)
+    assert any("already used by models[0]" in p for p in problems)
+
+
+def test_missing_required_fields_and_wrong_types():
+    problems = problems_of(json.dumps({"models": [{"url": "https://x.example/a.bin"}], "nodes": [{"version": "v1"}]}))
+    assert "models[0] (https://x.example/a.bin): field 'destination' is required" in problems
+    assert "nodes[0]: field 'url' is required" in problems
+    (problem,) = problems_of(one_model(optional="sometimes"))
+    assert problem.startswith("models[0] (https://example.com/files/model.safetensors): optional: ")
+
+
+def test_every_problem_is_reported_at_once():
+    text = json.dumps(
+        {
+            "models": [{"url": "-x", "destination": "../y", "sha256": "1"}],
+            "nodes": [{"url": "https://github.com/o/n", "version": "-v"}],
+        }
+    )
+    assert len(problems_of(text)) == 4
+
+
+def test_top_level_must_be_a_mapping_and_yaml_errors_give_the_line():
+    assert problems_of("- a\n- b\n") == ["the top level must be a mapping with models/nodes/comfyui, not list"]
+    (problem,) = problems_of("models:\n  - url: [unclosed\n")
+    assert problem.startswith("not valid YAML at line 3")
+
+
+# ---- CONFIG_YML ----
+
+SMALL = "models:\n  - url: https://example.com/a/b.safetensors\n    destination: vae\n"
+
+
+def b64(text: str, alphabet: str = "standard") -> str:
+    raw = text.encode()
+    return (base64.urlsafe_b64encode(raw) if alphabet == "urlsafe" else base64.b64encode(raw)).decode()
+
+
+def test_config_yml_plain_yaml_is_used_as_is():
+    assert decode_config_env(SMALL) == SMALL
+    assert load_config_env(SMALL).models[0].destination == "vae"
+
+
+def test_config_yml_base64_standard():
+    assert decode_config_env(b64(SMALL)) == SMALL
+
+
+def test_config_yml_base64_url_safe_alphabet():
+    text = SMALL + "# ??>>??>>~~~\n"  # bytes that encode to '+' and '/' in the standard alphabet
+    assert "+" in b64(text) or "/" in b64(text)
+    encoded = b64(text, "urlsafe")
+    assert "-" in encoded or "_" in encoded
+    assert decode_config_env(encoded) == text
+
+
+def test_config_yml_base64_without_padding():
+    encoded = b64(SMALL + "#x\n")
+    assert encoded.endswith("=")
+    assert decode_config_env(encoded.rstrip("=")) == SMALL + "#x\n"
+
+
+def test_config_yml_base64_wrapped_in_newlines_and_spaces():
+    encoded = b64(SMALL)
+    wrapped = "\n  " + "\n".join(encoded[i : i + 20] for i in range(0, len(encoded), 20)) + "\n\n"
+    assert decode_config_env(wrapped) == SMALL
+
+
+def test_config_yml_garbage_is_a_clear_error():
+    with pytest.raises(ConfigError) as info:
+        decode_config_env("this is not %% a config!")
+    assert info.value.source == "CONFIG_YML"
+    assert info.value.problems == [
+        "the value is neither a YAML mapping (models:/nodes:) nor valid base64 of one; "
+        "encode the file with `base64 -w0 config.yml`"
+    ]
+
+
+def test_config_yml_base64_of_something_that_is_not_a_config():
+    with pytest.raises(ConfigError) as info:
+        decode_config_env(b64("just a sentence"))
+    assert "decodes from base64 but the result is not a config" in info.value.problems[0]
+    assert "it is a str" in info.value.problems[0]
+
+
+def test_config_yml_base64_of_binary_is_a_clear_error():
+    with pytest.raises(ConfigError) as info:
+        decode_config_env(base64.b64encode(bytes(range(256))).decode())
+    assert "neither a YAML mapping" in info.value.problems[0]
+
+
+def test_config_yml_base64_of_an_invalid_config_reports_the_entry():
+    with pytest.raises(ConfigError) as info:
+        load_config_env(b64("models:\n  - url: https://x.example/a.bin\n    destination: ../up\n"))
+    assert info.value.source == "CONFIG_YML"
+    assert info.value.problems[0].startswith("models[0] (https://x.example/a.bin): destination: must not contain '..'")
+
+
+# ---- digest ----
+
+BASE = load_config_text(VALID)
+
+
+def digest_of(text: str) -> str:
+    return config_digest(load_config_text(text))
+
+
+def test_digest_ignores_comments_whitespace_and_key_order():
+    reordered = textwrap.dedent(
+        """\
+        nodes:
+          - version: latest
+            url:   https://github.com/ltdrdata/ComfyUI-Manager.git     # the manager
+          - {name: other, url: "git@github.com:org/Other-Node.git", requirements: false, version: 1a2b3c4}
+
+        models:
+          - destination: checkpoints
+            sha256: 3f1c000000000000000000000000000000000000000000000000000000000abc
+            url: https://huggingface.co/org/repo/resolve/main/model.safetensors
+          - filename: my_lora.safetensors
+            optional: true
+            destination: loras/wan
+            url: https://civitai.com/api/download/models/12345
+        comfyui: {ref: v0.3.75}
+        """
+    )
+    assert digest_of(reordered) == config_digest(BASE)
+
+
+def test_digest_ignores_default_values_written_out():
+    explicit = VALID.replace(
+        "        destination: checkpoints\n", "        destination: checkpoints\n        optional: false\n"
+    )
+    explicit = explicit.replace(
+        "    version: latest\n", "    version: latest\n    optional: false\n    requirements: true\n"
+    )
+    assert explicit != VALID
+    assert digest_of(explicit) == config_digest(BASE)
+    assert digest_of("models: []\n") == digest_of("comfyui:\n  ref: v0.3.75\n")
+
+
+@pytest.mark.parametrize(
+    "old,new",
+    [
+        ("destination: checkpoints", "destination: unet"),
+        ("optional: true", "optional: false"),
+        ("version: latest", "version: nightly"),
+        ("requirements: false", "requirements: true"),
+        ("ref: v0.3.75", "ref: v0.3.76"),
+        ("3F1C", "3F1D"),
+        ("models/12345", "models/12346"),
+        ("name: other", "name: other2"),
+    ],
+)
+def test_digest_changes_with_any_real_value(old, new):
+    assert old in VALID
+    assert digest_of(VALID.replace(old, new)) != config_digest(BASE)
+
+
+def test_digest_covers_the_effective_comfyui_ref():
+    assert config_digest(BASE, comfyui_ref="v0.3.76") != config_digest(BASE)
+    assert config_digest(BASE, comfyui_ref="v0.3.75") == config_digest(BASE)
+
+
+# ---- derived files ----
+
+
+def test_committed_json_schema_is_current():
+    assert config_schema.SCHEMA_PATH.read_text() == config_schema.json_schema_text(), (
+        "config.schema.json is stale: run `python config_schema.py --write`"
+    )
+
+
+def test_docs_table_is_current_and_lists_every_field():
+    doc = config_schema.DOCS_PATH.read_text()
+    assert config_schema.docs_with_table(doc) == doc, "docs/config.md is stale: run `python config_schema.py --write`"
+    for field in ("url", "destination", "filename", "sha256", "optional", "version", "name", "requirements"):
+        assert f"`models[].{field}`" in doc or f"`nodes[].{field}`" in doc
+
+
+def test_json_schema_rejects_unknown_keys_like_the_loader():
+    schema = config_schema.json_schema()
+    assert schema["additionalProperties"] is False
+    assert schema["$defs"]["ModelEntry"]["additionalProperties"] is False
+    assert schema["$defs"]["ModelEntry"]["required"] == ["url", "destination"]

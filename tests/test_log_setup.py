@@ -1,0 +1,26 @@
+"""log_setup: one format, a job-id prefix, secrets never printed."""
+
+import io
+import logging
+
+from log_setup import reset_job_id, set_job_id, setup_logging
+
+
+def test_job_prefix_and_secret_redaction(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh123")
+    stream = io.StringIO()
+    setup_logging(stream=stream)
+    try:
+        log = logging.getLogger("comfy-worker.test")
+        token = set_job_id("job-42")
+        log.info("downloading with token %s", "hf_abcdefgh123")
+        reset_job_id(token)
+        log.info("no job here")
+    finally:
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_comfy_worker", False)]:
+            root.removeHandler(h)
+    first, second = stream.getvalue().splitlines()
+    assert " INFO comfy-worker.test: [job-42] downloading with token ***" in first
+    assert "hf_abcdefgh123" not in stream.getvalue()
+    assert second.endswith("INFO comfy-worker.test: no job here")
