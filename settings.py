@@ -94,6 +94,9 @@ class Settings:
     bucket_region: str | None
     bucket_prefix: str
     s3_url_expires: int
+    comfy_pid_file: Path = Path("/tmp/comfyui.pid")
+    comfy_log_file: Path = Path("/tmp/comfyui.log")
+    comfy_ready_timeout: float = 300.0
     config_yml: str | None = field(default=None, repr=False)
     bucket_access_key_id: str | None = field(default=None, repr=False)
     bucket_secret_access_key: str | None = field(default=None, repr=False)
@@ -131,6 +134,9 @@ class Settings:
             bucket_region=env.get("BUCKET_REGION") or None,
             bucket_prefix=env.get("BUCKET_PREFIX", ""),
             s3_url_expires=_int(env, "S3_URL_EXPIRES", 3600),
+            comfy_pid_file=Path(env.get("COMFY_PID_FILE") or "/tmp/comfyui.pid"),
+            comfy_log_file=Path(env.get("COMFY_LOG_FILE") or "/tmp/comfyui.log"),
+            comfy_ready_timeout=_float(env, "COMFY_READY_TIMEOUT", 300.0),
             config_yml=env.get("CONFIG_YML") or None,
             bucket_access_key_id=env.get("BUCKET_ACCESS_KEY_ID") or None,
             bucket_secret_access_key=env.get("BUCKET_SECRET_ACCESS_KEY") or None,
