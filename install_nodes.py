@@ -1,28 +1,377 @@
 #!/usr/bin/env python3
 """Install the custom nodes listed in config.yml (SPEC §6).
 
-Status: only --validate-only is implemented so far; installing comes with its own issue.
+Each node is a git checkout in ``custom_nodes/<name>`` at the commit its ``version`` resolves to
+(see git_versions.py), submodules included; its requirements go into the environment ComfyUI runs
+in without ever replacing torch (see node_requirements.py); ``$VOLUME_ROOT/comfy.lock.yml`` gets the
+resolved commit of every node. docs/nodes.md explains the rules.
+
+A warm run (nothing changed) reads a small state file per node (``.git/comfy-worker-node.json``:
+the config entry it was installed for and the commit) and the checked-out HEAD from files: no git
+process, no network.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import shutil
 import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from cli_common import EXIT_INVALID, add_common_args, load_or_report, validate_only
+from filelock import FileLock
+
+import git_versions as gv
+import node_requirements as nr
+from cli_common import (
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_OK,
+    add_common_args,
+    atomic_write_text,
+    format_table,
+    load_or_report,
+    read_lock_file,
+    update_lock_file,
+    validate_only,
+)
+from config_schema import NodeEntry, WorkerConfig
+from log_setup import setup_logging
 from settings import Settings
+
+log = logging.getLogger("install_nodes")
+
+STATE_FILE = "comfy-worker-node.json"  # inside the node's git dir
+RUN_LOCK = ".install_nodes.lock"  # in custom_nodes (ComfyUI ignores files that are not .py)
+CLONE = "clone"
+MOVE = "move"
+KEEP = "keep"
+
+
+class NodeError(Exception):
+    """A node that cannot be installed; the message names the folder and the fix."""
+
+
+@dataclass
+class NodeResult:
+    index: int
+    entry: NodeEntry
+    path: Path
+    action: str = ""
+    commit: str | None = None
+    described: str = ""
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    changed: bool = False  # the checkout moved (or was created) in this run
+    requirements: str = "-"
+
+    @property
+    def label(self) -> str:
+        return f"nodes[{self.index}] {self.entry.dir_name()}"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Context:
+    custom_nodes: Path
+    token: str | None
+    dry_run: bool = False
+    force: bool = False
+    update: bool = False
+
+
+# ---- per-node state (what this folder was installed for) ----
+
+
+def state_path(node_dir: Path) -> Path | None:
+    gdir = gv.git_dir(node_dir)
+    return gdir / STATE_FILE if gdir else None
+
+
+def read_state(node_dir: Path) -> dict | None:
+    path = state_path(node_dir)
+    if path is None:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_state(node_dir: Path, entry: NodeEntry, commit: str, kind: str, described: str) -> None:
+    state = {"url": entry.url, "version": entry.version, "commit": commit, "kind": kind, "described": described}
+    atomic_write_text(state_path(node_dir), json.dumps(state, indent=1))
+
+
+def _short(commit: str | None) -> str:
+    return commit[:12] if commit else "?"
+
+
+# ---- one node ----
+
+
+def fast_keep(ctx: Context, result: NodeResult) -> bool:
+    """The no-process, no-network check: the folder holds the commit recorded for this very config
+    entry, and nothing asks to look again."""
+    if ctx.force:
+        return False
+    state = read_state(result.path)
+    if not state or state.get("url") != result.entry.url or state.get("version") != result.entry.version:
+        return False
+    if ctx.update and state.get("kind") in gv.MOVING_KINDS:
+        return False
+    head = gv.read_head(result.path)
+    if not head or head != state.get("commit"):
+        return False
+    result.action, result.commit, result.described = KEEP, head, state.get("described", "")
+    return True
+
+
+def sync_node(ctx: Context, result: NodeResult) -> NodeResult:
+    try:
+        path = result.path
+        if path.is_dir() and not any(path.iterdir()) and not ctx.dry_run:
+            path.rmdir()  # an empty folder (e.g. a mount point left behind) is not an install
+        if not path.exists():
+            _clone_node(ctx, result)
+        elif gv.git_dir(path) is None:
+            raise NodeError(
+                f"{path} exists but is not a git checkout; move it away (or give this entry another 'name'), "
+                "then run again"
+            )
+        else:
+            _update_node(ctx, result)
+    except (NodeError, gv.VersionError, gv.LocalEditsError) as err:
+        result.error = f"{result.label} ({result.entry.url}): {err}"
+    except Exception as err:  # one broken node never stops the others
+        log.debug("%s failed", result.label, exc_info=True)
+        result.error = f"{result.label} ({result.entry.url}): unexpected {type(err).__name__}: {err}"
+    return result
+
+
+def _resolve_remote(ctx: Context, entry: NodeEntry) -> gv.Resolved:
+    return gv.resolve_version(entry.version, gv.ls_remote(entry.url, ctx.token), entry.url)
+
+
+def _clone_node(ctx: Context, result: NodeResult) -> None:
+    entry = result.entry
+    resolved = _resolve_remote(ctx, entry)
+    result.action, result.commit, result.described = CLONE, resolved.commit, resolved.describe()
+    if ctx.dry_run:
+        return
+    staging = ctx.custom_nodes / f".{result.path.name}.partial-{uuid.uuid4().hex[:8]}.disabled"
+    try:
+        repo = gv.clone(entry.url, staging, ctx.token)
+        try:
+            commit = gv.commit_in_clone(repo, entry.url, ctx.token, resolved)
+            gv.checkout(repo, commit, entry.url, ctx.token)
+        finally:
+            repo.close()
+        write_state(staging, entry, commit, resolved.kind, resolved.describe())
+        os.rename(staging, result.path)  # the folder appears only complete
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    result.commit, result.changed = commit, True
+    log.info("%s: cloned %s at %s (%s)", result.label, entry.url, _short(commit), resolved.describe())
+
+
+def _update_node(ctx: Context, result: NodeResult) -> None:
+    entry, path = result.entry, result.path
+    state = read_state(path)
+    head = gv.read_head(path)
+    repo = gv.open_repo(path)
+    try:
+        origin = gv.origin_url(repo)
+        if origin is None or not gv.same_url(origin, entry.url):
+            if state is None:
+                raise NodeError(
+                    f"{path} is a checkout of {origin or 'an unknown remote'}, not of {entry.url}; remove the "
+                    "folder (or give this entry another 'name'), then run again"
+                )
+            result.notes.append(f"origin changed from {origin} to {entry.url}")
+            if not ctx.dry_run:
+                gv.set_origin(repo, entry.url)
+        same_entry = bool(state) and state.get("url") == entry.url and state.get("version") == entry.version
+        refresh = ctx.force or (ctx.update and state is not None and state.get("kind") in gv.MOVING_KINDS)
+        if same_entry and not refresh and state.get("commit"):
+            # same config entry, folder moved by hand: back to the recorded commit, no network
+            resolved = gv.Resolved(entry.version, state.get("kind", ""), state["commit"], state.get("described", ""))
+        elif gv.HEX_RE.match(entry.version) and (local := gv.has_commit(repo, entry.version)):
+            resolved = gv.Resolved(entry.version, "commit", local, f"commit {local[:12]}")
+        else:
+            resolved = _resolve_remote(ctx, entry)
+        result.described, result.commit = resolved.describe(), resolved.commit
+        if resolved.commit and resolved.commit == head and not ctx.force:
+            result.action = KEEP
+            if not ctx.dry_run:
+                write_state(path, entry, head, resolved.kind, resolved.describe())
+            return
+        result.action = MOVE if not (resolved.commit and resolved.commit == head) else KEEP
+        if ctx.dry_run:
+            edits = gv.local_edits(repo)
+            if edits and result.action == MOVE:
+                result.notes.append(f"local edits would be stashed: {', '.join(edits[:5])}")
+            return
+        commit = gv.commit_in_clone(repo, entry.url, ctx.token, resolved)
+        result.commit = commit
+        if commit != head:
+            note = gv.stash_local_edits(
+                repo,
+                path,
+                f"comfy-worker: local edits at {_short(head)} before moving to {entry.version} ({commit[:12]})",
+            )
+            if note:
+                log.warning("%s: %s", result.label, note)
+                result.notes.append(note)
+        else:
+            result.action = KEEP
+        gv.checkout(repo, commit, entry.url, ctx.token)
+        write_state(path, entry, commit, resolved.kind, resolved.describe())
+        result.changed = True
+        if commit != head:
+            log.info("%s: moved from %s to %s (%s)", result.label, _short(head), commit[:12], resolved.describe())
+    finally:
+        repo.close()
+
+
+# ---- requirements ----
+
+
+def install_requirements(results: list[NodeResult], settings: Settings, ctx: Context) -> None:
+    wanted: list[tuple[NodeResult, nr.NodeReqs]] = []
+    for r in results:
+        if not r.ok or not r.commit:
+            continue
+        if not r.entry.requirements:
+            r.requirements = "off"
+            continue
+        node = nr.NodeReqs(r.label, r.path, r.commit)
+        if ctx.dry_run and r.action == CLONE:
+            r.requirements = "after clone"
+        elif node.has_work():
+            wanted.append((r, node))
+        else:
+            r.requirements = "none"
+    if not wanted:
+        return
+    env = nr.target_env(settings.python)
+    record = nr.read_record(env)
+    todo = []
+    for r, node in wanted:
+        if ctx.force or r.changed or record.get(nr.record_key(node.path)) != node.commit:
+            todo.append((r, node))
+        else:
+            r.requirements = "present"
+    if ctx.dry_run:
+        for r, _ in todo:
+            r.requirements = "would install"
+        return
+    if not todo:
+        return
+    nr.write_record(env, {}, forget=[nr.record_key(n.path) for _, n in todo])  # claim nothing until done
+    outcome = nr.install([n for _, n in todo], env, settings.nodes_installer, settings.install_py_timeout)
+    done = {}
+    for r, node in todo:
+        error = outcome.get(node.label)
+        if error:
+            r.requirements, r.error = "FAILED", error
+        else:
+            r.requirements = "installed"
+            done[nr.record_key(node.path)] = node.commit
+    nr.write_record(env, done)
+
+
+# ---- the whole run ----
+
+
+def lock_entries(results: list[NodeResult]) -> list[dict]:
+    entries = []
+    for r in results:
+        commit = gv.read_head(r.path) if r.path.exists() else None
+        if not commit:
+            continue
+        item = {"url": r.entry.url, "version": commit, "name": r.entry.dir_name()}
+        if r.entry.optional:
+            item["optional"] = True
+        if not r.entry.requirements:
+            item["requirements"] = False
+        entries.append(item)
+    return entries
+
+
+def write_lock(settings: Settings, results: list[NodeResult]) -> None:
+    entries = lock_entries(results)
+    if read_lock_file(settings.lock_file).get("nodes") != entries:
+        update_lock_file(settings.lock_file, "nodes", entries)
+
+
+def cleanup_partials(custom_nodes: Path) -> None:
+    """Remove clones left behind by a crashed run (only ever called under the run lock)."""
+    for stale in custom_nodes.glob(".*.partial-*.disabled"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def run(cfg: WorkerConfig, settings: Settings, ctx: Context, parallel: int = 4) -> list[NodeResult]:
+    results = [NodeResult(i, e, ctx.custom_nodes / e.dir_name()) for i, e in enumerate(cfg.nodes)]
+    if not results:
+        return results
+    slow = [r for r in results if not fast_keep(ctx, r)]
+    if slow:
+        if not ctx.dry_run:
+            ctx.custom_nodes.mkdir(parents=True, exist_ok=True)
+            cleanup_partials(ctx.custom_nodes)
+        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(slow)))) as pool:
+            list(pool.map(lambda r: sync_node(ctx, r), slow))
+    install_requirements(results, settings, ctx)
+    return results
+
+
+def print_summary(results: list[NodeResult], dry_run: bool) -> None:
+    rows = []
+    for r in results:
+        status = "ok" if r.ok else "warning (optional)" if r.entry.optional else "FAILED"
+        rows.append(
+            [
+                r.entry.dir_name(),
+                r.entry.version,
+                f"{_short(r.commit)} {r.described}".strip(),
+                r.action or "-",
+                r.requirements,
+                status,
+            ]
+        )
+    title = "dry run: nothing changed" if dry_run else "custom nodes"
+    print(f"\n{title}")
+    print(format_table(["node", "version", "resolves to", "action", "requirements", "status"], rows))
+    for r in results:
+        for note in r.notes:
+            print(f"note: {r.label}: {note}")
+        if r.error:
+            print(f"{'warning' if r.entry.optional else 'error'}: {r.error}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Install the custom nodes listed in config.yml.")
     add_common_args(parser)
     parser.add_argument("--comfyui-dir", metavar="DIR", help="ComfyUI checkout (default $COMFYUI_PATH)")
-    parser.add_argument("--update", action="store_true", help="refresh nodes that follow a branch or nightly")
+    parser.add_argument("--update", action="store_true", help="refresh nodes that follow a branch, nightly or latest")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     settings = Settings.from_env()
     loaded = load_or_report(args.config, settings)
     if loaded is None:
@@ -30,8 +379,26 @@ def main(argv: list[str] | None = None) -> int:
     cfg, source = loaded
     if args.validate_only:
         return validate_only(cfg, source)
-    print("error: installing is not implemented yet; use --validate-only", file=sys.stderr)
-    return EXIT_INVALID
+    comfyui = Path(args.comfyui_dir) if args.comfyui_dir else settings.comfyui_path
+    ctx = Context(comfyui / "custom_nodes", settings.github_token, args.dry_run, args.force, args.update)
+    start = time.monotonic()
+    if args.dry_run:
+        results = run(cfg, settings, ctx, args.parallel)
+    elif not cfg.nodes:
+        results = []
+        write_lock(settings, results)
+    else:
+        ctx.custom_nodes.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(ctx.custom_nodes / RUN_LOCK)):
+            results = run(cfg, settings, ctx, args.parallel)
+            write_lock(settings, results)
+    print_summary(results, args.dry_run)
+    failed = [r for r in results if not r.ok and not r.entry.optional]
+    print(
+        f"{len(results)} node(s), {sum(r.ok for r in results)} ok, {len(failed)} required failed "
+        f"({time.monotonic() - start:.2f} s)"
+    )
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -46,6 +46,13 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ValueError(f"environment variable {name} must be a number, got {raw!r}") from None
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or choices[0]
+    if raw not in choices:
+        raise ValueError(f"environment variable {name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -94,6 +101,9 @@ class Settings:
     bucket_region: str | None
     bucket_prefix: str
     s3_url_expires: int
+    python: str | None = None  # env PYTHON: the interpreter whose environment gets node requirements
+    nodes_installer: str = "auto"  # env NODES_INSTALLER: auto (uv if found, else pip) | uv | pip
+    install_py_timeout: float = 600.0  # env INSTALL_PY_TIMEOUT: seconds for a node's install.py
     comfy_pid_file: Path = Path("/tmp/comfyui.pid")
     comfy_log_file: Path = Path("/tmp/comfyui.log")
     comfy_ready_timeout: float = 300.0
@@ -134,6 +144,9 @@ class Settings:
             bucket_region=env.get("BUCKET_REGION") or None,
             bucket_prefix=env.get("BUCKET_PREFIX", ""),
             s3_url_expires=_int(env, "S3_URL_EXPIRES", 3600),
+            python=env.get("PYTHON") or None,
+            nodes_installer=_choice(env, "NODES_INSTALLER", ("auto", "uv", "pip")),
+            install_py_timeout=_float(env, "INSTALL_PY_TIMEOUT", 600.0),
             comfy_pid_file=Path(env.get("COMFY_PID_FILE") or "/tmp/comfyui.pid"),
             comfy_log_file=Path(env.get("COMFY_LOG_FILE") or "/tmp/comfyui.log"),
             comfy_ready_timeout=_float(env, "COMFY_READY_TIMEOUT", 300.0),

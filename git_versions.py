@@ -1,0 +1,380 @@
+"""The git side of install_nodes.py: what a config ``version`` means for a remote, and moving a
+checkout there (GitPython for every git command).
+
+- ``latest``: the newest release tag in version order (v1.10.0 > v1.2.0); pre-releases only when
+  there is no release; a repository without version tags gives its default branch head.
+- ``nightly``: the default branch head. Otherwise a tag, a branch, or a full or short commit sha.
+- ``GITHUB_TOKEN`` is handed to git as an ``http.https://github.com/.extraheader`` config entry in
+  the git process environment (GIT_CONFIG_COUNT/KEY/VALUE): git itself sends it only to URLs under
+  https://github.com/, and it never appears in a command line, a URL, a log or ``.git/config``.
+
+GitPython is imported lazily: the warm path (nothing changed) reads HEAD from files and never needs it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from packaging.version import InvalidVersion, Version
+
+if TYPE_CHECKING:
+    from git import Repo
+
+GITHUB_PREFIX = "https://github.com/"
+HEX_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
+FULL_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+# Versions whose commit moves upstream: re-resolved only with --update.
+MOVING_KINDS = ("latest", "nightly", "branch")
+NETWORK_TIMEOUT = 900  # seconds for one clone/fetch/ls-remote
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "comfy-worker",
+    "GIT_AUTHOR_EMAIL": "comfy-worker@localhost",
+    "GIT_COMMITTER_NAME": "comfy-worker",
+    "GIT_COMMITTER_EMAIL": "comfy-worker@localhost",
+}
+
+
+class VersionError(Exception):
+    """A version that does not exist in the repository, or a git operation that failed."""
+
+
+class LocalEditsError(Exception):
+    """The node folder has local edits that a checkout would have to throw away."""
+
+
+# ---- environment of every git process ----
+
+
+def is_local_url(url: str) -> bool:
+    """file:// URLs and plain paths (not https://, ssh:// or scp-like git@host:path)."""
+    if urlparse(url).scheme == "file":
+        return True
+    if "://" in url:
+        return False
+    return not re.match(r"^[\w.~-]+@[\w.-]+:", url)
+
+
+def github_auth_header(token: str) -> str:
+    basic = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+    return f"AUTHORIZATION: basic {basic}"
+
+
+def git_env(url: str, token: str | None, header_prefix: str = GITHUB_PREFIX) -> dict[str, str]:
+    """Environment for a git process working on ``url``: no prompts, stalled transfers abort, the
+    token as an extra header scoped to ``header_prefix`` (git matches it against each request URL,
+    so submodules on other hosts never see it), and file:// submodules allowed for local repos
+    (the user chose local repositories, so local submodules are expected)."""
+    config: list[tuple[str, str]] = []
+    if token:
+        config.append((f"http.{header_prefix}.extraheader", github_auth_header(token)))
+    if is_local_url(url):
+        config.append(("protocol.file.allow", "always"))
+    env = {
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_HTTP_LOW_SPEED_LIMIT": "1000",
+        "GIT_HTTP_LOW_SPEED_TIME": "60",
+    }
+    base = int(os.environ.get("GIT_CONFIG_COUNT") or 0)  # keep entries the user passed this way
+    for i, (key, value) in enumerate(config, start=base):
+        env[f"GIT_CONFIG_KEY_{i}"] = key
+        env[f"GIT_CONFIG_VALUE_{i}"] = value
+    env["GIT_CONFIG_COUNT"] = str(base + len(config))
+    return env
+
+
+# ---- remote refs and version resolution ----
+
+
+@dataclass
+class RemoteRefs:
+    head: str | None = None  # commit of the default branch
+    head_branch: str | None = None
+    branches: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # tag -> commit (peeled)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    version: str  # as written in the config
+    kind: str  # latest | nightly | tag | branch | commit
+    commit: str | None  # full sha; None for a short sha that must be looked up in the clone
+    ref: str = ""  # e.g. "tag v1.10.0", "branch main"
+
+    def describe(self) -> str:
+        return self.ref or self.kind
+
+
+def parse_ls_remote(text: str) -> RemoteRefs:
+    refs = RemoteRefs()
+    tags: dict[str, str] = {}
+    peeled: dict[str, str] = {}
+    for line in text.splitlines():
+        left, _, name = line.partition("\t")
+        if left.startswith("ref: "):
+            if name == "HEAD" and left[5:].startswith("refs/heads/"):
+                refs.head_branch = left[len("ref: refs/heads/") :]
+            continue
+        if name == "HEAD":
+            refs.head = left
+        elif name.startswith("refs/heads/"):
+            refs.branches[name[len("refs/heads/") :]] = left
+        elif name.startswith("refs/tags/"):
+            tag = name[len("refs/tags/") :]
+            if tag.endswith("^{}"):
+                peeled[tag[:-3]] = left
+            else:
+                tags[tag] = left
+    refs.tags = {t: peeled.get(t, sha) for t, sha in tags.items()}
+    if refs.head is None and refs.head_branch in refs.branches:
+        refs.head = refs.branches[refs.head_branch]
+    return refs
+
+
+def ls_remote(url: str, token: str | None) -> RemoteRefs:
+    import git
+
+    try:
+        out = git.cmd.Git().ls_remote(
+            "--symref", url, "HEAD", "refs/heads/*", "refs/tags/*", env=git_env(url, token), kill_after_timeout=120
+        )
+    except git.GitCommandError as err:
+        raise VersionError(f"cannot list the refs of {url}: {_git_error(err)}") from None
+    return parse_ls_remote(out)
+
+
+def release_version(tag: str) -> Version | None:
+    """The version a tag names (``v1.10.0`` -> 1.10.0), or None when it is not a version."""
+    text = tag[1:] if tag[:1] in ("v", "V") else tag
+    if not text[:1].isdigit():
+        return None
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
+
+
+def newest_release_tag(tags: dict[str, str] | list[str]) -> str | None:
+    """The highest version tag, preferring final releases over pre-releases (rc, beta, alpha, dev)."""
+    versions = [(v, t) for t in tags if (v := release_version(t)) is not None]
+    finals = [(v, t) for v, t in versions if not (v.is_prerelease or v.is_devrelease)]
+    pool = finals or versions
+    return max(pool)[1] if pool else None
+
+
+def resolve_version(version: str, refs: RemoteRefs, url: str) -> Resolved:
+    if version == "latest":
+        tag = newest_release_tag(refs.tags)
+        if tag:
+            return Resolved(version, "latest", refs.tags[tag], f"tag {tag}")
+        return _default_branch(version, "latest", refs, url)
+    if version == "nightly":
+        return _default_branch(version, "nightly", refs, url)
+    if version in refs.tags:
+        return Resolved(version, "tag", refs.tags[version], f"tag {version}")
+    if version in refs.branches:
+        return Resolved(version, "branch", refs.branches[version], f"branch {version}")
+    if HEX_RE.match(version):
+        sha = version.lower()
+        return Resolved(version, "commit", sha if len(sha) == 40 else None, f"commit {sha[:12]}")
+    raise VersionError(_unknown_version(version, refs, url))
+
+
+def _default_branch(version: str, kind: str, refs: RemoteRefs, url: str) -> Resolved:
+    if not refs.head:
+        raise VersionError(f"{url} has no default branch (an empty repository?)")
+    note = f"branch {refs.head_branch}" if refs.head_branch else "default branch"
+    if kind == "latest":
+        note += " (no release tags)"
+    return Resolved(version, kind, refs.head, note)
+
+
+def _unknown_version(version: str, refs: RemoteRefs, url: str) -> str:
+    import difflib
+
+    names = list(refs.tags) + list(refs.branches)
+    close = difflib.get_close_matches(version, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    newest = sorted(refs.tags, key=lambda t: (release_version(t) or Version("0"), t))[-5:]
+    return (
+        f"version {version!r} is not a tag, branch or commit sha of {url}{hint} "
+        f"(newest tags: {', '.join(newest) or 'none'}; branches: {', '.join(list(refs.branches)[:5]) or 'none'}; "
+        f"or use 'latest' / 'nightly')"
+    )
+
+
+# ---- reading a checkout without spawning git ----
+
+
+def git_dir(work: Path) -> Path | None:
+    dot = work / ".git"
+    if dot.is_dir():
+        return dot
+    if dot.is_file():  # "gitdir: <path>" (worktrees, submodules)
+        text = dot.read_text(encoding="utf-8", errors="replace").strip()
+        if text.startswith("gitdir:"):
+            target = Path(text[len("gitdir:") :].strip())
+            return target if target.is_absolute() else (work / target).resolve()
+    return None
+
+
+def read_head(work: str | Path) -> str | None:
+    """The commit checked out in ``work``, read from .git/HEAD and the refs files (no process)."""
+    gdir = git_dir(Path(work))
+    if gdir is None:
+        return None
+    try:
+        head = (gdir / "HEAD").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    if not head.startswith("ref: "):
+        return head if FULL_SHA_RE.match(head) else None
+    ref = head[5:].strip()
+    try:
+        sha = (gdir / ref).read_text(encoding="utf-8").strip()
+        return sha if FULL_SHA_RE.match(sha) else None
+    except OSError:
+        pass
+    try:
+        for line in (gdir / "packed-refs").read_text(encoding="utf-8").splitlines():
+            sha, _, name = line.partition(" ")
+            if name == ref and FULL_SHA_RE.match(sha):
+                return sha
+    except OSError:
+        pass
+    return None
+
+
+def comfyui_commit(path: str | Path) -> str | None:
+    """The commit of a ComfyUI checkout (for the ``comfyui`` section of comfy.lock.yml)."""
+    return read_head(path)
+
+
+def same_url(a: str, b: str) -> bool:
+    def norm(u: str) -> str:
+        u = u.strip().rstrip("/")
+        u = u[:-4] if u.endswith(".git") else u
+        return u.rstrip("/").lower()
+
+    return norm(a) == norm(b)
+
+
+# ---- changing a checkout (GitPython) ----
+
+
+def _git_error(err: Exception) -> str:
+    stderr = getattr(err, "stderr", "") or ""
+    lines = [ln.strip() for ln in str(stderr).replace("stderr:", "").strip().strip("'").splitlines() if ln.strip()]
+    return " / ".join(lines[-3:]) if lines else str(err)
+
+
+def open_repo(work: Path) -> Repo:
+    import git
+
+    return git.Repo(work)
+
+
+def origin_url(repo: Repo) -> str | None:
+    try:
+        return repo.remotes.origin.url
+    except (AttributeError, ValueError):
+        return None
+
+
+def has_commit(repo: Repo, sha: str) -> str | None:
+    """The full sha of ``sha`` (full or short) when the object database has that commit."""
+    import git
+
+    try:
+        return repo.git.rev_parse("--verify", "--quiet", f"{sha}^{{commit}}").strip() or None
+    except git.GitCommandError:
+        return None
+
+
+def fetch(repo: Repo, url: str, token: str | None, sha: str | None = None) -> None:
+    """Fetch branches and tags from origin; a commit that no ref reaches is fetched by its full sha."""
+    import git
+
+    env = git_env(url, token)
+    try:
+        repo.git.fetch("--force", "--tags", "--prune", "origin", env=env, kill_after_timeout=NETWORK_TIMEOUT)
+        if sha and len(sha) == 40 and not has_commit(repo, sha):
+            repo.git.fetch("origin", sha, env=env, kill_after_timeout=NETWORK_TIMEOUT)
+    except git.GitCommandError as err:
+        raise VersionError(f"fetching {url} failed: {_git_error(err)}") from None
+
+
+def clone(url: str, dest: Path, token: str | None) -> Repo:
+    """A full clone of ``url`` into ``dest`` without a checkout (checkout() picks the commit)."""
+    import git
+
+    try:
+        return git.Repo.clone_from(url, dest, env=git_env(url, token), no_checkout=True)
+    except git.GitCommandError as err:
+        raise VersionError(f"cloning {url} failed: {_git_error(err)}") from None
+
+
+def commit_in_clone(repo: Repo, url: str, token: str | None, resolved: Resolved) -> str:
+    """The full commit for ``resolved`` in ``repo``, fetching when the clone does not have it yet."""
+    wanted = resolved.commit or resolved.version
+    found = has_commit(repo, wanted)
+    if found is None:
+        fetch(repo, url, token, resolved.commit)
+        found = has_commit(repo, wanted)
+    if found is None:
+        raise VersionError(f"commit {resolved.version!r} does not exist in {url}")
+    return found
+
+
+def local_edits(repo: Repo) -> list[str]:
+    """Tracked files changed in the work tree or index (untracked files survive a checkout)."""
+    out = repo.git.status("--porcelain", "--untracked-files=no")
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
+def stash_local_edits(repo: Repo, work: Path, message: str) -> str:
+    """Keep tracked local edits on a named stash; raise LocalEditsError when they cannot be kept
+    that way (edits inside a submodule)."""
+    import git
+
+    edits = local_edits(repo)
+    if not edits:
+        return ""
+    try:
+        repo.git.stash("push", "-m", message, env=GIT_IDENTITY)
+    except git.GitCommandError as err:
+        raise LocalEditsError(
+            f"{work} has local edits ({', '.join(edits[:5])}) that could not be stashed: {_git_error(err)}; "
+            f"commit or remove them (git -C {work} status), then run again"
+        ) from None
+    left = local_edits(repo)
+    if left:
+        raise LocalEditsError(
+            f"{work} has local edits inside submodules ({', '.join(left[:5])}); they are not thrown away: "
+            f"commit or discard them (git -C {work} submodule foreach git status), then run again"
+        )
+    return f"local edits to {', '.join(edits[:5])} kept on stash {message!r} (git -C {work} stash list)"
+
+
+def checkout(repo: Repo, commit: str, url: str, token: str | None) -> None:
+    """Detached checkout of ``commit`` plus its submodules (recursive)."""
+    import git
+
+    work = Path(repo.working_tree_dir or ".")
+    env = git_env(url, token)
+    try:
+        repo.git.checkout("-q", "--detach", commit)
+        if (work / ".gitmodules").exists():
+            repo.git.submodule("sync", "--recursive", env=env)
+            repo.git.submodule("update", "--init", "--recursive", env=env, kill_after_timeout=NETWORK_TIMEOUT)
+    except git.GitCommandError as err:
+        raise VersionError(f"checking out {commit[:12]} in {work} failed: {_git_error(err)}") from None
+
+
+def set_origin(repo: Repo, url: str) -> None:
+    repo.remotes.origin.set_url(url)

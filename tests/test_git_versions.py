@@ -1,0 +1,208 @@
+"""git_versions.py: what a config version means for a real (local) remote, reading HEAD without
+git, and the GitHub token header that git sends to github.com only."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+
+import git
+import pytest
+
+import git_versions as gv
+
+
+@pytest.fixture
+def versioned(git_repos):
+    """A remote with tags v1.2.0 < v1.10.0 < v2.0.0-rc1 (pre-release), a 'release' non-version tag,
+    a branch 'dev', and a default branch one commit ahead of everything."""
+    repo = git_repos.create("VersionedNode", {"__init__.py": "NODE_CLASS_MAPPINGS = {}\n"})
+    c = {"v1.2.0": repo.tag("v1.2.0")}
+    repo.commit({"a.txt": "1"})
+    c["v1.10.0"] = repo.tag("v1.10.0")
+    repo.commit({"b.txt": "2"})
+    c["v2.0.0-rc1"] = repo.tag("v2.0.0-rc1", annotated=False)
+    c["release"] = repo.tag("release")
+    repo.branch("dev")
+    c["dev"] = repo.head("dev")
+    c["main"] = repo.commit({"c.txt": "3"})
+    repo.push()
+    return repo, c
+
+
+def test_release_order_is_by_version_not_by_text():
+    assert gv.newest_release_tag(["v1.2.0", "v1.10.0", "v1.9.9"]) == "v1.10.0"
+    assert gv.newest_release_tag(["1.2", "1.10", "release", "nightly-2024"]) == "1.10"
+
+
+def test_pre_releases_only_count_when_there_is_no_release():
+    assert gv.newest_release_tag(["v1.2.0", "v2.0.0-rc1", "v2.0.0b1", "v2.1.0.dev3"]) == "v1.2.0"
+    assert gv.newest_release_tag(["v2.0.0-rc1", "v2.0.0b1"]) == "v2.0.0-rc1"
+    assert gv.newest_release_tag(["stable", "foo"]) is None
+
+
+def test_ls_remote_lists_default_branch_branches_and_peeled_tags(versioned):
+    repo, c = versioned
+    refs = gv.ls_remote(repo.url, None)
+    assert refs.head_branch == "main" and refs.head == c["main"]
+    assert refs.branches == {"main": c["main"], "dev": c["dev"]}
+    # annotated tags are peeled to the commit they point at
+    assert refs.tags["v1.10.0"] == c["v1.10.0"] and refs.tags["v2.0.0-rc1"] == c["v2.0.0-rc1"]
+
+
+@pytest.mark.parametrize(
+    ("version", "kind", "expected"),
+    [
+        ("latest", "latest", "v1.10.0"),  # v1.10.0 over v1.2.0, the v2.0.0-rc1 pre-release ignored
+        ("nightly", "nightly", "main"),
+        ("v1.2.0", "tag", "v1.2.0"),
+        ("release", "tag", "release"),
+        ("dev", "branch", "dev"),
+    ],
+)
+def test_each_version_kind_resolves_to_its_commit(versioned, version, kind, expected):
+    repo, c = versioned
+    resolved = gv.resolve_version(version, gv.ls_remote(repo.url, None), repo.url)
+    assert (resolved.kind, resolved.commit) == (kind, c[expected])
+
+
+def test_commit_shas_full_and_short(versioned):
+    repo, c = versioned
+    refs = gv.ls_remote(repo.url, None)
+    full = gv.resolve_version(c["v1.2.0"], refs, repo.url)
+    assert (full.kind, full.commit) == ("commit", c["v1.2.0"])
+    short = gv.resolve_version(c["v1.2.0"][:8], refs, repo.url)
+    assert (short.kind, short.commit) == ("commit", None)  # looked up in the clone
+
+
+def test_latest_without_version_tags_is_the_default_branch(git_repos):
+    repo = git_repos.create("NoTags")
+    repo.tag("stable")
+    head = repo.commit({"x": "1"})
+    repo.push()
+    resolved = gv.resolve_version("latest", gv.ls_remote(repo.url, None), repo.url)
+    assert resolved.commit == head and "no release tags" in resolved.describe()
+
+
+def test_unknown_version_names_the_repo_and_suggests(versioned):
+    repo, _ = versioned
+    with pytest.raises(gv.VersionError) as err:
+        gv.resolve_version("v1.10", gv.ls_remote(repo.url, None), repo.url)
+    assert repo.url in str(err.value) and "'v1.10.0'" in str(err.value)
+
+
+def test_unreachable_remote_is_a_clear_error(tmp_path):
+    with pytest.raises(gv.VersionError, match="cannot list the refs"):
+        gv.ls_remote((tmp_path / "missing.git").as_uri(), None)
+
+
+def test_read_head_without_git_for_detached_branch_and_packed_refs(versioned, tmp_path):
+    repo, c = versioned
+    assert gv.read_head(repo.work) == c["main"]  # on a branch, loose ref
+    git.Repo(repo.work).git.pack_refs("--all")
+    assert gv.read_head(repo.work) == c["main"]  # packed ref
+    repo.checkout(c["dev"])
+    assert gv.read_head(repo.work) == c["dev"]  # detached
+    assert gv.read_head(tmp_path) is None
+    assert gv.comfyui_commit(repo.work) == c["dev"]
+
+
+def test_clone_checkout_and_short_sha_in_clone(versioned, tmp_path):
+    repo, c = versioned
+    clone = gv.clone(repo.url, tmp_path / "clone", None)
+    resolved = gv.resolve_version(c["v1.2.0"][:9], gv.ls_remote(repo.url, None), repo.url)
+    commit = gv.commit_in_clone(clone, repo.url, None, resolved)
+    gv.checkout(clone, commit, repo.url, None)
+    assert commit == c["v1.2.0"] and gv.read_head(tmp_path / "clone") == c["v1.2.0"]
+    missing = gv.Resolved("deadbeef1", "commit", None)
+    with pytest.raises(gv.VersionError, match="does not exist"):
+        gv.commit_in_clone(clone, repo.url, None, missing)
+
+
+def test_submodules_are_checked_out_recursively(git_repos, tmp_path):
+    inner = git_repos.create("Inner", {"inner.txt": "inner"}).push()
+    middle = git_repos.create("Middle", {"middle.txt": "middle"})
+    middle.add_submodule(inner, "deps/inner")
+    middle.push()
+    top = git_repos.create("Top")
+    head = top.add_submodule(middle, "vendor/middle")
+    top.push()
+    clone = gv.clone(top.url, tmp_path / "top", None)
+    gv.checkout(clone, head, top.url, None)
+    assert (tmp_path / "top/vendor/middle/middle.txt").read_text() == "middle"
+    assert (tmp_path / "top/vendor/middle/deps/inner/inner.txt").read_text() == "inner"
+
+
+def test_local_edits_go_to_a_named_stash(versioned, tmp_path):
+    repo, c = versioned
+    clone = gv.clone(repo.url, tmp_path / "n", None)
+    gv.checkout(clone, c["main"], repo.url, None)
+    (tmp_path / "n" / "__init__.py").write_text("# my fix\n")
+    (tmp_path / "n" / "untracked.txt").write_text("mine")
+    note = gv.stash_local_edits(clone, tmp_path / "n", "comfy-worker: before v1.2.0")
+    assert "__init__.py" in note and "comfy-worker: before v1.2.0" in note
+    assert "comfy-worker: before v1.2.0" in clone.git.stash("list")
+    assert gv.local_edits(clone) == [] and (tmp_path / "n" / "untracked.txt").exists()
+    assert gv.stash_local_edits(clone, tmp_path / "n", "nothing") == ""
+
+
+# ---- the GitHub token ----
+
+
+def _config_pairs(env: dict[str, str]) -> dict[str, str]:
+    return {env[f"GIT_CONFIG_KEY_{i}"]: env[f"GIT_CONFIG_VALUE_{i}"] for i in range(int(env["GIT_CONFIG_COUNT"]))}
+
+
+def test_git_env_scopes_the_token_header_to_github(monkeypatch):
+    monkeypatch.delenv("GIT_CONFIG_COUNT", raising=False)
+    pairs = _config_pairs(gv.git_env("https://github.com/org/node.git", "ghp_secret123"))
+    value = pairs["http.https://github.com/.extraheader"]
+    assert value == "AUTHORIZATION: basic " + base64.b64encode(b"x-access-token:ghp_secret123").decode()
+    assert list(pairs) == ["http.https://github.com/.extraheader"]  # nothing else for an https URL
+    assert _config_pairs(gv.git_env("https://github.com/org/node.git", None)) == {}
+    local = _config_pairs(gv.git_env("file:///srv/node.git", None))
+    assert local == {"protocol.file.allow": "always"}
+
+
+def test_git_env_keeps_config_entries_passed_by_the_user(monkeypatch):
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    env = gv.git_env("https://github.com/o/n.git", "tok")
+    assert env["GIT_CONFIG_COUNT"] == "2" and env["GIT_CONFIG_KEY_1"].endswith(".extraheader")
+
+
+class _RecordingHandler(http.server.BaseHTTPRequestHandler):
+    seen: list[dict[str, str]] = []
+
+    def do_GET(self):  # noqa: N802 - http.server API
+        type(self).seen.append({k.lower(): v for k, v in self.headers.items()})
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recording_server():
+    _RecordingHandler.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/", _RecordingHandler.seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_git_sends_the_header_only_to_the_configured_host(recording_server):
+    base, seen = recording_server
+    url = base + "org/node.git"
+    # scoped to github.com (the real setting): this host never sees it
+    with pytest.raises(git.GitCommandError):
+        git.cmd.Git().ls_remote(url, env=gv.git_env(url, "tok-abc"))
+    assert seen and all("authorization" not in h for h in seen)
+    # the same mechanism scoped to this host: git does send it, so the scoping is what protects it
+    seen.clear()
+    with pytest.raises(git.GitCommandError):
+        git.cmd.Git().ls_remote(url, env=gv.git_env(url, "tok-abc", header_prefix=base))
+    assert seen[0]["authorization"] == "basic " + base64.b64encode(b"x-access-token:tok-abc").decode()

@@ -1,0 +1,425 @@
+"""install_nodes.py end to end: local bare repos as remotes, a throwaway venv (fake torch 1.0.0)
+as the environment requirements go into, a local wheel folder as the package index."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import git
+import pytest
+import yaml
+from support.wheels import installed_version, make_venv, make_wheel, wheel_env
+
+import git_versions as gv
+import install_nodes
+import node_requirements as nr
+from config_schema import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def node_source(class_name: str, requirements: str = "") -> dict[str, str]:
+    init = (
+        f"class {class_name}:\n"
+        "    RETURN_TYPES = ('STRING',)\n"
+        "    FUNCTION = 'run'\n"
+        "    CATEGORY = 'comfy-worker-tests'\n"
+        "    @classmethod\n"
+        "    def INPUT_TYPES(cls):\n"
+        "        return {'required': {}}\n"
+        "    def run(self):\n"
+        "        return ('ok',)\n"
+        f"NODE_CLASS_MAPPINGS = {{'{class_name}': {class_name}}}\n"
+    )
+    files = {"__init__.py": init}
+    if requirements:
+        files["requirements.txt"] = requirements
+    return files
+
+
+class Box:
+    """A volume, a ComfyUI folder, a venv for requirements, and a way to run install_nodes."""
+
+    def __init__(self, tmp_path: Path, monkeypatch, capsys):
+        self.tmp = tmp_path
+        self.volume = tmp_path / "volume"
+        self.comfyui = self.volume / "ComfyUI"
+        self.custom_nodes = self.comfyui / "custom_nodes"
+        self.wheels = tmp_path / "wheels"
+        make_wheel(self.wheels, "torch", "1.0.0")
+        make_wheel(self.wheels, "torch", "9.9.9")
+        make_wheel(self.wheels, "tinypkg", "1.0")
+        self.monkeypatch = monkeypatch
+        self.capsys = capsys
+        for key, value in wheel_env(self.wheels).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("VOLUME_ROOT", str(self.volume))
+        monkeypatch.setenv("COMFYUI_PATH", str(self.comfyui))
+        monkeypatch.delenv("CONFIG_YML", raising=False)
+        monkeypatch.delenv("GITHUB_TOKEN", raising=False)
+        self.use_venv("venv")
+
+    def use_venv(self, name: str) -> Path:
+        """Requirements go into this venv from now on (the real .venv is never the target)."""
+        self.python = make_venv(self.tmp / name, self.wheels, ["torch==1.0.0"])
+        self.monkeypatch.setenv("PYTHON", str(self.python))
+        return self.python
+
+    def config(self, nodes: list[dict]) -> Path:
+        path = self.tmp / "config.yml"
+        path.write_text(yaml.safe_dump({"nodes": nodes}))
+        return path
+
+    def run(self, nodes: list[dict] | Path, *args: str) -> tuple[int, str]:
+        config = nodes if isinstance(nodes, Path) else self.config(nodes)
+        self.capsys.readouterr()
+        rc = install_nodes.main(["--config", str(config), *args])
+        out = self.capsys.readouterr()
+        return rc, out.out + out.err
+
+    def head(self, name: str) -> str | None:
+        return gv.read_head(self.custom_nodes / name)
+
+    def lock(self) -> dict:
+        return yaml.safe_load((self.volume / "comfy.lock.yml").read_text())
+
+
+@pytest.fixture
+def box(tmp_path, monkeypatch, capsys):
+    return Box(tmp_path, monkeypatch, capsys)
+
+
+@pytest.fixture
+def node_repo(git_repos):
+    """MyNode: v1.2.0, v1.10.0, v2.0.0-rc1 (pre-release), branch 'dev', main one commit ahead."""
+    repo = git_repos.create("MyNode", node_source("MyNodeClass"))
+    c = {"v1.2.0": repo.tag("v1.2.0")}
+    c["v1.10.0"] = repo.commit({"version.txt": "1.10"})
+    repo.tag("v1.10.0")
+    c["v2.0.0-rc1"] = repo.commit({"version.txt": "2.0rc1"})
+    repo.tag("v2.0.0-rc1")
+    repo.branch("dev")
+    c["dev"] = c["v2.0.0-rc1"]
+    c["main"] = repo.commit({"version.txt": "main"})
+    repo.push()
+    return repo, c
+
+
+# ---- versions ----
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        ("latest", "v1.10.0"),
+        ("nightly", "main"),
+        ("v1.2.0", "v1.2.0"),
+        ("dev", "dev"),
+        ("sha", "v1.2.0"),
+        ("short", "v1.2.0"),
+    ],
+)
+def test_each_version_kind_installs_its_commit(box, node_repo, version, expected):
+    repo, c = node_repo
+    asked = {"sha": c["v1.2.0"], "short": c["v1.2.0"][:10]}.get(version, version)
+    rc, out = box.run([{"url": repo.url, "version": asked}])
+    assert rc == 0, out
+    assert box.head("MyNode") == c[expected]
+    assert f"{c[expected][:12]}" in out and "clone" in out
+
+
+def test_moving_between_versions(box, node_repo):
+    repo, c = node_repo
+    assert box.run([{"url": repo.url, "version": "v1.2.0"}])[0] == 0
+    for version, expected in (("v1.10.0", "v1.10.0"), ("dev", "dev"), (c["main"], "main"), ("v1.2.0", "v1.2.0")):
+        rc, out = box.run([{"url": repo.url, "version": version}])
+        assert rc == 0 and "move" in out, out
+        assert box.head("MyNode") == c[expected]
+        assert box.lock()["nodes"][0]["version"] == c[expected]
+    assert (box.custom_nodes / "MyNode" / "version.txt").exists() is False  # the v1.2.0 tree exactly
+
+
+def test_warm_run_keeps_everything_without_network(box, node_repo):
+    repo, c = node_repo
+    nodes = [{"url": repo.url, "version": v, "name": f"n{i}"} for i, v in enumerate(["latest", "nightly", "dev"])]
+    assert box.run(nodes)[0] == 0
+    shutil.move(repo.bare, box.tmp / "gone.git")  # the remote is unreachable from now on
+    start = time.perf_counter()
+    rc, out = box.run(nodes)
+    elapsed = time.perf_counter() - start
+    assert rc == 0, out
+    assert out.count(" keep ") == 3 and elapsed < 1.0
+
+
+def test_update_refreshes_nightly_and_branches_only_when_asked(box, node_repo):
+    repo, c = node_repo
+    nodes = [
+        {"url": repo.url, "version": "nightly", "name": "Nightly"},
+        {"url": repo.url, "version": "v1.2.0", "name": "Tag"},
+    ]
+    assert box.run(nodes)[0] == 0
+    newer = repo.commit({"new.txt": "new"})
+    repo.push()
+    rc, out = box.run(nodes)
+    assert rc == 0 and box.head("Nightly") == c["main"]  # kept as is without --update
+    rc, out = box.run(nodes, "--update")
+    assert rc == 0, out
+    assert box.head("Nightly") == newer and box.head("Tag") == c["v1.2.0"]
+
+
+def test_folder_moved_by_hand_goes_back_to_the_configured_commit(box, node_repo):
+    repo, c = node_repo
+    assert box.run([{"url": repo.url, "version": "v1.10.0"}])[0] == 0
+    git.Repo(box.custom_nodes / "MyNode").git.checkout("-q", c["main"])
+    shutil.move(repo.bare, box.tmp / "gone.git")
+    rc, out = box.run([{"url": repo.url, "version": "v1.10.0"}])
+    assert rc == 0 and box.head("MyNode") == c["v1.10.0"], out
+
+
+# ---- local edits ----
+
+
+def test_local_edit_is_kept_on_a_named_stash_when_moving(box, node_repo):
+    repo, c = node_repo
+    assert box.run([{"url": repo.url, "version": "v1.2.0"}])[0] == 0
+    node = box.custom_nodes / "MyNode"
+    (node / "__init__.py").write_text((node / "__init__.py").read_text() + "# my local fix\n")
+    rc, out = box.run([{"url": repo.url, "version": "v1.10.0"}])
+    assert rc == 0 and box.head("MyNode") == c["v1.10.0"], out
+    assert "stash" in out and "__init__.py" in out
+    stashes = git.Repo(node).git.stash("list")
+    assert "comfy-worker: local edits" in stashes and "before moving to v1.10.0" in stashes
+    git.Repo(node).git.stash("pop")
+    assert "# my local fix" in (node / "__init__.py").read_text()
+
+
+def test_local_edit_without_a_version_change_is_left_alone(box, node_repo):
+    repo, c = node_repo
+    assert box.run([{"url": repo.url, "version": "v1.2.0"}])[0] == 0
+    init = box.custom_nodes / "MyNode" / "__init__.py"
+    init.write_text("# edited\n")
+    assert box.run([{"url": repo.url, "version": "v1.2.0"}])[0] == 0
+    assert init.read_text() == "# edited\n"
+
+
+def test_local_edit_inside_a_submodule_is_refused_with_the_fix(box, git_repos):
+    sub = git_repos.create("Sub", {"s.txt": "v1"}).push()
+    top = git_repos.create("Top", node_source("TopClass"))
+    first = top.add_submodule(sub, "vendor/sub")
+    top.tag("v1")
+    top.commit({"x.txt": "x"})
+    top.tag("v2")
+    top.push()
+    assert box.run([{"url": top.url, "version": "v1"}])[0] == 0
+    (box.custom_nodes / "Top/vendor/sub/s.txt").write_text("edited in the submodule")
+    rc, out = box.run([{"url": top.url, "version": "v2"}])
+    assert rc == 1 and box.head("Top") == first
+    assert "nodes[0] Top" in out and "submodule" in out and "run again" in out
+    assert (box.custom_nodes / "Top/vendor/sub/s.txt").read_text() == "edited in the submodule"
+
+
+def test_existing_folder_that_is_not_this_checkout_is_refused(box, node_repo, git_repos):
+    repo, _ = node_repo
+    (box.custom_nodes / "MyNode").mkdir(parents=True)
+    (box.custom_nodes / "MyNode" / "mine.py").write_text("x")
+    rc, out = box.run([{"url": repo.url}])
+    assert rc == 1 and "MyNode exists but is not a git checkout" in out
+    other = git_repos.create("Other").push()
+    git.Repo.clone_from(other.url, box.custom_nodes / "Other2")
+    rc, out = box.run([{"url": repo.url, "name": "Other2"}])
+    assert rc == 1 and f"is a checkout of {other.url}, not of {repo.url}" in out
+
+
+# ---- submodules ----
+
+
+def test_submodule_is_checked_out(box, git_repos):
+    sub = git_repos.create("SubLib", {"lib.py": "VALUE = 1\n"}).push()
+    top = git_repos.create("WithSub", node_source("WithSubClass"))
+    top.add_submodule(sub, "vendor/sublib")
+    top.push()
+    rc, out = box.run([{"url": top.url, "version": "nightly"}])
+    assert rc == 0, out
+    assert (box.custom_nodes / "WithSub/vendor/sublib/lib.py").read_text() == "VALUE = 1\n"
+
+
+# ---- requirements ----
+
+
+def test_requirement_installed_from_local_wheel_folder(box, git_repos):
+    repo = git_repos.create("NeedsPkg", node_source("NeedsPkgClass", "tinypkg==1.0\n")).push()
+    rc, out = box.run([{"url": repo.url}])
+    assert rc == 0, out
+    assert installed_version(box.python, "tinypkg") == "1.0"
+    assert "installed" in out
+    rc, out = box.run([{"url": repo.url}])
+    assert rc == 0 and "present" in out  # nothing installed again
+
+
+def test_node_asking_for_another_torch_does_not_change_torch_and_is_reported(box, git_repos):
+    good = git_repos.create("GoodNode", node_source("GoodClass", "tinypkg\n")).push()
+    greedy = git_repos.create("GreedyNode", node_source("GreedyClass", "torch==9.9.9\n")).push()
+    rc, out = box.run([{"url": good.url}, {"url": greedy.url}])
+    assert rc == 1
+    assert "nodes[1] GreedyNode: requirements.txt cannot be installed" in out and "torch==9.9.9" in out
+    assert installed_version(box.python, "torch") == "1.0.0"
+    assert installed_version(box.python, "tinypkg") == "1.0"
+    # optional: the same conflict is a warning and the run succeeds
+    rc, out = box.run([{"url": good.url}, {"url": greedy.url, "optional": True}])
+    assert rc == 0 and "warning (optional)" in out
+    assert installed_version(box.python, "torch") == "1.0.0"
+
+
+def test_requirements_false_installs_nothing(box, git_repos):
+    repo = git_repos.create("NoReqs", node_source("NoReqsClass", "tinypkg==1.0\n")).push()
+    rc, out = box.run([{"url": repo.url, "requirements": False}])
+    assert rc == 0 and installed_version(box.python, "tinypkg") is None
+
+
+def test_fresh_container_on_the_same_volume_gets_the_requirements_again(box, git_repos):
+    repo = git_repos.create("NeedsPkg", node_source("NeedsPkgClass", "tinypkg==1.0\n")).push()
+    assert box.run([{"url": repo.url}])[0] == 0
+    head = box.head("NeedsPkg")
+    # a new container: same volume, a brand-new environment without the packages; no network
+    fresh = box.use_venv("fresh-container-venv")
+    shutil.move(repo.bare, box.tmp / "gone.git")
+    rc, out = box.run([{"url": repo.url}])
+    assert rc == 0, out
+    assert " keep " in out and box.head("NeedsPkg") == head  # not cloned again
+    assert installed_version(fresh, "tinypkg") == "1.0"
+    assert nr.read_record(nr.target_env(str(fresh))) == {str(box.custom_nodes / "NeedsPkg"): head}
+
+
+# ---- failures, dry run, lock file, CLI ----
+
+
+def test_optional_node_with_a_bad_url_does_not_fail_the_run(box, node_repo, tmp_path):
+    repo, c = node_repo
+    bad = (tmp_path / "no-such-repo.git").as_uri()
+    rc, out = box.run([{"url": repo.url}, {"url": bad, "optional": True}])
+    assert rc == 0, out
+    assert "warning (optional)" in out and "no-such-repo" in out
+    assert box.head("MyNode") == c["v1.10.0"]
+    rc, out = box.run([{"url": repo.url}, {"url": bad}])
+    assert rc == 1 and "FAILED" in out and "nodes[1] no-such-repo" in out
+
+
+def test_unknown_version_fails_with_suggestions(box, node_repo):
+    repo, _ = node_repo
+    rc, out = box.run([{"url": repo.url, "version": "v1.10"}])
+    assert rc == 1 and "version 'v1.10' is not a tag" in out and "'v1.10.0'" in out
+    assert not (box.custom_nodes / "MyNode").exists()
+
+
+def test_dry_run_shows_version_commit_and_action_and_changes_nothing(box, node_repo):
+    repo, c = node_repo
+    assert box.run([{"url": repo.url, "version": "v1.2.0", "name": "Installed"}])[0] == 0
+    nodes = [
+        {"url": repo.url, "version": "v1.10.0", "name": "Installed"},
+        {"url": repo.url, "version": "latest", "name": "New"},
+        {"url": repo.url, "version": "v1.2.0", "name": "Same"},
+    ]
+    shutil.copytree(box.custom_nodes / "Installed", box.custom_nodes / "Same")
+    lock_before = (box.volume / "comfy.lock.yml").read_text()
+    rc, out = box.run(nodes, "--dry-run")
+    assert rc == 0, out
+    lines = {
+        line.split()[0]: line
+        for line in out.splitlines()
+        if line.split() and line.split()[0] in ("Installed", "New", "Same")
+    }
+    assert (
+        "v1.10.0" in lines["Installed"] and c["v1.10.0"][:12] in lines["Installed"] and " move " in lines["Installed"]
+    )
+    assert c["v1.10.0"][:12] in lines["New"] and " clone " in lines["New"]
+    assert c["v1.2.0"][:12] in lines["Same"] and " keep " in lines["Same"]
+    assert not (box.custom_nodes / "New").exists() and box.head("Installed") == c["v1.2.0"]
+    assert (box.volume / "comfy.lock.yml").read_text() == lock_before
+
+
+def test_lock_file_is_a_config_that_reproduces_the_commits(box, node_repo, git_repos, monkeypatch):
+    repo, c = node_repo
+    other = git_repos.create("Other", node_source("OtherClass"))
+    other_head = other.commit({"x": "1"})
+    other.push()
+    nodes = [
+        {"url": repo.url, "version": "latest"},
+        {"url": other.url, "version": "nightly", "name": "Renamed", "optional": True, "requirements": False},
+    ]
+    assert box.run(nodes)[0] == 0
+    lock_path = box.volume / "comfy.lock.yml"
+    cfg = load_config(lock_path)
+    assert [(n.url, n.version, n.dir_name()) for n in cfg.nodes] == [
+        (repo.url, c["v1.10.0"], "MyNode"),
+        (other.url, other_head, "Renamed"),
+    ]
+    assert cfg.nodes[1].optional and not cfg.nodes[1].requirements
+    # upstream moves on; a second box fed the lock file gets exactly the same commits
+    repo.commit({"later.txt": "x"})
+    repo.tag("v1.11.0")
+    repo.push()
+    second = box.tmp / "second"
+    monkeypatch.setenv("VOLUME_ROOT", str(second))
+    rc, out = box.run(
+        Path(shutil.copy(lock_path, box.tmp / "lock-as-config.yml")), "--comfyui-dir", str(second / "ComfyUI")
+    )
+    assert rc == 0, out
+    assert gv.read_head(second / "ComfyUI/custom_nodes/MyNode") == c["v1.10.0"]
+    assert gv.read_head(second / "ComfyUI/custom_nodes/Renamed") == other_head
+
+
+def test_parallel_clones_many_nodes(box, git_repos):
+    repos = [git_repos.create(f"P{i}", node_source(f"P{i}Class")).push() for i in range(6)]
+    rc, out = box.run([{"url": r.url} for r in repos], "--parallel", "6")
+    assert rc == 0, out
+    assert all(box.head(f"P{i}") == r.head() for i, r in enumerate(repos))
+    assert not list(box.custom_nodes.glob(".*partial*"))
+
+
+def test_validate_only_and_duplicate_directories(box, node_repo):
+    repo, _ = node_repo
+    rc, out = box.run([{"url": repo.url}], "--validate-only")
+    assert rc == 0 and "is valid (0 model(s), 1 node(s)" in out
+    rc, out = box.run([{"url": repo.url}, {"url": repo.url + "/"}])
+    assert rc == 2 and "custom_nodes/MyNode is already used by nodes[0]" in out
+    assert not box.custom_nodes.exists()
+
+
+def test_github_token_never_lands_in_git_config_state_lock_or_log(box, node_repo, tmp_path):
+    repo, c = node_repo
+    token = "ghp_TOKENshouldNEVERappear0123456789"
+    config = box.config([{"url": repo.url}])
+    env = {**os.environ, "GITHUB_TOKEN": token}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "install_nodes.py"), "--config", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    encoded = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+    node = box.custom_nodes / "MyNode"
+    written = [node / ".git/config", node / ".git" / install_nodes.STATE_FILE, box.volume / "comfy.lock.yml"]
+    for text in [proc.stdout, proc.stderr, *(p.read_text() for p in written)]:
+        assert token not in text and encoded not in text
+    assert box.head("MyNode") == c["v1.10.0"]
+
+
+@pytest.mark.slow
+def test_real_comfyui_loads_an_installed_node(box, git_repos, comfyui_factory):
+    repo = git_repos.create("WorkerInstalledNode", node_source("WorkerInstalledNodeClass"))
+    repo.tag("v1.0.0")
+    repo.push()
+    comfy = comfyui_factory(start=False)
+    rc, out = box.run([{"url": repo.url}], "--comfyui-dir", str(comfy.path))
+    assert rc == 0, out
+    comfy.start()
+    info = comfy.get_json("/object_info/WorkerInstalledNodeClass")
+    assert info["WorkerInstalledNodeClass"]["category"] == "comfy-worker-tests"
