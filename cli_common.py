@@ -98,13 +98,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def update_lock_file(path: Path, section: str, value: object) -> None:
     """Replace one section (``comfyui``, ``models`` or ``nodes``) of comfy.lock.yml, keeping the
-    others; safe when several processes update it at once."""
+    others; safe when several processes update it at once. ``value`` may be a function of the
+    section's current value (read under the same lock), for merging."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         data = {}
         if path.exists():
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        data[section] = value
+        data[section] = value(data.get(section)) if callable(value) else value
         header = "# comfy.lock.yml: what this volume holds, exactly. Usable as a config.yml to reproduce it.\n"
         atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False))
 

@@ -107,6 +107,11 @@ class Settings:
     comfy_pid_file: Path = Path("/tmp/comfyui.pid")
     comfy_log_file: Path = Path("/tmp/comfyui.log")
     comfy_ready_timeout: float = 300.0
+    hf_endpoint: str = "https://huggingface.co"  # env HF_ENDPOINT: Hugging Face Hub base URL (tests: a local fake)
+    civitai_base_url: str = "https://civitai.com"  # env CIVITAI_BASE_URL: CivitAI base URL (tests: a local fake)
+    download_connections: int = 8  # env DOWNLOAD_CONNECTIONS: parallel range connections per big file
+    download_retries: int = 5  # env DOWNLOAD_RETRIES: attempts per request without progress
+    download_retry_backoff: float = 1.0  # env DOWNLOAD_RETRY_BACKOFF: first retry delay in seconds (doubles)
     config_yml: str | None = field(default=None, repr=False)
     bucket_access_key_id: str | None = field(default=None, repr=False)
     bucket_secret_access_key: str | None = field(default=None, repr=False)
@@ -150,6 +155,11 @@ class Settings:
             comfy_pid_file=Path(env.get("COMFY_PID_FILE") or "/tmp/comfyui.pid"),
             comfy_log_file=Path(env.get("COMFY_LOG_FILE") or "/tmp/comfyui.log"),
             comfy_ready_timeout=_float(env, "COMFY_READY_TIMEOUT", 300.0),
+            hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
+            civitai_base_url=(env.get("CIVITAI_BASE_URL") or "https://civitai.com").rstrip("/"),
+            download_connections=max(1, _int(env, "DOWNLOAD_CONNECTIONS", 8)),
+            download_retries=max(1, _int(env, "DOWNLOAD_RETRIES", 5)),
+            download_retry_backoff=max(0.0, _float(env, "DOWNLOAD_RETRY_BACKOFF", 1.0)),
             config_yml=env.get("CONFIG_YML") or None,
             bucket_access_key_id=env.get("BUCKET_ACCESS_KEY_ID") or None,
             bucket_secret_access_key=env.get("BUCKET_SECRET_ACCESS_KEY") or None,

@@ -1,0 +1,619 @@
+"""Resumable, verified HTTP(S) downloads into a ``.part`` file, with several connections per big file.
+
+The caller owns the target name, the lock and the final rename; this module only turns a URL into a
+complete, verified ``<target>.part`` (see ``Downloader.fetch``).
+
+How the pieces fit:
+
+- Tokens: every request, including each hop of a redirect, gets its headers from ``headers_for(url)``.
+  Redirects are followed by hand, so a token meant for one host is never carried to the next one (a
+  CivitAI download redirects to a CDN; the CDN never sees ``Authorization``).
+- Probe: one ``GET`` with ``Range: bytes=0-0`` (works with pre-signed CDN URLs, unlike ``HEAD``) gives the
+  final URL, the size (``Content-Range``), whether ranges work (206), the validator (ETag /
+  Last-Modified) and the file name (Content-Disposition).
+- Single connection (small files, or a server that does not do ranges): bytes are hashed in memory as
+  they arrive and appended to the part. A resume sends ``Range`` + ``If-Range``; a ``200`` answer means
+  the server ignored the range (or the file changed), so the part is truncated and the hash restarted.
+- Several connections (big files on a server that does ranges): the file is cut into chunks that are
+  handed out in order to ``connections`` workers; each worker writes its bytes with ``pwrite`` at their
+  offset and records per chunk how many bytes from the chunk's start are on disk. Because chunks are
+  handed out in order, the completed region grows from the front, and a hasher thread feeds sha256
+  with the contiguous prefix as it grows, reading those bytes back from the page cache moments after
+  they were written. So hashing runs during the download on the other core instead of as a second pass
+  afterwards; when the last byte lands only the last few chunks remain to hash.
+  Progress per chunk is saved in ``<part>.state`` (JSON) every half second, so a killed process resumes
+  where each chunk stopped. sha256 state cannot be saved, so after a restart the hasher re-reads the
+  already-downloaded prefix while the rest downloads.
+- Retries: 429, 5xx and network errors are retried with exponential backoff; the counter resets
+  whenever bytes arrive, so a flaky but progressing server is never given up on, while a dead one
+  fails after ``retries`` attempts.
+- Verification: size always (against the server's size and ``expected_size``), sha256 when expected;
+  a mismatch deletes the part and its state and raises ``ChecksumError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlparse
+
+import requests
+
+log = logging.getLogger("download")
+
+MiB = 1 << 20
+READ_SIZE = 1 * MiB
+HASH_READ = 4 * MiB
+REDIRECTS = {301, 302, 303, 307, 308}
+USER_AGENT = "comfy-worker-downloader/1"
+NETWORK_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    http.client.HTTPException,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class DownloadError(Exception):
+    """A download that cannot succeed (or gave up after retries); the message says why."""
+
+
+class HttpStatusError(DownloadError):
+    def __init__(self, status: int, url: str, message: str):
+        self.status = status
+        self.url = url
+        super().__init__(message)
+
+
+class ChecksumError(DownloadError):
+    pass
+
+
+class RetryableError(Exception):
+    """A failure worth another attempt (429, 5xx, network)."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+@dataclass
+class Probe:
+    url: str  # where the bytes are (after redirects)
+    status: int
+    size: int | None
+    ranges: bool
+    filename: str | None
+    validator: str | None
+    content_type: str | None
+
+
+@dataclass
+class Result:
+    size: int
+    sha256: str
+    fetched: int  # bytes received over the network by this call
+    resumed_from: int  # bytes already in the part when this call started
+    connections: int
+
+
+def safe_filename(name: str | None) -> str | None:
+    """A plain file name (no directories, no '..', no leading '-') or None."""
+    if not name:
+        return None
+    name = name.replace("\\", "/").rsplit("/", 1)[-1].strip().strip('"').strip()
+    if not name or name in (".", "..") or name.startswith("-") or "\x00" in name:
+        return None
+    return name
+
+
+def content_disposition_filename(value: str | None) -> str | None:
+    """The file name in a Content-Disposition header (RFC 6266 ``filename*`` preferred), sanitised."""
+    if not value:
+        return None
+    m = re.search(r"filename\*\s*=\s*([^']*)'[^']*'([^;]+)", value, re.IGNORECASE)
+    if m:
+        try:
+            return safe_filename(unquote(m.group(2).strip(), encoding=m.group(1) or "utf-8"))
+        except LookupError:
+            pass
+    m = re.search(r'filename\s*=\s*"((?:[^"\\]|\\.)*)"', value, re.IGNORECASE) or re.search(
+        r"filename\s*=\s*([^;]+)", value, re.IGNORECASE
+    )
+    return safe_filename(m.group(1).replace('\\"', '"')) if m else None
+
+
+def url_filename(url: str) -> str | None:
+    return safe_filename(unquote(urlparse(url).path.rsplit("/", 1)[-1]))
+
+
+def same_host(a: str, b: str) -> bool:
+    """True when two URLs point at the same host and port (scheme default ports filled in)."""
+    pa, pb = urlparse(a), urlparse(b)
+
+    def key(p):
+        port = p.port or {"http": 80, "https": 443}.get(p.scheme)
+        return ((p.hostname or "").lower(), port)
+
+    return key(pa) == key(pb)
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    value = resp.headers.get("Retry-After", "")
+    return float(value) if value.isdigit() else None
+
+
+def iter_body(resp: requests.Response):
+    """The response body as memoryviews of one reused buffer (consume each before the next). Reads with
+    ``readinto`` on the underlying http.client response: no copies, and a connection that drops midway
+    still hands over every byte that arrived (urllib3's ``read(amt)`` would discard the partial block)."""
+    fp = getattr(resp.raw, "_fp", None)
+    if not isinstance(fp, http.client.HTTPResponse) or resp.headers.get("Content-Encoding", "identity") != "identity":
+        yield from (memoryview(b) for b in resp.iter_content(READ_SIZE))
+        return
+    view = memoryview(bytearray(READ_SIZE))
+    while n := fp.readinto(view):
+        yield view[:n]
+    if fp.length in (None, 0):  # complete: the connection can go back to the pool
+        resp._content_consumed = True
+        resp.raw.release_conn()
+
+
+def _describe(status: int, url: str) -> str:
+    host = urlparse(url).netloc
+    if status in (401, 403):
+        return f"HTTP {status} from {host}: access denied; the file may need a token (HF_TOKEN / CIVITAI_TOKEN)"
+    if status == 404:
+        return f"HTTP 404 from {host}: not found; check the url"
+    return f"HTTP {status} from {host}"
+
+
+class Downloader:
+    """Downloads URLs into ``.part`` files. Thread-safe: one instance can serve many entries at once."""
+
+    def __init__(
+        self,
+        headers_for: Callable[[str], dict[str, str]] | None = None,
+        connections: int = 8,
+        parallel_min_size: int = 64 * MiB,
+        chunk_size: int | None = None,
+        retries: int = 5,
+        backoff: float = 1.0,
+        timeout: float = 30.0,
+    ):
+        self.headers_for = headers_for or (lambda url: {})
+        self.connections = max(1, connections)
+        self.parallel_min_size = parallel_min_size
+        self.chunk_size = chunk_size
+        self.retries = max(1, retries)
+        self.backoff = backoff
+        self.timeout = timeout
+        self._local = threading.local()
+
+    # ---- HTTP plumbing ----
+
+    def session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            s.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+            self._local.session = s
+        return s
+
+    def open(self, url: str, method: str = "GET", headers: dict[str, str] | None = None) -> requests.Response:
+        """Send one request, following redirects by hand with per-host headers. Returns a 2xx response
+        (streaming, caller closes). Raises RetryableError / HttpStatusError."""
+        for _ in range(10):
+            hop_headers = dict(headers or {})
+            hop_headers.update(self.headers_for(url))
+            try:
+                resp = self.session().request(
+                    method, url, headers=hop_headers, stream=True, allow_redirects=False, timeout=(10, self.timeout)
+                )
+            except NETWORK_ERRORS as err:
+                raise RetryableError(f"{urlparse(url).netloc}: {type(err).__name__}: {err}") from None
+            if resp.status_code in REDIRECTS and resp.headers.get("Location"):
+                resp.close()
+                url = urljoin(url, resp.headers["Location"])
+                continue
+            if resp.status_code < 300 or resp.status_code == 416:
+                resp.final_url = url  # type: ignore[attr-defined]
+                return resp
+            status, retry_after = resp.status_code, _retry_after(resp)
+            resp.close()
+            if status == 429 or status >= 500 or status == 408:
+                raise RetryableError(f"HTTP {status} from {urlparse(url).netloc}", retry_after)
+            raise HttpStatusError(status, url, _describe(status, url))
+        raise DownloadError(f"too many redirects starting at {urlparse(url).netloc}")
+
+    def with_retries(self, what: str, fn: Callable[[], object], progress_made: Callable[[], int] | None = None):
+        """Call ``fn`` until it succeeds; RetryableError/network errors are retried with backoff.
+        ``progress_made`` (a byte counter) resets the attempt count when it moved."""
+        attempt = 0
+        last = progress_made() if progress_made else 0
+        while True:
+            try:
+                return fn()
+            except RetryableError as err:
+                failure, retry_after = str(err), err.retry_after
+            except NETWORK_ERRORS as err:
+                failure, retry_after = f"{type(err).__name__}: {err}", None
+            now = progress_made() if progress_made else 0
+            if now != last:
+                attempt, last = 0, now
+            attempt += 1
+            if attempt >= self.retries:
+                raise DownloadError(f"{what}: gave up after {attempt} attempts: {failure}")
+            delay = min(60.0, self.backoff * (2 ** (attempt - 1)) * (0.75 + random.random() / 2))
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, 60.0 * max(self.backoff, 0.01)))
+            log.warning("%s: %s; retry %d/%d in %.1f s", what, failure, attempt, self.retries - 1, delay)
+            time.sleep(delay)
+
+    def _probe_once(self, url: str, method: str) -> Probe:
+        headers = {"Range": "bytes=0-0"} if method == "GET" else {}
+        resp = self.open(url, method, headers)
+        try:
+            size = None
+            cr = resp.headers.get("Content-Range", "")
+            m = re.search(r"/(\d+)\s*$", cr)
+            if m:
+                size = int(m.group(1))
+            elif resp.status_code == 200 and resp.headers.get("Content-Length", "").isdigit():
+                size = int(resp.headers["Content-Length"])
+            ranges = resp.status_code == 206 or (
+                method == "HEAD" and resp.headers.get("Accept-Ranges", "").lower() == "bytes"
+            )
+            return Probe(
+                url=resp.final_url,  # type: ignore[attr-defined]
+                status=resp.status_code,
+                size=size,
+                ranges=ranges,
+                filename=content_disposition_filename(resp.headers.get("Content-Disposition")),
+                validator=resp.headers.get("ETag") or resp.headers.get("Last-Modified"),
+                content_type=resp.headers.get("Content-Type"),
+            )
+        finally:
+            resp.close()
+
+    def probe(self, url: str) -> Probe:
+        """Where the bytes are, how many, whether ranges work, and the server's file name."""
+        return self.with_retries(f"probe {urlparse(url).netloc}", lambda: self._probe_once(url, "GET"))
+
+    def head(self, url: str) -> Probe:
+        """Like ``probe`` but with HEAD (for --dry-run); falls back to the ranged GET when HEAD is refused."""
+        try:
+            return self.with_retries(f"HEAD {urlparse(url).netloc}", lambda: self._probe_once(url, "HEAD"))
+        except HttpStatusError as err:
+            if err.status in (403, 405, 501):
+                return self.probe(url)
+            raise
+
+    # ---- the download ----
+
+    def fetch(
+        self,
+        url: str,
+        part: Path,
+        expected_size: int | None = None,
+        expected_sha256: str | None = None,
+        probe: Probe | None = None,
+        progress: Callable[[int, int | None], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> Result:
+        """Download ``url`` into ``part`` (resuming what is there), verify it and return its size and
+        sha256. ``progress(bytes_on_disk, total)`` is called as bytes land. The part is deleted when
+        the content is wrong; it is kept (for a later resume) when the transfer merely failed."""
+        probe = probe or self.probe(url)
+        if probe.content_type and probe.content_type.startswith("text/html") and (probe.size or 0) < 10 * MiB:
+            raise DownloadError(
+                f"{urlparse(probe.url).netloc} answered with a web page instead of a file "
+                "(often a login page: the file may need a token)"
+            )
+        size = probe.size
+        if expected_size is not None and size is not None and size != expected_size:
+            raise DownloadError(f"the server's file has {size} bytes but {expected_size} were expected")
+        size = size if size is not None else expected_size
+        progress = progress or (lambda done, total: None)
+        stop = stop or threading.Event()
+        part.parent.mkdir(parents=True, exist_ok=True)
+        state = state_path(part)
+        use_parallel = probe.ranges and size is not None and size >= self.parallel_min_size and self.connections > 1
+        if use_parallel:
+            assert size is not None
+            result = _ParallelFetch(self, probe, part, size, progress, stop).run()
+        else:
+            result = self._fetch_single(probe, part, size, progress, stop)
+        if expected_size is not None and result.size != expected_size:
+            _discard(part)
+            raise DownloadError(f"size mismatch: got {result.size} bytes, expected {expected_size}")
+        if expected_sha256 and result.sha256 != expected_sha256.lower():
+            _discard(part)
+            raise ChecksumError(
+                f"sha256 mismatch: got {result.sha256}, expected {expected_sha256.lower()}; the partial file "
+                "was deleted (if the file was updated upstream, update sha256 in the config)"
+            )
+        state.unlink(missing_ok=True)
+        return result
+
+    def _fetch_single(self, probe: Probe, part: Path, size: int | None, progress, stop) -> Result:
+        state = state_path(part)
+        prefix = 0
+        if part.exists():
+            prefix = _contiguous_prefix(part, state) if state.exists() else part.stat().st_size
+            if not probe.ranges or (size is not None and prefix > size):
+                prefix = 0
+        state.unlink(missing_ok=True)
+        digest = hashlib.sha256()
+        with open(part, "a+b") as f:
+            f.truncate(prefix)
+            f.seek(0)
+            remaining = prefix
+            while remaining:
+                block = f.read(min(HASH_READ, remaining))
+                if not block:
+                    break
+                digest.update(block)
+                remaining -= len(block)
+        resumed_from = prefix
+        box = {"pos": prefix, "digest": digest, "fetched": 0}
+        if size is not None and prefix == size:
+            return Result(size, digest.hexdigest(), 0, resumed_from, 0)
+
+        def attempt() -> None:
+            headers = {}
+            if box["pos"] > 0:
+                headers["Range"] = f"bytes={box['pos']}-"
+                if probe.validator and not probe.validator.startswith("W/"):
+                    headers["If-Range"] = probe.validator
+            resp = self.open(probe.url, "GET", headers)
+            with resp, open(part, "r+b") as f:
+                if resp.status_code == 416 and size is not None and box["pos"] == size:
+                    return
+                if box["pos"] > 0 and resp.status_code == 200:
+                    log.info("%s ignored the Range request; starting over", urlparse(probe.url).netloc)
+                    box["pos"], box["digest"] = 0, hashlib.sha256()
+                    f.truncate(0)
+                elif resp.status_code not in (200, 206):
+                    raise DownloadError(f"unexpected HTTP {resp.status_code} from {urlparse(probe.url).netloc}")
+                f.seek(box["pos"])
+                for block in iter_body(resp):
+                    if stop.is_set():
+                        raise DownloadError("interrupted")
+                    f.write(block)
+                    box["digest"].update(block)
+                    box["pos"] += len(block)
+                    box["fetched"] += len(block)
+                    progress(box["pos"], size)
+                f.flush()
+            if size is not None and box["pos"] < size:
+                raise RetryableError(f"connection closed at {box['pos']} of {size} bytes")
+
+        self.with_retries(f"download {urlparse(probe.url).netloc}", attempt, lambda: box["pos"])
+        return Result(box["pos"], box["digest"].hexdigest(), box["fetched"], resumed_from, 1)
+
+
+def state_path(part: Path) -> Path:
+    return part.with_name(part.name + ".state")
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    state_path(part).unlink(missing_ok=True)
+
+
+def _load_state(state: Path) -> dict | None:
+    try:
+        data = json.loads(state.read_text())
+        if isinstance(data, dict) and isinstance(data.get("done"), list):
+            return data
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _contiguous_prefix(part: Path, state: Path) -> int:
+    """Bytes from the start of a parallel part that are known to be on disk."""
+    data = _load_state(state)
+    if not data:
+        return 0
+    chunk, total, pos = int(data["chunk"]), int(data["size"]), 0
+    for k, done in enumerate(data["done"]):
+        pos = k * chunk + int(done)
+        if pos < min((k + 1) * chunk, total):
+            break
+    return min(pos, part.stat().st_size)
+
+
+class _ParallelFetch:
+    """One file over several ranged connections; see the module docstring."""
+
+    def __init__(self, dl: Downloader, probe: Probe, part: Path, size: int, progress, stop: threading.Event):
+        self.dl, self.probe, self.part, self.size = dl, probe, part, size
+        self.progress, self.stop = progress, stop
+        self.state = state_path(part)
+        chunk = dl.chunk_size or max(8 * MiB, min(64 * MiB, size // (dl.connections * 8)))
+        self.chunk = max(MiB, chunk // MiB * MiB) if not dl.chunk_size else dl.chunk_size
+        self.n = (size + self.chunk - 1) // self.chunk
+        self.cond = threading.Condition()
+        self.next_chunk = 0
+        self.fetched = 0
+        self.error: BaseException | None = None
+        self.done = self._resume_point()
+        self.resumed_from = sum(self.done)
+
+    def _chunk_len(self, k: int) -> int:
+        return min(self.chunk, self.size - k * self.chunk)
+
+    def _resume_point(self) -> list[int]:
+        data = _load_state(self.state) if self.state.exists() and self.part.exists() else None
+        if (
+            data
+            and data.get("size") == self.size
+            and data.get("chunk") == self.chunk
+            and data.get("validator") == self.probe.validator
+            and len(data["done"]) == self.n
+        ):
+            return [min(int(d), self._chunk_len(k)) for k, d in enumerate(data["done"])]
+        done = [0] * self.n
+        if self.part.exists() and not self.state.exists():
+            # a single-connection part: its bytes are a prefix
+            prefix = min(self.part.stat().st_size, self.size)
+            for k in range(self.n):
+                done[k] = max(0, min(self._chunk_len(k), prefix - k * self.chunk))
+        elif self.part.exists():
+            self.part.unlink()
+        return done
+
+    def _save_state(self) -> None:
+        with self.cond:
+            done = list(self.done)
+        payload = {
+            "url": self.probe.url.split("?")[0],
+            "size": self.size,
+            "chunk": self.chunk,
+            "validator": self.probe.validator,
+            "done": done,
+        }
+        tmp = self.state.with_name(self.state.name + ".tmp")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, self.state)
+
+    def _take(self) -> int | None:
+        with self.cond:
+            while self.next_chunk < self.n and self.done[self.next_chunk] >= self._chunk_len(self.next_chunk):
+                self.next_chunk += 1
+            if self.next_chunk >= self.n or self.error is not None or self.stop.is_set():
+                return None
+            k = self.next_chunk
+            self.next_chunk += 1
+            return k
+
+    def _worker(self, fd: int) -> None:
+        try:
+            while (k := self._take()) is not None:
+                self.dl.with_retries(
+                    f"download {urlparse(self.probe.url).netloc} chunk {k}",
+                    lambda k=k: self._fetch_chunk(fd, k),
+                    lambda k=k: self.done[k],
+                )
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            with self.cond:
+                if self.error is None:
+                    self.error = err
+                self.cond.notify_all()
+
+    def _fetch_chunk(self, fd: int, k: int) -> None:
+        start = k * self.chunk
+        end = start + self._chunk_len(k)
+        pos = start + self.done[k]
+        if pos >= end:
+            return
+        headers = {"Range": f"bytes={pos}-{end - 1}"}
+        if self.probe.validator and not self.probe.validator.startswith("W/"):
+            headers["If-Range"] = self.probe.validator
+        resp = self.dl.open(self.probe.url, "GET", headers)
+        with resp:
+            if resp.status_code != 206:
+                raise DownloadError(
+                    f"{urlparse(self.probe.url).netloc} answered {resp.status_code} to a range request "
+                    "(the file changed on the server, or it stopped honouring ranges)"
+                )
+            for block in iter_body(resp):
+                if self.stop.is_set() or self.error is not None:
+                    raise DownloadError("interrupted")
+                block = block[: end - pos]
+                os.pwrite(fd, block, pos)
+                pos += len(block)
+                with self.cond:
+                    self.done[k] = pos - start
+                    self.fetched += len(block)
+                    self.cond.notify_all()
+                if pos >= end:
+                    break
+        if pos < end:
+            raise RetryableError(f"connection closed at byte {pos - start} of chunk {k}")
+
+    def _hasher(self, fd: int, box: dict) -> None:
+        digest = hashlib.sha256()
+        pos = 0
+        try:
+            while pos < self.size:
+                with self.cond:
+                    while True:
+                        k = pos // self.chunk
+                        avail = k * self.chunk + self.done[k]
+                        if avail > pos or self.error is not None or box.get("abort"):
+                            break
+                        self.cond.wait(0.5)
+                    if avail <= pos:
+                        return
+                while pos < avail:
+                    block = os.pread(fd, min(HASH_READ, avail - pos), pos)
+                    if not block:
+                        raise DownloadError(f"{self.part} is shorter than its recorded progress")
+                    digest.update(block)
+                    pos += len(block)
+            box["sha256"] = digest.hexdigest()
+        except BaseException as err:  # noqa: BLE001
+            with self.cond:
+                self.error = self.error or err
+                self.cond.notify_all()
+
+    def run(self) -> Result:
+        fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        box: dict = {}
+        try:
+            self._save_state()
+            workers = [
+                threading.Thread(target=self._worker, args=(fd,), daemon=True, name=f"dl-{i}")
+                for i in range(min(self.dl.connections, self.n))
+            ]
+            hasher = threading.Thread(target=self._hasher, args=(fd, box), daemon=True, name="dl-hash")
+            hasher.start()
+            for w in workers:
+                w.start()
+            last_save = time.monotonic()
+            try:
+                while alive := [w for w in workers if w.is_alive()]:
+                    alive[0].join(0.2)
+                    with self.cond:
+                        on_disk = sum(self.done)
+                    self.progress(on_disk, self.size)
+                    if time.monotonic() - last_save > 0.5:
+                        self._save_state()
+                        last_save = time.monotonic()
+            except BaseException:
+                self.stop.set()
+                raise
+            finally:
+                self._save_state()
+            with self.cond:
+                complete = sum(self.done) == self.size
+                if not complete or self.error is not None:
+                    box["abort"] = True
+                self.cond.notify_all()
+            hasher.join()
+            if self.error is not None:
+                raise self.error
+            if not complete:
+                raise DownloadError("download stopped before the end")
+            self.progress(self.size, self.size)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self.size)
+        finally:
+            os.close(fd)
+        return Result(self.size, box["sha256"], self.fetched, self.resumed_from, min(self.dl.connections, self.n))

@@ -1,0 +1,430 @@
+"""download_models.py end to end: the real CLI against nginx, a fault-injecting origin and local fakes of
+the Hugging Face resolve endpoint and CivitAI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from support.origins import FaultyOrigin, NginxOrigin, fake_civitai, fake_huggingface, free_port, random_file
+
+from config_schema import WorkerConfig
+from http_download import MiB
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "download_models.py"
+HF_TOKEN = "hf_TESTsecretTOKENvalue123"
+CIVITAI_TOKEN = "civitaiSECRETtoken987"
+
+
+class Box:
+    """A volume with a config, and the environment to run download_models.py on it."""
+
+    def __init__(self, tmp_path: Path):
+        self.root = tmp_path
+        self.volume = tmp_path / "volume"
+        self.models = self.volume / "ComfyUI" / "models"
+        self.config = tmp_path / "config.yml"
+        self.env = {
+            k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "CIVITAI_TOKEN", "HF_ENDPOINT", "CONFIG_YML")
+        }
+        self.env.update(
+            VOLUME_ROOT=str(self.volume),
+            COMFYUI_PATH=str(self.volume / "ComfyUI"),
+            DOWNLOAD_RETRY_BACKOFF="0.01",
+            HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",  # nothing listens: no real hub is ever reached
+            CIVITAI_BASE_URL=f"http://127.0.0.1:{free_port()}",
+            HF_HOME=str(tmp_path / "hf-home"),
+            PYTHONUNBUFFERED="1",
+        )
+
+    def write(self, models: list[dict]) -> None:
+        self.config.write_text(yaml.safe_dump({"models": models}))
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, str(SCRIPT), "--config", str(self.config), *args]
+
+    def run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*args), env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def lock(self) -> dict:
+        return yaml.safe_load((self.volume / "comfy.lock.yml").read_text())
+
+
+def sha_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def nginx_bytes(workdir: Path) -> int:
+    """Body bytes nginx sent, from its access log (combined format)."""
+    log = workdir / "access.log"
+    if not log.exists():
+        return 0
+    return sum(int(m) for m in re.findall(r'" \d{3} (\d+) "', log.read_text()))
+
+
+def saved_progress(part: Path) -> int:
+    """Bytes a parallel download has recorded as on disk in its .part.state."""
+    try:
+        return sum(json.loads(part.with_name(part.name + ".state").read_text())["done"])
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture
+def box(tmp_path):
+    return Box(tmp_path)
+
+
+@pytest.fixture
+def origin():
+    with FaultyOrigin() as o:
+        yield o
+
+
+@pytest.fixture
+def blob(tmp_path):
+    path = tmp_path / "src" / "model.safetensors"
+    sha = random_file(path, 5 * MiB + 321, seed=3)
+    return path, sha
+
+
+def test_validate_only_checks_the_config_without_downloading(box):
+    box.write([{"url": "https://example.org/a.safetensors", "destination": "checkpoints"}])
+    r = box.run("--validate-only")
+    assert r.returncode == 0 and "is valid (1 model(s)" in r.stdout
+    box.write([{"url": "https://example.org/a.safetensors", "destination": "../etc"}])
+    r = box.run("--validate-only")
+    assert r.returncode == 2 and "models[0] (https://example.org/a.safetensors): destination" in r.stderr
+    assert box.run().returncode == 2  # an invalid config never downloads
+
+
+def test_downloads_from_nginx_verifies_records_and_skips_next_time_without_network(box, tmp_path):
+    www = tmp_path / "www"
+    sha = random_file(www / "vae.safetensors", 3 * MiB, seed=4)
+    with NginxOrigin(www, tmp_path / "nginx") as ng:
+        box.write(
+            [
+                {"url": f"{ng.url}/vae.safetensors", "destination": "vae", "sha256": sha},
+                {"url": f"{ng.url}/vae.safetensors", "destination": "loras/wan", "filename": "copy.safetensors"},
+            ]
+        )
+        r = box.run()
+        assert r.returncode == 0, r.stderr
+    assert sha_of(box.models / "vae" / "vae.safetensors") == sha
+    assert sha_of(box.models / "loras" / "wan" / "copy.safetensors") == sha
+    assert sorted(p.name for p in box.models.rglob("*") if p.is_file() and ".locks" not in p.parts) == [
+        "copy.safetensors",
+        "vae.safetensors",
+    ]
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["name", "size", "source", "seconds", "MB/s", "status"]
+    assert "downloaded" in r.stdout
+    lock = box.lock()["models"]
+    assert {(e["destination"], e["filename"], e["sha256"], e["size"]) for e in lock} == {
+        ("vae", "vae.safetensors", sha, 3 * MiB),
+        ("loras/wan", "copy.safetensors", sha, 3 * MiB),
+    }
+    # nginx is gone: the recorded files are trusted by size, nothing is fetched
+    r = box.run()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("present") == 2
+
+
+def test_lock_file_models_section_is_shaped_like_a_config(box, origin, blob):
+    path, sha = blob
+    origin.add("/m.safetensors", file=path)
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints", "optional": True}])
+    assert box.run().returncode == 0
+    entries = box.lock()["models"]
+    assert entries == [
+        {
+            "url": f"{origin.url}/m.safetensors",
+            "destination": "checkpoints",
+            "filename": "m.safetensors",
+            "sha256": sha,
+            "size": path.stat().st_size,
+            "optional": True,
+        }
+    ]
+    # every key but `size` is a config key today; `size` needs the schema to accept it (see report)
+    cfg = WorkerConfig.model_validate({"models": [{k: v for k, v in e.items() if k != "size"} for e in entries]})
+    assert cfg.models[0].sha256 == sha
+
+
+def test_sigkill_mid_download_then_rerun_resumes_from_the_part(box, tmp_path):
+    www = tmp_path / "www"
+    size = 80 * MiB
+    sha = random_file(www / "unet.safetensors", size, seed=5)
+    workdir = tmp_path / "nginx"
+    with NginxOrigin(www, workdir, limit_rate="2m") as ng:
+        box.write([{"url": f"{ng.url}/limited/unet.safetensors", "destination": "unet"}])
+        part = box.models / "unet" / "unet.safetensors.part"
+        proc = subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and saved_progress(part) < 20 * MiB:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kept = saved_progress(part)
+        assert kept >= 20 * MiB
+        assert not (box.models / "unet" / "unet.safetensors").exists()
+        r = box.run()
+        assert r.returncode == 0, r.stderr
+    assert sha_of(box.models / "unet" / "unet.safetensors") == sha
+    assert f"resumed from {kept / MiB:.1f} MiB" in r.stderr
+    # over both runs nginx sent the file once, plus at most the unsaved tail of each killed connection
+    assert nginx_bytes(workdir) < size + 8 * MiB
+    assert not part.exists()
+
+
+def test_connection_dropped_at_40_percent_is_resumed(box, origin, blob):
+    path, sha = blob
+    size = path.stat().st_size
+    origin.add("/m.safetensors", file=path, drop_after=int(size * 0.4))
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints", "sha256": sha}])
+    r = box.run()
+    assert r.returncode == 0, r.stderr
+    assert sha_of(box.models / "checkpoints" / "m.safetensors") == sha
+    assert origin.sent("/m.safetensors") < size * 1.10
+
+
+def test_server_ignoring_range_gives_the_correct_file(box, origin, blob):
+    path, sha = blob
+    origin.add("/m.safetensors", file=path, ignore_range=True, drop_after=2 * MiB)
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints"}])
+    (box.models / "checkpoints").mkdir(parents=True)
+    (box.models / "checkpoints" / "m.safetensors.part").write_bytes(b"garbage" * 5000)
+    r = box.run()
+    assert r.returncode == 0, r.stderr
+    assert sha_of(box.models / "checkpoints" / "m.safetensors") == sha
+
+
+def test_sha256_mismatch_fails_and_leaves_no_file(box, origin, blob):
+    path, _ = blob
+    origin.add("/m.safetensors", file=path)
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints", "sha256": "ab" * 32}])
+    r = box.run()
+    assert r.returncode == 1
+    assert "sha256 mismatch" in r.stderr and "FAILED" in r.stdout
+    assert not list((box.models / "checkpoints").iterdir())
+    assert not (box.volume / "comfy.lock.yml").exists()
+
+
+def test_two_503s_then_success(box, origin, blob):
+    path, sha = blob
+    origin.add("/m.safetensors", file=path, fail_statuses=[503, 503])
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints"}])
+    r = box.run()
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("HTTP 503") == 2
+    assert [s.status for s in origin.seen("/m.safetensors")][:3] == [503, 503, 206]
+    assert sha_of(box.models / "checkpoints" / "m.safetensors") == sha
+
+
+def test_404_on_an_optional_entry_warns_and_exits_0_but_fails_a_required_one(box, origin, blob):
+    path, _ = blob
+    origin.add("/ok.safetensors", file=path)
+    box.write(
+        [
+            {"url": f"{origin.url}/ok.safetensors", "destination": "checkpoints"},
+            {"url": f"{origin.url}/gone.safetensors", "destination": "loras", "optional": True},
+        ]
+    )
+    r = box.run()
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"WARNING .*models\[1\] gone.safetensors .*404", r.stderr)
+    assert "failed (optional)" in r.stdout
+    box.write([{"url": f"{origin.url}/gone.safetensors", "destination": "loras"}])
+    r = box.run()
+    assert r.returncode == 1 and "ERROR" in r.stderr
+
+
+def test_two_processes_on_the_same_target_download_once(box, origin, blob):
+    path, sha = blob
+    size = path.stat().st_size
+    origin.add("/m.safetensors", file=path, rate=4 * MiB)  # about 1.3 s
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints", "filename": "m.safetensors"}])
+    procs = [
+        subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    stdout = [o[0] for o in outs]
+    assert sorted("downloaded" in s for s in stdout) == [False, True]
+    assert any("present" in s for s in stdout)
+    assert any("another process is downloading it" in o[1] for o in outs)
+    assert origin.sent("/m.safetensors") < size * 1.05
+    assert sha_of(box.models / "checkpoints" / "m.safetensors") == sha
+
+
+def test_tokens_reach_only_their_own_hosts(box, blob, tmp_path):
+    path, sha = blob
+    other = tmp_path / "src" / "other.bin"
+    random_file(other, 1000, seed=9)
+    with (
+        FaultyOrigin() as hub,
+        FaultyOrigin() as hf_cdn,
+        FaultyOrigin() as civitai,
+        FaultyOrigin() as civitai_cdn,
+        FaultyOrigin() as elsewhere,
+    ):
+        fake_huggingface(hub, hf_cdn, "org/repo", {"unet/model.safetensors": path})
+        fake_civitai(civitai, civitai_cdn, 77, [(1001, "civ_model.safetensors", path)])
+        elsewhere.add("/other.bin", file=other)
+        box.env.update(
+            HF_ENDPOINT=hub.url, CIVITAI_BASE_URL=civitai.url, HF_TOKEN=HF_TOKEN, CIVITAI_TOKEN=CIVITAI_TOKEN
+        )
+        box.write(
+            [
+                {"url": "https://huggingface.co/org/repo/resolve/main/unet/model.safetensors", "destination": "unet"},
+                {"url": "https://civitai.com/api/download/models/1001", "destination": "loras"},
+                {"url": "https://civitai.com/models/77", "destination": "checkpoints"},
+                {"url": f"{elsewhere.url}/other.bin", "destination": "misc"},
+            ]
+        )
+        r = box.run()
+        assert r.returncode == 0, r.stderr + r.stdout
+        # (huggingface_hub also fetches its own registry from the hub, without any token)
+        resolve = [s for s in hub.seen() if "/resolve/" in s.path]
+        assert resolve and all(s.headers.get("authorization") == f"Bearer {HF_TOKEN}" for s in resolve)
+        assert {s.headers.get("authorization") for s in hub.seen()} <= {f"Bearer {HF_TOKEN}", None}
+        assert {s.headers.get("authorization") for s in civitai.seen()} == {f"Bearer {CIVITAI_TOKEN}"}
+        for server in (hf_cdn, civitai_cdn, elsewhere):
+            assert server.seen()
+            assert all("authorization" not in s.headers for s in server.seen()), server.seen()
+            assert not any(HF_TOKEN in str(s) or CIVITAI_TOKEN in str(s) for s in server.seen())
+    for secret in (HF_TOKEN, CIVITAI_TOKEN):
+        assert secret not in r.stdout + r.stderr
+        assert secret not in (box.volume / "comfy.lock.yml").read_text()
+    assert sha_of(box.models / "loras" / "civ_model.safetensors") == sha
+    assert sha_of(box.models / "checkpoints" / "civ_model.safetensors") == sha
+
+
+def test_hugging_face_through_hf_endpoint_runs_huggingface_hub(box, blob):
+    path, sha = blob
+    with FaultyOrigin() as hub, FaultyOrigin() as cdn:
+        commit = fake_huggingface(hub, cdn, "org/repo", {"split files/model.safetensors": path})
+        box.env["HF_ENDPOINT"] = hub.url
+        box.write(
+            [
+                {
+                    "url": "https://huggingface.co/org/repo/blob/main/split%20files/model.safetensors",
+                    "destination": "unet",
+                }
+            ]
+        )
+        r = box.run()
+        assert r.returncode == 0, r.stderr
+        head = next(s for s in hub.seen() if "/resolve/" in s.path)
+    assert head.method == "HEAD" and head.path == "/org/repo/resolve/main/split%20files/model.safetensors"
+    assert "hf_hub/" in head.headers["user-agent"]  # the real huggingface_hub made the metadata call
+    assert commit
+    target = box.models / "unet" / "model.safetensors"
+    assert sha_of(target) == sha
+    assert "huggingface" in r.stdout
+    entry = box.lock()["models"][0]
+    assert entry["sha256"] == sha and entry["filename"] == "model.safetensors"
+
+
+def test_hugging_face_lfs_sha256_is_verified_even_without_one_in_the_config(box, blob, tmp_path):
+    path, _ = blob
+    impostor = tmp_path / "src" / "impostor.bin"
+    random_file(impostor, path.stat().st_size, seed=11)
+    with FaultyOrigin() as hub, FaultyOrigin() as cdn:
+        fake_huggingface(hub, cdn, "org/repo", {"model.safetensors": path})
+        cdn.routes[next(iter(cdn.routes))].file = impostor  # the CDN serves other bytes than the hub's sha256
+        box.env["HF_ENDPOINT"] = hub.url
+        box.write([{"url": "https://huggingface.co/org/repo/resolve/main/model.safetensors", "destination": "unet"}])
+        r = box.run()
+    assert r.returncode == 1 and "sha256 mismatch" in r.stderr
+    assert not (box.models / "unet" / "model.safetensors").exists()
+
+
+def test_civitai_model_page_with_version_id_uses_content_disposition_name(box, blob):
+    path, sha = blob
+    with FaultyOrigin() as civitai, FaultyOrigin() as cdn:
+        fake_civitai(civitai, cdn, 5, [(501, "Realistic Vision V6.safetensors", path)])
+        box.env["CIVITAI_BASE_URL"] = civitai.url
+        box.write([{"url": "https://civitai.com/models/5/realistic?modelVersionId=501", "destination": "checkpoints"}])
+        r = box.run()
+        assert r.returncode == 0, r.stderr
+        assert [s.path.split("?")[0] for s in civitai.seen()] == ["/api/download/models/501"]
+    assert sha_of(box.models / "checkpoints" / "Realistic Vision V6.safetensors") == sha
+
+
+def test_dry_run_shows_what_where_and_size_and_writes_nothing(box, origin, blob):
+    path, _ = blob
+    origin.add("/m.safetensors", file=path)
+    box.write(
+        [
+            {"url": f"{origin.url}/m.safetensors", "destination": "checkpoints"},
+            {"url": f"{origin.url}/m.safetensors", "destination": "vae", "filename": "v.safetensors"},
+        ]
+    )
+    r = box.run("--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "5.0 MiB" in r.stdout and "would download" not in r.stdout.splitlines()[0]
+    assert str(box.models / "vae" / "v.safetensors") in r.stdout
+    assert f"{origin.url}/m.safetensors" in r.stdout
+    assert {s.method for s in origin.seen()} == {"HEAD"}
+    assert not box.volume.exists()
+
+
+def test_only_selects_entries_and_rejects_unknown_names(box, origin, blob):
+    path, _ = blob
+    origin.add("/a.safetensors", file=path)
+    origin.add("/b.safetensors", file=path)
+    box.write(
+        [
+            {"url": f"{origin.url}/a.safetensors", "destination": "checkpoints"},
+            {"url": f"{origin.url}/b.safetensors", "destination": "checkpoints"},
+        ]
+    )
+    r = box.run("--only", "b.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in (box.models / "checkpoints").iterdir()] == ["b.safetensors"]
+    r = box.run("--only", "c.safetensors")
+    assert r.returncode == 2 and "no model entry named c.safetensors" in r.stderr
+
+
+def test_force_downloads_again_and_a_changed_file_is_replaced(box, origin, blob):
+    path, sha = blob
+    origin.add("/m.safetensors", file=path)
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints"}])
+    assert box.run().returncode == 0
+    target = box.models / "checkpoints" / "m.safetensors"
+    target.write_bytes(b"corrupted by hand")  # size no longer matches the record
+    r = box.run()
+    assert r.returncode == 0 and "downloaded" in r.stdout and sha_of(target) == sha
+    before = origin.sent("/m.safetensors")
+    r = box.run("--force")
+    assert r.returncode == 0 and "downloaded" in r.stdout
+    assert origin.sent("/m.safetensors") - before >= path.stat().st_size
+
+
+def test_not_enough_disk_space_fails_up_front(box, origin):
+    def huge(h, seen, head):
+        seen.status = 206
+        h.send_response(206)
+        h.send_header("Content-Range", "bytes 0-0/1000000000000000")
+        h.send_header("Content-Length", "1")
+        h.end_headers()
+        h.wfile.write(b"x")
+        return True
+
+    origin.add("/huge.safetensors", handler=huge)
+    box.write([{"url": f"{origin.url}/huge.safetensors", "destination": "checkpoints"}])
+    r = box.run()
+    assert r.returncode == 1 and "not enough disk space" in r.stderr
+    assert len(origin.seen()) == 1  # only the probe; not one byte of the body was requested

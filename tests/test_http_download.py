@@ -1,0 +1,192 @@
+"""http_download: resumable, verified downloads into a .part file, against real local servers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import pytest
+from support.origins import FaultyOrigin, NginxOrigin, random_file
+
+from http_download import (
+    ChecksumError,
+    Downloader,
+    DownloadError,
+    HttpStatusError,
+    MiB,
+    content_disposition_filename,
+    same_host,
+    state_path,
+    url_filename,
+)
+
+
+@pytest.fixture
+def origin():
+    with FaultyOrigin() as o:
+        yield o
+
+
+@pytest.fixture
+def blob(tmp_path):
+    path = tmp_path / "src" / "model.bin"
+    sha = random_file(path, 6 * MiB + 123, seed=1)
+    return path, sha
+
+
+def fast(**kw) -> Downloader:
+    kw.setdefault("backoff", 0.01)
+    return Downloader(**kw)
+
+
+def test_file_names_come_from_content_disposition_and_never_carry_a_path():
+    assert content_disposition_filename('attachment; filename="flux dev.safetensors"') == "flux dev.safetensors"
+    assert content_disposition_filename("attachment; filename*=UTF-8''caf%C3%A9.ckpt; filename=x") == "café.ckpt"
+    assert content_disposition_filename('attachment; filename="../../etc/passwd"') == "passwd"
+    assert content_disposition_filename('attachment; filename="C:\\models\\a.pt"') == "a.pt"
+    assert content_disposition_filename('attachment; filename="-rf"') is None
+    assert content_disposition_filename("inline") is None
+    assert url_filename("https://x.org/a/b/model%20v2.safetensors?download=1") == "model v2.safetensors"
+
+
+def test_same_host_compares_host_and_port():
+    assert same_host("https://huggingface.co/a", "https://huggingface.co:443/b")
+    assert not same_host("http://127.0.0.1:8000/a", "http://127.0.0.1:8001/a")
+    assert not same_host("https://cdn-lfs.hf.co/x", "https://huggingface.co")
+
+
+def test_connection_dropped_at_40_percent_resumes_without_refetching(origin, blob, tmp_path):
+    path, sha = blob
+    size = path.stat().st_size
+    origin.add("/m.bin", file=path, drop_after=int(size * 0.4))
+    part = tmp_path / "out" / "m.bin.part"
+    result = fast().fetch(f"{origin.url}/m.bin", part)
+    assert result.sha256 == sha and result.size == size
+    assert part.stat().st_size == size
+    gets = [s for s in origin.seen("/m.bin") if s.method == "GET"]
+    assert gets[-1].headers["range"] == f"bytes={int(size * 0.4)}-"
+    assert origin.sent("/m.bin") < size * 1.10  # less than 10 % fetched twice (the 1-byte probe included)
+
+
+def test_parallel_ranges_from_nginx_give_the_exact_file(tmp_path):
+    root = tmp_path / "www"
+    sha = random_file(root / "big.bin", 24 * MiB + 7, seed=2)
+    with NginxOrigin(root, tmp_path / "nginx") as ng:
+        part = tmp_path / "big.bin.part"
+        result = fast(connections=4, parallel_min_size=MiB, chunk_size=2 * MiB).fetch(f"{ng.url}/big.bin", part)
+        log = (tmp_path / "nginx" / "access.log").read_text()
+    assert result.sha256 == sha and result.connections == 4
+    assert hashlib.sha256(part.read_bytes()).hexdigest() == sha
+    assert log.count('" 206 ') >= 13  # probe + 13 chunks, every one a range request
+    assert not state_path(part).exists()
+
+
+def test_parallel_chunk_dropped_midway_resumes_that_chunk(origin, blob, tmp_path):
+    path, sha = blob
+    size = path.stat().st_size
+    origin.add("/m.bin", file=path, drop_after=3 * MiB + 5, drops=1)
+    part = tmp_path / "m.bin.part"
+    result = fast(connections=3, parallel_min_size=MiB, chunk_size=MiB).fetch(f"{origin.url}/m.bin", part)
+    assert result.sha256 == sha
+    assert origin.sent("/m.bin") < size * 1.10
+
+
+def test_interrupted_parallel_download_resumes_from_the_part_and_its_state(origin, blob, tmp_path):
+    path, sha = blob
+    size = path.stat().st_size
+    origin.add("/m.bin", file=path, rate=6 * MiB)
+    part = tmp_path / "m.bin.part"
+    stop = threading.Event()
+    dl = fast(connections=2, parallel_min_size=MiB, chunk_size=MiB)
+
+    def stop_halfway(done, total):
+        if done > size // 2:
+            stop.set()
+
+    with pytest.raises(DownloadError):
+        dl.fetch(f"{origin.url}/m.bin", part, progress=stop_halfway, stop=stop)
+    saved = json.loads(state_path(part).read_text())
+    on_disk = sum(saved["done"])
+    assert on_disk > size // 3
+    before = origin.sent("/m.bin")
+    origin.routes["/m.bin"].rate = None
+    result = dl.fetch(f"{origin.url}/m.bin", part)
+    assert result.sha256 == sha and result.resumed_from == on_disk
+    assert origin.sent("/m.bin") - before <= size - on_disk + 1
+
+
+def test_server_ignoring_range_restarts_cleanly(origin, blob, tmp_path):
+    path, sha = blob
+    origin.add("/m.bin", file=path, ignore_range=True)
+    part = tmp_path / "m.bin.part"
+    part.write_bytes(b"stale bytes from an older, different file" * 1000)
+    result = fast().fetch(f"{origin.url}/m.bin", part)
+    assert result.sha256 == sha
+    assert hashlib.sha256(part.read_bytes()).hexdigest() == sha
+
+
+def test_a_200_answer_to_a_resume_truncates_the_part_and_rehashes(origin, blob, tmp_path):
+    path, sha = blob
+    route = origin.add("/m.bin", file=path)
+    part = tmp_path / "m.bin.part"
+    part.write_bytes(b"x" * 1000)  # wrong bytes that a blind resume would keep
+    dl = fast()
+    probe = dl.probe(f"{origin.url}/m.bin")  # the server did ranges when probed ...
+    route.ignore_range = True  # ... and stops honouring them for the resume
+    result = dl.fetch(f"{origin.url}/m.bin", part, probe=probe)
+    assert result.sha256 == sha and result.resumed_from == 1000
+    assert part.read_bytes() == path.read_bytes()
+
+
+def test_sha256_mismatch_deletes_the_part(origin, blob, tmp_path):
+    path, _ = blob
+    origin.add("/m.bin", file=path)
+    part = tmp_path / "m.bin.part"
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        fast().fetch(f"{origin.url}/m.bin", part, expected_sha256="0" * 64)
+    assert not part.exists() and not state_path(part).exists()
+
+
+def test_wrong_size_fails(origin, blob, tmp_path):
+    path, _ = blob
+    origin.add("/m.bin", file=path)
+    with pytest.raises(DownloadError, match="bytes but 5 were expected"):
+        fast().fetch(f"{origin.url}/m.bin", tmp_path / "m.part", expected_size=5)
+
+
+def test_503s_and_429_are_retried_with_backoff(origin, blob, tmp_path):
+    path, sha = blob
+    origin.add("/m.bin", file=path, fail_statuses=[503, 429, 503])
+    result = fast(retries=5).fetch(f"{origin.url}/m.bin", tmp_path / "m.part")
+    assert result.sha256 == sha
+    assert [s.status for s in origin.seen("/m.bin")][:3] == [503, 429, 503]
+
+
+def test_retries_are_bounded(origin, blob, tmp_path):
+    path, _ = blob
+    origin.add("/m.bin", file=path, fail_statuses=[500] * 10)
+    with pytest.raises(DownloadError, match="gave up after 3 attempts: HTTP 500"):
+        fast(retries=3).fetch(f"{origin.url}/m.bin", tmp_path / "m.part")
+    assert len(origin.seen("/m.bin")) == 3
+
+
+def test_404_is_not_retried(origin, tmp_path):
+    with pytest.raises(HttpStatusError, match="404"):
+        fast(retries=5).fetch(f"{origin.url}/missing.bin", tmp_path / "m.part")
+    assert len(origin.seen("/missing.bin")) == 1
+
+
+def test_headers_for_each_redirect_hop_come_from_that_hop_only(blob, tmp_path):
+    path, sha = blob
+    with FaultyOrigin() as site, FaultyOrigin() as cdn:
+        cdn.add("/signed/m.bin", file=path)
+        site.add("/download/1", redirect=f"{cdn.url}/signed/m.bin?sig=abc")
+
+        def headers_for(url):
+            return {"Authorization": "Bearer site-secret"} if same_host(url, site.url) else {}
+
+        result = fast(headers_for=headers_for).fetch(f"{site.url}/download/1", tmp_path / "m.part")
+        assert result.sha256 == sha
+        assert all(s.headers.get("authorization") == "Bearer site-secret" for s in site.seen())
+        assert cdn.seen() and all("authorization" not in s.headers for s in cdn.seen())
