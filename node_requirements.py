@@ -86,6 +86,9 @@ def target_env(python: str | None) -> TargetEnv:
     path = os.path.abspath(found)
     if path == os.path.abspath(sys.executable):
         return TargetEnv(sys.executable, Path(sys.prefix))
+    venv = Path(path).parent.parent
+    if (venv / "pyvenv.cfg").is_file():  # a venv's sys.prefix is the folder holding pyvenv.cfg
+        return TargetEnv(path, venv)
     out = subprocess.run([path, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True)
     return TargetEnv(path, Path(out.stdout.strip()))
 

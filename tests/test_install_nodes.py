@@ -423,3 +423,40 @@ def test_real_comfyui_loads_an_installed_node(box, git_repos, comfyui_factory):
     comfy.start()
     info = comfy.get_json("/object_info/WorkerInstalledNodeClass")
     assert info["WorkerInstalledNodeClass"]["category"] == "comfy-worker-tests"
+
+
+def test_force_reinstalls_requirements_and_keeps_the_checkout(box, git_repos):
+    repo = git_repos.create("NeedsPkg", node_source("NeedsPkgClass", "tinypkg==1.0\n")).push()
+    assert box.run([{"url": repo.url}])[0] == 0
+    subprocess.run(
+        [str(install_nodes_uv()), "pip", "uninstall", "-q", "--python", str(box.python), "tinypkg"], check=True
+    )
+    rc, out = box.run([{"url": repo.url}])
+    assert rc == 0 and installed_version(box.python, "tinypkg") is None  # the record says present: trusted
+    rc, out = box.run([{"url": repo.url}], "--force")
+    assert rc == 0 and " keep " in out and installed_version(box.python, "tinypkg") == "1.0"
+
+
+def test_leftovers_of_a_crashed_clone_are_never_taken_for_a_node(box, node_repo):
+    repo, c = node_repo
+    partial = box.custom_nodes / ".MyNode.partial-deadbeef.disabled"
+    (partial / ".git").mkdir(parents=True)
+    rc, out = box.run([{"url": repo.url}])
+    assert rc == 0 and " clone " in out, out
+    assert not partial.exists() and box.head("MyNode") == c["v1.10.0"]
+
+
+def test_changing_the_url_of_an_installed_node_moves_it_to_the_new_remote(box, node_repo, git_repos):
+    repo, c = node_repo
+    assert box.run([{"url": repo.url, "name": "N"}])[0] == 0
+    fork = git_repos.create("MyNodeFork", node_source("ForkClass"))
+    fork_head = fork.commit({"fork.txt": "fork"})
+    fork.push()
+    rc, out = box.run([{"url": fork.url, "name": "N", "version": "nightly"}])
+    assert rc == 0 and "origin changed" in out, out
+    assert box.head("N") == fork_head
+    assert git.Repo(box.custom_nodes / "N").remotes.origin.url == fork.url
+
+
+def install_nodes_uv() -> Path:
+    return Path(sys.executable).parent / "uv"
