@@ -270,7 +270,7 @@ def same_url(a: str, b: str) -> bool:
 def _git_error(err: Exception) -> str:
     stderr = getattr(err, "stderr", "") or ""
     lines = [ln.strip() for ln in str(stderr).replace("stderr:", "").strip().strip("'").splitlines() if ln.strip()]
-    return " / ".join(lines[-3:]) if lines else str(err)
+    return " / ".join(lines[-5:]) if lines else str(err)
 
 
 def open_repo(work: Path) -> Repo:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -265,7 +266,12 @@ def install_requirements(results: list[NodeResult], settings: Settings, ctx: Con
             r.requirements = "none"
     if not wanted:
         return
-    env = nr.target_env(settings.python)
+    try:
+        env = nr.target_env(settings.python)
+    except RuntimeError as err:
+        for r, _ in wanted:
+            r.requirements, r.error = "FAILED", f"{r.label}: requirements not installed: {err}"
+        return
     record = nr.read_record(env)
     todo = []
     for r, node in wanted:
@@ -280,7 +286,10 @@ def install_requirements(results: list[NodeResult], settings: Settings, ctx: Con
     if not todo:
         return
     nr.write_record(env, {}, forget=[nr.record_key(n.path) for _, n in todo])  # claim nothing until done
-    outcome = nr.install([n for _, n in todo], env, settings.nodes_installer, settings.install_py_timeout)
+    try:
+        outcome = nr.install([n for _, n in todo], env, settings.nodes_installer, settings.install_py_timeout)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        outcome = {n.label: f"{n.label}: requirements not installed: {err}" for _, n in todo}
     done = {}
     for r, node in todo:
         error = outcome.get(node.label)

@@ -89,7 +89,12 @@ def target_env(python: str | None) -> TargetEnv:
     venv = Path(path).parent.parent
     if (venv / "pyvenv.cfg").is_file():  # a venv's sys.prefix is the folder holding pyvenv.cfg
         return TargetEnv(path, venv)
-    out = subprocess.run([path, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True)
+    try:
+        out = subprocess.run([path, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(
+            f"cannot run the python {python!r} (env PYTHON): {err}; point PYTHON at ComfyUI's python"
+        ) from None
     return TargetEnv(path, Path(out.stdout.strip()))
 
 

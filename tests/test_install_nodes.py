@@ -460,3 +460,11 @@ def test_changing_the_url_of_an_installed_node_moves_it_to_the_new_remote(box, n
 
 def install_nodes_uv() -> Path:
     return Path(sys.executable).parent / "uv"
+
+
+def test_a_python_that_cannot_run_fails_the_requirements_by_name(box, git_repos, monkeypatch, tmp_path):
+    repo = git_repos.create("NeedsPkg", node_source("NeedsPkgClass", "tinypkg==1.0\n")).push()
+    monkeypatch.setenv("PYTHON", str(tmp_path / "no-python"))
+    rc, out = box.run([{"url": repo.url}])
+    assert rc == 1 and "nodes[0] NeedsPkg: requirements not installed: cannot run the python" in out
+    assert box.head("NeedsPkg") is not None  # the checkout itself is done
