@@ -133,3 +133,4 @@ def test_lock_file_sections_survive_concurrent_writers(tmp_path):
     assert set(data) == {"comfyui", "models", "nodes"}
     assert yaml.safe_load(path.read_text()) == data
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".comfy.lock.yml.*"))
+    assert path.stat().st_mode & 0o777 == 0o644
