@@ -1,0 +1,195 @@
+"""Async client for one ComfyUI server: HTTP (aiohttp, one pooled session per event loop), the websocket
+(``websockets``), readiness and whether the ComfyUI process is still alive (its PID file)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from websockets.asyncio.client import ClientConnection, connect
+
+from job_errors import JobError
+
+log = logging.getLogger("comfy_client")
+
+_sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+
+
+def shared_session() -> aiohttp.ClientSession:
+    """One keep-alive session per event loop, so jobs do not pay a TCP connect per request."""
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(loop)
+    if session is None or session.closed:
+        for old in [k for k in _sessions if k.is_closed()]:
+            del _sessions[old]
+        session = aiohttp.ClientSession(timeout=HTTP_TIMEOUT, connector=aiohttp.TCPConnector(limit=32))
+        _sessions[loop] = session
+    return session
+
+
+async def close_shared_session() -> None:
+    session = _sessions.pop(asyncio.get_running_loop(), None)
+    if session is not None:
+        await session.close()
+
+
+def process_state(pid_file: Path) -> tuple[bool | None, int | None]:
+    """(alive, pid) of the process named in ``pid_file``; alive is None when there is no usable PID file.
+
+    A zombie (killed, not yet reaped by its parent) counts as dead.
+    """
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+    except (OSError, ValueError):
+        return None, None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"), pid
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, pid
+    except PermissionError:
+        return True, pid
+    return True, pid
+
+
+def log_tail(log_file: Path, lines: int = 30, max_chars: int = 4000) -> str:
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])[-max_chars:]
+
+
+class ComfyClient:
+    """HTTP + websocket access to ComfyUI at ``host`` (``127.0.0.1:8188``)."""
+
+    def __init__(self, host: str, pid_file: Path, log_file: Path):
+        self.host = host
+        self.base = f"http://{host}"
+        self.pid_file = Path(pid_file)
+        self.log_file = Path(log_file)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return shared_session()
+
+    # --- process and readiness -------------------------------------------------------------------
+    def died_error(self, during: str) -> JobError:
+        alive, pid = process_state(self.pid_file)
+        tail = log_tail(self.log_file)
+        return JobError(
+            f"ComfyUI (process {pid}) is no longer running ({during}); this worker will be replaced.",
+            {"pid": pid, "pid_file": str(self.pid_file), "comfyui_log_tail": tail},
+            refresh_worker=True,
+        )
+
+    def check_alive(self, during: str) -> None:
+        """Raise at once if the PID file names a process that is gone."""
+        alive, _ = process_state(self.pid_file)
+        if alive is False:
+            raise self.died_error(during)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until ComfyUI answers HTTP; fail at once if its process is gone."""
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            self.check_alive("while waiting for it to start")
+            try:
+                async with self.session.get(
+                    f"{self.base}/system_stats", timeout=aiohttp.ClientTimeout(total=5)
+                ) as resp:
+                    if resp.status == 200:
+                        await resp.read()
+                        return
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                pass
+            attempt += 1
+            if attempt == 1:
+                log.info("Waiting for ComfyUI at %s", self.host)
+            if time.monotonic() >= deadline:
+                raise JobError(
+                    f"ComfyUI at {self.host} did not answer within {timeout:g} s; check that it started "
+                    "(its log) and COMFY_HOST.",
+                    {"host": self.host, "comfyui_log_tail": log_tail(self.log_file)},
+                    refresh_worker=True,
+                )
+            await asyncio.sleep(0.2)
+
+    # --- websocket -------------------------------------------------------------------------------
+    async def open_ws(self, client_id: str) -> ClientConnection:
+        return await connect(
+            f"ws://{self.host}/ws?clientId={client_id}",
+            max_size=None,
+            compression=None,
+            open_timeout=10,
+            ping_interval=20,
+            ping_timeout=60,
+        )
+
+    # --- HTTP ------------------------------------------------------------------------------------
+    async def queue_prompt(self, workflow: dict, prompt_id: str, client_id: str, extra_data: dict) -> dict:
+        """POST /prompt. Returns ComfyUI's answer; a rejected prompt returns ``{"rejected": body}``."""
+        body: dict[str, Any] = {"prompt": workflow, "client_id": client_id, "prompt_id": prompt_id}
+        if extra_data:
+            body["extra_data"] = extra_data
+        async with self.session.post(f"{self.base}/prompt", json=body) as resp:
+            text = await resp.text()
+            try:
+                data = json.loads(text)
+            except ValueError:
+                data = {"raw": text[:2000]}
+            if resp.status == 200:
+                return data
+            if resp.status == 400:
+                return {"rejected": data}
+            raise JobError(
+                f"ComfyUI answered HTTP {resp.status} when the workflow was queued.",
+                {"status": resp.status, "body": data},
+            )
+
+    async def upload_input(self, name: str, data: bytes) -> dict:
+        form = aiohttp.FormData()
+        form.add_field("image", data, filename=name, content_type="application/octet-stream")
+        form.add_field("overwrite", "true")
+        async with self.session.post(f"{self.base}/upload/image", data=form) as resp:
+            if resp.status != 200:
+                raise JobError(
+                    f"ComfyUI refused the upload of {name!r} (HTTP {resp.status}).",
+                    {"name": name, "status": resp.status, "body": (await resp.text())[:500]},
+                )
+            return await resp.json()
+
+    async def history(self, prompt_id: str) -> dict | None:
+        async with self.session.get(f"{self.base}/history/{prompt_id}") as resp:
+            resp.raise_for_status()
+            return (await resp.json()).get(prompt_id)
+
+    async def view(self, filename: str, subfolder: str, type_: str) -> bytes:
+        params = {"filename": filename, "subfolder": subfolder, "type": type_}
+        async with self.session.get(f"{self.base}/view", params=params) as resp:
+            resp.raise_for_status()
+            return await resp.read()
+
+    async def interrupt(self, prompt_id: str) -> None:
+        async with self.session.post(f"{self.base}/interrupt", json={"prompt_id": prompt_id}) as resp:
+            await resp.read()
+
+    async def delete_queued(self, prompt_id: str) -> None:
+        async with self.session.post(f"{self.base}/queue", json={"delete": [prompt_id]}) as resp:
+            await resp.read()

@@ -1,0 +1,236 @@
+"""RunPod serverless handler: runs a ComfyUI API-format workflow and returns its outputs (SPEC §7, §8).
+
+``python handler.py`` starts the RunPod worker loop; ``python handler.py --rp_serve_api --rp_api_port P``
+the SDK's local API (``/run``, ``/runsync``, ``/status``). Concurrency: env ``MAX_CONCURRENCY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import runpod
+
+import outputs
+from comfy_client import ComfyClient, shared_session
+from job_errors import JobError
+from job_input import ImageInput, JobInput, apply_overrides, parse_job_input, rename_references
+from log_setup import reset_job_id, set_job_id, setup_logging
+from prompt_runner import PromptRunner
+from s3_upload import S3Uploader
+from settings import Settings
+
+log = logging.getLogger("handler")
+# The RunPod SDK calls logging.basicConfig() at import; keep one log format (log_setup's) instead.
+logging.getLogger().handlers = [h for h in logging.getLogger().handlers if getattr(h, "_comfy_worker", False)]
+
+PROGRESS_INTERVAL_S = 0.5  # at most 2 progress updates a second
+JOB_MARK_INPUT = "comfy_worker_job"
+_s3_cache: dict[tuple, S3Uploader] = {}
+
+
+class ProgressThrottle:
+    """Forwards progress events to RunPod, at most one per ``interval`` seconds (the rest are dropped)."""
+
+    def __init__(self, job: dict, interval: float = PROGRESS_INTERVAL_S, send=None):
+        self.job = {"id": job.get("id")}
+        self.interval = interval
+        self.send = send or runpod.serverless.progress_update
+        self.last = float("-inf")
+
+    def __call__(self, event: dict) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            self.send(self.job, event)
+
+
+def mark_outputs_unique(workflow: dict, token: str) -> None:
+    """Give every sink node (whose outputs no other node uses) an extra input unique to this job.
+
+    ComfyUI ignores inputs a node does not declare, but they are part of its cache key: so save nodes
+    really run (and write files this job owns) even when an identical workflow ran before, while
+    everything upstream (model loaders...) stays cached.
+    """
+    used = {
+        str(v[0])
+        for node in workflow.values()
+        for v in (node.get("inputs") or {}).values()
+        if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int)
+    }
+    for node_id, node in workflow.items():
+        if node_id not in used:
+            node.setdefault("inputs", {})[JOB_MARK_INPUT] = token
+
+
+def stored_name(name: str, token: str) -> str:
+    path = Path(name)
+    return f"{path.stem}-{token}{path.suffix}"
+
+
+async def _fetch(image: ImageInput) -> bytes:
+    try:
+        async with shared_session().get(image.url, timeout=aiohttp.ClientTimeout(total=120)) as resp:
+            if resp.status != 200:
+                raise JobError(
+                    f"Could not download image {image.name!r}: {image.url} answered HTTP {resp.status}.",
+                    {"name": image.name, "url": image.url, "status": resp.status},
+                )
+            return await resp.read()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise JobError(
+            f"Could not download image {image.name!r} from {image.url}: {exc or type(exc).__name__}.",
+            {"name": image.name, "url": image.url},
+        ) from None
+
+
+async def upload_images(client: ComfyClient, images: list[ImageInput], token: str, uploaded: list[str]) -> dict:
+    """Upload every job image under a name unique to this job; returns {given name: stored name}."""
+
+    async def one(image: ImageInput) -> tuple[str, str]:
+        data = image.data if image.data is not None else await _fetch(image)
+        name = stored_name(image.name, token)
+        uploaded.append(name)
+        answer = await client.upload_input(name, data)
+        stored = answer.get("name", name)
+        if stored != name:
+            uploaded.append(stored)
+        return image.name, stored
+
+    return dict(await asyncio.gather(*(one(i) for i in images)))
+
+
+def _s3(settings: Settings) -> S3Uploader | None:
+    if not settings.bucket_endpoint_url:
+        return None
+    key = (
+        settings.bucket_endpoint_url,
+        settings.bucket_name,
+        settings.bucket_region,
+        settings.bucket_prefix,
+        settings.s3_url_expires,
+        settings.bucket_access_key_id,
+        settings.bucket_secret_access_key,
+    )
+    if key not in _s3_cache:
+        _s3_cache[key] = S3Uploader(settings)
+    return _s3_cache[key]
+
+
+async def run_job(job: dict, settings: Settings) -> dict:
+    started = time.monotonic()
+    job_id = str(job.get("id") or uuid.uuid4())
+    request: JobInput = parse_job_input(job.get("input"))
+    workflow = request.workflow
+    apply_overrides(workflow, request.overrides)
+    client = ComfyClient(settings.comfy_host, settings.comfy_pid_file, settings.comfy_log_file)
+    api_key = request.comfy_org_api_key or settings.comfy_org_api_key
+    runner = PromptRunner(
+        client,
+        workflow,
+        timeout=request.timeout or settings.job_timeout,
+        ready_timeout=settings.comfy_ready_timeout,
+        extra_data={"api_key_comfy_org": api_key} if api_key else None,
+        on_progress=ProgressThrottle(job) if settings.on_runpod else None,
+    )
+    token = uuid.uuid4().hex[:12]
+    uploaded: list[str] = []
+    files: list[outputs.OutputFile] = []
+    try:
+        await runner.open()
+        if request.images:
+            rename_references(workflow, await upload_images(client, request.images, token, uploaded))
+        mark_outputs_unique(workflow, token)
+        try:
+            result = await runner.run()
+        finally:
+            files, texts = outputs.collect(runner.result.outputs)
+        delivery_start = time.monotonic()
+        images_out, files_out, errors = await outputs.deliver(
+            files,
+            client=client,
+            comfyui_path=settings.comfyui_path,
+            job_id=job_id,
+            s3=_s3(settings),
+            max_response_mb=settings.max_response_mb,
+        )
+        if not images_out and not files_out and not texts and not errors:
+            errors.append("The workflow finished but produced no output files or text (does it have a save node?).")
+        done = time.monotonic()
+        log.info("Done: %d image(s), %d file(s), %d text(s)", len(images_out), len(files_out), len(texts))
+        return {
+            "images": images_out,
+            "files": files_out,
+            "text": texts,
+            "errors": errors,
+            "prompt_id": result.prompt_id,
+            "timings": {
+                "queue_ms": result.queue_ms,
+                "execution_ms": result.execution_ms,
+                "delivery_ms": round((done - delivery_start) * 1000),
+                "total_ms": round((done - started) * 1000),
+            },
+        }
+    finally:
+        await runner.close()
+        outputs.cleanup(files, settings.comfyui_path, uploaded)
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+async def handler(job: dict) -> dict:
+    """RunPod entry point: ``job["input"]`` as in SPEC §7; returns the output or ``{"error", "details"}``."""
+    settings = Settings.from_env()
+    token = set_job_id(str(job.get("id", "")) or None)
+    try:
+        try:
+            result = await run_job(job, settings)
+        except JobError as exc:
+            log.error("Job failed: %s", exc.message)
+            result = exc.to_output()
+        except Exception as exc:  # a bug must still give the caller a readable answer
+            log.exception("Unexpected error")
+            result = {
+                "error": f"The handler failed unexpectedly: {type(exc).__name__}: {exc}",
+                "details": {"exception_type": type(exc).__name__},
+            }
+        if "error" in result:
+            secrets = settings.secrets()
+            result["error"] = _redact(result["error"], secrets)
+            result["details"] = _redact_obj(result["details"], secrets)
+        if settings.refresh_worker:
+            result["refresh_worker"] = True
+        return result
+    finally:
+        reset_job_id(token)
+
+
+def _redact_obj(value, secrets: list[str]):
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        return _redact(value, secrets)
+    if isinstance(value, list):
+        return [_redact_obj(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {k: _redact_obj(v, secrets) for k, v in value.items()}
+    return value
+
+
+def main() -> None:
+    setup_logging()
+    settings = Settings.from_env()
+    log.info("Starting the RunPod handler (ComfyUI at %s, concurrency %d)", settings.comfy_host, settings.concurrency)
+    runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda _current: settings.concurrency})
+
+
+if __name__ == "__main__":
+    main()

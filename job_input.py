@@ -1,0 +1,278 @@
+"""Validation of a RunPod job's ``input`` and the workflow edits it asks for (SPEC §7).
+
+Every problem becomes a ``JobError`` with one readable sentence that names the culprit and the fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from job_errors import JobError
+
+KNOWN_KEYS = ("workflow", "images", "overrides", "timeout", "comfy_org_api_key")
+_DATA_URI = re.compile(r"^data:[^;,]*(;[^,]*)?,", re.IGNORECASE)
+
+
+@dataclass
+class ImageInput:
+    name: str
+    data: bytes | None = None  # decoded base64
+    url: str | None = None
+
+
+@dataclass
+class JobInput:
+    workflow: dict[str, Any]
+    images: list[ImageInput] = field(default_factory=list)
+    overrides: list[dict[str, Any]] = field(default_factory=list)
+    timeout: float | None = None
+    comfy_org_api_key: str | None = field(default=None, repr=False)
+
+
+def parse_job_input(raw: Any) -> JobInput:
+    """Check the shape of ``job["input"]`` and return it typed; the workflow is a deep copy."""
+    if not isinstance(raw, dict):
+        raise JobError(f"The job input must be a JSON object with a 'workflow' key, got {type(raw).__name__}.")
+    unknown = sorted(set(raw) - set(KNOWN_KEYS))
+    if unknown:
+        raise JobError(
+            f"Unknown input key(s) {', '.join(map(repr, unknown))}; allowed keys are {', '.join(KNOWN_KEYS)}.",
+            {"unknown_keys": unknown},
+        )
+    workflow = _check_workflow(raw.get("workflow"))
+    images = _check_images(raw.get("images"))
+    overrides = _check_overrides(raw.get("overrides"))
+    timeout = raw.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+        raise JobError(f"'timeout' must be a positive number of seconds, got {timeout!r}.")
+    key = raw.get("comfy_org_api_key")
+    if key is not None and (not isinstance(key, str) or not key.strip()):
+        raise JobError("'comfy_org_api_key' must be a non-empty string.")
+    return JobInput(workflow, images, overrides, float(timeout) if timeout is not None else None, key)
+
+
+def _check_workflow(workflow: Any) -> dict[str, Any]:
+    if workflow is None:
+        raise JobError("The job input has no 'workflow': send a ComfyUI API-format workflow under input.workflow.")
+    if not isinstance(workflow, dict):
+        raise JobError(f"'workflow' must be a JSON object (ComfyUI API format), got {type(workflow).__name__}.")
+    if "nodes" in workflow and "links" in workflow:
+        raise JobError(
+            "The workflow is in ComfyUI's UI format; export it in API format with Workflow > Export (API) "
+            "and send that JSON as input.workflow.",
+            {"format": "ui"},
+        )
+    if not workflow:
+        raise JobError("'workflow' is empty: it must contain at least one node.")
+    bad = [str(k) for k, v in workflow.items() if not isinstance(v, dict) or not isinstance(v.get("class_type"), str)]
+    if bad:
+        raise JobError(
+            f"Workflow node(s) {', '.join(bad[:10])} have no 'class_type'; is this an API-format workflow "
+            "(Workflow > Export (API))?",
+            {"nodes_without_class_type": bad},
+        )
+    no_inputs = [k for k, v in workflow.items() if not isinstance(v.get("inputs", {}), dict)]
+    if no_inputs:
+        raise JobError(f"Workflow node(s) {', '.join(no_inputs[:10])} have 'inputs' that is not an object.")
+    return copy.deepcopy(workflow)
+
+
+def check_file_name(name: Any, what: str = "image name") -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise JobError(f"Every image needs a non-empty 'name' (a plain file name such as input.png), got {name!r}.")
+    if "/" in name or "\\" in name or ".." in name or any(ord(c) < 32 for c in name) or len(name) > 200:
+        raise JobError(
+            f"The {what} {name!r} is not a plain file name: use a name without '/', '\\' or '..' "
+            "(for example input.png).",
+            {"name": name},
+        )
+    return name
+
+
+def decode_base64(text: str, name: str) -> bytes:
+    """Decode base64 (standard or URL-safe, padding optional, data-URI prefix allowed)."""
+    payload = _DATA_URI.sub("", text.strip(), count=1)
+    payload = re.sub(r"\s+", "", payload)
+    payload += "=" * (-len(payload) % 4)
+    try:
+        if "-" in payload or "_" in payload:
+            data = base64.b64decode(payload, altchars=b"-_", validate=True)
+        else:
+            data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise JobError(
+            f"The image {name!r} is not valid base64: send the file's bytes base64-encoded "
+            "(a data:image/png;base64, prefix is allowed) or give a 'url' instead.",
+            {"name": name},
+        ) from None
+    if not data:
+        raise JobError(f"The image {name!r} is empty.", {"name": name})
+    return data
+
+
+def _check_images(images: Any) -> list[ImageInput]:
+    if images is None:
+        return []
+    if not isinstance(images, list):
+        raise JobError("'images' must be a list of {name, image} or {name, url} objects.")
+    result: list[ImageInput] = []
+    seen: set[str] = set()
+    for i, item in enumerate(images):
+        if not isinstance(item, dict):
+            raise JobError(f"images[{i}] must be an object with 'name' and 'image' (base64) or 'url'.")
+        name = check_file_name(item.get("name"))
+        if name in seen:
+            raise JobError(f"The image name {name!r} appears more than once; image names must be unique.")
+        seen.add(name)
+        extra = sorted(set(item) - {"name", "image", "url"})
+        if extra:
+            raise JobError(f"images[{i}] ({name}) has unknown key(s) {', '.join(extra)}; use 'image' or 'url'.")
+        has_image, has_url = item.get("image") is not None, item.get("url") is not None
+        if has_image == has_url:
+            raise JobError(f"The image {name!r} needs exactly one of 'image' (base64) or 'url'.")
+        if has_url:
+            url = item["url"]
+            if not isinstance(url, str) or not re.match(r"^https?://", url, re.IGNORECASE):
+                raise JobError(f"The image {name!r} has url {url!r}; only http:// and https:// URLs are supported.")
+            result.append(ImageInput(name, url=url))
+        else:
+            if not isinstance(item["image"], str):
+                raise JobError(f"The image {name!r} must be a base64 string.")
+            result.append(ImageInput(name, data=decode_base64(item["image"], name)))
+    return result
+
+
+def _check_overrides(overrides: Any) -> list[dict[str, Any]]:
+    if overrides is None:
+        return []
+    if not isinstance(overrides, list):
+        raise JobError("'overrides' must be a list of {node_id | title, field, value} objects.")
+    for i, o in enumerate(overrides):
+        if not isinstance(o, dict):
+            raise JobError(f"overrides[{i}] must be an object with node_id or title, field and value.")
+        if ("node_id" in o) == ("title" in o):
+            raise JobError(f"overrides[{i}] needs exactly one of 'node_id' or 'title'.")
+        if not isinstance(o.get("field"), str) or not o["field"].strip():
+            raise JobError(
+                f"overrides[{i}] needs a 'field', a dot path such as inputs.text or inputs.loras.0.strength."
+            )
+        if "value" not in o:
+            raise JobError(f"overrides[{i}] ({o['field']}) has no 'value'.")
+        extra = sorted(set(o) - {"node_id", "title", "field", "value"})
+        if extra:
+            raise JobError(f"overrides[{i}] has unknown key(s) {', '.join(extra)}.")
+    return overrides
+
+
+def _node_label(workflow: dict, node_id: str) -> str:
+    node = workflow[node_id]
+    title = (node.get("_meta") or {}).get("title")
+    return f"{node_id} ({node['class_type']}{', ' + repr(title) if title else ''})"
+
+
+def _target_nodes(workflow: dict, override: dict, index: int) -> list[str]:
+    if "node_id" in override:
+        node_id = str(override["node_id"])
+        if node_id not in workflow:
+            valid = [_node_label(workflow, k) for k in workflow]
+            raise JobError(
+                f"overrides[{index}]: the workflow has no node {node_id!r}; valid node ids are {', '.join(valid)}.",
+                {"override": index, "node_id": node_id, "valid_node_ids": list(workflow)},
+            )
+        return [node_id]
+    title = override["title"]
+    matches = [k for k, v in workflow.items() if (v.get("_meta") or {}).get("title") == title]
+    if not matches:
+        titles = sorted({t for v in workflow.values() if (t := (v.get("_meta") or {}).get("title"))})
+        raise JobError(
+            f"overrides[{index}]: no node has the title {title!r}; valid titles are "
+            f"{', '.join(map(repr, titles)) or '(none: the workflow has no _meta.title)'}.",
+            {"override": index, "title": title, "valid_titles": titles},
+        )
+    if len(matches) > 1:
+        raise JobError(
+            f"overrides[{index}]: the title {title!r} matches nodes {', '.join(matches)}; use 'node_id' to pick one.",
+            {"override": index, "title": title, "matching_node_ids": matches},
+        )
+    return matches
+
+
+def _set_path(node: dict, path: str, value: Any, where: str) -> None:
+    parts = path.split(".")
+    target: Any = node
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        walked = ".".join(parts[:depth]) or "the node"
+        if isinstance(target, dict):
+            # a new key is fine inside the node (an optional input absent from the export), not on the node
+            if last and (depth > 0 or part in target):
+                target[part] = value
+                return
+            if part not in target:
+                hint = ""
+                if depth == 0 and part in (node.get("inputs") or {}):
+                    hint = f" (did you mean inputs.{path}?)"
+                raise JobError(
+                    f"{where}: {walked} has no key {part!r}{hint}; it has {', '.join(map(repr, target)) or 'no keys'}.",
+                    {"field": path, "missing": part, "available": list(target)},
+                )
+            target = target[part]
+        elif isinstance(target, list):
+            if not re.fullmatch(r"-?\d+", part) or not -len(target) <= int(part) < len(target):
+                raise JobError(
+                    f"{where}: {walked} is a list of {len(target)} item(s), so {part!r} is not a valid index.",
+                    {"field": path, "missing": part, "length": len(target)},
+                )
+            if last:
+                target[int(part)] = value
+                return
+            target = target[int(part)]
+        else:
+            raise JobError(
+                f"{where}: {walked} is a {type(target).__name__} value, not an object or list, so it has no {part!r}.",
+                {"field": path, "missing": part},
+            )
+
+
+def apply_overrides(workflow: dict[str, Any], overrides: list[dict[str, Any]]) -> None:
+    """Apply ``overrides`` in place (the workflow is the job's own copy)."""
+    for i, override in enumerate(overrides):
+        for node_id in _target_nodes(workflow, override, i):
+            where = f"overrides[{i}] on node {_node_label(workflow, node_id)}"
+            _set_path(workflow[node_id], override["field"], override["value"], where)
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def rename_references(workflow: dict[str, Any], renames: dict[str, str]) -> int:
+    """Replace string input values equal to an uploaded name (or ``name [input]``) by the stored name.
+
+    Returns the number of replaced values. Links (``["node", 0]``) are never touched.
+    """
+    lookup = dict(renames)
+    lookup.update({f"{old} [input]": f"{new} [input]" for old, new in renames.items()})
+    count = 0
+
+    def walk(value: Any) -> Any:
+        nonlocal count
+        if isinstance(value, str) and value in lookup:
+            count += 1
+            return lookup[value]
+        if isinstance(value, list) and not _is_link(value):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        return value
+
+    for node in workflow.values():
+        inputs = node.get("inputs")
+        if isinstance(inputs, dict):
+            node["inputs"] = {k: walk(v) for k, v in inputs.items()}
+    return count

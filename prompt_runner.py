@@ -1,0 +1,350 @@
+"""Runs one API-format workflow on ComfyUI and follows it over the websocket until it ends.
+
+The websocket is opened before the prompt is queued (the prompt id is chosen here, so no message can
+be missed). A dropped socket is reopened and ``/history`` consulted; a dead ComfyUI process ends the
+job at once; on timeout the prompt is removed from the queue / interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from comfy_client import ComfyClient
+from job_errors import JobError
+
+log = logging.getLogger("prompt_runner")
+
+RECONNECT_GIVE_UP_S = 30.0
+INTERRUPT_GRACE_S = 10.0
+_WS_ERRORS = (ConnectionClosed, InvalidHandshake, OSError, asyncio.TimeoutError)
+
+
+@dataclass
+class RunResult:
+    prompt_id: str
+    outputs: dict[str, dict] = field(default_factory=dict)  # node id -> ComfyUI "ui" output
+    queue_ms: int = 0
+    execution_ms: int = 0
+
+
+def _options(input_config: Any) -> list | None:
+    """The allowed values from a ComfyUI input config: ``[[...], {}]`` or ``["COMBO", {"options": [...]}]``."""
+    if not isinstance(input_config, list) or not input_config:
+        return None
+    if isinstance(input_config[0], list):
+        return input_config[0]
+    if len(input_config) > 1 and isinstance(input_config[1], dict) and isinstance(input_config[1].get("options"), list):
+        return input_config[1]["options"]
+    return None
+
+
+def _short_list(values: list, limit: int = 10) -> str:
+    if not values:
+        return "none are installed"
+    shown = ", ".join(map(repr, values[:limit]))
+    return f"available: {shown}" + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def rejection_error(body: dict, workflow: dict) -> JobError:
+    """A readable error for ComfyUI's HTTP 400 answer to ``POST /prompt`` (validation failure)."""
+    error = body.get("error") if isinstance(body.get("error"), dict) else {"message": str(body.get("error", body))}
+    node_errors = body.get("node_errors") or {}
+    problems = []
+    for node_id, entry in node_errors.items():
+        class_type = entry.get("class_type") or (workflow.get(node_id) or {}).get("class_type")
+        for err in entry.get("errors", []):
+            info = err.get("extra_info") or {}
+            problem = {
+                "node_id": node_id,
+                "class_type": class_type,
+                "type": err.get("type"),
+                "message": err.get("message"),
+                "details": err.get("details"),
+            }
+            if info.get("input_name"):
+                problem["input"] = info["input_name"]
+            if err.get("type") == "value_not_in_list":
+                problem["received_value"] = info.get("received_value")
+                problem["available_values"] = _options(info.get("input_config")) or []
+            problems.append(problem)
+    if problems:
+        first = problems[0]
+        where = f"node {first['node_id']} ({first['class_type']})"
+        if first.get("input"):
+            where += f" input {first['input']!r}"
+        if first["type"] == "value_not_in_list":
+            what = f"{first['received_value']!r} is not one of the values ComfyUI offers ({_short_list(first['available_values'])})"
+        else:
+            what = f"{first['message']}" + (f": {first['details']}" if first.get("details") else "")
+        more = f" (and {len(problems) - 1} more problem(s), see details)" if len(problems) > 1 else ""
+        message = f"ComfyUI rejected the workflow: {where}: {what}{more}."
+    else:
+        text = error.get("message") or "invalid prompt"
+        if error.get("details"):
+            text += f": {error['details']}"
+        message = f"ComfyUI rejected the workflow: {text}."
+    return JobError(message, {"error": error, "problems": problems, "node_errors": node_errors})
+
+
+def execution_error(data: dict) -> JobError:
+    traceback = data.get("traceback") or []
+    node_id = data.get("node_id")
+    class_type = data.get("node_type")
+    exc_msg = str(data.get("exception_message", "")).strip()
+    return JobError(
+        f"ComfyUI failed in node {node_id} ({class_type}): {data.get('exception_type', 'error')}: {exc_msg}",
+        {
+            "prompt_id": data.get("prompt_id"),
+            "node_id": node_id,
+            "class_type": class_type,
+            "exception_type": data.get("exception_type"),
+            "exception_message": exc_msg,
+            "traceback": traceback[-8:] if isinstance(traceback, list) else traceback,
+            "executed": data.get("executed", []),
+        },
+    )
+
+
+class PromptRunner:
+    """One prompt from queueing to its end. ``on_progress(dict)`` gets every progress event."""
+
+    def __init__(
+        self,
+        client: ComfyClient,
+        workflow: dict,
+        *,
+        timeout: float,
+        ready_timeout: float,
+        extra_data: dict | None = None,
+        on_progress: Callable[[dict], None] | None = None,
+    ):
+        self.client = client
+        self.workflow = workflow
+        self.timeout = timeout
+        self.ready_timeout = ready_timeout
+        self.extra_data = extra_data or {}
+        self.on_progress = on_progress
+        self.client_id = uuid.uuid4().hex
+        self.prompt_id = str(uuid.uuid4())
+        self.result = RunResult(self.prompt_id)
+        self.ws = None
+        self.done = False
+        self.reconnected = False
+        self.submitted = 0.0
+        self.started: float | None = None
+        self.current_node: str | None = None
+        self.nodes_done: set[str] = set()
+
+    # --- main flow -------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open the websocket (waiting for ComfyUI to be ready if needed). Call before uploads/queueing."""
+        if self.ws is None:
+            self.ws = await self._connect_first()
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+            self.ws = None
+
+    async def run(self) -> RunResult:
+        await self.open()
+        try:
+            self.submitted = time.monotonic()
+            answer = await self.client.queue_prompt(self.workflow, self.prompt_id, self.client_id, self.extra_data)
+            if "rejected" in answer:
+                raise rejection_error(answer["rejected"], self.workflow)
+            log.info("Queued prompt %s", self.prompt_id)
+            await self._watch()
+        finally:
+            await self.close()
+        finished = time.monotonic()
+        if self.started is not None and not self.result.execution_ms:
+            self.result.queue_ms = round((self.started - self.submitted) * 1000)
+            self.result.execution_ms = round((finished - self.started) * 1000)
+        return self.result
+
+    async def _connect_first(self):
+        try:
+            return await self.client.open_ws(self.client_id)
+        except _WS_ERRORS:
+            await self.client.wait_ready(self.ready_timeout)
+            return await self.client.open_ws(self.client_id)
+
+    async def _watch(self) -> None:
+        deadline = self.submitted + self.timeout
+        while not self.done:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                await self._expire()
+            try:
+                async with asyncio.timeout(remaining):
+                    raw = await self.ws.recv()
+            except TimeoutError:
+                await self._expire()
+            except (ConnectionClosed, OSError):
+                await self._recover(deadline)
+                continue
+            if isinstance(raw, str):
+                self._handle(json.loads(raw))
+
+    # --- messages --------------------------------------------------------------------------------
+    def _handle(self, msg: dict) -> None:
+        kind = msg.get("type")
+        data = msg.get("data") or {}
+        if kind == "status":
+            if self.started is None:
+                remaining = ((data.get("status") or {}).get("exec_info") or {}).get("queue_remaining")
+                self._progress({"status": "queued", "queue_remaining": remaining})
+            return
+        if data.get("prompt_id") not in (None, self.prompt_id):
+            return
+        if kind == "execution_start":
+            self.started = time.monotonic()
+            self._progress({"status": "running"})
+        elif kind == "execution_cached":
+            self.nodes_done.update(map(str, data.get("nodes") or []))
+        elif kind == "executing":
+            node = data.get("node")
+            if node is None:
+                if data.get("prompt_id") == self.prompt_id:
+                    self.done = True
+                return
+            if self.current_node is not None:
+                self.nodes_done.add(self.current_node)
+            self.current_node = str(node)
+            self._progress({"status": "running"})
+        elif kind == "progress":
+            self._progress({"status": "running", "value": data.get("value"), "max": data.get("max")})
+        elif kind == "executed":
+            if data.get("output") is not None:
+                self.result.outputs[str(data.get("node"))] = data["output"]
+        elif kind == "execution_success":
+            self.done = True
+        elif kind == "execution_error":
+            raise execution_error(data)
+        elif kind == "execution_interrupted":
+            raise JobError(
+                f"The prompt was interrupted in ComfyUI at node {data.get('node_id')} ({data.get('node_type')}), "
+                "not by this job (was /interrupt called by someone else?).",
+                {"prompt_id": self.prompt_id, "node_id": data.get("node_id"), "class_type": data.get("node_type")},
+            )
+
+    def _progress(self, event: dict) -> None:
+        if self.on_progress is None:
+            return
+        node = self.current_node
+        event.update(
+            {
+                "prompt_id": self.prompt_id,
+                "node_id": node,
+                "class_type": (self.workflow.get(node) or {}).get("class_type") if node else None,
+                "nodes_done": len(self.nodes_done),
+                "nodes_total": len(self.workflow),
+            }
+        )
+        self.on_progress(event)
+
+    # --- dropped socket --------------------------------------------------------------------------
+    async def _recover(self, deadline: float) -> None:
+        """Reopen the websocket (same client id), then ask /history whether the prompt ended meanwhile."""
+        self.reconnected = True
+        log.warning("Websocket to ComfyUI dropped; reconnecting")
+        started = time.monotonic()
+        while True:
+            self.client.check_alive("its websocket closed during the job")
+            try:
+                self.ws = await self.client.open_ws(self.client_id)
+                break
+            except _WS_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    await self._expire()
+                if time.monotonic() - started > RECONNECT_GIVE_UP_S:
+                    raise JobError(
+                        f"Lost the connection to ComfyUI at {self.client.host} during the job and could not "
+                        f"reconnect within {RECONNECT_GIVE_UP_S:g} s ({exc}).",
+                        {"prompt_id": self.prompt_id, "host": self.client.host},
+                        refresh_worker=True,
+                    ) from None
+                await asyncio.sleep(0.25)
+        log.info("Websocket reconnected; checking /history for prompt %s", self.prompt_id)
+        try:
+            entry = await self.client.history(self.prompt_id)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            self.client.check_alive("it stopped answering during the job")
+            entry = None
+        if entry:
+            self._from_history(entry)
+
+    def _from_history(self, entry: dict) -> None:
+        status = entry.get("status") or {}
+        messages = {m[0]: m[1] for m in status.get("messages", []) if isinstance(m, list) and len(m) == 2}
+        if "execution_error" in messages:
+            raise execution_error(messages["execution_error"])
+        if "execution_interrupted" in messages:
+            self._handle({"type": "execution_interrupted", "data": messages["execution_interrupted"]})
+        self.result.outputs = entry.get("outputs") or {}
+        start = (messages.get("execution_start") or {}).get("timestamp")
+        end = (messages.get("execution_success") or {}).get("timestamp")
+        if start and end:
+            self.result.execution_ms = int(end - start)
+            self.result.queue_ms = max(0, round((time.monotonic() - self.submitted) * 1000) - int(end - start))
+        self.done = True
+
+    # --- timeout ---------------------------------------------------------------------------------
+    async def _expire(self) -> None:
+        """Drop the prompt from the queue (if pending), interrupt it (if running), wait briefly, fail."""
+        node = self.current_node
+        class_type = (self.workflow.get(node) or {}).get("class_type") if node else None
+        if self.started is None:
+            where = "while the prompt was still waiting in ComfyUI's queue"
+        elif node:
+            where = f"while ComfyUI was running node {node} ({class_type})"
+        else:
+            where = "while ComfyUI was running the prompt"
+        log.warning("Timeout after %g s %s; interrupting prompt %s", self.timeout, where, self.prompt_id)
+        try:
+            await self.client.delete_queued(self.prompt_id)
+            await self.client.interrupt(self.prompt_id)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning("Could not interrupt prompt %s: %s", self.prompt_id, exc)
+        stopped = await self._wait_stopped() if self.started is not None else True
+        raise JobError(
+            f"The job timed out after {self.timeout:g} s {where}; the prompt was interrupted.",
+            {
+                "prompt_id": self.prompt_id,
+                "timeout_s": self.timeout,
+                "state": "running" if self.started is not None else "queued",
+                "node_id": node,
+                "class_type": class_type,
+                "stopped": stopped,
+            },
+        )
+
+    async def _wait_stopped(self) -> bool:
+        end = time.monotonic() + INTERRUPT_GRACE_S
+        while (left := end - time.monotonic()) > 0:
+            try:
+                raw = await asyncio.wait_for(self.ws.recv(), left)
+            except (TimeoutError, ConnectionClosed, OSError):
+                return False
+            if not isinstance(raw, str):
+                continue
+            msg = json.loads(raw)
+            data = msg.get("data") or {}
+            if data.get("prompt_id") != self.prompt_id:
+                continue
+            if msg.get("type") in ("execution_interrupted", "execution_error", "execution_success"):
+                return True
+            if msg.get("type") == "executing" and data.get("node") is None:
+                return True
+        return False

@@ -1,0 +1,613 @@
+"""handler.py against the real ComfyUI (CPU): outputs, inputs, overrides, errors, timeouts, crashes,
+a dropped websocket, concurrency, and the RunPod SDK's local API (SPEC §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import wave
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from support.comfy_process import free_port
+
+import comfy_client
+import handler
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT.parent / "shared" / "workflows"
+if not WORKFLOWS.is_dir():
+    WORKFLOWS = Path("/work/shared/workflows")
+
+CLEAN_ENV = ("BUCKET_ENDPOINT_URL", "RUNPOD_ENDPOINT_ID", "RUNPOD_POD_ID", "REFRESH_WORKER", "MAX_RESPONSE_MB")
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def run(job: dict) -> dict:
+    """Run the async handler in a fresh event loop (as one RunPod job)."""
+
+    async def go():
+        try:
+            return await handler.handler(job)
+        finally:
+            await comfy_client.close_shared_session()
+
+    return asyncio.run(go())
+
+
+def run_many(jobs: list[dict]) -> list[dict]:
+    async def go():
+        try:
+            return await asyncio.gather(*(handler.handler(j) for j in jobs))
+        finally:
+            await comfy_client.close_shared_session()
+
+    return asyncio.run(go())
+
+
+def png_b64(size=(8, 8), color=(255, 0, 0), prefix=True) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f"data:image/png;base64,{data}" if prefix else data
+
+
+def decode_image(entry: dict) -> Image.Image:
+    assert entry["type"] == "base64"
+    img = Image.open(io.BytesIO(base64.b64decode(entry["data"])))
+    img.load()
+    return img.convert("RGB")
+
+
+def empty_to_save(width=64, height=48, color=0x336699, batch=1, prefix="worker_test") -> dict:
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": width, "height": height, "batch_size": batch, "color": color},
+            "_meta": {"title": "Canvas"},
+        },
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": prefix}},
+    }
+
+
+def slow_workflow(steps: int, seconds_per_step: float, color: int | None = None) -> dict:
+    """EmptyImage -> WorkerTestSteps -> SaveImage; a fresh color by default so ComfyUI's cache never skips it."""
+    wf = empty_to_save(32, 32, color if color is not None else random.randrange(0x1000000))
+    wf["3"] = {
+        "class_type": "WorkerTestSteps",
+        "inputs": {"image": ["1", 0], "steps": steps, "seconds_per_step": seconds_per_step},
+    }
+    wf["2"]["inputs"]["images"] = ["3", 0]
+    return wf
+
+
+def job(workflow: dict, job_id: str = "test-job", **extra) -> dict:
+    return {"id": job_id, "input": {"workflow": workflow, **extra}}
+
+
+def output_files(comfyui) -> set[str]:
+    out = comfyui.path / "output"
+    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.startswith("_")}
+
+
+def input_files(comfyui) -> set[str]:
+    return {p.name for p in (comfyui.path / "input").iterdir() if p.is_file()}
+
+
+@pytest.fixture
+def worker_env(comfyui, monkeypatch):
+    for name in CLEAN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in comfyui.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("COMFY_LOG_FILE", str(comfyui.log_path))
+    return comfyui
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+def test_empty_image_returns_golden_base64_png_and_removes_the_file(worker_env):
+    before = output_files(worker_env)
+    result = run(job(empty_to_save(64, 48, 0x336699)))
+    assert "error" not in result, result
+    assert len(result["images"]) == 1
+    entry = result["images"][0]
+    assert entry["filename"].startswith("worker_test_") and entry["filename"].endswith(".png")
+    assert entry["node_id"] == "2" and entry["content_type"] == "image/png"
+    img = decode_image(entry)
+    assert img.size == (64, 48)
+    assert img.getcolors() == [(64 * 48, (0x33, 0x66, 0x99))]
+    assert result["files"] == [] and result["text"] == [] and result["errors"] == []
+    assert set(result["timings"]) >= {"queue_ms", "execution_ms", "delivery_ms"}
+    assert result["prompt_id"]
+    assert output_files(worker_env) == before  # delivered, then removed
+
+
+def test_identical_job_twice_delivers_fresh_files_both_times(worker_env):
+    first = run(job(empty_to_save(16, 16, 0x00FF00)))
+    second = run(job(empty_to_save(16, 16, 0x00FF00)))
+    for result in (first, second):
+        assert "error" not in result, result
+        assert decode_image(result["images"][0]).getpixel((0, 0)) == (0, 255, 0)
+
+
+def test_uploaded_image_is_inverted_and_input_removed(worker_env):
+    before = input_files(worker_env)
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inverted"}},
+    }
+    result = run(job(wf, images=[{"name": "photo.png", "image": png_b64((8, 8), (255, 0, 0))}]))
+    assert "error" not in result, result
+    img = decode_image(result["images"][0])
+    assert img.size == (8, 8) and img.getpixel((3, 3)) == (0, 255, 255)
+    assert input_files(worker_env) == before
+
+
+def test_image_from_url(worker_env):
+    png = base64.b64decode(png_b64((4, 4), (0, 0, 255), prefix=False))
+
+    class Serve(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Serve)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wf = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "remote.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "url"}},
+        }
+        url = f"http://127.0.0.1:{server.server_port}/remote.png"
+        result = run(job(wf, images=[{"name": "remote.png", "url": url}]))
+        assert "error" not in result, result
+        assert decode_image(result["images"][0]).getpixel((0, 0)) == (0, 0, 255)
+        bad = run(job(wf, images=[{"name": "remote.png", "url": f"http://127.0.0.1:{free_port()}/x.png"}]))
+        assert "remote.png" in bad["error"] and "download" in bad["error"]
+    finally:
+        server.shutdown()
+
+
+def test_upscale_model_gives_64x64(worker_env):
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "small.png"}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "tiny_compact_x2.safetensors"}},
+        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "upscaled"}},
+    }
+    result = run(job(wf, images=[{"name": "small.png", "image": png_b64((32, 32), (10, 200, 30))}]))
+    assert "error" not in result, result
+    assert decode_image(result["images"][0]).size == (64, 64)
+
+
+def test_video_text_and_temp_outputs_are_classified(worker_env):
+    before = output_files(worker_env)
+    wf = empty_to_save(32, 32, 0x808080, batch=4)
+    wf["2"] = {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 8}}
+    wf["3"] = {
+        "class_type": "SaveVideo",
+        "inputs": {"video": ["2", 0], "filename_prefix": "video/clip", "format": "auto", "codec": "auto"},
+    }
+    wf["4"] = {"class_type": "PreviewAny", "inputs": {"source": "hello from ComfyUI"}}
+    wf["5"] = {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
+    result = run(job(wf))
+    assert "error" not in result, result
+    assert result["images"] == []  # the PreviewImage temp files are not delivered
+    (video,) = result["files"]
+    assert video["content_type"] == "video/mp4" and video["node_id"] == "3"
+    assert base64.b64decode(video["data"])[4:8] == b"ftyp"
+    assert result["text"] == [{"node_id": "4", "text": "hello from ComfyUI"}]
+    assert output_files(worker_env) == before
+
+
+def test_audio_upload_and_flac_output(worker_env):
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\x00\x10" * 800)
+    wf = {
+        "1": {"class_type": "LoadAudio", "inputs": {"audio": "tone.wav"}},
+        "2": {"class_type": "SaveAudio", "inputs": {"audio": ["1", 0], "filename_prefix": "audio/tone"}},
+    }
+    result = run(job(wf, images=[{"name": "tone.wav", "image": base64.b64encode(buf.getvalue()).decode()}]))
+    assert "error" not in result, result
+    (audio,) = result["files"]
+    assert audio["content_type"] == "audio/flac"
+    assert base64.b64decode(audio["data"])[:4] == b"fLaC"
+
+
+def test_max_response_mb_guard_advises_s3(worker_env, monkeypatch):
+    monkeypatch.setenv("MAX_RESPONSE_MB", "0.0001")
+    before = output_files(worker_env)
+    result = run(job(empty_to_save(256, 256, 0x123456)))
+    assert "MAX_RESPONSE_MB" in result["error"] and "S3" in result["error"]
+    assert result["details"]["max_response_mb"] == 0.0001
+    assert output_files(worker_env) == before
+
+
+def test_refresh_worker_env_flag(worker_env, monkeypatch):
+    monkeypatch.setenv("REFRESH_WORKER", "1")
+    result = run(job(empty_to_save(8, 8)))
+    assert result["refresh_worker"] is True and len(result["images"]) == 1
+
+
+# --- overrides ---------------------------------------------------------------------------------------
+def test_overrides_by_id_by_title_and_into_a_list(worker_env):
+    wf = empty_to_save(64, 64, 0xFFFFFF)
+    wf["5"] = {"class_type": "EmptyImage", "inputs": {"width": 20, "height": 10, "batch_size": 1, "color": 0}}
+    overrides = [
+        {"title": "Canvas", "field": "inputs.width", "value": 24},  # by title
+        {"node_id": "2", "field": "inputs.filename_prefix", "value": "overridden"},  # by id
+        {"node_id": 2, "field": "inputs.images.0", "value": "5"},  # list index: re-link to node 5
+    ]
+    result = run(job(wf, overrides=overrides))
+    assert "error" not in result, result
+    entry = result["images"][0]
+    assert entry["filename"].startswith("overridden_")
+    img = decode_image(entry)
+    assert img.size == (20, 10) and img.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_title_override_on_real_workflow_sets_the_value(worker_env):
+    body = json.loads((WORKFLOWS / "workflow_sdxl_turbo.json").read_text())
+    body["input"]["overrides"] = [{"title": "Load Checkpoint", "field": "inputs.ckpt_name", "value": "other.ckpt"}]
+    result = run({"id": "sdxl", **body})
+    problem = result["details"]["problems"][0]
+    assert problem["received_value"] == "other.ckpt"
+
+
+def test_unknown_override_targets_list_what_exists(worker_env):
+    wf = empty_to_save()
+    result = run(job(wf, overrides=[{"node_id": "99", "field": "inputs.width", "value": 1}]))
+    assert "'99'" in result["error"] and "1 (EmptyImage" in result["error"] and "2 (SaveImage" in result["error"]
+    result = run(job(wf, overrides=[{"title": "Nope", "field": "inputs.width", "value": 1}]))
+    assert "'Nope'" in result["error"] and "'Canvas'" in result["error"]
+    result = run(job(wf, overrides=[{"node_id": "1", "field": "inputs.size.w", "value": 1}]))
+    assert "'size'" in result["error"] and "'width'" in result["error"] and "'height'" in result["error"]
+    result = run(job(wf, overrides=[{"node_id": "1", "field": "width", "value": 1}]))
+    assert "did you mean inputs.width" in result["error"]
+
+
+# --- input errors ----------------------------------------------------------------------------------
+def test_ui_format_workflow_is_rejected_with_export_instructions(worker_env):
+    ui = {"last_node_id": 2, "nodes": [{"id": 1, "type": "EmptyImage"}], "links": []}
+    result = run(job(ui))
+    assert "Export (API)" in result["error"]
+
+
+def test_bad_base64_names_the_image(worker_env):
+    result = run(job(empty_to_save(), images=[{"name": "broken.png", "image": "not base64 at all!!"}]))
+    assert "'broken.png'" in result["error"] and "base64" in result["error"]
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "sub/evil.png", "..", "a\\b.png"])
+def test_path_traversal_image_name_is_rejected(worker_env, name):
+    before = input_files(worker_env)
+    result = run(job(empty_to_save(), images=[{"name": name, "image": png_b64()}]))
+    assert "plain file name" in result["error"]
+    assert input_files(worker_env) == before
+    assert not (worker_env.path / "evil.png").exists()
+
+
+def test_missing_checkpoint_lists_the_available_values(worker_env):
+    body = json.loads((WORKFLOWS / "workflow_sdxl_turbo.json").read_text())
+    dummy = worker_env.path / "models" / "checkpoints" / "worker_test_available.safetensors"
+    dummy.write_bytes(b"0")
+    try:
+        result = run({"id": "missing-model", **body})
+    finally:
+        dummy.unlink()
+    assert "sd_xl_turbo_1.0_fp16.safetensors" in result["error"]
+    assert "CheckpointLoaderSimple" in result["error"] and "worker_test_available.safetensors" in result["error"]
+    problem = result["details"]["problems"][0]
+    assert problem["node_id"] == "4" and problem["input"] == "ckpt_name"
+    assert problem["available_values"] == ["worker_test_available.safetensors"]
+    assert "4" in result["details"]["node_errors"]
+
+
+def test_execution_error_names_node_class_and_message(worker_env):
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "corrupt.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "never"}},
+    }
+    garbage = base64.b64encode(b"this is not a png").decode()
+    result = run(job(wf, images=[{"name": "corrupt.png", "image": garbage}]))
+    assert result["error"].startswith("ComfyUI failed in node 1 (LoadImage)")
+    assert result["details"]["node_id"] == "1" and result["details"]["class_type"] == "LoadImage"
+    assert result["details"]["exception_message"]
+
+
+def test_comfy_org_api_key_from_input_then_env_never_logged(worker_env, monkeypatch, caplog):
+    wf = {"1": {"class_type": "WorkerTestApiKey", "inputs": {}}}
+    key = "sk-test-0123456789abcdef"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    with caplog.at_level("DEBUG"):
+        assert run(job(wf, comfy_org_api_key=key))["text"] == [{"node_id": "1", "text": digest}]
+        assert run(job(wf))["text"] == [{"node_id": "1", "text": "none"}]
+        monkeypatch.setenv("COMFY_ORG_API_KEY", key)
+        assert run(job(wf))["text"] == [{"node_id": "1", "text": digest}]
+    assert key not in caplog.text
+
+
+# --- time limits, crashes, dropped sockets -----------------------------------------------------------
+def test_timeout_interrupts_the_prompt_and_the_next_job_runs(worker_env):
+    started = time.monotonic()
+    result = run(job(slow_workflow(200, 0.05), timeout=1.5))
+    elapsed = time.monotonic() - started
+    assert result["error"].startswith(
+        "The job timed out after 1.5 s while ComfyUI was running node 3 (WorkerTestSteps)"
+    )
+    assert result["details"]["stopped"] is True and result["details"]["state"] == "running"
+    assert elapsed < 6
+    queue = worker_env.get_json("/queue")
+    assert queue["queue_running"] == [] and queue["queue_pending"] == []
+    started = time.monotonic()
+    ok = run(job(empty_to_save(8, 8, 0xFF0000)))
+    assert "error" not in ok, ok
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.slow
+def test_comfyui_killed_mid_job_fails_fast_with_log_tail(comfyui_factory, monkeypatch):
+    private = comfyui_factory(start=False)
+    private.install_test_nodes()
+    private.start()
+    for name in CLEAN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in private.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("COMFY_LOG_FILE", str(private.log_path))
+
+    def kill_when_running():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if private.get_json("/queue")["queue_running"]:
+                time.sleep(0.3)
+                private.kill()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_running)
+    killer.start()
+    started = time.monotonic()
+    result = run(job(slow_workflow(600, 0.05), timeout=60))
+    killer.join()
+    assert time.monotonic() - started < 15
+    assert "no longer running" in result["error"]
+    assert result["refresh_worker"] is True
+    assert "got prompt" in result["details"]["comfyui_log_tail"]
+    # the next job fails at once too (the PID file names a dead process), instead of waiting for readiness
+    started = time.monotonic()
+    again = run(job(empty_to_save(8, 8)))
+    assert "no longer running" in again["error"] and time.monotonic() - started < 3
+
+
+class DroppingProxy:
+    """A TCP proxy between the handler and ComfyUI that can cut every open connection and refuse new
+    ones for a while (a websocket dropped by the network)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self.refuse_until = 0.0
+        self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader, writer):
+        if time.monotonic() < self.refuse_until:
+            writer.transport.abort()
+            return
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def start(self):
+        self.thread.start()
+        self.ready.wait(5)
+        return self
+
+    def cut(self, refuse_for: float = 0.0):
+        def do():
+            self.refuse_until = time.monotonic() + refuse_for
+            for w in self.writers:
+                w.transport.abort()
+            self.writers.clear()
+
+        self.loop.call_soon_threadsafe(do)
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.mark.parametrize("refuse_for", [0.0, 2.0], ids=["reconnect-during-run", "finished-while-disconnected"])
+def test_websocket_cut_mid_job_reconnects_and_checks_history(worker_env, monkeypatch, caplog, refuse_for):
+    proxy = DroppingProxy(worker_env.port).start()
+    monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{proxy.port}")
+    try:
+
+        def cut_when_running():
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if worker_env.get_json("/queue")["queue_running"]:
+                    time.sleep(0.2)
+                    proxy.cut(refuse_for)
+                    return
+                time.sleep(0.02)
+
+        cutter = threading.Thread(target=cut_when_running)
+        cutter.start()
+        with caplog.at_level("INFO"):
+            result = run(job(slow_workflow(20, 0.05, color=0x336699 + int(refuse_for)), timeout=30))
+        cutter.join()
+    finally:
+        proxy.stop()
+    assert "error" not in result, result
+    assert decode_image(result["images"][0]).getpixel((0, 0)) == (0x33, 0x66, 0x99 + int(refuse_for))
+    assert "Websocket reconnected" in caplog.text
+    assert proxy.connections >= 3  # websocket, POST /prompt, websocket again
+
+
+def test_two_concurrent_jobs_get_only_their_own_outputs(worker_env):
+    def with_upload(color):
+        wf = {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "input.png"}},
+            "2": {"class_type": "WorkerTestSteps", "inputs": {"image": ["1", 0], "steps": 3, "seconds_per_step": 0.1}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "concurrent"}},
+        }
+        # both jobs upload a different file under the same name
+        return job(wf, job_id=f"job-{color}", images=[{"name": "input.png", "image": png_b64((6, 6), color)}])
+
+    before_out, before_in = output_files(worker_env), input_files(worker_env)
+    red, blue = run_many([with_upload((255, 0, 0)), with_upload((0, 0, 255))])
+    for result, color in ((red, (255, 0, 0)), (blue, (0, 0, 255))):
+        assert "error" not in result, result
+        assert len(result["images"]) == 1
+        assert decode_image(result["images"][0]).getpixel((2, 2)) == color
+    assert output_files(worker_env) == before_out and input_files(worker_env) == before_in
+
+
+# --- the RunPod SDK's local API ----------------------------------------------------------------------
+class ProgressSink:
+    """Stands in for RunPod's job-done endpoint (where progress_update posts IN_PROGRESS updates)."""
+
+    def __init__(self):
+        self.posts: list[tuple[float, dict]] = []
+        sink = self
+
+        class Receive(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.posts.append((time.monotonic(), json.loads(body)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Receive)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/done/$ID?gpu=test"
+
+
+@pytest.fixture
+def local_api(worker_env, tmp_path):
+    """``python handler.py --rp_serve_api`` as RunPod would run it (RUNPOD_ENDPOINT_ID set, so progress is
+    sent, to a local sink)."""
+    sink = ProgressSink()
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    env.update(worker_env.env(), COMFY_LOG_FILE=str(worker_env.log_path), PYTHONUNBUFFERED="1")
+    env.update(
+        RUNPOD_ENDPOINT_ID="test-endpoint", RUNPOD_WEBHOOK_POST_OUTPUT=sink.url, COMFY_ORG_API_KEY="sk-secret-9876"
+    )
+    log_path = tmp_path / "handler.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "handler.py", "--rp_serve_api", "--rp_api_port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+
+        def post(path: str, body: dict) -> dict:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}{path}",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return json.load(r)
+
+        yield post, sink, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        sink.server.shutdown()
+
+
+def test_runsync_through_the_sdk_local_api_with_throttled_progress(local_api):
+    post, sink, log_path = local_api
+    body = json.loads((ROOT / "test_input.json").read_text())
+    answer = post("/runsync", body)
+    assert answer["status"] == "COMPLETED", answer
+    assert answer["output"]["images"][0]["type"] == "base64"
+    assert answer["id"].startswith("test-")
+
+    failed = post("/runsync", {"input": {"workflow": {"nodes": [], "links": []}}})
+    assert failed["status"] == "FAILED" and "Export (API)" in failed["error"]
+
+    sink.posts.clear()
+    slow = post("/runsync", {"input": {"workflow": slow_workflow(40, 0.05)}})  # about 80 progress messages in 2 s
+    assert slow["status"] == "COMPLETED", slow
+    progress = [(t, p) for t, p in sink.posts if p.get("status") == "IN_PROGRESS"]
+    assert 2 <= len(progress) <= 7, progress
+    times = [t for t, _ in progress]
+    assert all(b - a >= 0.4 for a, b in zip(times, times[1:], strict=False)), times  # at most 2 a second
+    assert any(p["output"].get("class_type") == "WorkerTestSteps" for _, p in progress)
+
+    log_text = log_path.read_text()
+    assert "sk-secret-9876" not in log_text
+    job_lines = [line for line in log_text.splitlines() if " handler: " in line or " prompt_runner: " in line]
+    job_lines = [line for line in job_lines if "Starting the RunPod handler" not in line]
+    assert len(job_lines) >= 4 and all(": [test-" in line for line in job_lines), job_lines
