@@ -122,6 +122,7 @@ async def deliver(
     images_out: list[dict] = []
     files_out: list[dict] = []
     used_keys: set[str] = set()
+    encoded_bytes = 0  # files fetched with /view were not in the up-front size check
     for ref in wanted:
         try:
             if s3 is not None:
@@ -136,7 +137,11 @@ async def deliver(
                 entry = {"filename": ref.filename, "type": "s3_url", "data": url}
             else:
                 data, _ = await _read(client, comfyui_path, ref)
+                encoded_bytes += len(data)
+                _too_big(encoded_bytes, max_response_mb, {ref.filename: len(data)})
                 entry = {"filename": ref.filename, "type": "base64", "data": base64.b64encode(data).decode()}
+        except JobError:
+            raise
         except Exception as exc:  # one bad file must not lose the others
             log.warning("Could not deliver %s from node %s: %s", ref.filename, ref.node_id, exc)
             errors.append(f"Output {ref.filename!r} of node {ref.node_id} could not be delivered: {exc}")
@@ -153,13 +158,15 @@ async def deliver(
 
 def _check_size(files: list[OutputFile], comfyui_path: Path, max_response_mb: float) -> None:
     """Fail before encoding when base64 output would exceed MAX_RESPONSE_MB (RunPod rejects it opaquely)."""
-    total = 0
     sizes = {}
     for ref in files:
         path = ref.local_path(comfyui_path)
         if path is not None and path.is_file():
             sizes[ref.filename] = path.stat().st_size
-            total += sizes[ref.filename]
+    _too_big(sum(sizes.values()), max_response_mb, sizes)
+
+
+def _too_big(total: int, max_response_mb: float, sizes: dict) -> None:
     encoded_mb = total * 4 / 3 / (1024 * 1024)
     if encoded_mb > max_response_mb:
         raise JobError(

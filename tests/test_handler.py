@@ -20,7 +20,9 @@ import wave
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import boto3
 import pytest
+from moto.server import ThreadedMotoServer
 from PIL import Image
 from support.comfy_process import free_port
 
@@ -245,6 +247,59 @@ def test_max_response_mb_guard_advises_s3(worker_env, monkeypatch):
     assert "MAX_RESPONSE_MB" in result["error"] and "S3" in result["error"]
     assert result["details"]["max_response_mb"] == 0.0001
     assert output_files(worker_env) == before
+
+
+def test_outputs_go_to_s3_with_content_type_and_presigned_url(worker_env, monkeypatch, caplog):
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        secret = "moto-secret-key-123"
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="AKIAMOTO",
+            aws_secret_access_key=secret,
+            region_name="us-east-1",
+        )
+        s3.create_bucket(Bucket="worker-out")
+        env = {
+            "BUCKET_ENDPOINT_URL": endpoint,
+            "BUCKET_ACCESS_KEY_ID": "AKIAMOTO",
+            "BUCKET_SECRET_ACCESS_KEY": secret,
+            "BUCKET_NAME": "worker-out",
+            "BUCKET_REGION": "us-east-1",
+            "BUCKET_PREFIX": "runs/",
+            "S3_URL_EXPIRES": "300",
+        }
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        before = output_files(worker_env)
+        wf = empty_to_save(24, 24, 0x00AA00, batch=2)
+        wf["3"] = {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 4}}
+        wf["4"] = {
+            "class_type": "SaveVideo",
+            "inputs": {"video": ["3", 0], "filename_prefix": "s3clip", "format": "auto", "codec": "auto"},
+        }
+        with caplog.at_level("DEBUG"):
+            result = run(job(wf, job_id="s3-job"))
+        assert "error" not in result, result
+        assert len(result["images"]) == 2 and len(result["files"]) == 1
+        for entry in result["images"]:
+            assert entry["type"] == "s3_url" and entry["content_type"] == "image/png"
+            head = s3.head_object(Bucket="worker-out", Key=f"runs/s3-job/{entry['filename']}")
+            assert head["ContentType"] == "image/png"
+            with urllib.request.urlopen(entry["data"], timeout=10) as r:  # presigned: plain HTTP works
+                img = Image.open(io.BytesIO(r.read())).convert("RGB")
+            assert img.getpixel((1, 1)) == (0, 0xAA, 0)
+        video = result["files"][0]
+        assert video["type"] == "s3_url" and video["content_type"] == "video/mp4"
+        assert s3.head_object(Bucket="worker-out", Key=f"runs/s3-job/{video['filename']}")["ContentType"] == "video/mp4"
+        assert output_files(worker_env) == before
+        assert secret not in caplog.text
+    finally:
+        server.stop()
 
 
 def test_refresh_worker_env_flag(worker_env, monkeypatch):

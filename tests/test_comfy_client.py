@@ -1,0 +1,121 @@
+"""comfy_client.py: process liveness from the PID file, readiness, and the HTTP calls on real ComfyUI."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+from support.comfy_process import free_port
+
+import comfy_client
+from comfy_client import ComfyClient, log_tail, process_state
+from job_errors import JobError
+
+
+def arun(coro_fn):
+    async def go():
+        try:
+            return await coro_fn()
+        finally:
+            await comfy_client.close_shared_session()
+
+    return asyncio.run(go())
+
+
+def test_process_state_alive_zombie_dead_and_unknown(tmp_path):
+    pid_file = tmp_path / "p.pid"
+    assert process_state(pid_file) == (None, None)  # no file
+    pid_file.write_text("not a pid")
+    assert process_state(pid_file) == (None, None)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    pid_file.write_text(f"{proc.pid}\n")
+    assert process_state(pid_file) == (True, proc.pid)
+    proc.kill()
+    deadline = time.monotonic() + 5
+    while process_state(pid_file)[0] and time.monotonic() < deadline:  # killed but not reaped: a zombie
+        time.sleep(0.02)
+    assert process_state(pid_file) == (False, proc.pid)
+    proc.wait()
+    assert process_state(pid_file) == (False, proc.pid)
+
+
+def test_log_tail_keeps_the_last_lines(tmp_path):
+    log = tmp_path / "comfyui.log"
+    log.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert log_tail(log, lines=3) == "line 97\nline 98\nline 99"
+    assert log_tail(tmp_path / "missing.log") == ""
+
+
+def test_wait_ready_returns_when_comfyui_answers(comfyui):
+    client = ComfyClient(comfyui.host, comfyui.pid_file, comfyui.log_path)
+    arun(lambda: client.wait_ready(10))
+
+
+def test_wait_ready_fails_at_once_when_the_process_is_gone(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (tmp_path / "comfyui.pid").write_text(str(proc.pid))
+    (tmp_path / "comfyui.log").write_text("Traceback...\nRuntimeError: CUDA out of memory\n")
+    client = ComfyClient(f"127.0.0.1:{free_port()}", tmp_path / "comfyui.pid", tmp_path / "comfyui.log")
+    started = time.monotonic()
+    with pytest.raises(JobError) as info:
+        arun(lambda: client.wait_ready(60))
+    assert time.monotonic() - started < 2
+    assert "no longer running" in info.value.message and info.value.refresh_worker
+    assert "CUDA out of memory" in info.value.details["comfyui_log_tail"]
+
+
+def test_wait_ready_without_pid_file_waits_for_the_timeout(tmp_path):
+    client = ComfyClient(f"127.0.0.1:{free_port()}", tmp_path / "absent.pid", tmp_path / "absent.log")
+    started = time.monotonic()
+    with pytest.raises(JobError, match="did not answer within 1 s"):
+        arun(lambda: client.wait_ready(1))
+    assert 1 <= time.monotonic() - started < 3
+
+
+def test_upload_queue_history_and_view_on_real_comfyui(comfyui):
+    client = ComfyClient(comfyui.host, comfyui.pid_file, comfyui.log_path)
+    prompt_id = "client-test-" + str(time.time_ns())
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "client_test"}},
+    }
+
+    async def go():
+        stored = await client.upload_input("client-test-upload.bin", b"\x00\x01")
+        rejected = await client.queue_prompt({"1": {"class_type": "NoSuchNode", "inputs": {}}}, "x", "c", {})
+        answer = await client.queue_prompt(workflow, prompt_id, "client", {})
+        for _ in range(100):
+            entry = await client.history(prompt_id)
+            if entry:
+                break
+            await asyncio.sleep(0.05)
+        image = entry["outputs"]["2"]["images"][0]
+        data = await client.view(image["filename"], image["subfolder"], image["type"])
+        return stored, rejected, answer, image, data
+
+    stored, rejected, answer, image, data = arun(go)
+    try:
+        assert stored == {"name": "client-test-upload.bin", "subfolder": "", "type": "input"}
+        assert (comfyui.path / "input" / "client-test-upload.bin").read_bytes() == b"\x00\x01"
+        assert rejected["rejected"]["error"]["type"] == "invalid_prompt"
+        assert answer["prompt_id"] == prompt_id
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        (comfyui.path / "input" / "client-test-upload.bin").unlink(missing_ok=True)
+        (comfyui.path / "output" / image["subfolder"] / image["filename"]).unlink(missing_ok=True)
+
+
+def test_one_keep_alive_session_per_event_loop():
+    async def two():
+        first = comfy_client.shared_session()
+        assert comfy_client.shared_session() is first
+        await comfy_client.close_shared_session()
+        return first
+
+    a = asyncio.run(two())
+    b = asyncio.run(two())
+    assert a is not b and a.closed and b.closed

@@ -1,0 +1,164 @@
+"""job_input.py: validation of the job input, overrides and image references (SPEC §7)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from job_errors import JobError
+from job_input import apply_overrides, decode_base64, parse_job_input, rename_references
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "shared" / "workflows"
+if not WORKFLOWS.is_dir():
+    WORKFLOWS = Path("/work/shared/workflows")
+
+
+def real(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text())["input"]
+
+
+def error_of(raw) -> JobError:
+    with pytest.raises(JobError) as info:
+        parse_job_input(raw)
+    return info.value
+
+
+def test_real_workflows_are_accepted_and_copied():
+    for name in ("workflow_sdxl_turbo.json", "workflow_flux1_schnell.json", "workflow_sd3.json"):
+        raw = real(name)
+        parsed = parse_job_input(raw)
+        assert parsed.workflow == raw["workflow"] and parsed.workflow is not raw["workflow"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ("text", "must be a JSON object"),
+        ({}, "has no 'workflow'"),
+        ({"workflow": []}, "'workflow' must be a JSON object"),
+        ({"workflow": {}}, "is empty"),
+        ({"workflow": {"1": {"inputs": {}}}}, "have no 'class_type'"),
+        ({"workflow": {"1": {"class_type": "X", "inputs": []}}}, "'inputs' that is not an object"),
+        ({"workflow": {"1": {"class_type": "X"}}, "prompt": 1}, "Unknown input key(s) 'prompt'"),
+        ({"workflow": {"1": {"class_type": "X"}}, "timeout": 0}, "'timeout' must be a positive number"),
+        ({"workflow": {"1": {"class_type": "X"}}, "timeout": True}, "'timeout' must be a positive number"),
+        ({"workflow": {"1": {"class_type": "X"}}, "comfy_org_api_key": ""}, "non-empty string"),
+        ({"workflow": {"1": {"class_type": "X"}}, "overrides": {}}, "'overrides' must be a list"),
+        (
+            {"workflow": {"1": {"class_type": "X"}}, "overrides": [{"field": "a", "value": 1}]},
+            "exactly one of 'node_id'",
+        ),
+        ({"workflow": {"1": {"class_type": "X"}}, "overrides": [{"node_id": "1", "value": 1}]}, "needs a 'field'"),
+        ({"workflow": {"1": {"class_type": "X"}}, "overrides": [{"node_id": "1", "field": "a"}]}, "has no 'value'"),
+    ],
+)
+def test_bad_inputs_get_one_readable_sentence(raw, needle):
+    err = error_of(raw)
+    assert needle in err.message
+    assert err.message[-1] in ".?"
+
+
+def test_ui_format_is_rejected_with_export_instructions():
+    err = error_of({"workflow": {"nodes": [], "links": [], "version": 0.4}})
+    assert "UI format" in err.message and "Workflow > Export (API)" in err.message
+
+
+@pytest.mark.parametrize("prefix", ["", "data:image/png;base64,", "DATA:image/png;base64,"])
+def test_base64_with_or_without_data_uri(prefix):
+    payload = base64.b64encode(b"\x89PNG\r\n\x1a\n-bytes-").decode()
+    parsed = parse_job_input(
+        {"workflow": {"1": {"class_type": "X"}}, "images": [{"name": "a.png", "image": prefix + payload}]}
+    )
+    assert parsed.images[0].data == b"\x89PNG\r\n\x1a\n-bytes-"
+
+
+def test_url_safe_unpadded_and_wrapped_base64():
+    data = bytes(range(250))
+    text = base64.urlsafe_b64encode(data).decode().rstrip("=")
+    assert decode_base64(text[:40] + "\n" + text[40:], "x") == data
+
+
+@pytest.mark.parametrize("bad", ["not base64!!", "data:image/png;base64,%%%", "===="])
+def test_bad_base64_names_the_image(bad):
+    err = error_of({"workflow": {"1": {"class_type": "X"}}, "images": [{"name": "in.png", "image": bad}]})
+    assert "'in.png'" in err.message and "base64" in err.message
+
+
+@pytest.mark.parametrize("name", ["../x.png", "a/b.png", "a\\b.png", "..", "x\x00.png", "", "  ", None])
+def test_image_names_must_be_plain(name):
+    err = error_of({"workflow": {"1": {"class_type": "X"}}, "images": [{"name": name, "image": "AAAA"}]})
+    assert "name" in err.message
+
+
+def test_image_names_must_be_unique_and_have_one_source():
+    wf = {"1": {"class_type": "X"}}
+    err = error_of({"workflow": wf, "images": [{"name": "a.png", "image": "AAAA"}, {"name": "a.png", "image": "AAAA"}]})
+    assert "more than once" in err.message
+    err = error_of({"workflow": wf, "images": [{"name": "a.png"}]})
+    assert "exactly one of 'image' (base64) or 'url'" in err.message
+    err = error_of({"workflow": wf, "images": [{"name": "a.png", "url": "ftp://host/a.png"}]})
+    assert "only http:// and https://" in err.message
+
+
+def test_overrides_by_id_title_and_list_index_on_a_real_workflow():
+    wf = real("workflow_sdxl_turbo.json")["workflow"]
+    apply_overrides(
+        wf,
+        [
+            {"node_id": "6", "field": "inputs.text", "value": "a lighthouse"},
+            {"title": "KSampler", "field": "inputs.seed", "value": 7},
+            {"title": "Empty Latent Image", "field": "inputs.width", "value": 512},
+            {"node_id": 3, "field": "inputs.model.1", "value": 0},
+            {"node_id": "3", "field": "inputs.new_optional", "value": True},
+        ],
+    )
+    assert wf["6"]["inputs"]["text"] == "a lighthouse"
+    assert wf["3"]["inputs"]["seed"] == 7 and wf["3"]["inputs"]["new_optional"] is True
+    assert wf["5"]["inputs"]["width"] == 512
+    assert wf["3"]["inputs"]["model"] == ["4", 0]
+
+
+def test_nested_list_path():
+    wf = {"1": {"class_type": "LoraStack", "inputs": {"loras": [{"name": "a", "strength": 1.0}, {"name": "b"}]}}}
+    apply_overrides(wf, [{"node_id": "1", "field": "inputs.loras.0.strength", "value": 0.5}])
+    assert wf["1"]["inputs"]["loras"][0]["strength"] == 0.5
+    with pytest.raises(JobError, match="list of 2 item"):
+        apply_overrides(wf, [{"node_id": "1", "field": "inputs.loras.5.strength", "value": 0.5}])
+    with pytest.raises(JobError, match="is a str value"):
+        apply_overrides(wf, [{"node_id": "1", "field": "inputs.loras.1.name.x", "value": 0.5}])
+
+
+def test_unknown_targets_list_what_exists():
+    wf = real("workflow_sdxl_turbo.json")["workflow"]
+    with pytest.raises(JobError) as info:
+        apply_overrides(wf, [{"node_id": "42", "field": "inputs.text", "value": "x"}])
+    assert "'42'" in info.value.message and "4 (CheckpointLoaderSimple, 'Load Checkpoint')" in info.value.message
+    with pytest.raises(JobError) as info:
+        apply_overrides(wf, [{"title": "Prompt", "field": "inputs.text", "value": "x"}])
+    assert "'Load Checkpoint'" in info.value.message and "'KSampler'" in info.value.message
+    # an ambiguous title (two CLIP Text Encode nodes) asks for node_id
+    with pytest.raises(JobError, match="matches nodes 6, 7"):
+        apply_overrides(wf, [{"title": "CLIP Text Encode (Prompt)", "field": "inputs.text", "value": "x"}])
+    with pytest.raises(JobError) as info:
+        apply_overrides(wf, [{"node_id": "3", "field": "input.seed", "value": 1}])
+    assert "'input'" in info.value.message and "'inputs'" in info.value.message
+    with pytest.raises(JobError, match=r"did you mean inputs\.seed"):
+        apply_overrides(wf, [{"node_id": "3", "field": "seed", "value": 1}])
+
+
+def test_rename_references_touches_values_not_links():
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "in.png [input]"}},
+        "3": {"class_type": "Batch", "inputs": {"files": ["in.png", "other.png", "in.png"], "link": ["in.png", 0]}},
+        "4": {"class_type": "Text", "inputs": {"text": "a photo of in.png"}},
+    }
+    assert rename_references(wf, {"in.png": "in-abc.png"}) == 4
+    assert wf["1"]["inputs"]["image"] == "in-abc.png"
+    assert wf["2"]["inputs"]["image"] == "in-abc.png [input]"
+    assert wf["3"]["inputs"]["files"] == ["in-abc.png", "other.png", "in-abc.png"]
+    assert wf["3"]["inputs"]["link"] == ["in.png", 0]
+    assert wf["4"]["inputs"]["text"] == "a photo of in.png"

@@ -1,0 +1,149 @@
+"""outputs.py: collecting every output of a prompt, reading it (disk or /view), size guard, clean-up."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import shutil
+import uuid
+
+import pytest
+
+import comfy_client
+import outputs
+from comfy_client import ComfyClient
+from job_errors import JobError
+
+# /history outputs as ComfyUI 0.3.75 reports them (SaveImage, SaveVideo, SaveAudio, PreviewAny, PreviewImage)
+HISTORY_OUTPUTS = {
+    "9": {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]},
+    "3": {"images": [{"filename": "x_00001_.mp4", "subfolder": "vid", "type": "output"}], "animated": [True]},
+    "12": {"audio": [{"filename": "a_00001_.flac", "subfolder": "audio", "type": "output"}]},
+    "4": {"text": ["hello", "world"]},
+    "5": {"images": [{"filename": "ComfyUI_temp_abc_00001_.png", "subfolder": "", "type": "temp"}]},
+    "7": {"3d": [{"filename": "mesh.glb", "subfolder": "3d", "type": "output"}], "other": [1, 2]},
+}
+
+
+def test_collect_finds_every_file_under_any_key_and_the_text():
+    files, texts = outputs.collect(HISTORY_OUTPUTS)
+    assert [(f.node_id, f.subfolder, f.filename, f.type) for f in files] == [
+        ("9", "", "ComfyUI_00001_.png", "output"),
+        ("3", "vid", "x_00001_.mp4", "output"),
+        ("12", "audio", "a_00001_.flac", "output"),
+        ("5", "", "ComfyUI_temp_abc_00001_.png", "temp"),
+        ("7", "3d", "mesh.glb", "output"),
+    ]
+    assert texts == [{"node_id": "4", "text": "hello"}, {"node_id": "4", "text": "world"}]
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [
+        ("a.png", "image/png"),
+        ("a.WEBP", "image/webp"),
+        ("a.gif", "image/gif"),
+        ("a.mp4", "video/mp4"),
+        ("a.webm", "video/webm"),
+        ("a.flac", "audio/flac"),
+        ("a.glb", "model/gltf-binary"),
+        ("a.latent", "application/octet-stream"),
+    ],
+)
+def test_content_types(name, content_type):
+    assert outputs.content_type_of(name) == content_type
+
+
+def test_local_path_never_leaves_the_folder(tmp_path):
+    ok = outputs.OutputFile("1", "a.png", "sub", "output")
+    assert ok.local_path(tmp_path) == (tmp_path / "output" / "sub" / "a.png").resolve()
+    assert outputs.OutputFile("1", "a.png", "../../etc", "output").local_path(tmp_path) is None
+    assert outputs.OutputFile("1", "../x.png", "", "output").local_path(tmp_path) is None
+    assert outputs.OutputFile("1", "a.png", "", "weird").local_path(tmp_path) is None
+
+
+def test_cleanup_removes_only_the_jobs_files(tmp_path):
+    for rel in (
+        "output/mine.png",
+        "output/vid/mine.mp4",
+        "output/other.png",
+        "temp/prev.png",
+        "input/in-x.png",
+        "input/keep.png",
+    ):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    files = [
+        outputs.OutputFile("1", "mine.png", "", "output"),
+        outputs.OutputFile("2", "mine.mp4", "vid", "output"),
+        outputs.OutputFile("3", "prev.png", "", "temp"),
+        outputs.OutputFile("4", "gone.png", "", "output"),  # already missing: no error
+    ]
+    outputs.cleanup(files, tmp_path, ["in-x.png"])
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["input/keep.png", "output/other.png"]
+
+
+def deliver(files, comfyui, comfyui_path, max_mb=18.0):
+    async def go():
+        try:
+            client = ComfyClient(comfyui.host, comfyui.pid_file, comfyui.log_path)
+            return await outputs.deliver(
+                files, client=client, comfyui_path=comfyui_path, job_id="j", s3=None, max_response_mb=max_mb
+            )
+        finally:
+            await comfy_client.close_shared_session()
+
+    return asyncio.run(go())
+
+
+@pytest.fixture
+def saved_png(comfyui):
+    """A PNG placed in the real ComfyUI's output folder (removed afterwards)."""
+    sub = f"outputs-test-{uuid.uuid4().hex[:8]}"
+    folder = comfyui.path / "output" / sub
+    folder.mkdir(parents=True)
+    data = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+    )
+    (folder / "one.png").write_bytes(data)
+    yield outputs.OutputFile("9", "one.png", sub, "output"), data
+    shutil.rmtree(folder)
+
+
+def test_deliver_reads_from_disk_and_falls_back_to_view(comfyui, saved_png, tmp_path):
+    ref, data = saved_png
+    local = deliver([ref], comfyui, comfyui.path)
+    remote = deliver([ref], comfyui, tmp_path)  # not on this disk: fetched with /view
+    for images, files, errors in (local, remote):
+        assert images == [
+            {
+                "filename": "one.png",
+                "type": "base64",
+                "data": base64.b64encode(data).decode(),
+                "node_id": "9",
+                "content_type": "image/png",
+            }
+        ]
+        assert files == [] and errors == []
+
+
+def test_one_missing_file_is_a_non_fatal_error(comfyui, saved_png):
+    ref, _ = saved_png
+    missing = outputs.OutputFile("10", "missing.png", ref.subfolder, "output")
+    images, _, errors = deliver([ref, missing], comfyui, comfyui.path)
+    assert len(images) == 1 and len(errors) == 1 and "'missing.png' of node 10" in errors[0]
+    with pytest.raises(JobError, match="None of the 1 output file"):
+        deliver([missing], comfyui, comfyui.path)
+
+
+def test_size_guard_applies_to_disk_and_view(comfyui, saved_png, tmp_path):
+    ref, _ = saved_png
+    for path in (comfyui.path, tmp_path):
+        with pytest.raises(JobError, match="MAX_RESPONSE_MB") as info:
+            deliver([ref], comfyui, path, max_mb=0.00001)
+        assert "configure S3" in info.value.message
+
+
+def test_temp_files_are_not_delivered(comfyui, tmp_path):
+    assert deliver([outputs.OutputFile("5", "p.png", "", "temp")], comfyui, tmp_path) == ([], [], [])

@@ -1,0 +1,156 @@
+"""prompt_runner.py: following one prompt over the real ComfyUI websocket; error sentences."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import comfy_client
+from comfy_client import ComfyClient
+from job_errors import JobError
+from prompt_runner import PromptRunner, execution_error, rejection_error
+
+
+def steps_workflow(steps: int, seconds: float) -> dict:
+    return {
+        "1": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": random.randrange(1 << 24)},
+        },
+        "2": {
+            "class_type": "WorkerTestSteps",
+            "inputs": {"image": ["1", 0], "steps": steps, "seconds_per_step": seconds},
+        },
+        "3": {"class_type": "PreviewAny", "inputs": {"source": "done"}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    }
+
+
+def runner_for(comfyui, workflow, timeout=30.0, events=None) -> PromptRunner:
+    client = ComfyClient(comfyui.host, comfyui.pid_file, comfyui.log_path)
+    return PromptRunner(
+        client, workflow, timeout=timeout, ready_timeout=10, on_progress=events.append if events is not None else None
+    )
+
+
+def arun(coro_fn):
+    async def go():
+        try:
+            return await coro_fn()
+        finally:
+            await comfy_client.close_shared_session()
+
+    return asyncio.run(go())
+
+
+def test_outputs_timings_and_progress_events(comfyui):
+    events: list[dict] = []
+    runner = runner_for(comfyui, steps_workflow(5, 0.05), events=events)
+    result = arun(runner.run)
+    assert result.outputs["3"] == {"text": ["done"]}
+    assert result.outputs["4"]["images"][0]["type"] == "temp"
+    assert result.execution_ms >= 200 and result.queue_ms >= 0
+    statuses = [e["status"] for e in events]
+    assert statuses[0] == "queued" and "running" in statuses
+    steps = [e for e in events if e.get("max") == 5]
+    assert [e["value"] for e in steps] == [1, 2, 3, 4, 5]
+    assert all(e["node_id"] == "2" and e["class_type"] == "WorkerTestSteps" for e in steps)
+    assert all(e["prompt_id"] == result.prompt_id and e["nodes_total"] == 4 for e in events)
+
+
+def test_timeout_while_queued_drops_the_prompt_from_the_queue(comfyui):
+    async def go():
+        slow = runner_for(comfyui, steps_workflow(20, 0.05), timeout=30)
+        waiting = runner_for(comfyui, steps_workflow(1, 0.0), timeout=0.4)
+        first = asyncio.create_task(slow.run())
+        await asyncio.sleep(0.1)
+        try:
+            await waiting.run()
+        except JobError as exc:
+            error = exc
+        queue = comfyui.get_json("/queue")
+        return await first, error, queue, waiting.prompt_id
+
+    result, error, queue, waiting_id = arun(go)
+    assert result.outputs["3"] == {"text": ["done"]}
+    assert (
+        error.message
+        == "The job timed out after 0.4 s while the prompt was still waiting in ComfyUI's queue; the prompt was interrupted."
+    )
+    assert error.details["state"] == "queued"
+    assert waiting_id not in str(queue["queue_pending"])
+
+
+def test_rejection_error_for_value_not_in_list_both_combo_forms():
+    body = {
+        "error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+        "node_errors": {
+            "4": {
+                "errors": [
+                    {
+                        "type": "value_not_in_list",
+                        "message": "Value not in list",
+                        "details": "ckpt_name: 'x.safetensors' not in ['a.safetensors', 'b.safetensors']",
+                        "extra_info": {
+                            "input_name": "ckpt_name",
+                            "input_config": [["a.safetensors", "b.safetensors"], {}],
+                            "received_value": "x.safetensors",
+                        },
+                    }
+                ],
+                "class_type": "CheckpointLoaderSimple",
+            },
+            "7": {
+                "errors": [
+                    {
+                        "type": "value_not_in_list",
+                        "message": "Value not in list",
+                        "extra_info": {
+                            "input_name": "sampler",
+                            "input_config": ["COMBO", {"options": ["euler"]}],
+                            "received_value": "nope",
+                        },
+                    }
+                ],
+                "class_type": "KSampler",
+            },
+        },
+    }
+    err = rejection_error(body, {})
+    assert err.message == (
+        "ComfyUI rejected the workflow: node 4 (CheckpointLoaderSimple) input 'ckpt_name': 'x.safetensors' is not "
+        "one of the values ComfyUI offers (available: 'a.safetensors', 'b.safetensors') "
+        "(and 1 more problem(s), see details)."
+    )
+    assert err.details["problems"][1]["available_values"] == ["euler"]
+
+
+def test_rejection_error_without_node_errors():
+    body = {
+        "error": {
+            "type": "invalid_prompt",
+            "message": "Cannot execute because node Foo does not exist.",
+            "details": "Node ID '#1'",
+        }
+    }
+    err = rejection_error(body, {})
+    assert (
+        err.message == "ComfyUI rejected the workflow: Cannot execute because node Foo does not exist.: Node ID '#1'."
+    )
+
+
+def test_execution_error_sentence_and_details():
+    err = execution_error(
+        {
+            "prompt_id": "p",
+            "node_id": "5",
+            "node_type": "KSampler",
+            "exception_type": "torch.OutOfMemoryError",
+            "exception_message": "CUDA out of memory.\n",
+            "traceback": [f"line {i}" for i in range(20)],
+            "executed": ["1"],
+        }
+    )
+    assert err.message == "ComfyUI failed in node 5 (KSampler): torch.OutOfMemoryError: CUDA out of memory."
+    assert err.details["traceback"] == [f"line {i}" for i in range(12, 20)]
+    assert err.details["class_type"] == "KSampler"

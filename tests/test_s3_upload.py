@@ -1,0 +1,110 @@
+"""s3_upload.py against moto's S3 server (the real boto3 client over HTTP) (SPEC §8)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import boto3
+import pytest
+from boto3.s3.transfer import TransferConfig
+from moto.server import ThreadedMotoServer
+
+import s3_upload
+from settings import Settings
+
+BUCKET = "comfyui-outputs"
+
+
+@pytest.fixture
+def moto_s3():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="AKIATEST",
+        aws_secret_access_key="s3cr3t",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=BUCKET)
+    yield endpoint, client
+    server.stop()
+
+
+def settings_for(endpoint: str, **env) -> Settings:
+    base = {
+        "BUCKET_ENDPOINT_URL": endpoint,
+        "BUCKET_ACCESS_KEY_ID": "AKIATEST",
+        "BUCKET_SECRET_ACCESS_KEY": "s3cr3t",
+        "BUCKET_REGION": "us-east-1",
+    }
+    base.update(env)
+    return Settings.from_env(base)
+
+
+def fetch(url: str) -> tuple[bytes, str]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read(), r.headers.get("Content-Type")
+
+
+def test_disabled_without_endpoint():
+    assert s3_upload.S3Uploader.from_settings(Settings.from_env({})) is None
+
+
+def test_upload_bytes_sets_key_content_type_and_presigned_url(moto_s3):
+    endpoint, client = moto_s3
+    uploader = s3_upload.S3Uploader(settings_for(endpoint, BUCKET_PREFIX="outputs/", S3_URL_EXPIRES="600"))
+    url = uploader.upload("job-1", "ComfyUI_00001_.png", "image/png", data=b"\x89PNG fake")
+    head = client.head_object(Bucket=BUCKET, Key="outputs/job-1/ComfyUI_00001_.png")
+    assert head["ContentType"] == "image/png"
+    assert "X-Amz-Signature=" in url and "X-Amz-Expires=600" in url
+    body, content_type = fetch(url)  # plain HTTP, no credentials
+    assert body == b"\x89PNG fake" and content_type == "image/png"
+
+
+def test_zero_expiry_gives_the_plain_object_url(moto_s3):
+    endpoint, client = moto_s3
+    # plain URLs are for public buckets: make this one publicly readable
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{BUCKET}/*"}
+        ],
+    }
+    client.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps(policy))
+    uploader = s3_upload.S3Uploader(settings_for(endpoint, S3_URL_EXPIRES="0"))
+    url = uploader.upload("job 2", "clip 1.mp4", "video/mp4", data=b"video")
+    assert url == f"{endpoint}/{BUCKET}/job%202/clip%201.mp4"
+    assert fetch(url) == (b"video", "video/mp4")
+
+
+def test_aws_endpoint_uses_virtual_host_urls():
+    uploader = s3_upload.S3Uploader(
+        Settings.from_env({"BUCKET_ENDPOINT_URL": "https://s3.eu-west-1.amazonaws.com", "S3_URL_EXPIRES": "0"})
+    )
+    assert uploader.url_for("job/a.png") == f"https://{BUCKET}.s3.eu-west-1.amazonaws.com/job/a.png"
+
+
+def test_large_file_from_disk_goes_up_in_parts(moto_s3, tmp_path, monkeypatch):
+    endpoint, client = moto_s3
+    monkeypatch.setattr(
+        s3_upload, "TRANSFER", TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024)
+    )
+    path = tmp_path / "big.bin"
+    data = bytes(range(256)) * (6 * 4096)  # 6 MiB
+    path.write_bytes(data)
+    uploader = s3_upload.S3Uploader(settings_for(endpoint))
+    url = uploader.upload("job-3", "big.bin", "application/octet-stream", path=path)
+    head = client.head_object(Bucket=BUCKET, Key="job-3/big.bin")
+    assert head["ETag"].strip('"').endswith("-2")  # a multipart upload of two parts
+    assert fetch(url)[0] == data
+
+
+def test_missing_bucket_raises_a_clear_client_error(moto_s3):
+    endpoint, _ = moto_s3
+    uploader = s3_upload.S3Uploader(settings_for(endpoint, BUCKET_NAME="no-such-bucket"))
+    with pytest.raises(Exception, match="NoSuchBucket"):
+        uploader.upload("job", "a.png", "image/png", data=b"x")
