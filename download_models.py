@@ -77,6 +77,7 @@ from http_download import (
     DownloadError,
     MiB,
     Probe,
+    RetryableError,
     safe_filename,
     same_host,
     url_filename,
@@ -182,6 +183,7 @@ class Provisioner:
         self._reserved: dict[str, int] = {}
         self._record_lock = threading.Lock()
         self._slots = iter(range(10_000))
+        self._claimed: dict[str, int] = {}
         recorded = read_lock_file(settings.lock_file).get("models") or []
         self.recorded = [r for r in recorded if isinstance(r, dict)]
 
@@ -267,17 +269,22 @@ class Provisioner:
         repo_id, revision, path = unquote(m["repo"]), unquote(m["rev"]), unquote(m["path"])
         endpoint = self.settings.hf_endpoint
         url = hf_hub_url(repo_id, path, repo_type=repo_type, revision=revision, endpoint=endpoint)
-        try:
-            meta = self.downloader.with_retries(
-                f"Hugging Face metadata for {repo_id}/{path}",
-                lambda: get_hf_file_metadata(url, token=self.settings.hf_token or False, endpoint=endpoint),
-            )
-        except HfHubHTTPError as err:
-            status = err.response.status_code if err.response is not None else None
-            hint = " (gated or private: set HF_TOKEN)" if status in (401, 403) else ""
-            raise DownloadError(f"Hugging Face: {repo_id}/{path}@{revision}: HTTP {status}{hint}") from None
-        except Exception as err:  # network errors from huggingface_hub's HTTP client
-            raise DownloadError(f"Hugging Face: {repo_id}/{path}@{revision}: {type(err).__name__}: {err}") from None
+        what = f"Hugging Face {repo_id}/{path}@{revision}"
+
+        def metadata():
+            try:
+                return get_hf_file_metadata(url, token=self.settings.hf_token or False, endpoint=endpoint)
+            except HfHubHTTPError as err:
+                status = err.response.status_code if err.response is not None else None
+                if status is None or status in (408, 429) or status >= 500:
+                    raise RetryableError(f"{what}: HTTP {status}") from None
+                hint = {401: " (gated or private: set HF_TOKEN)", 403: " (gated: accept the terms, set HF_TOKEN)"}
+                hint[404] = " (check the repo, revision and file path)"
+                raise DownloadError(f"{what}: HTTP {status}{hint.get(status, '')}") from None
+            except (OSError, *_hf_transport_errors()) as err:  # network errors of huggingface_hub's client
+                raise RetryableError(f"{what}: {type(err).__name__}: {err}") from None
+
+        meta = self.downloader.with_retries(what, metadata)
         job.size = meta.size
         etag = (meta.etag or "").lower()
         job.extra["hub_sha256"] = etag if SHA256_RE.match(etag) else None
@@ -359,7 +366,12 @@ class Provisioner:
         size = target.stat().st_size
         rec = self.record_for(job)
         want_sha = job.entry.sha256
-        if rec and rec.get("size") == size and (not want_sha or rec.get("sha256") == want_sha):
+        if (
+            rec
+            and rec.get("url") == job.entry.url
+            and rec.get("size") == size
+            and (not want_sha or rec.get("sha256") == want_sha)
+        ):
             job.size, job.sha256 = size, rec.get("sha256")
             return True
         return False
@@ -372,6 +384,10 @@ class Provisioner:
             return False
         size = target.stat().st_size
         want_sha = job.entry.sha256 or job.extra.get("hub_sha256")
+        rec = self.record_for(job)
+        if rec and rec.get("url") != job.entry.url:
+            log.info("%s: the url changed since it was downloaded; downloading again", target)
+            return False
         if job.size is not None and job.size != size:
             log.warning("%s: present with %d bytes but the server has %d; downloading again", target, size, job.size)
             return False
@@ -395,6 +411,12 @@ class Provisioner:
         self.resolve(job, need_network=True)
         job.target = self.target_of(job)
         target = job.target
+        with self._record_lock:
+            other = self._claimed.setdefault(str(target), job.index)
+        if other != job.index:
+            raise DownloadError(
+                f"models[{other}] already downloads to {target}; give one of them another 'filename' or 'destination'"
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.models_dir / ".locks" / job.entry.destination / (target.name + ".lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -523,6 +545,15 @@ class _Progress:
             self.bar.close()
 
 
+def _hf_transport_errors() -> tuple[type[BaseException], ...]:
+    try:
+        import httpx2  # huggingface_hub's HTTP client
+
+        return (httpx2.TransportError,)
+    except ImportError:
+        return ()
+
+
 def _has_hf_xet() -> bool:
     try:
         import hf_xet  # noqa: F401
@@ -567,13 +598,11 @@ def summary(jobs: list[Job], dry_run: bool) -> str:
         status = j.status if not j.error else f"{j.status}: {j.error}"
         rows.append([j.label, human_size(j.size), j.source, f"{j.seconds:.1f}", mbs, status])
     if dry_run:
-        return format_table(
-            ["name", "size", "source", "target", "url"],
-            [
-                [j.label, human_size(j.size), j.source, str(j.target or "?"), j.download_url or j.entry.url]
-                for j in jobs
-            ],
-        )
+        rows = [
+            [j.label, human_size(j.size), j.source, str(j.target or "?"), j.download_url or j.entry.url, j.status]
+            for j in jobs
+        ]
+        return format_table(["name", "size", "source", "target", "from", "action"], rows)
     return format_table(["name", "size", "source", "seconds", "MB/s", "status"], rows)
 
 

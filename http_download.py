@@ -33,12 +33,13 @@ How the pieces fit:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import json
 import logging
+import mmap
 import os
+import queue
 import random
 import re
 import threading
@@ -156,20 +157,87 @@ def _retry_after(resp: requests.Response) -> float | None:
     return float(value) if value.isdigit() else None
 
 
-def iter_body(resp: requests.Response):
-    """The response body as memoryviews of one reused buffer (consume each before the next). Reads with
-    ``readinto`` on the underlying http.client response: no copies, and a connection that drops midway
-    still hands over every byte that arrived (urllib3's ``read(amt)`` would discard the partial block)."""
+class _OneBuffer:
+    def __init__(self):
+        self.view = memoryview(bytearray(READ_SIZE))
+
+    def take(self) -> memoryview:
+        return self.view
+
+    def put_back(self, view: memoryview) -> None:
+        pass
+
+
+def iter_body(resp: requests.Response, buffers=None):
+    """The response body as memoryviews of buffers from ``buffers`` (``take()``/``put_back()``; default:
+    one reused buffer, so consume each block before the next). Reads with ``readinto`` on the underlying
+    http.client response: no copies, and a connection that drops midway still hands over every byte that
+    arrived (urllib3's ``read(amt)`` would discard the partial block)."""
+    buffers = buffers or _OneBuffer()
     fp = getattr(resp.raw, "_fp", None)
     if not isinstance(fp, http.client.HTTPResponse) or resp.headers.get("Content-Encoding", "identity") != "identity":
-        yield from (memoryview(b) for b in resp.iter_content(READ_SIZE))
+        for data in resp.iter_content(READ_SIZE):
+            view = buffers.take()
+            view[: len(data)] = data
+            yield view[: len(data)]
         return
-    view = memoryview(bytearray(READ_SIZE))
-    while n := fp.readinto(view):
+    while True:
+        view = buffers.take()
+        try:
+            n = fp.readinto(view)
+        except BaseException:
+            buffers.put_back(view)
+            raise
+        if not n:
+            buffers.put_back(view)
+            break
         yield view[:n]
     if fp.length in (None, 0):  # complete: the connection can go back to the pool
         resp._content_consumed = True
         resp.raw.release_conn()
+
+
+class _HashPipe:
+    """sha256 on its own thread for a sequential download: the reader fills a free buffer, writes it,
+    and hands it over; the hasher returns it when done. Hashing overlaps receiving and writing (two
+    cores) without copying the bytes."""
+
+    def __init__(self, depth: int = 6):
+        self.digest = hashlib.sha256()
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        self.full: queue.Queue = queue.Queue()
+        for _ in range(depth):
+            self.free.put(memoryview(bytearray(READ_SIZE)))
+        self.thread = threading.Thread(target=self._run, daemon=True, name="dl-hash")
+        self.thread.start()
+
+    def take(self) -> memoryview:
+        return self.free.get()
+
+    def put_back(self, view: memoryview) -> None:
+        self.free.put(view.obj if isinstance(view.obj, memoryview) else memoryview(view.obj))
+
+    def feed(self, block: memoryview) -> None:
+        self.full.put(block)
+
+    def _run(self) -> None:
+        while (block := self.full.get()) is not None:
+            self.digest.update(block)
+            self.put_back(block)
+            self.full.task_done()
+        self.full.task_done()
+
+    def hexdigest(self) -> str:
+        self.full.join()
+        return self.digest.hexdigest()
+
+    def reset(self) -> None:
+        self.full.join()
+        self.digest = hashlib.sha256()
+
+    def close(self) -> None:
+        self.full.put(None)
+        self.thread.join()
 
 
 def _describe(status: int, url: str) -> str:
@@ -357,7 +425,13 @@ class Downloader:
             if not probe.ranges or (size is not None and prefix > size):
                 prefix = 0
         state.unlink(missing_ok=True)
-        digest = hashlib.sha256()
+        pipe = _HashPipe()
+        try:
+            return self._fetch_single_into(probe, part, size, progress, stop, prefix, pipe)
+        finally:
+            pipe.close()
+
+    def _fetch_single_into(self, probe, part, size, progress, stop, prefix: int, pipe: _HashPipe) -> Result:
         with open(part, "a+b") as f:
             f.truncate(prefix)
             f.seek(0)
@@ -366,12 +440,12 @@ class Downloader:
                 block = f.read(min(HASH_READ, remaining))
                 if not block:
                     break
-                digest.update(block)
+                pipe.digest.update(block)
                 remaining -= len(block)
         resumed_from = prefix
-        box = {"pos": prefix, "digest": digest, "fetched": 0}
+        box = {"pos": prefix, "fetched": 0}
         if size is not None and prefix == size:
-            return Result(size, digest.hexdigest(), 0, resumed_from, 0)
+            return Result(size, pipe.hexdigest(), 0, resumed_from, 0)
 
         def attempt() -> None:
             headers = {}
@@ -385,25 +459,30 @@ class Downloader:
                     return
                 if box["pos"] > 0 and resp.status_code == 200:
                     log.info("%s ignored the Range request; starting over", urlparse(probe.url).netloc)
-                    box["pos"], box["digest"] = 0, hashlib.sha256()
+                    pipe.reset()
+                    box["pos"] = 0
                     f.truncate(0)
                 elif resp.status_code not in (200, 206):
                     raise DownloadError(f"unexpected HTTP {resp.status_code} from {urlparse(probe.url).netloc}")
-                f.seek(box["pos"])
-                for block in iter_body(resp):
+                fd = f.fileno()
+                for block in iter_body(resp, pipe):
+                    n = len(block)
+                    try:
+                        os.pwrite(fd, block, box["pos"])
+                    except BaseException:
+                        pipe.put_back(block)
+                        raise
+                    pipe.feed(block)
+                    box["pos"] += n
+                    box["fetched"] += n
+                    progress(box["pos"], size)
                     if stop.is_set():
                         raise DownloadError("interrupted")
-                    f.write(block)
-                    box["digest"].update(block)
-                    box["pos"] += len(block)
-                    box["fetched"] += len(block)
-                    progress(box["pos"], size)
-                f.flush()
             if size is not None and box["pos"] < size:
                 raise RetryableError(f"connection closed at {box['pos']} of {size} bytes")
 
         self.with_retries(f"download {urlparse(probe.url).netloc}", attempt, lambda: box["pos"])
-        return Result(box["pos"], box["digest"].hexdigest(), box["fetched"], resumed_from, 1)
+        return Result(box["pos"], pipe.hexdigest(), box["fetched"], resumed_from, 1)
 
 
 def state_path(part: Path) -> Path:
@@ -547,7 +626,7 @@ class _ParallelFetch:
         if pos < end:
             raise RetryableError(f"connection closed at byte {pos - start} of chunk {k}")
 
-    def _hasher(self, fd: int, box: dict) -> None:
+    def _hasher(self, view: memoryview, box: dict) -> None:
         digest = hashlib.sha256()
         pos = 0
         try:
@@ -561,13 +640,13 @@ class _ParallelFetch:
                         self.cond.wait(0.5)
                     if avail <= pos:
                         return
-                while pos < avail:
-                    block = os.pread(fd, min(HASH_READ, avail - pos), pos)
-                    if not block:
-                        raise DownloadError(f"{self.part} is shorter than its recorded progress")
-                    digest.update(block)
-                    pos += len(block)
-            box["sha256"] = digest.hexdigest()
+                while pos < avail and not box.get("abort"):
+                    n = min(HASH_READ, avail - pos)
+                    with view[pos : pos + n] as block:
+                        digest.update(block)
+                    pos += n
+            if pos == self.size:
+                box["sha256"] = digest.hexdigest()
         except BaseException as err:  # noqa: BLE001
             with self.cond:
                 self.error = self.error or err
@@ -576,13 +655,19 @@ class _ParallelFetch:
     def run(self) -> Result:
         fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
         box: dict = {}
+        mapped = view = hasher = None
         try:
             self._save_state()
+            if os.fstat(fd).st_size < self.size:
+                os.ftruncate(fd, self.size)  # sparse; lets the hasher map the whole file
+            # the hasher reads what the workers wrote straight from the page cache, without a copy
+            mapped = mmap.mmap(fd, self.size, prot=mmap.PROT_READ)
+            view = memoryview(mapped)
             workers = [
                 threading.Thread(target=self._worker, args=(fd,), daemon=True, name=f"dl-{i}")
                 for i in range(min(self.dl.connections, self.n))
             ]
-            hasher = threading.Thread(target=self._hasher, args=(fd, box), daemon=True, name="dl-hash")
+            hasher = threading.Thread(target=self._hasher, args=(view, box), daemon=True, name="dl-hash")
             hasher.start()
             for w in workers:
                 w.start()
@@ -609,11 +694,18 @@ class _ParallelFetch:
             hasher.join()
             if self.error is not None:
                 raise self.error
-            if not complete:
+            if not complete or "sha256" not in box:
                 raise DownloadError("download stopped before the end")
             self.progress(self.size, self.size)
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, self.size)
         finally:
+            if hasher is not None and hasher.is_alive():
+                with self.cond:
+                    box["abort"] = True
+                    self.cond.notify_all()
+                hasher.join()
+            if view is not None:
+                view.release()
+            if mapped is not None:
+                mapped.close()
             os.close(fd)
         return Result(self.size, box["sha256"], self.fetched, self.resumed_from, min(self.dl.connections, self.n))

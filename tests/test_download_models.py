@@ -374,7 +374,8 @@ def test_dry_run_shows_what_where_and_size_and_writes_nothing(box, origin, blob)
     )
     r = box.run("--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "5.0 MiB" in r.stdout and "would download" not in r.stdout.splitlines()[0]
+    assert r.stdout.splitlines()[0].split() == ["name", "size", "source", "target", "from", "action"]
+    assert "5.0 MiB" in r.stdout and r.stdout.count("would download") == 2
     assert str(box.models / "vae" / "v.safetensors") in r.stdout
     assert f"{origin.url}/m.safetensors" in r.stdout
     assert {s.method for s in origin.seen()} == {"HEAD"}
@@ -428,3 +429,75 @@ def test_not_enough_disk_space_fails_up_front(box, origin):
     r = box.run()
     assert r.returncode == 1 and "not enough disk space" in r.stderr
     assert len(origin.seen()) == 1  # only the probe; not one byte of the body was requested
+
+
+def test_entries_download_in_parallel(box, origin, blob):
+    path, _ = blob
+    for name in ("a", "b", "c"):
+        origin.add(f"/{name}.safetensors", file=path, rate=8 * MiB)  # about 0.65 s each
+    box.write([{"url": f"{origin.url}/{n}.safetensors", "destination": "loras"} for n in ("a", "b", "c")])
+    r = box.run("--parallel", "3")
+    assert r.returncode == 0, r.stderr
+    bodies = [s for s in origin.seen() if s.method == "GET" and s.sent > 1]
+    assert len(bodies) == 3
+    assert max(s.at for s in bodies) < min(s.finished for s in bodies)  # all three were in flight at once
+    r = box.run("--parallel", "1", "--force")
+    bodies = [s for s in origin.seen() if s.method == "GET" and s.sent > 1][3:]
+    assert sorted(s.at for s in bodies)[1] > sorted(s.finished for s in bodies)[0]  # one after the other
+
+
+def test_two_entries_resolving_to_the_same_file_are_refused(box, origin, blob):
+    path, _ = blob
+    same = {"Content-Disposition": 'attachment; filename="same.safetensors"'}
+    origin.add("/a", file=path, headers=same)
+    origin.add("/b", file=path, headers=same)
+    box.write([{"url": f"{origin.url}/{n}", "destination": "loras"} for n in ("a", "b")])
+    r = box.run("--parallel", "1")
+    assert r.returncode == 1
+    assert "models[0] already downloads to" in r.stderr and "another 'filename'" in r.stderr
+
+
+def test_a_changed_url_downloads_again_even_with_the_same_size(box, origin, tmp_path):
+    v1, v2 = tmp_path / "v1.bin", tmp_path / "v2.bin"
+    random_file(v1, MiB, seed=21)
+    sha2 = random_file(v2, MiB, seed=22)
+    origin.add("/v1/model.safetensors", file=v1)
+    origin.add("/v2/model.safetensors", file=v2)
+    box.write([{"url": f"{origin.url}/v1/model.safetensors", "destination": "unet"}])
+    assert box.run().returncode == 0
+    box.write([{"url": f"{origin.url}/v2/model.safetensors", "destination": "unet"}])
+    r = box.run()
+    assert r.returncode == 0 and "downloaded" in r.stdout
+    assert sha_of(box.models / "unet" / "model.safetensors") == sha2
+    assert box.lock()["models"][0]["url"].endswith("/v2/model.safetensors")
+
+
+def test_missing_hugging_face_file_fails_with_a_clear_error(box):
+    with FaultyOrigin() as hub:
+        box.env["HF_ENDPOINT"] = hub.url
+        box.write([{"url": "https://huggingface.co/org/repo/resolve/main/nope.safetensors", "destination": "unet"}])
+        r = box.run()
+    assert r.returncode == 1
+    assert "Hugging Face org/repo/nope.safetensors@main: HTTP 404 (check the repo, revision and file path)" in r.stderr
+
+
+def test_sigterm_keeps_the_part_for_the_next_run(box, tmp_path):
+    www = tmp_path / "www"
+    sha = random_file(www / "clip.safetensors", 72 * MiB, seed=6)
+    with NginxOrigin(www, tmp_path / "nginx", limit_rate="2m") as ng:
+        box.write([{"url": f"{ng.url}/limited/clip.safetensors", "destination": "clip"}])
+        part = box.models / "clip" / "clip.safetensors.part"
+        proc = subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and saved_progress(part) < 8 * MiB:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 1
+        assert "interrupted; partial downloads are kept" in err
+        kept = saved_progress(part)
+        assert kept >= 8 * MiB and part.exists()
+        r = box.run()
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {kept / MiB:.1f} MiB" in r.stderr
+    assert sha_of(box.models / "clip" / "clip.safetensors") == sha

@@ -185,6 +185,8 @@ class Seen:
     headers: dict[str, str]
     status: int = 0
     sent: int = 0
+    at: float = field(default_factory=time.monotonic)  # when the request arrived
+    finished: float | None = None  # when the whole body was sent
 
 
 class FaultyOrigin:
@@ -333,6 +335,8 @@ class FaultyOrigin:
                 return
             seen.sent += n
             pos += n
+            if pos >= end:
+                seen.finished = time.monotonic()
             if route.rate:
                 ahead = (pos - start) / route.rate - (time.monotonic() - began)
                 if ahead > 0:
