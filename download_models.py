@@ -91,7 +91,6 @@ HF_HOSTS = ("https://huggingface.co", "https://hf.co")
 CIVITAI_HOSTS = ("https://civitai.com", "https://www.civitai.com")
 HF_PATH = re.compile(r"^/(?:(?P<type>datasets|spaces)/)?(?P<repo>.+?)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<path>.+)$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-LOG_INTERVAL = 10.0
 DISK_MARGIN = 64 * MiB
 
 
@@ -182,7 +181,6 @@ class Provisioner:
         self._disk_lock = threading.Lock()
         self._reserved: dict[str, int] = {}
         self._record_lock = threading.Lock()
-        self._slots = iter(range(10_000))
         self._claimed: dict[str, int] = {}
         recorded = read_lock_file(settings.lock_file).get("models") or []
         self.recorded = [r for r in recorded if isinstance(r, dict)]
@@ -511,14 +509,14 @@ class Provisioner:
             self._reserved[str(job.target)] = need
 
     def _progress(self, job: Job):
-        return _Progress(job.label, job.size, self.tty, next(self._slots))
+        return _Progress(job.label, job.size, self.tty, self.settings.download_log_interval)
 
 
 class _Progress:
-    """A tqdm bar on a terminal, a log line every LOG_INTERVAL seconds otherwise."""
+    """A tqdm bar on a terminal, a log line every ``interval`` seconds otherwise."""
 
-    def __init__(self, name: str, total: int | None, tty: bool, slot: int):
-        self.name, self.total = name, total
+    def __init__(self, name: str, total: int | None, tty: bool, interval: float):
+        self.name, self.total, self.interval = name, total, interval
         self.started = self.last_log = time.monotonic()
         self.done = 0
         self.bar = None
@@ -534,7 +532,7 @@ class _Progress:
             self.bar.update(done - self.done)
         self.done = done
         now = time.monotonic()
-        if self.bar is None and now - self.last_log >= LOG_INTERVAL:
+        if self.bar is None and now - self.last_log >= self.interval:
             self.last_log = now
             rate = done / max(now - self.started, 1e-6) / 1e6
             pct = f"{100 * done / total:.0f}% " if total else ""

@@ -112,6 +112,7 @@ class Settings:
     download_connections: int = 8  # env DOWNLOAD_CONNECTIONS: parallel range connections per big file
     download_retries: int = 5  # env DOWNLOAD_RETRIES: attempts per request without progress
     download_retry_backoff: float = 1.0  # env DOWNLOAD_RETRY_BACKOFF: first retry delay in seconds (doubles)
+    download_log_interval: float = 10.0  # env DOWNLOAD_LOG_INTERVAL: seconds between progress lines (no TTY)
     config_yml: str | None = field(default=None, repr=False)
     bucket_access_key_id: str | None = field(default=None, repr=False)
     bucket_secret_access_key: str | None = field(default=None, repr=False)
@@ -160,6 +161,7 @@ class Settings:
             download_connections=max(1, _int(env, "DOWNLOAD_CONNECTIONS", 8)),
             download_retries=max(1, _int(env, "DOWNLOAD_RETRIES", 5)),
             download_retry_backoff=max(0.0, _float(env, "DOWNLOAD_RETRY_BACKOFF", 1.0)),
+            download_log_interval=max(0.1, _float(env, "DOWNLOAD_LOG_INTERVAL", 10.0)),
             config_yml=env.get("CONFIG_YML") or None,
             bucket_access_key_id=env.get("BUCKET_ACCESS_KEY_ID") or None,
             bucket_secret_access_key=env.get("BUCKET_SECRET_ACCESS_KEY") or None,

@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,9 +180,12 @@ def test_sigkill_mid_download_then_rerun_resumes_from_the_part(box, tmp_path):
         kept = saved_progress(part)
         assert kept >= 20 * MiB
         assert not (box.models / "unet" / "unet.safetensors").exists()
+        box.env["DOWNLOAD_LOG_INTERVAL"] = "0.5"
         r = box.run()
         assert r.returncode == 0, r.stderr
     assert sha_of(box.models / "unet" / "unet.safetensors") == sha
+    # no terminal: plain progress lines instead of a bar
+    assert re.search(r"INFO download_models: unet.safetensors: \d+% [\d.]+ MiB / 80.0 MiB at [\d.]+ MB/s", r.stderr)
     assert f"resumed from {kept / MiB:.1f} MiB" in r.stderr
     # over both runs nginx sent the file once, plus at most the unsaved tail of each killed connection
     assert nginx_bytes(workdir) < size + 8 * MiB
@@ -501,3 +506,17 @@ def test_sigterm_keeps_the_part_for_the_next_run(box, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"resumed from {kept / MiB:.1f} MiB" in r.stderr
     assert sha_of(box.models / "clip" / "clip.safetensors") == sha
+
+
+@pytest.mark.skipif(not shutil.which("script"), reason="needs script(1) from util-linux for a pseudo-terminal")
+def test_progress_bar_on_a_terminal(box, origin, blob):
+    path, _ = blob
+    origin.add("/m.safetensors", file=path, rate=4 * MiB)
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints"}])
+    command = f"stty cols 100 rows 30; {shlex.join(box.argv())}"
+    r = subprocess.run(
+        ["script", "-qec", command, "/dev/null"], env=box.env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stdout
+    assert re.search(r"m\.safetensors:\s+\d+%\|.+\| [\d.]+M/5\.00M", r.stdout)  # a tqdm bar
+    assert "downloaded" in r.stdout
