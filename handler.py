@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -16,7 +17,7 @@ import aiohttp
 import runpod
 
 import outputs
-from comfy_client import ComfyClient, shared_session
+from comfy_client import ComfyClient, close_shared_session, shared_session
 from job_errors import JobError
 from job_input import ImageInput, JobInput, apply_overrides, parse_job_input, rename_references
 from log_setup import reset_job_id, set_job_id, setup_logging
@@ -229,7 +230,16 @@ def main() -> None:
     setup_logging()
     settings = Settings.from_env()
     log.info("Starting the RunPod handler (ComfyUI at %s, concurrency %d)", settings.comfy_host, settings.concurrency)
-    runpod.serverless.start({"handler": handler, "concurrency_modifier": lambda _current: settings.concurrency})
+    entry = handler
+    if any(arg.startswith("--test_input") for arg in sys.argv):  # one local job, then the loop ends
+
+        async def entry(job: dict) -> dict:
+            try:
+                return await handler(job)
+            finally:
+                await close_shared_session()
+
+    runpod.serverless.start({"handler": entry, "concurrency_modifier": lambda _current: settings.concurrency})
 
 
 if __name__ == "__main__":

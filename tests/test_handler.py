@@ -630,6 +630,7 @@ def local_api(worker_env, tmp_path):
             with urllib.request.urlopen(req, timeout=120) as r:
                 return json.load(r)
 
+        post.url = f"http://127.0.0.1:{port}"
         yield post, sink, log_path
     finally:
         proc.terminate()
@@ -666,3 +667,113 @@ def test_runsync_through_the_sdk_local_api_with_throttled_progress(local_api):
     job_lines = [line for line in log_text.splitlines() if " handler: " in line or " prompt_runner: " in line]
     job_lines = [line for line in job_lines if "Starting the RunPod handler" not in line]
     assert len(job_lines) >= 4 and all(": [test-" in line for line in job_lines), job_lines
+
+
+def test_example_client_saves_the_returned_images(local_api, tmp_path):
+    post, _, _ = local_api
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "examples/test_local.py", "--url", post.url, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    (saved,) = out.iterdir()
+    with Image.open(saved) as img:
+        assert img.size == (32, 64)  # test_input.json: 64x64 with its width overridden to 32
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"input": {"workflow": {"nodes": [], "links": []}}}))
+    failed = subprocess.run(
+        [sys.executable, "examples/test_local.py", str(bad), "--url", post.url, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert failed.returncode == 1 and "Export (API)" in failed.stderr
+
+
+class FakeRunPodQueue:
+    """Stands in for RunPod's job queue (job-take / job-done / job-stop over HTTP, as the SDK calls them)."""
+
+    def __init__(self, jobs: list[dict]):
+        self.jobs = list(jobs)
+        self.takes: list[str] = []
+        self.results: dict[str, dict] = {}
+        queue = self
+
+        class Serve(BaseHTTPRequestHandler):
+            def do_GET(self):
+                if "/job-take" in self.path:
+                    queue.takes.append(self.path)
+                    count = int(self.path.split("batch_size=")[1].split("&")[0]) if "batch_size=" in self.path else 1
+                    batch, queue.jobs = queue.jobs[:count], queue.jobs[count:]
+                    if batch:
+                        body = json.dumps(batch if "job-take-batch" in self.path else batch[0]).encode()
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
+                        return
+                time.sleep(0.2)
+                self.send_response(204)
+                self.end_headers()
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                job_id = self.path.split("/done/")[1].split("?")[0]
+                if body.get("status") != "IN_PROGRESS":
+                    queue.results[job_id] = body
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Serve)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+
+
+def test_worker_loop_runs_max_concurrency_jobs_at_once(worker_env, tmp_path):
+    jobs = [
+        job(slow_workflow(10, 0.05, color=0xFF0000), job_id="job-red"),
+        job(slow_workflow(10, 0.05, color=0x0000FF), job_id="job-blue"),
+    ]
+    queue = FakeRunPodQueue(jobs)
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    env.update(worker_env.env(), COMFY_LOG_FILE=str(worker_env.log_path), MAX_CONCURRENCY="2")
+    env.update(
+        RUNPOD_ENDPOINT_ID="test-endpoint",
+        RUNPOD_POD_ID="test-worker",
+        RUNPOD_WEBHOOK_GET_JOB=f"{queue.base}/job-take/$ID?gpu=cpu",
+        RUNPOD_WEBHOOK_POST_OUTPUT=f"{queue.base}/done/$ID?gpu=cpu",
+        RUNPOD_SKIP_GPU_CHECK="true",
+        RUNPOD_MIN_MEMORY_GB="0",
+        RUNPOD_MIN_DISK_PERCENT="0",
+    )
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "handler.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while len(queue.results) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        queue.server.shutdown()
+    assert set(queue.results) == {"job-red", "job-blue"}, log_path.read_text()
+    assert "batch_size=2" in queue.takes[0]  # MAX_CONCURRENCY reached the SDK through concurrency_modifier
+    for job_id, color in (("job-red", (255, 0, 0)), ("job-blue", (0, 0, 255))):
+        output = queue.results[job_id]["output"]
+        assert decode_image(output["images"][0]).getpixel((0, 0)) == color

@@ -1,0 +1,68 @@
+"""Send a job to the worker's local API and save what comes back.
+
+    python examples/test_local.py                              # test_input.json to http://127.0.0.1:8000
+    python examples/test_local.py examples/workflow_upscale.json --url http://127.0.0.1:8000 --out outputs
+
+The local API is the RunPod SDK's own (``python handler.py --rp_serve_api --rp_api_port 8000``, started
+by start.sh in local/pod mode). The request file is a RunPod request body: ``{"input": {"workflow": ...}}``.
+Images and files are written to ``--out`` (base64 decoded, or downloaded from their S3 URL); text
+outputs and non-fatal errors are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def save_outputs(output: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for entry in output.get("images", []) + output.get("files", []):
+        target = out_dir / Path(entry["filename"]).name
+        if entry["type"] == "base64":
+            target.write_bytes(base64.b64decode(entry["data"]))
+        else:
+            resp = requests.get(entry["data"], timeout=120)
+            resp.raise_for_status()
+            target.write_bytes(resp.content)
+        saved.append(target)
+    return saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Send a job to the local API and save the outputs.")
+    parser.add_argument("request", nargs="?", type=Path, default=ROOT / "test_input.json", help="request JSON file")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="local API base URL")
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the returned files")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the answer")
+    args = parser.parse_args(argv)
+
+    body = json.loads(args.request.read_text())
+    resp = requests.post(f"{args.url.rstrip('/')}/runsync", json=body, timeout=args.timeout)
+    resp.raise_for_status()
+    answer = resp.json()
+    if answer.get("status") != "COMPLETED":
+        print(f"Job {answer.get('id')} {answer.get('status')}: {answer.get('error')}", file=sys.stderr)
+        return 1
+    output = answer["output"]
+    for path in save_outputs(output, args.out):
+        print(f"saved {path}")
+    for text in output.get("text", []):
+        print(f"text from node {text['node_id']}: {text['text']}")
+    for error in output.get("errors", []):
+        print(f"warning: {error}", file=sys.stderr)
+    if "timings" in output:
+        print("timings: " + ", ".join(f"{k} {v}" for k, v in output["timings"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
