@@ -80,6 +80,7 @@ from http_download import (
     RetryableError,
     safe_filename,
     same_host,
+    state_path,
     url_filename,
 )
 from log_setup import setup_logging
@@ -182,10 +183,15 @@ class Provisioner:
         self._reserved: dict[str, int] = {}
         self._record_lock = threading.Lock()
         self._claimed: dict[str, int] = {}
-        recorded = read_lock_file(settings.lock_file).get("models") or []
-        self.recorded = [r for r in recorded if isinstance(r, dict)]
+        self.recorded: list[dict] = []
+        self._reload_records()
 
     # ---- lock file ----
+
+    def _reload_records(self) -> None:
+        recorded = read_lock_file(self.settings.lock_file).get("models") or []
+        with self._record_lock:
+            self.recorded = [r for r in recorded if isinstance(r, dict)]
 
     def record_for(self, job: Job) -> dict | None:
         """The comfy.lock.yml entry for this job: same target (when known) or same url + destination."""
@@ -425,8 +431,12 @@ class Provisioner:
             log.info("%s: another process is downloading it; waiting", target.name)
             lock.acquire()
         try:
+            self._reload_records()  # another process may have just finished this very file
             if self._present(job) or self._check_existing(job):
                 job.status, job.ok = "present", True
+                part = target.with_name(target.name + ".part")
+                part.unlink(missing_ok=True)  # a leftover of an interrupted --force run
+                state_path(part).unlink(missing_ok=True)
                 return
             self._download(job)
         finally:

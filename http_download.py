@@ -400,11 +400,27 @@ class Downloader:
         part.parent.mkdir(parents=True, exist_ok=True)
         state = state_path(part)
         use_parallel = probe.ranges and size is not None and size >= self.parallel_min_size and self.connections > 1
-        if use_parallel:
-            assert size is not None
-            result = _ParallelFetch(self, probe, part, size, progress, stop).run()
-        else:
-            result = self._fetch_single(probe, part, size, progress, stop)
+        for again in (False, True):
+            try:
+                if use_parallel:
+                    assert size is not None
+                    result = _ParallelFetch(self, probe, part, size, progress, stop).run()
+                else:
+                    result = self._fetch_single(probe, part, size, progress, stop)
+                break
+            except HttpStatusError as err:
+                # a signed CDN link (what CivitAI and the Hub redirect to) can expire mid-download:
+                # ask the original URL for a fresh one and carry on from the part
+                if again or err.status not in (401, 403, 410) or same_host(probe.url, url):
+                    raise
+                log.info(
+                    "%s refused the download link (HTTP %d); asking %s for a new one",
+                    *(urlparse(probe.url).netloc, err.status, urlparse(url).netloc),
+                )
+                fresh = self.probe(url)
+                if fresh.size != probe.size:
+                    raise
+                probe = fresh
         if expected_size is not None and result.size != expected_size:
             _discard(part)
             raise DownloadError(f"size mismatch: got {result.size} bytes, expected {expected_size}")

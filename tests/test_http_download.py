@@ -190,3 +190,21 @@ def test_headers_for_each_redirect_hop_come_from_that_hop_only(blob, tmp_path):
         assert result.sha256 == sha
         assert all(s.headers.get("authorization") == "Bearer site-secret" for s in site.seen())
         assert cdn.seen() and all("authorization" not in s.headers for s in cdn.seen())
+
+
+def test_an_expired_signed_link_is_renewed_and_the_download_continues(blob, tmp_path):
+    path, sha = blob
+    size = path.stat().st_size
+    with FaultyOrigin() as site, FaultyOrigin() as cdn:
+        signed = cdn.add("/signed/m.bin", file=path, drop_after=2 * MiB)
+        site.add("/download/1", redirect=f"{cdn.url}/signed/m.bin?expires=soon")
+
+        def expire_link(done, total):
+            if done >= 2 * MiB and not signed.fail_statuses and len(site.seen()) == 1:
+                signed.fail_statuses.append(403)  # the reconnect after the drop finds the link expired
+
+        result = fast().fetch(f"{site.url}/download/1", tmp_path / "m.part", progress=expire_link)
+    assert result.sha256 == sha
+    assert len(site.seen()) == 2  # asked once more for a fresh link
+    assert [s.status for s in cdn.seen()] == [206, 200, 403, 206, 206]  # probe, drop, expired, probe, rest
+    assert cdn.sent("/signed/m.bin") < size * 1.05
