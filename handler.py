@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import runpod
@@ -73,19 +74,25 @@ def stored_name(name: str, token: str) -> str:
     return f"{path.stem}-{token}{path.suffix}"
 
 
+def _public_url(url: str) -> str:
+    """The URL without its query string (which may carry a signature or token) for messages and logs."""
+    return urlsplit(url)._replace(query="", fragment="").geturl()
+
+
 async def _fetch(image: ImageInput) -> bytes:
+    shown = _public_url(image.url)
     try:
         async with shared_session().get(image.url, timeout=aiohttp.ClientTimeout(total=120)) as resp:
             if resp.status != 200:
                 raise JobError(
-                    f"Could not download image {image.name!r}: {image.url} answered HTTP {resp.status}.",
-                    {"name": image.name, "url": image.url, "status": resp.status},
+                    f"Could not download image {image.name!r}: {shown} answered HTTP {resp.status}.",
+                    {"name": image.name, "url": shown, "status": resp.status},
                 )
             return await resp.read()
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise JobError(
-            f"Could not download image {image.name!r} from {image.url}: {exc or type(exc).__name__}.",
-            {"name": image.name, "url": image.url},
+            f"Could not download image {image.name!r} from {shown}: {exc or type(exc).__name__}.",
+            {"name": image.name, "url": shown},
         ) from None
 
 
@@ -142,14 +149,22 @@ async def run_job(job: dict, settings: Settings) -> dict:
     uploaded: list[str] = []
     files: list[outputs.OutputFile] = []
     try:
-        await runner.open()
-        if request.images:
-            rename_references(workflow, await upload_images(client, request.images, token, uploaded))
-        mark_outputs_unique(workflow, token)
         try:
-            result = await runner.run()
-        finally:
-            files, texts = outputs.collect(runner.result.outputs)
+            await runner.open()
+            if request.images:
+                rename_references(workflow, await upload_images(client, request.images, token, uploaded))
+            mark_outputs_unique(workflow, token)
+            try:
+                result = await runner.run()
+            finally:
+                files, texts = outputs.collect(runner.result.outputs)
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            client.check_alive("it stopped answering during the job")
+            raise JobError(
+                f"ComfyUI at {client.host} stopped answering during the job ({type(exc).__name__}: {exc}).",
+                {"host": client.host, "prompt_id": runner.prompt_id},
+                refresh_worker=True,
+            ) from None
         delivery_start = time.monotonic()
         images_out, files_out, errors = await outputs.deliver(
             files,
@@ -189,9 +204,13 @@ def _redact(text: str, secrets: list[str]) -> str:
 
 async def handler(job: dict) -> dict:
     """RunPod entry point: ``job["input"]`` as in SPEC §7; returns the output or ``{"error", "details"}``."""
-    settings = Settings.from_env()
     token = set_job_id(str(job.get("id", "")) or None)
     try:
+        try:
+            settings = Settings.from_env()
+        except ValueError as exc:  # a malformed env var: say which one
+            log.error("Bad configuration: %s", exc)
+            return {"error": f"The worker is misconfigured: {exc}.", "details": {}}
         try:
             result = await run_job(job, settings)
         except JobError as exc:

@@ -184,8 +184,10 @@ def test_image_from_url(worker_env):
         result = run(job(wf, images=[{"name": "remote.png", "url": url}]))
         assert "error" not in result, result
         assert decode_image(result["images"][0]).getpixel((0, 0)) == (0, 0, 255)
-        bad = run(job(wf, images=[{"name": "remote.png", "url": f"http://127.0.0.1:{free_port()}/x.png"}]))
+        bad_url = f"http://127.0.0.1:{free_port()}/x.png?X-Amz-Signature=sig123"
+        bad = run(job(wf, images=[{"name": "remote.png", "url": bad_url}]))
         assert "remote.png" in bad["error"] and "download" in bad["error"]
+        assert "sig123" not in json.dumps(bad)  # a signed URL's query is never echoed
     finally:
         server.shutdown()
 
@@ -300,6 +302,12 @@ def test_outputs_go_to_s3_with_content_type_and_presigned_url(worker_env, monkey
         assert secret not in caplog.text
     finally:
         server.stop()
+
+
+def test_malformed_env_var_is_named(worker_env, monkeypatch):
+    monkeypatch.setenv("MAX_RESPONSE_MB", "lots")
+    result = run(job(empty_to_save(8, 8)))
+    assert "misconfigured" in result["error"] and "MAX_RESPONSE_MB" in result["error"]
 
 
 def test_refresh_worker_env_flag(worker_env, monkeypatch):

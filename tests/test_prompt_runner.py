@@ -154,3 +154,24 @@ def test_execution_error_sentence_and_details():
     assert err.message == "ComfyUI failed in node 5 (KSampler): torch.OutOfMemoryError: CUDA out of memory."
     assert err.details["traceback"] == [f"line {i}" for i in range(12, 20)]
     assert err.details["class_type"] == "KSampler"
+
+
+def test_interrupt_from_elsewhere_ends_the_job_at_once(comfyui):
+    import json
+    import urllib.request
+
+    async def go():
+        runner = runner_for(comfyui, steps_workflow(100, 0.05), timeout=60)
+        task = asyncio.create_task(runner.run())
+        while not runner.started:
+            await asyncio.sleep(0.02)
+        req = urllib.request.Request(f"{comfyui.url}/interrupt", data=json.dumps({}).encode(), method="POST")
+        await asyncio.to_thread(urllib.request.urlopen, req)
+        try:
+            await task
+        except JobError as exc:
+            return exc
+
+    error = arun(go)
+    assert error.message.startswith("The prompt was interrupted in ComfyUI at node 2 (WorkerTestSteps)")
+    assert error.details["node_id"] == "2" and error.details["class_type"] == "WorkerTestSteps"
