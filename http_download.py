@@ -540,7 +540,7 @@ class _ParallelFetch:
         self.dl, self.probe, self.part, self.size = dl, probe, part, size
         self.progress, self.stop = progress, stop
         self.state = state_path(part)
-        chunk = dl.chunk_size or max(8 * MiB, min(64 * MiB, size // (dl.connections * 8)))
+        chunk = dl.chunk_size or max(8 * MiB, min(32 * MiB, size // (dl.connections * 16)))
         self.chunk = max(MiB, chunk // MiB * MiB) if not dl.chunk_size else dl.chunk_size
         self.n = (size + self.chunk - 1) // self.chunk
         self.cond = threading.Condition()
