@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import runpod
+from runpod.serverless.modules.rp_logger import RunPodLogger
 
 import outputs
 from comfy_client import ComfyClient, close_shared_session, shared_session
@@ -258,6 +259,7 @@ def main() -> None:
             finally:
                 await close_shared_session()
 
+    RunPodLogger().set_level(settings.runpod_log_level)
     runpod.serverless.start({"handler": entry, "concurrency_modifier": lambda _current: settings.concurrency})
 
 

@@ -670,8 +670,20 @@ def test_runsync_through_the_sdk_local_api_with_throttled_progress(local_api):
     assert all(b - a >= 0.4 for a, b in zip(times, times[1:], strict=False)), times  # at most 2 a second
     assert any(p["output"].get("class_type") == "WorkerTestSteps" for _, p in progress)
 
+    keyed = post(
+        "/runsync",
+        {
+            "input": {
+                "workflow": {"1": {"class_type": "WorkerTestApiKey", "inputs": {}}},
+                "comfy_org_api_key": "sk-input-5555",
+            }
+        },
+    )
+    assert keyed["output"]["text"] == [{"node_id": "1", "text": hashlib.sha256(b"sk-input-5555").hexdigest()[:16]}]
+
     log_text = log_path.read_text()
-    assert "sk-secret-9876" not in log_text
+    assert "sk-secret-9876" not in log_text and "sk-input-5555" not in log_text
+    assert "Handler output" not in log_text  # the SDK's DEBUG dump of every output is off by default
     job_lines = [line for line in log_text.splitlines() if " handler: " in line or " prompt_runner: " in line]
     job_lines = [line for line in job_lines if "Starting the RunPod handler" not in line]
     assert len(job_lines) >= 4 and all(": [test-" in line for line in job_lines), job_lines
