@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
+from runpod.serverless.utils import rp_upload
 
 import outputs
 from comfy_client import ComfyClient, close_shared_session, shared_session
@@ -28,8 +29,10 @@ from s3_upload import S3Uploader
 from settings import Settings
 
 log = logging.getLogger("handler")
-# The RunPod SDK calls logging.basicConfig() at import; keep one log format (log_setup's) instead.
-logging.getLogger().handlers = [h for h in logging.getLogger().handlers if getattr(h, "_comfy_worker", False)]
+# The RunPod SDK calls logging.basicConfig() at import; drop that handler to keep one log format (log_setup's).
+for _h in list(logging.getLogger().handlers):
+    if _h.formatter is not None and _h.formatter._fmt == rp_upload.FMT:
+        logging.getLogger().removeHandler(_h)
 
 PROGRESS_INTERVAL_S = 0.5  # at most 2 progress updates a second
 JOB_MARK_INPUT = "comfy_worker_job"
