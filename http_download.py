@@ -18,9 +18,11 @@ How the pieces fit:
   handed out in order to ``connections`` workers; each worker writes its bytes with ``pwrite`` at their
   offset and records per chunk how many bytes from the chunk's start are on disk. Because chunks are
   handed out in order, the completed region grows from the front, and a hasher thread feeds sha256
-  with the contiguous prefix as it grows, reading those bytes back from the page cache moments after
-  they were written. So hashing runs during the download on the other core instead of as a second pass
-  afterwards; when the last byte lands only the last few chunks remain to hash.
+  with the contiguous prefix as it grows (including the written part of the chunk at the front),
+  reading those bytes through a read-only ``mmap`` of the part, i.e. straight from the page cache
+  moments after they were written, without a copy. So hashing runs during the download on another
+  core instead of as a second pass afterwards; when the last byte lands only the chunks that were
+  still in flight remain to hash.
   Progress per chunk is saved in ``<part>.state`` (JSON) every half second, so a killed process resumes
   where each chunk stopped. sha256 state cannot be saved, so after a restart the hasher re-reads the
   already-downloaded prefix while the rest downloads.
