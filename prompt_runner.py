@@ -140,6 +140,7 @@ class PromptRunner:
         self.ws = None
         self.done = False
         self.reconnected = False
+        self.history_used = False
         self.submitted = 0.0
         self.started: float | None = None
         self.current_node: str | None = None
@@ -165,6 +166,8 @@ class PromptRunner:
                 raise rejection_error(answer["rejected"], self.workflow)
             log.info("Queued prompt %s", self.prompt_id)
             await self._watch()
+            if self.reconnected and not self.history_used:
+                await self._outputs_from_history()
         finally:
             await self.close()
         finished = time.monotonic()
@@ -285,7 +288,19 @@ class PromptRunner:
         if entry:
             self._from_history(entry)
 
+    async def _outputs_from_history(self) -> None:
+        """After a reconnect, ``executed`` messages sent during the gap are lost: take the outputs from
+        /history (written just after ``execution_success``, so wait a moment for it)."""
+        for _ in range(40):
+            entry = await self.client.history(self.prompt_id)
+            if entry:
+                self.result.outputs = entry.get("outputs") or self.result.outputs
+                return
+            await asyncio.sleep(0.05)
+        log.warning("Prompt %s is missing from /history; outputs seen on the websocket are used", self.prompt_id)
+
     def _from_history(self, entry: dict) -> None:
+        self.history_used = True
         status = entry.get("status") or {}
         messages = {m[0]: m[1] for m in status.get("messages", []) if isinstance(m, list) and len(m) == 2}
         if "execution_error" in messages:

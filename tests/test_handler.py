@@ -527,8 +527,18 @@ class DroppingProxy:
         self.thread.join(5)
 
 
-@pytest.mark.parametrize("refuse_for", [0.0, 2.0], ids=["reconnect-during-run", "finished-while-disconnected"])
+@pytest.mark.parametrize(
+    "refuse_for",
+    [0.0, 0.6, 3.0],
+    ids=["reconnect-during-run", "output-saved-while-disconnected", "finished-while-disconnected"],
+)
 def test_websocket_cut_mid_job_reconnects_and_checks_history(worker_env, monkeypatch, caplog, refuse_for):
+    # EmptyImage -> 0.5 s -> SaveImage "first" -> 0.5 s -> SaveImage "second"; the socket is cut 0.2 s in
+    color = random.randrange(1 << 24)
+    wf = slow_workflow(10, 0.05, color=color)
+    wf["2"]["inputs"]["filename_prefix"] = "first"
+    wf["4"] = {"class_type": "WorkerTestSteps", "inputs": {"image": ["3", 0], "steps": 10, "seconds_per_step": 0.05}}
+    wf["5"] = {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "second"}}
     proxy = DroppingProxy(worker_env.port).start()
     monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{proxy.port}")
     try:
@@ -545,12 +555,14 @@ def test_websocket_cut_mid_job_reconnects_and_checks_history(worker_env, monkeyp
         cutter = threading.Thread(target=cut_when_running)
         cutter.start()
         with caplog.at_level("INFO"):
-            result = run(job(slow_workflow(20, 0.05, color=0x336699 + int(refuse_for)), timeout=30))
+            result = run(job(wf, timeout=30))
         cutter.join()
     finally:
         proxy.stop()
     assert "error" not in result, result
-    assert decode_image(result["images"][0]).getpixel((0, 0)) == (0x33, 0x66, 0x99 + int(refuse_for))
+    assert sorted(e["filename"].split("_")[0] for e in result["images"]) == ["first", "second"]
+    for entry in result["images"]:
+        assert decode_image(entry).getpixel((0, 0)) == ((color >> 16) & 255, (color >> 8) & 255, color & 255)
     assert "Websocket reconnected" in caplog.text
     assert proxy.connections >= 3  # websocket, POST /prompt, websocket again
 
