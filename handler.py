@@ -113,7 +113,12 @@ async def upload_images(client: ComfyClient, images: list[ImageInput], token: st
             uploaded.append(stored)
         return image.name, stored
 
-    return dict(await asyncio.gather(*(one(i) for i in images)))
+    # wait for every upload (so clean-up sees them all) before reporting the first failure
+    results = await asyncio.gather(*(one(i) for i in images), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return dict(results)
 
 
 def _s3(settings: Settings) -> S3Uploader | None:

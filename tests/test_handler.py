@@ -185,7 +185,10 @@ def test_image_from_url(worker_env):
         assert "error" not in result, result
         assert decode_image(result["images"][0]).getpixel((0, 0)) == (0, 0, 255)
         bad_url = f"http://127.0.0.1:{free_port()}/x.png?X-Amz-Signature=sig123"
-        bad = run(job(wf, images=[{"name": "remote.png", "url": bad_url}]))
+        before = input_files(worker_env)
+        good = {"name": "also.png", "image": png_b64()}
+        bad = run(job(wf, images=[good, {"name": "remote.png", "url": bad_url}]))
+        assert input_files(worker_env) == before  # the upload that succeeded was removed too
         assert "remote.png" in bad["error"] and "download" in bad["error"]
         assert "sig123" not in json.dumps(bad)  # a signed URL's query is never echoed
     finally:
