@@ -520,3 +520,28 @@ def test_progress_bar_on_a_terminal(box, origin, blob):
     assert r.returncode == 0, r.stdout
     assert re.search(r"m\.safetensors:\s+\d+%\|.+\| [\d.]+M/5\.00M", r.stdout)  # a tqdm bar
     assert "downloaded" in r.stdout
+
+
+def test_a_login_page_instead_of_a_model_is_an_error_not_a_file(box):
+    with FaultyOrigin() as civitai:
+        civitai.add(
+            "/api/download/models/9",
+            body=b"<html><body>Please log in</body></html>",
+            headers={"Content-Type": "text/html; charset=utf-8"},
+        )
+        box.env["CIVITAI_BASE_URL"] = civitai.url
+        box.write([{"url": "https://civitai.com/api/download/models/9", "destination": "loras", "filename": "x.pt"}])
+        r = box.run()
+    assert r.returncode == 1
+    assert "answered with a web page instead of a file" in r.stderr and "token" in r.stderr
+    assert not (box.models / "loras" / "x.pt").exists()
+
+
+def test_models_dir_option_moves_the_downloads(box, origin, blob, tmp_path):
+    path, sha = blob
+    origin.add("/m.safetensors", file=path)
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "vae"}])
+    r = box.run("--models-dir", str(tmp_path / "elsewhere"))
+    assert r.returncode == 0, r.stderr
+    assert sha_of(tmp_path / "elsewhere" / "vae" / "m.safetensors") == sha
+    assert not (box.models / "vae").exists()

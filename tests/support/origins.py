@@ -301,7 +301,8 @@ class FaultyOrigin:
                 return
         seen.status = 206 if partial else 200
         h.send_response(seen.status)
-        h.send_header("Content-Type", "application/octet-stream")
+        if "Content-Type" not in route.headers:
+            h.send_header("Content-Type", "application/octet-stream")
         h.send_header("Content-Length", str(end - start))
         h.send_header("Accept-Ranges", "none" if route.ignore_range else "bytes")
         h.send_header("ETag", '"v1"')
