@@ -163,6 +163,7 @@ def test_lock_file_models_section_is_shaped_like_a_config(box, origin, blob):
     assert cfg.models[0].sha256 == sha
 
 
+@pytest.mark.slow
 def test_sigkill_mid_download_then_rerun_resumes_from_the_part(box, tmp_path):
     www = tmp_path / "www"
     size = 80 * MiB
@@ -486,6 +487,7 @@ def test_missing_hugging_face_file_fails_with_a_clear_error(box):
     assert "Hugging Face org/repo/nope.safetensors@main: HTTP 404 (check the repo, revision and file path)" in r.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_keeps_the_part_for_the_next_run(box, tmp_path):
     www = tmp_path / "www"
     sha = random_file(www / "clip.safetensors", 72 * MiB, seed=6)
