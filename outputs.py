@@ -105,6 +105,16 @@ async def _read(client: ComfyClient, comfyui_path: Path, ref: OutputFile) -> tup
     return await client.view(ref.filename, ref.subfolder, ref.type), None
 
 
+async def _to_s3(client: ComfyClient, comfyui_path: Path, ref: OutputFile, s3: S3Uploader, job_id: str, name: str):
+    path = ref.local_path(comfyui_path)
+    if path is not None and path.is_file():  # streamed from disk
+        url = await asyncio.to_thread(s3.upload, job_id, name, ref.content_type, path=path)
+    else:
+        data = await client.view(ref.filename, ref.subfolder, ref.type)
+        url = await asyncio.to_thread(s3.upload, job_id, name, ref.content_type, data=data)
+    return {"filename": ref.filename, "type": "s3_url", "data": url}
+
+
 async def deliver(
     files: list[OutputFile],
     *,
@@ -114,37 +124,34 @@ async def deliver(
     s3: S3Uploader | None,
     max_response_mb: float,
 ) -> tuple[list[dict], list[dict], list[str]]:
-    """Return (images, files, errors) entries for every non-temp file."""
+    """Return (images, files, errors) entries for every non-temp file (S3 uploads run in parallel)."""
     wanted = [f for f in files if f.type != "temp"]
-    errors: list[str] = []
-    if s3 is None:
+    results: list[dict | BaseException] = []
+    if s3 is not None:
+        names: list[str] = []
+        for ref in wanted:  # two nodes may save the same file name in different subfolders
+            names.append(ref.filename if ref.filename not in names else f"{ref.subfolder}/{ref.filename}")
+        tasks = [_to_s3(client, comfyui_path, ref, s3, job_id, name) for ref, name in zip(wanted, names, strict=True)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    else:
         _check_size(wanted, comfyui_path, max_response_mb)
+        encoded_bytes = 0  # files fetched with /view were not in the up-front size check
+        for ref in wanted:
+            try:
+                data, _ = await _read(client, comfyui_path, ref)
+            except Exception as exc:  # one bad file must not lose the others
+                results.append(exc)
+                continue
+            encoded_bytes += len(data)
+            _too_big(encoded_bytes, max_response_mb, {ref.filename: len(data)})
+            results.append({"filename": ref.filename, "type": "base64", "data": base64.b64encode(data).decode()})
     images_out: list[dict] = []
     files_out: list[dict] = []
-    used_keys: set[str] = set()
-    encoded_bytes = 0  # files fetched with /view were not in the up-front size check
-    for ref in wanted:
-        try:
-            if s3 is not None:
-                name = ref.filename if ref.filename not in used_keys else f"{ref.subfolder}/{ref.filename}"
-                used_keys.add(name)
-                path = ref.local_path(comfyui_path)
-                if path is not None and path.is_file():
-                    url = await asyncio.to_thread(s3.upload, job_id, name, ref.content_type, path=path)
-                else:
-                    data = await client.view(ref.filename, ref.subfolder, ref.type)
-                    url = await asyncio.to_thread(s3.upload, job_id, name, ref.content_type, data=data)
-                entry = {"filename": ref.filename, "type": "s3_url", "data": url}
-            else:
-                data, _ = await _read(client, comfyui_path, ref)
-                encoded_bytes += len(data)
-                _too_big(encoded_bytes, max_response_mb, {ref.filename: len(data)})
-                entry = {"filename": ref.filename, "type": "base64", "data": base64.b64encode(data).decode()}
-        except JobError:
-            raise
-        except Exception as exc:  # one bad file must not lose the others
-            log.warning("Could not deliver %s from node %s: %s", ref.filename, ref.node_id, exc)
-            errors.append(f"Output {ref.filename!r} of node {ref.node_id} could not be delivered: {exc}")
+    errors: list[str] = []
+    for ref, entry in zip(wanted, results, strict=True):
+        if isinstance(entry, BaseException):
+            log.warning("Could not deliver %s from node %s: %s", ref.filename, ref.node_id, entry)
+            errors.append(f"Output {ref.filename!r} of node {ref.node_id} could not be delivered: {entry}")
             continue
         entry.update(node_id=ref.node_id, content_type=ref.content_type)
         (images_out if ref.content_type.startswith("image/") else files_out).append(entry)

@@ -147,3 +147,56 @@ def test_size_guard_applies_to_disk_and_view(comfyui, saved_png, tmp_path):
 
 def test_temp_files_are_not_delivered(comfyui, tmp_path):
     assert deliver([outputs.OutputFile("5", "p.png", "", "temp")], comfyui, tmp_path) == ([], [], [])
+
+
+def test_s3_delivery_in_parallel_with_distinct_keys_and_non_fatal_errors(tmp_path):
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from support.comfy_process import free_port
+
+    from s3_upload import S3Uploader
+    from settings import Settings
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        env = {
+            "BUCKET_ENDPOINT_URL": f"http://{host}:{port}",
+            "BUCKET_ACCESS_KEY_ID": "AKIATEST",
+            "BUCKET_SECRET_ACCESS_KEY": "s3cr3t",
+            "BUCKET_REGION": "us-east-1",
+        }
+        uploader = S3Uploader(Settings.from_env(env))
+        boto3.client(
+            "s3",
+            endpoint_url=env["BUCKET_ENDPOINT_URL"],
+            aws_access_key_id="AKIATEST",
+            aws_secret_access_key="s3cr3t",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="comfyui-outputs")
+        for sub in ("a", "b"):
+            (tmp_path / "output" / sub).mkdir(parents=True)
+            (tmp_path / "output" / sub / "same.png").write_bytes(sub.encode())
+        files = [
+            outputs.OutputFile("1", "same.png", "a", "output"),
+            outputs.OutputFile("2", "same.png", "b", "output"),
+            outputs.OutputFile("3", "gone.mp4", "", "output"),  # not on disk, /view unreachable
+        ]
+
+        async def go():
+            try:
+                client = ComfyClient(f"127.0.0.1:{free_port()}", tmp_path / "no.pid", tmp_path / "no.log")
+                return await outputs.deliver(
+                    files, client=client, comfyui_path=tmp_path, job_id="job", s3=uploader, max_response_mb=0.000001
+                )
+            finally:
+                await comfy_client.close_shared_session()
+
+        images, delivered_files, errors = asyncio.run(go())
+        keys = sorted(o["Key"] for o in uploader.client.list_objects_v2(Bucket="comfyui-outputs")["Contents"])
+        assert keys == ["job/b/same.png", "job/same.png"]  # no size limit with S3
+        assert [(e["node_id"], e["type"]) for e in images] == [("1", "s3_url"), ("2", "s3_url")]
+        assert delivered_files == [] and len(errors) == 1 and "'gone.mp4' of node 3" in errors[0]
+    finally:
+        server.stop()
