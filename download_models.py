@@ -5,11 +5,13 @@ Each entry becomes ``models/<destination>/<filename>``:
 
 1. The file name is the entry's ``filename``, else the one recorded in comfy.lock.yml for this url,
    else the server's Content-Disposition, else the last URL path segment (never a path).
-2. A present file is kept without any network when comfy.lock.yml records it with the same size (and
-   the same sha256 as the config asks for); otherwise it is checked once (sha256 when the config gives
-   one, else the server's size) and recorded.
-3. Downloads run under a lock per target (``models/.locks/<destination>/<filename>.lock``, filelock), so two processes sharing a
-   volume never write the same file: the second waits, then finds the finished file and skips it.
+2. A present file is kept without any network when comfy.lock.yml records it for the same url with
+   the same size (and the sha256 the config asks for); otherwise it is checked once (the expected
+   sha256 when known, else the server's size) and recorded. A changed url, or ``--force``, downloads
+   it again (the old file stays usable until the new one is renamed over it).
+3. Downloads run under a lock per target (``models/.locks/<destination>/<filename>.lock``, filelock),
+   so two processes sharing a volume never write the same file: the second waits, then finds the
+   finished file and skips it.
    Bytes go to ``<target>.part`` (resumable, see http_download.py), are verified (size; sha256 hashed
    while they arrive) and renamed into place atomically; then comfy.lock.yml gets the entry's url,
    destination, filename, sha256 and size, so the lock file can be fed back as a config.
@@ -26,8 +28,8 @@ Sources:
   costs one read of the finished file, because hf_xet does not expose the bytes as they arrive).
   Every other file (LFS on the CDN, or Xet without hf_xet) goes through our own ranged downloader
   against the CDN location, so it gets the ``.part``/resume/hash-while-downloading treatment and
-  several connections. ``hf_transfer`` is not used: huggingface_hub 1.x+ dropped it, and our ranged
-  downloader does the same job while hashing. The hub's LFS ETag is the file's sha256, so Hugging Face
+  several connections. ``hf_transfer`` is not used: the pinned huggingface_hub (2.x) no longer calls it,
+  and our ranged downloader does the same job (parallel ranges) while hashing. The hub's LFS ETag is the file's sha256, so Hugging Face
   files are verified even when the config gives no sha256.
 - CivitAI: ``/api/download/models/<versionId>`` directly; ``/models/<id>?modelVersionId=<v>`` becomes
   that; a bare ``/models/<id>`` asks ``/api/v1/models/<id>`` for the newest version's primary file (and
