@@ -166,6 +166,7 @@ def test_s3_delivery_in_parallel_with_distinct_keys_and_non_fatal_errors(tmp_pat
             "BUCKET_ACCESS_KEY_ID": "AKIATEST",
             "BUCKET_SECRET_ACCESS_KEY": "s3cr3t",
             "BUCKET_REGION": "us-east-1",
+            "BUCKET_NAME": "outputs-test-parallel",
         }
         uploader = S3Uploader(Settings.from_env(env))
         boto3.client(
@@ -174,7 +175,7 @@ def test_s3_delivery_in_parallel_with_distinct_keys_and_non_fatal_errors(tmp_pat
             aws_access_key_id="AKIATEST",
             aws_secret_access_key="s3cr3t",
             region_name="us-east-1",
-        ).create_bucket(Bucket="comfyui-outputs")
+        ).create_bucket(Bucket="outputs-test-parallel")
         for sub in ("a", "b"):
             (tmp_path / "output" / sub).mkdir(parents=True)
             (tmp_path / "output" / sub / "same.png").write_bytes(sub.encode())
@@ -194,7 +195,7 @@ def test_s3_delivery_in_parallel_with_distinct_keys_and_non_fatal_errors(tmp_pat
                 await comfy_client.close_shared_session()
 
         images, delivered_files, errors = asyncio.run(go())
-        keys = sorted(o["Key"] for o in uploader.client.list_objects_v2(Bucket="comfyui-outputs")["Contents"])
+        keys = sorted(o["Key"] for o in uploader.client.list_objects_v2(Bucket="outputs-test-parallel")["Contents"])
         assert keys == ["job/b/same.png", "job/same.png"]  # no size limit with S3
         assert [(e["node_id"], e["type"]) for e in images] == [("1", "s3_url"), ("2", "s3_url")]
         assert delivered_files == [] and len(errors) == 1 and "'gone.mp4' of node 3" in errors[0]

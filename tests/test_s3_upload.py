@@ -22,6 +22,8 @@ def moto_s3():
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    # moto keeps its state per process, not per server: start from an empty store
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
     client = boto3.client(
         "s3",
         endpoint_url=endpoint,
