@@ -20,6 +20,7 @@ log = logging.getLogger("comfy_client")
 
 _sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
+SHORT_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
 def shared_session() -> aiohttp.ClientSession:
@@ -176,7 +177,7 @@ class ComfyClient:
             return await resp.json()
 
     async def history(self, prompt_id: str) -> dict | None:
-        async with self.session.get(f"{self.base}/history/{prompt_id}") as resp:
+        async with self.session.get(f"{self.base}/history/{prompt_id}", timeout=SHORT_TIMEOUT) as resp:
             resp.raise_for_status()
             return (await resp.json()).get(prompt_id)
 
@@ -187,9 +188,12 @@ class ComfyClient:
             return await resp.read()
 
     async def interrupt(self, prompt_id: str) -> None:
-        async with self.session.post(f"{self.base}/interrupt", json={"prompt_id": prompt_id}) as resp:
+        """Interrupt ``prompt_id`` if it is the one running (ComfyUI ignores it otherwise)."""
+        async with self.session.post(
+            f"{self.base}/interrupt", json={"prompt_id": prompt_id}, timeout=SHORT_TIMEOUT
+        ) as resp:
             await resp.read()
 
     async def delete_queued(self, prompt_id: str) -> None:
-        async with self.session.post(f"{self.base}/queue", json={"delete": [prompt_id]}) as resp:
+        async with self.session.post(f"{self.base}/queue", json={"delete": [prompt_id]}, timeout=SHORT_TIMEOUT) as resp:
             await resp.read()
