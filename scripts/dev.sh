@@ -13,6 +13,7 @@ export COMFYUI_PATH="${COMFYUI_PATH:-$VOLUME_ROOT/ComfyUI}"
 export COMFY_PORT="${COMFY_PORT:-8188}" API_PORT="${API_PORT:-8000}" JUPYTER_PORT="${JUPYTER_PORT:-8888}"
 export COMFY_HOST="127.0.0.1:$COMFY_PORT"
 export COMFY_PID_FILE="${COMFY_PID_FILE:-$VOLUME_ROOT/.comfyui.pid}"
+export COMFY_LOG_FILE="${COMFY_LOG_FILE:-$VOLUME_ROOT/.comfyui.log}"
 REPO="${COMFYUI_REPO:-https://github.com/comfyanonymous/ComfyUI.git}"
 CONFIG="${CONFIG:-$ROOT/config.yml}"
 
@@ -36,12 +37,16 @@ fi
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait || true; }
 trap cleanup EXIT INT TERM
-(cd "$COMFYUI_PATH" && exec "$PY" main.py "${comfy_args[@]}") &
+(cd "$COMFYUI_PATH" && exec "$PY" main.py "${comfy_args[@]}") > >(tee "$COMFY_LOG_FILE") 2>&1 &
 pids+=($!)
 echo "$!" >"$COMFY_PID_FILE"
 "$PY" handler.py --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port "$API_PORT" &
 pids+=($!)
-"$PY" -m jupyterlab --no-browser --ip 127.0.0.1 --port "$JUPYTER_PORT" --notebook-dir "$ROOT" &
+jupyter_args=(--no-browser --ip 127.0.0.1 --port "$JUPYTER_PORT" --notebook-dir "$ROOT")
+[[ "$(id -u)" == 0 ]] && jupyter_args+=(--allow-root)
+# The password reaches Jupyter through its own env var, never the command line (visible in ps).
+JUPYTER_TOKEN="${JUPYTER_PASSWORD:-${JUPYTER_TOKEN:-}}" "$PY" -m jupyterlab "${jupyter_args[@]}" &
 pids+=($!)
 echo "[dev] ComfyUI http://127.0.0.1:$COMFY_PORT  API http://127.0.0.1:$API_PORT/docs  Jupyter http://127.0.0.1:$JUPYTER_PORT"
-wait -n
+wait -n || true
+echo "[dev] a service stopped; shutting down the others" >&2
