@@ -174,12 +174,12 @@ def test_sigkill_mid_download_then_rerun_resumes_from_the_part(box, tmp_path):
         part = box.models / "unet" / "unet.safetensors.part"
         proc = subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and saved_progress(part) < 20 * MiB:
+        while time.monotonic() < deadline and saved_progress(part) < 30 * MiB:
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kept = saved_progress(part)
-        assert kept >= 20 * MiB
+        assert kept >= 30 * MiB
         assert not (box.models / "unet" / "unet.safetensors").exists()
         box.env["DOWNLOAD_LOG_INTERVAL"] = "0.5"
         r = box.run()
@@ -187,9 +187,10 @@ def test_sigkill_mid_download_then_rerun_resumes_from_the_part(box, tmp_path):
     assert sha_of(box.models / "unet" / "unet.safetensors") == sha
     # no terminal: plain progress lines instead of a bar
     assert re.search(r"INFO download_models: unet.safetensors: \d+% [\d.]+ MiB / 80.0 MiB at [\d.]+ MB/s", r.stderr)
-    assert f"resumed from {kept / MiB:.1f} MiB" in r.stderr
-    # over both runs nginx sent the file once, plus at most the unsaved tail of each killed connection
-    assert nginx_bytes(workdir) < size + 8 * MiB
+    assert f"resumed from {kept / MiB:.1f} MiB" in r.stderr, r.stderr
+    # over both runs nginx sent the file once plus what the killed run had not yet recorded (at most
+    # half a second of progress and what sat in socket buffers); without a resume it would be size + kept
+    assert nginx_bytes(workdir) < size + kept // 2, (nginx_bytes(workdir), size, kept)
     assert not part.exists()
 
 
