@@ -102,6 +102,11 @@ class ModelEntry(_Strict):
         description="File name to save as; default: the server's Content-Disposition, else the last URL path segment.",
     )
     sha256: str | None = Field(default=None, description="Expected SHA256 (64 hex digits); a mismatch fails the entry.")
+    size: int | None = Field(
+        default=None,
+        ge=0,
+        description="Expected size in bytes (comfy.lock.yml writes it); a mismatch fails the entry.",
+    )
     optional: bool = Field(default=False, description="A failed optional entry never fails provisioning.")
 
     @field_validator("url")

@@ -264,7 +264,7 @@ class Provisioner:
                 job.size = job.probe.size
         if job.name is None:
             job.name = (job.probe and job.probe.filename) or url_filename(job.download_url) or entry.url_filename()
-        want_size = getattr(entry, "size", None)  # when the schema accepts `size` (a lock file used as config)
+        want_size = entry.size
         if want_size is not None:
             if job.size is not None and job.size != want_size:
                 raise DownloadError(f"the server's file has {job.size} bytes but the config says size: {want_size}")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from support.origins import FaultyOrigin, NginxOrigin, fake_civitai, fake_huggingface, free_port, random_file
 
-from config_schema import WorkerConfig
+from config_schema import load_config
 from http_download import MiB
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,9 +158,8 @@ def test_lock_file_models_section_is_shaped_like_a_config(box, origin, blob):
             "optional": True,
         }
     ]
-    # every key but `size` is a config key today; `size` needs the schema to accept it (see report)
-    cfg = WorkerConfig.model_validate({"models": [{k: v for k, v in e.items() if k != "size"} for e in entries]})
-    assert cfg.models[0].sha256 == sha
+    cfg = load_config(box.volume / "comfy.lock.yml")  # the lock file is a config, unchanged
+    assert cfg.models[0].sha256 == sha and cfg.models[0].size == path.stat().st_size
 
 
 @pytest.mark.slow
@@ -225,6 +224,17 @@ def test_sha256_mismatch_fails_and_leaves_no_file(box, origin, blob):
     assert "sha256 mismatch" in r.stderr and "FAILED" in r.stdout
     assert not list((box.models / "checkpoints").iterdir())
     assert not (box.volume / "comfy.lock.yml").exists()
+
+
+def test_size_mismatch_with_the_config_fails_before_downloading(box, origin, blob):
+    path, _ = blob
+    origin.add("/m.safetensors", file=path)
+    size = path.stat().st_size
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints", "size": size + 1}])
+    r = box.run()
+    assert r.returncode == 1
+    assert f"the server's file has {size} bytes but the config says size: {size + 1}" in r.stderr
+    assert not (box.models / "checkpoints").exists() or not list((box.models / "checkpoints").iterdir())
 
 
 def test_two_503s_then_success(box, origin, blob):
