@@ -58,6 +58,18 @@ def load_or_report(config_path: str | None, settings: Settings) -> tuple[WorkerC
         return None
 
 
+def config_or_exit_code(args: argparse.Namespace, settings: Settings) -> WorkerConfig | int:
+    """The selected config, or the exit code when the run ends here (invalid config: 2,
+    ``--validate-only``: 0 after the summary line)."""
+    loaded = load_or_report(args.config, settings)
+    if loaded is None:
+        return EXIT_INVALID
+    cfg, source = loaded
+    if args.validate_only:
+        return validate_only(cfg, source)
+    return cfg
+
+
 def validate_only(cfg: WorkerConfig, source: str) -> int:
     print(f"ok: {source} is valid ({len(cfg.models)} model(s), {len(cfg.nodes)} node(s), ComfyUI {cfg.comfyui_ref()})")
     return EXIT_OK

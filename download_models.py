@@ -66,12 +66,11 @@ from cli_common import (
     EXIT_INVALID,
     EXIT_OK,
     add_common_args,
+    config_or_exit_code,
     format_table,
     human_size,
-    load_or_report,
     read_lock_file,
     update_lock_file,
-    validate_only,
 )
 from config_schema import ModelEntry
 from http_download import (
@@ -637,12 +636,9 @@ def dry_run_job(prov: Provisioner, job: Job) -> Job:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = Settings.from_env()
-    loaded = load_or_report(args.config, settings)
-    if loaded is None:
-        return EXIT_INVALID
-    cfg, source = loaded
-    if args.validate_only:
-        return validate_only(cfg, source)
+    cfg = config_or_exit_code(args, settings)
+    if isinstance(cfg, int):
+        return cfg
     setup_logging()
     for noisy in ("httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

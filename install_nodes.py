@@ -32,15 +32,13 @@ import git_versions as gv
 import node_requirements as nr
 from cli_common import (
     EXIT_FAILED,
-    EXIT_INVALID,
     EXIT_OK,
     add_common_args,
     atomic_write_text,
+    config_or_exit_code,
     format_table,
-    load_or_report,
     read_lock_file,
     update_lock_file,
-    validate_only,
 )
 from config_schema import NodeEntry, WorkerConfig
 from log_setup import setup_logging
@@ -382,12 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     settings = Settings.from_env()
-    loaded = load_or_report(args.config, settings)
-    if loaded is None:
-        return EXIT_INVALID
-    cfg, source = loaded
-    if args.validate_only:
-        return validate_only(cfg, source)
+    cfg = config_or_exit_code(args, settings)
+    if isinstance(cfg, int):
+        return cfg
     comfyui = Path(args.comfyui_dir) if args.comfyui_dir else settings.comfyui_path
     ctx = Context(comfyui / "custom_nodes", settings.github_token, args.dry_run, args.force, args.update)
     start = time.monotonic()

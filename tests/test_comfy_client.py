@@ -8,21 +8,12 @@ import sys
 import time
 
 import pytest
+from support.aio import arun
 from support.comfy_process import free_port
 
 import comfy_client
 from comfy_client import ComfyClient, log_tail, process_state
 from job_errors import JobError
-
-
-def arun(coro_fn):
-    async def go():
-        try:
-            return await coro_fn()
-        finally:
-            await comfy_client.close_shared_session()
-
-    return asyncio.run(go())
 
 
 def test_process_state_alive_zombie_dead_and_unknown(tmp_path):

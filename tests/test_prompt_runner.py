@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 
-import comfy_client
+from support.aio import arun
+
 from comfy_client import ComfyClient
 from job_errors import JobError
 from prompt_runner import PromptRunner, execution_error, rejection_error
@@ -31,16 +32,6 @@ def runner_for(comfyui, workflow, timeout=30.0, events=None) -> PromptRunner:
     return PromptRunner(
         client, workflow, timeout=timeout, ready_timeout=10, on_progress=events.append if events is not None else None
     )
-
-
-def arun(coro_fn):
-    async def go():
-        try:
-            return await coro_fn()
-        finally:
-            await comfy_client.close_shared_session()
-
-    return asyncio.run(go())
 
 
 def test_outputs_timings_and_progress_events(comfyui):
