@@ -50,6 +50,8 @@ def setup_logging(level: int | str = logging.INFO, stream=None) -> None:
         handler = logging.StreamHandler(stream or sys.stderr)
         handler._comfy_worker = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    else:
+        handler.setStream(stream or sys.stderr)  # a second call may name another stream
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.filters = [_ContextFilter(secret_values())]
     root.setLevel(level)

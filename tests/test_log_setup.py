@@ -8,6 +8,7 @@ from log_setup import reset_job_id, set_job_id, setup_logging
 
 def test_job_prefix_and_secret_redaction(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_abcdefgh123")
+    setup_logging(stream=io.StringIO())  # configured before (as by an earlier module): the new stream wins
     stream = io.StringIO()
     setup_logging(stream=stream)
     try:
