@@ -46,3 +46,18 @@ def test_secrets_are_not_in_repr():
     assert "hf_secret_value" not in repr(s) and "s3secret" not in repr(s)
     assert set(s.secrets()) == {"hf_secret_value", "s3secret"}
     assert set(secret_values({"HF_TOKEN": "hf_secret_value", "OTHER": "x"})) == {"hf_secret_value"}
+
+
+def test_docs_env_table_lists_exactly_the_variables_settings_reads():
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    source = (root / "settings.py").read_text()
+    read = set(re.findall(r'env(?:\.get\(|\[)"([A-Z][A-Z0-9_]+)"', source))
+    read |= set(re.findall(r'_(?:int|float|flag|choice)\(env, "([A-Z][A-Z0-9_]+)"', source))
+    read |= set(re.findall(r'"([A-Z][A-Z0-9_]+)"', source[source.index("SECRET_ENV_NAMES") :].split(")")[0]))
+    doc = (root / "docs" / "env.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)`", doc, re.M))
+    documented |= set(re.findall(r"^\| `[A-Z_]+`, `([A-Z][A-Z0-9_]+)`", doc, re.M))
+    assert read - documented == set(), "read by settings.py but missing from docs/env.md"
+    assert documented - read == set(), "documented in docs/env.md but never read by settings.py"
