@@ -51,7 +51,8 @@ def setup_logging(level: int | str = logging.INFO, stream=None) -> None:
         handler._comfy_worker = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     else:
-        handler.setStream(stream or sys.stderr)  # a second call may name another stream
+        # A second call may name another stream; the old one may be closed already (no flush).
+        handler.stream = stream or sys.stderr
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler.filters = [_ContextFilter(secret_values())]
     root.setLevel(level)
