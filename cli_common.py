@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tempfile
@@ -15,6 +16,8 @@ from filelock import FileLock
 
 from config_schema import ConfigError, WorkerConfig, load_config, load_config_env
 from settings import Settings
+
+log = logging.getLogger("comfy-worker")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -115,15 +118,23 @@ def update_lock_file(path: Path, section: str, value: object) -> None:
     section's current value (read under the same lock), for merging."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        data = {}
-        if path.exists():
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_lock_file(path)
         data[section] = value(data.get(section)) if callable(value) else value
         header = "# comfy.lock.yml: what this volume holds, exactly. Usable as a config.yml to reproduce it.\n"
         atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False))
 
 
 def read_lock_file(path: Path) -> dict:
-    if not path.exists():
+    """comfy.lock.yml as a dict; a damaged file counts as empty (it is a record, rewritten by the
+    next successful run), with a warning."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return {}
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        log.warning("ignoring unreadable %s (%s); it will be rewritten", path, type(err).__name__)
+        return {}
+    if data is not None and not isinstance(data, dict):
+        log.warning("ignoring %s: not a mapping; it will be rewritten", path)
+        return {}
+    return data or {}

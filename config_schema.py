@@ -50,6 +50,18 @@ def _no_leading_dash(value: str) -> str:
     return value
 
 
+def _no_credentials(value: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme in ("http", "https") and (parsed.username or parsed.password):
+        raise ValueError(
+            "must not contain credentials (user:password@ or a token before '@'): they would end up in "
+            "logs and .git/config; set HF_TOKEN, CIVITAI_TOKEN or GITHUB_TOKEN instead"
+        )
+    if parsed.scheme == "ssh" and parsed.password:
+        raise ValueError("must not contain a password; use an ssh key")
+    return value
+
+
 def _relative_path(value: str, nested: bool) -> str:
     value = value.strip()
     if not value:
@@ -116,6 +128,7 @@ class ModelEntry(_Strict):
         parsed = urlparse(v)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"must be an http(s) URL, not {v!r}")
+        _no_credentials(v)
         return v
 
     @field_validator("destination")
@@ -170,7 +183,7 @@ class NodeEntry(_Strict):
     def _url(cls, v: str) -> str:
         if not v:
             raise ValueError("must not be empty")
-        return _no_leading_dash(v)
+        return _no_credentials(_no_leading_dash(v))
 
     @field_validator("version")
     @classmethod
@@ -257,6 +270,11 @@ def _individually_valid(raw: dict, section: str) -> list[tuple[int, Any]]:
     return valid
 
 
+def _display_url(url: Any) -> str:
+    """The URL for messages, with any user info (user:password@) masked."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1***@", str(url))
+
+
 def _entry_label(raw: Any, loc: tuple) -> str:
     """'models[2] (https://...)' for an error location, or the dotted path for top-level fields."""
     if len(loc) >= 2 and loc[0] in _SECTIONS and isinstance(loc[1], int):
@@ -265,7 +283,7 @@ def _entry_label(raw: Any, loc: tuple) -> str:
             url = raw[loc[0]][loc[1]].get("url")
         except (AttributeError, IndexError, KeyError, TypeError):
             url = None
-        return f"{label} ({url})" if url else label
+        return f"{label} ({_display_url(url)})" if url else label
     return str(loc[0]) if loc else "config"
 
 

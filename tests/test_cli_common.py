@@ -134,3 +134,14 @@ def test_lock_file_sections_survive_concurrent_writers(tmp_path):
     assert yaml.safe_load(path.read_text()) == data
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".comfy.lock.yml.*"))
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_damaged_lock_file_is_rewritten_not_fatal(tmp_path, caplog):
+    path = tmp_path / "comfy.lock.yml"
+    path.write_text("models: [unclosed\n")
+    assert read_lock_file(path) == {}
+    assert "ignoring unreadable" in caplog.text
+    update_lock_file(path, "nodes", [{"url": "https://github.com/a/b.git", "version": "abc"}])
+    assert read_lock_file(path) == {"nodes": [{"url": "https://github.com/a/b.git", "version": "abc"}]}
+    path.write_text("- just\n- a list\n")
+    assert read_lock_file(path) == {}

@@ -168,6 +168,27 @@ def test_url_beginning_with_dash_is_rejected_for_models_and_nodes():
     assert problem.startswith("nodes[0] (--upload-pack=touch /tmp/x): url: must not begin with '-'")
 
 
+@pytest.mark.parametrize(
+    "section,url",
+    [
+        ("models", "https://user:hunter2secret@example.com/m.safetensors"),
+        ("models", "https://hunter2secret@example.com/m.safetensors"),
+        ("nodes", "https://x-access-token:hunter2secret@github.com/org/private-node.git"),
+        ("nodes", "ssh://git:hunter2secret@example.com/org/node.git"),
+    ],
+)
+def test_credentials_in_urls_are_rejected_without_being_echoed(section, url):
+    entry = {"url": url, "destination": "vae"} if section == "models" else {"url": url}
+    (problem,) = problems_of(json.dumps({section: [entry]}))
+    assert problem.startswith(f"{section}[0] (") and "url: must not contain" in problem
+    assert "hunter2secret" not in problem
+
+
+def test_ssh_user_without_password_is_a_normal_git_url():
+    cfg = load_config_text(one_node(url="ssh://git@example.com/org/node.git"))
+    assert cfg.nodes[0].dir_name() == "node"
+
+
 def test_version_beginning_with_dash_is_rejected():
     (problem,) = problems_of(one_node(version="--upload-pack=evil"))
     assert problem.startswith("nodes[0] (https://github.com/org/Node.git): version: must not begin with '-'")
