@@ -26,9 +26,20 @@ How the pieces fit:
   Progress per chunk is saved in ``<part>.state`` (JSON) every half second, so a killed process resumes
   where each chunk stopped. sha256 state cannot be saved, so after a restart the hasher re-reads the
   already-downloaded prefix while the rest downloads.
+- Which file a part belongs to: ``<part>.source`` (JSON) records, before the first byte is written,
+  the source (the URL the caller names the file by, e.g. the config entry: not a signed CDN link,
+  which changes every time), the server's validator (ETag, else Last-Modified) and the total size.
+  A part is resumed only when all three match the current probe; otherwise it is deleted and the
+  download starts over (see ``_claim_part``).
+- Ranges are checked: a ``206`` whose ``Content-Range`` starts elsewhere than asked is treated like a
+  server that ignores ranges (start over on one connection, never ask it for a range again); one
+  whose total differs from the probed size means the file changed on the server: the part is
+  deleted and the download fails (the next run starts afresh).
 - Retries: 429, 5xx and network errors are retried with exponential backoff; the counter resets
-  whenever bytes arrive, so a flaky but progressing server is never given up on, while a dead one
-  fails after ``retries`` attempts.
+  whenever bytes arrive, so a flaky but progressing server is not given up on quickly, while a dead
+  one fails after ``retries`` attempts. A server that keeps dropping the connection after a few
+  bytes is given ``4 * retries`` attempts in all (the part is kept, so a later run resumes it).
+  The backoff sleep ends at once when the stop event is set.
 - Verification: size always (against the server's size and ``expected_size``), sha256 when expected;
   a mismatch deletes the part and its state and raises ``ChecksumError``.
 """
@@ -49,7 +60,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlparse
 
@@ -86,6 +97,14 @@ class HttpStatusError(DownloadError):
 
 class ChecksumError(DownloadError):
     pass
+
+
+class SourceChanged(DownloadError):
+    """The file on the server is not the one the download started with; the part is worthless."""
+
+
+class _RangeMismatch(DownloadError):
+    """A 206 answer for another range than the one asked for."""
 
 
 class RetryableError(Exception):
@@ -160,6 +179,27 @@ def same_host(a: str, b: str) -> bool:
 def _retry_after(resp: requests.Response) -> float | None:
     value = resp.headers.get("Retry-After", "")
     return float(value) if value.isdigit() else None
+
+
+def content_range(resp: requests.Response) -> tuple[int | None, int | None]:
+    """``(start, total)`` from ``Content-Range: bytes START-END/TOTAL`` (None where absent or ``*``)."""
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", resp.headers.get("Content-Range", ""), re.IGNORECASE)
+    if not m:
+        return None, None
+    return int(m.group(1)), (None if m.group(2) == "*" else int(m.group(2)))
+
+
+def _check_range(resp: requests.Response, start: int, size: int | None) -> None:
+    """A 206 must hold the bytes asked for, of the file that was probed."""
+    got, total = content_range(resp)
+    host = urlparse(resp.final_url).netloc  # type: ignore[attr-defined]
+    if size is not None and total is not None and total != size:
+        raise SourceChanged(
+            f"the file changed on the server during the download ({host} now has {total} bytes, "
+            f"it had {size}); the partial file was deleted, run again to download the new version"
+        )
+    if got != start:
+        raise _RangeMismatch(f"{host} answered a request for bytes from {start} with bytes from {got}")
 
 
 class _OneBuffer:
@@ -266,7 +306,10 @@ class Downloader:
         retries: int = 5,
         backoff: float = 1.0,
         timeout: float = 30.0,
+        stop: threading.Event | None = None,
     ):
+        """``stop``: when set, waits between retries end at once (the default for calls given none)."""
+        self.stop = stop or threading.Event()
         self.headers_for = headers_for or (lambda url: {})
         self.connections = max(1, connections)
         self.parallel_min_size = parallel_min_size
@@ -312,10 +355,18 @@ class Downloader:
             raise HttpStatusError(status, url, _describe(status, url))
         raise DownloadError(f"too many redirects starting at {urlparse(url).netloc}")
 
-    def with_retries(self, what: str, fn: Callable[[], object], progress_made: Callable[[], int] | None = None):
+    def with_retries(
+        self,
+        what: str,
+        fn: Callable[[], object],
+        progress_made: Callable[[], int] | None = None,
+        stop: threading.Event | None = None,
+    ):
         """Call ``fn`` until it succeeds; RetryableError/network errors are retried with backoff.
-        ``progress_made`` (a byte counter) resets the attempt count when it moved."""
-        attempt = 0
+        ``progress_made`` (a byte counter) resets the attempt count when it moved, up to an overall cap
+        of ``4 * retries`` attempts. ``stop`` (default: the downloader's) ends a backoff wait at once."""
+        stop = stop or self.stop
+        attempt = total = 0
         last = progress_made() if progress_made else 0
         while True:
             try:
@@ -328,13 +379,20 @@ class Downloader:
             if now != last:
                 attempt, last = 0, now
             attempt += 1
+            total += 1
             if attempt >= self.retries:
-                raise DownloadError(f"{what}: gave up after {attempt} attempts: {failure}")
+                raise DownloadError(f"{what}: gave up after {total} attempts: {failure}")
+            if total >= 4 * self.retries:
+                raise DownloadError(
+                    f"{what}: gave up after {total} attempts (bytes kept arriving, but the connection kept "
+                    f"failing before the end): {failure}"
+                )
             delay = min(60.0, self.backoff * (2 ** (attempt - 1)) * (0.75 + random.random() / 2))
             if retry_after is not None:
                 delay = max(delay, min(retry_after, 60.0 * max(self.backoff, 0.01)))
             log.warning("%s: %s; retry %d/%d in %.1f s", what, failure, attempt, self.retries - 1, delay)
-            time.sleep(delay)
+            if stop.wait(delay):
+                raise DownloadError(f"{what}: interrupted")
 
     def _probe_once(self, url: str, method: str) -> Probe:
         headers = {"Range": "bytes=0-0"} if method == "GET" else {}
@@ -362,9 +420,9 @@ class Downloader:
         finally:
             resp.close()
 
-    def probe(self, url: str) -> Probe:
+    def probe(self, url: str, stop: threading.Event | None = None) -> Probe:
         """Where the bytes are, how many, whether ranges work, and the server's file name."""
-        return self.with_retries(f"probe {urlparse(url).netloc}", lambda: self._probe_once(url, "GET"))
+        return self.with_retries(f"probe {urlparse(url).netloc}", lambda: self._probe_once(url, "GET"), stop=stop)
 
     def head(self, url: str) -> Probe:
         """Like ``probe`` but with HEAD (for --dry-run); falls back to the ranged GET when HEAD is refused."""
@@ -386,11 +444,16 @@ class Downloader:
         probe: Probe | None = None,
         progress: Callable[[int, int | None], None] | None = None,
         stop: threading.Event | None = None,
+        source: str | None = None,
     ) -> Result:
         """Download ``url`` into ``part`` (resuming what is there), verify it and return its size and
         sha256. ``progress(bytes_on_disk, total)`` is called as bytes land. The part is deleted when
-        the content is wrong; it is kept (for a later resume) when the transfer merely failed."""
-        probe = probe or self.probe(url)
+        the content is wrong; it is kept (for a later resume) when the transfer merely failed.
+        ``source`` names the file for resuming (default ``url``): pass the stable URL the user gave
+        when ``url`` is a signed link that changes from run to run; a part is resumed only for the
+        same source, validator and size (see ``_claim_part``)."""
+        stop = stop or self.stop
+        probe = probe or self.probe(url, stop)
         if probe.content_type and probe.content_type.startswith("text/html") and (probe.size or 0) < 10 * MiB:
             raise DownloadError(
                 f"{urlparse(probe.url).netloc} answered with a web page instead of a file "
@@ -401,41 +464,59 @@ class Downloader:
             raise DownloadError(f"the server's file has {size} bytes but {expected_size} were expected")
         size = size if size is not None else expected_size
         progress = progress or (lambda done, total: None)
-        stop = stop or threading.Event()
         part.parent.mkdir(parents=True, exist_ok=True)
-        state = state_path(part)
+        identity = {"source": source or url, "validator": probe.validator, "size": size}
+        _claim_part(part, identity)
         use_parallel = probe.ranges and size is not None and size >= self.parallel_min_size and self.connections > 1
-        for again in (False, True):
-            try:
-                if use_parallel:
-                    assert size is not None
-                    result = _ParallelFetch(self, probe, part, size, progress, stop).run()
-                else:
-                    result = self._fetch_single(probe, part, size, progress, stop)
-                break
-            except HttpStatusError as err:
-                # a signed CDN link (what CivitAI and the Hub redirect to) can expire mid-download:
-                # ask the original URL for a fresh one and carry on from the part
-                if again or err.status not in (401, 403, 410) or same_host(probe.url, url):
-                    raise
-                log.info(
-                    "%s refused the download link (HTTP %d); asking %s for a new one",
-                    *(urlparse(probe.url).netloc, err.status, urlparse(url).netloc),
-                )
-                fresh = self.probe(url)
-                if fresh.size != probe.size:
-                    raise
-                probe = fresh
-        if expected_size is not None and result.size != expected_size:
+        renewed = False
+        try:
+            while True:
+                try:
+                    if use_parallel:
+                        assert size is not None
+                        result = _ParallelFetch(self, probe, part, size, progress, stop).run()
+                    else:
+                        result = self._fetch_single(probe, part, size, progress, stop)
+                    break
+                except _RangeMismatch as err:
+                    if not use_parallel:
+                        raise
+                    log.warning("%s; downloading over one connection instead", err)
+                    use_parallel = False
+                    probe = replace(probe, ranges=False)
+                    _discard(part)
+                    _claim_part(part, identity)
+                except HttpStatusError as err:
+                    # a signed CDN link (what CivitAI and the Hub redirect to) can expire mid-download:
+                    # ask the original URL for a fresh one and carry on from the part
+                    if renewed or err.status not in (401, 403, 410) or same_host(probe.url, url):
+                        raise
+                    log.info(
+                        "%s refused the download link (HTTP %d); asking %s for a new one",
+                        *(urlparse(probe.url).netloc, err.status, urlparse(url).netloc),
+                    )
+                    fresh = self.probe(url, stop)
+                    if fresh.size != probe.size or fresh.validator != probe.validator:
+                        raise SourceChanged(
+                            f"the file changed on the server during the download ({urlparse(url).netloc}); "
+                            "the partial file was deleted, run again to download the new version"
+                        ) from None
+                    probe, renewed = replace(fresh, ranges=probe.ranges), True
+        except SourceChanged:
             _discard(part)
-            raise DownloadError(f"size mismatch: got {result.size} bytes, expected {expected_size}")
+            raise
+        want = expected_size if expected_size is not None else size
+        if want is not None and result.size != want:
+            _discard(part)
+            raise DownloadError(f"size mismatch: got {result.size} bytes, expected {want}")
         if expected_sha256 and result.sha256 != expected_sha256.lower():
             _discard(part)
             raise ChecksumError(
                 f"sha256 mismatch: got {result.sha256}, expected {expected_sha256.lower()}; the partial file "
                 "was deleted (if the file was updated upstream, update sha256 in the config)"
             )
-        state.unlink(missing_ok=True)
+        state_path(part).unlink(missing_ok=True)
+        source_path(part).unlink(missing_ok=True)
         return result
 
     def _fetch_single(self, probe: Probe, part: Path, size: int | None, progress, stop) -> Result:
@@ -464,13 +545,18 @@ class Downloader:
                 pipe.digest.update(block)
                 remaining -= len(block)
         resumed_from = prefix
-        box = {"pos": prefix, "fetched": 0}
+        box = {"pos": prefix, "fetched": 0, "ranges": True}
         if size is not None and prefix == size:
             return Result(size, pipe.hexdigest(), 0, resumed_from, 0)
 
+        def restart(f) -> None:
+            pipe.reset()
+            box["pos"] = 0
+            f.truncate(0)
+
         def attempt() -> None:
             headers = {}
-            if box["pos"] > 0:
+            if box["pos"] > 0 and box["ranges"]:
                 headers["Range"] = f"bytes={box['pos']}-"
                 if probe.validator and not probe.validator.startswith("W/"):
                     headers["If-Range"] = probe.validator
@@ -478,11 +564,20 @@ class Downloader:
             with resp, open(part, "r+b") as f:
                 if resp.status_code == 416 and size is not None and box["pos"] == size:
                     return
+                if resp.status_code == 206:
+                    try:
+                        _check_range(resp, box["pos"], size)
+                    except _RangeMismatch as err:
+                        if "Range" not in headers:
+                            raise
+                        # never trust this server with a range again: the whole file, from the start
+                        log.warning("%s; starting over without ranges", err)
+                        box["ranges"] = False
+                        restart(f)
+                        raise RetryableError(str(err)) from None
                 if box["pos"] > 0 and resp.status_code == 200:
                     log.info("%s ignored the Range request; starting over", urlparse(probe.url).netloc)
-                    pipe.reset()
-                    box["pos"] = 0
-                    f.truncate(0)
+                    restart(f)
                 elif resp.status_code not in (200, 206):
                     raise DownloadError(f"unexpected HTTP {resp.status_code} from {urlparse(probe.url).netloc}")
                 fd = f.fileno()
@@ -502,7 +597,7 @@ class Downloader:
             if size is not None and box["pos"] < size:
                 raise RetryableError(f"connection closed at {box['pos']} of {size} bytes")
 
-        self.with_retries(f"download {urlparse(probe.url).netloc}", attempt, lambda: box["pos"])
+        self.with_retries(f"download {urlparse(probe.url).netloc}", attempt, lambda: box["pos"], stop)
         return Result(box["pos"], pipe.hexdigest(), box["fetched"], resumed_from, 1)
 
 
@@ -538,9 +633,42 @@ def state_path(part: Path) -> Path:
     return part.with_name(part.name + ".state")
 
 
-def _discard(part: Path) -> None:
+def source_path(part: Path) -> Path:
+    return part.with_name(part.name + ".source")
+
+
+def discard_part(part: Path) -> None:
+    """Delete a part and the records kept next to it."""
     part.unlink(missing_ok=True)
     state_path(part).unlink(missing_ok=True)
+    source_path(part).unlink(missing_ok=True)
+
+
+_discard = discard_part
+
+
+def _claim_part(part: Path, identity: dict) -> None:
+    """Keep what is in ``part`` only when it was written for this very file: the same source URL,
+    validator (ETag / Last-Modified) and total size as recorded in ``<part>.source`` when the part was
+    started. Anything else (a part from another URL that gives the same file name, a file replaced
+    upstream, a part without a record) is deleted, and the identity recorded for the new start.
+    A server without any validator cannot tell two versions of a file apart: then a part is resumed
+    when the source URL and the size match (a replaced file of exactly the same size would go
+    unnoticed unless a sha256 is given), and never when the size is unknown too."""
+    record = source_path(part)
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    resumable = recorded == identity and (identity["validator"] is not None or identity["size"] is not None)
+    if resumable:
+        return
+    if part.exists():
+        log.info("%s: the partial file is from another source or version; starting over", part.name)
+    discard_part(part)
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps(identity))
+    os.replace(tmp, record)
 
 
 def _load_state(state: Path) -> dict | None:
@@ -637,6 +765,7 @@ class _ParallelFetch:
                     f"download {urlparse(self.probe.url).netloc} chunk {k}",
                     lambda k=k: self._fetch_chunk(fd, k),
                     lambda k=k: self.done[k],
+                    self.stop,
                 )
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             with self.cond:
@@ -660,6 +789,7 @@ class _ParallelFetch:
                     f"{urlparse(self.probe.url).netloc} answered {resp.status_code} to a range request "
                     "(the file changed on the server, or it stopped honouring ranges)"
                 )
+            _check_range(resp, pos, self.size)
             for block in iter_body(resp):
                 if self.stop.is_set() or self.error is not None:
                     raise DownloadError("interrupted")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 
 import pytest
 from support.origins import FaultyOrigin, NginxOrigin, random_file
@@ -130,8 +131,9 @@ def test_a_200_answer_to_a_resume_truncates_the_part_and_rehashes(origin, blob, 
     path, sha = blob
     route = origin.add("/m.bin", file=path)
     part = tmp_path / "m.bin.part"
-    part.write_bytes(b"x" * 1000)  # wrong bytes that a blind resume would keep
     dl = fast()
+    interrupt(dl, f"{origin.url}/m.bin", part, MiB)  # a part recorded as this file's ...
+    part.write_bytes(b"x" * 1000)  # ... holding wrong bytes that a blind resume would keep
     probe = dl.probe(f"{origin.url}/m.bin")  # the server did ranges when probed ...
     route.ignore_range = True  # ... and stops honouring them for the resume
     result = dl.fetch(f"{origin.url}/m.bin", part, probe=probe)
@@ -208,3 +210,171 @@ def test_an_expired_signed_link_is_renewed_and_the_download_continues(blob, tmp_
     assert len(site.seen()) == 2  # asked once more for a fresh link
     assert [s.status for s in cdn.seen()] == [206, 200, 403, 206, 206]  # probe, drop, expired, probe, rest
     assert cdn.sent("/signed/m.bin") < size * 1.05
+
+
+def interrupt(dl: Downloader, url: str, part, at: int, **kw) -> None:
+    """Start a download and stop it once ``at`` bytes are on disk, as a killed run would leave it."""
+    stop = threading.Event()
+
+    def stop_at(done, total):
+        if done >= at:
+            stop.set()
+
+    with pytest.raises(DownloadError, match="interrupted"):
+        dl.fetch(url, part, progress=stop_at, stop=stop, **kw)
+    assert part.stat().st_size >= at
+
+
+@pytest.fixture
+def other_blob(tmp_path):
+    """Another file of the same size as ``blob``."""
+    path = tmp_path / "src" / "other.bin"
+    sha = random_file(path, 6 * MiB + 123, seed=7)
+    return path, sha
+
+
+def test_a_part_left_by_another_url_is_not_resumed(origin, blob, other_blob, tmp_path):
+    (a, _), (b, sha_b) = blob, other_blob
+    origin.add("/a/m.bin", file=a)
+    origin.add("/b/m.bin", file=b)  # same name, same size, same ETag: only the url tells them apart
+    part = tmp_path / "m.bin.part"
+    dl = fast()
+    interrupt(dl, f"{origin.url}/a/m.bin", part, 2 * MiB)
+    result = dl.fetch(f"{origin.url}/b/m.bin", part)
+    assert result.sha256 == sha_b and result.resumed_from == 0
+    assert part.read_bytes() == b.read_bytes()
+
+
+def test_a_part_whose_file_changed_upstream_is_not_resumed(origin, blob, other_blob, tmp_path):
+    (a, _), (b, sha_b) = blob, other_blob
+    route = origin.add("/m.bin", file=a, etag='"v1"')
+    part = tmp_path / "m.bin.part"
+    dl = fast()
+    interrupt(dl, f"{origin.url}/m.bin", part, 2 * MiB)
+    route.file, route.etag = b, '"v2"'  # new content at the same url, same size
+    result = dl.fetch(f"{origin.url}/m.bin", part)
+    assert result.sha256 == sha_b and result.resumed_from == 0
+    assert part.read_bytes() == b.read_bytes()
+
+
+def test_without_a_validator_a_part_resumes_only_for_the_same_url_and_size(origin, blob, tmp_path):
+    a, _ = blob
+    bigger = tmp_path / "src" / "bigger.bin"
+    sha_big = random_file(bigger, 7 * MiB, seed=8)
+    route = origin.add("/m.bin", file=a, etag=None)
+    part = tmp_path / "m.bin.part"
+    dl = fast()
+    interrupt(dl, f"{origin.url}/m.bin", part, 2 * MiB)
+    route.file = bigger  # same url, no ETag/Last-Modified, another size
+    interrupt(dl, f"{origin.url}/m.bin", part, 3 * MiB)
+    result = dl.fetch(f"{origin.url}/m.bin", part)  # same url and size: nothing else to go by, resumed
+    assert result.sha256 == sha_big and result.resumed_from >= 3 * MiB
+    assert part.read_bytes() == bigger.read_bytes()
+    starts = [s.headers.get("range") for s in origin.seen("/m.bin") if s.headers.get("range") != "bytes=0-0"]
+    assert starts[:2] == [None, None]  # the part of the smaller file was not resumed
+
+
+def test_a_parallel_part_left_by_another_url_is_not_resumed(origin, blob, other_blob, tmp_path):
+    (a, _), (b, sha_b) = blob, other_blob
+    origin.add("/a/m.bin", file=a, rate=6 * MiB)
+    origin.add("/b/m.bin", file=b)
+    part = tmp_path / "m.bin.part"
+    dl = fast(connections=2, parallel_min_size=MiB, chunk_size=MiB)
+    interrupt(dl, f"{origin.url}/a/m.bin", part, 2 * MiB)
+    assert sum(json.loads(state_path(part).read_text())["done"]) >= 2 * MiB
+    result = dl.fetch(f"{origin.url}/b/m.bin", part)
+    assert result.sha256 == sha_b and result.resumed_from == 0
+    assert part.read_bytes() == b.read_bytes()
+
+
+def test_the_source_not_the_signed_link_identifies_a_part(origin, blob, tmp_path):
+    path, sha = blob
+    origin.add("/signed/m.bin", file=path)
+    part = tmp_path / "m.bin.part"
+    dl = fast()
+    source = "https://example.org/models/m.bin"
+    interrupt(dl, f"{origin.url}/signed/m.bin?sig=first", part, 2 * MiB, source=source)
+    result = dl.fetch(f"{origin.url}/signed/m.bin?sig=second", part, source=source)
+    assert result.sha256 == sha and result.resumed_from >= 2 * MiB
+
+
+def test_a_206_from_another_offset_restarts_cleanly(origin, blob, tmp_path):
+    path, sha = blob
+    origin.add("/m.bin", file=path, drop_after=2 * MiB, range_shift=-4096)
+    part = tmp_path / "m.bin.part"
+    result = fast().fetch(f"{origin.url}/m.bin", part)
+    assert result.sha256 == sha and result.size == path.stat().st_size
+    assert part.read_bytes() == path.read_bytes()
+
+
+def test_a_parallel_chunk_from_another_offset_falls_back_to_one_connection(origin, blob, tmp_path):
+    path, sha = blob
+    origin.add("/m.bin", file=path, range_shift=-4096)
+    part = tmp_path / "m.bin.part"
+    result = fast(connections=3, parallel_min_size=MiB, chunk_size=MiB).fetch(f"{origin.url}/m.bin", part)
+    assert result.sha256 == sha and result.connections == 1
+    assert part.read_bytes() == path.read_bytes()
+    assert not state_path(part).exists()
+
+
+def test_a_file_that_changed_size_during_a_resume_is_refused(origin, blob, tmp_path):
+    path, _ = blob
+    bigger = tmp_path / "src" / "bigger.bin"
+    random_file(bigger, 7 * MiB, seed=8)
+    route = origin.add("/m.bin", file=path)
+    part = tmp_path / "m.bin.part"
+    dl = fast()
+    interrupt(dl, f"{origin.url}/m.bin", part, 2 * MiB)
+    probe = dl.probe(f"{origin.url}/m.bin")
+    route.file = bigger  # the resume's Content-Range says bytes N-.../7 MiB
+    with pytest.raises(DownloadError, match="changed on the server"):
+        dl.fetch(f"{origin.url}/m.bin", part, probe=probe)
+    assert not part.exists() and not state_path(part).exists()
+
+
+def test_without_expected_size_the_result_must_have_the_probed_size(origin, blob, tmp_path):
+    path, _ = blob
+    bigger = tmp_path / "src" / "bigger.bin"
+    random_file(bigger, 7 * MiB, seed=8)
+    route = origin.add("/m.bin", file=path)
+    part = tmp_path / "m.bin.part"
+    dl = fast()
+    probe = dl.probe(f"{origin.url}/m.bin")
+    route.file = bigger
+    with pytest.raises(DownloadError, match=f"size mismatch: got {7 * MiB} bytes, expected {path.stat().st_size}"):
+        dl.fetch(f"{origin.url}/m.bin", part, probe=probe)
+    assert not part.exists()
+
+
+def test_retries_are_capped_even_while_bytes_trickle_in(origin, blob, tmp_path):
+    path, _ = blob
+    origin.add("/m.bin", file=path, trickle=64 * 1024)  # every answer drops after 64 KiB: ~100 needed
+    with pytest.raises(DownloadError, match=r"gave up after 8 attempts .*: connection closed at \d+ of"):
+        fast(retries=2).fetch(f"{origin.url}/m.bin", tmp_path / "m.part")
+    bodies = [s for s in origin.seen("/m.bin") if s.headers.get("range") != "bytes=0-0"]
+    assert len(bodies) == 8  # 4 x retries
+
+
+def test_a_stop_during_the_retry_backoff_ends_the_wait_at_once(origin, blob, tmp_path):
+    path, _ = blob
+    origin.add("/m.bin", file=path, fail_statuses=[503] * 5)
+    stop = threading.Event()
+    outcome = {}
+
+    def run():
+        try:
+            Downloader(backoff=30).fetch(f"{origin.url}/m.bin", tmp_path / "m.part", stop=stop)
+        except DownloadError as err:
+            outcome["error"] = str(err)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while not origin.seen("/m.bin") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # now sleeping at least 22 s before the next attempt
+    stop.set()
+    worker.join(5)
+    assert not worker.is_alive()
+    assert "interrupted" in outcome["error"]
+    assert len(origin.seen("/m.bin")) == 1

@@ -2,8 +2,9 @@
 
 - ``NginxOrigin``: Debian's real nginx serving a folder on 127.0.0.1 (Range support, optional
   ``limit_rate`` per connection under ``/limited/``), with its own config, pid and logs in a temp dir.
-- ``FaultyOrigin``: a small threaded Python server whose routes can drop the connection after N bytes,
-  answer with error statuses first, ignore Range, redirect, or stream slowly; it records every request's
+- ``FaultyOrigin``: a small threaded Python server whose routes can drop the connection after N bytes
+  (once, or on every response: ``trickle``), answer with error statuses first, ignore Range, answer a
+  range from another offset, go without a validator, redirect, or stream slowly; it records every request's
   headers and how many body bytes it sent, so tests can prove what was fetched and who got which token.
 - ``fake_huggingface`` / ``fake_civitai``: routes that speak the Hugging Face resolve protocol
   (``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with ETag, X-Repo-Commit, X-Linked-Size and a redirect
@@ -161,6 +162,9 @@ class Route:
     drop_after: int | None = None  # close the connection after this many body bytes ...
     drops: int = 1  # ... this many times
     ignore_range: bool = False
+    range_shift: int = 0  # answer a range starting at N > 0 from N + range_shift (with an honest Content-Range)
+    trickle: int | None = None  # send at most this many body bytes per response, then drop the connection
+    etag: str | None = '"v1"'  # None: no validator at all
     rate: float | None = None  # bytes per second
     status: int = 200
     redirect: str | None = None  # answer 302 with this Location
@@ -292,6 +296,8 @@ class FaultyOrigin:
         if partial:
             start = int(m.group(1))
             end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+            if start > 0 and route.range_shift:
+                start = max(0, start + route.range_shift)
             if start >= size:
                 seen.status = 416
                 h.send_response(416)
@@ -305,7 +311,8 @@ class FaultyOrigin:
             h.send_header("Content-Type", "application/octet-stream")
         h.send_header("Content-Length", str(end - start))
         h.send_header("Accept-Ranges", "none" if route.ignore_range else "bytes")
-        h.send_header("ETag", '"v1"')
+        if route.etag is not None:
+            h.send_header("ETag", route.etag)
         if partial:
             h.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         for k, v in route.headers.items():
@@ -319,13 +326,16 @@ class FaultyOrigin:
             n = min(64 * 1024, end - pos)
             with self.lock:
                 drop_at = route.drop_after if route.drops > 0 else None
+            if route.trickle is not None:
+                drop_at = start + route.trickle
             if drop_at is not None and pos + n > drop_at >= pos:
                 n = drop_at - pos
                 if n:
                     h.wfile.write(route.read(pos, pos + n))
                     seen.sent += n
-                with self.lock:
-                    route.drops -= 1
+                if route.trickle is None:
+                    with self.lock:
+                        route.drops -= 1
                 h.wfile.flush()
                 h.connection.shutdown(socket.SHUT_RDWR)
                 h.close_connection = True
