@@ -12,8 +12,10 @@ Each entry becomes ``models/<destination>/<filename>``:
 3. Downloads run under a lock per target (``models/.locks/<destination>/<filename>.lock``, filelock),
    so two processes sharing a volume never write the same file: the second waits, then finds the
    finished file and skips it.
-   Bytes go to ``<target>.part`` (resumable, see http_download.py), are verified (size; sha256 hashed
-   while they arrive) and renamed into place atomically; then comfy.lock.yml gets the entry's url,
+   Bytes go to ``<target>.part`` (resumable, see http_download.py: a part is resumed only when it was
+   started for the same entry url, not the signed CDN link, which changes every run, and the server
+   still has the same version of the file by its ETag/Last-Modified and size), are verified (size;
+   sha256 hashed while they arrive) and renamed into place atomically; then comfy.lock.yml gets the entry's url,
    destination, filename, sha256 and size, so the lock file can be fed back as a config.
 
 Sources:
@@ -79,9 +81,9 @@ from http_download import (
     MiB,
     Probe,
     RetryableError,
+    discard_part,
     safe_filename,
     same_host,
-    state_path,
     url_filename,
 )
 from log_setup import setup_logging
@@ -172,13 +174,14 @@ class Provisioner:
         self.force = force
         self.dry_run = dry_run
         self.tokens = TokenPolicy(settings)
+        self.stop = threading.Event()  # set on SIGTERM: also ends any retry backoff wait at once
         self.downloader = Downloader(
             headers_for=self.tokens.headers_for,
             connections=settings.download_connections,
             retries=settings.download_retries,
             backoff=settings.download_retry_backoff,
+            stop=self.stop,
         )
-        self.stop = threading.Event()
         self.tty = sys.stderr.isatty()
         self._disk_lock = threading.Lock()
         self._reserved: dict[str, int] = {}
@@ -440,9 +443,7 @@ class Provisioner:
             self._reload_records()  # another process may have just finished this very file
             if self._present(job) or self._check_existing(job):
                 job.status, job.ok = "present", True
-                part = target.with_name(target.name + ".part")
-                part.unlink(missing_ok=True)  # a leftover of an interrupted --force run
-                state_path(part).unlink(missing_ok=True)
+                discard_part(target.with_name(target.name + ".part"))  # a leftover of an interrupted --force run
                 return
             self._download(job)
         finally:
@@ -467,6 +468,7 @@ class Provisioner:
                     probe=job.probe,
                     progress=progress,
                     stop=self.stop,
+                    source=job.entry.url,  # not the signed CDN link: that one changes on every run
                 )
                 job.size, job.sha256, job.fetched = result.size, result.sha256, result.fetched
                 if result.resumed_from:
@@ -605,6 +607,15 @@ def matches(entry: ModelEntry, name: str, recorded: list[dict]) -> bool:
     return name in names
 
 
+def shown_url(job: Job) -> str:
+    """Where an entry comes from, for people: the entry's own URL for Hugging Face, whose download
+    location is a signed CDN link (a short-lived credential); the resolved download URL otherwise
+    (e.g. the CivitAI download a model page stands for)."""
+    if job.source == "huggingface" or not job.download_url:
+        return job.entry.url
+    return job.download_url
+
+
 def summary(jobs: list[Job], dry_run: bool) -> str:
     rows = []
     for j in jobs:
@@ -612,10 +623,7 @@ def summary(jobs: list[Job], dry_run: bool) -> str:
         status = j.status if not j.error else f"{j.status}: {j.error}"
         rows.append([j.label, human_size(j.size), j.source, f"{j.seconds:.1f}", mbs, status])
     if dry_run:
-        rows = [
-            [j.label, human_size(j.size), j.source, str(j.target or "?"), j.download_url or j.entry.url, j.status]
-            for j in jobs
-        ]
+        rows = [[j.label, human_size(j.size), j.source, str(j.target or "?"), shown_url(j), j.status] for j in jobs]
         return format_table(["name", "size", "source", "target", "from", "action"], rows)
     return format_table(["name", "size", "source", "seconds", "MB/s", "status"], rows)
 
@@ -635,7 +643,11 @@ def dry_run_job(prov: Provisioner, job: Job) -> Job:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as err:  # a malformed env var: say which, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
     cfg = config_or_exit_code(args, settings)
     if isinstance(cfg, int):
         return cfg

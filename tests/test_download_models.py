@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -266,16 +267,32 @@ def test_404_on_an_optional_entry_warns_and_exits_0_but_fails_a_required_one(box
     assert r.returncode == 1 and "ERROR" in r.stderr
 
 
-def test_two_processes_on_the_same_target_download_once(box, origin, blob):
+def test_two_processes_on_the_same_target_download_once(box, origin, blob, tmp_path):
     path, sha = blob
     size = path.stat().st_size
-    origin.add("/m.safetensors", file=path, rate=4 * MiB)  # about 1.3 s
+    waiting = threading.Event()
+
+    def hold_the_body(h, seen, head):
+        # the download's body waits until the other process has said it waits for the lock, so the
+        # two runs overlap however slowly the machine starts them
+        if not head and seen.headers.get("range") != "bytes=0-0":
+            waiting.wait(60)
+        return False
+
+    origin.add("/m.safetensors", file=path, handler=hold_the_body)
     box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints", "filename": "m.safetensors"}])
-    procs = [
-        subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=60) for p in procs]
+    logs = [tmp_path / f"run{i}.err" for i in range(2)]
+    procs = []
+    for i in range(2):
+        with open(tmp_path / f"run{i}.out", "w") as out, open(logs[i], "w") as err:
+            procs.append(subprocess.Popen(box.argv(), env=box.env, stdout=out, stderr=err, text=True))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any("another process is downloading it" in f.read_text() for f in logs):
+        time.sleep(0.05)
+    waiting.set()
+    for p in procs:
+        p.wait(60)
+    outs = [((tmp_path / f"run{i}.out").read_text(), logs[i].read_text()) for i in range(2)]
     assert [p.returncode for p in procs] == [0, 0], outs
     stdout = [o[0] for o in outs]
     assert sorted("downloaded" in s for s in stdout) == [False, True]
@@ -459,6 +476,7 @@ def test_entries_download_in_parallel(box, origin, blob):
     assert len(bodies) == 3
     assert max(s.at for s in bodies) < min(s.finished for s in bodies)  # all three were in flight at once
     r = box.run("--parallel", "1", "--force")
+    assert r.returncode == 0, r.stderr
     bodies = [s for s in origin.seen() if s.method == "GET" and s.sent > 1][3:]
     assert sorted(s.at for s in bodies)[1] > sorted(s.finished for s in bodies)[0]  # one after the other
 
@@ -558,3 +576,70 @@ def test_models_dir_option_moves_the_downloads(box, origin, blob, tmp_path):
     assert r.returncode == 0, r.stderr
     assert sha_of(tmp_path / "elsewhere" / "vae" / "m.safetensors") == sha
     assert not (box.models / "vae").exists()
+
+
+def test_a_part_left_by_another_url_is_not_resumed(box, origin, blob, tmp_path):
+    path, _ = blob
+    other = tmp_path / "src" / "new" / "m.safetensors"
+    sha_new = random_file(other, path.stat().st_size, seed=12)
+    origin.add("/old/m.safetensors", file=path, rate=2 * MiB)
+    origin.add("/new/m.safetensors", file=other)  # same file name, same size, same ETag
+    box.write([{"url": f"{origin.url}/old/m.safetensors", "destination": "checkpoints"}])
+    part = box.models / "checkpoints" / "m.safetensors.part"
+    proc = subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not part.exists() or part.stat().st_size < MiB):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 1
+    assert part.stat().st_size >= MiB  # an interrupted download of the old url
+    box.write([{"url": f"{origin.url}/new/m.safetensors", "destination": "checkpoints"}])
+    r = box.run()
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" not in r.stderr
+    assert sha_of(box.models / "checkpoints" / "m.safetensors") == sha_new
+
+
+def test_sigterm_during_a_retry_backoff_stops_at_once(box, origin, blob):
+    path, _ = blob
+    origin.add("/m.safetensors", file=path, fail_statuses=[503] * 5)
+    box.env["DOWNLOAD_RETRY_BACKOFF"] = "30"  # the first retry would wait 22 to 37 s
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints"}])
+    proc = subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not origin.seen():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    stopped = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("download_models.py kept sleeping in its retry backoff after SIGTERM")
+    assert proc.returncode == 1 and "interrupted" in err
+    assert time.monotonic() - stopped < 10
+    assert len(origin.seen()) == 1
+
+
+def test_dry_run_never_prints_a_signed_download_link(box, blob):
+    path, _ = blob
+    with FaultyOrigin() as hub, FaultyOrigin() as cdn:
+        fake_huggingface(hub, cdn, "org/repo", {"model.safetensors": path})
+        box.env["HF_ENDPOINT"] = hub.url
+        url = "https://huggingface.co/org/repo/resolve/main/model.safetensors"
+        box.write([{"url": url, "destination": "unet"}])
+        r = box.run("--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert url in r.stdout and "5.0 MiB" in r.stdout
+    assert "Signature" not in r.stdout + r.stderr and "?" not in r.stdout
+    assert cdn.url not in r.stdout
+
+
+def test_a_bad_environment_value_is_a_one_line_error_and_exit_2(box):
+    box.write([{"url": "https://example.org/a.safetensors", "destination": "checkpoints"}])
+    box.env["DOWNLOAD_CONNECTIONS"] = "x"
+    r = box.run()
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: environment variable DOWNLOAD_CONNECTIONS must be a whole number, got 'x'"
