@@ -19,6 +19,7 @@ from job_errors import JobError
 log = logging.getLogger("comfy_client")
 
 _sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+_node_classes: dict[str, dict[str, bool]] = {}  # host -> {class_type: is an OUTPUT_NODE}, from /object_info
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
 SHORT_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
@@ -193,6 +194,24 @@ class ComfyClient:
             f"{self.base}/interrupt", json={"prompt_id": prompt_id}, timeout=SHORT_TIMEOUT
         ) as resp:
             await resp.read()
+
+    async def is_running(self, prompt_id: str) -> bool:
+        async with self.session.get(f"{self.base}/queue", timeout=SHORT_TIMEOUT) as resp:
+            resp.raise_for_status()
+            running = (await resp.json()).get("queue_running") or []
+        return any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in running)
+
+    async def output_node_classes(self, class_types: set[str]) -> dict[str, bool]:
+        """{class_type: OUTPUT_NODE} for every node class ComfyUI knows, from ``/object_info``: fetched once
+        per process and host, again when a class is unknown (nodes installed since)."""
+        known = _node_classes.get(self.host)
+        if known is None or not class_types <= known.keys():
+            async with self.session.get(f"{self.base}/object_info", timeout=aiohttp.ClientTimeout(total=60)) as resp:
+                resp.raise_for_status()
+                info = await resp.json()
+            known = {name: bool(v.get("output_node")) for name, v in info.items() if isinstance(v, dict)}
+            _node_classes[self.host] = known
+        return known
 
     async def delete_queued(self, prompt_id: str) -> None:
         async with self.session.post(f"{self.base}/queue", json={"delete": [prompt_id]}, timeout=SHORT_TIMEOUT) as resp:

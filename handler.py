@@ -18,15 +18,16 @@ import aiohttp
 import runpod
 from runpod.serverless.modules.rp_logger import RunPodLogger
 from runpod.serverless.utils import rp_upload
+from websockets.exceptions import InvalidHandshake, WebSocketException
 
 import outputs
 from comfy_client import ComfyClient, close_shared_session, shared_session
 from job_errors import JobError
 from job_input import ImageInput, JobInput, apply_overrides, parse_job_input, rename_references
-from log_setup import reset_job_id, set_job_id, setup_logging
+from log_setup import reset_job_id, reset_job_secrets, set_job_id, set_job_secrets, setup_logging
 from prompt_runner import PromptRunner
 from s3_upload import S3Uploader
-from settings import Settings
+from settings import Settings, secret_values
 
 log = logging.getLogger("handler")
 # The RunPod SDK calls logging.basicConfig() at import; drop that handler to keep one log format (log_setup's).
@@ -36,6 +37,8 @@ for _h in list(logging.getLogger().handlers):
 
 PROGRESS_INTERVAL_S = 0.5  # at most 2 progress updates a second
 JOB_MARK_INPUT = "comfy_worker_job"
+# what talking to ComfyUI can raise (TimeoutError and ConnectionError are OSErrors)
+COMFY_ERRORS = (aiohttp.ClientError, OSError, WebSocketException)
 _s3_cache: dict[tuple, S3Uploader] = {}
 
 
@@ -55,13 +58,16 @@ class ProgressThrottle:
             self.send(self.job, event)
 
 
-def mark_outputs_unique(workflow: dict, token: str) -> None:
-    """Give every sink node (whose outputs no other node uses) an extra input unique to this job.
+def mark_outputs_unique(workflow: dict, token: str, output_classes: dict[str, bool] | None = None) -> None:
+    """Give every output node (``OUTPUT_NODE`` per ``output_classes``, and every sink: a node whose outputs
+    no other node uses) an extra input unique to this job.
 
     ComfyUI ignores inputs a node does not declare, but they are part of its cache key: so save nodes
     really run (and write files this job owns) even when an identical workflow ran before, while
-    everything upstream (model loaders...) stays cached.
+    everything upstream (model loaders...) stays cached. A cached save node would resend the old
+    ``executed`` message, naming a file of an earlier job.
     """
+    output_classes = output_classes or {}
     used = {
         str(v[0])
         for node in workflow.values()
@@ -69,7 +75,7 @@ def mark_outputs_unique(workflow: dict, token: str) -> None:
         if isinstance(v, list) and len(v) == 2 and isinstance(v[1], int)
     }
     for node_id, node in workflow.items():
-        if node_id not in used:
+        if node_id not in used or output_classes.get(node.get("class_type")):
             node.setdefault("inputs", {})[JOB_MARK_INPUT] = token
 
 
@@ -93,7 +99,7 @@ async def _fetch(image: ImageInput) -> bytes:
                     {"name": image.name, "url": shown, "status": resp.status},
                 )
             return await resp.read()
-    except (TimeoutError, aiohttp.ClientError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         raise JobError(
             f"Could not download image {image.name!r} from {shown}: {exc or type(exc).__name__}.",
             {"name": image.name, "url": shown},
@@ -138,6 +144,35 @@ def _s3(settings: Settings) -> S3Uploader | None:
     return _s3_cache[key]
 
 
+def unused_images(workflow: dict, renames: dict[str, str]) -> list[str]:
+    """Point the workflow at the stored names; a note for each uploaded image no input refers to."""
+    notes = []
+    for given, stored in renames.items():
+        if rename_references(workflow, {given: stored}) == 0:
+            notes.append(
+                f"The image {given!r} was uploaded but no workflow input has that value, so it was not used "
+                "(check the file name in the loader node)."
+            )
+    return notes
+
+
+def comfy_error(client: ComfyClient, exc: BaseException, prompt_id: str) -> JobError:
+    """One readable sentence for a failure to talk to ComfyUI (its process is checked first)."""
+    client.check_alive("it stopped answering during the job")
+    kind = type(exc).__name__
+    if isinstance(exc, InvalidHandshake):
+        what = f"refused the websocket connection ({kind}: {exc})"
+    elif isinstance(exc, TimeoutError):
+        what = f"did not answer in time during the job ({kind})"
+    else:
+        what = f"stopped answering during the job ({kind}: {exc})"
+    return JobError(
+        f"ComfyUI at {client.host} {what}; this worker will be replaced.",
+        {"host": client.host, "prompt_id": prompt_id, "exception_type": kind},
+        refresh_worker=True,
+    )
+
+
 async def run_job(job: dict, settings: Settings) -> dict:
     started = time.monotonic()
     job_id = str(job.get("id") or uuid.uuid4())
@@ -152,30 +187,27 @@ async def run_job(job: dict, settings: Settings) -> dict:
         timeout=request.timeout or settings.job_timeout,
         ready_timeout=settings.comfy_ready_timeout,
         extra_data={"api_key_comfy_org": api_key} if api_key else None,
-        on_progress=ProgressThrottle(job) if settings.on_runpod else None,
+        on_progress=ProgressThrottle(job) if settings.send_progress else None,
     )
     token = uuid.uuid4().hex[:12]
     uploaded: list[str] = []
     files: list[outputs.OutputFile] = []
+    notes: list[str] = []
     try:
         try:
             await runner.open()
             if request.images:
-                rename_references(workflow, await upload_images(client, request.images, token, uploaded))
-            mark_outputs_unique(workflow, token)
+                notes += unused_images(workflow, await upload_images(client, request.images, token, uploaded))
+            class_types = {node["class_type"] for node in workflow.values()}
+            mark_outputs_unique(workflow, token, await client.output_node_classes(class_types))
             try:
                 result = await runner.run()
             finally:
                 files, texts = outputs.collect(runner.result.outputs)
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            client.check_alive("it stopped answering during the job")
-            raise JobError(
-                f"ComfyUI at {client.host} stopped answering during the job ({type(exc).__name__}: {exc}).",
-                {"host": client.host, "prompt_id": runner.prompt_id},
-                refresh_worker=True,
-            ) from None
+        except COMFY_ERRORS as exc:
+            raise comfy_error(client, exc, runner.prompt_id) from None
         delivery_start = time.monotonic()
-        images_out, files_out, errors = await outputs.deliver(
+        images_out, files_out, delivery_errors = await outputs.deliver(
             files,
             client=client,
             comfyui_path=settings.comfyui_path,
@@ -183,6 +215,7 @@ async def run_job(job: dict, settings: Settings) -> dict:
             s3=_s3(settings),
             max_response_mb=settings.max_response_mb,
         )
+        errors = [*result.errors, *notes, *delivery_errors]
         if not images_out and not files_out and not texts and not errors:
             errors.append("The workflow finished but produced no output files or text (does it have a save node?).")
         done = time.monotonic()
@@ -206,44 +239,66 @@ async def run_job(job: dict, settings: Settings) -> dict:
 
 
 def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
 
 
+def _job_key(job) -> list[str]:
+    """The job's own Comfy.org key (a secret of this job only), read without trusting the input's shape."""
+    raw = job.get("input") if isinstance(job, dict) else None
+    key = raw.get("comfy_org_api_key") if isinstance(raw, dict) else None
+    return [key] if isinstance(key, str) else []
+
+
 async def handler(job: dict) -> dict:
-    """RunPod entry point: ``job["input"]`` as in SPEC §7; returns the output or ``{"error", "details"}``."""
-    token = set_job_id(str(job.get("id", "")) or None)
+    """RunPod entry point: ``job["input"]`` as in SPEC §7; returns the output or ``{"error", "details"}``.
+
+    Never raises: whatever goes wrong becomes a readable error."""
+    token = set_job_id(str(job.get("id", "")) if isinstance(job, dict) and job.get("id") else None)
+    secrets_token = set_job_secrets(_job_key(job))
     try:
-        try:
-            settings = Settings.from_env()
-        except ValueError as exc:  # a malformed env var: say which one
-            log.error("Bad configuration: %s", exc)
-            return {"error": f"The worker is misconfigured: {exc}.", "details": {}}
-        try:
-            result = await run_job(job, settings)
-        except JobError as exc:
-            log.error("Job failed: %s", exc.message)
-            result = exc.to_output()
-        except Exception as exc:  # a bug must still give the caller a readable answer
-            log.exception("Unexpected error")
-            result = {
-                "error": f"The handler failed unexpectedly: {type(exc).__name__}: {exc}",
-                "details": {"exception_type": type(exc).__name__},
-            }
-        if "error" in result:
-            secrets = settings.secrets()
-            result["error"] = _redact(result["error"], secrets)
-            result["details"] = _redact_obj(result["details"], secrets)
-        if settings.refresh_worker:
-            result["refresh_worker"] = True
-        return result
+        return await _handle(job)
+    except Exception as exc:  # a bug must still give the caller a readable answer
+        log.exception("Unexpected error")
+        secrets = [*secret_values(), *_job_key(job)]
+        return {
+            "error": _redact(f"The handler failed unexpectedly: {type(exc).__name__}: {exc}", secrets),
+            "details": {"exception_type": type(exc).__name__},
+        }
     finally:
+        reset_job_secrets(secrets_token)
         reset_job_id(token)
 
 
+async def _handle(job: dict) -> dict:
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:  # a malformed env var: say which one
+        log.error("Bad configuration: %s", exc)
+        return {"error": f"The worker is misconfigured: {exc}.", "details": {}}
+    secrets = [*settings.secrets(), *_job_key(job)]
+    try:
+        result = await run_job(job, settings)
+    except JobError as exc:
+        log.error("Job failed: %s", _redact(exc.message, secrets))
+        result = exc.to_output()
+    except Exception as exc:  # a bug must still give the caller a readable answer
+        log.exception("Unexpected error")
+        result = {
+            "error": f"The handler failed unexpectedly: {type(exc).__name__}: {exc}",
+            "details": {"exception_type": type(exc).__name__},
+        }
+    for key in ("error", "details", "errors"):
+        if key in result:
+            result[key] = _redact_obj(result[key], secrets)
+    if settings.refresh_worker:
+        result["refresh_worker"] = True
+    return result
+
+
 def _redact_obj(value, secrets: list[str]):
-    if not secrets:
+    if not any(len(s) >= 4 for s in secrets if s):
         return value
     if isinstance(value, str):
         return _redact(value, secrets)

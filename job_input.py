@@ -11,6 +11,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from job_errors import JobError
 
@@ -85,7 +86,7 @@ def _check_workflow(workflow: Any) -> dict[str, Any]:
 def check_file_name(name: Any, what: str = "image name") -> str:
     if not isinstance(name, str) or not name.strip():
         raise JobError(f"Every image needs a non-empty 'name' (a plain file name such as input.png), got {name!r}.")
-    if "/" in name or "\\" in name or ".." in name or any(ord(c) < 32 for c in name) or len(name) > 200:
+    if "/" in name or "\\" in name or name in (".", "..") or any(ord(c) < 32 for c in name) or len(name) > 200:
         raise JobError(
             f"The {what} {name!r} is not a plain file name: use a name without '/', '\\' or '..' "
             "(for example input.png).",
@@ -139,12 +140,32 @@ def _check_images(images: Any) -> list[ImageInput]:
             url = item["url"]
             if not isinstance(url, str) or not re.match(r"^https?://", url, re.IGNORECASE):
                 raise JobError(f"The image {name!r} has url {url!r}; only http:// and https:// URLs are supported.")
+            _check_url(url, name)
             result.append(ImageInput(name, url=url))
         else:
             if not isinstance(item["image"], str):
                 raise JobError(f"The image {name!r} must be a base64 string.")
             result.append(ImageInput(name, data=decode_base64(item["image"], name)))
     return result
+
+
+def _check_url(url: str, name: str) -> None:
+    """Reject a URL the HTTP client could not use (the URL itself is not echoed: it may carry a signature)."""
+    problem = None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+        if not parts.hostname:
+            problem = "it has no host name"
+    except ValueError as exc:
+        problem = str(exc)
+    if problem is None and any(c.isspace() or ord(c) < 32 for c in url):
+        problem = "it contains spaces or control characters"
+    if problem:
+        raise JobError(
+            f"The image {name!r} has a url that is not a valid URL ({problem}); send a full http(s)://host/path URL.",
+            {"name": name},
+        )
 
 
 def _check_overrides(overrides: Any) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from settings import secret_values
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(job_prefix)s%(message)s"
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+_job_secrets: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("job_secrets", default=())
 
 
 def set_job_id(job_id: str | None) -> contextvars.Token:
@@ -21,6 +22,15 @@ def reset_job_id(token: contextvars.Token) -> None:
     _job_id.reset(token)
 
 
+def set_job_secrets(values) -> contextvars.Token:
+    """Secrets of the current job (e.g. an API key sent in its input), redacted like the env secrets."""
+    return _job_secrets.set(tuple(v for v in values if v and len(v) >= 4))
+
+
+def reset_job_secrets(token: contextvars.Token) -> None:
+    _job_secrets.reset(token)
+
+
 class _ContextFilter(logging.Filter):
     """Adds the job prefix and removes secret values from every record."""
 
@@ -28,17 +38,21 @@ class _ContextFilter(logging.Filter):
         super().__init__()
         self.secrets = sorted(set(secrets), key=len, reverse=True)
 
-    def redact(self, text: str) -> str:
-        for s in self.secrets:
+    def redact(self, text: str, extra: tuple[str, ...] = ()) -> str:
+        secrets = sorted({*self.secrets, *extra}, key=len, reverse=True) if extra else self.secrets
+        for s in secrets:
             text = text.replace(s, "***")
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
         job = _job_id.get()
         record.job_prefix = f"[{job}] " if job else ""
-        if self.secrets:
-            record.msg = self.redact(record.getMessage())
+        extra = _job_secrets.get()
+        if self.secrets or extra:
+            record.msg = self.redact(record.getMessage(), extra)
             record.args = None
+            if record.exc_info and not record.exc_text:  # a traceback's exception message too
+                record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info), extra)
         return True
 
 

@@ -115,6 +115,22 @@ async def _to_s3(client: ComfyClient, comfyui_path: Path, ref: OutputFile, s3: S
     return {"filename": ref.filename, "type": "s3_url", "data": url}
 
 
+def s3_names(files: list[OutputFile]) -> list[str]:
+    """A distinct name per file for its S3 key: the file name, or (when two files share it) the name under
+    its subfolder, else under its node id; never an empty path part."""
+    names: list[str] = []
+    for ref in files:
+        candidates = [ref.filename, "/".join(p for p in (*ref.subfolder.split("/"), ref.filename) if p)]
+        candidates.append(f"{ref.node_id}/{candidates[-1]}")
+        name = next((c for c in candidates if c not in names), None)
+        n = 2
+        while name is None or name in names:
+            name = f"{ref.node_id}-{n}/{candidates[1]}"
+            n += 1
+        names.append(name)
+    return names
+
+
 async def deliver(
     files: list[OutputFile],
     *,
@@ -128,9 +144,7 @@ async def deliver(
     wanted = [f for f in files if f.type != "temp"]
     results: list[dict | BaseException] = []
     if s3 is not None:
-        names: list[str] = []
-        for ref in wanted:  # two nodes may save the same file name in different subfolders
-            names.append(ref.filename if ref.filename not in names else f"{ref.subfolder}/{ref.filename}")
+        names = s3_names(wanted)
         tasks = [_to_s3(client, comfyui_path, ref, s3, job_id, name) for ref, name in zip(wanted, names, strict=True)]
         results = await asyncio.gather(*tasks, return_exceptions=True)
     else:

@@ -1,8 +1,9 @@
 """Runs one API-format workflow on ComfyUI and follows it over the websocket until it ends.
 
 The websocket is opened before the prompt is queued (the prompt id is chosen here, so no message can
-be missed). A dropped socket is reopened and ``/history`` consulted; a dead ComfyUI process ends the
-job at once; on timeout the prompt is removed from the queue / interrupted.
+be missed). A dropped socket is reopened and ``/history`` consulted (and polled while the new socket is
+silent); a dead ComfyUI process ends the job at once; on timeout the prompt is removed from the queue,
+or interrupted if it is running.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger("prompt_runner")
 
 RECONNECT_GIVE_UP_S = 30.0
 INTERRUPT_GRACE_S = 10.0
+HISTORY_POLL_S = 1.5  # after a reconnect: ask /history when the socket was silent this long
 _WS_ERRORS = (ConnectionClosed, InvalidHandshake, OSError, asyncio.TimeoutError)
 
 
@@ -35,6 +37,7 @@ class RunResult:
     outputs: dict[str, dict] = field(default_factory=dict)  # node id -> ComfyUI "ui" output
     queue_ms: int = 0
     execution_ms: int = 0
+    errors: list[str] = field(default_factory=list)  # non-fatal: parts of the workflow ComfyUI did not run
 
 
 def _options(input_config: Any) -> list | None:
@@ -55,12 +58,11 @@ def _short_list(values: list, limit: int = 10) -> str:
     return f"available: {shown}" + (f" and {len(values) - limit} more" if len(values) > limit else "")
 
 
-def rejection_error(body: dict, workflow: dict) -> JobError:
-    """A readable error for ComfyUI's HTTP 400 answer to ``POST /prompt`` (validation failure)."""
-    error = body.get("error") if isinstance(body.get("error"), dict) else {"message": str(body.get("error", body))}
-    node_errors = body.get("node_errors") or {}
+def _problems(node_errors: dict, workflow: dict) -> list[dict]:
     problems = []
     for node_id, entry in node_errors.items():
+        if not isinstance(entry, dict):
+            continue
         class_type = entry.get("class_type") or (workflow.get(node_id) or {}).get("class_type")
         for err in entry.get("errors", []):
             info = err.get("extra_info") or {}
@@ -77,23 +79,54 @@ def rejection_error(body: dict, workflow: dict) -> JobError:
                 problem["received_value"] = info.get("received_value")
                 problem["available_values"] = _options(info.get("input_config")) or []
             problems.append(problem)
+    return problems
+
+
+def _describe(problem: dict) -> str:
+    """``node 4 (CheckpointLoaderSimple) input 'ckpt_name': 'x' is not one of the values ...``"""
+    where = f"node {problem['node_id']} ({problem['class_type']})"
+    if problem.get("input"):
+        where += f" input {problem['input']!r}"
+    if problem["type"] == "value_not_in_list":
+        what = (
+            f"{problem['received_value']!r} is not one of the values ComfyUI offers "
+            f"({_short_list(problem['available_values'])})"
+        )
+    else:
+        what = f"{problem['message']}" + (f": {problem['details']}" if problem.get("details") else "")
+    return f"{where}: {what}"
+
+
+def rejection_error(body: dict, workflow: dict) -> JobError:
+    """A readable error for ComfyUI's HTTP 400 answer to ``POST /prompt`` (validation failure)."""
+    error = body.get("error") if isinstance(body.get("error"), dict) else {"message": str(body.get("error", body))}
+    node_errors = body.get("node_errors") or {}
+    problems = _problems(node_errors, workflow)
     if problems:
-        first = problems[0]
-        where = f"node {first['node_id']} ({first['class_type']})"
-        if first.get("input"):
-            where += f" input {first['input']!r}"
-        if first["type"] == "value_not_in_list":
-            what = f"{first['received_value']!r} is not one of the values ComfyUI offers ({_short_list(first['available_values'])})"
-        else:
-            what = f"{first['message']}" + (f": {first['details']}" if first.get("details") else "")
         more = f" (and {len(problems) - 1} more problem(s), see details)" if len(problems) > 1 else ""
-        message = f"ComfyUI rejected the workflow: {where}: {what}{more}."
+        message = f"ComfyUI rejected the workflow: {_describe(problems[0])}{more}."
     else:
         text = error.get("message") or "invalid prompt"
         if error.get("details"):
             text += f": {error['details']}"
         message = f"ComfyUI rejected the workflow: {text}."
     return JobError(message, {"error": error, "problems": problems, "node_errors": node_errors})
+
+
+def skipped_parts(node_errors: dict, workflow: dict) -> list[str]:
+    """One sentence per node ComfyUI rejected while it accepted the rest of the prompt (HTTP 200 with
+    ``node_errors``: the outputs that depend on the node are silently not run)."""
+    lines = []
+    for node_id, entry in node_errors.items():
+        problems = _problems({node_id: entry}, workflow)
+        if not problems:
+            continue
+        reason = "; ".join(_describe(p) for p in problems)
+        outputs = [str(o) for o in (entry.get("dependent_outputs") or []) if str(o) != str(node_id)]
+        labels = ", ".join(f"{o} ({(workflow.get(o) or {}).get('class_type')})" for o in outputs)
+        skipped = f"so output node(s) {labels} did not run" if outputs else "so it did not run"
+        lines.append(f"ComfyUI rejected {reason}; {skipped} (the rest of the workflow ran).")
+    return lines
 
 
 def execution_error(data: dict) -> JobError:
@@ -164,6 +197,10 @@ class PromptRunner:
             answer = await self.client.queue_prompt(self.workflow, self.prompt_id, self.client_id, self.extra_data)
             if "rejected" in answer:
                 raise rejection_error(answer["rejected"], self.workflow)
+            if answer.get("node_errors"):
+                self.result.errors = skipped_parts(answer["node_errors"], self.workflow)
+                for line in self.result.errors:
+                    log.warning("%s", line)
             log.info("Queued prompt %s", self.prompt_id)
             await self._watch()
             if self.reconnected and not self.history_used:
@@ -189,10 +226,15 @@ class PromptRunner:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 await self._expire()
+            # after a reconnect ComfyUI may have dropped the new socket without closing it: poll /history
+            wait = min(remaining, HISTORY_POLL_S) if self.reconnected else remaining
             try:
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(wait):
                     raw = await self.ws.recv()
             except TimeoutError:
+                if wait < remaining:
+                    await self._check_history()
+                    continue
                 await self._expire()
             except (ConnectionClosed, OSError):
                 await self._recover(deadline)
@@ -280,12 +322,17 @@ class PromptRunner:
                     ) from None
                 await asyncio.sleep(0.25)
         log.info("Websocket reconnected; checking /history for prompt %s", self.prompt_id)
+        await self._check_history()
+
+    async def _check_history(self) -> None:
+        """End the watch from /history if the prompt is finished there (its entry appears at the end)."""
         try:
             entry = await self.client.history(self.prompt_id)
         except (TimeoutError, aiohttp.ClientError, OSError):
             self.client.check_alive("it stopped answering during the job")
             entry = None
         if entry:
+            log.info("Prompt %s found finished in /history", self.prompt_id)
             self._from_history(entry)
 
     async def _outputs_from_history(self) -> None:
@@ -326,13 +373,17 @@ class PromptRunner:
             where = f"while ComfyUI was running node {node} ({class_type})"
         else:
             where = "while ComfyUI was running the prompt"
-        log.warning("Timeout after %g s %s; interrupting prompt %s", self.timeout, where, self.prompt_id)
+        log.warning("Timeout after %g s %s; stopping prompt %s", self.timeout, where, self.prompt_id)
+        running = self.started is not None
         try:
             await self.client.delete_queued(self.prompt_id)
-            await self.client.interrupt(self.prompt_id)
+            # it may have started without our seeing it (a reconnect, or just now): ask ComfyUI
+            running = running or await self.client.is_running(self.prompt_id)
+            if running:
+                await self.client.interrupt(self.prompt_id)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("Could not interrupt prompt %s: %s", self.prompt_id, exc)
-        stopped = await self._wait_stopped() if self.started is not None else True
+        stopped = await self._wait_stopped() if running else True
         raise JobError(
             f"The job timed out after {self.timeout:g} s {where}; the prompt was interrupted.",
             {
@@ -358,6 +409,8 @@ class PromptRunner:
             data = msg.get("data") or {}
             if data.get("prompt_id") != self.prompt_id:
                 continue
+            if msg.get("type") == "executed" and data.get("output") is not None:  # saved files to clean up
+                self.result.outputs[str(data.get("node"))] = data["output"]
             if msg.get("type") in ("execution_interrupted", "execution_error", "execution_success"):
                 return True
             if msg.get("type") == "executing" and data.get("node") is None:

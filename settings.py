@@ -101,6 +101,7 @@ class Settings:
     bucket_region: str | None
     bucket_prefix: str
     s3_url_expires: int
+    send_progress: bool = False  # RUNPOD_ENDPOINT_ID set: serverless, where progress updates have a webhook
     python: str | None = None  # env PYTHON: the interpreter whose environment gets node requirements
     nodes_installer: str = "auto"  # env NODES_INSTALLER: auto (uv if found, else pip) | uv | pip
     install_py_timeout: float = 600.0  # env INSTALL_PY_TIMEOUT: seconds for a node's install.py
@@ -146,6 +147,7 @@ class Settings:
             refresh_worker=_flag(env, "REFRESH_WORKER"),
             concurrency=max(1, _int(env, "MAX_CONCURRENCY", 1)),
             on_runpod=bool(env.get("RUNPOD_ENDPOINT_ID") or env.get("RUNPOD_POD_ID")),
+            send_progress=bool(env.get("RUNPOD_ENDPOINT_ID")),
             bucket_endpoint_url=env.get("BUCKET_ENDPOINT_URL") or None,
             bucket_name=env.get("BUCKET_NAME") or "comfyui-outputs",
             bucket_region=env.get("BUCKET_REGION") or None,

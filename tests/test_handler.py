@@ -479,6 +479,8 @@ class DroppingProxy:
         self.target_port = target_port
         self.port = free_port()
         self.refuse_until = 0.0
+        self.mute_ws = False  # websockets opened from now on get ComfyUI's handshake answer, then nothing
+        self.refuse_ws = False  # websocket upgrades are answered with HTTP 503
         self.connections = 0
         self.writers: list[asyncio.StreamWriter] = []
         self.loop = asyncio.new_event_loop()
@@ -496,12 +498,29 @@ class DroppingProxy:
             writer.transport.abort()
             return
         self.connections += 1
+        first = await reader.read(65536)
+        is_ws = first.startswith(b"GET /ws")
+        if is_ws and self.refuse_ws:
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.transport.abort()
+            return
+        mute = is_ws and self.mute_ws
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self.writers += [writer, up_writer]
+        up_writer.write(first)
 
-        async def pipe(src, dst):
+        async def pipe(src, dst, mute=False):
+            head = b""
             try:
                 while data := await src.read(65536):
+                    if mute:  # pass the HTTP upgrade answer, swallow every websocket frame after it
+                        if head is None:
+                            continue
+                        head += data
+                        if b"\r\n\r\n" not in head:
+                            continue
+                        data, head = head[: head.index(b"\r\n\r\n") + 4], None
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -509,16 +528,17 @@ class DroppingProxy:
             finally:
                 dst.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer, mute))
 
     def start(self):
         self.thread.start()
         self.ready.wait(5)
         return self
 
-    def cut(self, refuse_for: float = 0.0):
+    def cut(self, refuse_for: float = 0.0, mute: bool = False):
         def do():
             self.refuse_until = time.monotonic() + refuse_for
+            self.mute_ws = mute
             for w in self.writers:
                 w.transport.abort()
             self.writers.clear()
@@ -823,6 +843,204 @@ def test_worker_loop_runs_max_concurrency_jobs_at_once(worker_env, tmp_path):
         queue.server.shutdown()
     assert set(queue.results) == {"job-red", "job-blue"}, log_path.read_text()
     assert "batch_size=2" in queue.takes[0]  # MAX_CONCURRENCY reached the SDK through concurrency_modifier
+    # they overlapped: both prompts were queued before either job was done
+    lines = log_path.read_text().splitlines()
+    queued = [i for i, line in enumerate(lines) if "Queued prompt" in line]
+    done = [i for i, line in enumerate(lines) if "handler: [job-" in line and "Done:" in line]
+    assert len(queued) == 2 and len(done) == 2, lines
+    assert max(queued) < min(done), lines
     for job_id, color in (("job-red", (255, 0, 0)), ("job-blue", (0, 0, 255))):
         output = queue.results[job_id]["output"]
         assert decode_image(output["images"][0]).getpixel((0, 0)) == color
+
+
+# --- audit fixes -------------------------------------------------------------------------------------
+def test_partly_rejected_workflow_runs_the_valid_part_and_names_each_rejected_node(worker_env):
+    wf = empty_to_save(8, 8, random.randrange(1 << 24), prefix="good_part")
+    wf["3"] = {"class_type": "LoadImage", "inputs": {"image": "does-not-exist.png"}}
+    wf["4"] = {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "never"}}
+    wf["5"] = {
+        "class_type": "ImageScale",
+        "inputs": {"image": ["1", 0], "upscale_method": "sharpest", "width": 4, "height": 4, "crop": "disabled"},
+    }
+    wf["7"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "never"}}
+    result = run(job(wf))
+    assert "error" not in result, result
+    assert [e["node_id"] for e in result["images"]] == ["2"]
+    assert len(result["errors"]) == 2, result["errors"]
+    load, scale = sorted(result["errors"], key=lambda e: "ImageScale" in e)
+    assert "node 3 (LoadImage)" in load and "does-not-exist.png" in load and "output node(s) 4 (SaveImage)" in load
+    assert "node 5 (ImageScale) input 'upscale_method'" in scale and "'sharpest'" in scale
+    assert "'bilinear'" in scale and "output node(s) 7 (SaveImage)" in scale  # with the values ComfyUI offers
+
+
+def save_and_pass_workflow(color: int, seconds: float = 0.0, source: dict | None = None) -> dict:
+    """source (EmptyImage) -> WorkerTestSaveAndPass (an output node whose image is used on) -> SaveImage."""
+    wf = empty_to_save(8, 8, color, prefix="after_pass")
+    if source is not None:
+        wf["1"] = source
+    wf["3"] = {
+        "class_type": "WorkerTestSaveAndPass",
+        "inputs": {"image": ["1", 0], "filename_prefix": "passed", "seconds": seconds},
+    }
+    wf["2"]["inputs"]["images"] = ["3", 0]
+    return wf
+
+
+def test_output_node_whose_output_is_used_still_saves_a_fresh_file_every_job(worker_env):
+    before = output_files(worker_env)
+    wf = save_and_pass_workflow(random.randrange(1 << 24))
+    first, second = run(job(wf)), run(job(wf))
+    for result in (first, second):
+        assert "error" not in result, result
+        assert result["errors"] == []  # not "could not be delivered": the first job's file, long deleted
+        assert sorted(e["node_id"] for e in result["images"]) == ["2", "3"]
+    # the save node really ran again (ComfyUI did not answer from its cache) and wrote the second job's file
+    entry = worker_env.get_json(f"/history/{second['prompt_id']}")[second["prompt_id"]]
+    cached = [data["nodes"] for kind, data in entry["status"]["messages"] if kind == "execution_cached"]
+    assert cached and "1" in cached[0] and "3" not in cached[0]
+    assert output_files(worker_env) == before
+
+
+def test_completion_is_found_by_polling_history_when_the_new_socket_stays_silent(worker_env, monkeypatch):
+    wf = slow_workflow(20, 0.05)
+    proxy = DroppingProxy(worker_env.port).start()
+    monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{proxy.port}")
+    try:
+
+        def cut_when_running():
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if worker_env.get_json("/queue")["queue_running"]:
+                    time.sleep(0.2)
+                    proxy.cut(mute=True)  # reconnects succeed, but no message ever arrives on them
+                    return
+                time.sleep(0.02)
+
+        cutter = threading.Thread(target=cut_when_running)
+        cutter.start()
+        started = time.monotonic()
+        result = run(job(wf, timeout=12))
+        elapsed = time.monotonic() - started
+        cutter.join()
+    finally:
+        proxy.stop()
+    assert "error" not in result, result
+    assert len(result["images"]) == 1
+    assert elapsed < 8
+
+
+def test_outputs_saved_after_a_timeout_are_removed_with_the_inputs(worker_env):
+    before_out, before_in = output_files(worker_env), input_files(worker_env)
+    # the save node sleeps 1.5 s without checking for interrupts: it saves its file after the timeout
+    load = {"class_type": "LoadImage", "inputs": {"image": "in.png"}}
+    wf = save_and_pass_workflow(0, seconds=1.5, source=load)
+    result = run(job(wf, timeout=0.7, images=[{"name": "in.png", "image": png_b64((4, 4), (1, 2, 3))}]))
+    assert result["error"].startswith("The job timed out after 0.7 s while ComfyUI was running node 3")
+    assert result["details"]["stopped"] is True
+    assert output_files(worker_env) == before_out
+    assert input_files(worker_env) == before_in
+
+
+def test_progress_is_sent_only_on_serverless(worker_env, monkeypatch):
+    from settings import Settings
+
+    assert Settings.from_env({"RUNPOD_POD_ID": "p"}).send_progress is False  # a pod: no webhook to post to
+    assert Settings.from_env({"RUNPOD_ENDPOINT_ID": "e", "RUNPOD_POD_ID": "w"}).send_progress is True
+    assert Settings.from_env({}).send_progress is False
+    sent: list[dict] = []
+    monkeypatch.setattr(handler.runpod.serverless, "progress_update", lambda job, event: sent.append(event))
+    monkeypatch.setenv("RUNPOD_POD_ID", "pod-1")
+    assert "error" not in run(job(slow_workflow(3, 0.05)))
+    assert sent == []
+    monkeypatch.setenv("RUNPOD_ENDPOINT_ID", "endpoint-1")
+    assert "error" not in run(job(slow_workflow(3, 0.05)))
+    assert sent and sent[0]["status"] == "queued"
+
+
+def test_unparsable_image_url_names_the_image(worker_env):
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "remote.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "url"}},
+    }
+    result = run(job(wf, images=[{"name": "remote.png", "url": "http://[bad/x"}]))
+    assert "'remote.png'" in result["error"] and "url" in result["error"]
+    assert "unexpectedly" not in result["error"]
+
+
+def test_websocket_handshake_refused_is_a_readable_error(worker_env, monkeypatch):
+    proxy = DroppingProxy(worker_env.port)
+    proxy.refuse_ws = True  # HTTP works, every websocket upgrade gets 503
+    proxy.start()
+    monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{proxy.port}")
+    try:
+        result = run(job(empty_to_save(8, 8)))
+    finally:
+        proxy.stop()
+    assert "unexpectedly" not in result["error"], result
+    assert f"127.0.0.1:{proxy.port}" in result["error"] and "websocket" in result["error"]
+    assert "503" in result["error"]
+    assert result["refresh_worker"] is True
+
+
+def test_the_jobs_own_api_key_is_redacted_from_output_and_logs(worker_env, monkeypatch):
+    import logging
+
+    from log_setup import setup_logging
+
+    key = "sk-job-input-7777"
+    monkeypatch.setenv("HF_TOKEN", "a")  # a 1-character secret must not mangle every 'a' in messages
+    stream = io.StringIO()
+    setup_logging(stream=stream)
+    try:
+        failed = run(job({"1": {"class_type": "WorkerTestApiKey", "inputs": {"fail": True}}}, comfy_org_api_key=key))
+        wf = {"1": {"class_type": "WorkerTestApiKey", "inputs": {}}}
+        wf["2"] = {"class_type": "LoadImage", "inputs": {"image": f"{key}.png"}}
+        wf["3"] = {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "never"}}
+        partial = run(job(wf, comfy_org_api_key=key))
+    finally:
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_comfy_worker", False)]:
+            root.removeHandler(h)
+    assert failed["error"].startswith("ComfyUI failed in node 1 (WorkerTestApiKey): RuntimeError: the service")
+    assert "***" in failed["error"] and "***" in failed["details"]["exception_message"]
+    assert len(partial["errors"]) == 1 and "***.png" in partial["errors"][0]
+    assert key not in json.dumps(failed) and key not in json.dumps(partial)
+    log_text = stream.getvalue()  # the worker's log as setup_logging writes it
+    assert "ComfyUI failed in node 1" in log_text and "ComfyUI rejected node 2 (LoadImage)" in log_text
+    assert key not in log_text
+
+
+def test_an_uploaded_image_the_workflow_never_uses_is_noted(worker_env):
+    before = input_files(worker_env)
+    result = run(job(empty_to_save(8, 8), images=[{"name": "unused.png", "image": png_b64()}]))
+    assert "error" not in result, result
+    assert len(result["images"]) == 1
+    assert len(result["errors"]) == 1 and "'unused.png'" in result["errors"][0]
+    assert input_files(worker_env) == before
+
+
+@pytest.mark.slow
+def test_a_job_that_arrives_before_comfyui_is_ready_waits_and_succeeds(comfyui_factory, monkeypatch):
+    import support.comfy_process
+
+    private = comfyui_factory(start=False)
+    port = free_port()
+    monkeypatch.setattr(support.comfy_process, "free_port", lambda: port)  # its address, known before it starts
+    for name in CLEAN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{port}")
+    monkeypatch.setenv("COMFYUI_PATH", str(private.path))
+    monkeypatch.setenv("COMFY_PID_FILE", str(private.pid_file))
+    monkeypatch.setenv("COMFY_LOG_FILE", str(private.log_path))
+    monkeypatch.setenv("COMFY_READY_TIMEOUT", "120")
+    results: list[dict] = []
+    worker = threading.Thread(target=lambda: results.append(run(job(empty_to_save(8, 8, 0x00FF00)))))
+    worker.start()
+    time.sleep(1.0)  # the job is waiting for ComfyUI now
+    assert worker.is_alive() and not results
+    private.start()
+    worker.join(60)
+    (result,) = results
+    assert "error" not in result, result
+    assert decode_image(result["images"][0]).getpixel((0, 0)) == (0, 255, 0)

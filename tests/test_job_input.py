@@ -162,3 +162,16 @@ def test_rename_references_touches_values_not_links():
     assert wf["3"]["inputs"]["files"] == ["in-abc.png", "other.png", "in-abc.png"]
     assert wf["3"]["inputs"]["link"] == ["in.png", 0]
     assert wf["4"]["inputs"]["text"] == "a photo of in.png"
+
+
+@pytest.mark.parametrize("url", ["http://[bad/x", "http:///no-host.png", "https://"])
+def test_unparsable_url_names_the_image(url):
+    err = error_of({"workflow": {"1": {"class_type": "X"}}, "images": [{"name": "in.png", "url": url}]})
+    assert "'in.png'" in err.message and "not a valid URL" in err.message
+
+
+def test_dots_inside_a_name_are_fine():
+    parsed = parse_job_input(
+        {"workflow": {"1": {"class_type": "X"}}, "images": [{"name": "a..b.png", "image": "AAAA"}]}
+    )
+    assert parsed.images[0].name == "a..b.png"

@@ -84,10 +84,10 @@ def test_cleanup_removes_only_the_jobs_files(tmp_path):
     assert left == ["input/keep.png", "output/other.png"]
 
 
-def deliver(files, comfyui, comfyui_path, max_mb=18.0):
+def deliver(files, comfyui, comfyui_path, max_mb=18.0, host=None):
     async def go():
         try:
-            client = ComfyClient(comfyui.host, comfyui.pid_file, comfyui.log_path)
+            client = ComfyClient(host or comfyui.host, comfyui.pid_file, comfyui.log_path)
             return await outputs.deliver(
                 files, client=client, comfyui_path=comfyui_path, job_id="j", s3=None, max_response_mb=max_mb
             )
@@ -113,7 +113,9 @@ def saved_png(comfyui):
 
 def test_deliver_reads_from_disk_and_falls_back_to_view(comfyui, saved_png, tmp_path):
     ref, data = saved_png
-    local = deliver([ref], comfyui, comfyui.path)
+    from support.comfy_process import free_port
+
+    local = deliver([ref], comfyui, comfyui.path, host=f"127.0.0.1:{free_port()}")  # no ComfyUI: from disk
     remote = deliver([ref], comfyui, tmp_path)  # not on this disk: fetched with /view
     for images, files, errors in (local, remote):
         assert images == [
@@ -201,3 +203,15 @@ def test_s3_delivery_in_parallel_with_distinct_keys_and_non_fatal_errors(tmp_pat
         assert delivered_files == [] and len(errors) == 1 and "'gone.mp4' of node 3" in errors[0]
     finally:
         server.stop()
+
+
+def test_s3_names_are_distinct_and_never_have_an_empty_path_part():
+    files = [
+        outputs.OutputFile("1", "same.png", "a", "output"),
+        outputs.OutputFile("2", "same.png", "", "output"),
+        outputs.OutputFile("3", "same.png", "b/c", "output"),
+        outputs.OutputFile("4", "other.png", "", "output"),
+    ]
+    names = outputs.s3_names(files)
+    assert len(set(names)) == 4 and names[0] == "same.png" and names[3] == "other.png"
+    assert all("//" not in n and not n.startswith("/") for n in names), names

@@ -70,6 +70,8 @@ def test_timeout_while_queued_drops_the_prompt_from_the_queue(comfyui):
     )
     assert error.details["state"] == "queued"
     assert waiting_id not in str(queue["queue_pending"])
+    # a prompt that never ran is only removed from the queue, not interrupted
+    assert f"Prompt {waiting_id} is not currently running" not in comfyui.log_path.read_text(errors="replace")
 
 
 def test_rejection_error_for_value_not_in_list_both_combo_forms():
