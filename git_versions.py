@@ -14,6 +14,8 @@ GitPython is imported lazily: the warm path (nothing changed) reads HEAD from fi
 from __future__ import annotations
 
 import base64
+import functools
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from packaging.version import InvalidVersion, Version
 
 if TYPE_CHECKING:
     from git import Repo
+
+log = logging.getLogger("install_nodes")
 
 GITHUB_PREFIX = "https://github.com/"
 HEX_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
@@ -80,12 +84,28 @@ def git_env(url: str, token: str | None, header_prefix: str = GITHUB_PREFIX) -> 
         "GIT_HTTP_LOW_SPEED_LIMIT": "1000",
         "GIT_HTTP_LOW_SPEED_TIME": "60",
     }
-    base = int(os.environ.get("GIT_CONFIG_COUNT") or 0)  # keep entries the user passed this way
+    base = _user_config_count(os.environ.get("GIT_CONFIG_COUNT", ""))  # keep entries the user passed this way
     for i, (key, value) in enumerate(config, start=base):
         env[f"GIT_CONFIG_KEY_{i}"] = key
         env[f"GIT_CONFIG_VALUE_{i}"] = value
     env["GIT_CONFIG_COUNT"] = str(base + len(config))
     return env
+
+
+@functools.lru_cache(maxsize=8)  # one warning per value, not one per git process
+def _user_config_count(raw: str) -> int:
+    if not raw.strip():
+        return 0
+    try:
+        count = int(raw)
+    except ValueError:
+        count = -1
+    if count < 0:
+        log.warning(
+            "GIT_CONFIG_COUNT=%r is not a whole number >= 0; counted as 0 (entries passed that way ignored)", raw
+        )
+        return 0
+    return count
 
 
 # ---- remote refs and version resolution ----
@@ -331,34 +351,61 @@ def commit_in_clone(repo: Repo, url: str, token: str | None, resolved: Resolved)
     return found
 
 
+def worktree_changes(repo: Repo) -> tuple[list[str], list[str]]:
+    """(tracked files changed in the work tree or index, submodules with changed tracked content).
+    Untracked files survive a checkout and are not listed; a submodule that is only at another
+    commit is not an edit either (its commits stay in its own repository; the checkout moves it)."""
+    out = repo.git.status("--porcelain=v2", "-z", "--untracked-files=no", "--ignore-submodules=none")
+    files: list[str] = []
+    submodules: list[str] = []
+    fields = iter(out.split("\0"))
+    for item in fields:
+        kind = item[:1]
+        if kind not in ("1", "2", "u"):
+            continue
+        parts = item.split(" ", {"1": 8, "2": 9, "u": 10}[kind])
+        sub, path = parts[2], parts[-1]
+        paths = [path, next(fields, "")] if kind == "2" else [path]  # a rename: new path, then the old one
+        if sub.startswith("S"):
+            if sub[2] == "M":
+                submodules.append(path)
+        else:
+            files.extend(p for p in paths if p)
+    return files, submodules
+
+
 def local_edits(repo: Repo) -> list[str]:
-    """Tracked files changed in the work tree or index (untracked files survive a checkout)."""
-    out = repo.git.status("--porcelain", "--untracked-files=no")
-    return [line[3:] for line in out.splitlines() if line.strip()]
+    """Tracked files changed in the work tree or index, submodules with edits included."""
+    files, submodules = worktree_changes(repo)
+    return files + [f"{s} (submodule)" for s in submodules]
 
 
 def stash_local_edits(repo: Repo, work: Path, message: str) -> str:
-    """Keep tracked local edits on a named stash; raise LocalEditsError when they cannot be kept
-    that way (edits inside a submodule)."""
+    """Keep tracked local edits on a named stash. Edits inside a submodule cannot be kept that way:
+    LocalEditsError, raised before anything is stashed, so the folder stays exactly as it was."""
     import git
 
-    edits = local_edits(repo)
-    if not edits:
+    files, submodules = worktree_changes(repo)
+    if submodules:
+        where = "; ".join(f"git -C {work / s} status" for s in submodules[:3])
+        raise LocalEditsError(
+            f"{work} has local edits inside submodules ({', '.join(submodules[:5])}); nothing was changed or "
+            f"stashed, they are not thrown away: commit or discard them ({where}), then run again"
+        )
+    if not files:
         return ""
     try:
         repo.git.stash("push", "-m", message, env=GIT_IDENTITY)
     except git.GitCommandError as err:
         raise LocalEditsError(
-            f"{work} has local edits ({', '.join(edits[:5])}) that could not be stashed: {_git_error(err)}; "
+            f"{work} has local edits ({', '.join(files[:5])}) that could not be stashed: {_git_error(err)}; "
             f"commit or remove them (git -C {work} status), then run again"
         ) from None
-    left = local_edits(repo)
+    note = f"local edits to {', '.join(files[:5])} kept on stash {message!r} (git -C {work} stash list)"
+    left = worktree_changes(repo)[0]
     if left:
-        raise LocalEditsError(
-            f"{work} has local edits inside submodules ({', '.join(left[:5])}); they are not thrown away: "
-            f"commit or discard them (git -C {work} submodule foreach git status), then run again"
-        )
-    return f"local edits to {', '.join(edits[:5])} kept on stash {message!r} (git -C {work} stash list)"
+        raise LocalEditsError(f"{work} still has local edits ({', '.join(left[:5])}) after {note}; run again")
+    return note
 
 
 def checkout(repo: Repo, commit: str, url: str, token: str | None) -> None:

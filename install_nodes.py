@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 import git_versions as gv
 import node_requirements as nr
@@ -68,6 +68,7 @@ class NodeResult:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     changed: bool = False  # the checkout moved (or was created) in this run
+    checked_out: bool = False  # the folder holds ``commit``, submodules included (for the lock file)
     requirements: str = "-"
 
     @property
@@ -108,7 +109,23 @@ def read_state(node_dir: Path) -> dict | None:
 
 
 def write_state(node_dir: Path, entry: NodeEntry, commit: str, kind: str, described: str) -> None:
+    """Written only once a checkout is complete (submodules included): ``commit`` is what a later
+    run trusts without looking."""
     state = {"url": entry.url, "version": entry.version, "commit": commit, "kind": kind, "described": described}
+    atomic_write_text(state_path(node_dir), json.dumps(state, indent=1))
+
+
+def write_pending_state(node_dir: Path, entry: NodeEntry, resolved: gv.Resolved, commit: str) -> None:
+    """Before a checkout starts: nothing is claimed as complete (a crash half-way is redone by the
+    next run), but the target is kept so that run needs no network for the same config entry."""
+    state = {
+        "url": entry.url,
+        "version": entry.version,
+        "commit": None,
+        "moving_to": commit,
+        "kind": resolved.kind,
+        "described": resolved.describe(),
+    }
     atomic_write_text(state_path(node_dir), json.dumps(state, indent=1))
 
 
@@ -133,6 +150,7 @@ def fast_keep(ctx: Context, result: NodeResult) -> bool:
     if not head or head != state.get("commit"):
         return False
     result.action, result.commit, result.described = KEEP, head, state.get("described", "")
+    result.checked_out = True
     return True
 
 
@@ -150,6 +168,7 @@ def sync_node(ctx: Context, result: NodeResult) -> NodeResult:
             )
         else:
             _update_node(ctx, result)
+        result.checked_out = not ctx.dry_run
     except (NodeError, gv.VersionError, gv.LocalEditsError) as err:
         result.error = f"{result.label} ({result.entry.url}): {err}"
     except Exception as err:  # one broken node never stops the others
@@ -203,23 +222,30 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
                 gv.set_origin(repo, entry.url)
         same_entry = bool(state) and state.get("url") == entry.url and state.get("version") == entry.version
         refresh = ctx.force or (ctx.update and state is not None and state.get("kind") in gv.MOVING_KINDS)
-        if same_entry and not refresh and state.get("commit"):
-            # same config entry, folder moved by hand: back to the recorded commit, no network
-            resolved = gv.Resolved(entry.version, state.get("kind", ""), state["commit"], state.get("described", ""))
+        # the state file is written only after a complete checkout, so this says submodules are done too
+        complete = same_entry and head is not None and state.get("commit") == head
+        recorded = (state.get("commit") or state.get("moving_to")) if same_entry else None
+        if recorded and not refresh and gv.FULL_SHA_RE.match(str(recorded)):
+            # same config entry, folder moved by hand (or a move cut short): to the recorded commit, no network
+            resolved = gv.Resolved(entry.version, state.get("kind", ""), recorded, state.get("described", ""))
         elif gv.HEX_RE.match(entry.version) and (local := gv.has_commit(repo, entry.version)):
             resolved = gv.Resolved(entry.version, "commit", local, f"commit {local[:12]}")
         else:
             resolved = _resolve_remote(ctx, entry)
         result.described, result.commit = resolved.describe(), resolved.commit
-        if resolved.commit and resolved.commit == head and not ctx.force:
+        if resolved.commit and resolved.commit == head and complete and not ctx.force:
             result.action = KEEP
             if not ctx.dry_run:
                 write_state(path, entry, head, resolved.kind, resolved.describe())
             return
         result.action = MOVE if not (resolved.commit and resolved.commit == head) else KEEP
         if ctx.dry_run:
-            edits = gv.local_edits(repo)
-            if edits and result.action == MOVE:
+            edits, in_submodules = gv.worktree_changes(repo)
+            if in_submodules and result.action == MOVE:
+                result.notes.append(
+                    f"local edits inside submodules would stop the move: {', '.join(in_submodules[:5])}"
+                )
+            elif edits and result.action == MOVE:
                 result.notes.append(f"local edits would be stashed: {', '.join(edits[:5])}")
             return
         commit = gv.commit_in_clone(repo, entry.url, ctx.token, resolved)
@@ -235,6 +261,13 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
                 result.notes.append(note)
         else:
             result.action = KEEP
+            if not complete and not ctx.force:
+                log.info(
+                    "%s: at %s but not recorded as complete; checking out again with submodules",
+                    result.label,
+                    _short(commit),
+                )
+        write_pending_state(path, entry, resolved, commit)
         gv.checkout(repo, commit, entry.url, ctx.token)
         write_state(path, entry, commit, resolved.kind, resolved.describe())
         result.changed = True
@@ -271,12 +304,13 @@ def install_requirements(results: list[NodeResult], settings: Settings, ctx: Con
             r.requirements, r.error = "FAILED", f"{r.label}: requirements not installed: {err}"
         return
     record = nr.read_record(env)
-    todo = []
+    todo, present = [], []
     for r, node in wanted:
         if ctx.force or r.changed or record.get(nr.record_key(node.path)) != node.commit:
             todo.append((r, node))
         else:
             r.requirements = "present"
+            present.append((r, node))
     if ctx.dry_run:
         for r, _ in todo:
             r.requirements = "would install"
@@ -285,10 +319,17 @@ def install_requirements(results: list[NodeResult], settings: Settings, ctx: Con
         return
     nr.write_record(env, {}, forget=[nr.record_key(n.path) for _, n in todo])  # claim nothing until done
     try:
-        outcome = nr.install([n for _, n in todo], env, settings.nodes_installer, settings.install_py_timeout)
+        # the present nodes' requirements go to the resolver too, so a new node cannot silently break them
+        outcome = nr.install(
+            [n for _, n in todo],
+            env,
+            settings.nodes_installer,
+            settings.install_py_timeout,
+            installed=[n for _, n in present],
+        )
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:
         outcome = {n.label: f"{n.label}: requirements not installed: {err}" for _, n in todo}
-    done = {}
+    done, broken = {}, []
     for r, node in todo:
         error = outcome.get(node.label)
         if error:
@@ -296,16 +337,29 @@ def install_requirements(results: list[NodeResult], settings: Settings, ctx: Con
         else:
             r.requirements = "installed"
             done[nr.record_key(node.path)] = node.commit
-    nr.write_record(env, done)
+    for r, node in present:  # their packages were replaced by a conflicting node's
+        if error := outcome.get(node.label):
+            r.requirements, r.error = "FAILED", error
+            broken.append(nr.record_key(node.path))
+    nr.write_record(env, done, forget=broken)
 
 
 # ---- the whole run ----
 
 
-def lock_entries(results: list[NodeResult]) -> list[dict]:
+def lock_entries(results: list[NodeResult], previous: object = None) -> list[dict]:
+    """A node checked out at its resolved commit is recorded with it; a node that failed keeps the
+    record of its last good run (same name and url), or is left out."""
+    old = {}
+    for item in previous if isinstance(previous, list) else []:
+        if isinstance(item, dict) and isinstance(item.get("version"), str):
+            old.setdefault((item.get("name"), item.get("url")), item["version"])
     entries = []
     for r in results:
-        commit = gv.read_head(r.path) if r.path.exists() else None
+        if r.checked_out and r.commit and gv.read_head(r.path) == r.commit:
+            commit = r.commit
+        else:
+            commit = old.get((r.entry.dir_name(), r.entry.url))
         if not commit:
             continue
         item = {"url": r.entry.url, "version": commit, "name": r.entry.dir_name()}
@@ -318,9 +372,21 @@ def lock_entries(results: list[NodeResult]) -> list[dict]:
 
 
 def write_lock(settings: Settings, results: list[NodeResult]) -> None:
-    entries = lock_entries(results)
-    if read_lock_file(settings.lock_file).get("nodes") != entries:
+    previous = read_lock_file(settings.lock_file).get("nodes")
+    entries = lock_entries(results, previous)
+    if previous != entries:
         update_lock_file(settings.lock_file, "nodes", entries)
+
+
+def acquire_volume_lock(custom_nodes: Path) -> FileLock:
+    """One install_nodes.py per volume at a time; a second one says why it waits."""
+    lock = FileLock(str(custom_nodes / RUN_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another install_nodes.py to finish on this volume (lock %s)", lock.lock_file)
+        lock.acquire()
+    return lock
 
 
 def cleanup_partials(custom_nodes: Path) -> None:
@@ -379,7 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as err:  # a malformed env var: one line naming it, exit 2 (EXIT_INVALID)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     cfg = config_or_exit_code(args, settings)
     if isinstance(cfg, int):
         return cfg
@@ -393,9 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         write_lock(settings, results)
     else:
         ctx.custom_nodes.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(ctx.custom_nodes / RUN_LOCK)):
+        lock = acquire_volume_lock(ctx.custom_nodes)
+        try:
             results = run(cfg, settings, ctx, args.parallel)
             write_lock(settings, results)
+        finally:
+            lock.release()
     print_summary(results, args.dry_run)
     failed = [r for r in results if not r.ok and not r.entry.optional]
     print(

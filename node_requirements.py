@@ -7,8 +7,16 @@ them.
   PATH), else ``<python> -m pip install``. ``NODES_INSTALLER=uv|pip`` forces one.
 - All changed nodes are installed together first; when that fails, one by one, so a node whose
   requirements conflict is named and the others still get installed.
+- When installing them together fails but each node alone succeeds, their requirements conflict
+  with each other: every node whose requirements are no longer met afterwards fails, naming the
+  node(s) it cannot be installed together with. Nodes already installed earlier are passed to the
+  resolver too (``installed=``), so a new node cannot silently break them.
 - ``install.py`` runs after the requirements, with a timeout, with ``PIP_CONSTRAINT``/``UV_CONSTRAINT``
-  set so a pip call inside it cannot replace torch either.
+  set so a pip call inside it cannot replace torch either. A script that replaces them anyway
+  (constraints only bind pip calls that read them) fails its node, and the pinned versions are
+  installed back.
+- install.py, pip and uv run without the secrets in ``settings.SECRET_ENV_NAMES`` in their
+  environment (third-party code runs there).
 - What has been installed is recorded INSIDE the target environment (``<sys.prefix>/comfy-worker-node-
   requirements.json``): the record lives and dies with the packages it describes. A fresh container
   with a fresh environment has no record, so the requirements are installed again, even though the
@@ -21,6 +29,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,12 +42,21 @@ from pathlib import Path
 from filelock import FileLock
 
 from cli_common import atomic_write_text
+from settings import SECRET_ENV_NAMES
 
 log = logging.getLogger("install_nodes")
 
 PROTECTED = ("torch", "torchvision", "torchaudio")
 RECORD_NAME = "comfy-worker-node-requirements.json"
 PIP_TIMEOUT = 3600
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Our environment minus the secrets, for every process started here (install.py, pip, uv and
+    the target python: all of them run code from the nodes or their packages)."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV_NAMES}
+    env.update(extra or {})
+    return env
 
 
 @dataclass(frozen=True)
@@ -90,7 +108,9 @@ def target_env(python: str | None) -> TargetEnv:
     if (venv / "pyvenv.cfg").is_file():  # a venv's sys.prefix is the folder holding pyvenv.cfg
         return TargetEnv(path, venv)
     try:
-        out = subprocess.run([path, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [path, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True, env=child_env()
+        )
     except (OSError, subprocess.CalledProcessError) as err:
         raise RuntimeError(
             f"cannot run the python {python!r} (env PYTHON): {err}; point PYTHON at ComfyUI's python"
@@ -122,7 +142,9 @@ def protected_versions(env: TargetEnv) -> dict[str, str]:
     """Installed versions of torch, torchvision and torchaudio in ``env`` (importlib.metadata)."""
     if env.is_current:
         return _installed_versions(PROTECTED)
-    out = subprocess.run([env.python, "-c", _VERSIONS_CODE, *PROTECTED], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [env.python, "-c", _VERSIONS_CODE, *PROTECTED], capture_output=True, text=True, check=True, env=child_env()
+    )
     return json.loads(out.stdout)
 
 
@@ -142,10 +164,12 @@ def find_uv(env: TargetEnv, mode: str = "auto") -> str | None:
     return found
 
 
-def install_command(env: TargetEnv, uv: str | None, constraints: Path, files: list[Path]) -> list[str]:
-    reqs = [arg for f in files for arg in ("-r", str(f))]
+def install_command(
+    env: TargetEnv, uv: str | None, constraints: Path, files: list[Path], specs: list[str] = (), dry_run: bool = False
+) -> list[str]:
+    args = [arg for f in files for arg in ("-r", str(f))] + list(specs) + (["--dry-run"] if dry_run else [])
     if uv:
-        return [uv, "pip", "install", "--python", env.python, "-c", str(constraints), *reqs]
+        return [uv, "pip", "install", "--python", env.python, "-c", str(constraints), *args]
     return [
         env.python,
         "-m",
@@ -155,7 +179,7 @@ def install_command(env: TargetEnv, uv: str | None, constraints: Path, files: li
         "--no-input",
         "-c",
         str(constraints),
-        *reqs,
+        *args,
     ]
 
 
@@ -175,7 +199,7 @@ def _conflict_message(node: NodeReqs, output: str, pinned: dict[str, str]) -> st
 def _run_pip(cmd: list[str], cwd: Path | None = None) -> tuple[bool, str]:
     start = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=PIP_TIMEOUT)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=PIP_TIMEOUT, env=child_env())
     except subprocess.TimeoutExpired:
         return False, f"the installer did not finish within {PIP_TIMEOUT} s"
     log.debug("%s finished in %.1f s with %s", cmd[0], time.monotonic() - start, proc.returncode)
@@ -184,11 +208,10 @@ def _run_pip(cmd: list[str], cwd: Path | None = None) -> tuple[bool, str]:
 
 def run_install_py(node: NodeReqs, env: TargetEnv, constraints: Path, timeout: float) -> str | None:
     """Run the node's install.py; an error message, or None when it succeeded."""
-    child_env = {**os.environ, "PIP_CONSTRAINT": str(constraints), "UV_CONSTRAINT": str(constraints)}
     proc = subprocess.Popen(
         [env.python, "install.py"],
         cwd=node.path,
-        env=child_env,
+        env=child_env({"PIP_CONSTRAINT": str(constraints), "UV_CONSTRAINT": str(constraints)}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -205,46 +228,129 @@ def run_install_py(node: NodeReqs, env: TargetEnv, constraints: Path, timeout: f
     return None
 
 
+@dataclass
+class _Installer:
+    """One installation run: the target, the installer, the constraints file and the pinned versions."""
+
+    env: TargetEnv
+    uv: str | None
+    constraints: Path
+    pinned: dict[str, str]
+
+    def pip(self, nodes: list[NodeReqs], cwd: Path | None = None, dry_run: bool = False) -> tuple[bool, str]:
+        files = [n.requirements_file for n in nodes]
+        return _run_pip(install_command(self.env, self.uv, self.constraints, files, dry_run=dry_run), cwd)
+
+    def satisfied(self, node: NodeReqs) -> bool:
+        """Whether the node's requirements are met as installed now (the installer's dry run would
+        change nothing). A dry run that fails says nothing: counted as met."""
+        ok, output = self.pip([node], node.path, dry_run=True)
+        if not ok:
+            log.debug("%s: dry run failed, requirements not checked: %s", node.label, _summary(output))
+        return not ok or not re.search(r"^\s*Would (install|uninstall)", output, re.MULTILINE)
+
+    def guard(self) -> str | None:
+        """None when torch, torchvision and torchaudio are as pinned; else what changed, after
+        installing the pinned versions back."""
+        now = protected_versions(self.env)
+        changed = {k: v for k, v in self.pinned.items() if now.get(k) != v}
+        if not changed:
+            return None
+        what = ", ".join(f"{k} {v} \u2192 {now.get(k) or 'removed'}" for k, v in sorted(changed.items()))
+        pins = [f"{k}=={v}" for k, v in sorted(changed.items())]
+        cmd = install_command(self.env, self.uv, self.constraints, [], specs=pins)
+        ok, output = _run_pip(cmd)
+        if ok and all(protected_versions(self.env).get(k) == v for k, v in changed.items()):
+            log.error("%s changed during a node install; restored %s", what, ", ".join(pins))
+            return f"{what}; restored {', '.join(pins)}"
+        log.error("%s changed during a node install; restoring %s failed: %s", what, ", ".join(pins), _summary(output))
+        return f"{what}; restoring {', '.join(pins)} failed ({_summary(output, 3)}): install them again by hand"
+
+
 def install(
-    nodes: list[NodeReqs], env: TargetEnv, installer_mode: str = "auto", install_py_timeout: float = 600
+    nodes: list[NodeReqs],
+    env: TargetEnv,
+    installer_mode: str = "auto",
+    install_py_timeout: float = 600,
+    installed: list[NodeReqs] = (),
 ) -> dict[str, str | None]:
-    """Install the requirements of ``nodes`` into ``env``; label -> error message (None = installed)."""
-    results: dict[str, str | None] = {n.label: None for n in nodes}
-    before = protected_versions(env)
+    """Install the requirements of ``nodes`` into ``env``, then run their install.py; label -> error
+    message (None = installed). ``installed``: nodes whose requirements are already installed; they
+    join the resolver run, and get an error here when a conflicting node replaced their packages."""
+    context = [n for n in installed if n.requirements_file is not None]
+    results: dict[str, str | None] = {n.label: None for n in [*nodes, *context]}
+    pinned = protected_versions(env)
     uv = find_uv(env, installer_mode)
     with tempfile.TemporaryDirectory(prefix="comfy-worker-constraints-") as tmp:
         constraints = Path(tmp) / "constraints.txt"
-        constraints.write_text(constraints_text(before), encoding="utf-8")
+        constraints.write_text(constraints_text(pinned), encoding="utf-8")
+        run = _Installer(env, uv, constraints, pinned)
         with_reqs = [n for n in nodes if n.requirements_file is not None]
         if with_reqs:
             log.info(
                 "installing requirements of %d node(s) with %s (pinned: %s)",
                 len(with_reqs),
                 "uv" if uv else "pip",
-                ", ".join(f"{k}=={v}" for k, v in sorted(before.items())) or "nothing installed to pin",
+                ", ".join(f"{k}=={v}" for k, v in sorted(pinned.items())) or "nothing installed to pin",
             )
-            ok, output = _run_pip(install_command(env, uv, constraints, [n.requirements_file for n in with_reqs]))
-            if not ok and len(with_reqs) > 1:
-                log.warning("installing all requirements together failed; trying node by node to find the culprit")
-            if not ok:
-                for node in with_reqs:
-                    if len(with_reqs) > 1:
-                        ok, output = _run_pip(
-                            install_command(env, uv, constraints, [node.requirements_file]), node.path
-                        )
-                    if not ok:
-                        results[node.label] = _conflict_message(node, output, before)
+            _install_requirements(run, with_reqs, context, results)
         for node in nodes:
             if results[node.label] is None and node.install_py is not None:
                 log.info("%s: running install.py", node.label)
                 results[node.label] = run_install_py(node, env, constraints, install_py_timeout)
-    after = protected_versions(env)
-    if after != before:  # the constraints make this impossible for pip/uv; install.py could still do it
-        changed = ", ".join(
-            f"{k} {before.get(k)} -> {after.get(k)}" for k in PROTECTED if before.get(k) != after.get(k)
-        )
-        log.error("the torch packages changed during node installation (%s); check the install.py scripts", changed)
+                if changed := run.guard():  # constraints bind only pip calls that read them
+                    results[node.label] = f"{node.label}'s install.py changed {changed}"
     return results
+
+
+def _install_requirements(
+    run: _Installer, with_reqs: list[NodeReqs], context: list[NodeReqs], results: dict[str, str | None]
+) -> None:
+    together = with_reqs + context
+    ok, output = run.pip(together)
+    if ok and (changed := run.guard()):  # the constraints make this impossible; checked all the same
+        ok, output = False, f"the installer changed {changed}"
+    if ok:
+        return
+    if len(together) > 1:
+        log.warning("installing all requirements together failed; trying node by node to find the culprit")
+    for node in with_reqs:
+        if len(together) > 1:
+            ok, output = run.pip([node], node.path)
+            if ok and (changed := run.guard()):
+                results[node.label] = f"{node.label}'s requirements.txt changed {changed}"
+                continue
+        if not ok:
+            results[node.label] = _conflict_message(node, output, run.pinned)
+    for node in context:  # nodes installed before keep their packages: a conflicting newcomer loses
+        if results[node.label] is None and not run.satisfied(node):
+            ok, output = run.pip([node], node.path)
+            if not ok:
+                results[node.label] = _conflict_message(node, output, run.pinned)
+            elif changed := run.guard():
+                results[node.label] = f"{node.label}'s requirements.txt changed {changed}"
+    # each alone worked but not all together: they conflict with each other, and the node installed
+    # last won. Name every node whose requirements are not met now, and whom it conflicts with.
+    alone_ok = [n for n in together if results[n.label] is None]
+    if len(alone_ok) < 2:
+        return
+    broken = [n for n in alone_ok if not run.satisfied(n)]
+    if broken:
+        log.warning("the requirements of %s cannot all be installed together", ", ".join(n.label for n in alone_ok))
+    for node in broken:
+        partners, reason = [], ""
+        for other in alone_ok:
+            if other is not node:
+                fits, out = run.pip([node, other], node.path, dry_run=True)
+                if not fits:
+                    partners.append(other.label)
+                    reason = reason or _summary(out, 3)
+        with_whom = ", ".join(partners) or "the other nodes' requirements"
+        results[node.label] = (
+            f"{node.label}: requirements.txt cannot be installed together with {with_whom}"
+            f"{f' ({reason})' if reason else ''}; installed one after the other, this node's requirements are "
+            "no longer met: pin versions that fit together, or keep only one of them"
+        )
 
 
 # ---- the record of what is installed, kept inside the target environment ----

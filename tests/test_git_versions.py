@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import logging
 import threading
 
 import git
@@ -147,6 +148,28 @@ def test_local_edits_go_to_a_named_stash(versioned, tmp_path):
     assert gv.stash_local_edits(clone, tmp_path / "n", "nothing") == ""
 
 
+def test_stash_takes_deleted_and_renamed_files_and_leaves_a_submodule_at_another_commit(git_repos, tmp_path):
+    sub = git_repos.create("Sub", {"s.txt": "one"}).push()
+    top = git_repos.create("Top", {"a.txt": "a", "b.txt": "b"})
+    first = top.add_submodule(sub, "vendor/sub")
+    sub.commit({"s.txt": "two"})
+    sub.push()
+    top.push()
+    clone = gv.clone(top.url, tmp_path / "n", None)
+    gv.checkout(clone, first, top.url, None)
+    work = tmp_path / "n"
+    git.Repo(work / "vendor/sub").git.checkout("-q", sub.head())  # only at another commit: not an edit
+    (work / "a.txt").unlink()
+    clone.git.mv("b.txt", "c.txt")
+    assert gv.worktree_changes(clone) == (["a.txt", "c.txt", "b.txt"], [])
+    note = gv.stash_local_edits(clone, work, "comfy-worker: test")
+    assert "a.txt" in note and "comfy-worker: test" in clone.git.stash("list")
+    assert (work / "a.txt").exists() and (work / "b.txt").exists() and not (work / "c.txt").exists()
+    assert (work / "vendor/sub/s.txt").read_text() == "two"  # untouched; the checkout moves it
+    (work / "vendor/sub/s.txt").write_text("edited")
+    assert gv.worktree_changes(clone) == ([], ["vendor/sub"])
+
+
 # ---- the GitHub token ----
 
 
@@ -169,6 +192,16 @@ def test_git_env_keeps_config_entries_passed_by_the_user(monkeypatch):
     monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
     env = gv.git_env("https://github.com/o/n.git", "tok")
     assert env["GIT_CONFIG_COUNT"] == "2" and env["GIT_CONFIG_KEY_1"].endswith(".extraheader")
+
+
+def test_a_non_numeric_GIT_CONFIG_COUNT_counts_as_zero_with_a_warning(monkeypatch, caplog, versioned):
+    repo, c = versioned
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "lots")
+    with caplog.at_level(logging.WARNING):
+        env = gv.git_env(repo.url, None)
+    assert _config_pairs(env) == {"protocol.file.allow": "always"}
+    assert "GIT_CONFIG_COUNT" in caplog.text and "'lots'" in caplog.text
+    assert gv.ls_remote(repo.url, None).head == c["main"]  # git runs fine with the count it is given
 
 
 class _RecordingHandler(http.server.BaseHTTPRequestHandler):

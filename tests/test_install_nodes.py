@@ -4,22 +4,26 @@ as the environment requirements go into, a local wheel folder as the package ind
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import git
 import pytest
 import yaml
+from support.gitrepos import git as run_git
 from support.wheels import installed_version, make_venv, make_wheel, wheel_env
 
 import git_versions as gv
 import install_nodes
 import node_requirements as nr
 from config_schema import load_config
+from settings import SECRET_ENV_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,9 +69,9 @@ class Box:
         monkeypatch.delenv("GITHUB_TOKEN", raising=False)
         self.use_venv("venv")
 
-    def use_venv(self, name: str) -> Path:
+    def use_venv(self, name: str, pip: bool = False) -> Path:
         """Requirements go into this venv from now on (the real .venv is never the target)."""
-        self.python = make_venv(self.tmp / name, self.wheels, ["torch==1.0.0"])
+        self.python = make_venv(self.tmp / name, self.wheels, ["torch==1.0.0"], pip=pip)
         self.monkeypatch.setenv("PYTHON", str(self.python))
         return self.python
 
@@ -109,6 +113,32 @@ def node_repo(git_repos):
     c["main"] = repo.commit({"version.txt": "main"})
     repo.push()
     return repo, c
+
+
+def node_with_submodule_versions(git_repos):
+    """Top: tag v1 has vendor/sub at Sub's first commit (s.txt 'v1'); tag v2 at Sub's second commit
+    (s.txt 'v2' and a new file new.txt)."""
+    sub = git_repos.create("Sub", {"s.txt": "v1"}).push()
+    top = git_repos.create("Top", node_source("TopClass"))
+    c = {"v1": top.add_submodule(sub, "vendor/sub")}
+    top.tag("v1")
+    sub.commit({"s.txt": "v2", "new.txt": "from v2"})
+    sub.push()
+    run_git(top.work / "vendor/sub", "fetch", "-q", "origin")
+    run_git(top.work / "vendor/sub", "checkout", "-q", "origin/main")
+    c["v2"] = top.commit(message="sub v2")
+    top.tag("v2")
+    top.push()
+    return top, c
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
 
 
 # ---- versions ----
@@ -182,6 +212,37 @@ def test_folder_moved_by_hand_goes_back_to_the_configured_commit(box, node_repo)
     assert rc == 0 and box.head("MyNode") == c["v1.10.0"], out
 
 
+def test_a_move_interrupted_before_the_submodules_is_completed_by_the_next_run(box, git_repos):
+    top, c = node_with_submodule_versions(git_repos)
+    assert box.run([{"url": top.url, "version": "v1"}])[0] == 0
+    node = box.custom_nodes / "Top"
+    # a crash between the checkout and the submodule update: HEAD at v2, the submodule still at v1
+    git.Repo(node).git.checkout("-q", "--detach", c["v2"])
+    assert (node / "vendor/sub/s.txt").read_text() == "v1"
+    rc, out = box.run([{"url": top.url, "version": "v2"}])
+    assert rc == 0, out
+    assert box.head("Top") == c["v2"] and (node / "vendor/sub/s.txt").read_text() == "v2"
+
+
+def test_a_failed_submodule_update_is_retried_when_the_config_did_not_change(box, git_repos):
+    top, c = node_with_submodule_versions(git_repos)
+    assert box.run([{"url": top.url, "version": "v2"}])[0] == 0
+    node = box.custom_nodes / "Top"
+    repo = git.Repo(node)
+    repo.git.checkout("-q", "--detach", c["v1"])  # moved back by hand, submodule included
+    repo.git.submodule("update", "-q")
+    assert (node / "vendor/sub/s.txt").read_text() == "v1"
+    # an untracked file in the way of v2's new.txt: the submodule update fails after HEAD moved
+    (node / "vendor/sub/new.txt").write_text("untracked, in the way")
+    rc, out = box.run([{"url": top.url, "version": "v2"}])
+    assert rc == 1 and "nodes[0] Top" in out, out
+    (node / "vendor/sub/new.txt").unlink()
+    rc, out = box.run([{"url": top.url, "version": "v2"}])
+    assert rc == 0, out
+    assert (node / "vendor/sub/s.txt").read_text() == "v2"
+    assert (node / "vendor/sub/new.txt").read_text() == "from v2"
+
+
 # ---- local edits ----
 
 
@@ -222,6 +283,23 @@ def test_local_edit_inside_a_submodule_is_refused_with_the_fix(box, git_repos):
     assert rc == 1 and box.head("Top") == first
     assert "nodes[0] Top" in out and "submodule" in out and "run again" in out
     assert (box.custom_nodes / "Top/vendor/sub/s.txt").read_text() == "edited in the submodule"
+
+
+def test_edits_in_the_node_and_in_a_submodule_are_refused_before_anything_is_stashed(box, git_repos):
+    top, c = node_with_submodule_versions(git_repos)
+    assert box.run([{"url": top.url, "version": "v1"}])[0] == 0
+    node = box.custom_nodes / "Top"
+    init = node / "__init__.py"
+    edited = init.read_text() + "# my local fix\n"
+    init.write_text(edited)
+    (node / "vendor/sub/s.txt").write_text("edited in the submodule")
+    rc, out = box.run([{"url": top.url, "version": "v2"}])
+    assert rc == 1 and box.head("Top") == c["v1"], out
+    assert "nodes[0] Top" in out and "vendor/sub" in out and "run again" in out
+    # the working tree is exactly as it was: nothing stashed, both edits in place
+    assert init.read_text() == edited
+    assert (node / "vendor/sub/s.txt").read_text() == "edited in the submodule"
+    assert git.Repo(node).git.stash("list") == ""
 
 
 def test_existing_folder_that_is_not_this_checkout_is_refused(box, node_repo, git_repos):
@@ -280,6 +358,64 @@ def test_requirements_false_installs_nothing(box, git_repos):
     repo = git_repos.create("NoReqs", node_source("NoReqsClass", "tinypkg==1.0\n")).push()
     rc, out = box.run([{"url": repo.url, "requirements": False}])
     assert rc == 0 and installed_version(box.python, "tinypkg") is None
+
+
+def test_install_py_that_replaces_torch_fails_the_node_and_torch_is_restored(box, git_repos):
+    box.use_venv("pip-venv", pip=True)
+    script = (  # bypasses the constraints the way a careless install.py can
+        "import os, subprocess, sys\n"
+        "env = {k: v for k, v in os.environ.items() if k not in ('PIP_CONSTRAINT', 'UV_CONSTRAINT')}\n"
+        "subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', 'torch==9.9.9'], env=env, check=True)\n"
+    )
+    sneaky = git_repos.create("SneakyNode", {**node_source("SneakyClass"), "install.py": script}).push()
+    good = git_repos.create("GoodNode", node_source("GoodClass", "tinypkg==1.0\n")).push()
+    rc, out = box.run([{"url": sneaky.url}, {"url": good.url}])
+    assert rc == 1, out
+    assert "nodes[0] SneakyNode's install.py changed torch 1.0.0 \u2192 9.9.9; restored" in out
+    assert installed_version(box.python, "torch") == "1.0.0"
+    assert installed_version(box.python, "tinypkg") == "1.0"
+    rc, out = box.run([{"url": sneaky.url, "optional": True}, {"url": good.url}])
+    assert rc == 0 and "warning (optional)" in out, out
+    assert installed_version(box.python, "torch") == "1.0.0"
+
+
+def test_install_py_and_the_installer_never_see_secrets(box, git_repos, monkeypatch):
+    secrets = {name: f"secret-{name.lower()}-0123456789" for name in SECRET_ENV_NAMES}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    # a uv next to the target python is the one used: this one records its environment, then runs the real uv
+    dump = box.tmp / "installer-env.txt"
+    wrapper = box.python.parent / "uv"
+    wrapper.write_text(f"#!/bin/sh\nenv > '{dump}'\nexec '{install_nodes_uv()}' \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("NODES_INSTALLER", "uv")
+    script = "import json, os, pathlib\npathlib.Path('env.json').write_text(json.dumps(dict(os.environ)))\n"
+    repo = git_repos.create("EnvNode", {**node_source("EnvClass", "tinypkg==1.0\n"), "install.py": script}).push()
+    rc, out = box.run([{"url": repo.url}])
+    assert rc == 0, out
+    seen = json.loads((box.custom_nodes / "EnvNode/env.json").read_text())
+    installer = dump.read_text()
+    assert "PIP_CONSTRAINT" in seen and "UV_FIND_LINKS=" in installer  # the rest of the environment is kept
+    for name, value in secrets.items():
+        assert name not in seen and value not in json.dumps(seen)
+        assert f"{name}=" not in installer and value not in installer
+
+
+def test_nodes_whose_requirements_conflict_with_each_other_are_named(box, git_repos):
+    make_wheel(box.wheels, "pkgx", "1.0")
+    make_wheel(box.wheels, "pkgx", "2.0")
+    a = git_repos.create("NodeA", node_source("AClass", "pkgx==1.0\n")).push()
+    b = git_repos.create("NodeB", node_source("BClass", "pkgx==2.0\n")).push()
+    other = git_repos.create("NodeC", node_source("CClass", "tinypkg==1.0\n")).push()
+    nodes = [{"url": a.url}, {"url": b.url}, {"url": other.url}]
+    conflict = "nodes[0] NodeA: requirements.txt cannot be installed together with nodes[1] NodeB"
+    rc, out = box.run(nodes)
+    assert rc == 1 and conflict in out, out
+    assert installed_version(box.python, "pkgx") == "2.0" and installed_version(box.python, "tinypkg") == "1.0"
+    # the next run tries NodeA again: the conflict is named again, and NodeB keeps its packages
+    rc, out = box.run(nodes)
+    assert rc == 1 and conflict in out, out
+    assert installed_version(box.python, "pkgx") == "2.0"
 
 
 def test_fresh_container_on_the_same_volume_gets_the_requirements_again(box, git_repos):
@@ -374,11 +510,69 @@ def test_lock_file_is_a_config_that_reproduces_the_commits(box, node_repo, git_r
     assert gv.read_head(second / "ComfyUI/custom_nodes/Renamed") == other_head
 
 
-def test_parallel_clones_many_nodes(box, git_repos):
+def test_lock_file_records_only_nodes_installed_at_their_commit(box, node_repo, git_repos):
+    repo, c = node_repo
+    assert box.run([{"url": repo.url, "version": "v1.2.0"}])[0] == 0
+    other = git_repos.create("Other").push()
+    git.Repo.clone_from(other.url, box.custom_nodes / "Other2")
+    rc, out = box.run([{"url": repo.url, "version": "v9.9"}, {"url": repo.url, "name": "Other2"}])
+    assert rc == 1 and "is a checkout of" in out and "'v9.9' is not a tag" in out, out
+    # MyNode failed: its record from the last good run stays; Other2 never was this node: left out
+    assert box.lock()["nodes"] == [{"url": repo.url, "version": c["v1.2.0"], "name": "MyNode"}]
+
+
+def test_parallel_clones_many_nodes(box, git_repos, monkeypatch):
     repos = [git_repos.create(f"P{i}", node_source(f"P{i}Class")).push() for i in range(6)]
+    active, peak, guard = 0, 0, threading.Lock()
+    real_clone = gv.clone
+
+    def counting_clone(*args, **kwargs):
+        nonlocal active, peak
+        with guard:
+            active += 1
+            peak = max(peak, active)
+        try:
+            time.sleep(0.2)
+            return real_clone(*args, **kwargs)
+        finally:
+            with guard:
+                active -= 1
+
+    monkeypatch.setattr(gv, "clone", counting_clone)
     rc, out = box.run([{"url": r.url} for r in repos], "--parallel", "6")
     assert rc == 0, out
     assert all(box.head(f"P{i}") == r.head() for i, r in enumerate(repos))
+    assert not list(box.custom_nodes.glob(".*partial*"))
+    assert peak > 1  # the clones really overlapped
+
+
+def test_two_runs_at_once_on_one_volume_wait_for_each_other(box, git_repos, tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    script = (  # holds the first run inside the volume lock until the test lets it go
+        "import pathlib, time\n"
+        f"gate = pathlib.Path({str(gate)!r})\n"
+        "(gate / 'started').touch()\n"
+        "deadline = time.monotonic() + 30\n"
+        "while not (gate / 'release').exists() and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+    )
+    repo = git_repos.create("SlowNode", {**node_source("SlowClass"), "install.py": script}).push()
+    cmd = [sys.executable, str(ROOT / "install_nodes.py"), "--config", str(box.config([{"url": repo.url}]))]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs = []
+    with logs[0].open("w") as out0, logs[1].open("w") as out1:
+        procs.append(subprocess.Popen(cmd, stdout=out0, stderr=subprocess.STDOUT, cwd=tmp_path))
+        assert wait_for(lambda: (gate / "started").exists(), 60)
+        procs.append(subprocess.Popen(cmd, stdout=out1, stderr=subprocess.STDOUT, cwd=tmp_path))
+        waited = wait_for(lambda: "waiting for another install_nodes.py" in logs[1].read_text(), 15)
+        (gate / "release").touch()
+        codes = [p.wait(60) for p in procs]
+    first, second = (p.read_text() for p in logs)
+    assert codes == [0, 0], (first, second)
+    assert waited, second
+    assert " clone " in first and " keep " in second and " clone " not in second, (first, second)
+    assert box.head("SlowNode") == repo.head()
     assert not list(box.custom_nodes.glob(".*partial*"))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from support.wheels import installed_version, make_venv, make_wheel, wheel_env
+from support.wheels import installed_version, installer_of, make_venv, make_wheel, wheel_env
 
 import node_requirements as nr
 
@@ -82,6 +82,7 @@ def test_pip_is_used_when_uv_is_not(tmp_path, wheels):
     assert result[a.label] is None and "nodes[1] WantsTorch9" in result[b.label]
     assert installed_version(env.python, "tinypkg") == "1.0"
     assert installed_version(env.python, "torch") == "1.0.0"
+    assert installer_of(env.python, "tinypkg") == "pip"  # pip wrote it (uv would write "uv")
 
 
 def test_install_py_runs_with_the_constraints_in_its_environment(tmp_path, venv):

@@ -86,3 +86,12 @@ def installed_version(python: Path, name: str) -> str | None:
     code = "import importlib.metadata as m, sys\ntry: print(m.version(sys.argv[1]))\nexcept m.PackageNotFoundError: print('')"
     out = subprocess.run([str(python), "-c", code, name], check=True, capture_output=True, text=True).stdout.strip()
     return out or None
+
+
+def installer_of(python: Path, name: str) -> str | None:
+    """The tool that installed ``name`` (the dist-info INSTALLER file: "uv" or "pip")."""
+    code = (
+        "import importlib.metadata as m, sys\nprint((m.distribution(sys.argv[1]).read_text('INSTALLER') or '').strip())"
+    )
+    out = subprocess.run([str(python), "-c", code, name], check=True, capture_output=True, text=True).stdout.strip()
+    return out or None
