@@ -297,9 +297,10 @@ def install(
         for node in nodes:
             if results[node.label] is None and node.install_py is not None:
                 log.info("%s: running install.py", node.label)
-                results[node.label] = run_install_py(node, env, constraints, install_py_timeout)
+                failed = run_install_py(node, env, constraints, install_py_timeout)
                 if changed := run.guard():  # constraints bind only pip calls that read them
-                    results[node.label] = f"{node.label}'s install.py changed {changed}"
+                    failed = "; ".join(filter(None, [f"{node.label}'s install.py changed {changed}", failed]))
+                results[node.label] = failed
     return results
 
 
