@@ -61,16 +61,21 @@ def load_or_report(config_path: str | None, settings: Settings) -> tuple[WorkerC
         return None
 
 
-def config_or_exit_code(args: argparse.Namespace, settings: Settings) -> WorkerConfig | int:
-    """The selected config, or the exit code when the run ends here (invalid config: 2,
-    ``--validate-only``: 0 after the summary line)."""
+def settings_and_config(args: argparse.Namespace) -> tuple[Settings, WorkerConfig] | int:
+    """The settings and the selected config, or the exit code when the run ends here (a malformed
+    env var or an invalid config: 2, one line each; ``--validate-only``: 0 after the summary line)."""
+    try:
+        settings = Settings.from_env()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
     loaded = load_or_report(args.config, settings)
     if loaded is None:
         return EXIT_INVALID
     cfg, source = loaded
     if args.validate_only:
         return validate_only(cfg, source)
-    return cfg
+    return settings, cfg
 
 
 def validate_only(cfg: WorkerConfig, source: str) -> int:

@@ -68,10 +68,10 @@ from cli_common import (
     EXIT_INVALID,
     EXIT_OK,
     add_common_args,
-    config_or_exit_code,
     format_table,
     human_size,
     read_lock_file,
+    settings_and_config,
     update_lock_file,
 )
 from config_schema import ModelEntry
@@ -643,14 +643,10 @@ def dry_run_job(prov: Provisioner, job: Job) -> Job:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except ValueError as err:  # a malformed env var: say which, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    cfg = config_or_exit_code(args, settings)
-    if isinstance(cfg, int):
-        return cfg
+    loaded = settings_and_config(args)
+    if isinstance(loaded, int):
+        return loaded
+    settings, cfg = loaded
     setup_logging()
     for noisy in ("httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

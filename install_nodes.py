@@ -35,9 +35,9 @@ from cli_common import (
     EXIT_OK,
     add_common_args,
     atomic_write_text,
-    config_or_exit_code,
     format_table,
     read_lock_file,
+    settings_and_config,
     update_lock_file,
 )
 from config_schema import NodeEntry, WorkerConfig
@@ -445,14 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        settings = Settings.from_env()
-    except ValueError as err:  # a malformed env var: one line naming it, exit 2 (EXIT_INVALID)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    cfg = config_or_exit_code(args, settings)
-    if isinstance(cfg, int):
-        return cfg
+    loaded = settings_and_config(args)
+    if isinstance(loaded, int):
+        return loaded
+    settings, cfg = loaded
     comfyui = Path(args.comfyui_dir) if args.comfyui_dir else settings.comfyui_path
     ctx = Context(comfyui / "custom_nodes", settings.github_token, args.dry_run, args.force, args.update)
     start = time.monotonic()

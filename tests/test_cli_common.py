@@ -145,3 +145,10 @@ def test_damaged_lock_file_is_rewritten_not_fatal(tmp_path, caplog):
     assert read_lock_file(path) == {"nodes": [{"url": "https://github.com/a/b.git", "version": "abc"}]}
     path.write_text("- just\n- a list\n")
     assert read_lock_file(path) == {}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_malformed_env_var_is_one_line_and_exit_2(script):
+    result = run(script, "--validate-only", "--config", str(ROOT / "config.yml"), env={"COMFY_PORT": "eighty"})
+    assert result.returncode == 2
+    assert result.stderr == "error: environment variable COMFY_PORT must be a whole number, got 'eighty'\n"
