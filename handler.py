@@ -173,6 +173,14 @@ def comfy_error(client: ComfyClient, exc: BaseException, prompt_id: str) -> JobE
     )
 
 
+async def _output_classes(client: ComfyClient, workflow: dict) -> dict[str, bool]:
+    try:
+        return await client.output_node_classes({node["class_type"] for node in workflow.values()})
+    except COMFY_ERRORS as exc:  # then only sinks are marked; a ComfyUI that is gone fails the next step
+        log.warning("Could not read /object_info (%s: %s); marking only the sink nodes", type(exc).__name__, exc)
+        return {}
+
+
 async def run_job(job: dict, settings: Settings) -> dict:
     started = time.monotonic()
     job_id = str(job.get("id") or uuid.uuid4())
@@ -198,8 +206,7 @@ async def run_job(job: dict, settings: Settings) -> dict:
             await runner.open()
             if request.images:
                 notes += unused_images(workflow, await upload_images(client, request.images, token, uploaded))
-            class_types = {node["class_type"] for node in workflow.values()}
-            mark_outputs_unique(workflow, token, await client.output_node_classes(class_types))
+            mark_outputs_unique(workflow, token, await _output_classes(client, workflow))
             try:
                 result = await runner.run()
             finally:
@@ -234,8 +241,10 @@ async def run_job(job: dict, settings: Settings) -> dict:
             },
         }
     finally:
-        await runner.close()
-        outputs.cleanup(files, settings.comfyui_path, uploaded)
+        try:
+            await runner.close()
+        finally:
+            outputs.cleanup(files, settings.comfyui_path, uploaded)
 
 
 def _redact(text: str, secrets: list[str]) -> str:
