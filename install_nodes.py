@@ -326,6 +326,7 @@ def install_requirements(results: list[NodeResult], settings: Settings, ctx: Con
             settings.nodes_installer,
             settings.install_py_timeout,
             installed=[n for _, n in present],
+            package_cache=settings.node_package_cache,
         )
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:
         outcome = {n.label: f"{n.label}: requirements not installed: {err}" for _, n in todo}

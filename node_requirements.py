@@ -59,6 +59,18 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def cache_env(package_cache: Path | None) -> dict[str, str]:
+    """pip's and uv's caches on the volume (unless the user set them): a fresh container reinstalls
+    node requirements from wheels already downloaded or built there."""
+    if package_cache is None:
+        return {}
+    wanted = {"PIP_CACHE_DIR": package_cache / "pip", "UV_CACHE_DIR": package_cache / "uv"}
+    env = {k: str(v) for k, v in wanted.items() if not os.environ.get(k)}
+    if env:
+        env.setdefault("UV_LINK_MODE", os.environ.get("UV_LINK_MODE") or "copy")  # the volume is another fs
+    return env
+
+
 @dataclass(frozen=True)
 class TargetEnv:
     python: str
@@ -196,22 +208,26 @@ def _conflict_message(node: NodeReqs, output: str, pinned: dict[str, str]) -> st
     return message
 
 
-def _run_pip(cmd: list[str], cwd: Path | None = None) -> tuple[bool, str]:
+def _run_pip(cmd: list[str], cwd: Path | None = None, extra_env: dict[str, str] | None = None) -> tuple[bool, str]:
     start = time.monotonic()
     try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=PIP_TIMEOUT, env=child_env())
+        proc = subprocess.run(
+            cmd, cwd=cwd, capture_output=True, text=True, timeout=PIP_TIMEOUT, env=child_env(extra_env)
+        )
     except subprocess.TimeoutExpired:
         return False, f"the installer did not finish within {PIP_TIMEOUT} s"
     log.debug("%s finished in %.1f s with %s", cmd[0], time.monotonic() - start, proc.returncode)
     return proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def run_install_py(node: NodeReqs, env: TargetEnv, constraints: Path, timeout: float) -> str | None:
+def run_install_py(
+    node: NodeReqs, env: TargetEnv, constraints: Path, timeout: float, extra_env: dict[str, str] | None = None
+) -> str | None:
     """Run the node's install.py; an error message, or None when it succeeded."""
     proc = subprocess.Popen(
         [env.python, "install.py"],
         cwd=node.path,
-        env=child_env({"PIP_CONSTRAINT": str(constraints), "UV_CONSTRAINT": str(constraints)}),
+        env=child_env({**(extra_env or {}), "PIP_CONSTRAINT": str(constraints), "UV_CONSTRAINT": str(constraints)}),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -236,10 +252,12 @@ class _Installer:
     uv: str | None
     constraints: Path
     pinned: dict[str, str]
+    extra_env: dict[str, str]
 
     def pip(self, nodes: list[NodeReqs], cwd: Path | None = None, dry_run: bool = False) -> tuple[bool, str]:
         files = [n.requirements_file for n in nodes]
-        return _run_pip(install_command(self.env, self.uv, self.constraints, files, dry_run=dry_run), cwd)
+        cmd = install_command(self.env, self.uv, self.constraints, files, dry_run=dry_run)
+        return _run_pip(cmd, cwd, self.extra_env)
 
     def satisfied(self, node: NodeReqs) -> bool:
         """Whether the node's requirements are met as installed now (the installer's dry run would
@@ -259,7 +277,7 @@ class _Installer:
         what = ", ".join(f"{k} {v} \u2192 {now.get(k) or 'removed'}" for k, v in sorted(changed.items()))
         pins = [f"{k}=={v}" for k, v in sorted(changed.items())]
         cmd = install_command(self.env, self.uv, self.constraints, [], specs=pins)
-        ok, output = _run_pip(cmd)
+        ok, output = _run_pip(cmd, extra_env=self.extra_env)
         if ok and all(protected_versions(self.env).get(k) == v for k, v in changed.items()):
             log.error("%s changed during a node install; restored %s", what, ", ".join(pins))
             return f"{what}; restored {', '.join(pins)}"
@@ -273,6 +291,7 @@ def install(
     installer_mode: str = "auto",
     install_py_timeout: float = 600,
     installed: list[NodeReqs] = (),
+    package_cache: Path | None = None,
 ) -> dict[str, str | None]:
     """Install the requirements of ``nodes`` into ``env``, then run their install.py; label -> error
     message (None = installed). ``installed``: nodes whose requirements are already installed; they
@@ -284,7 +303,7 @@ def install(
     with tempfile.TemporaryDirectory(prefix="comfy-worker-constraints-") as tmp:
         constraints = Path(tmp) / "constraints.txt"
         constraints.write_text(constraints_text(pinned), encoding="utf-8")
-        run = _Installer(env, uv, constraints, pinned)
+        run = _Installer(env, uv, constraints, pinned, cache_env(package_cache))
         with_reqs = [n for n in nodes if n.requirements_file is not None]
         if with_reqs:
             log.info(
@@ -297,7 +316,7 @@ def install(
         for node in nodes:
             if results[node.label] is None and node.install_py is not None:
                 log.info("%s: running install.py", node.label)
-                failed = run_install_py(node, env, constraints, install_py_timeout)
+                failed = run_install_py(node, env, constraints, install_py_timeout, run.extra_env)
                 if changed := run.guard():  # constraints bind only pip calls that read them
                     failed = "; ".join(filter(None, [f"{node.label}'s install.py changed {changed}", failed]))
                 results[node.label] = failed

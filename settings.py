@@ -105,6 +105,7 @@ class Settings:
     python: str | None = None  # env PYTHON: the interpreter whose environment gets node requirements
     nodes_installer: str = "auto"  # env NODES_INSTALLER: auto (uv if found, else pip) | uv | pip
     install_py_timeout: float = 600.0  # env INSTALL_PY_TIMEOUT: seconds for a node's install.py
+    node_package_cache: Path | None = None  # env NODE_PACKAGE_CACHE: pip/uv cache for node requirements
     comfy_pid_file: Path = Path("/tmp/comfyui.pid")
     comfy_log_file: Path = Path("/tmp/comfyui.log")
     comfy_ready_timeout: float = 300.0
@@ -156,6 +157,7 @@ class Settings:
             python=env.get("PYTHON") or None,
             nodes_installer=_choice(env, "NODES_INSTALLER", ("auto", "uv", "pip")),
             install_py_timeout=_float(env, "INSTALL_PY_TIMEOUT", 600.0),
+            node_package_cache=Path(env.get("NODE_PACKAGE_CACHE") or volume_root / ".cache" / "node-packages"),
             comfy_pid_file=Path(env.get("COMFY_PID_FILE") or "/tmp/comfyui.pid"),
             comfy_log_file=Path(env.get("COMFY_LOG_FILE") or "/tmp/comfyui.log"),
             comfy_ready_timeout=_float(env, "COMFY_READY_TIMEOUT", 300.0),

@@ -67,6 +67,8 @@ class Box:
         monkeypatch.setenv("COMFYUI_PATH", str(self.comfyui))
         monkeypatch.delenv("CONFIG_YML", raising=False)
         monkeypatch.delenv("GITHUB_TOKEN", raising=False)
+        for cache in ("UV_CACHE_DIR", "PIP_CACHE_DIR", "NODE_PACKAGE_CACHE"):
+            monkeypatch.delenv(cache, raising=False)
         self.use_venv("venv")
 
     def use_venv(self, name: str, pip: bool = False) -> Path:
@@ -422,6 +424,8 @@ def test_fresh_container_on_the_same_volume_gets_the_requirements_again(box, git
     repo = git_repos.create("NeedsPkg", node_source("NeedsPkgClass", "tinypkg==1.0\n")).push()
     assert box.run([{"url": repo.url}])[0] == 0
     head = box.head("NeedsPkg")
+    # the installer's cache lives on the volume: the next container reuses the wheels kept there
+    assert any((box.volume / ".cache" / "node-packages" / "uv").rglob("tinypkg*"))
     # a new container: same volume, a brand-new environment without the packages; no network
     fresh = box.use_venv("fresh-container-venv")
     shutil.move(repo.bare, box.tmp / "gone.git")

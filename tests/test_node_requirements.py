@@ -108,3 +108,18 @@ def test_record_lives_in_the_target_environment(tmp_path, venv):
     nr.write_record(venv, {"/vol/custom_nodes/C": "123"}, forget=["/vol/custom_nodes/A"])
     assert venv.record_path.parent == venv.prefix
     assert nr.read_record(venv) == {"/vol/custom_nodes/B": "def", "/vol/custom_nodes/C": "123"}
+
+
+def test_installer_caches_go_to_the_volume_unless_the_user_chose_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("UV_CACHE_DIR", raising=False)
+    monkeypatch.delenv("PIP_CACHE_DIR", raising=False)
+    monkeypatch.delenv("UV_LINK_MODE", raising=False)
+    cache = tmp_path / "volume" / ".cache" / "node-packages"
+    assert nr.cache_env(cache) == {
+        "PIP_CACHE_DIR": str(cache / "pip"),
+        "UV_CACHE_DIR": str(cache / "uv"),
+        "UV_LINK_MODE": "copy",
+    }
+    monkeypatch.setenv("UV_CACHE_DIR", "/mine")
+    assert "UV_CACHE_DIR" not in nr.cache_env(cache)
+    assert nr.cache_env(None) == {}
