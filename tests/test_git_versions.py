@@ -4,12 +4,11 @@ git, and the GitHub token header that git sends to github.com only."""
 from __future__ import annotations
 
 import base64
-import http.server
 import logging
-import threading
 
 import git
 import pytest
+from support.local_http import QuietHandler, serve_in_thread
 
 import git_versions as gv
 
@@ -204,7 +203,7 @@ def test_a_non_numeric_GIT_CONFIG_COUNT_counts_as_zero_with_a_warning(monkeypatc
     assert gv.ls_remote(repo.url, None).head == c["main"]  # git runs fine with the count it is given
 
 
-class _RecordingHandler(http.server.BaseHTTPRequestHandler):
+class _RecordingHandler(QuietHandler):
     seen: list[dict[str, str]] = []
 
     def do_GET(self):  # noqa: N802 - http.server API
@@ -212,16 +211,11 @@ class _RecordingHandler(http.server.BaseHTTPRequestHandler):
         self.send_response(404)
         self.end_headers()
 
-    def log_message(self, *args):
-        pass
-
 
 @pytest.fixture
 def recording_server():
     _RecordingHandler.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RecordingHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = serve_in_thread(_RecordingHandler)
     yield f"http://127.0.0.1:{server.server_address[1]}/", _RecordingHandler.seen
     server.shutdown()
     server.server_close()

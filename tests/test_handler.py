@@ -18,7 +18,6 @@ import threading
 import time
 import urllib.request
 import wave
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
@@ -26,6 +25,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 from support.comfy_process import free_port
+from support.local_http import QuietHandler, serve_in_thread
 
 import comfy_client
 import handler
@@ -163,7 +163,7 @@ def test_uploaded_image_is_inverted_and_input_removed(worker_env):
 def test_image_from_url(worker_env):
     png = base64.b64decode(png_b64((4, 4), (0, 0, 255), prefix=False))
 
-    class Serve(BaseHTTPRequestHandler):
+    class Serve(QuietHandler):
         def do_GET(self):
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -171,11 +171,7 @@ def test_image_from_url(worker_env):
             self.end_headers()
             self.wfile.write(png)
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Serve)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_in_thread(Serve)
     try:
         wf = {
             "1": {"class_type": "LoadImage", "inputs": {"image": "remote.png"}},
@@ -628,7 +624,7 @@ class ProgressSink:
         self.posts: list[tuple[float, str, dict]] = []  # (time, job id, body)
         sink = self
 
-        class Receive(BaseHTTPRequestHandler):
+        class Receive(QuietHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 job_id = self.path.split("/done/")[1].split("?")[0]
@@ -637,11 +633,7 @@ class ProgressSink:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Receive)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve_in_thread(Receive)
         self.url = f"http://127.0.0.1:{self.server.server_port}/done/$ID?gpu=test"
 
 
@@ -773,7 +765,7 @@ class FakeRunPodQueue:
         self.results: dict[str, dict] = {}
         queue = self
 
-        class Serve(BaseHTTPRequestHandler):
+        class Serve(QuietHandler):
             def do_GET(self):
                 if "/job-take" in self.path:
                     queue.takes.append(self.path)
@@ -800,11 +792,7 @@ class FakeRunPodQueue:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Serve)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve_in_thread(Serve)
         self.base = f"http://127.0.0.1:{self.server.server_port}"
 
 
