@@ -557,6 +557,23 @@ class DroppingProxy:
         self.loop.close()
 
 
+def cut_once_running(comfy, proxy, *cut_args, **cut_kwargs) -> threading.Thread:
+    """A started thread that cuts ``proxy`` 0.2 s after ComfyUI starts running a prompt."""
+
+    def cut_when_running():
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if comfy.get_json("/queue")["queue_running"]:
+                time.sleep(0.2)
+                proxy.cut(*cut_args, **cut_kwargs)
+                return
+            time.sleep(0.02)
+
+    cutter = threading.Thread(target=cut_when_running)
+    cutter.start()
+    return cutter
+
+
 @pytest.mark.parametrize(
     "refuse_for",
     [0.0, 0.6, 3.0],
@@ -572,18 +589,7 @@ def test_websocket_cut_mid_job_reconnects_and_checks_history(worker_env, monkeyp
     proxy = DroppingProxy(worker_env.port).start()
     monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{proxy.port}")
     try:
-
-        def cut_when_running():
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                if worker_env.get_json("/queue")["queue_running"]:
-                    time.sleep(0.2)
-                    proxy.cut(refuse_for)
-                    return
-                time.sleep(0.02)
-
-        cutter = threading.Thread(target=cut_when_running)
-        cutter.start()
+        cutter = cut_once_running(worker_env, proxy, refuse_for)
         with caplog.at_level("INFO"):
             result = run(job(wf, timeout=30))
         cutter.join()
@@ -895,18 +901,7 @@ def test_completion_is_found_by_polling_history_when_the_new_socket_stays_silent
     proxy = DroppingProxy(worker_env.port).start()
     monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{proxy.port}")
     try:
-
-        def cut_when_running():
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                if worker_env.get_json("/queue")["queue_running"]:
-                    time.sleep(0.2)
-                    proxy.cut(mute=True)  # reconnects succeed, but no message ever arrives on them
-                    return
-                time.sleep(0.02)
-
-        cutter = threading.Thread(target=cut_when_running)
-        cutter.start()
+        cutter = cut_once_running(worker_env, proxy, mute=True)  # reconnects succeed, then stay silent
         started = time.monotonic()
         result = run(job(wf, timeout=12))
         elapsed = time.monotonic() - started
