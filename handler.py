@@ -24,7 +24,7 @@ import outputs
 from comfy_client import ComfyClient, close_shared_session, shared_session
 from job_errors import JobError
 from job_input import ImageInput, JobInput, apply_overrides, parse_job_input, rename_references
-from log_setup import reset_job_id, reset_job_secrets, set_job_id, set_job_secrets, setup_logging
+from log_setup import redact, reset_job_id, reset_job_secrets, set_job_id, set_job_secrets, setup_logging
 from prompt_runner import PromptRunner
 from s3_upload import S3Uploader
 from settings import Settings, secret_values
@@ -247,12 +247,6 @@ async def run_job(job: dict, settings: Settings) -> dict:
             outputs.cleanup(files, settings.comfyui_path, uploaded)
 
 
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
 def _job_key(job) -> list[str]:
     """The job's own Comfy.org key (a secret of this job only), read without trusting the input's shape."""
     raw = job.get("input") if isinstance(job, dict) else None
@@ -272,7 +266,7 @@ async def handler(job: dict) -> dict:
         log.exception("Unexpected error")
         secrets = [*secret_values(), *_job_key(job)]
         return {
-            "error": _redact(f"The handler failed unexpectedly: {type(exc).__name__}: {exc}", secrets),
+            "error": redact(f"The handler failed unexpectedly: {type(exc).__name__}: {exc}", secrets),
             "details": {"exception_type": type(exc).__name__},
         }
     finally:
@@ -290,7 +284,7 @@ async def _handle(job: dict) -> dict:
     try:
         result = await run_job(job, settings)
     except JobError as exc:
-        log.error("Job failed: %s", _redact(exc.message, secrets))
+        log.error("Job failed: %s", redact(exc.message, secrets))
         result = exc.to_output()
     except Exception as exc:  # a bug must still give the caller a readable answer
         log.exception("Unexpected error")
@@ -310,7 +304,7 @@ def _redact_obj(value, secrets: list[str]):
     if not any(len(s) >= 4 for s in secrets if s):
         return value
     if isinstance(value, str):
-        return _redact(value, secrets)
+        return redact(value, secrets)
     if isinstance(value, list):
         return [_redact_obj(v, secrets) for v in value]
     if isinstance(value, dict):

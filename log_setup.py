@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+from collections.abc import Iterable
 
 from settings import secret_values
 
@@ -31,18 +32,23 @@ def reset_job_secrets(token: contextvars.Token) -> None:
     _job_secrets.reset(token)
 
 
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret of 4 characters or more replaced by ``***`` (longest first, so a
+    secret containing another is removed whole)."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 class _ContextFilter(logging.Filter):
     """Adds the job prefix and removes secret values from every record."""
 
     def __init__(self, secrets: list[str]):
         super().__init__()
-        self.secrets = sorted(set(secrets), key=len, reverse=True)
+        self.secrets = tuple(secrets)
 
     def redact(self, text: str, extra: tuple[str, ...] = ()) -> str:
-        secrets = sorted({*self.secrets, *extra}, key=len, reverse=True) if extra else self.secrets
-        for s in secrets:
-            text = text.replace(s, "***")
-        return text
+        return redact(text, (*self.secrets, *extra))
 
     def filter(self, record: logging.LogRecord) -> bool:
         job = _job_id.get()

@@ -25,3 +25,10 @@ def test_job_prefix_and_secret_redaction(monkeypatch):
     assert " INFO comfy-worker.test: [job-42] downloading with token ***" in first
     assert "hf_abcdefgh123" not in stream.getvalue()
     assert second.endswith("INFO comfy-worker.test: no job here")
+
+
+def test_redact_removes_longest_secrets_first_and_ignores_tiny_ones():
+    from log_setup import redact
+
+    assert redact("key=abcd1234 short=abcd", ["abcd", "abcd1234"]) == "key=*** short=***"
+    assert redact("a b c", ["a", ""]) == "a b c"  # under 4 characters: would mangle every message
