@@ -6,6 +6,7 @@ import pytest
 from support.comfy_process import ComfyUIProcess, clone_comfyui
 from support.gitrepos import GitRepoFactory
 from support.models import UPSCALE_MODEL_NAME, make_upscale_model
+from support.origins import FaultyOrigin
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +52,13 @@ def comfyui_factory(tmp_path):
     yield make
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def origin():
+    """A fault-injecting local HTTP origin (tests/support/origins.py)."""
+    with FaultyOrigin() as o:
+        yield o
 
 
 @pytest.fixture

@@ -89,12 +89,6 @@ def box(tmp_path):
 
 
 @pytest.fixture
-def origin():
-    with FaultyOrigin() as o:
-        yield o
-
-
-@pytest.fixture
 def blob(tmp_path):
     path = tmp_path / "src" / "model.safetensors"
     sha = random_file(path, 5 * MiB + 321, seed=3)

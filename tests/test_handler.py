@@ -26,6 +26,7 @@ from moto.server import ThreadedMotoServer
 from PIL import Image
 from support.comfy_process import free_port
 from support.local_http import QuietHandler, serve_in_thread
+from support.processes import stop_process
 
 import comfy_client
 import handler
@@ -686,12 +687,7 @@ def local_api(worker_env, tmp_path):
         post.url = f"http://127.0.0.1:{port}"
         yield post, sink, log_path
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         sink.server.shutdown()
 
 
@@ -828,12 +824,7 @@ def test_worker_loop_runs_max_concurrency_jobs_at_once(worker_env, tmp_path):
             assert proc.poll() is None, log_path.read_text()
             time.sleep(0.1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=15)
         queue.server.shutdown()
     assert set(queue.results) == {"job-red", "job-blue"}, log_path.read_text()
     assert "batch_size=2" in queue.takes[0]  # MAX_CONCURRENCY reached the SDK through concurrency_modifier

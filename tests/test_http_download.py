@@ -24,12 +24,6 @@ from http_download import (
 
 
 @pytest.fixture
-def origin():
-    with FaultyOrigin() as o:
-        yield o
-
-
-@pytest.fixture
 def blob(tmp_path):
     path = tmp_path / "src" / "model.bin"
     sha = random_file(path, 6 * MiB + 123, seed=1)

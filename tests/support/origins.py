@@ -28,6 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote, urlparse
 
+from support.processes import stop_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -127,13 +129,8 @@ http {{
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc, signal.SIGQUIT)  # nginx's graceful stop
         self.proc = None
 
     def __enter__(self) -> NginxOrigin:
