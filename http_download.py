@@ -647,6 +647,14 @@ def discard_part(part: Path) -> None:
 _discard = discard_part
 
 
+def _write_json(path: Path, data: object) -> None:
+    """Replace ``path`` with ``data`` as JSON in one rename (readers never see half a file). No fsync:
+    these records describe a .part whose bytes are not fsynced either."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 def _claim_part(part: Path, identity: dict) -> None:
     """Keep what is in ``part`` only when it was written for this very file: the same source URL,
     validator (ETag / Last-Modified) and total size as recorded in ``<part>.source`` when the part was
@@ -666,9 +674,7 @@ def _claim_part(part: Path, identity: dict) -> None:
     if part.exists():
         log.info("%s: the partial file is from another source or version; starting over", part.name)
     discard_part(part)
-    tmp = record.with_name(record.name + ".tmp")
-    tmp.write_text(json.dumps(identity))
-    os.replace(tmp, record)
+    _write_json(record, identity)
 
 
 def _load_state(state: Path) -> dict | None:
@@ -744,9 +750,7 @@ class _ParallelFetch:
             "validator": self.probe.validator,
             "done": done,
         }
-        tmp = self.state.with_name(self.state.name + ".tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, self.state)
+        _write_json(self.state, payload)
 
     def _take(self) -> int | None:
         with self.cond:
