@@ -484,7 +484,7 @@ class Downloader:
                     log.warning("%s; downloading over one connection instead", err)
                     use_parallel = False
                     probe = replace(probe, ranges=False)
-                    _discard(part)
+                    discard_part(part)
                     _claim_part(part, identity)
                 except HttpStatusError as err:
                     # a signed CDN link (what CivitAI and the Hub redirect to) can expire mid-download:
@@ -503,14 +503,14 @@ class Downloader:
                         ) from None
                     probe, renewed = replace(fresh, ranges=probe.ranges), True
         except SourceChanged:
-            _discard(part)
+            discard_part(part)
             raise
         want = expected_size if expected_size is not None else size
         if want is not None and result.size != want:
-            _discard(part)
+            discard_part(part)
             raise DownloadError(f"size mismatch: got {result.size} bytes, expected {want}")
         if expected_sha256 and result.sha256 != expected_sha256.lower():
-            _discard(part)
+            discard_part(part)
             raise ChecksumError(
                 f"sha256 mismatch: got {result.sha256}, expected {expected_sha256.lower()}; the partial file "
                 "was deleted (if the file was updated upstream, update sha256 in the config)"
@@ -642,9 +642,6 @@ def discard_part(part: Path) -> None:
     part.unlink(missing_ok=True)
     state_path(part).unlink(missing_ok=True)
     source_path(part).unlink(missing_ok=True)
-
-
-_discard = discard_part
 
 
 def _write_json(path: Path, data: object) -> None:
