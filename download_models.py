@@ -63,19 +63,17 @@ from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from filelock import FileLock
 
-from cli_common import (
+from comfy_worker.cli import (
     EXIT_FAILED,
     EXIT_INVALID,
     EXIT_OK,
     add_common_args,
     format_table,
     human_size,
-    read_lock_file,
     settings_and_config,
-    update_lock_file,
 )
-from config_schema import ModelEntry
-from http_download import (
+from comfy_worker.config_schema import ModelEntry
+from comfy_worker.http_download import (
     Downloader,
     DownloadError,
     MiB,
@@ -86,8 +84,9 @@ from http_download import (
     same_host,
     url_filename,
 )
-from log_setup import setup_logging
-from settings import Settings
+from comfy_worker.lock_file import read_lock_file, update_lock_file
+from comfy_worker.log_setup import setup_logging
+from comfy_worker.settings import Settings
 
 log = logging.getLogger("download_models")
 

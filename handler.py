@@ -20,14 +20,14 @@ from runpod.serverless.modules.rp_logger import RunPodLogger
 from runpod.serverless.utils import rp_upload
 from websockets.exceptions import InvalidHandshake, WebSocketException
 
-import outputs
-from comfy_client import ComfyClient, close_shared_session, shared_session
-from job_errors import JobError
-from job_input import ImageInput, JobInput, apply_overrides, parse_job_input, rename_references
-from log_setup import redact, reset_job_id, reset_job_secrets, set_job_id, set_job_secrets, setup_logging
-from prompt_runner import PromptRunner
+from comfy_worker import outputs
+from comfy_worker.comfy_client import ComfyClient, close_shared_session, shared_session
+from comfy_worker.job_errors import JobError
+from comfy_worker.job_input import ImageInput, JobInput, apply_overrides, parse_job_input, rename_references
+from comfy_worker.log_setup import redact, reset_job_id, reset_job_secrets, set_job_id, set_job_secrets, setup_logging
+from comfy_worker.prompt_runner import PromptRunner
+from comfy_worker.settings import Settings, secret_values
 from s3_upload import S3Uploader
-from settings import Settings, secret_values
 
 log = logging.getLogger("handler")
 # The RunPod SDK calls logging.basicConfig() at import; drop that handler to keep one log format (log_setup's).

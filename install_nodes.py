@@ -28,21 +28,12 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-import git_versions as gv
-import node_requirements as nr
-from cli_common import (
-    EXIT_FAILED,
-    EXIT_OK,
-    add_common_args,
-    atomic_write_text,
-    format_table,
-    read_lock_file,
-    settings_and_config,
-    update_lock_file,
-)
-from config_schema import NodeEntry, WorkerConfig
-from log_setup import setup_logging
-from settings import Settings
+from comfy_worker import git_versions, node_requirements
+from comfy_worker.cli import EXIT_FAILED, EXIT_OK, add_common_args, format_table, settings_and_config
+from comfy_worker.config_schema import NodeEntry, WorkerConfig
+from comfy_worker.lock_file import atomic_write_text, read_lock_file, update_lock_file
+from comfy_worker.log_setup import setup_logging
+from comfy_worker.settings import Settings
 
 log = logging.getLogger("install_nodes")
 
@@ -93,7 +84,7 @@ class Context:
 
 
 def state_path(node_dir: Path) -> Path | None:
-    gdir = gv.git_dir(node_dir)
+    gdir = git_versions.git_dir(node_dir)
     return gdir / STATE_FILE if gdir else None
 
 
@@ -115,7 +106,7 @@ def write_state(node_dir: Path, entry: NodeEntry, commit: str, kind: str, descri
     atomic_write_text(state_path(node_dir), json.dumps(state, indent=1))
 
 
-def write_pending_state(node_dir: Path, entry: NodeEntry, resolved: gv.Resolved, commit: str) -> None:
+def write_pending_state(node_dir: Path, entry: NodeEntry, resolved: git_versions.Resolved, commit: str) -> None:
     """Before a checkout starts: nothing is claimed as complete (a crash half-way is redone by the
     next run), but the target is kept so that run needs no network for the same config entry."""
     state = {
@@ -144,9 +135,9 @@ def fast_keep(ctx: Context, result: NodeResult) -> bool:
     state = read_state(result.path)
     if not state or state.get("url") != result.entry.url or state.get("version") != result.entry.version:
         return False
-    if ctx.update and state.get("kind") in gv.MOVING_KINDS:
+    if ctx.update and state.get("kind") in git_versions.MOVING_KINDS:
         return False
-    head = gv.read_head(result.path)
+    head = git_versions.read_head(result.path)
     if not head or head != state.get("commit"):
         return False
     result.action, result.commit, result.described = KEEP, head, state.get("described", "")
@@ -161,7 +152,7 @@ def sync_node(ctx: Context, result: NodeResult) -> NodeResult:
             path.rmdir()  # an empty folder (e.g. a mount point left behind) is not an install
         if not path.exists():
             _clone_node(ctx, result)
-        elif gv.git_dir(path) is None:
+        elif git_versions.git_dir(path) is None:
             raise NodeError(
                 f"{path} exists but is not a git checkout; move it away (or give this entry another 'name'), "
                 "then run again"
@@ -169,7 +160,7 @@ def sync_node(ctx: Context, result: NodeResult) -> NodeResult:
         else:
             _update_node(ctx, result)
         result.checked_out = not ctx.dry_run
-    except (NodeError, gv.VersionError, gv.LocalEditsError) as err:
+    except (NodeError, git_versions.VersionError, git_versions.LocalEditsError) as err:
         result.error = f"{result.label} ({result.entry.url}): {err}"
     except Exception as err:  # one broken node never stops the others
         log.debug("%s failed", result.label, exc_info=True)
@@ -177,8 +168,8 @@ def sync_node(ctx: Context, result: NodeResult) -> NodeResult:
     return result
 
 
-def _resolve_remote(ctx: Context, entry: NodeEntry) -> gv.Resolved:
-    return gv.resolve_version(entry.version, gv.ls_remote(entry.url, ctx.token), entry.url)
+def _resolve_remote(ctx: Context, entry: NodeEntry) -> git_versions.Resolved:
+    return git_versions.resolve_version(entry.version, git_versions.ls_remote(entry.url, ctx.token), entry.url)
 
 
 def _clone_node(ctx: Context, result: NodeResult) -> None:
@@ -189,10 +180,10 @@ def _clone_node(ctx: Context, result: NodeResult) -> None:
         return
     staging = ctx.custom_nodes / f".{result.path.name}.partial-{uuid.uuid4().hex[:8]}.disabled"
     try:
-        repo = gv.clone(entry.url, staging, ctx.token)
+        repo = git_versions.clone(entry.url, staging, ctx.token)
         try:
-            commit = gv.commit_in_clone(repo, entry.url, ctx.token, resolved)
-            gv.checkout(repo, commit, entry.url, ctx.token)
+            commit = git_versions.commit_in_clone(repo, entry.url, ctx.token, resolved)
+            git_versions.checkout(repo, commit, entry.url, ctx.token)
         finally:
             repo.close()
         write_state(staging, entry, commit, resolved.kind, resolved.describe())
@@ -207,11 +198,11 @@ def _clone_node(ctx: Context, result: NodeResult) -> None:
 def _update_node(ctx: Context, result: NodeResult) -> None:
     entry, path = result.entry, result.path
     state = read_state(path)
-    head = gv.read_head(path)
-    repo = gv.open_repo(path)
+    head = git_versions.read_head(path)
+    repo = git_versions.open_repo(path)
     try:
-        origin = gv.origin_url(repo)
-        if origin is None or not gv.same_url(origin, entry.url):
+        origin = git_versions.origin_url(repo)
+        if origin is None or not git_versions.same_url(origin, entry.url):
             if state is None:
                 raise NodeError(
                     f"{path} is a checkout of {origin or 'an unknown remote'}, not of {entry.url}; remove the "
@@ -219,17 +210,17 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
                 )
             result.notes.append(f"origin changed from {origin} to {entry.url}")
             if not ctx.dry_run:
-                gv.set_origin(repo, entry.url)
+                git_versions.set_origin(repo, entry.url)
         same_entry = bool(state) and state.get("url") == entry.url and state.get("version") == entry.version
-        refresh = ctx.force or (ctx.update and state is not None and state.get("kind") in gv.MOVING_KINDS)
+        refresh = ctx.force or (ctx.update and state is not None and state.get("kind") in git_versions.MOVING_KINDS)
         # the state file is written only after a complete checkout, so this says submodules are done too
         complete = same_entry and head is not None and state.get("commit") == head
         recorded = (state.get("commit") or state.get("moving_to")) if same_entry else None
-        if recorded and not refresh and gv.FULL_SHA_RE.match(str(recorded)):
+        if recorded and not refresh and git_versions.FULL_SHA_RE.match(str(recorded)):
             # same config entry, folder moved by hand (or a move cut short): to the recorded commit, no network
-            resolved = gv.Resolved(entry.version, state.get("kind", ""), recorded, state.get("described", ""))
-        elif gv.HEX_RE.match(entry.version) and (local := gv.has_commit(repo, entry.version)):
-            resolved = gv.Resolved(entry.version, "commit", local, f"commit {local[:12]}")
+            resolved = git_versions.Resolved(entry.version, state.get("kind", ""), recorded, state.get("described", ""))
+        elif git_versions.HEX_RE.match(entry.version) and (local := git_versions.has_commit(repo, entry.version)):
+            resolved = git_versions.Resolved(entry.version, "commit", local, f"commit {local[:12]}")
         else:
             resolved = _resolve_remote(ctx, entry)
         result.described, result.commit = resolved.describe(), resolved.commit
@@ -240,7 +231,7 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
             return
         result.action = MOVE if not (resolved.commit and resolved.commit == head) else KEEP
         if ctx.dry_run:
-            edits, in_submodules = gv.worktree_changes(repo)
+            edits, in_submodules = git_versions.worktree_changes(repo)
             if in_submodules and result.action == MOVE:
                 result.notes.append(
                     f"local edits inside submodules would stop the move: {', '.join(in_submodules[:5])}"
@@ -248,10 +239,10 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
             elif edits and result.action == MOVE:
                 result.notes.append(f"local edits would be stashed: {', '.join(edits[:5])}")
             return
-        commit = gv.commit_in_clone(repo, entry.url, ctx.token, resolved)
+        commit = git_versions.commit_in_clone(repo, entry.url, ctx.token, resolved)
         result.commit = commit
         if commit != head:
-            note = gv.stash_local_edits(
+            note = git_versions.stash_local_edits(
                 repo,
                 path,
                 f"comfy-worker: local edits at {_short(head)} before moving to {entry.version} ({commit[:12]})",
@@ -268,7 +259,7 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
                     _short(commit),
                 )
         write_pending_state(path, entry, resolved, commit)
-        gv.checkout(repo, commit, entry.url, ctx.token)
+        git_versions.checkout(repo, commit, entry.url, ctx.token)
         write_state(path, entry, commit, resolved.kind, resolved.describe())
         result.changed = True
         if commit != head:
@@ -281,14 +272,14 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
 
 
 def install_requirements(results: list[NodeResult], settings: Settings, ctx: Context) -> None:
-    wanted: list[tuple[NodeResult, nr.NodeReqs]] = []
+    wanted: list[tuple[NodeResult, node_requirements.NodeReqs]] = []
     for r in results:
         if not r.ok or not r.commit:
             continue
         if not r.entry.requirements:
             r.requirements = "off"
             continue
-        node = nr.NodeReqs(r.label, r.path, r.commit)
+        node = node_requirements.NodeReqs(r.label, r.path, r.commit)
         if ctx.dry_run and r.action == CLONE:
             r.requirements = "after clone"
         elif node.has_work():
@@ -298,15 +289,15 @@ def install_requirements(results: list[NodeResult], settings: Settings, ctx: Con
     if not wanted:
         return
     try:
-        env = nr.target_env(settings.python)
+        env = node_requirements.target_env(settings.python)
     except RuntimeError as err:
         for r, _ in wanted:
             r.requirements, r.error = "FAILED", f"{r.label}: requirements not installed: {err}"
         return
-    record = nr.read_record(env)
+    record = node_requirements.read_record(env)
     todo, present = [], []
     for r, node in wanted:
-        if ctx.force or r.changed or record.get(nr.record_key(node.path)) != node.commit:
+        if ctx.force or r.changed or record.get(node_requirements.record_key(node.path)) != node.commit:
             todo.append((r, node))
         else:
             r.requirements = "present"
@@ -317,10 +308,12 @@ def install_requirements(results: list[NodeResult], settings: Settings, ctx: Con
         return
     if not todo:
         return
-    nr.write_record(env, {}, forget=[nr.record_key(n.path) for _, n in todo])  # claim nothing until done
+    node_requirements.write_record(
+        env, {}, forget=[node_requirements.record_key(n.path) for _, n in todo]
+    )  # claim nothing until done
     try:
         # the present nodes' requirements go to the resolver too, so a new node cannot silently break them
-        outcome = nr.install(
+        outcome = node_requirements.install(
             [n for _, n in todo],
             env,
             settings.nodes_installer,
@@ -337,12 +330,12 @@ def install_requirements(results: list[NodeResult], settings: Settings, ctx: Con
             r.requirements, r.error = "FAILED", error
         else:
             r.requirements = "installed"
-            done[nr.record_key(node.path)] = node.commit
+            done[node_requirements.record_key(node.path)] = node.commit
     for r, node in present:  # their packages were replaced by a conflicting node's
         if error := outcome.get(node.label):
             r.requirements, r.error = "FAILED", error
-            broken.append(nr.record_key(node.path))
-    nr.write_record(env, done, forget=broken)
+            broken.append(node_requirements.record_key(node.path))
+    node_requirements.write_record(env, done, forget=broken)
 
 
 # ---- the whole run ----
@@ -357,7 +350,7 @@ def lock_entries(results: list[NodeResult], previous: object = None) -> list[dic
             old.setdefault((item.get("name"), item.get("url")), item["version"])
     entries = []
     for r in results:
-        if r.checked_out and r.commit and gv.read_head(r.path) == r.commit:
+        if r.checked_out and r.commit and git_versions.read_head(r.path) == r.commit:
             commit = r.commit
         else:
             commit = old.get((r.entry.dir_name(), r.entry.url))

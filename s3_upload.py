@@ -16,7 +16,7 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
-from settings import Settings
+from comfy_worker.settings import Settings
 
 log = logging.getLogger("s3_upload")
 

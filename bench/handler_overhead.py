@@ -79,8 +79,8 @@ class DirectClient:
 
 async def bench(host: str, comfyui_path: Path, runs: int, warmup: int) -> None:
     os.environ.update({"COMFY_HOST": host, "COMFYUI_PATH": str(comfyui_path)})
-    import comfy_client
     import handler
+    from comfy_worker import comfy_client
 
     session = aiohttp.ClientSession()
     direct = DirectClient(host, session)

@@ -63,8 +63,8 @@ def warm_in_process(config: Path, repeat: int) -> tuple[float, int]:
     """Median time of the warm run's work (config load + node checks + lock), and the number of
     processes spawned during all the runs."""
     import install_nodes
-    from cli_common import load_or_report
-    from settings import Settings
+    from comfy_worker.cli import load_or_report
+    from comfy_worker.settings import Settings
 
     spawned = 0
     real_popen_init = subprocess.Popen.__init__

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from support.comfy_process import ComfyUIProcess, clone_comfyui
 from support.gitrepos import GitRepoFactory
+from support.hermetic import isolate_installers
 from support.models import UPSCALE_MODEL_NAME, make_upscale_model
 from support.origins import FaultyOrigin
+
+isolate_installers(os.environ)  # before any test starts pip or uv (support/hermetic.py says why)
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ import pytest
 from support.aio import arun
 from support.comfy_process import free_port
 
-import comfy_client
-from comfy_client import ComfyClient, log_tail, process_state
-from job_errors import JobError
+from comfy_worker import comfy_client
+from comfy_worker.comfy_client import ComfyClient, log_tail, process_state
+from comfy_worker.job_errors import JobError
 
 
 def test_process_state_alive_zombie_dead_and_unknown(tmp_path):

@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-import config_schema
-from config_schema import (
+from comfy_worker import config_schema
+from comfy_worker.config_schema import (
     DEFAULT_COMFYUI_REF,
     ConfigError,
     config_digest,
@@ -416,13 +416,15 @@ def test_digest_covers_the_effective_comfyui_ref():
 
 def test_committed_json_schema_is_current():
     assert config_schema.SCHEMA_PATH.read_text() == config_schema.json_schema_text(), (
-        "config.schema.json is stale: run `python config_schema.py --write`"
+        "config.schema.json is stale: run `python -m comfy_worker.config_schema --write`"
     )
 
 
 def test_docs_table_is_current_and_lists_every_field():
     doc = config_schema.DOCS_PATH.read_text()
-    assert config_schema.docs_with_table(doc) == doc, "docs/config.md is stale: run `python config_schema.py --write`"
+    assert config_schema.docs_with_table(doc) == doc, (
+        "docs/config.md is stale: run `python -m comfy_worker.config_schema --write`"
+    )
     for field in ("url", "destination", "filename", "sha256", "optional", "version", "name", "requirements"):
         assert f"`models[].{field}`" in doc or f"`nodes[].{field}`" in doc
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 from support.origins import FaultyOrigin, NginxOrigin, fake_civitai, fake_huggingface, free_port, random_file
 
-from config_schema import load_config
-from http_download import MiB
+from comfy_worker.config_schema import load_config
+from comfy_worker.http_download import MiB
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "download_models.py"

@@ -10,7 +10,7 @@ import git
 import pytest
 from support.local_http import QuietHandler, serve_in_thread
 
-import git_versions as gv
+from comfy_worker import git_versions
 
 
 @pytest.fixture
@@ -32,19 +32,19 @@ def versioned(git_repos):
 
 
 def test_release_order_is_by_version_not_by_text():
-    assert gv.newest_release_tag(["v1.2.0", "v1.10.0", "v1.9.9"]) == "v1.10.0"
-    assert gv.newest_release_tag(["1.2", "1.10", "release", "nightly-2024"]) == "1.10"
+    assert git_versions.newest_release_tag(["v1.2.0", "v1.10.0", "v1.9.9"]) == "v1.10.0"
+    assert git_versions.newest_release_tag(["1.2", "1.10", "release", "nightly-2024"]) == "1.10"
 
 
 def test_pre_releases_only_count_when_there_is_no_release():
-    assert gv.newest_release_tag(["v1.2.0", "v2.0.0-rc1", "v2.0.0b1", "v2.1.0.dev3"]) == "v1.2.0"
-    assert gv.newest_release_tag(["v2.0.0-rc1", "v2.0.0b1"]) == "v2.0.0-rc1"
-    assert gv.newest_release_tag(["stable", "foo"]) is None
+    assert git_versions.newest_release_tag(["v1.2.0", "v2.0.0-rc1", "v2.0.0b1", "v2.1.0.dev3"]) == "v1.2.0"
+    assert git_versions.newest_release_tag(["v2.0.0-rc1", "v2.0.0b1"]) == "v2.0.0-rc1"
+    assert git_versions.newest_release_tag(["stable", "foo"]) is None
 
 
 def test_ls_remote_lists_default_branch_branches_and_peeled_tags(versioned):
     repo, c = versioned
-    refs = gv.ls_remote(repo.url, None)
+    refs = git_versions.ls_remote(repo.url, None)
     assert refs.head_branch == "main" and refs.head == c["main"]
     assert refs.branches == {"main": c["main"], "dev": c["dev"]}
     # annotated tags are peeled to the commit they point at
@@ -63,16 +63,16 @@ def test_ls_remote_lists_default_branch_branches_and_peeled_tags(versioned):
 )
 def test_each_version_kind_resolves_to_its_commit(versioned, version, kind, expected):
     repo, c = versioned
-    resolved = gv.resolve_version(version, gv.ls_remote(repo.url, None), repo.url)
+    resolved = git_versions.resolve_version(version, git_versions.ls_remote(repo.url, None), repo.url)
     assert (resolved.kind, resolved.commit) == (kind, c[expected])
 
 
 def test_commit_shas_full_and_short(versioned):
     repo, c = versioned
-    refs = gv.ls_remote(repo.url, None)
-    full = gv.resolve_version(c["v1.2.0"], refs, repo.url)
+    refs = git_versions.ls_remote(repo.url, None)
+    full = git_versions.resolve_version(c["v1.2.0"], refs, repo.url)
     assert (full.kind, full.commit) == ("commit", c["v1.2.0"])
-    short = gv.resolve_version(c["v1.2.0"][:8], refs, repo.url)
+    short = git_versions.resolve_version(c["v1.2.0"][:8], refs, repo.url)
     assert (short.kind, short.commit) == ("commit", None)  # looked up in the clone
 
 
@@ -81,43 +81,43 @@ def test_latest_without_version_tags_is_the_default_branch(git_repos):
     repo.tag("stable")
     head = repo.commit({"x": "1"})
     repo.push()
-    resolved = gv.resolve_version("latest", gv.ls_remote(repo.url, None), repo.url)
+    resolved = git_versions.resolve_version("latest", git_versions.ls_remote(repo.url, None), repo.url)
     assert resolved.commit == head and "no release tags" in resolved.describe()
 
 
 def test_unknown_version_names_the_repo_and_suggests(versioned):
     repo, _ = versioned
-    with pytest.raises(gv.VersionError) as err:
-        gv.resolve_version("v1.10", gv.ls_remote(repo.url, None), repo.url)
+    with pytest.raises(git_versions.VersionError) as err:
+        git_versions.resolve_version("v1.10", git_versions.ls_remote(repo.url, None), repo.url)
     assert repo.url in str(err.value) and "'v1.10.0'" in str(err.value)
 
 
 def test_unreachable_remote_is_a_clear_error(tmp_path):
-    with pytest.raises(gv.VersionError, match="cannot list the refs"):
-        gv.ls_remote((tmp_path / "missing.git").as_uri(), None)
+    with pytest.raises(git_versions.VersionError, match="cannot list the refs"):
+        git_versions.ls_remote((tmp_path / "missing.git").as_uri(), None)
 
 
 def test_read_head_without_git_for_detached_branch_and_packed_refs(versioned, tmp_path):
     repo, c = versioned
-    assert gv.read_head(repo.work) == c["main"]  # on a branch, loose ref
+    assert git_versions.read_head(repo.work) == c["main"]  # on a branch, loose ref
     git.Repo(repo.work).git.pack_refs("--all")
-    assert gv.read_head(repo.work) == c["main"]  # packed ref
+    assert git_versions.read_head(repo.work) == c["main"]  # packed ref
     repo.checkout(c["dev"])
-    assert gv.read_head(repo.work) == c["dev"]  # detached
-    assert gv.read_head(tmp_path) is None
-    assert gv.comfyui_commit(repo.work) == c["dev"]
+    assert git_versions.read_head(repo.work) == c["dev"]  # detached
+    assert git_versions.read_head(tmp_path) is None
+    assert git_versions.comfyui_commit(repo.work) == c["dev"]
 
 
 def test_clone_checkout_and_short_sha_in_clone(versioned, tmp_path):
     repo, c = versioned
-    clone = gv.clone(repo.url, tmp_path / "clone", None)
-    resolved = gv.resolve_version(c["v1.2.0"][:9], gv.ls_remote(repo.url, None), repo.url)
-    commit = gv.commit_in_clone(clone, repo.url, None, resolved)
-    gv.checkout(clone, commit, repo.url, None)
-    assert commit == c["v1.2.0"] and gv.read_head(tmp_path / "clone") == c["v1.2.0"]
-    missing = gv.Resolved("deadbeef1", "commit", None)
-    with pytest.raises(gv.VersionError, match="does not exist"):
-        gv.commit_in_clone(clone, repo.url, None, missing)
+    clone = git_versions.clone(repo.url, tmp_path / "clone", None)
+    resolved = git_versions.resolve_version(c["v1.2.0"][:9], git_versions.ls_remote(repo.url, None), repo.url)
+    commit = git_versions.commit_in_clone(clone, repo.url, None, resolved)
+    git_versions.checkout(clone, commit, repo.url, None)
+    assert commit == c["v1.2.0"] and git_versions.read_head(tmp_path / "clone") == c["v1.2.0"]
+    missing = git_versions.Resolved("deadbeef1", "commit", None)
+    with pytest.raises(git_versions.VersionError, match="does not exist"):
+        git_versions.commit_in_clone(clone, repo.url, None, missing)
 
 
 def test_submodules_are_checked_out_recursively(git_repos, tmp_path):
@@ -128,23 +128,23 @@ def test_submodules_are_checked_out_recursively(git_repos, tmp_path):
     top = git_repos.create("Top")
     head = top.add_submodule(middle, "vendor/middle")
     top.push()
-    clone = gv.clone(top.url, tmp_path / "top", None)
-    gv.checkout(clone, head, top.url, None)
+    clone = git_versions.clone(top.url, tmp_path / "top", None)
+    git_versions.checkout(clone, head, top.url, None)
     assert (tmp_path / "top/vendor/middle/middle.txt").read_text() == "middle"
     assert (tmp_path / "top/vendor/middle/deps/inner/inner.txt").read_text() == "inner"
 
 
 def test_local_edits_go_to_a_named_stash(versioned, tmp_path):
     repo, c = versioned
-    clone = gv.clone(repo.url, tmp_path / "n", None)
-    gv.checkout(clone, c["main"], repo.url, None)
+    clone = git_versions.clone(repo.url, tmp_path / "n", None)
+    git_versions.checkout(clone, c["main"], repo.url, None)
     (tmp_path / "n" / "__init__.py").write_text("# my fix\n")
     (tmp_path / "n" / "untracked.txt").write_text("mine")
-    note = gv.stash_local_edits(clone, tmp_path / "n", "comfy-worker: before v1.2.0")
+    note = git_versions.stash_local_edits(clone, tmp_path / "n", "comfy-worker: before v1.2.0")
     assert "__init__.py" in note and "comfy-worker: before v1.2.0" in note
     assert "comfy-worker: before v1.2.0" in clone.git.stash("list")
-    assert gv.local_edits(clone) == [] and (tmp_path / "n" / "untracked.txt").exists()
-    assert gv.stash_local_edits(clone, tmp_path / "n", "nothing") == ""
+    assert git_versions.local_edits(clone) == [] and (tmp_path / "n" / "untracked.txt").exists()
+    assert git_versions.stash_local_edits(clone, tmp_path / "n", "nothing") == ""
 
 
 def test_stash_takes_deleted_and_renamed_files_and_leaves_a_submodule_at_another_commit(git_repos, tmp_path):
@@ -154,19 +154,19 @@ def test_stash_takes_deleted_and_renamed_files_and_leaves_a_submodule_at_another
     sub.commit({"s.txt": "two"})
     sub.push()
     top.push()
-    clone = gv.clone(top.url, tmp_path / "n", None)
-    gv.checkout(clone, first, top.url, None)
+    clone = git_versions.clone(top.url, tmp_path / "n", None)
+    git_versions.checkout(clone, first, top.url, None)
     work = tmp_path / "n"
     git.Repo(work / "vendor/sub").git.checkout("-q", sub.head())  # only at another commit: not an edit
     (work / "a.txt").unlink()
     clone.git.mv("b.txt", "c.txt")
-    assert gv.worktree_changes(clone) == (["a.txt", "c.txt", "b.txt"], [])
-    note = gv.stash_local_edits(clone, work, "comfy-worker: test")
+    assert git_versions.worktree_changes(clone) == (["a.txt", "c.txt", "b.txt"], [])
+    note = git_versions.stash_local_edits(clone, work, "comfy-worker: test")
     assert "a.txt" in note and "comfy-worker: test" in clone.git.stash("list")
     assert (work / "a.txt").exists() and (work / "b.txt").exists() and not (work / "c.txt").exists()
     assert (work / "vendor/sub/s.txt").read_text() == "two"  # untouched; the checkout moves it
     (work / "vendor/sub/s.txt").write_text("edited")
-    assert gv.worktree_changes(clone) == ([], ["vendor/sub"])
+    assert git_versions.worktree_changes(clone) == ([], ["vendor/sub"])
 
 
 # ---- the GitHub token ----
@@ -178,18 +178,18 @@ def _config_pairs(env: dict[str, str]) -> dict[str, str]:
 
 def test_git_env_scopes_the_token_header_to_github(monkeypatch):
     monkeypatch.delenv("GIT_CONFIG_COUNT", raising=False)
-    pairs = _config_pairs(gv.git_env("https://github.com/org/node.git", "ghp_secret123"))
+    pairs = _config_pairs(git_versions.git_env("https://github.com/org/node.git", "ghp_secret123"))
     value = pairs["http.https://github.com/.extraheader"]
     assert value == "AUTHORIZATION: basic " + base64.b64encode(b"x-access-token:ghp_secret123").decode()
     assert list(pairs) == ["http.https://github.com/.extraheader"]  # nothing else for an https URL
-    assert _config_pairs(gv.git_env("https://github.com/org/node.git", None)) == {}
-    local = _config_pairs(gv.git_env("file:///srv/node.git", None))
+    assert _config_pairs(git_versions.git_env("https://github.com/org/node.git", None)) == {}
+    local = _config_pairs(git_versions.git_env("file:///srv/node.git", None))
     assert local == {"protocol.file.allow": "always"}
 
 
 def test_git_env_keeps_config_entries_passed_by_the_user(monkeypatch):
     monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
-    env = gv.git_env("https://github.com/o/n.git", "tok")
+    env = git_versions.git_env("https://github.com/o/n.git", "tok")
     assert env["GIT_CONFIG_COUNT"] == "2" and env["GIT_CONFIG_KEY_1"].endswith(".extraheader")
 
 
@@ -197,10 +197,10 @@ def test_a_non_numeric_GIT_CONFIG_COUNT_counts_as_zero_with_a_warning(monkeypatc
     repo, c = versioned
     monkeypatch.setenv("GIT_CONFIG_COUNT", "lots")
     with caplog.at_level(logging.WARNING):
-        env = gv.git_env(repo.url, None)
+        env = git_versions.git_env(repo.url, None)
     assert _config_pairs(env) == {"protocol.file.allow": "always"}
     assert "GIT_CONFIG_COUNT" in caplog.text and "'lots'" in caplog.text
-    assert gv.ls_remote(repo.url, None).head == c["main"]  # git runs fine with the count it is given
+    assert git_versions.ls_remote(repo.url, None).head == c["main"]  # git runs fine with the count it is given
 
 
 class _RecordingHandler(QuietHandler):
@@ -226,10 +226,10 @@ def test_git_sends_the_header_only_to_the_configured_host(recording_server):
     url = base + "org/node.git"
     # scoped to github.com (the real setting): this host never sees it
     with pytest.raises(git.GitCommandError):
-        git.cmd.Git().ls_remote(url, env=gv.git_env(url, "tok-abc"))
+        git.cmd.Git().ls_remote(url, env=git_versions.git_env(url, "tok-abc"))
     assert seen and all("authorization" not in h for h in seen)
     # the same mechanism scoped to this host: git does send it, so the scoping is what protects it
     seen.clear()
     with pytest.raises(git.GitCommandError):
-        git.cmd.Git().ls_remote(url, env=gv.git_env(url, "tok-abc", header_prefix=base))
+        git.cmd.Git().ls_remote(url, env=git_versions.git_env(url, "tok-abc", header_prefix=base))
     assert seen[0]["authorization"] == "basic " + base64.b64encode(b"x-access-token:tok-abc").decode()

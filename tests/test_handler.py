@@ -28,13 +28,11 @@ from support.comfy_process import free_port
 from support.local_http import QuietHandler, serve_in_thread
 from support.processes import stop_process
 
-import comfy_client
 import handler
+from comfy_worker import comfy_client
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = ROOT.parent / "shared" / "workflows"
-if not WORKFLOWS.is_dir():
-    WORKFLOWS = Path("/work/shared/workflows")
+WORKFLOWS = Path(__file__).resolve().parent / "data"  # real request bodies
 
 CLEAN_ENV = ("BUCKET_ENDPOINT_URL", "RUNPOD_ENDPOINT_ID", "RUNPOD_POD_ID", "REFRESH_WORKER", "MAX_RESPONSE_MB")
 
@@ -917,7 +915,7 @@ def test_outputs_saved_after_a_timeout_are_removed_with_the_inputs(worker_env):
 
 
 def test_progress_is_sent_only_on_serverless(worker_env, monkeypatch):
-    from settings import Settings
+    from comfy_worker.settings import Settings
 
     assert Settings.from_env({"RUNPOD_POD_ID": "p"}).send_progress is False  # a pod: no webhook to post to
     assert Settings.from_env({"RUNPOD_ENDPOINT_ID": "e", "RUNPOD_POD_ID": "w"}).send_progress is True
@@ -960,7 +958,7 @@ def test_websocket_handshake_refused_is_a_readable_error(worker_env, monkeypatch
 def test_the_jobs_own_api_key_is_redacted_from_output_and_logs(worker_env, monkeypatch):
     import logging
 
-    from log_setup import setup_logging
+    from comfy_worker.log_setup import setup_logging
 
     key = "sk-job-input-7777"
     monkeypatch.setenv("HF_TOKEN", "a")  # a 1-character secret must not mangle every 'a' in messages

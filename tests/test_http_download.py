@@ -10,7 +10,7 @@ import time
 import pytest
 from support.origins import FaultyOrigin, NginxOrigin, random_file
 
-from http_download import (
+from comfy_worker.http_download import (
     ChecksumError,
     Downloader,
     DownloadError,

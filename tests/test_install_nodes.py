@@ -19,11 +19,10 @@ import yaml
 from support.gitrepos import git as run_git
 from support.wheels import installed_version, make_venv, make_wheel, wheel_env
 
-import git_versions as gv
 import install_nodes
-import node_requirements as nr
-from config_schema import load_config
-from settings import SECRET_ENV_NAMES
+from comfy_worker import git_versions, node_requirements
+from comfy_worker.config_schema import load_config
+from comfy_worker.settings import SECRET_ENV_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +89,7 @@ class Box:
         return rc, out.out + out.err
 
     def head(self, name: str) -> str | None:
-        return gv.read_head(self.custom_nodes / name)
+        return git_versions.read_head(self.custom_nodes / name)
 
     def lock(self) -> dict:
         return yaml.safe_load((self.volume / "comfy.lock.yml").read_text())
@@ -433,7 +432,9 @@ def test_fresh_container_on_the_same_volume_gets_the_requirements_again(box, git
     assert rc == 0, out
     assert " keep " in out and box.head("NeedsPkg") == head  # not cloned again
     assert installed_version(fresh, "tinypkg") == "1.0"
-    assert nr.read_record(nr.target_env(str(fresh))) == {str(box.custom_nodes / "NeedsPkg"): head}
+    assert node_requirements.read_record(node_requirements.target_env(str(fresh))) == {
+        str(box.custom_nodes / "NeedsPkg"): head
+    }
 
 
 # ---- failures, dry run, lock file, CLI ----
@@ -510,8 +511,8 @@ def test_lock_file_is_a_config_that_reproduces_the_commits(box, node_repo, git_r
         Path(shutil.copy(lock_path, box.tmp / "lock-as-config.yml")), "--comfyui-dir", str(second / "ComfyUI")
     )
     assert rc == 0, out
-    assert gv.read_head(second / "ComfyUI/custom_nodes/MyNode") == c["v1.10.0"]
-    assert gv.read_head(second / "ComfyUI/custom_nodes/Renamed") == other_head
+    assert git_versions.read_head(second / "ComfyUI/custom_nodes/MyNode") == c["v1.10.0"]
+    assert git_versions.read_head(second / "ComfyUI/custom_nodes/Renamed") == other_head
 
 
 def test_lock_file_records_only_nodes_installed_at_their_commit(box, node_repo, git_repos):
@@ -528,7 +529,7 @@ def test_lock_file_records_only_nodes_installed_at_their_commit(box, node_repo, 
 def test_parallel_clones_many_nodes(box, git_repos, monkeypatch):
     repos = [git_repos.create(f"P{i}", node_source(f"P{i}Class")).push() for i in range(6)]
     active, peak, guard = 0, 0, threading.Lock()
-    real_clone = gv.clone
+    real_clone = git_versions.clone
 
     def counting_clone(*args, **kwargs):
         nonlocal active, peak
@@ -542,7 +543,7 @@ def test_parallel_clones_many_nodes(box, git_repos, monkeypatch):
             with guard:
                 active -= 1
 
-    monkeypatch.setattr(gv, "clone", counting_clone)
+    monkeypatch.setattr(git_versions, "clone", counting_clone)
     rc, out = box.run([{"url": r.url} for r in repos], "--parallel", "6")
     assert rc == 0, out
     assert all(box.head(f"P{i}") == r.head() for i, r in enumerate(repos))

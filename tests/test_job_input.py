@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from job_errors import JobError
-from job_input import apply_overrides, decode_base64, parse_job_input, rename_references
+from comfy_worker.job_errors import JobError
+from comfy_worker.job_input import apply_overrides, decode_base64, parse_job_input, rename_references
 
-WORKFLOWS = Path(__file__).resolve().parents[2] / "shared" / "workflows"
-if not WORKFLOWS.is_dir():
-    WORKFLOWS = Path("/work/shared/workflows")
+WORKFLOWS = Path(__file__).resolve().parent / "data"  # real request bodies
 
 
 def real(name: str) -> dict:

@@ -3,7 +3,7 @@
 import io
 import logging
 
-from log_setup import reset_job_id, set_job_id, setup_logging
+from comfy_worker.log_setup import reset_job_id, set_job_id, setup_logging
 
 
 def test_job_prefix_and_secret_redaction(monkeypatch):
@@ -28,7 +28,7 @@ def test_job_prefix_and_secret_redaction(monkeypatch):
 
 
 def test_redact_removes_longest_secrets_first_and_ignores_tiny_ones():
-    from log_setup import redact
+    from comfy_worker.log_setup import redact
 
     assert redact("key=abcd1234 short=abcd", ["abcd", "abcd1234"]) == "key=*** short=***"
     assert redact("a b c", ["a", ""]) == "a b c"  # under 4 characters: would mangle every message

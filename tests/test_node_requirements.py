@@ -9,7 +9,7 @@ import sys
 import pytest
 from support.wheels import installed_version, installer_of, make_venv, make_wheel, wheel_env
 
-import node_requirements as nr
+from comfy_worker import node_requirements
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def wheels(tmp_path, monkeypatch):
 @pytest.fixture
 def venv(tmp_path, wheels):
     python = make_venv(tmp_path / "venv", wheels, ["torch==1.0.0", "torchvision==0.1.0"])
-    return nr.target_env(str(python))
+    return node_requirements.target_env(str(python))
 
 
 def node(tmp_path, name, requirements=None, install_py=None):
@@ -38,23 +38,23 @@ def node(tmp_path, name, requirements=None, install_py=None):
         (path / "requirements.txt").write_text(requirements)
     if install_py is not None:
         (path / "install.py").write_text(install_py)
-    return nr.NodeReqs(f"nodes[0] {name}", path, "c0ffee" * 6 + "abcd")
+    return node_requirements.NodeReqs(f"nodes[0] {name}", path, "c0ffee" * 6 + "abcd")
 
 
 def test_target_env_is_the_running_python_or_PYTHON(venv):
-    assert nr.target_env(None).python == sys.executable and nr.target_env(None).is_current
+    assert node_requirements.target_env(None).python == sys.executable and node_requirements.target_env(None).is_current
     assert venv.prefix.name == "venv" and not venv.is_current  # a venv's python symlink is not resolved
 
 
 def test_constraints_pin_the_installed_torch_packages(venv):
-    versions = nr.protected_versions(venv)
+    versions = node_requirements.protected_versions(venv)
     assert versions == {"torch": "1.0.0", "torchvision": "0.1.0"}  # torchaudio is not installed there
-    assert nr.constraints_text(versions) == "torch==1.0.0\ntorchvision==0.1.0\n"
+    assert node_requirements.constraints_text(versions) == "torch==1.0.0\ntorchvision==0.1.0\n"
 
 
 def test_requirement_installed_from_local_wheel_folder(tmp_path, venv):
     a = node(tmp_path, "NodeA", "tinypkg==1.0\n")
-    assert nr.install([a], venv) == {a.label: None}
+    assert node_requirements.install([a], venv) == {a.label: None}
     assert installed_version(venv.python, "tinypkg") == "1.0"
 
 
@@ -64,7 +64,7 @@ def test_node_asking_for_another_torch_is_named_and_others_still_install(tmp_pat
     bad.label = "nodes[1] WantsTorch9"
     unpinned = node(tmp_path, "TorchAnyVersion", "torch\n")
     unpinned.label = "nodes[2] TorchAnyVersion"
-    result = nr.install([good, bad, unpinned], venv)
+    result = node_requirements.install([good, bad, unpinned], venv)
     assert result[good.label] is None and result[unpinned.label] is None
     assert result[bad.label].startswith("nodes[1] WantsTorch9: requirements.txt cannot be installed")
     assert "torch==9.9.9" in result[bad.label] and "pinned" in result[bad.label]
@@ -73,12 +73,12 @@ def test_node_asking_for_another_torch_is_named_and_others_still_install(tmp_pat
 
 
 def test_pip_is_used_when_uv_is_not(tmp_path, wheels):
-    env = nr.target_env(str(make_venv(tmp_path / "pipvenv", wheels, ["torch==1.0.0"], pip=True)))
-    assert nr.find_uv(env, "pip") is None
+    env = node_requirements.target_env(str(make_venv(tmp_path / "pipvenv", wheels, ["torch==1.0.0"], pip=True)))
+    assert node_requirements.find_uv(env, "pip") is None
     a = node(tmp_path, "NodeA", "tinypkg==1.0\n")
     b = node(tmp_path, "WantsTorch9", "torch==9.9.9\n")
     b.label = "nodes[1] WantsTorch9"
-    result = nr.install([a, b], env, installer_mode="pip")
+    result = node_requirements.install([a, b], env, installer_mode="pip")
     assert result[a.label] is None and "nodes[1] WantsTorch9" in result[b.label]
     assert installed_version(env.python, "tinypkg") == "1.0"
     assert installed_version(env.python, "torch") == "1.0.0"
@@ -88,7 +88,7 @@ def test_pip_is_used_when_uv_is_not(tmp_path, wheels):
 def test_install_py_runs_with_the_constraints_in_its_environment(tmp_path, venv):
     script = "import os, pathlib\npathlib.Path('seen.txt').write_text(open(os.environ['PIP_CONSTRAINT']).read())\n"
     a = node(tmp_path, "WithInstallPy", install_py=script)
-    assert nr.install([a], venv) == {a.label: None}
+    assert node_requirements.install([a], venv) == {a.label: None}
     assert (a.path / "seen.txt").read_text() == "torch==1.0.0\ntorchvision==0.1.0\n"
 
 
@@ -96,18 +96,18 @@ def test_install_py_failure_and_timeout_are_reported_by_name(tmp_path, venv):
     failing = node(tmp_path, "Failing", install_py="raise SystemExit('no GPU here')\n")
     slow = node(tmp_path, "Slow", install_py="import time\ntime.sleep(60)\n")
     slow.label = "nodes[1] Slow"
-    result = nr.install([failing, slow], venv, install_py_timeout=1)
+    result = node_requirements.install([failing, slow], venv, install_py_timeout=1)
     assert "nodes[0] Failing: install.py failed with exit code 1" in result[failing.label]
     assert "no GPU here" in result[failing.label]
     assert result[slow.label].startswith("nodes[1] Slow: install.py did not finish within 1 s")
 
 
 def test_record_lives_in_the_target_environment(tmp_path, venv):
-    assert nr.read_record(venv) == {}
-    nr.write_record(venv, {"/vol/custom_nodes/A": "abc", "/vol/custom_nodes/B": "def"})
-    nr.write_record(venv, {"/vol/custom_nodes/C": "123"}, forget=["/vol/custom_nodes/A"])
+    assert node_requirements.read_record(venv) == {}
+    node_requirements.write_record(venv, {"/vol/custom_nodes/A": "abc", "/vol/custom_nodes/B": "def"})
+    node_requirements.write_record(venv, {"/vol/custom_nodes/C": "123"}, forget=["/vol/custom_nodes/A"])
     assert venv.record_path.parent == venv.prefix
-    assert nr.read_record(venv) == {"/vol/custom_nodes/B": "def", "/vol/custom_nodes/C": "123"}
+    assert node_requirements.read_record(venv) == {"/vol/custom_nodes/B": "def", "/vol/custom_nodes/C": "123"}
 
 
 def test_installer_caches_go_to_the_volume_unless_the_user_chose_them(tmp_path, monkeypatch):
@@ -115,11 +115,11 @@ def test_installer_caches_go_to_the_volume_unless_the_user_chose_them(tmp_path, 
     monkeypatch.delenv("PIP_CACHE_DIR", raising=False)
     monkeypatch.delenv("UV_LINK_MODE", raising=False)
     cache = tmp_path / "volume" / ".cache" / "node-packages"
-    assert nr.cache_env(cache) == {
+    assert node_requirements.cache_env(cache) == {
         "PIP_CACHE_DIR": str(cache / "pip"),
         "UV_CACHE_DIR": str(cache / "uv"),
         "UV_LINK_MODE": "copy",
     }
     monkeypatch.setenv("UV_CACHE_DIR", "/mine")
-    assert "UV_CACHE_DIR" not in nr.cache_env(cache)
-    assert nr.cache_env(None) == {}
+    assert "UV_CACHE_DIR" not in node_requirements.cache_env(cache)
+    assert node_requirements.cache_env(None) == {}

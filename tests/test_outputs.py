@@ -9,10 +9,9 @@ import uuid
 
 import pytest
 
-import comfy_client
-import outputs
-from comfy_client import ComfyClient
-from job_errors import JobError
+from comfy_worker import comfy_client, outputs
+from comfy_worker.comfy_client import ComfyClient
+from comfy_worker.job_errors import JobError
 
 # /history outputs as ComfyUI 0.3.75 reports them (SaveImage, SaveVideo, SaveAudio, PreviewAny, PreviewImage)
 HISTORY_OUTPUTS = {
@@ -156,8 +155,8 @@ def test_s3_delivery_in_parallel_with_distinct_keys_and_non_fatal_errors(tmp_pat
     from moto.server import ThreadedMotoServer
     from support.comfy_process import free_port
 
+    from comfy_worker.settings import Settings
     from s3_upload import S3Uploader
-    from settings import Settings
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

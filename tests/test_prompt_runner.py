@@ -7,9 +7,9 @@ import random
 
 from support.aio import arun
 
-from comfy_client import ComfyClient
-from job_errors import JobError
-from prompt_runner import PromptRunner, execution_error, rejection_error
+from comfy_worker.comfy_client import ComfyClient
+from comfy_worker.job_errors import JobError
+from comfy_worker.prompt_runner import PromptRunner, execution_error, rejection_error
 
 
 def steps_workflow(steps: int, seconds: float) -> dict:

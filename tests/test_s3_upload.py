@@ -11,7 +11,7 @@ from boto3.s3.transfer import TransferConfig
 from moto.server import ThreadedMotoServer
 
 import s3_upload
-from settings import Settings
+from comfy_worker.settings import Settings
 
 BUCKET = "comfyui-outputs"
 

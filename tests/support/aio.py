@@ -2,7 +2,7 @@
 
 import asyncio
 
-import comfy_client
+from comfy_worker import comfy_client
 
 
 def arun(coro_fn):

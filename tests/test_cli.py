@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli_common import format_table, human_size, read_lock_file, update_lock_file
+from comfy_worker.cli import format_table, human_size
+from comfy_worker.lock_file import read_lock_file, update_lock_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["download_models.py", "install_nodes.py"]

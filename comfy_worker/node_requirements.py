@@ -15,7 +15,7 @@ them.
   set so a pip call inside it cannot replace torch either. A script that replaces them anyway
   (constraints only bind pip calls that read them) fails its node, and the pinned versions are
   installed back.
-- install.py, pip and uv run without the secrets in ``settings.SECRET_ENV_NAMES`` in their
+- install.py, pip and uv run without any secret (``settings.is_secret_name``) in their
   environment (third-party code runs there).
 - What has been installed is recorded INSIDE the target environment (``<sys.prefix>/comfy-worker-node-
   requirements.json``): the record lives and dies with the packages it describes. A fresh container
@@ -41,8 +41,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from cli_common import atomic_write_text
-from settings import SECRET_ENV_NAMES
+from comfy_worker.lock_file import atomic_write_text
+from comfy_worker.settings import is_secret_name
 
 log = logging.getLogger("install_nodes")
 
@@ -54,7 +54,7 @@ PIP_TIMEOUT = 3600
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Our environment minus the secrets, for every process started here (install.py, pip, uv and
     the target python: all of them run code from the nodes or their packages)."""
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV_NAMES}
+    env = {k: v for k, v in os.environ.items() if not is_secret_name(k)}
     env.update(extra or {})
     return env
 

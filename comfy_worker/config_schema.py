@@ -1,7 +1,7 @@
 """The config.yml schema: the single source of truth for validation, config.schema.json and the
 docs table of fields, plus the loaders (file, string, CONFIG_YML) and the canonical digest.
 
-Regenerate the derived files with ``python config_schema.py --write``.
+Regenerate the derived files with ``python -m comfy_worker.config_schema --write``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from urllib.parse import unquote, urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from comfy_worker.settings import DEFAULT_COMFYUI_REF
+
 # Bump when the provisioning layout changes in a way that must re-provision existing volumes.
 PROVISION_FORMAT_VERSION = 1
-DEFAULT_COMFYUI_REF = "v0.3.75"
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repo (or /app in the image)
 SCHEMA_PATH = ROOT / "config.schema.json"
 DOCS_PATH = ROOT / "docs" / "config.md"
-DOCS_BEGIN = "<!-- BEGIN GENERATED FIELDS (python config_schema.py --write) -->"
+DOCS_BEGIN = "<!-- BEGIN GENERATED FIELDS (python -m comfy_worker.config_schema --write) -->"
 DOCS_END = "<!-- END GENERATED FIELDS -->"
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -454,7 +455,9 @@ def docs_with_table(doc_text: str) -> str:
 
 def main(argv: list[str]) -> int:
     if argv != ["--write"]:
-        print("usage: python config_schema.py --write   (regenerates config.schema.json and docs/config.md)")
+        print(
+            "usage: python -m comfy_worker.config_schema --write   (regenerates config.schema.json and docs/config.md)"
+        )
         return 2
     SCHEMA_PATH.write_text(json_schema_text(), encoding="utf-8")
     DOCS_PATH.write_text(docs_with_table(DOCS_PATH.read_text(encoding="utf-8")), encoding="utf-8")

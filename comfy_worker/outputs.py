@@ -15,8 +15,8 @@ import mimetypes
 from dataclasses import dataclass
 from pathlib import Path
 
-from comfy_client import ComfyClient
-from job_errors import JobError
+from comfy_worker.comfy_client import ComfyClient
+from comfy_worker.job_errors import JobError
 from s3_upload import S3Uploader
 
 log = logging.getLogger("outputs")

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 
-from job_errors import JobError
+from comfy_worker.job_errors import JobError
 
 log = logging.getLogger("comfy_client")
 

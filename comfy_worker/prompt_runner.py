@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from comfy_client import ComfyClient
-from job_errors import JobError
+from comfy_worker.comfy_client import ComfyClient
+from comfy_worker.job_errors import JobError
 
 log = logging.getLogger("prompt_runner")
 

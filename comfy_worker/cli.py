@@ -1,23 +1,24 @@
-"""Pieces shared by download_models.py and install_nodes.py: where the config comes from,
-``--validate-only``, exit codes, the summary table and the comfy.lock.yml sections."""
+"""The shape both provisioning CLIs share (download_models.py, install_nodes.py): the common flags,
+where the config comes from (``--config`` → ``CONFIG_YML`` → ``$VOLUME_ROOT/config.yml`` →
+``$APP_DIR/config.yml``), ``--validate-only``, exit codes, the status words and summary table, and the
+parallel runner that honours SIGTERM. Only the two scripts import this module."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
+import signal
 import sys
-import tempfile
-from collections.abc import Sequence
-from pathlib import Path
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
-import yaml
-from filelock import FileLock
+from comfy_worker.config_schema import ConfigError, WorkerConfig, load_config, load_config_env
+from comfy_worker.settings import Settings
+from comfy_worker.volume_lock import Interrupted
 
-from config_schema import ConfigError, WorkerConfig, load_config, load_config_env
-from settings import Settings
-
-log = logging.getLogger("comfy-worker")
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -37,7 +38,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load_selected_config(config_path: str | None, settings: Settings) -> tuple[WorkerConfig, str]:
-    """The config by SPEC §4.1 precedence, with the name of its source. Raises ConfigError."""
+    """The config by precedence (docs/architecture.md), with the name of its source. Raises ConfigError."""
     if config_path:
         return load_config(config_path), config_path
     if settings.config_yml:
@@ -102,44 +103,40 @@ def human_size(n: int | None) -> str:
     return f"{size:.1f} GiB"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+# The last column of both summaries: one word for how an entry ended.
+STATUS_OK = "ok"
+STATUS_FAILED = "FAILED"
+STATUS_FAILED_OPTIONAL = "failed (optional)"
+
+
+def status_word(ok: bool, optional: bool) -> str:
+    if ok:
+        return STATUS_OK
+    return STATUS_FAILED_OPTIONAL if optional else STATUS_FAILED
+
+
+def run_parallel(work: Callable[[T], T], items: Sequence[T], parallel: int, stop: threading.Event) -> list[T]:
+    """``work(item)`` for every item on up to ``parallel`` threads, in order. SIGTERM (and Ctrl-C)
+    sets ``stop`` (which ``work`` must honour: it ends downloads, waits and child processes), lets
+    the running items wind down, skips those not started and raises ``Interrupted``."""
+
+    def on_signal(signum, frame):
+        stop.set()
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_signal) if main_thread else None
+    pool = ThreadPoolExecutor(max(1, min(parallel, len(items) or 1)), thread_name_prefix="entry")
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; these files are meant to be read by others
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def update_lock_file(path: Path, section: str, value: object) -> None:
-    """Replace one section (``comfyui``, ``models`` or ``nodes``) of comfy.lock.yml, keeping the
-    others; safe when several processes update it at once. ``value`` may be a function of the
-    section's current value (read under the same lock), for merging."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        data = read_lock_file(path)
-        data[section] = value(data.get(section)) if callable(value) else value
-        header = "# comfy.lock.yml: what this volume holds, exactly. Usable as a config.yml to reproduce it.\n"
-        atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False))
-
-
-def read_lock_file(path: Path) -> dict:
-    """comfy.lock.yml as a dict; a damaged file counts as empty (it is a record, rewritten by the
-    next successful run), with a warning."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        log.warning("ignoring unreadable %s (%s); it will be rewritten", path, type(err).__name__)
-        return {}
-    if data is not None and not isinstance(data, dict):
-        log.warning("ignoring %s: not a mapping; it will be rewritten", path)
-        return {}
-    return data or {}
+        futures = [pool.submit(work, item) for item in items]
+        while not all(f.done() for f in futures):
+            time.sleep(0.05)
+        return [f.result() for f in futures]
+    except KeyboardInterrupt:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise Interrupted("stopped by a signal") from None
+    finally:
+        pool.shutdown(wait=False)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,19 +1,25 @@
-"""Every environment variable comfy-worker reads, in one place (SPEC §2, §3, §7, §8).
+"""Every environment variable comfy-worker reads, in one place (docs/env.md lists them all).
 
 ``Settings.from_env()`` reads ``os.environ`` (or a given mapping) at call time; nothing else in the
-project looks at ``os.environ`` for configuration. Secrets are excluded from ``repr``.
+project looks at ``os.environ`` for configuration. Secrets are excluded from ``repr``; the one list of
+secret variables (``is_secret_name``) serves log redaction, returned errors and the environment of
+child processes alike.
+
+``python -m comfy_worker.settings --export`` prints the resolved paths, mode and ports as shell
+``export`` lines, so the shell scripts take their defaults from here instead of computing them again.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config_schema import DEFAULT_COMFYUI_REF
-
-APP_DIR = Path(__file__).resolve().parent
+APP_DIR = Path(__file__).resolve().parents[1]  # the repo (or /app in the image): scripts + baked config.yml
+DEFAULT_COMFYUI_REF = "v0.3.75"  # the ComfyUI release the tests run
 DEFAULT_COMFYUI_REPO = "https://github.com/comfyanonymous/ComfyUI.git"
 SECRET_ENV_NAMES = (
     "HF_TOKEN",
@@ -23,7 +29,16 @@ SECRET_ENV_NAMES = (
     "BUCKET_SECRET_ACCESS_KEY",
     "COMFY_ORG_API_KEY",
     "JUPYTER_PASSWORD",
+    "JUPYTER_TOKEN",
+    "API_TOKEN",
+    "RUNPOD_AI_API_KEY",
 )
+SECRET_PREFIXES = ("AWS_",)  # boto3's own credentials (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, ...)
+
+
+def is_secret_name(name: str) -> bool:
+    """Is the environment variable ``name`` a secret (never logged, returned or passed to node code)?"""
+    return name in SECRET_ENV_NAMES or name.startswith(SECRET_PREFIXES)
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -123,6 +138,7 @@ class Settings:
     hf_token: str | None = field(default=None, repr=False)
     civitai_token: str | None = field(default=None, repr=False)
     github_token: str | None = field(default=None, repr=False)
+    secret_list: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -175,6 +191,7 @@ class Settings:
             hf_token=env.get("HF_TOKEN") or None,
             civitai_token=env.get("CIVITAI_TOKEN") or None,
             github_token=env.get("GITHUB_TOKEN") or None,
+            secret_list=tuple(secret_values(env)),
         )
 
     def effective_comfyui_ref(self, config_ref: str | None) -> str:
@@ -193,18 +210,44 @@ class Settings:
         return self.volume_root / "comfy.lock.yml"
 
     def secrets(self) -> list[str]:
-        values = [
-            self.hf_token,
-            self.civitai_token,
-            self.github_token,
-            self.bucket_access_key_id,
-            self.bucket_secret_access_key,
-            self.comfy_org_api_key,
-        ]
-        return [v for v in values if v]
+        """The values of every secret variable that was set when these settings were read."""
+        return list(self.secret_list)
 
 
 def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
-    """Values of every secret env var that is set (for log redaction)."""
+    """Values of every secret env var that is set (for log redaction and returned errors)."""
     env = os.environ if env is None else env
-    return [env[n] for n in SECRET_ENV_NAMES if env.get(n) and len(env[n]) >= 4]
+    return [v for n, v in env.items() if is_secret_name(n) and v and len(v) >= 4]
+
+
+def shell_exports(settings: Settings) -> str:
+    """The defaults the shell scripts use, as ``export NAME=value`` lines (no secret among them)."""
+    values = {
+        "VOLUME_ROOT": settings.volume_root,
+        "COMFYUI_PATH": settings.comfyui_path,
+        "APP_DIR": settings.app_dir,
+        "MODE": settings.mode,
+        "COMFY_HOST": settings.comfy_host,
+        "COMFY_PORT": settings.comfy_port,
+        "API_PORT": settings.api_port,
+        "JUPYTER_PORT": settings.jupyter_port,
+        "COMFY_PID_FILE": settings.comfy_pid_file,
+        "COMFY_LOG_FILE": settings.comfy_log_file,
+    }
+    return "".join(f"export {name}={shlex.quote(str(value))}\n" for name, value in values.items())
+
+
+def main(argv: list[str]) -> int:
+    if argv != ["--export"]:
+        print("usage: python -m comfy_worker.settings --export", file=sys.stderr)
+        return 2
+    try:
+        print(shell_exports(Settings.from_env()), end="")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

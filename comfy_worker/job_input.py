@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from job_errors import JobError
+from comfy_worker.job_errors import JobError
 
 KNOWN_KEYS = ("workflow", "images", "overrides", "timeout", "comfy_org_api_key")
 _DATA_URI = re.compile(r"^data:[^;,]*(;[^,]*)?,", re.IGNORECASE)

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Iterable
 
-from settings import secret_values
+from comfy_worker.settings import secret_values
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(job_prefix)s%(message)s"
 _job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
