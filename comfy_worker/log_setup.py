@@ -1,9 +1,16 @@
-"""One logging format for every comfy-worker process, with secret redaction and a job-id prefix."""
+"""One logging format for every comfy-worker process, with secret redaction and a job-id prefix.
+
+``redact`` is the one scrubber of text shown to people or returned to callers: it removes the value
+of every secret (the list of ``settings.is_secret_name``, plus a job's own secrets) and the query
+string and credentials of every URL in the text (signed links carry short-lived credentials there).
+``safe_url`` is the same for one URL.
+"""
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 from collections.abc import Iterable
 
@@ -32,12 +39,27 @@ def reset_job_secrets(token: contextvars.Token) -> None:
     _job_secrets.reset(token)
 
 
-def redact(text: str, secrets: Iterable[str]) -> str:
+_URL_QUERY = re.compile(r"""((?:https?|s3|wss?)://[^\s'"<>?#]*)[?#][^\s'"<>]*""", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"""((?:https?|wss?)://)[^\s'"<>/@]+@""", re.IGNORECASE)
+
+
+def safe_url(url: str) -> str:
+    """``url`` fit to show: no ``user:password@``, and a query string or fragment shown as ``?…``."""
+    return redact_urls(url)
+
+
+def redact_urls(text: str) -> str:
+    """Every URL in ``text`` without its query string/fragment (``?…``) and without credentials."""
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    return _URL_QUERY.sub(lambda m: m.group(1) + "?…", text)
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with every secret of 4 characters or more replaced by ``***`` (longest first, so a
-    secret containing another is removed whole)."""
+    secret containing another is removed whole) and every URL's query string and credentials removed."""
     for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
         text = text.replace(secret, "***")
-    return text
+    return redact_urls(text)
 
 
 class _ContextFilter(logging.Filter):
@@ -54,11 +76,10 @@ class _ContextFilter(logging.Filter):
         job = _job_id.get()
         record.job_prefix = f"[{job}] " if job else ""
         extra = _job_secrets.get()
-        if self.secrets or extra:
-            record.msg = self.redact(record.getMessage(), extra)
-            record.args = None
-            if record.exc_info and not record.exc_text:  # a traceback's exception message too
-                record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info), extra)
+        record.msg = self.redact(record.getMessage(), extra)
+        record.args = None
+        if record.exc_info and not record.exc_text:  # a traceback's exception message too
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info), extra)
         return True
 
 
