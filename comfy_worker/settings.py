@@ -5,7 +5,7 @@ project looks at ``os.environ`` for configuration. Secrets are excluded from ``r
 secret variables (``is_secret_name``) serves log redaction, returned errors and the environment of
 child processes alike.
 
-``python -m comfy_worker.settings --export`` prints the resolved paths, mode and ports as shell
+``python -m comfy_worker.settings --export`` prints the resolved paths and ports as shell
 ``export`` lines, so the shell scripts take their defaults from here instead of computing them again.
 """
 
@@ -81,22 +81,11 @@ def default_volume_root(env: Mapping[str, str]) -> Path:
     return APP_DIR / "workspace"
 
 
-def default_mode(env: Mapping[str, str]) -> str:
-    if env.get("MODE"):
-        return env["MODE"]
-    if env.get("RUNPOD_ENDPOINT_ID"):
-        return "serverless"
-    if env.get("RUNPOD_POD_ID"):
-        return "pod"
-    return "local"
-
-
 @dataclass(frozen=True)
 class Settings:
     volume_root: Path
     comfyui_path: Path
     app_dir: Path
-    mode: str
     comfy_host: str
     comfy_port: int
     api_port: int
@@ -104,13 +93,10 @@ class Settings:
     comfy_args: str
     comfyui_repo: str
     comfyui_ref: str | None  # env COMFYUI_REF; None = use config / default
-    comfyui_update: bool
-    allow_cpu: bool
     job_timeout: float
     max_response_mb: float
     refresh_worker: bool
     concurrency: int
-    on_runpod: bool
     bucket_endpoint_url: str | None
     bucket_name: str
     bucket_region: str | None
@@ -149,7 +135,6 @@ class Settings:
             volume_root=volume_root,
             comfyui_path=Path(env.get("COMFYUI_PATH") or volume_root / "ComfyUI"),
             app_dir=Path(env.get("APP_DIR") or APP_DIR),
-            mode=default_mode(env),
             comfy_host=env.get("COMFY_HOST") or f"127.0.0.1:{comfy_port}",
             comfy_port=comfy_port,
             api_port=_int(env, "API_PORT", 8000),
@@ -157,13 +142,10 @@ class Settings:
             comfy_args=env.get("COMFY_ARGS", ""),
             comfyui_repo=env.get("COMFYUI_REPO") or DEFAULT_COMFYUI_REPO,
             comfyui_ref=env.get("COMFYUI_REF") or None,
-            comfyui_update=_flag(env, "COMFYUI_UPDATE"),
-            allow_cpu=_flag(env, "ALLOW_CPU"),
             job_timeout=_float(env, "COMFY_JOB_TIMEOUT", 600.0),
             max_response_mb=_float(env, "MAX_RESPONSE_MB", 18.0),
             refresh_worker=_flag(env, "REFRESH_WORKER"),
             concurrency=max(1, _int(env, "MAX_CONCURRENCY", 1)),
-            on_runpod=bool(env.get("RUNPOD_ENDPOINT_ID") or env.get("RUNPOD_POD_ID")),
             send_progress=bool(env.get("RUNPOD_ENDPOINT_ID")),
             bucket_endpoint_url=env.get("BUCKET_ENDPOINT_URL") or None,
             bucket_name=env.get("BUCKET_NAME") or "comfyui-outputs",
@@ -226,7 +208,6 @@ def shell_exports(settings: Settings) -> str:
         "VOLUME_ROOT": settings.volume_root,
         "COMFYUI_PATH": settings.comfyui_path,
         "APP_DIR": settings.app_dir,
-        "MODE": settings.mode,
         "COMFY_HOST": settings.comfy_host,
         "COMFY_PORT": settings.comfy_port,
         "API_PORT": settings.api_port,

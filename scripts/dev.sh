@@ -8,17 +8,18 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup_env.sh
 PY="$ROOT/.venv/bin/python"
-export VOLUME_ROOT="${VOLUME_ROOT:-$ROOT/workspace}"
-export COMFYUI_PATH="${COMFYUI_PATH:-$VOLUME_ROOT/ComfyUI}"
-export COMFY_PORT="${COMFY_PORT:-8188}" API_PORT="${API_PORT:-8000}" JUPYTER_PORT="${JUPYTER_PORT:-8888}"
-export COMFY_HOST="127.0.0.1:$COMFY_PORT"
-export COMFY_PID_FILE="${COMFY_PID_FILE:-$VOLUME_ROOT/.comfyui.pid}"
-export COMFY_LOG_FILE="${COMFY_LOG_FILE:-$VOLUME_ROOT/.comfyui.log}"
-REPO="${COMFYUI_REPO:-https://github.com/comfyanonymous/ComfyUI.git}"
+# Paths, ports and files come from the one settings module (comfy_worker/settings.py), never computed here.
+exports="$("$PY" -m comfy_worker.settings --export)"
+eval "$exports"
+REPO="$("$PY" -c 'from comfy_worker.settings import Settings; print(Settings.from_env().comfyui_repo)')"
 CONFIG="${CONFIG:-$ROOT/config.yml}"
 
 "$PY" download_models.py --validate-only --config "$CONFIG"
-REF="${COMFYUI_REF:-$("$PY" -c 'import sys, config_schema as c; print(c.load_config(sys.argv[1]).comfyui_ref())' "$CONFIG")}"
+REF="$("$PY" -c '
+import sys
+from comfy_worker.config_schema import load_config
+from comfy_worker.settings import Settings
+print(Settings.from_env().effective_comfyui_ref(load_config(sys.argv[1]).comfyui_ref()))' "$CONFIG")"
 mkdir -p "$VOLUME_ROOT"
 if [[ ! -f "$COMFYUI_PATH/main.py" ]]; then
   echo "[dev] cloning ComfyUI $REF from $REPO into $COMFYUI_PATH"
