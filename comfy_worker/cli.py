@@ -41,7 +41,7 @@ def load_selected_config(config_path: str | None, settings: Settings) -> tuple[W
     """The config by precedence (docs/architecture.md), with the name of its source. Raises ConfigError."""
     if config_path:
         return load_config(config_path), config_path
-    if settings.config_yml:
+    if settings.config_yml is not None:  # set, even empty: never fall back to another config
         return load_config_env(settings.config_yml), "CONFIG_YML"
     for candidate in (settings.volume_root / "config.yml", settings.app_dir / "config.yml"):
         if candidate.is_file():

@@ -17,11 +17,20 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from comfy_worker.log_setup import safe_url
 from comfy_worker.settings import DEFAULT_COMFYUI_REF
 
 # Bump when the provisioning layout changes in a way that must re-provision existing volumes.
@@ -34,6 +43,32 @@ DOCS_BEGIN = "<!-- BEGIN GENERATED FIELDS (python -m comfy_worker.config_schema 
 DOCS_END = "<!-- END GENERATED FIELDS -->"
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_BASE64_RE = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
+
+# Messages stay short whatever the input: a value is shown up to _MAX_SHOWN characters, a problem
+# line up to _MAX_PROBLEM, and at most _MAX_PROBLEMS lines are listed.
+_MAX_SHOWN = 120
+_MAX_PROBLEM = 500
+_MAX_PROBLEMS = 50
+
+# Query parameters that carry a credential (compared lower-case, without '-' and '_'); any name
+# ending in "token" counts too. Signed links (sig, X-Amz-Signature...) expire and are credentials.
+_SECRET_PARAMS = {
+    "apikey",
+    "auth",
+    "authorization",
+    "password",
+    "passwd",
+    "secret",
+    "clientsecret",
+    "sig",
+    "signature",
+    "xamzsignature",
+    "xamzcredential",
+    "xgoogsignature",
+    "xgoogcredential",
+}
+_SIGNATURE_PARAMS = {"sig", "signature", "xamzsignature", "xamzcredential", "xgoogsignature", "xgoogcredential"}
 
 
 class ConfigError(Exception):
@@ -45,9 +80,77 @@ class ConfigError(Exception):
         super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+def _clip(text: str, limit: int = _MAX_SHOWN) -> str:
+    """``text`` cut to ``limit`` characters (an ellipsis marks the cut)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: a string quoted and clipped, anything else by its type only (a YAML
+    alias can make a structure of millions of items out of a few hundred bytes)."""
+    if isinstance(value, str):
+        return repr(_clip(value))
+    return f"a {type(value).__name__}"
+
+
+def _display_url(url: Any) -> str:
+    """A URL for messages: user info (user:password@) masked, the query string and fragment shown as
+    ``?…`` (they carry tokens and signatures), clipped; ``""`` for a value that is not a string."""
+    if not isinstance(url, str):
+        return ""
+    text = safe_url(re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1***@", url))
+    return _clip(re.sub(r"[?#].*", "?…", text, flags=re.DOTALL))
+
+
 def _no_leading_dash(value: str) -> str:
     if value.startswith("-"):
-        raise ValueError(f"must not begin with '-' ({value!r} would be read as a command-line option)")
+        raise ValueError(f"must not begin with '-' ({_shown(value)} would be read as a command-line option)")
+    return value
+
+
+def _not_a_yaml_scalar(value: Any, field: str) -> Any:
+    """Text fields written unquoted that YAML reads as a number or a boolean get a message saying to
+    quote them (``sha256: 0123…`` is an octal number to YAML, ``version: 1.10`` the float 1.1)."""
+    if isinstance(value, bool):
+        raise ValueError(
+            f"YAML reads this unquoted value as the boolean {str(value).lower()}, not as text; "
+            f'put it in quotes, e.g. {field}: "yes"'
+        )
+    if isinstance(value, int | float):
+        example = '"<64 hexadecimal digits>"' if field == "sha256" else '"1.10"'
+        raise ValueError(
+            f"YAML reads this unquoted value as a number, not as text (digits may already be lost, "
+            f"e.g. a leading 0); put it in quotes, e.g. {field}: {example}"
+        )
+    return value
+
+
+def _no_query_credentials(value: str, section: str) -> str:
+    """Reject a token or signature in the query string: it would reach logs, summaries and
+    comfy.lock.yml on the shared volume. The parameter is named, its value never shown."""
+    for name, _ in parse_qsl(urlparse(value).query, keep_blank_values=True):
+        key = re.sub(r"[-_]", "", name.lower())
+        if not (key.endswith("token") or key in _SECRET_PARAMS):
+            continue
+        shown = f"{_clip(name, 40)}=***"
+        if key in _SIGNATURE_PARAMS:
+            raise ValueError(
+                f"is a signed link ({shown} in its query string): it expires and is a credential that would "
+                "end up in logs and comfy.lock.yml; use a permanent URL"
+            )
+        host = (urlparse(value).hostname or "").lower()
+        if "civitai" in host:
+            fix = "set CIVITAI_TOKEN instead (it is sent to CivitAI only)"
+        elif host.endswith(("huggingface.co", "hf.co")):
+            fix = "set HF_TOKEN instead (it is sent to Hugging Face only)"
+        elif section == "nodes":
+            fix = "set GITHUB_TOKEN for GitHub, or use an ssh URL with a key"
+        else:
+            fix = "tokens are supported as CIVITAI_TOKEN (CivitAI) and HF_TOKEN (Hugging Face)"
+        raise ValueError(
+            f"must not carry a token in its query string ({shown}): it would end up in logs and "
+            f"comfy.lock.yml; remove it from the URL and {fix}"
+        )
     return value
 
 
@@ -68,14 +171,14 @@ def _relative_path(value: str, nested: bool) -> str:
     if not value:
         raise ValueError("must not be empty")
     if value.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", value):
-        raise ValueError(f"must be a relative path, not an absolute one ({value!r})")
+        raise ValueError(f"must be a relative path, not an absolute one ({_shown(value)})")
     parts = [p for p in re.split(r"[/\\]", value) if p not in ("", ".")]
     if ".." in parts:
-        raise ValueError(f"must not contain '..' ({value!r}); everything stays inside ComfyUI's folders")
+        raise ValueError(f"must not contain '..' ({_shown(value)}); everything stays inside ComfyUI's folders")
     if not parts:
-        raise ValueError(f"must name a folder or file, not {value!r}")
+        raise ValueError(f"must name a folder or file, not {_shown(value)}")
     if not nested and len(parts) > 1:
-        raise ValueError(f"must be a plain name without '/' ({value!r})")
+        raise ValueError(f"must be a plain name without '/' ({_shown(value)})")
     _no_leading_dash(parts[0])
     return "/".join(parts)
 
@@ -92,6 +195,11 @@ class ComfyUISection(_Strict):
         description=f"Tag, branch or commit of `COMFYUI_REPO` to install (env `COMFYUI_REF` wins; "
         f"default `{DEFAULT_COMFYUI_REF}`).",
     )
+
+    @field_validator("ref", mode="before")
+    @classmethod
+    def _text(cls, v: Any, info: ValidationInfo) -> Any:
+        return _not_a_yaml_scalar(v, info.field_name)
 
     @field_validator("ref")
     @classmethod
@@ -122,15 +230,20 @@ class ModelEntry(_Strict):
     )
     optional: bool = Field(default=False, description="A failed optional entry never fails provisioning.")
 
+    @field_validator("url", "destination", "filename", "sha256", mode="before")
+    @classmethod
+    def _text(cls, v: Any, info: ValidationInfo) -> Any:
+        return _not_a_yaml_scalar(v, info.field_name)
+
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         _no_leading_dash(v)
         parsed = urlparse(v)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"must be an http(s) URL, not {v!r}")
+            raise ValueError(f"must be an http(s) URL, not {_shown(_display_url(v))}")
         _no_credentials(v)
-        return v
+        return _no_query_credentials(v, "models")
 
     @field_validator("destination")
     @classmethod
@@ -149,7 +262,7 @@ class ModelEntry(_Strict):
             return None
         if not _SHA256_RE.match(v):
             raise ValueError(
-                f"must be 64 hexadecimal digits (got {len(v)} characters: {v!r}); `sha256sum FILE` prints it"
+                f"must be 64 hexadecimal digits (got {len(v)} characters: {_shown(v)}); `sha256sum FILE` prints it"
             )
         return v.lower()
 
@@ -179,12 +292,17 @@ class NodeEntry(_Strict):
         default=True, description="Install the node's `requirements.txt` and run its `install.py`."
     )
 
+    @field_validator("url", "version", "name", mode="before")
+    @classmethod
+    def _text(cls, v: Any, info: ValidationInfo) -> Any:
+        return _not_a_yaml_scalar(v, info.field_name)
+
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         if not v:
             raise ValueError("must not be empty")
-        return _no_credentials(_no_leading_dash(v))
+        return _no_query_credentials(_no_credentials(_no_leading_dash(v)), "nodes")
 
     @field_validator("version")
     @classmethod
@@ -244,7 +362,7 @@ def _duplicate_problems(models: list[tuple[int, ModelEntry]], nodes: list[tuple[
         key = m.planned_path().lower()
         if key in seen:
             problems.append(
-                f"models[{i}] ({m.url}): destination/filename: target models/{m.planned_path()} is already "
+                f"models[{i}] ({_display_url(m.url)}): destination/filename: target models/{m.planned_path()} is already "
                 f"used by models[{seen[key]}]; give one of them another filename or destination"
             )
         seen.setdefault(key, i)
@@ -253,7 +371,7 @@ def _duplicate_problems(models: list[tuple[int, ModelEntry]], nodes: list[tuple[
         key = n.dir_name().lower()
         if key in seen:
             problems.append(
-                f"nodes[{i}] ({n.url}): name: directory custom_nodes/{n.dir_name()} is already used by "
+                f"nodes[{i}] ({_display_url(n.url)}): name: directory custom_nodes/{n.dir_name()} is already used by "
                 f"nodes[{seen[key]}]; set a different 'name'"
             )
         seen.setdefault(key, i)
@@ -271,21 +389,16 @@ def _individually_valid(raw: dict, section: str) -> list[tuple[int, Any]]:
     return valid
 
 
-def _display_url(url: Any) -> str:
-    """The URL for messages, with any user info (user:password@) masked."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]+@", r"\1***@", str(url))
-
-
 def _entry_label(raw: Any, loc: tuple) -> str:
     """'models[2] (https://...)' for an error location, or the dotted path for top-level fields."""
     if len(loc) >= 2 and loc[0] in _SECTIONS and isinstance(loc[1], int):
         label = f"{loc[0]}[{loc[1]}]"
         try:
-            url = raw[loc[0]][loc[1]].get("url")
+            url = _display_url(raw[loc[0]][loc[1]].get("url"))
         except (AttributeError, IndexError, KeyError, TypeError):
-            url = None
-        return f"{label} ({_display_url(url)})" if url else label
-    return str(loc[0]) if loc else "config"
+            url = ""
+        return f"{label} ({url})" if url else label
+    return _clip(str(loc[0]), 60) if loc else "config"
 
 
 def _did_you_mean(key: str, loc: tuple) -> str:
@@ -311,7 +424,8 @@ def _problems_from(err: ValidationError, raw: Any) -> list[str]:
         if e["type"] == "extra_forbidden":
             field_loc = loc[:-1]
             problems.append(
-                f"{_entry_label(raw, field_loc)}: unknown key '{loc[-1]}'{_did_you_mean(str(loc[-1]), loc)}"
+                f"{_entry_label(raw, field_loc)}: unknown key '{_clip(str(loc[-1]), 60)}'"
+                f"{_did_you_mean(str(loc[-1])[:200], loc)}"
             )
         elif e["type"] == "missing":
             problems.append(f"{_entry_label(raw, loc[:-1])}: field '{loc[-1]}' is required")
@@ -319,11 +433,19 @@ def _problems_from(err: ValidationError, raw: Any) -> list[str]:
             problems.extend(msg.split("\n"))
         else:
             in_entry = loc[0] in _SECTIONS and len(loc) > 2
-            field = ".".join(map(str, loc[2:] if in_entry else loc))
+            field = _clip(".".join(map(str, loc[2:] if in_entry else loc)), 80)
             problems.append(f"{_entry_label(raw, loc)}: {field}: {msg}")
     if not any(not e["loc"] for e in err.errors()):  # duplicates are only checked once all else is valid
         problems.extend(_duplicate_problems(_individually_valid(raw, "models"), _individually_valid(raw, "nodes")))
-    return problems
+    return _bounded(problems)
+
+
+def _bounded(problems: list[str]) -> list[str]:
+    """At most _MAX_PROBLEMS lines of at most _MAX_PROBLEM characters each."""
+    shown = [_clip(p, _MAX_PROBLEM) for p in problems[:_MAX_PROBLEMS]]
+    if len(problems) > _MAX_PROBLEMS:
+        shown.append(f"... and {len(problems) - _MAX_PROBLEMS} more problem(s); fix these first")
+    return shown
 
 
 def parse_config(raw: Any, source: str = "config") -> WorkerConfig:
@@ -340,50 +462,176 @@ def parse_config(raw: Any, source: str = "config") -> WorkerConfig:
         raise ConfigError(_problems_from(err, raw), source) from None
 
 
+class _YamlFailure(Exception):
+    """The text is not YAML; ``problem`` says where and why, in one line."""
+
+    def __init__(self, problem: str):
+        super().__init__(problem)
+        self.problem = problem
+
+
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that notes every mapping key written twice, at any depth (YAML itself keeps
+    the last one silently, so a second ``nodes:`` block would drop the first)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            try:
+                first = first_line.get(key)
+                if first is None:
+                    first_line[key] = line
+                    continue
+            except TypeError:  # unhashable: SafeLoader reports it itself
+                continue
+            self.duplicates.append(
+                f"duplicate key {_shown(key)} at line {line} (first at line {first}): YAML would keep only "
+                "the last one; merge the two into one"
+            )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: BaseException) -> str:
+    """One line saying where and why the text is not YAML."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        problem = err.problem or str(err)
+        hint = "; indent with spaces, YAML does not allow tabs there" if "'\\t'" in problem else ""
+        return f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {_clip(problem)}{hint}"
+    if isinstance(err, yaml.reader.ReaderError):
+        char = f"#x{err.character:04x}" if isinstance(err.character, int) else repr(err.character)
+        return f"not valid YAML at character {err.position + 1}: the character {char} is not allowed ({err.reason})"
+    if isinstance(err, RecursionError):
+        return "not valid YAML for a config: it is nested too deeply"
+    return f"not valid YAML: {_clip(str(err))}"
+
+
+def _read_yaml(text: str) -> tuple[Any, list[str]]:
+    """The data of ``text`` and its duplicate-key problems; raises _YamlFailure when it is not YAML."""
+    loader = _DuplicateKeyLoader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an int of > 4300 digits
+        raise _YamlFailure(_yaml_problem(err)) from None
+    finally:
+        loader.dispose()
+
+
 def _yaml_load(text: str, source: str) -> Any:
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError([f"not valid YAML{where}: {problem}"], source) from None
+        data, duplicates = _read_yaml(text)
+    except _YamlFailure as failure:
+        raise ConfigError([failure.problem], source) from None
+    if duplicates:
+        raise ConfigError(_bounded(duplicates), source)
+    return data
 
 
 def load_config_text(text: str, source: str = "config") -> WorkerConfig:
     return parse_config(_yaml_load(text, source), source)
 
 
+def _utf8(data: bytes, what: str, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(
+            [
+                f"{what} is not UTF-8 text: byte 0x{data[err.start]:02x} at byte offset {err.start} (line {line}) "
+                "cannot be decoded; save it as UTF-8"
+            ],
+            source,
+        ) from None
+
+
 def load_config(path: str | Path) -> WorkerConfig:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except OSError as err:
         raise ConfigError([f"cannot read {path}: {err.strerror}"], str(path)) from None
-    return load_config_text(text, str(path))
+    return load_config_text(_utf8(data, str(path), str(path)), str(path))
+
+
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"PK\x03\x04": "zip",
+}
+_HOW_TO_ENCODE = "encode the file with `base64 -w0 config.yml`"
 
 
 def decode_config_env(value: str) -> str:
     """The YAML text carried by a CONFIG_YML value: plain YAML first, then base64 (standard or
-    URL-safe alphabet, padding optional, whitespace ignored). Raises ConfigError when neither."""
+    URL-safe alphabet, padding optional, whitespace ignored). Raises ConfigError saying which reading
+    failed and where: a YAML syntax error keeps its line and column, compressed data is named."""
     source = "CONFIG_YML"
+    if not value.strip():
+        raise ConfigError(
+            [
+                "the value is empty; set it to a config.yml or its base64 (`base64 -w0 config.yml`), "
+                "or unset CONFIG_YML to use $VOLUME_ROOT/config.yml"
+            ],
+            source,
+        )
     try:
-        plain = yaml.safe_load(value)
-    except yaml.YAMLError:
-        plain = None
+        plain, _ = _read_yaml(value)  # duplicate keys are reported by load_config_text
+        yaml_problem = None
+    except _YamlFailure as failure:
+        plain, yaml_problem = None, failure.problem
     if isinstance(plain, dict):
         return value
     compact = re.sub(r"\s+", "", value)
-    if not compact:
-        raise ConfigError(["the value is empty; set it to a config.yml or its base64"], source)
-    try:
-        data = base64.b64decode(compact.replace("-", "+").replace("_", "/") + "=" * (-len(compact) % 4), validate=True)
-        text = data.decode("utf-8")
-    except (binascii.Error, ValueError):
+    data = None
+    not_base64 = "it has characters outside the base64 alphabet"
+    if _BASE64_RE.fullmatch(compact):
+        not_base64 = "its length is not that of base64 (text cut short?)"
+        with contextlib.suppress(binascii.Error, ValueError):
+            padded = compact.replace("-", "+").replace("_", "/") + "=" * (-len(compact) % 4)
+            data = base64.b64decode(padded, validate=True)
+    if data is None:
+        if yaml_problem:
+            raise ConfigError(
+                [
+                    f"the value is neither a YAML mapping (models:/nodes:) nor base64 of one. Read as YAML, it is "
+                    f"{yaml_problem}; fix the YAML there. Read as base64, {not_base64}; to pass base64 "
+                    f"instead, {_HOW_TO_ENCODE}"
+                ],
+                source,
+            )
+        raise ConfigError(
+            [f"the value is neither a YAML mapping (models:/nodes:) nor valid base64 of one; {_HOW_TO_ENCODE}"],
+            source,
+        )
+    compressed = next((name for magic, name in _COMPRESSED.items() if data.startswith(magic)), None)
+    if compressed:
         raise ConfigError(
             [
-                "the value is neither a YAML mapping (models:/nodes:) nor valid base64 of one; "
-                "encode the file with `base64 -w0 config.yml`"
+                f"the value is neither a YAML mapping (models:/nodes:) nor base64 of one: it is base64 of "
+                f"{compressed}-compressed data, which CONFIG_YML does not take; {_HOW_TO_ENCODE} "
+                f"(without {compressed})"
+            ],
+            source,
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            [
+                f"the value is neither a YAML mapping (models:/nodes:) nor base64 of one: it decodes from base64 "
+                f"to binary data (byte 0x{data[err.start]:02x} at byte offset {err.start} is not UTF-8); "
+                f"{_HOW_TO_ENCODE}"
             ],
             source,
         ) from None

@@ -166,7 +166,7 @@ class Settings:
             download_retries=max(1, _int(env, "DOWNLOAD_RETRIES", 5)),
             download_retry_backoff=max(0.0, _float(env, "DOWNLOAD_RETRY_BACKOFF", 1.0)),
             download_log_interval=max(0.1, _float(env, "DOWNLOAD_LOG_INTERVAL", 10.0)),
-            config_yml=env.get("CONFIG_YML") or None,
+            config_yml=env.get("CONFIG_YML"),  # set but empty is kept: an error, not "unset"
             bucket_access_key_id=env.get("BUCKET_ACCESS_KEY_ID") or None,
             bucket_secret_access_key=env.get("BUCKET_SECRET_ACCESS_KEY") or None,
             comfy_org_api_key=env.get("COMFY_ORG_API_KEY") or None,

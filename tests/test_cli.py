@@ -1,18 +1,16 @@
-"""--validate-only of download_models.py and install_nodes.py, config source precedence (SPEC §4.1),
-and the shared CLI pieces (summary table, comfy.lock.yml sections)."""
+"""--validate-only of download_models.py and install_nodes.py, where the config comes from
+(docs/config.md: --config, CONFIG_YML, the volume's, the image's) and the errors of each source, and
+the shared CLI pieces (summary table, sizes). comfy.lock.yml: tests/test_lock_file.py."""
 
 import base64
 import subprocess
 import sys
 import textwrap
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
-import yaml
 
 from comfy_worker.cli import format_table, human_size
-from comfy_worker.lock_file import read_lock_file, update_lock_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["download_models.py", "install_nodes.py"]
@@ -116,36 +114,6 @@ def test_human_size():
     assert human_size(512) == "512 B"
     assert human_size(10 * 1024) == "10.0 KiB"
     assert human_size(3 * 1024**3) == "3.0 GiB"
-
-
-def _write_section(args):
-    path, section, i = args
-    update_lock_file(Path(path), section, [{"n": i}])
-
-
-def test_lock_file_sections_survive_concurrent_writers(tmp_path):
-    path = tmp_path / "comfy.lock.yml"
-    update_lock_file(path, "comfyui", {"ref": "abc"})
-    jobs = [(str(path), "models" if i % 2 else "nodes", i) for i in range(16)]
-    with ProcessPoolExecutor(4) as pool:
-        list(pool.map(_write_section, jobs))
-    data = read_lock_file(path)
-    assert data["comfyui"] == {"ref": "abc"}
-    assert set(data) == {"comfyui", "models", "nodes"}
-    assert yaml.safe_load(path.read_text()) == data
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".comfy.lock.yml.*"))
-    assert path.stat().st_mode & 0o777 == 0o644
-
-
-def test_damaged_lock_file_is_rewritten_not_fatal(tmp_path, caplog):
-    path = tmp_path / "comfy.lock.yml"
-    path.write_text("models: [unclosed\n")
-    assert read_lock_file(path) == {}
-    assert "ignoring unreadable" in caplog.text
-    update_lock_file(path, "nodes", [{"url": "https://github.com/a/b.git", "version": "abc"}])
-    assert read_lock_file(path) == {"nodes": [{"url": "https://github.com/a/b.git", "version": "abc"}]}
-    path.write_text("- just\n- a list\n")
-    assert read_lock_file(path) == {}
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

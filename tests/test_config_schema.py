@@ -1,5 +1,6 @@
-"""config_schema: SPEC §3 (schema, rejections) and §4.1 (CONFIG_YML decoding), plus the digest and
-the derived files (config.schema.json, docs table)."""
+"""config_schema: the schema and what it rejects, YAML decoding (duplicate keys, bounded messages,
+UTF-8) and CONFIG_YML decoding (docs/config.md), plus the digest and the derived files
+(config.schema.json, docs table)."""
 
 import base64
 import json
