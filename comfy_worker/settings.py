@@ -72,13 +72,54 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+RUNPOD_VOLUME = Path("/runpod-volume")
+RUNPOD_HF_CACHE = "huggingface-cache"  # RunPod's cached models: mounted under /runpod-volume, never written to
+MODES = ("serverless", "pod", "local")
+
+
+def is_user_volume(path: Path) -> bool:
+    """Is ``path`` (``/runpod-volume``) a writable volume of the user's, not just the mount point of
+    RunPod's model cache (which exists even without a network volume)? A mount point of its own, or
+    a folder holding anything besides ``huggingface-cache``, counts; it must be writable."""
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        return False
+    if os.path.ismount(path):
+        return True
+    try:
+        return any(child.name != RUNPOD_HF_CACHE for child in path.iterdir())
+    except OSError:
+        return False
+
+
 def default_volume_root(env: Mapping[str, str]) -> Path:
     if env.get("VOLUME_ROOT"):
         return Path(env["VOLUME_ROOT"])
-    for candidate in ("/runpod-volume", "/workspace"):
-        if Path(candidate).is_dir():
-            return Path(candidate)
+    if is_user_volume(RUNPOD_VOLUME):
+        return RUNPOD_VOLUME
+    if Path("/workspace").is_dir():
+        return Path("/workspace")
     return APP_DIR / "workspace"
+
+
+def default_mode(env: Mapping[str, str]) -> str:
+    """MODE, else serverless on a RunPod endpoint, pod on a RunPod pod, else local (docs/env.md)."""
+    raw = env.get("MODE", "").strip().lower()
+    if raw:
+        if raw not in MODES:
+            raise ValueError(f"environment variable MODE must be one of {', '.join(MODES)}, got {raw!r}")
+        return raw
+    if env.get("RUNPOD_ENDPOINT_ID"):
+        return "serverless"
+    if env.get("RUNPOD_POD_ID"):
+        return "pod"
+    return "local"
+
+
+def hf_cache_dirs(env: Mapping[str, str]) -> tuple[Path, ...]:
+    """Hugging Face hub caches to link models from: HF_HUB_CACHE when set, then RunPod's cached models."""
+    dirs = [Path(env["HF_HUB_CACHE"])] if env.get("HF_HUB_CACHE") else []
+    dirs.append(RUNPOD_VOLUME / RUNPOD_HF_CACHE / "hub")
+    return tuple(dict.fromkeys(dirs))
 
 
 @dataclass(frozen=True)
@@ -110,6 +151,7 @@ class Settings:
     comfy_pid_file: Path = Path("/tmp/comfyui.pid")
     comfy_log_file: Path = Path("/tmp/comfyui.log")
     comfy_ready_timeout: float = 300.0
+    max_image_mb: float = 100.0  # env MAX_IMAGE_MB: cap on one input image downloaded from a URL
     runpod_log_level: str = "INFO"  # the RunPod SDK's own log (its DEBUG level logs every job output)
     hf_endpoint: str = "https://huggingface.co"  # env HF_ENDPOINT: Hugging Face Hub base URL (tests: a local fake)
     civitai_base_url: str = "https://civitai.com"  # env CIVITAI_BASE_URL: CivitAI base URL (tests: a local fake)
@@ -117,6 +159,15 @@ class Settings:
     download_retries: int = 5  # env DOWNLOAD_RETRIES: attempts per request without progress
     download_retry_backoff: float = 1.0  # env DOWNLOAD_RETRY_BACKOFF: first retry delay in seconds (doubles)
     download_log_interval: float = 10.0  # env DOWNLOAD_LOG_INTERVAL: seconds between progress lines (no TTY)
+    mode: str = "local"  # env MODE (else RUNPOD_ENDPOINT_ID -> serverless, RUNPOD_POD_ID -> pod): which services run
+    allow_cpu: bool = False  # env ALLOW_CPU: serverless may run without a CUDA device
+    comfyui_update: bool = False  # env COMFYUI_UPDATE: move an existing ComfyUI checkout to the ref
+    comfy_restart: bool = True  # env COMFY_RESTART: restart ComfyUI when it exits (default 0 in serverless)
+    warmup_workflow: Path | None = None  # env WARMUP_WORKFLOW: workflow or job JSON run once before the first job
+    jupyter_auth: str = "token"  # env JUPYTER_AUTH: token | none
+    enable_jupyter: bool = True  # env ENABLE_JUPYTER: JupyterLab (default on in pod/local, off in serverless)
+    hf_cache_dirs: tuple[Path, ...] = ()  # env HF_HUB_CACHE + RunPod's cached models: linked, not downloaded
+    jupyter_password: str | None = field(default=None, repr=False)
     config_yml: str | None = field(default=None, repr=False)
     bucket_access_key_id: str | None = field(default=None, repr=False)
     bucket_secret_access_key: str | None = field(default=None, repr=False)
@@ -131,6 +182,7 @@ class Settings:
         env = os.environ if env is None else env
         volume_root = default_volume_root(env)
         comfy_port = _int(env, "COMFY_PORT", 8188)
+        mode = default_mode(env)
         return cls(
             volume_root=volume_root,
             comfyui_path=Path(env.get("COMFYUI_PATH") or volume_root / "ComfyUI"),
@@ -159,6 +211,7 @@ class Settings:
             comfy_pid_file=Path(env.get("COMFY_PID_FILE") or "/tmp/comfyui.pid"),
             comfy_log_file=Path(env.get("COMFY_LOG_FILE") or "/tmp/comfyui.log"),
             comfy_ready_timeout=_float(env, "COMFY_READY_TIMEOUT", 300.0),
+            max_image_mb=_float(env, "MAX_IMAGE_MB", 100.0),
             runpod_log_level=(env.get("RUNPOD_LOG_LEVEL") or env.get("RUNPOD_DEBUG_LEVEL") or "INFO").upper(),
             hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
             civitai_base_url=(env.get("CIVITAI_BASE_URL") or "https://civitai.com").rstrip("/"),
@@ -166,6 +219,15 @@ class Settings:
             download_retries=max(1, _int(env, "DOWNLOAD_RETRIES", 5)),
             download_retry_backoff=max(0.0, _float(env, "DOWNLOAD_RETRY_BACKOFF", 1.0)),
             download_log_interval=max(0.1, _float(env, "DOWNLOAD_LOG_INTERVAL", 10.0)),
+            mode=mode,
+            allow_cpu=_flag(env, "ALLOW_CPU"),
+            comfyui_update=_flag(env, "COMFYUI_UPDATE"),
+            comfy_restart=_flag(env, "COMFY_RESTART") if env.get("COMFY_RESTART") else mode != "serverless",
+            warmup_workflow=Path(env["WARMUP_WORKFLOW"]) if env.get("WARMUP_WORKFLOW") else None,
+            jupyter_auth=_choice(env, "JUPYTER_AUTH", ("token", "none")),
+            enable_jupyter=_flag(env, "ENABLE_JUPYTER") if env.get("ENABLE_JUPYTER") else mode != "serverless",
+            hf_cache_dirs=hf_cache_dirs(env),
+            jupyter_password=env.get("JUPYTER_PASSWORD") or None,
             config_yml=env.get("CONFIG_YML"),  # set but empty is kept: an error, not "unset"
             bucket_access_key_id=env.get("BUCKET_ACCESS_KEY_ID") or None,
             bucket_secret_access_key=env.get("BUCKET_SECRET_ACCESS_KEY") or None,
@@ -214,6 +276,7 @@ def shell_exports(settings: Settings) -> str:
         "JUPYTER_PORT": settings.jupyter_port,
         "COMFY_PID_FILE": settings.comfy_pid_file,
         "COMFY_LOG_FILE": settings.comfy_log_file,
+        "MODE": settings.mode,
     }
     return "".join(f"export {name}={shlex.quote(str(value))}\n" for name, value in values.items())
 

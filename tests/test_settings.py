@@ -117,7 +117,13 @@ def _readers_of(field: str) -> set[str]:
 
 
 def _code_outside_settings() -> str:
-    files = [*ROOT.glob("*.py"), *ROOT.glob("comfy_worker/*.py"), *ROOT.glob("scripts/*.sh"), ROOT / ".ci" / "run"]
+    files = [
+        *ROOT.glob("*.py"),
+        *ROOT.glob("comfy_worker/*.py"),
+        *ROOT.glob("*.sh"),
+        *ROOT.glob("scripts/*.sh"),
+        ROOT / ".ci" / "run",
+    ]
     return "\n".join(f.read_text() for f in files if f.name != "settings.py" and f.is_file())
 
 

@@ -1,0 +1,188 @@
+"""ComfyUI itself on the volume: cloned at its ref when absent, moved to the ref on COMFYUI_UPDATE=1,
+its requirements installed with torch, torchvision and torchaudio pinned (docs/architecture.md,
+"The flow of a start").
+
+- A clone goes into a temporary folder beside ``COMFYUI_PATH`` and is renamed into place when it is
+  complete, so a killed clone never looks like a checkout. When ``COMFYUI_PATH`` already exists
+  without a checkout (a user put models or outputs there first), the finished clone's entries are
+  moved in beside what is there (nothing existing is replaced) and ``.git`` goes last: a folder is a
+  checkout only once its ``.git`` is there.
+- ``output/``, ``input/`` and ``user/`` are never deleted: git checkout leaves untracked and ignored
+  files alone, and nothing here removes a file of the checkout.
+- ComfyUI's requirements are installed into the environment of ``$PYTHON`` (uv when found, else pip)
+  with a constraints file pinning the installed torch trio. What was installed is recorded inside
+  that environment (``<prefix>/comfy-worker-comfyui-requirements.json``: the requirements file's
+  sha256), so a warm start only compares two hashes and a fresh container installs them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from comfy_worker.lock_file import atomic_write_text
+
+log = logging.getLogger("provision")
+
+RECORD_NAME = "comfy-worker-comfyui-requirements.json"
+
+
+class CheckoutError(Exception):
+    """ComfyUI could not be cloned, moved or set up: one readable sentence."""
+
+
+@dataclass
+class CheckoutResult:
+    action: str  # "cloned", "updated", "kept"
+    commit: str | None
+
+
+def is_checkout(path: Path) -> bool:
+    return (path / ".git").exists() and (path / "main.py").is_file()
+
+
+def _resolve(repo, ref: str) -> str | None:
+    from comfy_worker.git_versions import has_commit
+
+    for candidate in (ref, f"origin/{ref}", f"refs/tags/{ref}"):
+        sha = has_commit(repo, candidate)
+        if sha:
+            return sha
+    return None
+
+
+def _move_into(src: Path, dest: Path) -> None:
+    """Move every entry of ``src`` into ``dest`` unless ``dest`` has it already (folders merged)."""
+    for child in sorted(src.iterdir(), key=lambda p: p.name == ".git"):  # .git last
+        target = dest / child.name
+        if target.is_dir() and child.is_dir() and not child.is_symlink():
+            _move_into(child, target)
+        elif not target.exists() and not target.is_symlink():
+            os.replace(child, target)
+
+
+def clone(settings, ref: str) -> str:
+    """Clone ``settings.comfyui_repo`` at ``ref`` into ``settings.comfyui_path``; the commit."""
+    from comfy_worker import git_versions
+
+    dest = settings.comfyui_path
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        repo = git_versions.clone(settings.comfyui_repo, tmp / "ComfyUI", settings.github_token)
+        commit = _resolve(repo, ref)
+        if commit is None:
+            raise CheckoutError(
+                f"ComfyUI ref {ref!r} is not a tag, branch or commit of {settings.comfyui_repo}; "
+                "fix comfyui.ref in config.yml or COMFYUI_REF"
+            )
+        git_versions.checkout(repo, commit, settings.comfyui_repo, settings.github_token)
+        repo.close()
+        work = tmp / "ComfyUI"
+        if dest.exists():
+            log.info("%s exists without a checkout: adding ComfyUI beside its files (none replaced)", dest)
+            _move_into(work, dest)
+        else:
+            os.replace(work, dest)
+        return commit
+    except git_versions.VersionError as err:
+        raise CheckoutError(f"ComfyUI: {err}; check COMFYUI_REPO and COMFYUI_REF") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def update(settings, ref: str) -> str:
+    """Move the existing checkout to ``ref`` (COMFYUI_UPDATE=1); local edits are stashed, never lost."""
+    from comfy_worker import git_versions
+
+    path = settings.comfyui_path
+    try:
+        repo = git_versions.open_repo(path)
+        commit = _resolve(repo, ref) if len(ref) == 40 else None
+        if commit is None:
+            git_versions.fetch(repo, settings.comfyui_repo, settings.github_token, ref if len(ref) == 40 else None)
+            commit = _resolve(repo, ref)
+        if commit is None:
+            raise CheckoutError(f"ComfyUI ref {ref!r} is not in {settings.comfyui_repo}; fix COMFYUI_REF")
+        if git_versions.read_head(path) != commit:
+            if git_versions.local_edits(repo):
+                log.warning("ComfyUI: %s", git_versions.stash_local_edits(repo, path, f"comfy-worker before {ref}"))
+            git_versions.checkout(repo, commit, settings.comfyui_repo, settings.github_token)
+        return commit
+    except (git_versions.VersionError, git_versions.LocalEditsError) as err:
+        raise CheckoutError(f"ComfyUI update to {ref}: {err}") from None
+
+
+def ensure(settings, ref: str) -> CheckoutResult:
+    """ComfyUI at ``settings.comfyui_path``: cloned when absent, updated on ``COMFYUI_UPDATE=1``."""
+    from comfy_worker.git_versions import read_head
+
+    path = settings.comfyui_path
+    if not is_checkout(path):
+        log.info("cloning ComfyUI %s from %s into %s", ref, settings.comfyui_repo, path)
+        return CheckoutResult("cloned", clone(settings, ref))
+    if settings.comfyui_update:
+        before = read_head(path)
+        commit = update(settings, ref)
+        return CheckoutResult("updated" if commit != before else "kept", commit)
+    return CheckoutResult("kept", read_head(path))
+
+
+# ---- ComfyUI's requirements, torch pinned ----
+
+
+def requirements_digest(comfyui_path: Path) -> str | None:
+    try:
+        return hashlib.sha256((comfyui_path / "requirements.txt").read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def record_path(prefix: Path) -> Path:
+    return prefix / RECORD_NAME
+
+
+def requirements_current(comfyui_path: Path, prefix: Path) -> bool:
+    """Were exactly these requirements installed into the environment at ``prefix``? (no process)"""
+    digest = requirements_digest(comfyui_path)
+    if digest is None:
+        return True
+    try:
+        return json.loads(record_path(prefix).read_text(encoding="utf-8")).get("sha256") == digest
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def install_requirements(settings) -> str:
+    """Install ComfyUI's requirements.txt with the torch trio pinned; "installed" or "present"."""
+    from comfy_worker import node_requirements as nr
+
+    env = nr.target_env(settings.python)
+    if requirements_current(settings.comfyui_path, env.prefix):
+        return "present"
+    req = settings.comfyui_path / "requirements.txt"
+    pinned = nr.protected_versions(env)
+    with tempfile.TemporaryDirectory(prefix="comfyui-constraints-") as tmp:
+        constraints = Path(tmp) / "constraints.txt"
+        constraints.write_text(nr.constraints_text(pinned))
+        cmd = nr.install_command(env, nr.find_uv(env, settings.nodes_installer), constraints, [req])
+        log.info("installing ComfyUI's requirements (%s pinned)", ", ".join(f"{k}=={v}" for k, v in pinned.items()))
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=nr.child_env(nr.cache_env(settings.node_package_cache))
+        )
+    if proc.returncode != 0:
+        tail = " / ".join(ln.strip() for ln in (proc.stdout + proc.stderr).splitlines()[-6:] if ln.strip())
+        raise CheckoutError(
+            f"ComfyUI's requirements ({req}) could not be installed with {', '.join(pinned) or 'torch'} pinned: {tail}"
+        )
+    if nr.protected_versions(env) != pinned:
+        raise CheckoutError(f"installing {req} changed torch ({pinned} before); reinstall the pinned versions")
+    atomic_write_text(record_path(env.prefix), json.dumps({"sha256": requirements_digest(settings.comfyui_path)}))
+    return "installed"

@@ -1,0 +1,565 @@
+"""One provisioning run of a start (``start.sh``, ``start.sh --provision-only``, ``apply_config.sh``):
+the config source, ComfyUI, the models, the nodes and the gate (docs/architecture.md, "The flow of a
+start" and "The gate").
+
+``python -m comfy_worker.provision [--force] [--dry-run] [--apply [--no-restart]]``; exit 0 when every
+required entry is ready, 1 when one failed, 2 for an invalid config or environment variable.
+
+The warm path imports nothing heavy (no pydantic, yaml, git or huggingface_hub): beside the gate
+(``.config-sha256``, the digest of ``config_schema.config_digest``) lies ``.config-sha256.json``,
+which records the sha256 of the raw config source the digest was computed from, and what the run
+put on the volume (model files, node folders and commits). When the raw source is byte-identical and
+the gate still holds that digest, only local checks run: every recorded file and node folder exists,
+the requirements records in the Python environment match. A missing model is fetched again alone
+(``download_models.py --only``), a missing node or a fresh environment runs ``install_nodes.py``.
+Any other source (a comment edited, another CONFIG_YML) is parsed and digested the ordinary way.
+
+Many workers may share a volume: the work is done under ``$VOLUME_ROOT/.provision.lock``; a waiting
+worker says so, and, once it holds the lock, finds the gate written and only checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from comfy_worker.settings import Settings
+
+log = logging.getLogger("provision")
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+GATE_NAME = ".config-sha256"
+RECORD_NAME = ".config-sha256.json"
+LOCK_NAME = ".provision.lock"
+NODE_STATE = "comfy-worker-node.json"  # install_nodes.py's per-node state, inside the node's .git
+NODE_RECORD = "comfy-worker-node-requirements.json"  # node_requirements' record, inside the environment
+
+
+@dataclass
+class Source:
+    """Where the config comes from, its raw bytes, and the key of the warm record."""
+
+    name: str  # "CONFIG_YML" or a path
+    text: str
+    path: Path | None  # the file the provisioning scripts get (--config)
+    from_env: bool = False
+
+    def key(self, settings: Settings) -> str:
+        raw = f"{self.name}\0{self.text}\0{settings.comfyui_ref or ''}"
+        return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass
+class Summary:
+    phases: list[tuple[str, float]] = field(default_factory=list)
+    comfyui: str = ""
+    models: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        def counts(d: dict[str, int]) -> str:
+            shown = [f"{n} {word}" for word, n in d.items() if n]
+            return ", ".join(shown) or "none"
+
+        parts = [f"ComfyUI {self.comfyui}" if self.comfyui else None]
+        parts += [f"models: {counts(self.models)}", f"nodes: {counts(self.nodes)}"]
+        return "summary: " + "; ".join(p for p in parts if p)
+
+
+class Phase:
+    def __init__(self, summary: Summary, name: str):
+        self.summary, self.name = summary, name
+
+    def __enter__(self) -> Phase:
+        self.start = time.monotonic()
+        log.info("phase %s: started", self.name)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        took = time.monotonic() - self.start
+        self.summary.phases.append((self.name, took))
+        log.info("phase %s: %.2f s", self.name, took)
+
+
+# ---- the config source (CONFIG_YML → $VOLUME_ROOT/config.yml → $APP_DIR/config.yml) ----
+
+
+def read_source(settings: Settings) -> Source:
+    """The raw config by precedence, without parsing it. Raises SourceError when there is none."""
+    if settings.config_yml is not None:
+        return Source("CONFIG_YML", settings.config_yml, settings.volume_root / "config.yml", from_env=True)
+    for candidate in (settings.volume_root / "config.yml", settings.app_dir / "config.yml"):
+        if candidate.is_file():
+            try:
+                return Source(str(candidate), candidate.read_text(encoding="utf-8"), candidate)
+            except (OSError, UnicodeDecodeError) as err:
+                raise SourceError(f"cannot read {candidate}: {err}") from None
+    raise SourceError(f"no config found: set CONFIG_YML or create {settings.volume_root / 'config.yml'}")
+
+
+class SourceError(Exception):
+    pass
+
+
+def write_env_config(settings: Settings, text: str) -> Path:
+    """The decoded CONFIG_YML goes to ``$VOLUME_ROOT/config.yml``; a different file there is kept as
+    ``config.yml.bak`` first (one generation). Atomic."""
+    from comfy_worker.lock_file import atomic_write_text
+
+    dest = settings.volume_root / "config.yml"
+    try:
+        current = dest.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        current = None
+    if current == text:
+        return dest
+    if current is not None or dest.exists():
+        os.replace(dest, dest.with_name("config.yml.bak"))
+        log.info("CONFIG_YML differs from %s: the previous file is kept as config.yml.bak", dest)
+    atomic_write_text(dest, text)
+    return dest
+
+
+def load(settings: Settings, source: Source):
+    """Parse the source (decoding CONFIG_YML); ConfigError names the source and each problem."""
+    from comfy_worker.config_schema import decode_config_env, load_config_text
+
+    if source.from_env:
+        text = decode_config_env(source.text)
+        cfg = load_config_text(text, "CONFIG_YML")
+        return cfg, text
+    return load_config_text(source.text, source.name), source.text
+
+
+# ---- the gate and the warm record ----
+
+
+def read_gate(settings: Settings) -> str | None:
+    try:
+        return (settings.volume_root / GATE_NAME).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def read_record(settings: Settings) -> dict:
+    try:
+        data = json.loads((settings.volume_root / RECORD_NAME).read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_gate(settings: Settings, digest: str, record: dict) -> None:
+    """The warm record first, the gate last (docs/architecture.md, "The gate")."""
+    from comfy_worker.lock_file import atomic_write_text
+
+    atomic_write_text(settings.volume_root / RECORD_NAME, json.dumps({**record, "digest": digest}, indent=1))
+    atomic_write_text(settings.volume_root / GATE_NAME, digest + "\n")
+
+
+def env_prefix(settings: Settings) -> Path:
+    """sys.prefix of ``$PYTHON`` without starting it when it is ours or a venv's."""
+    if not settings.python:
+        return Path(sys.prefix)
+    from comfy_worker.node_requirements import target_env
+
+    return target_env(settings.python).prefix
+
+
+def _node_record(prefix: Path) -> dict:
+    try:
+        data = json.loads((prefix / NODE_RECORD).read_text(encoding="utf-8"))
+        return data.get("nodes", {}) if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _node_state_commit(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / ".git" / NODE_STATE).read_text(encoding="utf-8")).get("commit")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@dataclass
+class Check:
+    missing_models: list[dict]
+    nodes_stale: list[str]
+    comfyui_ok: bool
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_models and not self.nodes_stale and self.comfyui_ok
+
+
+def local_check(settings: Settings, record: dict) -> Check:
+    """Only files: every recorded model file and node folder is there, and the Python environment
+    holds the recorded requirements (no network, git or pip)."""
+    from comfy_worker.comfyui_checkout import is_checkout, requirements_current
+
+    prefix = env_prefix(settings)
+    missing = [m for m in record.get("models", []) if not (settings.models_dir / m["path"]).is_file()]
+    installed = _node_record(prefix)
+    stale = []
+    for node in record.get("nodes", []):
+        folder = settings.custom_nodes_dir / node["dir"]
+        has_reqs = any((folder / f).is_file() for f in ("requirements.txt", "install.py"))
+        if _node_state_commit(folder) != node["commit"] or (
+            node.get("requirements", True) and has_reqs and installed.get(str(folder.absolute())) != node["commit"]
+        ):
+            stale.append(node["dir"])
+    comfy_ok = is_checkout(settings.comfyui_path) and requirements_current(settings.comfyui_path, prefix)
+    return Check(missing, stale, comfy_ok)
+
+
+# ---- running the provisioning scripts ----
+
+
+def _python(settings: Settings) -> str:
+    return sys.executable
+
+
+def run_script(settings: Settings, script: str, args: list[str], stop: threading.Event) -> int:
+    """``script`` of APP_DIR as a child (its output goes straight to ours); SIGTERM is passed on."""
+    cmd = [_python(settings), str(settings.app_dir / script), *args]
+    proc = subprocess.Popen(cmd, cwd=settings.app_dir)
+    while True:
+        try:
+            return proc.wait(0.2)
+        except subprocess.TimeoutExpired:
+            if stop.is_set():
+                proc.terminate()
+                try:
+                    return proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    return proc.wait()
+
+
+def _model_path(entry) -> str:
+    return f"{entry.destination}/{entry.filename or entry.url_filename()}"
+
+
+def _lock_models(settings: Settings) -> list[dict]:
+    from comfy_worker.lock_file import read_lock_file
+
+    return [m for m in read_lock_file(settings.lock_file).get("models") or [] if isinstance(m, dict)]
+
+
+def _lock_nodes(settings: Settings) -> list[dict]:
+    from comfy_worker.lock_file import read_lock_file
+
+    return [n for n in read_lock_file(settings.lock_file).get("nodes") or [] if isinstance(n, dict)]
+
+
+def model_paths(settings: Settings, cfg) -> dict[str, str]:
+    """entry url -> path under models/ (the lock file's record when there is one: CivitAI names)."""
+    recorded = {(m.get("url"), m.get("destination")): m.get("filename") for m in _lock_models(settings)}
+    out = {}
+    for e in cfg.models:
+        name = recorded.get((e.url, e.destination))
+        out[e.url] = f"{e.destination}/{name}" if name else _model_path(e)
+    return out
+
+
+def link_cached(settings: Settings, cfg, summary: Summary) -> list[str]:
+    """Hugging Face entries found in a hub cache on the host are linked, not downloaded; the urls."""
+    from comfy_worker import hf_cache
+
+    wanted = [(e, hf_cache.parse_hf_url(e.url, settings.hf_endpoint)) for e in cfg.models]
+    wanted = [(e, f) for e, f in wanted if f is not None]
+    if not wanted or not any(Path(c).is_dir() for c in settings.hf_cache_dirs):
+        return []
+    linked = []
+    records = []
+    for entry, file in wanted:
+        target = settings.models_dir / _model_path(entry)
+        if target.is_file() and not hf_cache.is_linked_from(target, settings.hf_cache_dirs):
+            continue  # a real file is there: download_models.py keeps or checks it
+        found = hf_cache.find(file, settings.hf_cache_dirs)
+        if found is None:
+            continue
+        try:
+            hf_cache.link_into(found, target, entry.sha256)
+        except hf_cache.CacheMismatch as err:
+            log.error("%s: %s", entry.url, err)
+            continue
+        log.info("%s: linked from cache (%s)", _model_path(entry), found)
+        linked.append(entry.url)
+        records.append(
+            {
+                "url": entry.url,
+                "destination": entry.destination,
+                "filename": target.name,
+                "sha256": entry.sha256 or hf_cache.blob_sha256(found),
+                "size": found.stat().st_size,
+            }
+        )
+    if records:
+        from comfy_worker.lock_file import update_lock_file
+
+        def merge(current):
+            keep = [m for m in current or [] if isinstance(m, dict) and m.get("url") not in linked]
+            return keep + records
+
+        update_lock_file(settings.lock_file, "models", merge)
+    summary.models["linked from cache"] = len(linked)
+    return linked
+
+
+def provision_models(settings, cfg, config_path: Path, stop, summary: Summary, only: list[str] | None = None) -> int:
+    paths = model_paths(settings, cfg)
+    before = {u for u, p in paths.items() if (settings.models_dir / p).is_file()}
+    linked = link_cached(settings, cfg, summary) if only is None else []
+    todo = [e.url for e in cfg.models if e.url not in linked and (only is None or e.url in only)]
+    rc = EXIT_OK
+    if todo:
+        args = ["--config", str(config_path)]
+        if only is not None or linked:
+            args += ["--only", *todo]
+        rc = run_script(settings, "download_models.py", args, stop)
+    after_paths = model_paths(settings, cfg)
+    for e in cfg.models:
+        if e.url in linked:
+            continue
+        present = (settings.models_dir / after_paths[e.url]).is_file()
+        word = "kept" if e.url in before and present else "fetched" if present else "failed"
+        if e.url in todo or word != "kept":
+            summary.models[word] = summary.models.get(word, 0) + 1
+        elif only is not None:
+            summary.models["kept"] = summary.models.get("kept", 0) + 1
+        if word == "failed" and not e.optional:
+            summary.failed.append(after_paths[e.url])
+    return rc
+
+
+def provision_nodes(settings, config_path: Path, stop, summary: Summary) -> tuple[int, bool]:
+    """install_nodes.py; its exit code and whether any node folder moved (ComfyUI must restart)."""
+    before = {n.get("name"): n.get("version") for n in _lock_nodes(settings)}
+    rc = run_script(settings, "install_nodes.py", ["--config", str(config_path)], stop)
+    after = {n.get("name"): n.get("version") for n in _lock_nodes(settings)}
+    changed = [name for name, v in after.items() if before.get(name) != v] + [n for n in before if n not in after]
+    summary.nodes["installed"] = len([n for n in after if before.get(n) != after[n]])
+    summary.nodes["kept"] = len([n for n in after if before.get(n) == after[n]])
+    if rc != EXIT_OK:
+        summary.nodes["failed"] = max(1, summary.nodes.get("failed", 0))
+    return rc, bool(changed)
+
+
+def build_record(settings: Settings, cfg, source: Source) -> dict:
+    paths = model_paths(settings, cfg)
+    by_name = {n.get("name"): n for n in _lock_nodes(settings)}
+    nodes = []
+    for e in cfg.nodes:
+        rec = by_name.get(e.dir_name())
+        if rec and rec.get("version"):
+            nodes.append({"dir": e.dir_name(), "commit": rec["version"], "requirements": e.requirements})
+    models = [
+        {"url": e.url, "path": paths[e.url]} for e in cfg.models if (settings.models_dir / paths[e.url]).is_file()
+    ]
+    return {"source": source.key(settings), "models": models, "nodes": nodes}
+
+
+# ---- the run ----
+
+
+@dataclass
+class Options:
+    force: bool = False
+    dry_run: bool = False
+    apply: bool = False
+    restart: bool = True
+
+
+def warm(settings: Settings, source: Source, record: dict, stop, summary: Summary) -> int | None:
+    """The gate matches: local checks, and only what is missing is provisioned again. None when the
+    record is unusable (the cold path runs then)."""
+    with Phase(summary, "local checks"):
+        check = local_check(settings, record)
+    summary.comfyui = "kept"
+    if check.ok:
+        summary.models["kept"] = len(record.get("models", []))
+        summary.nodes["kept"] = len(record.get("nodes", []))
+        log.info("gate matches (%s): nothing to do", GATE_NAME)
+        return EXIT_OK
+    if not check.comfyui_ok:
+        return None
+    cfg, _ = load(settings, source)
+    config_path = source.path
+    rc = EXIT_OK
+    if check.missing_models:
+        with Phase(summary, "models (missing ones)"):
+            names = [m["path"] for m in check.missing_models]
+            log.info("gate matches but %d model file(s) are missing: %s", len(names), ", ".join(names))
+            rc = max(
+                rc,
+                provision_models(settings, cfg, config_path, stop, summary, [m["url"] for m in check.missing_models]),
+            )
+    else:
+        summary.models["kept"] = len(record.get("models", []))
+    if check.nodes_stale:
+        with Phase(summary, "nodes"):
+            log.info("node(s) to reinstall: %s", ", ".join(check.nodes_stale))
+            rc = max(rc, provision_nodes(settings, config_path, stop, summary)[0])
+    else:
+        summary.nodes["kept"] = len(record.get("nodes", []))
+    if rc == EXIT_OK:
+        write_gate(settings, record["digest"], build_record(settings, cfg, source))
+    return rc
+
+
+def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summary) -> tuple[int, bool]:
+    """Under the volume lock: ComfyUI, models, nodes, then the gate. (exit code, nodes changed)."""
+    from comfy_worker import comfyui_checkout
+    from comfy_worker.config_schema import config_digest
+    from comfy_worker.lock_file import update_lock_file
+
+    cfg, text = load(settings, source)
+    ref = settings.effective_comfyui_ref(cfg.comfyui.ref)
+    digest = config_digest(cfg, ref)
+    if opts.dry_run:
+        gate = read_gate(settings)
+        print(f"dry run: config {source.name}, ComfyUI {ref}, gate {'matches' if gate == digest else 'differs'}")
+        return EXIT_OK, False
+    from comfy_worker.volume_lock import acquire
+
+    settings.volume_root.mkdir(parents=True, exist_ok=True)
+    lock = acquire(settings.volume_root / LOCK_NAME, "another worker provisioning this volume", stop)
+    try:
+        if source.from_env:
+            source.path = write_env_config(settings, text)
+        record = read_record(settings)
+        if not opts.force and read_gate(settings) == digest and record.get("digest") == digest:
+            log.info("this volume is provisioned for this config (gate matches): only local checks")
+            result = warm(settings, source, record, stop, summary)
+            if result is not None:
+                return result, False
+        with Phase(summary, "comfyui"):
+            result = comfyui_checkout.ensure(settings, ref)
+            reqs = comfyui_checkout.install_requirements(settings)
+            update_lock_file(settings.lock_file, "comfyui", {"ref": result.commit})
+            summary.comfyui = f"{result.action} {(result.commit or '?')[:12]}, requirements {reqs}"
+        with Phase(summary, "models"):
+            rc_models = provision_models(settings, cfg, source.path, stop, summary)
+        with Phase(summary, "nodes"):
+            rc_nodes, changed = provision_nodes(settings, source.path, stop, summary)
+        if stop.is_set():
+            return EXIT_FAILED, changed
+        rc = max(rc_models, rc_nodes)
+        if rc == EXIT_OK:
+            write_gate(settings, digest, build_record(settings, cfg, source))
+            log.info("gate written (%s)", GATE_NAME)
+        else:
+            log.error("not every required entry is ready: the gate is not written; the next start retries")
+        return rc, changed
+    finally:
+        lock.release()
+
+
+def request_restart(settings: Settings) -> bool:
+    """Ask the running supervisor (services.py) to restart ComfyUI: SIGHUP to its PID file."""
+    from comfy_worker.services import supervisor_pid_file
+
+    try:
+        pid = int(supervisor_pid_file(settings).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
+    from comfy_worker.volume_lock import Interrupted, LockError
+
+    summary = Summary()
+    started = time.monotonic()
+    try:
+        source = read_source(settings)
+    except SourceError as err:
+        log.error("%s", err)
+        return EXIT_INVALID
+    log.info("config from %s; volume %s; mode %s", source.name, settings.volume_root, settings.mode)
+    rc, changed = EXIT_OK, False
+    try:
+        record = read_record(settings)
+        gate = read_gate(settings)
+        fast = (
+            not opts.force
+            and not opts.dry_run
+            and gate is not None
+            and record.get("digest") == gate
+            and record.get("source") == source.key(settings)
+        )
+        result = warm(settings, source, record, stop, summary) if fast else None
+        if result is None:
+            rc, changed = cold(settings, source, opts, stop, summary)
+        else:
+            rc = result
+    except Exception as err:  # noqa: BLE001 - every failure becomes one readable line and an exit code
+        from comfy_worker.comfyui_checkout import CheckoutError
+        from comfy_worker.config_schema import ConfigError
+
+        if isinstance(err, ConfigError):
+            log.error("%s is invalid (%d problem(s)):", err.source, len(err.problems))
+            for problem in err.problems:
+                log.error("  %s", problem)
+            return EXIT_INVALID
+        if isinstance(err, (CheckoutError, LockError)):
+            log.error("%s", err)
+            rc = EXIT_FAILED
+        elif isinstance(err, Interrupted):
+            log.error("stopped: %s", err)
+            return EXIT_FAILED
+        else:
+            raise
+    if opts.apply and changed:
+        if not opts.restart:
+            log.warning("nodes changed: restart ComfyUI to load them (--no-restart given)")
+        elif request_restart(settings):
+            log.info("nodes changed: ComfyUI is being restarted")
+        else:
+            log.warning("nodes changed but no running worker was found to restart ComfyUI")
+    elif opts.apply:
+        log.info("no node changed: ComfyUI keeps running")
+    if summary.failed:
+        log.error("failed required model(s): %s", ", ".join(summary.failed))
+    print(f"{summary.line()} ({time.monotonic() - started:.2f} s)", flush=True)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Provision ComfyUI, the models and the nodes of config.yml.")
+    parser.add_argument("--force", action="store_true", help="ignore the gate: check every entry again")
+    parser.add_argument("--dry-run", action="store_true", help="say what the config asks for, change nothing")
+    parser.add_argument("--apply", action="store_true", help="a running box: restart ComfyUI when nodes changed")
+    parser.add_argument("--no-restart", action="store_true", help="with --apply: never restart ComfyUI")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [start] %(message)s", datefmt="%H:%M:%S")
+    try:
+        settings = Settings.from_env()
+    except ValueError as err:
+        log.error("%s", err)
+        return EXIT_INVALID
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    opts = Options(force=args.force, dry_run=args.dry_run, apply=args.apply, restart=not args.no_restart)
+    return run(settings, opts, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""The services of a start, by mode (docs/architecture.md, "Paths and modes"), supervised from Python.
+
+``python -m comfy_worker.services`` (the last step of ``start.sh``):
+
+1. GPU check without importing torch: a CUDA device is an NVIDIA device node or driver entry
+   (``/dev/nvidia0``, ``/proc/driver/nvidia/gpus/*``) not hidden by ``CUDA_VISIBLE_DEVICES``. None:
+   pod/local add ``--cpu`` with a warning; serverless stops with a clear message unless ``ALLOW_CPU=1``.
+2. ComfyUI (``main.py --listen <host> --port COMFY_PORT [--cpu] COMFY_ARGS``) in its own process
+   group; its PID in ``COMFY_PID_FILE``, its output in ``COMFY_LOG_FILE``. The supervisor waits until
+   it answers (``/system_stats``).
+3. ``WARMUP_WORKFLOW`` runs once (warmup.py); a failure is a loud warning.
+4. The handler, only now (it takes no job before ComfyUI answers): ``python handler.py`` in serverless,
+   the RunPod SDK's local API (``--rp_serve_api``) on ``API_PORT`` in pod (0.0.0.0) and local (127.0.0.1).
+5. JupyterLab on ``JUPYTER_PORT`` rooted at ``VOLUME_ROOT`` (pod/local, or ``ENABLE_JUPYTER=1``), with
+   a token: ``JUPYTER_PASSWORD``, else one generated into ``$VOLUME_ROOT/.jupyter-token`` (0600) and
+   printed once; ``JUPYTER_AUTH=none`` turns it off. The token reaches Jupyter by its environment.
+
+Then it watches: ComfyUI exits → restarted when ``COMFY_RESTART`` is on, else every child is stopped
+and the supervisor exits 1. SIGHUP (sent by ``apply_config.sh``) restarts ComfyUI and never ends the
+container. The handler exiting ends everything with its code. SIGTERM/SIGINT: SIGTERM to every child's
+process group, SIGKILL to what is left after 8 s, exit 0: every child is gone within 10 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from comfy_worker.settings import Settings
+
+log = logging.getLogger("services")
+
+STOP_GRACE_S = 8.0
+TOKEN_FILE = ".jupyter-token"
+
+
+def supervisor_pid_file(settings: Settings) -> Path:
+    return settings.comfy_pid_file.with_name(settings.comfy_pid_file.name + ".supervisor")
+
+
+def has_cuda_device(env=None, dev: str = "/dev", proc: str = "/proc/driver/nvidia/gpus") -> bool:
+    env = os.environ if env is None else env
+    if env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1", "none", "NoDevFiles"):
+        return False
+    return bool(glob.glob(os.path.join(dev, "nvidia[0-9]*")) or glob.glob(os.path.join(proc, "*")))
+
+
+def comfy_command(settings: Settings, cpu: bool) -> list[str]:
+    listen = "0.0.0.0" if settings.mode == "pod" else "127.0.0.1"
+    cmd = [sys.executable, "main.py", "--listen", listen, "--port", str(settings.comfy_port)]
+    return cmd + (["--cpu"] if cpu else []) + shlex.split(settings.comfy_args)
+
+
+def handler_command(settings: Settings) -> list[str]:
+    handler = str(settings.app_dir / "handler.py")
+    if settings.mode == "serverless":
+        return [sys.executable, handler]
+    host = "0.0.0.0" if settings.mode == "pod" else "127.0.0.1"
+    return [sys.executable, handler, "--rp_serve_api", "--rp_api_host", host, "--rp_api_port", str(settings.api_port)]
+
+
+def jupyter_token(settings: Settings) -> tuple[str, bool]:
+    """(token, generated now). JUPYTER_PASSWORD, else the volume's token file, else a new one (0600)."""
+    if settings.jupyter_password:
+        return settings.jupyter_password, False
+    path = settings.volume_root / TOKEN_FILE
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+        if token:
+            return token, False
+    except OSError:
+        pass
+    token = secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token, True
+
+
+def jupyter_command(settings: Settings) -> list[str]:
+    listen = "0.0.0.0" if settings.mode == "pod" else "127.0.0.1"
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--ServerApp.ip={listen}"]
+    cmd += [f"--ServerApp.port={settings.jupyter_port}", f"--ServerApp.root_dir={settings.volume_root}"]
+    cmd += ["--ServerApp.port_retries=0"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-root")
+    if settings.jupyter_auth == "none":
+        cmd += ["--IdentityProvider.token=", "--ServerApp.password="]
+    return cmd
+
+
+def comfy_ready(settings: Settings) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{settings.comfy_host}/system_stats", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class Supervisor:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.children: dict[str, subprocess.Popen] = {}
+        self.stopping = False
+        self.restart_asked = False
+        self.cpu = False
+
+    # -- children --
+    def spawn(self, name: str, cmd: list[str], cwd: Path, env: dict | None = None, log_file: Path | None = None):
+        out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - handed to the child
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,  # its own process group: stopped as a whole
+            )
+        finally:
+            if out:
+                out.close()
+        self.children[name] = proc
+        log.info("%s started (pid %d)", name, proc.pid)
+        return proc
+
+    def start_comfy(self) -> subprocess.Popen:
+        s = self.settings
+        s.comfy_log_file.parent.mkdir(parents=True, exist_ok=True)
+        s.comfy_log_file.write_bytes(b"")
+        proc = self.spawn("ComfyUI", comfy_command(s, self.cpu), s.comfyui_path, log_file=s.comfy_log_file)
+        tmp = s.comfy_pid_file.with_name(s.comfy_pid_file.name + ".tmp")
+        tmp.write_text(f"{proc.pid}\n")
+        os.replace(tmp, s.comfy_pid_file)
+        return proc
+
+    def wait_comfy(self) -> bool:
+        deadline = time.monotonic() + self.settings.comfy_ready_timeout
+        proc = self.children["ComfyUI"]
+        while time.monotonic() < deadline and not self.stopping:
+            if proc.poll() is not None:
+                log.error("ComfyUI exited with %s before answering; its log: %s", proc.returncode, self.log_tail())
+                return False
+            if comfy_ready(self.settings):
+                log.info("ComfyUI answers on %s", self.settings.comfy_host)
+                return True
+            time.sleep(0.2)
+        if not self.stopping:
+            log.error("ComfyUI did not answer within %.0f s (COMFY_READY_TIMEOUT)", self.settings.comfy_ready_timeout)
+        return False
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.settings.comfy_log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop_all(self) -> None:
+        alive = {n: p for n, p in self.children.items() if p.poll() is None}
+        for name, proc in alive.items():
+            log.info("stopping %s (pid %d)", name, proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for proc in alive.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
+        for name, proc in alive.items():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # also what is left of its group
+                if proc.poll() is None:
+                    log.warning("%s did not stop within %.0f s: killed", name, STOP_GRACE_S)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+    def restart_comfy(self) -> bool:
+        old = self.children.get("ComfyUI")
+        if old is not None and old.poll() is None:
+            os.killpg(old.pid, signal.SIGTERM)
+            try:
+                old.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(old.pid, signal.SIGKILL)
+                old.wait()
+        self.start_comfy()
+        return self.wait_comfy()
+
+    # -- the run --
+    def on_signal(self, signum, frame):
+        if signum == signal.SIGHUP:
+            self.restart_asked = True
+        else:
+            self.stopping = True
+
+    def run(self) -> int:
+        s = self.settings
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self.on_signal)
+        pid_file = supervisor_pid_file(s)
+        pid_file.write_text(f"{os.getpid()}\n")
+        try:
+            return self._run()
+        finally:
+            self.stop_all()
+            pid_file.unlink(missing_ok=True)
+
+    def _run(self) -> int:
+        s = self.settings
+        if not has_cuda_device():
+            if s.mode == "serverless" and not s.allow_cpu:
+                log.error(
+                    "no CUDA device found: this serverless worker cannot run ComfyUI on a GPU; pick a GPU "
+                    "type for the endpoint, or set ALLOW_CPU=1 to run on the CPU (slow)"
+                )
+                return 1
+            log.warning("WARNING: no CUDA device: ComfyUI runs on the CPU (--cpu), which is slow")
+            self.cpu = True
+        self.start_comfy()
+        if not self.wait_comfy():
+            return 0 if self.stopping else 1
+        if s.warmup_workflow is not None and not self.stopping:
+            from comfy_worker.warmup import run_warmup
+
+            run_warmup(s)
+        if self.stopping:
+            return 0
+        self.spawn("handler", handler_command(s), s.app_dir)
+        if s.enable_jupyter:
+            env = dict(os.environ)
+            if s.jupyter_auth == "none":
+                env.pop("JUPYTER_TOKEN", None)
+                log.warning("WARNING: JupyterLab runs WITHOUT a token (JUPYTER_AUTH=none)")
+            else:
+                token, generated = jupyter_token(s)
+                env["JUPYTER_TOKEN"] = token
+                if generated:
+                    print(f"JupyterLab token (saved in {s.volume_root / TOKEN_FILE}): {token}", flush=True)
+                else:
+                    log.info("JupyterLab asks for the token (JUPYTER_PASSWORD or %s)", s.volume_root / TOKEN_FILE)
+            self.spawn("Jupyter", jupyter_command(s), s.volume_root, env=env)
+        log.info(
+            "ready (%s): ComfyUI http://%s%s%s",
+            s.mode,
+            s.comfy_host,
+            "" if s.mode == "serverless" else f"  API http://127.0.0.1:{s.api_port}",
+            f"  Jupyter http://127.0.0.1:{s.jupyter_port}" if s.enable_jupyter else "",
+        )
+        return self.watch()
+
+    def watch(self) -> int:
+        s = self.settings
+        while not self.stopping:
+            time.sleep(0.2)
+            if self.restart_asked:
+                self.restart_asked = False
+                log.info("restarting ComfyUI (asked by apply_config.sh)")
+                if not self.restart_comfy() and not self.stopping:
+                    log.error("ComfyUI did not come back after the restart")
+                continue
+            comfy = self.children["ComfyUI"]
+            if comfy.poll() is not None and not self.stopping:
+                log.error("ComfyUI exited with %s; its log ends with:\n%s", comfy.returncode, self.log_tail())
+                if not s.comfy_restart:
+                    log.error("stopping the worker (COMFY_RESTART=0): RunPod replaces it")
+                    return 1
+                log.warning("restarting ComfyUI (COMFY_RESTART=1)")
+                self.restart_comfy()
+                continue
+            handler = self.children["handler"]
+            if handler.poll() is not None and not self.stopping:
+                log.error("the handler exited with %s: stopping the worker", handler.returncode)
+                return handler.returncode or 1
+            jupyter = self.children.get("Jupyter")
+            if jupyter is not None and jupyter.poll() is not None:
+                log.warning("JupyterLab exited with %s; the worker goes on without it", jupyter.returncode)
+                del self.children["Jupyter"]
+        return 0
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [start] %(message)s", datefmt="%H:%M:%S")
+    try:
+        settings = Settings.from_env()
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    return Supervisor(settings).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

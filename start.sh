@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The worker's entry point (docs/architecture.md, "The flow of a start"): provisions the volume
+# (config source, ComfyUI, models, nodes, the gate) and then runs the services of the mode.
+#   start.sh                   provision, then run the services (ComfyUI, handler, Jupyter)
+#   start.sh --provision-only  provision and exit (0 = every required entry is ready)
+# Decisions live in comfy_worker/provision.py and comfy_worker/services.py; this file only orchestrates.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PY="${PYTHON:-python}" # the first python on PATH (/opt/venv in the image), or $PYTHON
+cd "$HERE"
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+
+provision_only=0
+for arg in "$@"; do
+  case "$arg" in
+    --provision-only) provision_only=1 ;;
+    -h | --help)
+      sed -n '2,6p' "$0"
+      exit 0
+      ;;
+    *)
+      echo "start.sh: unknown argument '$arg' (expected --provision-only)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+# Paths, ports, files and the mode come from the one settings module, never computed here.
+exports="$("$PY" -m comfy_worker.settings --export)"
+eval "$exports"
+
+rc=0
+"$PY" -m comfy_worker.provision || rc=$?
+if [[ "$provision_only" == 1 ]]; then
+  exit "$rc"
+fi
+if [[ "$rc" == 2 ]]; then
+  echo "[start] the config or an environment variable is invalid (see above): not starting" >&2
+  exit 2
+fi
+if [[ "$rc" != 0 ]]; then
+  if [[ "$MODE" == serverless ]]; then
+    echo "[start] provisioning failed in serverless mode: this worker takes no jobs half-provisioned" >&2
+    exit "$rc"
+  fi
+  echo "[start] WARNING: provisioning is incomplete (see the summary above); the services start anyway:" >&2
+  echo "[start] WARNING: fix config.yml (e.g. in Jupyter), then run apply_config.sh" >&2
+fi
+exec "$PY" -m comfy_worker.services
