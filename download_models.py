@@ -1,47 +1,47 @@
 #!/usr/bin/env python3
-"""Download the models listed in config.yml (SPEC §5): Hugging Face, CivitAI and any HTTP(S) URL.
+"""Download the models listed in config.yml (docs/architecture.md): Hugging Face, CivitAI and any HTTP(S) URL.
 
 Each entry becomes ``models/<destination>/<filename>``:
 
 1. The file name is the entry's ``filename``, else the one recorded in comfy.lock.yml for this url,
-   else the server's Content-Disposition, else the last URL path segment (never a path).
-2. A present file is kept without any network when comfy.lock.yml records it for the same url with
-   the same size (and the sha256 the config asks for); otherwise it is checked once (the expected
-   sha256 when known, else the server's size) and recorded. A changed url, or ``--force``, downloads
-   it again (the old file stays usable until the new one is renamed over it).
-3. Downloads run under a lock per target (``models/.locks/<destination>/<filename>.lock``, filelock),
-   so two processes sharing a volume never write the same file: the second waits, then finds the
-   finished file and skips it.
+   else the hub's (Hugging Face path, CivitAI API), else the server's Content-Disposition, else the last
+   URL path segment; a name chosen by a server is made safe first (``http_download.safe_filename``:
+   no path, no control or bidi characters, no hidden file, none of our own suffixes, short enough that
+   it plus our suffixes fits the filesystem's 255 bytes).
+2. Whether a present file is kept is decided in one place (``Provisioner.present``): it is kept without
+   any network when comfy.lock.yml records it for the same url with the same size and a sha256 (the
+   one the config asks for, when it asks); otherwise it is checked against what the config and the
+   source say (the expected sha256: the config's, else the hub's; else the expected size) and
+   recorded. A changed url, or ``--force``, downloads it again (the old file stays usable until the
+   new one is renamed over it). A file that could not be verified (below) is checked again on every
+   run, and verified as soon as the config or the server says more.
+3. Downloads run under a lock per target (``models/.locks/<destination>/<filename>.lock``, filelock,
+   waited for through ``volume_lock.acquire``: said in the log, ended by SIGTERM), so two processes
+   sharing a volume never write the same file: the second waits, then finds the finished file and
+   skips it. A volume without working ``flock`` is reported once, before any download.
    Bytes go to ``<target>.part`` (resumable, see http_download.py: a part is resumed only when it was
    started for the same entry url, not the signed CDN link, which changes every run, and the server
    still has the same version of the file by its ETag/Last-Modified and size), are verified (size;
-   sha256 hashed while they arrive) and renamed into place atomically; then comfy.lock.yml gets the entry's url,
-   destination, filename, sha256 and size, so the lock file can be fed back as a config.
+   sha256 hashed while they arrive), fsynced, renamed into place atomically, the folder fsynced; then
+   comfy.lock.yml gets the entry's url, destination, filename, sha256 and size, so the lock file can be
+   fed back as a config. When neither a size nor a sha256 is known (a server that sends no length, no
+   ``sha256:`` in the config), a cut-off transfer cannot be told from a whole file: the file is kept,
+   shown as ``downloaded (unverified)``, recorded with ``sha256: null`` and ``size: null``, and the log
+   says how to pin it.
 
-Sources:
+Where an entry downloads from, and which token goes to which host: comfy_worker/model_sources.py.
+Hugging Face files stored with Xet are fetched by ``hf_hub_download`` when ``hf_xet`` is installed
+(hf_xet fetches and verifies content-addressed chunks in parallel; its own ``.incomplete`` file and
+lock live in a hidden staging folder ``.<filename>.part.hf`` next to the target, which a later run
+resumes; our lock is held around it, SIGTERM ends the wait for it, and the result is renamed into
+place, so a half-done Xet download is never mistaken for a model; a sha256 from the config then costs
+one read of the finished file, because hf_xet does not expose the bytes as they arrive). Every other
+file goes through our own ranged downloader, so it gets the ``.part``/resume/hash-while-downloading
+treatment and several connections. ``hf_transfer`` is not used: the pinned huggingface_hub (2.x) no
+longer calls it, and our ranged downloader does the same job (parallel ranges) while hashing.
 
-- Hugging Face (``https://huggingface.co/<repo>/resolve/<rev>/<path>``, also ``/blob/``, datasets and
-  spaces): ``huggingface_hub`` resolves the file (its HEAD on the resolve URL gives the commit, the size,
-  the LFS sha256 and the CDN location; ``HF_ENDPOINT`` moves the hub, e.g. to a local fake in tests).
-  Files stored with Xet are fetched by ``hf_hub_download`` when ``hf_xet`` is installed (hf_xet fetches
-  and verifies content-addressed chunks in parallel; its own ``.incomplete`` file and lock live in a
-  hidden staging folder next to the target, our lock is held around it and the result is renamed into
-  place, so a half-done Xet download is never mistaken for a model; a sha256 from the config then
-  costs one read of the finished file, because hf_xet does not expose the bytes as they arrive).
-  Every other file (LFS on the CDN, or Xet without hf_xet) goes through our own ranged downloader
-  against the CDN location, so it gets the ``.part``/resume/hash-while-downloading treatment and
-  several connections. ``hf_transfer`` is not used: the pinned huggingface_hub (2.x) no longer calls it,
-  and our ranged downloader does the same job (parallel ranges) while hashing. The hub's LFS ETag is the file's sha256, so Hugging Face
-  files are verified even when the config gives no sha256.
-- CivitAI: ``/api/download/models/<versionId>`` directly; ``/models/<id>?modelVersionId=<v>`` becomes
-  that; a bare ``/models/<id>`` asks ``/api/v1/models/<id>`` for the newest version's primary file (and
-  its SHA256). ``CIVITAI_BASE_URL`` moves the site (tests).
-- Anything else: plain HTTP(S).
-
-Tokens: ``HF_TOKEN`` goes only to the Hugging Face host(s) (huggingface.co, hf.co, ``HF_ENDPOINT``), and
-``CIVITAI_TOKEN`` only to the CivitAI host(s) (civitai.com, ``CIVITAI_BASE_URL``), as
-``Authorization: Bearer``. Redirects are followed by hand and every hop gets headers for its own host,
-so a CDN behind a redirect never receives a token.
+Nothing shown to people (log, summary, errors) carries a URL's query string: signed CDN links and
+tokens live there.
 """
 
 from __future__ import annotations
@@ -50,19 +50,15 @@ import argparse
 import hashlib
 import logging
 import os
-import re
 import shutil
-import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urlparse
 
-from filelock import FileLock
-
+from comfy_worker import volume_lock
 from comfy_worker.cli import (
     EXIT_FAILED,
     EXIT_INVALID,
@@ -70,100 +66,73 @@ from comfy_worker.cli import (
     add_common_args,
     format_table,
     human_size,
+    run_parallel,
     settings_and_config,
+    status_word,
 )
 from comfy_worker.config_schema import ModelEntry
 from comfy_worker.http_download import (
+    MAX_NAME_BYTES,
     Downloader,
     DownloadError,
     MiB,
     Probe,
-    RetryableError,
     discard_part,
+    fsync_path,
     safe_filename,
-    same_host,
+    scrub,
     url_filename,
 )
 from comfy_worker.lock_file import read_lock_file, update_lock_file
-from comfy_worker.log_setup import setup_logging
+from comfy_worker.log_setup import redact_urls, setup_logging
+from comfy_worker.model_sources import HUGGINGFACE, ModelSource, Sources, TokenPolicy
 from comfy_worker.settings import Settings
 
-log = logging.getLogger("download_models")
+# run as a script this module is __main__; its log lines still say download_models
+log = logging.getLogger(Path(__file__).stem if __name__ == "__main__" else __name__)
 
-HF_HOSTS = ("https://huggingface.co", "https://hf.co")
-CIVITAI_HOSTS = ("https://civitai.com", "https://www.civitai.com")
-HF_PATH = re.compile(r"^/(?:(?P<type>datasets|spaces)/)?(?P<repo>.+?)/(?:resolve|blob)/(?P<rev>[^/]+)/(?P<path>.+)$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 DISK_MARGIN = 64 * MiB
 
-
-# ---- which host gets which token ----
-
-
-class TokenPolicy:
-    """Headers for a URL: a token only for its own service's host (compared by host and port)."""
-
-    def __init__(self, settings: Settings):
-        self.hf_hosts = (*HF_HOSTS, settings.hf_endpoint)
-        self.civitai_hosts = (*CIVITAI_HOSTS, settings.civitai_base_url)
-        self.hf_token = settings.hf_token
-        self.civitai_token = settings.civitai_token
-
-    def is_hf(self, url: str) -> bool:
-        return any(same_host(url, h) for h in self.hf_hosts)
-
-    def is_civitai(self, url: str) -> bool:
-        return any(same_host(url, h) for h in self.civitai_hosts)
-
-    def headers_for(self, url: str) -> dict[str, str]:
-        if self.hf_token and self.is_hf(url):
-            return {"Authorization": f"Bearer {self.hf_token}"}
-        if self.civitai_token and self.is_civitai(url):
-            return {"Authorization": f"Bearer {self.civitai_token}"}
-        return {}
-
-
-# ---- one entry ----
+# the action column: what happened to an entry (the status column says how it ended)
+PRESENT = "present"
+PRESENT_UNVERIFIED = "present (unverified)"
+DOWNLOADED = "downloaded"
+DOWNLOADED_UNVERIFIED = "downloaded (unverified)"
+WOULD_DOWNLOAD = "would download"
+INTERRUPTED = "interrupted"
 
 
 @dataclass
-class Job:
+class ModelResult:
+    """One config entry: where it comes from, where it goes, and how it ended."""
+
     index: int
     entry: ModelEntry
-    source: str = "http"
+    kind: str = "http"  # huggingface | civitai | http (known offline)
+    source: ModelSource | None = None  # after resolving (network)
+    probe: Probe | None = None
     name: str | None = None
     target: Path | None = None
     size: int | None = None
     sha256: str | None = None
+    verified: bool = True  # False: neither a size nor a sha256 was known to check the bytes against
     seconds: float = 0.0
     fetched: int = 0
-    status: str = "pending"
+    action: str = ""
     error: str | None = None
     ok: bool = False
-    download_url: str | None = None
-    probe: Probe | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
-        return self.name or self.entry.filename or self.entry.url_filename()
+        return self.name or self.entry.filename or url_filename(self.entry.url) or self.entry.url_filename()
+
+    @property
+    def status(self) -> str:
+        return status_word(self.ok, self.entry.optional)
 
 
-def source_of(url: str, tokens: TokenPolicy) -> str:
-    if tokens.is_hf(url) and HF_PATH.match(urlparse(url).path):
-        return "huggingface"
-    if tokens.is_civitai(url):
-        return "civitai"
-    return "http"
-
-
-def rebase(url: str, base: str, hosts: tuple[str, ...]) -> str:
-    """Point a URL written for the public site (huggingface.co, civitai.com) at the configured base."""
-    p = urlparse(url)
-    if any(same_host(url, h) for h in hosts):
-        b = urlparse(base)
-        return p._replace(scheme=b.scheme, netloc=b.netloc, path=b.path.rstrip("/") + p.path).geturl()
-    return url
+def one_line(text: str) -> str:
+    return " ".join(scrub(text).split())
 
 
 class Provisioner:
@@ -173,7 +142,7 @@ class Provisioner:
         self.force = force
         self.dry_run = dry_run
         self.tokens = TokenPolicy(settings)
-        self.stop = threading.Event()  # set on SIGTERM: also ends any retry backoff wait at once
+        self.stop = threading.Event()  # set on SIGTERM: ends downloads, lock waits and retry backoffs
         self.downloader = Downloader(
             headers_for=self.tokens.headers_for,
             connections=settings.download_connections,
@@ -181,6 +150,7 @@ class Provisioner:
             backoff=settings.download_retry_backoff,
             stop=self.stop,
         )
+        self.sources = Sources(settings, self.downloader, self.tokens)
         self.tty = sys.stderr.isatty()
         self._disk_lock = threading.Lock()
         self._reserved: dict[str, int] = {}
@@ -192,330 +162,299 @@ class Provisioner:
     # ---- lock file ----
 
     def _reload_records(self) -> None:
-        recorded = read_lock_file(self.settings.lock_file).get("models") or []
+        recorded = read_lock_file(self.settings.lock_file).get("models")
         with self._record_lock:
-            self.recorded = [r for r in recorded if isinstance(r, dict)]
+            self.recorded = [r for r in recorded if isinstance(r, dict)] if isinstance(recorded, list) else []
 
-    def record_for(self, job: Job) -> dict | None:
-        """The comfy.lock.yml entry for this job: same target (when known) or same url + destination."""
-        for r in self.recorded:
-            if r.get("destination") != job.entry.destination:
+    def record_for(self, r: ModelResult) -> dict | None:
+        """The comfy.lock.yml entry for this result: same target (when known) or same url + destination."""
+        for rec in self.recorded:
+            if rec.get("destination") != r.entry.destination:
                 continue
-            if job.name is not None and r.get("filename") == job.name:
-                return r
-            if job.name is None and r.get("url") == job.entry.url:
-                return r
+            if r.name is not None and rec.get("filename") == r.name:
+                return rec
+            if r.name is None and rec.get("url") == r.entry.url:
+                return rec
         return None
 
-    def record(self, job: Job) -> None:
+    def record(self, r: ModelResult) -> None:
         entry = {
-            "url": job.entry.url,
-            "destination": job.entry.destination,
-            "filename": job.name,
-            "sha256": job.sha256,
-            "size": job.size,
+            "url": r.entry.url,
+            "destination": r.entry.destination,
+            "filename": r.name,
+            # an unverified file pins nothing: fed back as a config, it must not vouch for a cut-off file
+            "sha256": r.sha256 if r.verified else None,
+            "size": r.size if r.verified else None,
         }
-        if job.entry.optional:
+        if r.entry.optional:
             entry["optional"] = True
 
+        def same_target(rec) -> bool:
+            return rec.get("destination") == entry["destination"] and rec.get("filename") == entry["filename"]
+
         def merge(old):
-            kept = [
-                r
-                for r in (old or [])
-                if isinstance(r, dict)
-                and not (r.get("destination") == entry["destination"] and r.get("filename") == entry["filename"])
-            ]
-            return [*kept, entry]
+            kept = [rec for rec in (old if isinstance(old, list) else []) if isinstance(rec, dict)]
+            return [*(rec for rec in kept if not same_target(rec)), entry]
 
         with self._record_lock:
             update_lock_file(self.settings.lock_file, "models", merge)
-            self.recorded = [
-                r
-                for r in self.recorded
-                if not (r.get("destination") == entry["destination"] and r.get("filename") == entry["filename"])
-            ] + [entry]
+            self.recorded = [rec for rec in self.recorded if not same_target(rec)] + [entry]
 
     # ---- resolving names and sources ----
 
-    def resolve(self, job: Job, need_network: bool) -> None:
-        """Fill in source, download URL and (when possible) name/size/sha256. Without ``need_network``
-        only what is knowable offline."""
-        entry = job.entry
-        job.source = source_of(entry.url, self.tokens)
+    def resolve(self, r: ModelResult, need_network: bool) -> None:
+        """Fill in the source kind and (when possible) name/size/sha256. Without ``need_network`` only
+        what is knowable offline."""
+        entry = r.entry
+        r.kind = self.sources.kind_of(entry.url)
         if entry.filename:
-            job.name = entry.filename
-        elif (rec := self.record_for(job)) and safe_filename(rec.get("filename")):
-            job.name = rec["filename"]
-        elif job.source == "huggingface":
-            job.name = url_filename(entry.url)
+            r.name = entry.filename
+        elif (rec := self.record_for(r)) and safe_filename(rec.get("filename")) == rec.get("filename"):
+            r.name = rec["filename"]
+        elif name := self.sources.offline_name(entry.url):
+            r.name = name
         if not need_network:
             return
-        if job.source == "huggingface":
-            self._resolve_hf(job)
-        elif job.source == "civitai":
-            self._resolve_civitai(job)
-        else:
-            job.download_url = entry.url
-        if job.source != "huggingface" or not (self.dry_run or job.extra.get("xet")):
-            if job.probe is None:
-                job.probe = (
-                    self.downloader.head(job.download_url) if self.dry_run else self.downloader.probe(job.download_url)
+        source = self.sources.resolve(entry.url)
+        if not (source.kind == HUGGINGFACE and (self.dry_run or (source.hf and source.hf.xet))):
+            if r.probe is None:
+                r.probe = self.downloader.head(source.url) if self.dry_run else self.downloader.probe(source.url)
+            if source.size is None:
+                source = replace(source, size=r.probe.size)
+        r.source = source
+        if r.name is None:
+            r.name = self._server_name(r)
+        r.size = source.size
+        if entry.size is not None:
+            if r.size is not None and r.size != entry.size:
+                raise DownloadError(f"the server's file has {r.size} bytes but the config says size: {entry.size}")
+            r.size = entry.size
+
+    def _server_name(self, r: ModelResult) -> str | None:
+        source, probe = r.source, r.probe
+        assert source is not None
+        if source.name:
+            return source.name
+        if probe is not None and probe.offered_name:
+            if probe.filename != probe.offered_name.strip():
+                log.warning(
+                    "models[%d]: the server's file name %r is not safe to use as is; %s "
+                    "(set 'filename' in the config to choose)",
+                    r.index,
+                    probe.offered_name,
+                    f"saving as {probe.filename!r}" if probe.filename else "using the URL's name instead",
                 )
-            if job.size is None:
-                job.size = job.probe.size
-        if job.name is None:
-            job.name = (job.probe and job.probe.filename) or url_filename(job.download_url) or entry.url_filename()
-        want_size = entry.size
-        if want_size is not None:
-            if job.size is not None and job.size != want_size:
-                raise DownloadError(f"the server's file has {job.size} bytes but the config says size: {want_size}")
-            job.size = want_size
-
-    def _resolve_hf(self, job: Job) -> None:
-        from huggingface_hub import get_hf_file_metadata, hf_hub_url
-        from huggingface_hub.errors import HfHubHTTPError
-
-        m = HF_PATH.match(urlparse(job.entry.url).path)
-        assert m is not None
-        repo_type = {"datasets": "dataset", "spaces": "space"}.get(m["type"] or "", "model")
-        repo_id, revision, path = unquote(m["repo"]), unquote(m["rev"]), unquote(m["path"])
-        endpoint = self.settings.hf_endpoint
-        url = hf_hub_url(repo_id, path, repo_type=repo_type, revision=revision, endpoint=endpoint)
-        what = f"Hugging Face {repo_id}/{path}@{revision}"
-
-        def metadata():
-            try:
-                return get_hf_file_metadata(url, token=self.settings.hf_token or False, endpoint=endpoint)
-            except HfHubHTTPError as err:
-                status = err.response.status_code if err.response is not None else None
-                if status is None or status in (408, 429) or status >= 500:
-                    raise RetryableError(f"{what}: HTTP {status}") from None
-                hint = {401: " (gated or private: set HF_TOKEN)", 403: " (gated: accept the terms, set HF_TOKEN)"}
-                hint[404] = " (check the repo, revision and file path)"
-                raise DownloadError(f"{what}: HTTP {status}{hint.get(status, '')}") from None
-            except (OSError, *_hf_transport_errors()) as err:  # network errors of huggingface_hub's client
-                raise RetryableError(f"{what}: {type(err).__name__}: {err}") from None
-
-        meta = self.downloader.with_retries(what, metadata)
-        job.size = meta.size
-        etag = (meta.etag or "").lower()
-        job.extra["hub_sha256"] = etag if SHA256_RE.match(etag) else None
-        job.extra["hf"] = (repo_id, repo_type, meta.commit_hash or revision, path)
-        job.download_url = meta.location
-        if meta.xet_file_data is not None and _has_hf_xet():
-            job.extra["xet"] = True
-
-    def _resolve_civitai(self, job: Job) -> None:
-        base = self.settings.civitai_base_url
-        hosts = (*CIVITAI_HOSTS, base)
-        p = urlparse(job.entry.url)
-        version = parse_qs(p.query).get("modelVersionId", [None])[0]
-        if p.path.startswith("/api/download/models/"):
-            job.download_url = rebase(job.entry.url, base, hosts)
-            return
-        m = re.match(r"^/models/(\d+)", p.path)
-        if m and version:
-            job.download_url = f"{base}/api/download/models/{quote(version)}"
-            return
-        if not m:
-            job.download_url = rebase(job.entry.url, base, hosts)
-            return
-        api = f"{base}/api/v1/models/{m[1]}"
-
-        def fetch():
-            resp = self.downloader.open(api, "GET", {"Accept": "application/json"})
-            with resp:
-                return resp.json()
-
-        try:
-            data = self.downloader.with_retries(f"CivitAI model {m[1]}", fetch)
-        except ValueError:
-            raise DownloadError(f"CivitAI: {api} did not return JSON") from None
-        versions = data.get("modelVersions") or []
-        if not versions:
-            raise DownloadError(f"CivitAI model {m[1]} has no versions to download")
-        files = versions[0].get("files") or []
-        primary = next((f for f in files if f.get("primary")), files[0] if files else None)
-        if not primary or not primary.get("downloadUrl"):
-            raise DownloadError(f"CivitAI model {m[1]}: the newest version has no downloadable file")
-        job.download_url = rebase(primary["downloadUrl"], base, hosts)
-        if not job.name and safe_filename(primary.get("name")):
-            job.name = safe_filename(primary["name"])
-        sha = str((primary.get("hashes") or {}).get("SHA256") or "").lower()
-        job.extra["hub_sha256"] = sha if SHA256_RE.match(sha) else None
-        log.info("CivitAI model %s: newest version %s, file %s", m[1], versions[0].get("id"), primary.get("name"))
+            if probe.filename:
+                return probe.filename
+        return url_filename(source.url) or url_filename(r.entry.url)
 
     # ---- the work for one entry ----
 
-    def target_of(self, job: Job) -> Path:
-        name = safe_filename(job.name)
-        if not name:
-            raise DownloadError(f"cannot tell a file name for {job.entry.url}; set 'filename' in the config")
-        return self.models_dir / job.entry.destination / name
+    def target_of(self, r: ModelResult) -> Path:
+        name = r.name
+        if not name or safe_filename(name) is None:
+            raise DownloadError(
+                f"cannot tell a usable file name for {redact_urls(r.entry.url)}; set 'filename' in the config"
+            )
+        if len(name.encode()) > MAX_NAME_BYTES:
+            raise DownloadError(
+                f"the file name is {len(name.encode())} bytes long; with the suffixes of a download in progress "
+                f"it would not fit the filesystem's 255-byte limit: set a 'filename' of at most {MAX_NAME_BYTES} bytes"
+            )
+        return self.models_dir / r.entry.destination / name
 
-    def run(self, job: Job) -> Job:
+    def run(self, r: ModelResult) -> ModelResult:
         started = time.monotonic()
         try:
-            self._run(job)
-        except DownloadError as err:
-            job.error = str(err)
+            self._run(r)
+        except volume_lock.Interrupted:
+            r.action, r.error = INTERRUPTED, "interrupted"
+        except (DownloadError, volume_lock.LockError) as err:
+            r.error = one_line(str(err))
         except Exception as err:  # one broken entry must not take the others down
-            log.exception("%s: unexpected error", job.label)
-            job.error = f"{type(err).__name__}: {err}"
-        job.seconds = time.monotonic() - started
-        if job.error:
-            job.status = "failed (optional)" if job.entry.optional else "FAILED"
-            level = logging.WARNING if job.entry.optional else logging.ERROR
-            log.log(level, "models[%d] %s (%s): %s", job.index, job.label, job.entry.url, job.error)
-        return job
+            log.error("%s: unexpected error\n%s", r.label, scrub(traceback.format_exc()))
+            r.error = one_line(f"{type(err).__name__}: {err}")
+        r.seconds = time.monotonic() - started
+        if r.error and r.action != INTERRUPTED:
+            level = logging.WARNING if r.entry.optional else logging.ERROR
+            log.log(level, "models[%d] %s (%s): %s", r.index, r.label, redact_urls(r.entry.url), r.error)
+        return r
 
-    def _present(self, job: Job) -> bool:
-        """Is the final file there and good? (cheap when comfy.lock.yml vouches for it)"""
-        target = job.target
+    def present(self, r: ModelResult) -> bool:
+        """Is the final file there and good? The one answer, offline (``r.source`` unknown: only a
+        matching record counts) and after resolving (then checked against the config and the source,
+        hashing the file once, and recorded)."""
+        target = r.target
         assert target is not None
         if self.force or not target.is_file():
             return False
+        online = r.source is not None
         size = target.stat().st_size
-        rec = self.record_for(job)
-        want_sha = job.entry.sha256
-        if (
-            rec
-            and rec.get("url") == job.entry.url
-            and rec.get("size") == size
-            and (not want_sha or rec.get("sha256") == want_sha)
-        ):
-            job.size, job.sha256 = size, rec.get("sha256")
+        rec = self.record_for(r)
+        if rec and rec.get("url") != r.entry.url:
+            if online:
+                log.info("%s: the url changed since it was downloaded; downloading again", target)
+            return False
+        want_sha = r.entry.sha256 or (r.source.sha256 if r.source else None)
+        want_size = r.entry.size if r.entry.size is not None else r.size
+        if want_size is not None and size != want_size:
+            if online:
+                log.warning("%s: present with %d bytes but %d are expected; downloading again", target, size, want_size)
+            return False
+        rec_sha = rec.get("sha256") if rec else None
+        if rec and rec.get("size") == size and rec_sha and (not want_sha or rec_sha == want_sha):
+            r.size, r.sha256 = size, rec_sha  # vouched for by the record: no hashing
             return True
-        return False
-
-    def _check_existing(self, job: Job) -> bool:
-        """A present file without a matching record: verify it once, then record it."""
-        target = job.target
-        assert target is not None
-        if self.force or not target.is_file():
+        if not online:
             return False
-        size = target.stat().st_size
-        want_sha = job.entry.sha256 or job.extra.get("hub_sha256")
-        rec = self.record_for(job)
-        if rec and rec.get("url") != job.entry.url:
-            log.info("%s: the url changed since it was downloaded; downloading again", target)
-            return False
-        if job.size is not None and job.size != size:
-            log.warning("%s: present with %d bytes but the server has %d; downloading again", target, size, job.size)
-            return False
-        if job.size is None and not want_sha:
-            return False
+        if want_sha is None and want_size is None:
+            if rec is None:
+                return False  # nothing tells a whole file from a cut-off one: download it
+            # recorded unverified by an earlier run, and nobody knows more now: keep it as it is
+            r.size, r.sha256, r.verified = size, None, False
+            self._say_unverified(r, target)
+            return True
         digest = _sha256_file(target)
         if want_sha and digest != want_sha:
             log.warning("%s: present but its sha256 differs from the expected one; downloading again", target)
             return False
-        job.size, job.sha256 = size, digest
-        self.record(job)
+        r.size, r.sha256, r.verified = size, digest, True
+        self.record(r)
         return True
 
-    def _run(self, job: Job) -> None:
-        self.resolve(job, need_network=False)
-        if job.name:
-            job.target = self.target_of(job)
-            if self._present(job):
-                job.status, job.ok = "present", True
+    def _run(self, r: ModelResult) -> None:
+        self.resolve(r, need_network=False)
+        if r.name:
+            r.target = self.target_of(r)
+            if self.present(r):
+                r.action, r.ok = PRESENT, True
                 return
-        self.resolve(job, need_network=True)
-        job.target = self.target_of(job)
-        target = job.target
+        self.resolve(r, need_network=True)
+        r.target = self.target_of(r)
+        target = r.target
         with self._record_lock:
-            other = self._claimed.setdefault(str(target), job.index)
-        if other != job.index:
+            other = self._claimed.setdefault(str(target), r.index)
+        if other != r.index:
             raise DownloadError(
                 f"models[{other}] already downloads to {target}; give one of them another 'filename' or 'destination'"
             )
         target.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.models_dir / ".locks" / job.entry.destination / (target.name + ".lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(lock_path))  # kept after use: deleting a flock file races with waiters
-        try:
-            lock.acquire(timeout=1)
-        except Exception:
-            log.info("%s: another process is downloading it; waiting", target.name)
-            lock.acquire()
+        lock_path = self.models_dir / ".locks" / r.entry.destination / (target.name + ".lock")
+        # the lock file is kept after use: deleting a flock file races with waiters
+        lock = volume_lock.acquire(lock_path, f"another process downloading {target.name}", stop=self.stop)
         try:
             self._reload_records()  # another process may have just finished this very file
-            if self._present(job) or self._check_existing(job):
-                job.status, job.ok = "present", True
+            if self.present(r):
+                r.action, r.ok = (PRESENT if r.verified else PRESENT_UNVERIFIED), True
                 discard_part(target.with_name(target.name + ".part"))  # a leftover of an interrupted --force run
                 return
-            self._download(job)
+            self._download(r)
         finally:
             lock.release()
 
-    def _download(self, job: Job) -> None:
-        target = job.target
-        assert target is not None
+    def _download(self, r: ModelResult) -> None:
+        target, source = r.target, r.source
+        assert target is not None and source is not None
         part = target.with_name(target.name + ".part")
-        want_sha = job.entry.sha256 or job.extra.get("hub_sha256")
-        self._reserve_disk(job, part)
-        progress = self._progress(job)
+        want_sha = r.entry.sha256 or source.sha256
+        known_size = r.size
+        self._reserve_disk(r, part)
+        progress = _Progress(r.label, r.size, self.tty, self.settings.download_log_interval)
         try:
-            if job.extra.get("xet"):
-                self._download_xet(job, part, progress)
+            if source.hf is not None and source.hf.xet:
+                self._download_xet(r, part, progress)
             else:
                 result = self.downloader.fetch(
-                    job.download_url,
+                    source.url,
                     part,
-                    expected_size=job.size,
+                    expected_size=r.size,
                     expected_sha256=want_sha,
-                    probe=job.probe,
+                    probe=r.probe,
                     progress=progress,
                     stop=self.stop,
-                    source=job.entry.url,  # not the signed CDN link: that one changes on every run
+                    source=r.entry.url,  # not the signed CDN link: that one changes on every run
                 )
-                job.size, job.sha256, job.fetched = result.size, result.sha256, result.fetched
+                r.size, r.sha256, r.fetched = result.size, result.sha256, result.fetched
                 if result.resumed_from:
                     log.info("%s: resumed from %s", target.name, human_size(result.resumed_from))
         finally:
             progress.close()
             with self._disk_lock:
                 self._reserved.pop(str(target), None)
+        # the part's bytes are fsynced (fetch / _download_xet); the rename is made durable before the record
         os.replace(part, target)
-        self.record(job)
-        job.status, job.ok = "downloaded", True
+        fsync_path(target.parent)
+        r.verified = bool(want_sha) or known_size is not None
+        if not r.verified:
+            self._say_unverified(r, target)
+        self.record(r)
+        r.action, r.ok = (DOWNLOADED if r.verified else DOWNLOADED_UNVERIFIED), True
 
-    def _download_xet(self, job: Job, part: Path, progress) -> None:
+    def _say_unverified(self, r: ModelResult, target: Path) -> None:
+        digest = r.sha256 or _sha256_file(target)
+        log.warning(
+            "%s: unverified: the server sent no length and the config gives no sha256, so a transfer cut "
+            "short would go unnoticed; check the file, then pin it in the config with `sha256: %s` "
+            "(it is checked again on every run until then)",
+            target,
+            digest,
+        )
+
+    def _download_xet(self, r: ModelResult, part: Path, progress) -> None:
         from huggingface_hub import hf_hub_download
 
-        repo_id, repo_type, revision, path = job.extra["hf"]
-        staging = part.parent / f".{part.name}.hf"
-        got = hf_hub_download(
-            repo_id,
-            path,
-            repo_type=repo_type,
-            revision=revision,
-            local_dir=staging,
-            endpoint=self.settings.hf_endpoint,
-            token=self.settings.hf_token or False,
-        )
-        os.replace(got, part)
+        hf = r.source.hf if r.source else None
+        assert hf is not None
+        staging = part.parent / f".{part.name}.hf"  # hf_xet's .incomplete and lock: resumed by the next run
+        outcome: dict = {}
+
+        def fetch() -> None:
+            try:
+                outcome["path"] = hf_hub_download(
+                    hf.repo_id,
+                    hf.path,
+                    repo_type=hf.repo_type,
+                    revision=hf.revision,
+                    local_dir=staging,
+                    endpoint=self.settings.hf_endpoint,
+                    token=self.settings.hf_token or False,
+                )
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+                outcome["error"] = err
+
+        # hf_xet cannot be told to stop: it runs on a daemon thread, and SIGTERM ends the wait for it
+        worker = threading.Thread(target=fetch, daemon=True, name="xet")
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+            if self.stop.is_set():
+                raise volume_lock.Interrupted(f"stopped during the Xet download of {hf.path}")
+        if "error" in outcome:
+            err = outcome["error"]
+            raise DownloadError(f"Hugging Face (Xet) {hf.repo_id}/{hf.path}: {type(err).__name__}: {scrub(str(err))}")
+        os.replace(outcome["path"], part)
         shutil.rmtree(staging, ignore_errors=True)
         size = part.stat().st_size
-        if job.size is not None and size != job.size:
+        if r.size is not None and size != r.size:
             part.unlink()
-            raise DownloadError(f"size mismatch: got {size} bytes, expected {job.size}")
-        if job.entry.sha256:
+            raise DownloadError(f"size mismatch: got {size} bytes, expected {r.size}")
+        if r.entry.sha256:
             digest = _sha256_file(part)
-            if digest != job.entry.sha256:
+            if digest != r.entry.sha256:
                 part.unlink()
-                raise DownloadError(f"sha256 mismatch: got {digest}, expected {job.entry.sha256}")
-            job.sha256 = digest
+                raise DownloadError(f"sha256 mismatch: got {digest}, expected {r.entry.sha256}")
+            r.sha256 = digest
         else:
-            job.sha256 = job.extra.get("hub_sha256")
-        job.size = job.fetched = size
+            r.sha256 = r.source.sha256 if r.source else None
+        fsync_path(part)
+        r.size = r.fetched = size
         progress(size, size)
 
-    def _reserve_disk(self, job: Job, part: Path) -> None:
-        if job.size is None:
+    def _reserve_disk(self, r: ModelResult, part: Path) -> None:
+        if r.size is None:
             return
         have = part.stat().st_size if part.exists() else 0
-        need = max(0, job.size - have)
+        need = max(0, r.size - have)
         with self._disk_lock:
             free = shutil.disk_usage(part.parent).free - sum(self._reserved.values())
             if need + DISK_MARGIN > free:
@@ -523,10 +462,13 @@ class Provisioner:
                     f"not enough disk space in {part.parent}: needs {human_size(need)} more, "
                     f"{human_size(max(free, 0))} free; free some space or use a bigger volume"
                 )
-            self._reserved[str(job.target)] = need
+            self._reserved[str(r.target)] = need
 
-    def _progress(self, job: Job):
-        return _Progress(job.label, job.size, self.tty, self.settings.download_log_interval)
+    def check_locking(self) -> None:
+        """Raise volume_lock.LockError (readable: what is wrong, what to do) when the models folder's
+        filesystem cannot lock, before any entry starts."""
+        lock = volume_lock.acquire(self.models_dir / ".locks" / "volume.lock", "the volume check", stop=self.stop)
+        lock.release()
 
 
 class _Progress:
@@ -560,23 +502,6 @@ class _Progress:
             self.bar.close()
 
 
-def _hf_transport_errors() -> tuple[type[BaseException], ...]:
-    try:
-        import httpx2  # huggingface_hub's HTTP client
-
-        return (httpx2.TransportError,)
-    except ImportError:
-        return ()
-
-
-def _has_hf_xet() -> bool:
-    try:
-        import hf_xet  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -603,90 +528,89 @@ def matches(entry: ModelEntry, name: str, recorded: list[dict]) -> bool:
     return name in names
 
 
-def shown_url(job: Job) -> str:
-    """Where an entry comes from, for people: the entry's own URL for Hugging Face, whose download
-    location is a signed CDN link (a short-lived credential); the resolved download URL otherwise
+def shown_url(r: ModelResult) -> str:
+    """Where an entry comes from, for people, without any query string: the entry's own URL for
+    Hugging Face (its download goes through a signed CDN link); the resolved download URL otherwise
     (e.g. the CivitAI download a model page stands for)."""
-    if job.source == "huggingface" or not job.download_url:
-        return job.entry.url
-    return job.download_url
+    if r.kind == HUGGINGFACE or r.source is None:
+        return redact_urls(r.entry.url)
+    return r.source.shown_url
 
 
-def summary(jobs: list[Job], dry_run: bool) -> str:
-    rows = []
-    for j in jobs:
-        mbs = f"{j.fetched / j.seconds / 1e6:.1f}" if j.fetched and j.seconds > 0 else "-"
-        status = j.status if not j.error else f"{j.status}: {j.error}"
-        rows.append([j.label, human_size(j.size), j.source, f"{j.seconds:.1f}", mbs, status])
+def summary(results: list[ModelResult], dry_run: bool) -> str:
     if dry_run:
-        rows = [[j.label, human_size(j.size), j.source, str(j.target or "?"), shown_url(j), j.status] for j in jobs]
-        return format_table(["name", "size", "source", "target", "from", "action"], rows)
-    return format_table(["name", "size", "source", "seconds", "MB/s", "status"], rows)
+        headers = ["name", "size", "source", "target", "from", "action", "status"]
+        rows = [
+            [r.label, human_size(r.size), r.kind, str(r.target or "?"), shown_url(r), r.action or "-", r.status]
+            for r in results
+        ]
+    else:
+        headers = ["name", "size", "source", "seconds", "MB/s", "action", "status"]
+        rows = []
+        for r in results:
+            mbs = f"{r.fetched / r.seconds / 1e6:.1f}" if r.fetched and r.seconds > 0 else "-"
+            rows.append([r.label, human_size(r.size), r.kind, f"{r.seconds:.1f}", mbs, r.action or "-", r.status])
+    lines = [format_table(headers, [[one_line(str(c)) for c in row] for row in rows])]
+    for r in results:
+        if r.error:
+            kind = "warning" if r.entry.optional else "error"
+            lines.append(f"{kind}: models[{r.index}] {one_line(r.label)}: {r.error}")
+    return "\n".join(lines)
 
 
-def dry_run_job(prov: Provisioner, job: Job) -> Job:
+def dry_run_one(prov: Provisioner, r: ModelResult) -> ModelResult:
     try:
-        prov.resolve(job, need_network=True)
-        job.target = prov.target_of(job)
-        present = job.target.is_file() and (job.size is None or job.target.stat().st_size == job.size)
-        job.status = "present" if present and not prov.force else "would download"
-        job.ok = True
+        prov.resolve(r, need_network=True)
+        r.target = prov.target_of(r)
+        present = r.target.is_file() and (r.size is None or r.target.stat().st_size == r.size)
+        r.action = PRESENT if present and not prov.force else WOULD_DOWNLOAD
+        r.ok = True
     except DownloadError as err:
-        job.error = str(err)
-        job.status = "failed (optional)" if job.entry.optional else "FAILED"
-    return job
+        r.error = one_line(str(err))
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     loaded = settings_and_config(args)
     if isinstance(loaded, int):
         return loaded
     settings, cfg = loaded
-    setup_logging()
     for noisy in ("httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     models_dir = Path(args.models_dir) if args.models_dir else settings.models_dir
     prov = Provisioner(settings, models_dir, force=args.force, dry_run=args.dry_run)
-    jobs = [Job(i, e) for i, e in enumerate(cfg.models)]
+    results = [ModelResult(i, e) for i, e in enumerate(cfg.models)]
     if args.only:
-        unknown = [n for n in args.only if not any(matches(j.entry, n, prov.recorded) for j in jobs)]
+        unknown = [n for n in args.only if not any(matches(r.entry, n, prov.recorded) for r in results)]
         if unknown:
-            names = ", ".join(j.entry.filename or j.entry.url_filename() for j in jobs) or "(none)"
+            names = ", ".join(r.entry.filename or r.entry.url_filename() for r in results) or "(none)"
             print(f"error: --only: no model entry named {', '.join(unknown)}; entries: {names}", file=sys.stderr)
             return EXIT_INVALID
-        jobs = [j for j in jobs if any(matches(j.entry, n, prov.recorded) for n in args.only)]
-    if not jobs:
+        results = [r for r in results if any(matches(r.entry, n, prov.recorded) for n in args.only)]
+    if not results:
         print("no models to download")
         return EXIT_OK
 
-    if args.dry_run:
-        with ThreadPoolExecutor(max(1, args.parallel)) as pool:
-            jobs = list(pool.map(lambda j: dry_run_job(prov, j), jobs))
-        print(summary(jobs, dry_run=True))
-        return EXIT_FAILED if any(j.error and not j.entry.optional for j in jobs) else EXIT_OK
-
-    def on_signal(signum, frame):
-        prov.stop.set()
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_signal)
-    pool = ThreadPoolExecutor(max(1, args.parallel), thread_name_prefix="entry")
     try:
-        futures = [pool.submit(prov.run, j) for j in jobs]
-        while not all(f.done() for f in futures):
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        prov.stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        if args.dry_run:
+            results = run_parallel(lambda r: dry_run_one(prov, r), results, args.parallel, prov.stop)
+        else:
+            try:
+                prov.check_locking()
+            except volume_lock.LockError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return EXIT_FAILED
+            results = run_parallel(prov.run, results, args.parallel, prov.stop)
+    except volume_lock.Interrupted:
         print("interrupted; partial downloads are kept as .part files and resume on the next run", file=sys.stderr)
         return EXIT_FAILED
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    pool.shutdown()
-    print(summary(jobs, dry_run=False))
-    failed = [j for j in jobs if not j.ok and not j.entry.optional]
-    warned = [j for j in jobs if not j.ok and j.entry.optional]
+    print(summary(results, dry_run=args.dry_run))
+    failed = [r for r in results if not r.ok and not r.entry.optional]
+    warned = [r for r in results if not r.ok and r.entry.optional]
+    if args.dry_run:
+        return EXIT_FAILED if failed else EXIT_OK
     if warned:
         log.warning("%d optional model(s) failed; continuing without them", len(warned))
     if failed:

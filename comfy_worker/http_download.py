@@ -66,7 +66,9 @@ from urllib.parse import unquote, urljoin, urlparse
 
 import requests
 
-log = logging.getLogger("download")
+from comfy_worker.log_setup import redact_urls
+
+log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 READ_SIZE = 1 * MiB
@@ -104,7 +106,8 @@ class SourceChanged(DownloadError):
 
 
 class _RangeMismatch(DownloadError):
-    """A 206 answer for another range than the one asked for."""
+    """A 206 answer for another range than the one asked for, or a 200 (the whole file) to a chunk
+    request: this server cannot be trusted with ranges."""
 
 
 class RetryableError(Exception):
@@ -121,9 +124,10 @@ class Probe:
     status: int
     size: int | None
     ranges: bool
-    filename: str | None
+    filename: str | None  # the server's name (Content-Disposition), made safe; None when none is usable
     validator: str | None
     content_type: str | None
+    offered_name: str | None = None  # that name as the server sent it, to say what was changed
 
 
 @dataclass
@@ -135,34 +139,76 @@ class Result:
     connections: int
 
 
+# Our own suffixes next to a target (``.part``, its records, their temp files, the lock, hf_xet's staging
+# folder): a server-chosen name must not be one of them, and a name plus the longest must fit the
+# filesystem's 255-byte limit.
+OWN_SUFFIXES = (".part", ".part.source", ".part.state", ".tmp", ".lock", ".part.hf")
+LONGEST_SUFFIX = ".part.source.tmp"
+NAME_MAX = 255
+MAX_NAME_BYTES = NAME_MAX - len(LONGEST_SUFFIX) - 2  # also leaves room for hf_xet's ".<name>.part.hf"
+# control characters (C0, DEL, C1) and the Unicode format characters that reorder or hide text (bidi
+# overrides and isolates, zero-width marks, BOM)
+_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
 def safe_filename(name: str | None) -> str | None:
-    """A plain file name (no directories, no '..', no leading '-') or None."""
+    """A plain file name fit to create and to show, or None when there is none to be had.
+
+    Directories are dropped (``a/b`` -> ``b``), control and bidi/zero-width characters removed, leading
+    dots stripped (no hidden files such as ``.bashrc``); an option-like name (``-rf``) or one ending in
+    one of our own suffixes (``x.part``) is refused; a name longer than ``MAX_NAME_BYTES`` (UTF-8) is
+    shortened, keeping its extension, so that it plus our suffixes fits the filesystem's limit."""
     if not name:
         return None
-    name = name.replace("\\", "/").rsplit("/", 1)[-1].strip().strip('"').strip()
-    if not name or name in (".", "..") or name.startswith("-") or "\x00" in name:
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = _UNSAFE_CHARS.sub("", name).strip().strip('"').strip().lstrip(".").strip()
+    if not name or name.startswith("-") or name.lower().endswith(OWN_SUFFIXES):
         return None
-    return name
+    if len(name.encode()) > MAX_NAME_BYTES:
+        stem, dot, ext = name.rpartition(".")
+        ext = dot + ext if dot and 0 < len(ext.encode()) <= 16 else ""
+        stem = name[: len(name) - len(ext)] if ext else name
+        budget = MAX_NAME_BYTES - len(ext.encode())
+        stem = stem.encode()[:budget].decode(errors="ignore").rstrip()
+        name = stem + ext
+    return name or None
 
 
-def content_disposition_filename(value: str | None) -> str | None:
-    """The file name in a Content-Disposition header (RFC 6266 ``filename*`` preferred), sanitised."""
+def content_disposition_name(value: str | None) -> str | None:
+    """The file name a Content-Disposition header offers (RFC 6266 ``filename*`` preferred), as sent:
+    not yet safe to use (see ``content_disposition_filename``)."""
     if not value:
         return None
     m = re.search(r"filename\*\s*=\s*([^']*)'[^']*'([^;]+)", value, re.IGNORECASE)
     if m:
         try:
-            return safe_filename(unquote(m.group(2).strip(), encoding=m.group(1) or "utf-8"))
+            return unquote(m.group(2).strip(), encoding=m.group(1) or "utf-8")
         except LookupError:
             pass
     m = re.search(r'filename\s*=\s*"((?:[^"\\]|\\.)*)"', value, re.IGNORECASE) or re.search(
         r"filename\s*=\s*([^;]+)", value, re.IGNORECASE
     )
-    return safe_filename(m.group(1).replace('\\"', '"')) if m else None
+    return m.group(1).replace('\\"', '"') if m else None
+
+
+def content_disposition_filename(value: str | None) -> str | None:
+    """The file name in a Content-Disposition header, sanitised (``safe_filename``)."""
+    return safe_filename(content_disposition_name(value))
 
 
 def url_filename(url: str) -> str | None:
+    """The last path segment of ``url``, decoded and made safe (see ``safe_filename``), or None."""
     return safe_filename(unquote(urlparse(url).path.rsplit("/", 1)[-1]))
+
+
+_PATH_QUERY = re.compile(r"""(/[^\s'"<>?#()]*)[?#][^\s'"<>()]*""")
+
+
+def scrub(text: str) -> str:
+    """``text`` without any URL's query string or credentials, also where a library quotes only a path
+    with its query (requests: ``Max retries exceeded with url: /f?X-Amz-Signature=...``): a signed CDN
+    link carries a short-lived credential there. Every error text of this module goes through it."""
+    return _PATH_QUERY.sub(r"\1?…", redact_urls(text))
 
 
 def same_host(a: str, b: str) -> bool:
@@ -340,7 +386,7 @@ class Downloader:
                     method, url, headers=hop_headers, stream=True, allow_redirects=False, timeout=(10, self.timeout)
                 )
             except NETWORK_ERRORS as err:
-                raise RetryableError(f"{urlparse(url).netloc}: {type(err).__name__}: {err}") from None
+                raise RetryableError(f"{urlparse(url).netloc}: {type(err).__name__}: {scrub(str(err))}") from None
             if resp.status_code in REDIRECTS and resp.headers.get("Location"):
                 resp.close()
                 url = urljoin(url, resp.headers["Location"])
@@ -372,9 +418,9 @@ class Downloader:
             try:
                 return fn()
             except RetryableError as err:
-                failure, retry_after = str(err), err.retry_after
+                failure, retry_after = scrub(str(err)), err.retry_after
             except NETWORK_ERRORS as err:
-                failure, retry_after = f"{type(err).__name__}: {err}", None
+                failure, retry_after = f"{type(err).__name__}: {scrub(str(err))}", None
             now = progress_made() if progress_made else 0
             if now != last:
                 attempt, last = 0, now
@@ -413,7 +459,8 @@ class Downloader:
                 status=resp.status_code,
                 size=size,
                 ranges=ranges,
-                filename=content_disposition_filename(resp.headers.get("Content-Disposition")),
+                filename=safe_filename(offered := content_disposition_name(resp.headers.get("Content-Disposition"))),
+                offered_name=offered,
                 validator=resp.headers.get("ETag") or resp.headers.get("Last-Modified"),
                 content_type=resp.headers.get("Content-Type"),
             )
@@ -463,12 +510,18 @@ class Downloader:
         if expected_size is not None and size is not None and size != expected_size:
             raise DownloadError(f"the server's file has {size} bytes but {expected_size} were expected")
         size = size if size is not None else expected_size
-        progress = progress or (lambda done, total: None)
+        report = progress or (lambda done, total: None)
+        reached = [0]  # the most bytes on disk so far: a renewal that led to progress resets the count
+
+        def progress(done: int, total: int | None) -> None:
+            reached[0] = max(reached[0], done)
+            report(done, total)
+
         part.parent.mkdir(parents=True, exist_ok=True)
         identity = {"source": source or url, "validator": probe.validator, "size": size}
         _claim_part(part, identity)
         use_parallel = probe.ranges and size is not None and size >= self.parallel_min_size and self.connections > 1
-        renewed = False
+        renewals, renewed_at = 0, -1
         try:
             while True:
                 try:
@@ -487,10 +540,20 @@ class Downloader:
                     discard_part(part)
                     _claim_part(part, identity)
                 except HttpStatusError as err:
-                    # a signed CDN link (what CivitAI and the Hub redirect to) can expire mid-download:
-                    # ask the original URL for a fresh one and carry on from the part
-                    if renewed or err.status not in (401, 403, 410) or same_host(probe.url, url):
+                    # a signed CDN link (what CivitAI, the Hub and many sites redirect to) can expire
+                    # mid-download, more than once for a big file: ask the original URL for a fresh
+                    # one and carry on from the part, until the fresh links stop helping
+                    if err.status not in (401, 403, 410) or same_host(probe.url, url):
                         raise
+                    if reached[0] > renewed_at:
+                        renewals, renewed_at = 0, reached[0]
+                    renewals += 1
+                    if renewals > self.retries:
+                        raise DownloadError(
+                            f"{urlparse(probe.url).netloc} kept refusing the download link (HTTP {err.status}) "
+                            f"although {urlparse(url).netloc} gave a fresh one {renewals - 1} times in a row "
+                            "without any progress; the partial file is kept, run again later"
+                        ) from None
                     log.info(
                         "%s refused the download link (HTTP %d); asking %s for a new one",
                         *(urlparse(probe.url).netloc, err.status, urlparse(url).netloc),
@@ -501,7 +564,7 @@ class Downloader:
                             f"the file changed on the server during the download ({urlparse(url).netloc}); "
                             "the partial file was deleted, run again to download the new version"
                         ) from None
-                    probe, renewed = replace(fresh, ranges=probe.ranges), True
+                    probe = replace(fresh, ranges=probe.ranges)
         except SourceChanged:
             discard_part(part)
             raise
@@ -515,6 +578,7 @@ class Downloader:
                 f"sha256 mismatch: got {result.sha256}, expected {expected_sha256.lower()}; the partial file "
                 "was deleted (if the file was updated upstream, update sha256 in the config)"
             )
+        fsync_path(part)  # the bytes are on disk before anyone renames or records them
         state_path(part).unlink(missing_ok=True)
         source_path(part).unlink(missing_ok=True)
         return result
@@ -545,60 +609,71 @@ class Downloader:
                 pipe.digest.update(block)
                 remaining -= len(block)
         resumed_from = prefix
-        box = {"pos": prefix, "fetched": 0, "ranges": True}
+        conn = _Connection(pos=prefix)
         if size is not None and prefix == size:
             return Result(size, pipe.hexdigest(), 0, resumed_from, 0)
 
-        def restart(f) -> None:
-            pipe.reset()
-            box["pos"] = 0
-            f.truncate(0)
-
         def attempt() -> None:
             headers = {}
-            if box["pos"] > 0 and box["ranges"]:
-                headers["Range"] = f"bytes={box['pos']}-"
+            if conn.pos > 0 and conn.ranges:
+                headers["Range"] = f"bytes={conn.pos}-"
                 if probe.validator and not probe.validator.startswith("W/"):
                     headers["If-Range"] = probe.validator
             resp = self.open(probe.url, "GET", headers)
             with resp, open(part, "r+b") as f:
-                if resp.status_code == 416 and size is not None and box["pos"] == size:
+                if resp.status_code == 416 and size is not None and conn.pos == size:
                     return
                 if resp.status_code == 206:
                     try:
-                        _check_range(resp, box["pos"], size)
+                        _check_range(resp, conn.pos, size)
                     except _RangeMismatch as err:
                         if "Range" not in headers:
                             raise
                         # never trust this server with a range again: the whole file, from the start
                         log.warning("%s; starting over without ranges", err)
-                        box["ranges"] = False
-                        restart(f)
+                        conn.ranges = False
+                        conn.restart(f, pipe)
                         raise RetryableError(str(err)) from None
-                if box["pos"] > 0 and resp.status_code == 200:
+                if conn.pos > 0 and resp.status_code == 200:
                     log.info("%s ignored the Range request; starting over", urlparse(probe.url).netloc)
-                    restart(f)
+                    conn.restart(f, pipe)
                 elif resp.status_code not in (200, 206):
                     raise DownloadError(f"unexpected HTTP {resp.status_code} from {urlparse(probe.url).netloc}")
                 fd = f.fileno()
                 for block in iter_body(resp, pipe):
                     n = len(block)
                     try:
-                        write_at(fd, block, box["pos"])
+                        write_at(fd, block, conn.pos)
                     except BaseException:
                         pipe.put_back(block)
                         raise
                     pipe.feed(block)
-                    box["pos"] += n
-                    box["fetched"] += n
-                    progress(box["pos"], size)
+                    conn.pos += n
+                    conn.fetched += n
+                    progress(conn.pos, size)
                     if stop.is_set():
                         raise DownloadError("interrupted")
-            if size is not None and box["pos"] < size:
-                raise RetryableError(f"connection closed at {box['pos']} of {size} bytes")
+            if size is not None and conn.pos < size:
+                raise RetryableError(f"connection closed at {conn.pos} of {size} bytes")
 
-        self.with_retries(f"download {urlparse(probe.url).netloc}", attempt, lambda: box["pos"], stop)
-        return Result(box["pos"], pipe.hexdigest(), box["fetched"], resumed_from, 1)
+        self.with_retries(f"download {urlparse(probe.url).netloc}", attempt, lambda: conn.pos, stop)
+        return Result(conn.pos, pipe.hexdigest(), conn.fetched, resumed_from, 1)
+
+
+@dataclass
+class _Connection:
+    """Where a single-connection download stands: the next byte to write (= bytes in the part and in
+    the hash), the bytes this call received, and whether the server may still be asked for a range."""
+
+    pos: int
+    fetched: int = 0
+    ranges: bool = True
+
+    def restart(self, f, pipe: _HashPipe) -> None:
+        """Back to byte 0: the part emptied and the hash restarted."""
+        pipe.reset()
+        self.pos = 0
+        f.truncate(0)
 
 
 def write_at(fd: int, data: memoryview, offset: int) -> None:
@@ -635,6 +710,15 @@ def state_path(part: Path) -> Path:
 
 def source_path(part: Path) -> Path:
     return part.with_name(part.name + ".source")
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a folder's: its entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def discard_part(part: Path) -> None:
@@ -695,6 +779,15 @@ def _contiguous_prefix(part: Path, state: Path) -> int:
         if pos < min((k + 1) * chunk, total):
             break
     return min(pos, part.stat().st_size)
+
+
+@dataclass
+class _Hashing:
+    """What the hasher thread of a parallel download shares with the main thread: the order to stop
+    (set under the fetch's condition) and, once the whole file went through it, the sha256."""
+
+    abort: bool = False
+    sha256: str | None = None
 
 
 class _ParallelFetch:
@@ -785,6 +878,11 @@ class _ParallelFetch:
             headers["If-Range"] = self.probe.validator
         resp = self.dl.open(self.probe.url, "GET", headers)
         with resp:
+            if resp.status_code == 200:
+                # e.g. replicas behind a load balancer whose ETags differ, so If-Range fails on some
+                raise _RangeMismatch(
+                    f"{urlparse(self.probe.url).netloc} answered a request for chunk {k} with the whole file (200)"
+                )
             if resp.status_code != 206:
                 raise DownloadError(
                     f"{urlparse(self.probe.url).netloc} answered {resp.status_code} to a range request "
@@ -806,7 +904,7 @@ class _ParallelFetch:
         if pos < end:
             raise RetryableError(f"connection closed at byte {pos - start} of chunk {k}")
 
-    def _hasher(self, view: memoryview, box: dict) -> None:
+    def _hasher(self, view: memoryview, hashing: _Hashing) -> None:
         digest = hashlib.sha256()
         pos = 0
         try:
@@ -815,18 +913,18 @@ class _ParallelFetch:
                     while True:
                         k = pos // self.chunk
                         avail = k * self.chunk + self.done[k]
-                        if avail > pos or self.error is not None or box.get("abort"):
+                        if avail > pos or self.error is not None or hashing.abort:
                             break
                         self.cond.wait(0.5)
                     if avail <= pos:
                         return
-                while pos < avail and not box.get("abort"):
+                while pos < avail and not hashing.abort:
                     n = min(HASH_READ, avail - pos)
                     with view[pos : pos + n] as block:
                         digest.update(block)
                     pos += n
             if pos == self.size:
-                box["sha256"] = digest.hexdigest()
+                hashing.sha256 = digest.hexdigest()
         except BaseException as err:  # noqa: BLE001
             with self.cond:
                 self.error = self.error or err
@@ -834,7 +932,7 @@ class _ParallelFetch:
 
     def run(self) -> Result:
         fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
-        box: dict = {}
+        hashing = _Hashing()
         mapped = view = hasher = None
         try:
             self._save_state()
@@ -847,7 +945,7 @@ class _ParallelFetch:
                 threading.Thread(target=self._worker, args=(fd,), daemon=True, name=f"dl-{i}")
                 for i in range(min(self.dl.connections, self.n))
             ]
-            hasher = threading.Thread(target=self._hasher, args=(view, box), daemon=True, name="dl-hash")
+            hasher = threading.Thread(target=self._hasher, args=(view, hashing), daemon=True, name="dl-hash")
             hasher.start()
             for w in workers:
                 w.start()
@@ -869,18 +967,18 @@ class _ParallelFetch:
             with self.cond:
                 complete = sum(self.done) == self.size
                 if not complete or self.error is not None:
-                    box["abort"] = True
+                    hashing.abort = True
                 self.cond.notify_all()
             hasher.join()
             if self.error is not None:
                 raise self.error
-            if not complete or "sha256" not in box:
+            if not complete or hashing.sha256 is None:
                 raise DownloadError("download stopped before the end")
             self.progress(self.size, self.size)
         finally:
             if hasher is not None and hasher.is_alive():
                 with self.cond:
-                    box["abort"] = True
+                    hashing.abort = True
                     self.cond.notify_all()
                 hasher.join()
             if view is not None:
@@ -888,4 +986,4 @@ class _ParallelFetch:
             if mapped is not None:
                 mapped.close()
             os.close(fd)
-        return Result(self.size, box["sha256"], self.fetched, self.resumed_from, min(self.dl.connections, self.n))
+        return Result(self.size, hashing.sha256, self.fetched, self.resumed_from, min(self.dl.connections, self.n))

@@ -124,7 +124,7 @@ def test_downloads_from_nginx_verifies_records_and_skips_next_time_without_netwo
         "vae.safetensors",
     ]
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["name", "size", "source", "seconds", "MB/s", "status"]
+    assert lines[0].split() == ["name", "size", "source", "seconds", "MB/s", "action", "status"]
     assert "downloaded" in r.stdout
     lock = box.lock()["models"]
     assert {(e["destination"], e["filename"], e["sha256"], e["size"]) for e in lock} == {
@@ -281,7 +281,9 @@ def test_two_processes_on_the_same_target_download_once(box, origin, blob, tmp_p
         with open(tmp_path / f"run{i}.out", "w") as out, open(logs[i], "w") as err:
             procs.append(subprocess.Popen(box.argv(), env=box.env, stdout=out, stderr=err, text=True))
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any("another process is downloading it" in f.read_text() for f in logs):
+    while time.monotonic() < deadline and not any(
+        "waiting for another process downloading m.safetensors" in f.read_text() for f in logs
+    ):
         time.sleep(0.05)
     waiting.set()
     for p in procs:
@@ -291,7 +293,7 @@ def test_two_processes_on_the_same_target_download_once(box, origin, blob, tmp_p
     stdout = [o[0] for o in outs]
     assert sorted("downloaded" in s for s in stdout) == [False, True]
     assert any("present" in s for s in stdout)
-    assert any("another process is downloading it" in o[1] for o in outs)
+    assert any("waiting for another process downloading m.safetensors" in o[1] for o in outs)
     assert origin.sent("/m.safetensors") < size * 1.05
     assert sha_of(box.models / "checkpoints" / "m.safetensors") == sha
 
@@ -402,7 +404,7 @@ def test_dry_run_shows_what_where_and_size_and_writes_nothing(box, origin, blob)
     )
     r = box.run("--dry-run")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0].split() == ["name", "size", "source", "target", "from", "action"]
+    assert r.stdout.splitlines()[0].split() == ["name", "size", "source", "target", "from", "action", "status"]
     assert "5.0 MiB" in r.stdout and r.stdout.count("would download") == 2
     assert str(box.models / "vae" / "v.safetensors") in r.stdout
     assert f"{origin.url}/m.safetensors" in r.stdout

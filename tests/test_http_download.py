@@ -372,3 +372,89 @@ def test_a_stop_during_the_retry_backoff_ends_the_wait_at_once(origin, blob, tmp
     assert not worker.is_alive()
     assert "interrupted" in outcome["error"]
     assert len(origin.seen("/m.bin")) == 1
+
+
+def test_a_200_answer_to_a_chunk_request_falls_back_to_one_connection(origin, blob, tmp_path):
+    # replicas behind a load balancer with different ETags: If-Range fails, the whole file comes back
+    path, sha = blob
+    origin.add("/m.bin", file=path, whole_for_ranges=True)
+    part = tmp_path / "m.bin.part"
+    result = fast(connections=3, parallel_min_size=MiB, chunk_size=MiB).fetch(f"{origin.url}/m.bin", part)
+    assert result.sha256 == sha and result.connections == 1
+    assert part.read_bytes() == path.read_bytes()
+    assert not state_path(part).exists()
+
+
+def test_a_sha256_mismatch_on_the_parallel_path_deletes_the_part_and_its_records(origin, blob, tmp_path):
+    path, _ = blob
+    origin.add("/m.bin", file=path)
+    part = tmp_path / "m.bin.part"
+    dl = fast(connections=3, parallel_min_size=MiB, chunk_size=MiB)
+    seen = []
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        dl.fetch(f"{origin.url}/m.bin", part, expected_sha256="ab" * 32, progress=lambda d, t: seen.append(d))
+    assert seen and max(seen) == path.stat().st_size  # it really went the parallel way to the end
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no .part, .part.state, .part.source
+
+
+def test_an_expired_link_is_renewed_as_often_as_it_helps_and_given_up_when_it_does_not(blob, tmp_path):
+    path, sha = blob
+    with FaultyOrigin() as site, FaultyOrigin() as cdn:
+        signed = cdn.add("/signed/m.bin", file=path, trickle=MiB)  # every answer drops after 1 MiB
+        site.add("/download/1", redirect=f"{cdn.url}/signed/m.bin?expires=soon")
+        expired_at = set()
+
+        def expire_link(done, total):
+            for mark in (2 * MiB, 3 * MiB, 5 * MiB):  # the link expires three times during the download
+                if done >= mark and mark not in expired_at:
+                    expired_at.add(mark)
+                    signed.fail_statuses.append(403)
+
+        # retries=2: the bound counts renewals in a row without progress, not renewals in all
+        result = fast(retries=2).fetch(f"{site.url}/download/1", tmp_path / "m.part", progress=expire_link)
+        assert result.sha256 == sha
+        assert [s.status for s in cdn.seen()].count(403) == 3
+        assert len(site.seen("/download/1")) == 4  # the first link and three fresh ones
+        assert cdn.sent("/signed/m.bin") < path.stat().st_size * 1.05
+
+        def refuse_every_body(h, seen, head):
+            if seen.headers.get("range") != "bytes=0-0":
+                seen.status = 403
+                cdn._plain(h, 403, b"expired\n", head)
+                return True
+            return False
+
+        cdn.add("/signed/never.bin", file=path, handler=refuse_every_body)
+        site.add("/download/2", redirect=f"{cdn.url}/signed/never.bin?expires=soon")
+        with pytest.raises(DownloadError, match=r"kept refusing the download link \(HTTP 403\)") as err:
+            fast(retries=3).fetch(f"{site.url}/download/2", tmp_path / "n.part")
+        assert "expires" not in str(err.value)
+        assert len(site.seen("/download/2")) == 1 + 3  # the first link and three fresh ones, then it gave up
+
+
+def test_a_signed_link_never_reaches_an_error_text_even_a_librarys(tmp_path):
+    # the link points at a port where nothing listens: requests' own error text quotes the path and
+    # its query string ("Max retries exceeded with url: /m.bin?X-Amz-Signature=...")
+    from support.origins import free_port
+
+    with FaultyOrigin() as site:
+        site.add("/download/1", redirect=f"http://127.0.0.1:{free_port()}/m.bin?X-Amz-Signature=SIGNEDsecret42")
+        with pytest.raises(DownloadError) as err:
+            fast(retries=2).fetch(f"{site.url}/download/1", tmp_path / "m.part")
+    assert "Max retries exceeded" in str(err.value) or "Connection" in str(err.value)
+    assert "SIGNEDsecret42" not in str(err.value) and "X-Amz-Signature" not in str(err.value)
+
+
+def test_server_chosen_names_are_made_safe_and_short_enough():
+    from comfy_worker.http_download import MAX_NAME_BYTES, safe_filename
+
+    assert content_disposition_filename("attachment; filename*=UTF-8''evil%0AINFO%20x.safetensors") == (
+        "evilINFO x.safetensors"
+    )
+    assert content_disposition_filename("attachment; filename*=UTF-8''%E2%80%AEcod.safetensors") == "cod.safetensors"
+    assert content_disposition_filename('attachment; filename=".bashrc"') == "bashrc"
+    assert content_disposition_filename('attachment; filename="x.part"') is None
+    assert content_disposition_filename('attachment; filename="m.safetensors.lock"') is None
+    long = safe_filename("é" * 120 + ".safetensors")
+    assert long.endswith(".safetensors") and len(long.encode()) <= MAX_NAME_BYTES
+    assert len((long + ".part.source.tmp").encode()) <= 255

@@ -3,12 +3,13 @@
 - ``NginxOrigin``: Debian's real nginx serving a folder on 127.0.0.1 (Range support, optional
   ``limit_rate`` per connection under ``/limited/``), with its own config, pid and logs in a temp dir.
 - ``FaultyOrigin``: a small threaded Python server whose routes can drop the connection after N bytes
-  (once, or on every response: ``trickle``), answer with error statuses first, ignore Range, answer a
+  (once, or on every response: ``trickle``), answer with error statuses first, ignore Range (always, or
+  all but the probe's: ``whole_for_ranges``, like replicas whose ETags differ), answer a
   range from another offset, go without a validator, redirect, or stream slowly; it records every request's
   headers and how many body bytes it sent, so tests can prove what was fetched and who got which token.
 - ``fake_huggingface`` / ``fake_civitai``: routes that speak the Hugging Face resolve protocol
-  (``HEAD``/``GET /{repo}/resolve/{rev}/{path}`` with ETag, X-Repo-Commit, X-Linked-Size and a redirect
-  to a CDN) and CivitAI's download and model API, so the real client code runs against them.
+  (``HEAD``/``GET /{repo}/resolve/{rev}/{path}``, at the branch and at the commit, with ETag,
+  X-Repo-Commit, X-Linked-Size and a redirect to a CDN) and CivitAI's download and model API, so the real client code runs against them.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class Route:
     drop_after: int | None = None  # close the connection after this many body bytes ...
     drops: int = 1  # ... this many times
     ignore_range: bool = False
+    whole_for_ranges: bool = False  # answer the probe (bytes=0-0) with 206, every other range with 200 + the whole file
     range_shift: int = 0  # answer a range starting at N > 0 from N + range_shift (with an honest Content-Range)
     trickle: int | None = None  # send at most this many body bytes per response, then drop the connection
     etag: str | None = '"v1"'  # None: no validator at all
@@ -289,7 +291,7 @@ class FaultyOrigin:
         start, end = 0, size
         rng = seen.headers.get("range")
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", rng or "")
-        partial = bool(m) and not route.ignore_range
+        partial = bool(m) and not route.ignore_range and not (route.whole_for_ranges and rng != "bytes=0-0")
         if partial:
             start = int(m.group(1))
             end = min(size, int(m.group(2)) + 1) if m.group(2) else size
@@ -369,16 +371,17 @@ def fake_huggingface(hub: FaultyOrigin, cdn: FaultyOrigin, repo: str, files: dic
         cdn_path = f"/repos/{sha}"
         cdn.add(cdn_path, file=local, headers={"Content-Disposition": f'attachment; filename="{Path(name).name}"'})
         location = f"{cdn.url}{cdn_path}?X-Amz-Signature=fake"
-        hub.add(
-            f"/{repo}/resolve/{rev}/{quote(name)}",
-            redirect=location,
-            headers={
-                "X-Repo-Commit": commit,
-                "X-Linked-Size": str(local.stat().st_size),
-                "X-Linked-Etag": f'"{sha}"',
-                "ETag": f'"{sha}"',
-            },
-        )
+        for revision in (rev, commit):  # the hub also resolves a file at its exact commit
+            hub.add(
+                f"/{repo}/resolve/{revision}/{quote(name)}",
+                redirect=location,
+                headers={
+                    "X-Repo-Commit": commit,
+                    "X-Linked-Size": str(local.stat().st_size),
+                    "X-Linked-Etag": f'"{sha}"',
+                    "ETag": f'"{sha}"',
+                },
+            )
     return commit
 
 
