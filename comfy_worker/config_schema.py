@@ -433,7 +433,7 @@ def _problems_from(err: ValidationError, raw: Any) -> list[str]:
             problems.extend(msg.split("\n"))
         else:
             in_entry = loc[0] in _SECTIONS and len(loc) > 2
-            field = _clip(".".join(map(str, loc[2:] if in_entry else loc)), 80)
+            field = _clip(".".join(map(str, loc[2:] if in_entry else loc[1:] or loc)), 80)
             problems.append(f"{_entry_label(raw, loc)}: {field}: {msg}")
     if not any(not e["loc"] for e in err.errors()):  # duplicates are only checked once all else is valid
         problems.extend(_duplicate_problems(_individually_valid(raw, "models"), _individually_valid(raw, "nodes")))
@@ -476,7 +476,7 @@ class _DuplicateKeyLoader(yaml.SafeLoader):
 
     def __init__(self, stream: str):
         super().__init__(stream)
-        self.duplicates: list[str] = []
+        self.duplicates: list[tuple[int, str]] = []
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         first_line: dict[Any, int] = {}
@@ -493,8 +493,11 @@ class _DuplicateKeyLoader(yaml.SafeLoader):
             except TypeError:  # unhashable: SafeLoader reports it itself
                 continue
             self.duplicates.append(
-                f"duplicate key {_shown(key)} at line {line} (first at line {first}): YAML would keep only "
-                "the last one; merge the two into one"
+                (
+                    line,
+                    f"duplicate key {_shown(key)} at line {line} (first at line {first}): YAML would keep only "
+                    "the last one; merge the two into one",
+                )
             )
         return super().construct_mapping(node, deep=deep)
 
@@ -515,14 +518,17 @@ def _yaml_problem(err: BaseException) -> str:
 
 
 def _read_yaml(text: str) -> tuple[Any, list[str]]:
-    """The data of ``text`` and its duplicate-key problems; raises _YamlFailure when it is not YAML."""
-    loader = _DuplicateKeyLoader(text)
+    """The data of ``text`` and its duplicate-key problems in line order; raises _YamlFailure when it
+    is not YAML."""
+    loader = None
     try:
-        return loader.get_single_data(), loader.duplicates
+        loader = _DuplicateKeyLoader(text)  # checks the characters at once
+        return loader.get_single_data(), [problem for _, problem in sorted(loader.duplicates)]
     except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: an int of > 4300 digits
         raise _YamlFailure(_yaml_problem(err)) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _yaml_load(text: str, source: str) -> Any:

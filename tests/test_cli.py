@@ -6,6 +6,7 @@ import base64
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,65 @@ def test_malformed_env_var_is_one_line_and_exit_2(script):
     result = run(script, "--validate-only", "--config", str(ROOT / "config.yml"), env={"COMFY_PORT": "eighty"})
     assert result.returncode == 2
     assert result.stderr == "error: environment variable COMFY_PORT must be a whole number, got 'eighty'\n"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_non_utf8_config_is_invalid_exit_2_naming_file_and_offset(script, tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_bytes(b"# caf\xe9\nmodels: []\n")
+    result = run(script, "--validate-only", "--config", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"error: {path} is invalid (1 problem(s)):",
+        f"  {path} is not UTF-8 text: byte 0xe9 at byte offset 5 (line 1) cannot be decoded; save it as UTF-8",
+    ]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_duplicate_keys_exit_2_with_both_lines(script, tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_text("nodes:\n  - url: https://github.com/a/b.git\nnodes:\n  - url: https://github.com/a/c.git\n")
+    result = run(script, "--validate-only", "--config", str(path))
+    assert result.returncode == 2
+    assert "  duplicate key 'nodes' at line 3 (first at line 1)" in result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_empty_config_yml_is_an_error_and_does_not_fall_back(script, tmp_path):
+    (tmp_path / "config.yml").write_text("models: []\n")  # a valid file that must NOT be used instead
+    result = run(script, "--validate-only", env={"CONFIG_YML": "", "VOLUME_ROOT": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("error: CONFIG_YML is invalid (1 problem(s)):\n  the value is empty;")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_alias_bomb_config_yml_gives_a_short_message_fast(script):
+    lines = ["models:", "- url: &a [x,x,x,x,x,x,x,x,x]", "  destination: vae"]
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines += [f"- url: &{name} [{','.join(['*' + prev] * 9)}]", "  destination: vae"]
+    started = time.monotonic()
+    result = run(script, "--validate-only", env={"CONFIG_YML": "\n".join(lines)})
+    assert time.monotonic() - started < 10
+    assert result.returncode == 2
+    assert len(result.stderr) < 2000, len(result.stderr)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_config_yml_syntax_error_gives_line_and_column(script):
+    result = run(script, "--validate-only", env={"CONFIG_YML": "models:\n\t- url: x\n"})
+    assert result.returncode == 2
+    assert "Read as YAML, it is not valid YAML at line 2, column 1" in result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_token_in_a_model_url_is_rejected_masked(script, tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_text(
+        "models:\n  - url: https://civitai.com/api/download/models/1?token=SeCrEt1234\n    destination: loras\n"
+    )
+    result = run(script, "--validate-only", "--config", str(path))
+    assert result.returncode == 2
+    assert "SeCrEt1234" not in result.stderr
+    assert "(token=***)" in result.stderr and "CIVITAI_TOKEN" in result.stderr

@@ -3,10 +3,13 @@ UTF-8) and CONFIG_YML decoding (docs/config.md), plus the digest and the derived
 (config.schema.json, docs table)."""
 
 import base64
+import gzip
 import json
 import textwrap
+import time
 
 import pytest
+import yaml
 
 from comfy_worker import config_schema
 from comfy_worker.config_schema import (
@@ -110,7 +113,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
     assert "cannot read" in info.value.problems[0] and "nope.yml" in info.value.problems[0]
 
 
-# ---- every rejection of SPEC §3, with the message text ----
+# ---- every rejection of docs/config.md, with the message text ----
 
 
 def test_unknown_key_in_model_names_entry_and_suggests_the_right_key():
@@ -435,3 +438,227 @@ def test_json_schema_rejects_unknown_keys_like_the_loader():
     assert schema["additionalProperties"] is False
     assert schema["$defs"]["ModelEntry"]["additionalProperties"] is False
     assert schema["$defs"]["ModelEntry"]["required"] == ["url", "destination"]
+
+
+# ---- YAML decoding: duplicate keys, bounded messages, UTF-8, numbers that must be quoted ----
+
+
+def test_duplicate_keys_are_rejected_with_both_line_numbers_at_any_depth():
+    text = textwrap.dedent(
+        """\
+        nodes:
+          - url: https://github.com/a/First.git
+        models: []
+        nodes:
+          - url: https://github.com/a/Second.git
+            version: v1
+            version: v2
+        comfyui:
+          ref: a
+          ref: b
+        """
+    )
+    assert problems_of(text) == [
+        "duplicate key 'nodes' at line 4 (first at line 1): YAML would keep only the last one; merge the two into one",
+        "duplicate key 'version' at line 7 (first at line 6): YAML would keep only the last one; merge the two into one",
+        "duplicate key 'ref' at line 10 (first at line 9): YAML would keep only the last one; merge the two into one",
+    ]
+    (problem,) = problems_of("models: [{url: https://e.example/a, destination: vae, destination: loras}]\n")
+    assert problem.startswith("duplicate key 'destination' at line 1 (first at line 1)")
+
+
+def test_the_same_key_in_different_entries_is_not_a_duplicate():
+    cfg = load_config_text("nodes:\n  - url: https://github.com/a/b.git\n  - url: https://github.com/a/c.git\n")
+    assert [n.dir_name() for n in cfg.nodes] == ["b", "c"]
+
+
+def alias_bomb() -> str:
+    """~500 bytes of YAML whose aliases expand to 9**9 strings when printed."""
+    lines = ["models:", "- url: &a [x,x,x,x,x,x,x,x,x]", "  destination: vae"]
+    prev = "a"
+    for name in "bcdefghi":
+        lines += [f"- url: &{name} [{','.join(['*' + prev] * 9)}]", "  destination: vae"]
+        prev = name
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_expansion_never_reaches_a_message():
+    text = alias_bomb()
+    assert len(text) < 600
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config_env(text)
+    assert time.monotonic() - started < 2
+    assert len(str(info.value)) < 2000
+    assert info.value.problems[0] == "models[0]: url: Input should be a valid string"
+
+
+def test_long_values_and_keys_are_clipped_in_messages():
+    url = "https://example.com/" + "a" * 100_000
+    problems = problems_of(
+        yaml.safe_dump({"models": [{"url": url, "destination": "/" + "b" * 100_000, "k" * 5000: 1}]})
+    )
+    assert len(problems) == 2
+    assert all(len(p) < 600 for p in problems)
+    assert all("…" in p for p in problems)
+    many = problems_of(json.dumps({"models": [{"url": f"-{i}", "destination": "vae"} for i in range(200)]}))
+    assert len(many) == 51
+    assert many[-1] == "... and 150 more problem(s); fix these first"
+
+
+def test_non_utf8_config_file_names_the_file_and_the_byte_offset(tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_bytes(b"models:\n  - url: https://e.example/caf\xe9.bin\n    destination: vae\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.source == str(path)
+    assert info.value.problems == [
+        f"{path} is not UTF-8 text: byte 0xe9 at byte offset 38 (line 2) cannot be decoded; save it as UTF-8"
+    ]
+
+
+def test_control_characters_and_huge_numbers_are_yaml_problems_not_crashes():
+    (problem,) = problems_of("models: \x01\n")
+    assert problem.startswith("not valid YAML at character 9: the character #x0001 is not allowed")
+    (problem,) = problems_of("models: " + "1" * 5000 + "\n")
+    assert problem.startswith("not valid YAML: ")
+    (problem,) = problems_of("[" * 3000 + "]" * 3000)
+    assert problem == "not valid YAML for a config: it is nested too deeply"
+
+
+@pytest.mark.parametrize("value", ["1" * 64, "0123", "1.5", "1.5e+10"])
+def test_sha256_that_yaml_reads_as_a_number_says_to_quote_it(value):
+    (problem,) = problems_of(f"models:\n  - url: https://e.example/a.bin\n    destination: vae\n    sha256: {value}\n")
+    assert problem == (
+        "models[0] (https://e.example/a.bin): sha256: YAML reads this unquoted value as a number, not as text "
+        '(digits may already be lost, e.g. a leading 0); put it in quotes, e.g. sha256: "<64 hexadecimal digits>"'
+    )
+    quoted = load_config_text(
+        f'models:\n  - url: https://e.example/a.bin\n    destination: vae\n    sha256: "{"1" * 64}"\n'
+    )
+    assert quoted.models[0].sha256 == "1" * 64
+
+
+def test_other_text_fields_read_as_numbers_or_booleans_say_to_quote_them():
+    (problem,) = problems_of("nodes:\n  - url: https://github.com/a/b.git\n    version: 1.10\n")
+    assert problem.startswith(
+        "nodes[0] (https://github.com/a/b.git): version: YAML reads this unquoted value as a number"
+    )
+    assert problem.endswith('put it in quotes, e.g. version: "1.10"')
+    (problem,) = problems_of("comfyui:\n  ref: yes\n")
+    assert (
+        problem
+        == 'comfyui: ref: YAML reads this unquoted value as the boolean true, not as text; put it in quotes, e.g. ref: "yes"'
+    )
+
+
+# ---- tokens in URL query strings (docs/config.md) ----
+
+
+@pytest.mark.parametrize(
+    "section,url,name,fix",
+    [
+        ("models", "https://civitai.com/api/download/models/1?type=Model&token=SeCrEt1234", "token", "CIVITAI_TOKEN"),
+        ("models", "https://huggingface.co/o/r/resolve/main/m.bin?access_token=SeCrEt1234", "access_token", "HF_TOKEN"),
+        ("models", "https://files.example/m.bin?api_key=SeCrEt1234", "api_key", "CIVITAI_TOKEN (CivitAI) and HF_TOKEN"),
+        ("models", "https://files.example/m.bin?apiKey=SeCrEt1234", "apiKey", "HF_TOKEN"),
+        ("models", "https://files.example/m.bin?auth=SeCrEt1234", "auth", "HF_TOKEN"),
+        ("models", "https://files.example/m.bin?hf_token=SeCrEt1234", "hf_token", "HF_TOKEN"),
+        ("nodes", "https://github.com/org/node.git?private_token=SeCrEt1234", "private_token", "GITHUB_TOKEN"),
+    ],
+)
+def test_tokens_in_the_query_string_are_rejected_masked_with_the_variable_to_use(section, url, name, fix):
+    entry = {"url": url, "destination": "vae"} if section == "models" else {"url": url}
+    (problem,) = problems_of(json.dumps({section: [entry]}))
+    assert "SeCrEt1234" not in problem
+    assert f"{section}[0] (" in problem and "?…): url: must not carry a token in its query string" in problem
+    assert f"({name}=***)" in problem and fix in problem
+
+
+@pytest.mark.parametrize("param", ["sig", "X-Amz-Signature", "X-Goog-Signature"])
+def test_signed_links_are_rejected_masked(param):
+    (problem,) = problems_of(one_model(url=f"https://cdn.example/m.bin?Expires=1&{param}=SeCrEt1234"))
+    assert "SeCrEt1234" not in problem
+    assert f"url: is a signed link ({param}=***" in problem and "use a permanent URL" in problem
+
+
+def test_plain_query_parameters_are_fine_and_never_shown_in_messages():
+    url = "https://civitai.com/api/download/models/12345?type=Model&format=SafeTensor"
+    assert load_config_text(one_model(url=url)).models[0].url == url
+    (problem,) = problems_of(one_model(url=url, destination="../x"))
+    assert problem.startswith("models[0] (https://civitai.com/api/download/models/12345?…): destination:")
+    (problem,) = problems_of(one_model(url="ftp://e.example/a.bin?type=x"))
+    assert problem.endswith("url: must be an http(s) URL, not 'ftp://e.example/a.bin?…'")
+    duplicate = json.dumps(
+        {
+            "models": [
+                {"url": "https://a.example/m.bin", "destination": "vae"},
+                {"url": url + "&x=1", "destination": "vae", "filename": "m.bin"},
+            ]
+        }
+    )
+    assert problems_of(duplicate)[0].startswith(
+        "models[1] (https://civitai.com/api/download/models/12345?…): destination"
+    )
+
+
+# ---- CONFIG_YML: which reading failed, and where ----
+
+
+@pytest.mark.parametrize(
+    "value,where",
+    [
+        (
+            "models:\n\t- url: x\n",
+            "line 2, column 1: found character '\\t' that cannot start any token; indent with spaces",
+        ),
+        ("models: [\n  {url: a, destination: vae}\n", "line 3, column 1: expected ',' or ']'"),
+    ],
+    ids=["tab", "unclosed_bracket"],
+)
+def test_config_yml_yaml_syntax_error_keeps_its_line_and_column(value, where):
+    with pytest.raises(ConfigError) as info:
+        decode_config_env(value)
+    (problem,) = info.value.problems
+    assert problem.startswith("the value is neither a YAML mapping (models:/nodes:) nor base64 of one. Read as YAML")
+    assert f"not valid YAML at {where}" in problem
+    assert "Read as base64, it has characters outside the base64 alphabet" in problem
+    assert problem.endswith("encode the file with `base64 -w0 config.yml`")
+
+
+def test_config_yml_base64_of_gzip_names_gzip():
+    with pytest.raises(ConfigError) as info:
+        decode_config_env(base64.b64encode(gzip.compress(SMALL.encode())).decode())
+    (problem,) = info.value.problems
+    assert "it is base64 of gzip-compressed data, which CONFIG_YML does not take" in problem
+    assert problem.endswith("encode the file with `base64 -w0 config.yml` (without gzip)")
+
+
+def test_config_yml_base64_of_binary_names_the_byte():
+    with pytest.raises(ConfigError) as info:
+        decode_config_env(base64.b64encode(b"models: \xff\xfe").decode())
+    assert "decodes from base64 to binary data (byte 0xff at byte offset 8 is not UTF-8)" in info.value.problems[0]
+
+
+def test_config_yml_base64_whose_yaml_is_broken_says_it_was_decoded():
+    with pytest.raises(ConfigError) as info:
+        decode_config_env(b64("models:\n\t- x\n"))
+    assert info.value.source == "CONFIG_YML (decoded from base64)"
+    assert info.value.problems[0].startswith("not valid YAML at line 2, column 1")
+
+
+@pytest.mark.parametrize("value", ["", "  \n\t "])
+def test_config_yml_empty_or_blank_is_an_error(value):
+    with pytest.raises(ConfigError) as info:
+        decode_config_env(value)
+    assert info.value.source == "CONFIG_YML"
+    assert info.value.problems == [
+        "the value is empty; set it to a config.yml or its base64 (`base64 -w0 config.yml`), "
+        "or unset CONFIG_YML to use $VOLUME_ROOT/config.yml"
+    ]
+
+
+def test_config_yml_with_duplicate_keys_is_rejected():
+    with pytest.raises(ConfigError) as info:
+        load_config_env("models: []\nmodels: []\n")
+    assert info.value.problems[0].startswith("duplicate key 'models' at line 2 (first at line 1)")
