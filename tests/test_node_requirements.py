@@ -161,6 +161,7 @@ def test_a_local_build_tag_of_the_same_torch_version_is_refused(tmp_path, wheels
     a = node(tmp_path, "WantsCpuBuild", "torch==1.0.0+cpu\n")
     result = node_requirements.install([a], venv)
     assert result[a.label].startswith("nodes[0] WantsCpuBuild: requirements.txt cannot be installed"), result
+    assert "\u2192" not in result[a.label]  # the resolver refused it: torch was never changed (and restored)
     assert installed_version(venv.python, "torch") == "1.0.0"
 
 
