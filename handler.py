@@ -1,4 +1,4 @@
-"""RunPod serverless handler: runs a ComfyUI API-format workflow and returns its outputs (SPEC §7, §8).
+"""RunPod serverless handler: runs a ComfyUI API-format workflow and returns its outputs (docs/api.md).
 
 ``python handler.py`` starts the RunPod worker loop; ``python handler.py --rp_serve_api --rp_api_port P``
 the SDK's local API (``/run``, ``/runsync``, ``/status``). Concurrency: env ``MAX_CONCURRENCY``.
@@ -12,7 +12,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 import runpod
@@ -24,12 +23,20 @@ from comfy_worker import outputs
 from comfy_worker.comfy_client import ComfyClient, close_shared_session, shared_session
 from comfy_worker.job_errors import JobError
 from comfy_worker.job_input import ImageInput, JobInput, apply_overrides, parse_job_input, rename_references
-from comfy_worker.log_setup import redact, reset_job_id, reset_job_secrets, set_job_id, set_job_secrets, setup_logging
+from comfy_worker.log_setup import (
+    redact,
+    reset_job_id,
+    reset_job_secrets,
+    safe_url,
+    set_job_id,
+    set_job_secrets,
+    setup_logging,
+)
 from comfy_worker.prompt_runner import PromptRunner
 from comfy_worker.settings import Settings, secret_values
 from s3_upload import S3Uploader
 
-log = logging.getLogger("handler")
+log = logging.getLogger(__name__)
 # The RunPod SDK calls logging.basicConfig() at import; drop that handler to keep one log format (log_setup's).
 for _h in list(logging.getLogger().handlers):
     if _h.formatter is not None and _h.formatter._fmt == rp_upload.FMT:
@@ -39,7 +46,7 @@ PROGRESS_INTERVAL_S = 0.5  # at most 2 progress updates a second
 JOB_MARK_INPUT = "comfy_worker_job"
 # what talking to ComfyUI can raise (TimeoutError and ConnectionError are OSErrors)
 COMFY_ERRORS = (aiohttp.ClientError, OSError, WebSocketException)
-_s3_cache: dict[tuple, S3Uploader] = {}
+DOWNLOAD_CHUNK = 256 * 1024
 
 
 class ProgressThrottle:
@@ -84,39 +91,76 @@ def stored_name(name: str, token: str) -> str:
     return f"{path.stem}-{token}{path.suffix}"
 
 
-def _public_url(url: str) -> str:
-    """The URL without its query string (which may carry a signature or token) for messages and logs."""
-    return urlsplit(url)._replace(query="", fragment="").geturl()
+def _too_big(image: ImageInput, shown: str, max_mb: float, size: int | None) -> JobError:
+    told = f" (it announces {size / 1024 / 1024:.1f} MB)" if size is not None else ""
+    return JobError(
+        f"The image {image.name!r} from {shown} is larger than MAX_IMAGE_MB ({max_mb:g} MB){told}; "
+        "send a smaller file, or raise MAX_IMAGE_MB on the endpoint.",
+        {"name": image.name, "url": shown, "max_image_mb": max_mb},
+    )
 
 
-async def _fetch(image: ImageInput) -> bytes:
-    shown = _public_url(image.url)
+async def _fetch(image: ImageInput, max_mb: float) -> bytes:
+    """The image's bytes, streamed and capped at ``max_mb`` (counted after any Content-Encoding is undone,
+    so a compressed bomb stops at the same cap)."""
+    shown = safe_url(image.url)
+    limit = int(max_mb * 1024 * 1024)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
     try:
-        async with shared_session().get(image.url, timeout=aiohttp.ClientTimeout(total=120)) as resp:
+        async with shared_session().get(image.url, timeout=timeout, headers={"Accept-Encoding": "identity"}) as resp:
             if resp.status != 200:
                 raise JobError(
                     f"Could not download image {image.name!r}: {shown} answered HTTP {resp.status}.",
                     {"name": image.name, "url": shown, "status": resp.status},
                 )
-            return await resp.read()
+            if (
+                resp.content_length is not None
+                and resp.content_length > limit
+                and not resp.headers.get("Content-Encoding")
+            ):
+                raise _too_big(image, shown, max_mb, resp.content_length)
+            data = bytearray()
+            async for chunk in resp.content.iter_chunked(DOWNLOAD_CHUNK):
+                data += chunk
+                if len(data) > limit:
+                    raise _too_big(image, shown, max_mb, None)
+            return bytes(data)
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+        # library errors may quote the URL, query string included: redact() strips every query
+        text = f"{type(exc).__name__}: {redact(str(exc))}" if str(exc) else type(exc).__name__
+        if isinstance(exc, aiohttp.TooManyRedirects):
+            text = f"it redirected too many times ({text})"
         raise JobError(
-            f"Could not download image {image.name!r} from {shown}: {exc or type(exc).__name__}.",
+            f"Could not download image {image.name!r} from {shown}: {text}.",
             {"name": image.name, "url": shown},
         ) from None
 
 
-async def upload_images(client: ComfyClient, images: list[ImageInput], token: str, uploaded: list[str]) -> dict:
-    """Upload every job image under a name unique to this job; returns {given name: stored name}."""
+async def upload_images(
+    client: ComfyClient,
+    images: list[ImageInput],
+    token: str,
+    uploaded: list[str],
+    max_image_mb: float,
+    pending: dict[str, str] | None = None,
+) -> dict:
+    """Upload every job image under a name unique to this job; returns {given name: stored name}.
+    ``pending`` holds {name: what is being done} for the images not yet uploaded."""
+    pending = {} if pending is None else pending
 
     async def one(image: ImageInput) -> tuple[str, str]:
-        data = image.data if image.data is not None else await _fetch(image)
+        pending[image.name] = "uploading it to ComfyUI"
+        if image.data is None:
+            pending[image.name] = f"downloading it from {safe_url(image.url)}"
+        data = image.data if image.data is not None else await _fetch(image, max_image_mb)
+        pending[image.name] = "uploading it to ComfyUI"
         name = stored_name(image.name, token)
         uploaded.append(name)
         answer = await client.upload_input(name, data)
         stored = answer.get("name", name)
         if stored != name:
             uploaded.append(stored)
+        pending.pop(image.name, None)
         return image.name, stored
 
     # wait for every upload (so clean-up sees them all) before reporting the first failure
@@ -125,23 +169,6 @@ async def upload_images(client: ComfyClient, images: list[ImageInput], token: st
         if isinstance(result, BaseException):
             raise result
     return dict(results)
-
-
-def _s3(settings: Settings) -> S3Uploader | None:
-    if not settings.bucket_endpoint_url:
-        return None
-    key = (
-        settings.bucket_endpoint_url,
-        settings.bucket_name,
-        settings.bucket_region,
-        settings.bucket_prefix,
-        settings.s3_url_expires,
-        settings.bucket_access_key_id,
-        settings.bucket_secret_access_key,
-    )
-    if key not in _s3_cache:
-        _s3_cache[key] = S3Uploader(settings)
-    return _s3_cache[key]
 
 
 def unused_images(workflow: dict, renames: dict[str, str]) -> list[str]:
@@ -173,26 +200,52 @@ def comfy_error(client: ComfyClient, exc: BaseException, prompt_id: str) -> JobE
     )
 
 
-async def _output_classes(client: ComfyClient, workflow: dict) -> dict[str, bool]:
+async def _output_classes(client: ComfyClient, workflow: dict, deadline: float) -> dict[str, bool]:
     try:
-        return await client.output_node_classes({node["class_type"] for node in workflow.values()})
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await client.output_node_classes({node["class_type"] for node in workflow.values()})
     except COMFY_ERRORS as exc:  # then only sinks are marked; a ComfyUI that is gone fails the next step
         log.warning("Could not read /object_info (%s: %s); marking only the sink nodes", type(exc).__name__, exc)
         return {}
 
 
-async def run_job(job: dict, settings: Settings) -> dict:
+def job_id_of(job) -> str:
+    """The job's id as RunPod gave it (a fresh one when it has none); read once per job."""
+    raw = job.get("id") if isinstance(job, dict) else None
+    return str(raw) if raw else f"local-{uuid.uuid4().hex[:12]}"
+
+
+async def _upload_within(client, request: JobInput, token: str, uploaded: list[str], settings, deadline, timeout):
+    """Upload the job's images (downloading those given by URL) before the job's deadline."""
+    pending: dict[str, str] = {}
+    scope = asyncio.timeout(max(0.0, deadline - time.monotonic()))
+    try:
+        async with scope:
+            return await upload_images(client, request.images, token, uploaded, settings.max_image_mb, pending)
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        doing = "; ".join(f"{name!r}: {what}" for name, what in pending.items()) or "uploading"
+        raise JobError(
+            f"The job timed out after {timeout:g} s while its images were prepared ({doing}); the workflow "
+            "was not queued.",
+            {"timeout_s": timeout, "state": "images", "pending": dict(pending)},
+        ) from None
+
+
+async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
     started = time.monotonic()
-    job_id = str(job.get("id") or uuid.uuid4())
     request: JobInput = parse_job_input(job.get("input"))
     workflow = request.workflow
     apply_overrides(workflow, request.overrides)
     client = ComfyClient(settings.comfy_host, settings.comfy_pid_file, settings.comfy_log_file)
+    folders = outputs.ComfyFolders.of(settings.comfyui_path, settings.comfy_args)
     api_key = request.comfy_org_api_key or settings.comfy_org_api_key
+    timeout = request.timeout or settings.job_timeout
     runner = PromptRunner(
         client,
         workflow,
-        timeout=request.timeout or settings.job_timeout,
+        timeout=timeout,
         ready_timeout=settings.comfy_ready_timeout,
         extra_data={"api_key_comfy_org": api_key} if api_key else None,
         on_progress=ProgressThrottle(job) if settings.send_progress else None,
@@ -204,9 +257,12 @@ async def run_job(job: dict, settings: Settings) -> dict:
     try:
         try:
             await runner.open()
+            # the job's clock starts once ComfyUI is ready: image downloads, uploads, queue and run count
+            runner.deadline = deadline = time.monotonic() + timeout
             if request.images:
-                notes += unused_images(workflow, await upload_images(client, request.images, token, uploaded))
-            mark_outputs_unique(workflow, token, await _output_classes(client, workflow))
+                renames = await _upload_within(client, request, token, uploaded, settings, deadline, timeout)
+                notes += unused_images(workflow, renames)
+            mark_outputs_unique(workflow, token, await _output_classes(client, workflow, deadline))
             try:
                 result = await runner.run()
             finally:
@@ -217,9 +273,9 @@ async def run_job(job: dict, settings: Settings) -> dict:
         images_out, files_out, delivery_errors = await outputs.deliver(
             files,
             client=client,
-            comfyui_path=settings.comfyui_path,
+            comfyui_path=folders,
             job_id=job_id,
-            s3=_s3(settings),
+            s3=S3Uploader.from_settings(settings),
             max_response_mb=settings.max_response_mb,
         )
         errors = [*result.errors, *notes, *delivery_errors]
@@ -244,7 +300,7 @@ async def run_job(job: dict, settings: Settings) -> dict:
         try:
             await runner.close()
         finally:
-            outputs.cleanup(files, settings.comfyui_path, uploaded)
+            outputs.cleanup(files, folders, uploaded, created_after=runner.submitted_wall)
 
 
 def _job_key(job) -> list[str]:
@@ -255,13 +311,14 @@ def _job_key(job) -> list[str]:
 
 
 async def handler(job: dict) -> dict:
-    """RunPod entry point: ``job["input"]`` as in SPEC §7; returns the output or ``{"error", "details"}``.
+    """RunPod entry point: ``job["input"]`` as docs/api.md describes; returns the output or ``{"error", "details"}``.
 
     Never raises: whatever goes wrong becomes a readable error."""
-    token = set_job_id(str(job.get("id", "")) if isinstance(job, dict) and job.get("id") else None)
+    job_id = job_id_of(job)
+    token = set_job_id(job_id)
     secrets_token = set_job_secrets(_job_key(job))
     try:
-        return await _handle(job)
+        return await _handle(job, job_id)
     except Exception as exc:  # a bug must still give the caller a readable answer
         log.exception("Unexpected error")
         secrets = [*secret_values(), *_job_key(job)]
@@ -274,7 +331,7 @@ async def handler(job: dict) -> dict:
         reset_job_id(token)
 
 
-async def _handle(job: dict) -> dict:
+async def _handle(job: dict, job_id: str) -> dict:
     try:
         settings = Settings.from_env()
     except ValueError as exc:  # a malformed env var: say which one
@@ -282,7 +339,7 @@ async def _handle(job: dict) -> dict:
         return {"error": f"The worker is misconfigured: {exc}.", "details": {}}
     secrets = [*settings.secrets(), *_job_key(job)]
     try:
-        result = await run_job(job, settings)
+        result = await run_job(job, settings, job_id)
     except JobError as exc:
         log.error("Job failed: %s", redact(exc.message, secrets))
         result = exc.to_output()
@@ -301,8 +358,7 @@ async def _handle(job: dict) -> dict:
 
 
 def _redact_obj(value, secrets: list[str]):
-    if not any(len(s) >= 4 for s in secrets if s):
-        return value
+    """``value`` with every secret and every URL query string removed from its strings."""
     if isinstance(value, str):
         return redact(value, secrets)
     if isinstance(value, list):
@@ -330,4 +386,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the module under its own name (one copy of its state; its logger is "handler", not "__main__")
+    import handler
+
+    handler.main()

@@ -1,4 +1,4 @@
-"""Upload job outputs to any S3-compatible store (AWS, R2, MinIO, B2) with boto3 (SPEC §8).
+"""Upload job outputs to any S3-compatible store (AWS, R2, MinIO, B2) with boto3 (docs/api.md, "Configuration").
 
 Key: ``<BUCKET_PREFIX><job_id>/<filename>``. The returned URL is a presigned GET URL when
 ``S3_URL_EXPIRES`` > 0, else the plain object URL. Large files go up in parts (boto3's transfer
@@ -18,9 +18,11 @@ from botocore.config import Config
 
 from comfy_worker.settings import Settings
 
-log = logging.getLogger("s3_upload")
+log = logging.getLogger(__name__)
 
-TRANSFER = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=16 * 1024 * 1024)
+MULTIPART_THRESHOLD = 64 * 1024 * 1024  # docs/api.md: files over 64 MB go up in parts
+TRANSFER = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 * 1024 * 1024)
+_uploaders: dict[Settings, S3Uploader] = {}
 
 
 def _is_aws(endpoint: str) -> bool:
@@ -53,7 +55,13 @@ class S3Uploader:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Uploader | None:
-        return cls(settings) if settings.bucket_endpoint_url else None
+        """The uploader for ``settings`` (one per distinct settings, so boto3's client and its connection
+        pool are reused by every job), or None when S3 is off."""
+        if not settings.bucket_endpoint_url:
+            return None
+        if settings not in _uploaders:
+            _uploaders[settings] = cls(settings)
+        return _uploaders[settings]
 
     def key_for(self, job_id: str, filename: str) -> str:
         return f"{self.prefix}{job_id}/{filename}"

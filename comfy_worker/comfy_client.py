@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from comfy_worker.job_errors import JobError
 
-log = logging.getLogger("comfy_client")
+log = logging.getLogger(__name__)
 
 _sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 _node_classes: dict[str, dict[str, bool]] = {}  # host -> {class_type: is an OUTPUT_NODE}, from /object_info
@@ -195,11 +195,19 @@ class ComfyClient:
         ) as resp:
             await resp.read()
 
-    async def is_running(self, prompt_id: str) -> bool:
+    async def queue_state(self, prompt_id: str) -> str | None:
+        """``"running"``, ``"pending"`` or None (not in ComfyUI's queue), from ``GET /queue``."""
         async with self.session.get(f"{self.base}/queue", timeout=SHORT_TIMEOUT) as resp:
             resp.raise_for_status()
-            running = (await resp.json()).get("queue_running") or []
-        return any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in running)
+            queue = await resp.json()
+        for state, key in (("running", "queue_running"), ("pending", "queue_pending")):
+            items = queue.get(key) or []
+            if any(isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in items):
+                return state
+        return None
+
+    async def is_running(self, prompt_id: str) -> bool:
+        return await self.queue_state(prompt_id) == "running"
 
     async def output_node_classes(self, class_types: set[str]) -> dict[str, bool]:
         """{class_type: OUTPUT_NODE} for every node class ComfyUI knows, from ``/object_info``: fetched once

@@ -1,4 +1,4 @@
-"""Validation of a RunPod job's ``input`` and the workflow edits it asks for (SPEC §7).
+"""Validation of a RunPod job's ``input`` and the workflow edits it asks for (docs/api.md, "Input").
 
 Every problem becomes a ``JobError`` with one readable sentence that names the culprit and the fix.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import binascii
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,8 +50,13 @@ def parse_job_input(raw: Any) -> JobInput:
     images = _check_images(raw.get("images"))
     overrides = _check_overrides(raw.get("overrides"))
     timeout = raw.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
-        raise JobError(f"'timeout' must be a positive number of seconds, got {timeout!r}.")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0
+    ):
+        raise JobError(
+            f"'timeout' must be a positive number of seconds (finite, such as 120), got {timeout!r}.",
+            {"timeout": repr(timeout)},
+        )
     key = raw.get("comfy_org_api_key")
     if key is not None and (not isinstance(key, str) or not key.strip()):
         raise JobError("'comfy_org_api_key' must be a non-empty string.")
@@ -80,6 +86,9 @@ def _check_workflow(workflow: Any) -> dict[str, Any]:
     no_inputs = [k for k, v in workflow.items() if not isinstance(v.get("inputs", {}), dict)]
     if no_inputs:
         raise JobError(f"Workflow node(s) {', '.join(no_inputs[:10])} have 'inputs' that is not an object.")
+    bad_meta = [k for k, v in workflow.items() if not isinstance(v.get("_meta", {}), dict)]
+    if bad_meta:
+        raise JobError(f"Workflow node(s) {', '.join(bad_meta[:10])} have '_meta' that is not an object.")
     return copy.deepcopy(workflow)
 
 
@@ -260,12 +269,32 @@ def _set_path(node: dict, path: str, value: Any, where: str) -> None:
             )
 
 
+def _check_node_shape(node: dict, field: str, where: str) -> None:
+    """After an override: the node must still be a node (class_type a name, inputs and _meta objects)."""
+    problems = {
+        "class_type": (isinstance(node.get("class_type"), str) and node["class_type"].strip(), "a node class name"),
+        "inputs": (isinstance(node.get("inputs", {}), dict), "an object of input values"),
+        "_meta": (isinstance(node.get("_meta", {}), dict), "an object"),
+    }
+    for key, (ok, what) in problems.items():
+        if not ok:
+            value = node.get(key)
+            hint = " (set one input with a field such as inputs.seed)" if key == "inputs" else ""
+            raise JobError(
+                f"{where}: field {field!r} sets the node's {key!r} to {type(value).__name__} {value!r:.60}, "
+                f"but it must be {what}{hint}.",
+                {"field": field, "key": key, "value_type": type(value).__name__},
+            )
+
+
 def apply_overrides(workflow: dict[str, Any], overrides: list[dict[str, Any]]) -> None:
-    """Apply ``overrides`` in place (the workflow is the job's own copy)."""
+    """Apply ``overrides`` in place and in order (the workflow is the job's own copy): when two set the
+    same field, the later one wins."""
     for i, override in enumerate(overrides):
         for node_id in _target_nodes(workflow, override, i):
             where = f"overrides[{i}] on node {_node_label(workflow, node_id)}"
             _set_path(workflow[node_id], override["field"], override["value"], where)
+            _check_node_shape(workflow[node_id], override["field"], where)
 
 
 def _is_link(value: Any) -> bool:

@@ -39,7 +39,10 @@ def reset_job_secrets(token: contextvars.Token) -> None:
     _job_secrets.reset(token)
 
 
-_URL_QUERY = re.compile(r"""((?:https?|s3|wss?)://[^\s'"<>?#]*)[?#][^\s'"<>]*""", re.IGNORECASE)
+# the query runs to the next space or quote; trailing punctuation (the ")" or "." of the sentence) stays
+_URL_QUERY = re.compile(
+    r"""((?:https?|s3|wss?)://[^\s'"<>?#]*)[?#][^\s'"<>]*?(?=[)\]}.,;:!]*(?:[\s'"<>]|$))""", re.IGNORECASE
+)
 _URL_USERINFO = re.compile(r"""((?:https?|wss?)://)[^\s'"<>/@]+@""", re.IGNORECASE)
 
 

@@ -1,9 +1,11 @@
-"""Collect, deliver and clean up the outputs of one prompt (SPEC §7).
+"""Collect, deliver and clean up the outputs of one prompt (docs/api.md, "Output").
 
 Every saved file of every node under any output key is delivered (``temp`` previews are skipped),
 classified into ``images`` / ``files`` by content type, read from ComfyUI's output folder on disk
 when it is there (``/view`` otherwise), and returned as base64 or S3 URLs. ``text`` outputs are
-collected as they are.
+collected as they are. ComfyUI's folders follow ``COMFY_ARGS`` (``--output-directory``,
+``--input-directory``, ``--temp-directory``, ``--base-directory``), as ComfyUI itself resolves them.
+Clean-up removes only files this job's prompt created (changed no earlier than the prompt was queued).
 """
 
 from __future__ import annotations
@@ -12,14 +14,27 @@ import asyncio
 import base64
 import logging
 import mimetypes
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from comfy_worker.comfy_client import ComfyClient
 from comfy_worker.job_errors import JobError
-from s3_upload import S3Uploader
 
-log = logging.getLogger("outputs")
+log = logging.getLogger(__name__)
+# a file whose status changed this long before the prompt was queued is not the prompt's (file times come
+# from the kernel's coarse clock, which may lag time.time() by a few milliseconds)
+CLOCK_SLACK_S = 0.05
+
+
+class Uploader(Protocol):
+    """Where outputs go when S3 is configured (``s3_upload.S3Uploader``)."""
+
+    def upload(self, job_id: str, filename: str, content_type: str, *, path: Path | None = None, data=None) -> str:
+        """Upload one file (from ``path`` or bytes ``data``) and return its URL. Blocking."""
+        ...
+
 
 _TYPES = {
     ".png": "image/png",
@@ -42,7 +57,43 @@ _TYPES = {
     ".json": "application/json",
     ".txt": "text/plain",
 }
-_FOLDERS = {"output": "output", "temp": "temp", "input": "input"}
+
+
+@dataclass(frozen=True)
+class ComfyFolders:
+    """ComfyUI's output, input and temp folders."""
+
+    output: Path
+    input: Path
+    temp: Path
+
+    @classmethod
+    def of(cls, comfyui_path: Path, comfy_args: str = "") -> ComfyFolders:
+        """The folders of the ComfyUI in ``comfyui_path`` started with ``comfy_args`` (as main.py resolves them)."""
+        try:
+            words = shlex.split(comfy_args or "")
+        except ValueError:
+            words = (comfy_args or "").split()
+        given: dict[str, str] = {}
+        for i, word in enumerate(words):
+            name, eq, value = word.partition("=")
+            if name in ("--base-directory", "--output-directory", "--input-directory", "--temp-directory"):
+                value = value if eq else (words[i + 1] if i + 1 < len(words) else "")
+                if value:
+                    given[name] = value
+        base = Path(given.get("--base-directory") or comfyui_path)
+        return cls(
+            output=Path(given.get("--output-directory") or base / "output"),
+            input=Path(given.get("--input-directory") or base / "input"),
+            temp=Path(given["--temp-directory"]) / "temp" if "--temp-directory" in given else base / "temp",
+        )
+
+    def folder(self, type_: str) -> Path | None:
+        return {"output": self.output, "input": self.input, "temp": self.temp}.get(type_)
+
+
+def as_folders(where: ComfyFolders | Path) -> ComfyFolders:
+    return where if isinstance(where, ComfyFolders) else ComfyFolders.of(Path(where))
 
 
 def content_type_of(filename: str) -> str:
@@ -61,12 +112,13 @@ class OutputFile:
     def content_type(self) -> str:
         return content_type_of(self.filename)
 
-    def local_path(self, comfyui_path: Path) -> Path | None:
-        """The file inside ComfyUI's folder for its type, or None if that would leave the folder."""
-        folder = _FOLDERS.get(self.type)
+    def local_path(self, folders: ComfyFolders | Path) -> Path | None:
+        """The file inside ComfyUI's folder for its type (``folders``, or a ComfyUI path with the default
+        folders), or None if that would leave the folder."""
+        folder = as_folders(folders).folder(self.type)
         if folder is None:
             return None
-        base = (comfyui_path / folder).resolve()
+        base = folder.resolve()
         path = (base / self.subfolder / self.filename).resolve()
         return path if path.is_relative_to(base) and path != base else None
 
@@ -96,7 +148,9 @@ def collect(outputs: dict[str, dict]) -> tuple[list[OutputFile], list[dict]]:
     return files, texts
 
 
-async def _read(client: ComfyClient, comfyui_path: Path, ref: OutputFile) -> tuple[bytes | None, Path | None]:
+async def _read(
+    client: ComfyClient, comfyui_path: ComfyFolders | Path, ref: OutputFile
+) -> tuple[bytes | None, Path | None]:
     path = ref.local_path(comfyui_path)
     if path is not None and path.is_file():
         size = path.stat().st_size
@@ -105,7 +159,9 @@ async def _read(client: ComfyClient, comfyui_path: Path, ref: OutputFile) -> tup
     return await client.view(ref.filename, ref.subfolder, ref.type), None
 
 
-async def _to_s3(client: ComfyClient, comfyui_path: Path, ref: OutputFile, s3: S3Uploader, job_id: str, name: str):
+async def _to_s3(
+    client: ComfyClient, comfyui_path: ComfyFolders | Path, ref: OutputFile, s3: Uploader, job_id: str, name: str
+):
     path = ref.local_path(comfyui_path)
     if path is not None and path.is_file():  # streamed from disk
         url = await asyncio.to_thread(s3.upload, job_id, name, ref.content_type, path=path)
@@ -135,9 +191,9 @@ async def deliver(
     files: list[OutputFile],
     *,
     client: ComfyClient,
-    comfyui_path: Path,
+    comfyui_path: ComfyFolders | Path,
     job_id: str,
-    s3: S3Uploader | None,
+    s3: Uploader | None,
     max_response_mb: float,
 ) -> tuple[list[dict], list[dict], list[str]]:
     """Return (images, files, errors) entries for every non-temp file (S3 uploads run in parallel)."""
@@ -177,7 +233,7 @@ async def deliver(
     return images_out, files_out, errors
 
 
-def _check_size(files: list[OutputFile], comfyui_path: Path, max_response_mb: float) -> None:
+def _check_size(files: list[OutputFile], comfyui_path: ComfyFolders | Path, max_response_mb: float) -> None:
     """Fail before encoding when base64 output would exceed MAX_RESPONSE_MB (RunPod rejects it opaquely)."""
     sizes = {}
     for ref in files:
@@ -197,10 +253,33 @@ def _too_big(total: int, max_response_mb: float, sizes: dict) -> None:
         )
 
 
-def cleanup(files: list[OutputFile], comfyui_path: Path, uploaded_inputs: list[str]) -> None:
-    """Delete this job's own output/temp files and uploaded inputs (never anything else)."""
-    paths = [p for f in files if f.type in ("output", "temp") and (p := f.local_path(comfyui_path))]
-    input_dir = (comfyui_path / "input").resolve()
+def cleanup(
+    files: list[OutputFile],
+    comfyui_path: ComfyFolders | Path,
+    uploaded_inputs: list[str],
+    created_after: float | None = None,
+) -> None:
+    """Delete this job's own output/temp files and uploaded inputs (never anything else).
+
+    With ``created_after`` (a ``time.time()`` taken before the prompt was queued) an output or temp file
+    is deleted only if its status changed since: a node that reports a file that was already there (an
+    earlier job's, a user's) does not get it deleted.
+    """
+    folders = as_folders(comfyui_path)
+    paths = []
+    for ref in files:
+        path = ref.local_path(folders) if ref.type in ("output", "temp") else None
+        if path is None:
+            continue
+        if created_after is not None:
+            try:
+                if path.stat().st_ctime < created_after - CLOCK_SLACK_S:
+                    log.info("Keeping %s: it existed before this job's prompt", path.name)
+                    continue
+            except OSError:
+                continue
+        paths.append(path)
+    input_dir = folders.input.resolve()
     paths += [input_dir / name for name in uploaded_inputs]
     for path in paths:
         try:

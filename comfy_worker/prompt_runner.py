@@ -3,7 +3,10 @@
 The websocket is opened before the prompt is queued (the prompt id is chosen here, so no message can
 be missed). A dropped socket is reopened and ``/history`` consulted (and polled while the new socket is
 silent); a dead ComfyUI process ends the job at once; on timeout the prompt is removed from the queue,
-or interrupted if it is running.
+or interrupted if it is running; the same happens when the job is cancelled (``abort``).
+
+Only well-formed messages that carry this prompt's id act on the job: a custom node may broadcast
+anything (a string payload, a message without ``prompt_id``) and that is ignored.
 """
 
 from __future__ import annotations
@@ -23,12 +26,29 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from comfy_worker.comfy_client import ComfyClient
 from comfy_worker.job_errors import JobError
 
-log = logging.getLogger("prompt_runner")
+log = logging.getLogger(__name__)
 
 RECONNECT_GIVE_UP_S = 30.0
 INTERRUPT_GRACE_S = 10.0
 HISTORY_POLL_S = 1.5  # after a reconnect: ask /history when the socket was silent this long
 _WS_ERRORS = (ConnectionClosed, InvalidHandshake, OSError, asyncio.TimeoutError)
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _parse(raw: Any) -> dict | None:
+    """A websocket text frame as a message object; None for binary frames (previews) and anything
+    that is not a JSON object."""
+    if not isinstance(raw, str):
+        return None
+    try:
+        msg = json.loads(raw)
+    except ValueError:
+        log.debug("Ignoring a websocket message that is not JSON: %.200s", raw)
+        return None
+    return msg if isinstance(msg, dict) else None
 
 
 @dataclass
@@ -160,10 +180,13 @@ class PromptRunner:
         ready_timeout: float,
         extra_data: dict | None = None,
         on_progress: Callable[[dict], None] | None = None,
+        deadline: float | None = None,
     ):
+        """``deadline`` (``time.monotonic()``) ends the job; by default ``timeout`` s after queueing."""
         self.client = client
         self.workflow = workflow
         self.timeout = timeout
+        self.deadline = deadline
         self.ready_timeout = ready_timeout
         self.extra_data = extra_data or {}
         self.on_progress = on_progress
@@ -175,6 +198,8 @@ class PromptRunner:
         self.reconnected = False
         self.history_used = False
         self.submitted = 0.0
+        self.submitted_wall: float | None = None  # time.time() just before queueing (files older are not ours)
+        self.queued = False
         self.started: float | None = None
         self.current_node: str | None = None
         self.nodes_done: set[str] = set()
@@ -194,7 +219,13 @@ class PromptRunner:
         await self.open()
         try:
             self.submitted = time.monotonic()
-            answer = await self.client.queue_prompt(self.workflow, self.prompt_id, self.client_id, self.extra_data)
+            self.submitted_wall = time.time()
+            if self.deadline is None:
+                self.deadline = self.submitted + self.timeout
+            # a ComfyUI that does not answer must not hold the job past its deadline
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                answer = await self.client.queue_prompt(self.workflow, self.prompt_id, self.client_id, self.extra_data)
+            self.queued = True
             if "rejected" in answer:
                 raise rejection_error(answer["rejected"], self.workflow)
             if answer.get("node_errors"):
@@ -205,6 +236,9 @@ class PromptRunner:
             await self._watch()
             if self.reconnected and not self.history_used:
                 await self._outputs_from_history()
+        except asyncio.CancelledError:  # the job was cancelled (RunPod cancel or endpoint timeout)
+            await self.abort()
+            raise
         finally:
             await self.close()
         finished = time.monotonic()
@@ -221,7 +255,7 @@ class PromptRunner:
             return await self.client.open_ws(self.client_id)
 
     async def _watch(self) -> None:
-        deadline = self.submitted + self.timeout
+        deadline = self.deadline
         while not self.done:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -239,30 +273,34 @@ class PromptRunner:
             except (ConnectionClosed, OSError):
                 await self._recover(deadline)
                 continue
-            if isinstance(raw, str):
-                self._handle(json.loads(raw))
+            msg = _parse(raw)
+            if msg is None:
+                continue
+            if msg.get("type") == "status" and self.started is None:
+                await self._check_still_queued()
+            self._handle(msg)
 
     # --- messages --------------------------------------------------------------------------------
     def _handle(self, msg: dict) -> None:
         kind = msg.get("type")
-        data = msg.get("data") or {}
+        data = msg.get("data")
         if kind == "status":
-            if self.started is None:
-                remaining = ((data.get("status") or {}).get("exec_info") or {}).get("queue_remaining")
+            if self.started is None and isinstance(data, dict):
+                remaining = _dict(_dict(data.get("status")).get("exec_info")).get("queue_remaining")
                 self._progress({"status": "queued", "queue_remaining": remaining})
             return
-        if data.get("prompt_id") not in (None, self.prompt_id):
-            return
+        if not isinstance(data, dict) or data.get("prompt_id") != self.prompt_id:
+            return  # not about this prompt (or not well-formed): never acts on this job
         if kind == "execution_start":
             self.started = time.monotonic()
             self._progress({"status": "running"})
         elif kind == "execution_cached":
-            self.nodes_done.update(map(str, data.get("nodes") or []))
+            nodes = data.get("nodes")
+            self.nodes_done.update(map(str, nodes if isinstance(nodes, list) else []))
         elif kind == "executing":
             node = data.get("node")
             if node is None:
-                if data.get("prompt_id") == self.prompt_id:
-                    self.done = True
+                self.done = True
                 return
             if self.current_node is not None:
                 self.nodes_done.add(self.current_node)
@@ -271,7 +309,7 @@ class PromptRunner:
         elif kind == "progress":
             self._progress({"status": "running", "value": data.get("value"), "max": data.get("max")})
         elif kind == "executed":
-            if data.get("output") is not None:
+            if isinstance(data.get("output"), dict):
                 self.result.outputs[str(data.get("node"))] = data["output"]
         elif kind == "execution_success":
             self.done = True
@@ -362,7 +400,50 @@ class PromptRunner:
             self.result.queue_ms = max(0, round((time.monotonic() - self.submitted) * 1000) - int(end - start))
         self.done = True
 
-    # --- timeout ---------------------------------------------------------------------------------
+    async def _check_still_queued(self) -> None:
+        """The queue changed before our prompt started: fail at once if someone removed it from the queue
+        (otherwise the job would wait for its timeout). /queue is read before /history, so a prompt that
+        finished in between is found in /history."""
+        try:
+            state = await self.client.queue_state(self.prompt_id)
+            if state is not None or await self.client.history(self.prompt_id):
+                return
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return  # the watch notices a ComfyUI that is gone
+        raise JobError(
+            "The prompt was removed from ComfyUI's queue before it ran, not by this job (was the queue "
+            "cleared, or the prompt deleted with POST /queue, by someone else?).",
+            {"prompt_id": self.prompt_id, "state": "removed"},
+        )
+
+    # --- timeout and cancellation ----------------------------------------------------------------
+    async def stop(self) -> tuple[bool, bool]:
+        """Drop the prompt from the queue (if pending), interrupt it (if running) and wait up to
+        INTERRUPT_GRACE_S for it to stop. Returns (was running, stopped)."""
+        running = self.started is not None
+        if not self.queued:
+            return False, True
+        try:
+            async with asyncio.timeout(INTERRUPT_GRACE_S):
+                await self.client.delete_queued(self.prompt_id)
+                # it may have started without our seeing it (a reconnect, or just now): ask ComfyUI
+                running = running or await self.client.is_running(self.prompt_id)
+                if running:
+                    await self.client.interrupt(self.prompt_id)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning("Could not interrupt prompt %s: %s", self.prompt_id, exc or type(exc).__name__)
+        stopped = await self._wait_stopped() if running and self.ws is not None else not running
+        return running, stopped
+
+    async def abort(self) -> None:
+        """The job was cancelled: stop the prompt as a timeout does (bounded in time), without raising."""
+        log.warning("Job cancelled; stopping prompt %s", self.prompt_id)
+        try:
+            async with asyncio.timeout(INTERRUPT_GRACE_S + 5):
+                await self.stop()
+        except Exception as exc:  # noqa: BLE001 - the cancellation itself must go on
+            log.warning("Could not stop prompt %s after the cancellation: %s", self.prompt_id, exc)
+
     async def _expire(self) -> None:
         """Drop the prompt from the queue (if pending), interrupt it (if running), wait briefly, fail."""
         node = self.current_node
@@ -374,18 +455,10 @@ class PromptRunner:
         else:
             where = "while ComfyUI was running the prompt"
         log.warning("Timeout after %g s %s; stopping prompt %s", self.timeout, where, self.prompt_id)
-        running = self.started is not None
-        try:
-            await self.client.delete_queued(self.prompt_id)
-            # it may have started without our seeing it (a reconnect, or just now): ask ComfyUI
-            running = running or await self.client.is_running(self.prompt_id)
-            if running:
-                await self.client.interrupt(self.prompt_id)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.warning("Could not interrupt prompt %s: %s", self.prompt_id, exc)
-        stopped = await self._wait_stopped() if running else True
+        running, stopped = await self.stop()
+        what = "the prompt was interrupted" if running else "the prompt was removed from ComfyUI's queue"
         raise JobError(
-            f"The job timed out after {self.timeout:g} s {where}; the prompt was interrupted.",
+            f"The job timed out after {self.timeout:g} s {where}; {what}.",
             {
                 "prompt_id": self.prompt_id,
                 "timeout_s": self.timeout,
@@ -403,13 +476,11 @@ class PromptRunner:
                 raw = await asyncio.wait_for(self.ws.recv(), left)
             except (TimeoutError, ConnectionClosed, OSError):
                 return False
-            if not isinstance(raw, str):
+            msg = _parse(raw)
+            data = msg.get("data") if msg is not None else None
+            if not isinstance(data, dict) or data.get("prompt_id") != self.prompt_id:
                 continue
-            msg = json.loads(raw)
-            data = msg.get("data") or {}
-            if data.get("prompt_id") != self.prompt_id:
-                continue
-            if msg.get("type") == "executed" and data.get("output") is not None:  # saved files to clean up
+            if msg.get("type") == "executed" and isinstance(data.get("output"), dict):  # saved files to clean up
                 self.result.outputs[str(data.get("node"))] = data["output"]
             if msg.get("type") in ("execution_interrupted", "execution_error", "execution_success"):
                 return True

@@ -25,8 +25,10 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 from support.comfy_process import free_port
-from support.local_http import QuietHandler, serve_in_thread
+from support.dropping_proxy import DroppingProxy, cut_once_running
+from support.image_host import ImageHost
 from support.processes import stop_process
+from support.runpod_fakes import FakeRunPodQueue, ProgressSink
 
 import handler
 from comfy_worker import comfy_client
@@ -161,23 +163,12 @@ def test_uploaded_image_is_inverted_and_input_removed(worker_env):
 
 def test_image_from_url(worker_env):
     png = base64.b64decode(png_b64((4, 4), (0, 0, 255), prefix=False))
-
-    class Serve(QuietHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-    server = serve_in_thread(Serve)
-    try:
+    with ImageHost(png) as host:
         wf = {
             "1": {"class_type": "LoadImage", "inputs": {"image": "remote.png"}},
             "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "url"}},
         }
-        url = f"http://127.0.0.1:{server.server_port}/remote.png"
-        result = run(job(wf, images=[{"name": "remote.png", "url": url}]))
+        result = run(job(wf, images=[{"name": "remote.png", "url": host.url("/ok.png")}]))
         assert "error" not in result, result
         assert decode_image(result["images"][0]).getpixel((0, 0)) == (0, 0, 255)
         bad_url = f"http://127.0.0.1:{free_port()}/x.png?X-Amz-Signature=sig123"
@@ -187,8 +178,6 @@ def test_image_from_url(worker_env):
         assert input_files(worker_env) == before  # the upload that succeeded was removed too
         assert "remote.png" in bad["error"] and "download" in bad["error"]
         assert "sig123" not in json.dumps(bad)  # a signed URL's query is never echoed
-    finally:
-        server.shutdown()
 
 
 def test_upscale_model_gives_64x64(worker_env):
@@ -466,113 +455,6 @@ def test_comfyui_killed_mid_job_fails_fast_with_log_tail(comfyui_factory, monkey
     assert "no longer running" in again["error"] and time.monotonic() - started < 3
 
 
-class DroppingProxy:
-    """A TCP proxy between the handler and ComfyUI that can cut every open connection and refuse new
-    ones for a while (a websocket dropped by the network)."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.port = free_port()
-        self.refuse_until = 0.0
-        self.mute_ws = False  # websockets opened from now on get ComfyUI's handshake answer, then nothing
-        self.refuse_ws = False  # websocket upgrades are answered with HTTP 503
-        self.connections = 0
-        self.writers: list[asyncio.StreamWriter] = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
-        self.ready.set()
-        self.loop.run_forever()
-
-    async def _serve(self, reader, writer):
-        if time.monotonic() < self.refuse_until:
-            writer.transport.abort()
-            return
-        self.connections += 1
-        first = await reader.read(65536)
-        is_ws = first.startswith(b"GET /ws")
-        if is_ws and self.refuse_ws:
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-            writer.transport.abort()
-            return
-        mute = is_ws and self.mute_ws
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self.writers += [writer, up_writer]
-        up_writer.write(first)
-
-        async def pipe(src, dst, mute=False):
-            head = b""
-            try:
-                while data := await src.read(65536):
-                    if mute:  # pass the HTTP upgrade answer, swallow every websocket frame after it
-                        if head is None:
-                            continue
-                        head += data
-                        if b"\r\n\r\n" not in head:
-                            continue
-                        data, head = head[: head.index(b"\r\n\r\n") + 4], None
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.transport.abort()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer, mute))
-
-    def start(self):
-        self.thread.start()
-        self.ready.wait(5)
-        return self
-
-    def cut(self, refuse_for: float = 0.0, mute: bool = False):
-        def do():
-            self.refuse_until = time.monotonic() + refuse_for
-            self.mute_ws = mute
-            for w in self.writers:
-                w.transport.abort()
-            self.writers.clear()
-
-        self.loop.call_soon_threadsafe(do)
-
-    async def _shutdown(self):
-        self.server.close()
-        for w in self.writers:
-            w.transport.abort()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
-def cut_once_running(comfy, proxy, *cut_args, **cut_kwargs) -> threading.Thread:
-    """A started thread that cuts ``proxy`` 0.2 s after ComfyUI starts running a prompt."""
-
-    def cut_when_running():
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if comfy.get_json("/queue")["queue_running"]:
-                time.sleep(0.2)
-                proxy.cut(*cut_args, **cut_kwargs)
-                return
-            time.sleep(0.02)
-
-    cutter = threading.Thread(target=cut_when_running)
-    cutter.start()
-    return cutter
-
-
 @pytest.mark.parametrize(
     "refuse_for",
     [0.0, 0.6, 3.0],
@@ -622,26 +504,6 @@ def test_two_concurrent_jobs_get_only_their_own_outputs(worker_env):
 
 
 # --- the RunPod SDK's local API ----------------------------------------------------------------------
-class ProgressSink:
-    """Stands in for RunPod's job-done endpoint (where progress_update posts IN_PROGRESS updates)."""
-
-    def __init__(self):
-        self.posts: list[tuple[float, str, dict]] = []  # (time, job id, body)
-        sink = self
-
-        class Receive(QuietHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                job_id = self.path.split("/done/")[1].split("?")[0]
-                sink.posts.append((time.monotonic(), job_id, json.loads(body)))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = serve_in_thread(Receive)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/done/$ID?gpu=test"
-
-
 @pytest.fixture
 def local_api(worker_env, tmp_path):
     """``python handler.py --rp_serve_api`` as RunPod would run it (RUNPOD_ENDPOINT_ID set, so progress is
@@ -754,46 +616,6 @@ def test_example_client_saves_the_returned_images(local_api, tmp_path):
         timeout=120,
     )
     assert failed.returncode == 1 and "Export (API)" in failed.stderr
-
-
-class FakeRunPodQueue:
-    """Stands in for RunPod's job queue (job-take / job-done / job-stop over HTTP, as the SDK calls them)."""
-
-    def __init__(self, jobs: list[dict]):
-        self.jobs = list(jobs)
-        self.takes: list[str] = []
-        self.results: dict[str, dict] = {}
-        queue = self
-
-        class Serve(QuietHandler):
-            def do_GET(self):
-                if "/job-take" in self.path:
-                    queue.takes.append(self.path)
-                    count = int(self.path.split("batch_size=")[1].split("&")[0]) if "batch_size=" in self.path else 1
-                    batch, queue.jobs = queue.jobs[:count], queue.jobs[count:]
-                    if batch:
-                        body = json.dumps(batch if "job-take-batch" in self.path else batch[0]).encode()
-                        self.send_response(200)
-                        self.send_header("Content-Type", "application/json")
-                        self.send_header("Content-Length", str(len(body)))
-                        self.end_headers()
-                        self.wfile.write(body)
-                        return
-                time.sleep(0.2)
-                self.send_response(204)
-                self.end_headers()
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                job_id = self.path.split("/done/")[1].split("?")[0]
-                if body.get("status") != "IN_PROGRESS":
-                    queue.results[job_id] = body
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = serve_in_thread(Serve)
-        self.base = f"http://127.0.0.1:{self.server.server_port}"
 
 
 def test_worker_loop_runs_max_concurrency_jobs_at_once(worker_env, tmp_path):
@@ -1016,3 +838,223 @@ def test_a_job_that_arrives_before_comfyui_is_ready_waits_and_succeeds(comfyui_f
     (result,) = results
     assert "error" not in result, result
     assert decode_image(result["images"][0]).getpixel((0, 0)) == (0, 255, 0)
+
+
+# --- hardening: a hostile or faulty world (each test names the defect it guards against) ------------
+@pytest.fixture
+def worker_log():
+    """The worker's log as the real logging setup writes it (job prefix, secrets and URL queries redacted)."""
+    import logging
+
+    from comfy_worker.log_setup import setup_logging
+
+    stream = io.StringIO()
+    setup_logging(stream=stream)
+    yield stream
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_comfy_worker", False)]:
+        root.removeHandler(h)
+
+
+def test_a_cancelled_job_interrupts_its_prompt_cleans_up_and_propagates(worker_env):
+    before_out, before_in = output_files(worker_env), input_files(worker_env)
+    wf = slow_workflow(200, 0.05)
+    wf["1"] = {"class_type": "LoadImage", "inputs": {"image": "in.png"}}
+    body = job(wf, job_id="cancelled", images=[{"name": "in.png", "image": png_b64((4, 4), (9, 9, 9))}])
+
+    async def go():
+        try:
+            task = asyncio.create_task(handler.handler(body))
+            while not (await asyncio.to_thread(worker_env.get_json, "/queue"))["queue_running"]:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)
+            task.cancel()  # what the RunPod SDK does on a cancel request or an endpoint timeout
+            started = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return time.monotonic() - started
+        finally:
+            await comfy_client.close_shared_session()
+
+    elapsed = asyncio.run(go())
+    assert elapsed < 5
+    queue = worker_env.get_json("/queue")
+    assert queue["queue_running"] == [] and queue["queue_pending"] == []  # no orphan left running
+    assert output_files(worker_env) == before_out and input_files(worker_env) == before_in
+    started = time.monotonic()
+    assert "error" not in run(job(empty_to_save(8, 8, 0x010203)))
+    assert time.monotonic() - started < 3
+
+
+def test_malformed_and_stray_broadcasts_never_end_a_job(worker_env):
+    # a custom node broadcasts string payloads, non-JSON text and job messages naming no prompt (or
+    # another one) while a second job waits in the queue; both jobs finish with their own outputs only
+    stray = worker_env.path / "output" / f"stray_{random.randrange(1 << 30)}.png"
+    Image.new("RGB", (2, 2)).save(stray)
+    noisy = slow_workflow(4, 0.05, color=0x00FF00)
+    noisy["5"] = {"class_type": "WorkerTestBroadcast", "inputs": {"image": ["3", 0], "report_file": stray.name}}
+    noisy["2"]["inputs"]["images"] = ["5", 0]
+    quiet = slow_workflow(2, 0.05, color=0x0000FF)
+
+    async def go():
+        try:
+            first = asyncio.create_task(handler.handler(job(noisy, job_id="noisy")))
+            await asyncio.sleep(0.1)
+            second = asyncio.create_task(handler.handler(job(quiet, job_id="quiet")))
+            return await first, await second
+        finally:
+            await comfy_client.close_shared_session()
+
+    try:
+        first, second = asyncio.run(go())
+        for result, color in ((first, (0, 255, 0)), (second, (0, 0, 255))):
+            assert "error" not in result, result
+            assert [e["node_id"] for e in result["images"]] == ["2"], result["images"]
+            assert decode_image(result["images"][0]).getpixel((0, 0)) == color
+            assert result["errors"] == []
+        assert stray.exists()  # never taken as a job's output, so never deleted
+    finally:
+        stray.unlink(missing_ok=True)
+
+
+def test_clean_up_keeps_an_existing_file_a_node_reports(worker_env):
+    existing = worker_env.path / "output" / f"keep_me_{random.randrange(1 << 30)}.png"
+    Image.new("RGB", (3, 3), (1, 2, 3)).save(existing)
+    time.sleep(0.2)  # older than the job's prompt
+    try:
+        result = run(job({"1": {"class_type": "WorkerTestReportFile", "inputs": {"filename": existing.name}}}))
+        assert "error" not in result, result
+        assert [e["filename"] for e in result["images"]] == [existing.name]  # delivered, as the node said
+        assert existing.exists()  # but not deleted: this job's prompt did not create it
+    finally:
+        existing.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"overrides": [{"node_id": "1", "field": "inputs", "value": "x"}]}, "sets the node's 'inputs' to str"),
+        ({"overrides": [{"node_id": "1", "field": "inputs", "value": None}]}, "sets the node's 'inputs' to NoneType"),
+        (
+            {"overrides": [{"node_id": "2", "field": "class_type", "value": ["SaveImage"]}]},
+            "sets the node's 'class_type' to list",
+        ),
+        ({"overrides": [{"node_id": "1", "field": "_meta", "value": "t"}]}, "sets the node's '_meta' to str"),
+        ({"timeout": float("nan")}, "'timeout' must be a positive number of seconds (finite, such as 120), got nan"),
+        ({"timeout": float("inf")}, "'timeout' must be a positive number of seconds (finite, such as 120), got inf"),
+    ],
+    ids=["inputs-string", "inputs-null", "class_type-list", "meta-string", "timeout-nan", "timeout-infinity"],
+)
+def test_bad_override_values_and_non_finite_timeouts_are_input_errors(worker_env, extra, needle):
+    result = run(job(empty_to_save(8, 8), **extra))
+    assert needle in result["error"], result
+    assert "unexpectedly" not in result["error"]
+    if "overrides" in extra:
+        assert result["error"].startswith("overrides[0] on node ")
+
+
+def test_the_job_timeout_covers_a_stalling_image_download(worker_env):
+    before = input_files(worker_env)
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "slow.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "never"}},
+    }
+    with ImageHost(stall_s=8) as host:
+        started = time.monotonic()
+        images = [{"name": "fine.png", "image": png_b64()}, {"name": "slow.png", "url": host.url("/stall.png?sig=s1")}]
+        result = run(job(wf, timeout=1.5, images=images))
+        elapsed = time.monotonic() - started
+    assert elapsed < 4, result
+    assert result["error"] == (
+        f"The job timed out after 1.5 s while its images were prepared ('slow.png': downloading it from "
+        f"{host.base}/stall.png?…); the workflow was not queued."
+    )
+    assert input_files(worker_env) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "needle"),
+    [
+        ("/big.png", "is larger than MAX_IMAGE_MB (1 MB); send a smaller file"),  # no length: counted while streamed
+        ("/long.png", "is larger than MAX_IMAGE_MB (1 MB) (it announces 4.0 MB)"),  # refused before the body
+        ("/bomb.png", "is larger than MAX_IMAGE_MB (1 MB); send a smaller file"),  # 4 KB gzip, 4 MB inflated
+    ],
+    ids=["streamed", "announced", "gzip-bomb"],
+)
+def test_image_urls_are_capped_by_max_image_mb(worker_env, monkeypatch, path, needle):
+    monkeypatch.setenv("MAX_IMAGE_MB", "1")
+    before = input_files(worker_env)
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "huge.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "never"}},
+    }
+    with ImageHost(big_bytes=4 * 1024 * 1024) as host:
+        result = run(job(wf, images=[{"name": "huge.png", "url": host.url(path)}]))
+    assert result["error"].startswith(f"The image 'huge.png' from {host.base}{path} "), result
+    assert needle in result["error"]
+    assert input_files(worker_env) == before
+
+
+def test_secrets_never_reach_the_comfyui_log_tail_nor_the_log(tmp_path, monkeypatch, worker_log):
+    # ComfyUI died, and its log holds the Jupyter password and a signed URL: the result carries the tail
+    password = "jupyter-pass-31337"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "comfyui.pid").write_text(str(dead.pid))
+    (tmp_path / "comfyui.log").write_text(
+        f"started with --password {password}\nGET https://cdn.example/m.bin?X-Amz-Signature=sig-in-log failed\n"
+    )
+    for name in CLEAN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("COMFY_PID_FILE", str(tmp_path / "comfyui.pid"))
+    monkeypatch.setenv("COMFY_LOG_FILE", str(tmp_path / "comfyui.log"))
+    monkeypatch.setenv("JUPYTER_PASSWORD", password)
+    result = run(job(empty_to_save(8, 8)))
+    assert "no longer running" in result["error"]
+    tail = result["details"]["comfyui_log_tail"]
+    assert "--password ***" in tail and "https://cdn.example/m.bin?…" in tail
+    assert password not in json.dumps(result) and "sig-in-log" not in json.dumps(result)
+    assert password not in worker_log.getvalue()
+
+
+def test_a_signed_image_urls_query_never_reaches_the_result_or_the_log(worker_env, worker_log):
+    # the host redirects for ever; aiohttp's TooManyRedirects text quotes the last URL, query included
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "signed.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "never"}},
+    }
+    with ImageHost() as host:
+        url = host.url("/loop.png?X-Amz-Signature=sig-first&X-Amz-Credential=cred")
+        result = run(job(wf, images=[{"name": "signed.png", "url": url}]))
+    assert result["error"].startswith(f"Could not download image 'signed.png' from {host.base}/loop.png?…: ")
+    assert "TooManyRedirects" in result["error"] or "redirect" in result["error"].lower(), result
+    for text in (json.dumps(result), worker_log.getvalue()):
+        assert "sig-" not in text and "cred" not in text, text
+
+
+@pytest.mark.slow
+def test_comfy_args_output_and_input_directories_are_used(comfyui_factory, monkeypatch, tmp_path):
+    out_dir, in_dir = tmp_path / "elsewhere-out", tmp_path / "elsewhere-in"
+    out_dir.mkdir()
+    in_dir.mkdir()
+    args = ["--output-directory", str(out_dir), "--input-directory", str(in_dir)]
+    private = comfyui_factory(start=False)
+    private.extra_args = args
+    private.start()
+    for name in CLEAN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in private.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("COMFY_LOG_FILE", str(private.log_path))
+    monkeypatch.setenv("COMFY_ARGS", " ".join(args))
+    wf = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "moved"}},
+    }
+    result = run(job(wf, images=[{"name": "photo.png", "image": png_b64((4, 4), (255, 0, 0))}]))
+    assert "error" not in result, result
+    assert decode_image(result["images"][0]).getpixel((1, 1)) == (0, 255, 255)
+    assert [p for p in out_dir.rglob("*") if p.is_file()] == []  # delivered from the moved folder, then removed
+    assert [p for p in in_dir.rglob("*") if p.is_file()] == []  # the upload removed from the moved input folder

@@ -66,7 +66,7 @@ def test_timeout_while_queued_drops_the_prompt_from_the_queue(comfyui):
     assert result.outputs["3"] == {"text": ["done"]}
     assert (
         error.message
-        == "The job timed out after 0.4 s while the prompt was still waiting in ComfyUI's queue; the prompt was interrupted."
+        == "The job timed out after 0.4 s while the prompt was still waiting in ComfyUI's queue; the prompt was removed from ComfyUI's queue."
     )
     assert error.details["state"] == "queued"
     assert waiting_id not in str(queue["queue_pending"])

@@ -114,15 +114,98 @@ class WorkerTestSaveAndPass:
         return {"ui": {"images": [{"filename": file, "subfolder": subfolder, "type": "output"}]}, "result": (image,)}
 
 
+class WorkerTestBroadcast:
+    """Passes an image through after broadcasting, to every connected client, websocket messages a
+    misbehaving custom node might send: payloads of the wrong type, text that is not JSON, and
+    well-formed job messages that name no prompt (or another one). ``report_file`` (a file in the
+    output folder) is named in the stray ``executed`` messages."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",)}, "optional": {"report_file": ("STRING", {"default": "x.png"})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = "comfy_worker_tests"
+
+    def run(self, image, report_file="x.png"):
+        import asyncio
+
+        from server import PromptServer
+
+        server = PromptServer.instance
+        stray = {"images": [{"filename": report_file, "subfolder": "", "type": "output"}]}
+        for event, data in [
+            ("x", "hello"),
+            ("status", "hello"),
+            ("status", {"status": "busy"}),
+            ("executing", ["not", "an", "object"]),
+            ("executed", "a string"),
+            ("progress", None),
+            ("execution_cached", {"nodes": 5}),
+            ("executed", {"node": "2", "output": stray}),  # no prompt_id
+            ("executed", {"node": "2", "output": stray, "prompt_id": "someone-else"}),
+            ("execution_error", {"node_id": "2", "node_type": "SaveImage", "exception_message": "stray"}),
+            ("execution_interrupted", {"node_id": "2", "node_type": "SaveImage"}),
+            ("execution_success", {}),
+            ("executing", {"node": None}),
+        ]:
+            server.send_sync(event, data)
+        for ws in list(server.sockets.values()):  # raw text frames that are not JSON objects
+            for text in ("not json {", "[1, 2]", '"just a string"', "null"):
+                asyncio.run_coroutine_threadsafe(ws.send_str(text), server.loop).result(5)
+        time.sleep(0.2)  # let the broadcasts reach the clients while this prompt is still running
+        return (image,)
+
+
+class WorkerTestReportFile:
+    """An output node that reports ``filename`` (an existing file in the output folder) as its output,
+    without writing it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"filename": ("STRING", {"default": "x.png"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "comfy_worker_tests"
+
+    def run(self, filename):
+        return {"ui": {"images": [{"filename": filename, "subfolder": "", "type": "output"}]}}
+
+
+class WorkerTestFail:
+    """An output node that fails with ``message`` (as a node that quotes a value in its error)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"message": ("STRING", {"default": "failed"})}}
+
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    CATEGORY = "comfy_worker_tests"
+
+    def run(self, message):
+        raise RuntimeError(message)
+
+
 NODE_CLASS_MAPPINGS = {
     "WorkerTestSleep": WorkerTestSleep,
     "WorkerTestSteps": WorkerTestSteps,
     "WorkerTestApiKey": WorkerTestApiKey,
     "WorkerTestSaveAndPass": WorkerTestSaveAndPass,
+    "WorkerTestBroadcast": WorkerTestBroadcast,
+    "WorkerTestReportFile": WorkerTestReportFile,
+    "WorkerTestFail": WorkerTestFail,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WorkerTestSleep": "Worker Test Sleep",
     "WorkerTestSteps": "Worker Test Steps",
     "WorkerTestApiKey": "Worker Test API Key",
     "WorkerTestSaveAndPass": "Worker Test Save And Pass",
+    "WorkerTestBroadcast": "Worker Test Broadcast",
+    "WorkerTestReportFile": "Worker Test Report File",
+    "WorkerTestFail": "Worker Test Fail",
 }
