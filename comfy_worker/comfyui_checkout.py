@@ -27,7 +27,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from comfy_worker.lock_file import atomic_write_text
 
 log = logging.getLogger("provision")
 
@@ -184,5 +183,7 @@ def install_requirements(settings) -> str:
         )
     if nr.protected_versions(env) != pinned:
         raise CheckoutError(f"installing {req} changed torch ({pinned} before); reinstall the pinned versions")
+    from comfy_worker.lock_file import atomic_write_text
+
     atomic_write_text(record_path(env.prefix), json.dumps({"sha256": requirements_digest(settings.comfyui_path)}))
     return "installed"

@@ -172,6 +172,13 @@ def env_prefix(settings: Settings) -> Path:
     """sys.prefix of ``$PYTHON`` without starting it when it is ours or a venv's."""
     if not settings.python:
         return Path(sys.prefix)
+    import shutil
+
+    found = os.path.abspath(shutil.which(settings.python) or settings.python)
+    if found == os.path.abspath(sys.executable):
+        return Path(sys.prefix)
+    if (Path(found).parent.parent / "pyvenv.cfg").is_file():  # as node_requirements.target_env decides
+        return Path(found).parent.parent
     from comfy_worker.node_requirements import target_env
 
     return target_env(settings.python).prefix

@@ -138,13 +138,15 @@ class Supervisor:
         return proc
 
     def start_comfy(self) -> subprocess.Popen:
-        s = self.settings
-        s.comfy_log_file.parent.mkdir(parents=True, exist_ok=True)
-        s.comfy_log_file.write_bytes(b"")
-        proc = self.spawn("ComfyUI", comfy_command(s, self.cpu), s.comfyui_path, log_file=s.comfy_log_file)
-        tmp = s.comfy_pid_file.with_name(s.comfy_pid_file.name + ".tmp")
+        settings = self.settings
+        settings.comfy_log_file.parent.mkdir(parents=True, exist_ok=True)
+        settings.comfy_log_file.write_bytes(b"")
+        proc = self.spawn(
+            "ComfyUI", comfy_command(settings, self.cpu), settings.comfyui_path, log_file=settings.comfy_log_file
+        )
+        tmp = settings.comfy_pid_file.with_name(settings.comfy_pid_file.name + ".tmp")
         tmp.write_text(f"{proc.pid}\n")
-        os.replace(tmp, s.comfy_pid_file)
+        os.replace(tmp, settings.comfy_pid_file)
         return proc
 
     def wait_comfy(self) -> bool:
@@ -207,10 +209,10 @@ class Supervisor:
             self.stopping = True
 
     def run(self) -> int:
-        s = self.settings
+        settings = self.settings
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.on_signal)
-        pid_file = supervisor_pid_file(s)
+        pid_file = supervisor_pid_file(settings)
         pid_file.write_text(f"{os.getpid()}\n")
         try:
             return self._run()
@@ -219,9 +221,9 @@ class Supervisor:
             pid_file.unlink(missing_ok=True)
 
     def _run(self) -> int:
-        s = self.settings
+        settings = self.settings
         if not has_cuda_device():
-            if s.mode == "serverless" and not s.allow_cpu:
+            if settings.mode == "serverless" and not settings.allow_cpu:
                 log.error(
                     "no CUDA device found: this serverless worker cannot run ComfyUI on a GPU; pick a GPU "
                     "type for the endpoint, or set ALLOW_CPU=1 to run on the CPU (slow)"
@@ -232,37 +234,39 @@ class Supervisor:
         self.start_comfy()
         if not self.wait_comfy():
             return 0 if self.stopping else 1
-        if s.warmup_workflow is not None and not self.stopping:
+        if settings.warmup_workflow is not None and not self.stopping:
             from comfy_worker.warmup import run_warmup
 
-            run_warmup(s)
+            run_warmup(settings)
         if self.stopping:
             return 0
-        self.spawn("handler", handler_command(s), s.app_dir)
-        if s.enable_jupyter:
+        self.spawn("handler", handler_command(settings), settings.app_dir)
+        if settings.enable_jupyter:
             env = dict(os.environ)
-            if s.jupyter_auth == "none":
+            if settings.jupyter_auth == "none":
                 env.pop("JUPYTER_TOKEN", None)
                 log.warning("WARNING: JupyterLab runs WITHOUT a token (JUPYTER_AUTH=none)")
             else:
-                token, generated = jupyter_token(s)
+                token, generated = jupyter_token(settings)
                 env["JUPYTER_TOKEN"] = token
                 if generated:
-                    print(f"JupyterLab token (saved in {s.volume_root / TOKEN_FILE}): {token}", flush=True)
+                    print(f"JupyterLab token (saved in {settings.volume_root / TOKEN_FILE}): {token}", flush=True)
                 else:
-                    log.info("JupyterLab asks for the token (JUPYTER_PASSWORD or %s)", s.volume_root / TOKEN_FILE)
-            self.spawn("Jupyter", jupyter_command(s), s.volume_root, env=env)
+                    log.info(
+                        "JupyterLab asks for the token (JUPYTER_PASSWORD or %s)", settings.volume_root / TOKEN_FILE
+                    )
+            self.spawn("Jupyter", jupyter_command(settings), settings.volume_root, env=env)
         log.info(
             "ready (%s): ComfyUI http://%s%s%s",
-            s.mode,
-            s.comfy_host,
-            "" if s.mode == "serverless" else f"  API http://127.0.0.1:{s.api_port}",
-            f"  Jupyter http://127.0.0.1:{s.jupyter_port}" if s.enable_jupyter else "",
+            settings.mode,
+            settings.comfy_host,
+            "" if settings.mode == "serverless" else f"  API http://127.0.0.1:{settings.api_port}",
+            f"  Jupyter http://127.0.0.1:{settings.jupyter_port}" if settings.enable_jupyter else "",
         )
         return self.watch()
 
     def watch(self) -> int:
-        s = self.settings
+        settings = self.settings
         while not self.stopping:
             time.sleep(0.2)
             if self.restart_asked:
@@ -274,7 +278,7 @@ class Supervisor:
             comfy = self.children["ComfyUI"]
             if comfy.poll() is not None and not self.stopping:
                 log.error("ComfyUI exited with %s; its log ends with:\n%s", comfy.returncode, self.log_tail())
-                if not s.comfy_restart:
+                if not settings.comfy_restart:
                     log.error("stopping the worker (COMFY_RESTART=0): RunPod replaces it")
                     return 1
                 log.warning("restarting ComfyUI (COMFY_RESTART=1)")

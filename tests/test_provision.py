@@ -1,0 +1,216 @@
+"""start.sh --provision-only on a temp volume: ComfyUI from the local upstream repo, models on a real
+nginx (requests counted in its access log) or a fault-injecting origin, nodes in local bare git repos."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from support.models import UPSCALE_MODEL_NAME
+from support.origins import NginxOrigin
+from support.start_env import NODE_INIT, run_script, start_env
+
+from comfy_worker.lock_file import read_lock_file
+
+
+@pytest.fixture
+def nginx(tmp_path, upscale_model_file):
+    root = tmp_path / "www"
+    root.mkdir()
+    shutil.copy(upscale_model_file, root / UPSCALE_MODEL_NAME)
+    (root / "b.bin").write_bytes(b"b" * 5000)
+    with NginxOrigin(root, tmp_path / "nginx") as origin:
+        origin.root = root
+        yield origin
+
+
+def requests_to(origin: NginxOrigin, name: str | None = None) -> int:
+    log = (origin.workdir / "access.log").read_text() if (origin.workdir / "access.log").exists() else ""
+    return sum(1 for line in log.splitlines() if name is None or f"/{name} " in line)
+
+
+def write_config(env, cfg: dict) -> Path:
+    path = Path(env["VOLUME_ROOT"]) / "config.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def node_repo(git_repos):
+    repo = git_repos.create("StartNode", {"__init__.py": NODE_INIT})
+    repo.tag("v1.0.0")
+    return repo.push()
+
+
+def test_cold_then_warm_start(tmp_path, nginx, node_repo):
+    env = start_env(tmp_path)
+    models = [
+        {"url": f"{nginx.url}/{UPSCALE_MODEL_NAME}", "destination": "upscale_models"},
+        {"url": f"{nginx.url}/b.bin", "destination": "checkpoints", "sha256": hashlib.sha256(b"b" * 5000).hexdigest()},
+    ]
+    write_config(env, {"models": models, "nodes": [{"url": node_repo.url, "version": "v1.0.0"}]})
+    volume = Path(env["VOLUME_ROOT"])
+    (volume / "ComfyUI" / "output").mkdir(parents=True)
+    (volume / "ComfyUI" / "output" / "mine.png").write_bytes(b"keep me")
+
+    cold = run_script(env, "start.sh", "--provision-only")
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    comfy = volume / "ComfyUI"
+    assert (comfy / "main.py").is_file() and (comfy / "output" / "mine.png").read_bytes() == b"keep me"
+    assert (comfy / "models" / "upscale_models" / UPSCALE_MODEL_NAME).is_file()
+    assert (comfy / "custom_nodes" / "StartNode" / "__init__.py").is_file()
+    lock = read_lock_file(volume / "comfy.lock.yml")
+    assert lock["comfyui"] == {
+        "ref": subprocess.check_output(["git", "-C", str(comfy), "rev-parse", "HEAD"], text=True).strip()
+    }
+    assert (volume / ".config-sha256").read_text().strip()
+    assert "phase comfyui:" in cold.stderr and "summary:" in cold.stdout and "2 fetched" in cold.stdout
+    assert not list(volume.glob(".ComfyUI.partial-*"))
+    fetched = requests_to(nginx)
+
+    # warm: the origin is gone, the node's remote too: only local checks may run
+    nginx.stop()
+    shutil.move(node_repo.bare, tmp_path / "moved-away.git")
+    started = time.monotonic()
+    warm = run_script(env, "start.sh", "--provision-only")
+    took = time.monotonic() - started
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    assert "gate matches" in warm.stderr and "2 kept" in warm.stdout
+    assert requests_to(nginx) == fetched
+    print(f"warm start.sh --provision-only: {took:.2f} s")
+
+    # a deleted model file is fetched again, alone
+    nginx.start()
+    before = requests_to(nginx)
+    (comfy / "models" / "checkpoints" / "b.bin").unlink()
+    again = run_script(env, "start.sh", "--provision-only")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (comfy / "models" / "checkpoints" / "b.bin").is_file()
+    assert (
+        requests_to(nginx, UPSCALE_MODEL_NAME) == requests_to(nginx, UPSCALE_MODEL_NAME) and requests_to(nginx) > before
+    )
+    new_lines = (nginx.workdir / "access.log").read_text().splitlines()[before:]
+    assert new_lines and all("/b.bin " in line for line in new_lines)
+
+
+def test_warm_path_imports_nothing_heavy(tmp_path):
+    env = start_env(tmp_path)
+    write_config(env, {"models": [], "nodes": []})
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    code = (
+        "import sys; from comfy_worker import provision\n"
+        "rc = provision.main([])\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'git', 'huggingface_hub', 'pydantic', 'yaml'})\n"
+        "print('HEAVY', heavy); sys.exit(rc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+
+
+def test_config_yml_variants_and_bak(tmp_path):
+    env = start_env(tmp_path)
+    volume = Path(env["VOLUME_ROOT"])
+    volume.mkdir(parents=True)
+    (volume / "config.yml").write_text("models: []\n# the user's own\n")
+    text = "models: []\nnodes: []\n# from CONFIG_YML ??>>\n"
+    b64 = base64.b64encode(text.encode()).decode()
+    assert "+" in b64 or "/" in b64  # so the URL-safe alphabet really differs
+    variants = {
+        "standard": b64,
+        "urlsafe": base64.urlsafe_b64encode(text.encode()).decode(),
+        "unpadded": b64.rstrip("="),
+        "plain": text,
+    }
+    for name, value in variants.items():
+        out = run_script({**env, "CONFIG_YML": value}, "start.sh", "--provision-only")
+        assert out.returncode == 0, (name, out.stderr)
+        assert (volume / "config.yml").read_text() == text, name
+    assert (volume / "config.yml.bak").read_text() == "models: []\n# the user's own\n"
+    bad = run_script({**env, "CONFIG_YML": "!!not base64 and not yaml: ["}, "start.sh", "--provision-only")
+    assert bad.returncode == 2 and "CONFIG_YML" in bad.stderr
+
+
+def test_failed_required_model_leaves_no_gate_and_only_it_is_retried(tmp_path, origin):
+    origin.add("/good.bin", body=b"g" * 3000)
+    env = start_env(tmp_path)
+    write_config(
+        env,
+        {
+            "models": [
+                {"url": f"{origin.url}/good.bin", "destination": "checkpoints"},
+                {"url": f"{origin.url}/late.bin", "destination": "checkpoints"},
+            ]
+        },
+    )
+    first = run_script(env, "start.sh", "--provision-only")
+    assert first.returncode == 1, first.stdout + first.stderr
+    volume = Path(env["VOLUME_ROOT"])
+    assert not (volume / ".config-sha256").exists()
+    assert "gate is not written" in first.stderr
+    origin.add("/late.bin", body=b"l" * 2000)
+    good_gets = len([s for s in origin.seen("/good.bin") if s.method == "GET"])
+    second = run_script(env, "start.sh", "--provision-only")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert len([s for s in origin.seen("/good.bin") if s.method == "GET"]) == good_gets
+    assert (volume / "ComfyUI" / "models" / "checkpoints" / "late.bin").read_bytes() == b"l" * 2000
+    assert (volume / ".config-sha256").exists()
+
+
+def test_four_concurrent_starts_fetch_each_file_once(tmp_path, nginx):
+    env = start_env(tmp_path)
+    write_config(env, {"models": [{"url": f"{nginx.url}/b.bin", "destination": "checkpoints"}]})
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: run_script(env, "start.sh", "--provision-only"), range(4)))
+    assert [r.returncode for r in results] == [0, 0, 0, 0], [r.stderr[-2000:] for r in results]
+    gets = [line for line in (nginx.workdir / "access.log").read_text().splitlines() if '"GET /b.bin' in line]
+    whole = [line for line in gets if '" 200 5000 ' in line]  # besides, the downloader may probe a 1-byte range
+    assert len(whole) == 1 and len(gets) <= 2, gets
+    assert any("waiting for another worker provisioning this volume" in r.stderr for r in results)
+
+
+def make_hf_cache(root: Path, repo: str, path: str, data: bytes, commit: str = "a" * 40) -> Path:
+    folder = root / f"models--{repo.replace('/', '--')}"
+    sha = hashlib.sha256(data).hexdigest()
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "blobs" / sha).write_bytes(data)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+    snap = folder / "snapshots" / commit / path
+    snap.parent.mkdir(parents=True)
+    snap.symlink_to(Path("../../blobs") / sha if "/" not in path else Path("../../../blobs") / sha)
+    return folder
+
+
+def test_hf_entry_in_cache_is_linked_without_a_request(tmp_path, origin):
+    data = b"cached model bytes" * 100
+    cache = tmp_path / "hf-cache" / "hub"
+    make_hf_cache(cache, "org/model", "unet.safetensors", data)
+    env = start_env(tmp_path, HF_HUB_CACHE=str(cache), HF_ENDPOINT=origin.url)
+    url = "https://huggingface.co/org/model/resolve/main/unet.safetensors"
+    sha = hashlib.sha256(data).hexdigest()
+    write_config(env, {"models": [{"url": url, "destination": "unet", "sha256": sha}]})
+    out = run_script(env, "start.sh", "--provision-only")
+    assert out.returncode == 0, out.stdout + out.stderr
+    target = Path(env["VOLUME_ROOT"]) / "ComfyUI" / "models" / "unet" / "unet.safetensors"
+    assert target.is_symlink() and target.read_bytes() == data
+    assert origin.seen() == []
+    assert "linked from cache" in out.stderr and "1 linked from cache" in out.stdout
+
+    # a wrong sha256: refused, never linked (the download from the hub then fails: nothing served)
+    target.unlink()
+    write_config(env, {"models": [{"url": url, "destination": "unet", "sha256": "0" * 64}]})
+    wrong = run_script(env, "start.sh", "--provision-only")
+    assert wrong.returncode == 1
+    assert "not linked" in wrong.stderr and not target.exists()
