@@ -27,7 +27,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-
 log = logging.getLogger("provision")
 
 RECORD_NAME = "comfy-worker-comfyui-requirements.json"
