@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Install the custom nodes listed in config.yml (SPEC §6).
+"""Install the custom nodes listed in config.yml (docs/nodes.md).
 
 Each node is a git checkout in ``custom_nodes/<name>`` at the commit its ``version`` resolves to
 (see git_versions.py), submodules included; its requirements go into the environment ComfyUI runs
@@ -8,7 +8,8 @@ resolved commit of every node. docs/nodes.md explains the rules.
 
 A warm run (nothing changed) reads a small state file per node (``.git/comfy-worker-node.json``:
 the config entry it was installed for and the commit) and the checked-out HEAD from files: no git
-process, no network.
+process, no network. SIGTERM stops the run promptly: it sets ``Context.stop``, which ends the lock
+wait and every git, pip and install.py process (and what they started).
 """
 
 from __future__ import annotations
@@ -18,30 +19,44 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from filelock import FileLock
+from pydantic import ValidationError
 
-from comfy_worker import git_versions, node_requirements
-from comfy_worker.cli import EXIT_FAILED, EXIT_OK, add_common_args, format_table, settings_and_config
+from comfy_worker import git_versions, node_requirements, volume_lock
+from comfy_worker.cli import (
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_OK,
+    add_common_args,
+    format_table,
+    load_or_report,
+    run_parallel,
+    status_word,
+    validate_only,
+)
 from comfy_worker.config_schema import NodeEntry, WorkerConfig
 from comfy_worker.lock_file import atomic_write_text, read_lock_file, update_lock_file
 from comfy_worker.log_setup import setup_logging
 from comfy_worker.settings import Settings
+from comfy_worker.volume_lock import Interrupted, LockError
 
-log = logging.getLogger("install_nodes")
+log = logging.getLogger(__name__)
 
 STATE_FILE = "comfy-worker-node.json"  # inside the node's git dir
 RUN_LOCK = ".install_nodes.lock"  # in custom_nodes (ComfyUI ignores files that are not .py)
 CLONE = "clone"
 MOVE = "move"
 KEEP = "keep"
+LOCK_WAIT_TIMEOUT = 7200.0  # seconds a run waits for another one on the volume (each step of that run is bounded)
 
 
 class NodeError(Exception):
@@ -78,6 +93,7 @@ class Context:
     dry_run: bool = False
     force: bool = False
     update: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)  # set on SIGTERM
 
 
 # ---- per-node state (what this folder was installed for) ----
@@ -130,7 +146,7 @@ def _short(commit: str | None) -> str:
 def fast_keep(ctx: Context, result: NodeResult) -> bool:
     """The no-process, no-network check: the folder holds the commit recorded for this very config
     entry, and nothing asks to look again."""
-    if ctx.force:
+    if ctx.force or result.path.is_symlink():
         return False
     state = read_state(result.path)
     if not state or state.get("url") != result.entry.url or state.get("version") != result.entry.version:
@@ -148,6 +164,12 @@ def fast_keep(ctx: Context, result: NodeResult) -> bool:
 def sync_node(ctx: Context, result: NodeResult) -> NodeResult:
     try:
         path = result.path
+        if path.is_symlink():
+            raise NodeError(
+                f"{path} is a symbolic link (to {os.readlink(path)}); a node folder must be a real folder, "
+                "or one node could re-target another: remove the link (or give this entry another 'name'), "
+                "then run again"
+            )
         if path.is_dir() and not any(path.iterdir()) and not ctx.dry_run:
             path.rmdir()  # an empty folder (e.g. a mount point left behind) is not an install
         if not path.exists():
@@ -162,6 +184,8 @@ def sync_node(ctx: Context, result: NodeResult) -> NodeResult:
         result.checked_out = not ctx.dry_run
     except (NodeError, git_versions.VersionError, git_versions.LocalEditsError) as err:
         result.error = f"{result.label} ({result.entry.url}): {err}"
+    except Interrupted:
+        raise
     except Exception as err:  # one broken node never stops the others
         log.debug("%s failed", result.label, exc_info=True)
         result.error = f"{result.label} ({result.entry.url}): unexpected {type(err).__name__}: {err}"
@@ -169,7 +193,8 @@ def sync_node(ctx: Context, result: NodeResult) -> NodeResult:
 
 
 def _resolve_remote(ctx: Context, entry: NodeEntry) -> git_versions.Resolved:
-    return git_versions.resolve_version(entry.version, git_versions.ls_remote(entry.url, ctx.token), entry.url)
+    refs = git_versions.ls_remote(entry.url, ctx.token, ctx.stop)
+    return git_versions.resolve_version(entry.version, refs, entry.url)
 
 
 def _clone_node(ctx: Context, result: NodeResult) -> None:
@@ -180,10 +205,10 @@ def _clone_node(ctx: Context, result: NodeResult) -> None:
         return
     staging = ctx.custom_nodes / f".{result.path.name}.partial-{uuid.uuid4().hex[:8]}.disabled"
     try:
-        repo = git_versions.clone(entry.url, staging, ctx.token)
+        repo = git_versions.clone(entry.url, staging, ctx.token, ctx.stop)
         try:
-            commit = git_versions.commit_in_clone(repo, entry.url, ctx.token, resolved)
-            git_versions.checkout(repo, commit, entry.url, ctx.token)
+            commit = git_versions.commit_in_clone(repo, entry.url, ctx.token, resolved, ctx.stop)
+            git_versions.checkout(repo, commit, entry.url, ctx.token, ctx.stop)
         finally:
             repo.close()
         write_state(staging, entry, commit, resolved.kind, resolved.describe())
@@ -219,7 +244,9 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
         if recorded and not refresh and git_versions.FULL_SHA_RE.match(str(recorded)):
             # same config entry, folder moved by hand (or a move cut short): to the recorded commit, no network
             resolved = git_versions.Resolved(entry.version, state.get("kind", ""), recorded, state.get("described", ""))
-        elif git_versions.HEX_RE.match(entry.version) and (local := git_versions.has_commit(repo, entry.version)):
+        elif git_versions.FULL_SHA_RE.match(entry.version.lower()) and (
+            local := git_versions.has_commit(repo, entry.version)
+        ):  # a full sha already in the clone: no network. A short one may be a ref name: asked upstream
             resolved = git_versions.Resolved(entry.version, "commit", local, f"commit {local[:12]}")
         else:
             resolved = _resolve_remote(ctx, entry)
@@ -239,7 +266,7 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
             elif edits and result.action == MOVE:
                 result.notes.append(f"local edits would be stashed: {', '.join(edits[:5])}")
             return
-        commit = git_versions.commit_in_clone(repo, entry.url, ctx.token, resolved)
+        commit = git_versions.commit_in_clone(repo, entry.url, ctx.token, resolved, ctx.stop)
         result.commit = commit
         if commit != head:
             note = git_versions.stash_local_edits(
@@ -259,7 +286,7 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
                     _short(commit),
                 )
         write_pending_state(path, entry, resolved, commit)
-        git_versions.checkout(repo, commit, entry.url, ctx.token)
+        git_versions.checkout(repo, commit, entry.url, ctx.token, ctx.stop)
         write_state(path, entry, commit, resolved.kind, resolved.describe())
         result.changed = True
         if commit != head:
@@ -320,6 +347,7 @@ def install_requirements(results: list[NodeResult], settings: Settings, ctx: Con
             settings.install_py_timeout,
             installed=[n for _, n in present],
             package_cache=settings.node_package_cache,
+            stop=ctx.stop,
         )
     except (RuntimeError, OSError, subprocess.SubprocessError) as err:
         outcome = {n.label: f"{n.label}: requirements not installed: {err}" for _, n in todo}
@@ -372,15 +400,12 @@ def write_lock(settings: Settings, results: list[NodeResult]) -> None:
         update_lock_file(settings.lock_file, "nodes", entries)
 
 
-def acquire_volume_lock(custom_nodes: Path) -> FileLock:
-    """One install_nodes.py per volume at a time; a second one says why it waits."""
-    lock = FileLock(str(custom_nodes / RUN_LOCK))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("waiting for another install_nodes.py to finish on this volume (lock %s)", lock.lock_file)
-        lock.acquire()
-    return lock
+def acquire_volume_lock(custom_nodes: Path, stop: threading.Event | None = None) -> FileLock:
+    """One install_nodes.py per volume at a time; a second one says what it waits for, waits at most
+    LOCK_WAIT_TIMEOUT (LockError) and ends on ``stop`` (Interrupted)."""
+    return volume_lock.acquire(
+        custom_nodes / RUN_LOCK, "another install_nodes.py to finish on this volume", stop, LOCK_WAIT_TIMEOUT
+    )
 
 
 def cleanup_partials(custom_nodes: Path) -> None:
@@ -398,8 +423,7 @@ def run(cfg: WorkerConfig, settings: Settings, ctx: Context, parallel: int = 4) 
         if not ctx.dry_run:
             ctx.custom_nodes.mkdir(parents=True, exist_ok=True)
             cleanup_partials(ctx.custom_nodes)
-        with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(slow)))) as pool:
-            list(pool.map(lambda r: sync_node(ctx, r), slow))
+        run_parallel(lambda r: sync_node(ctx, r), slow, parallel, ctx.stop)
     install_requirements(results, settings, ctx)
     return results
 
@@ -407,7 +431,7 @@ def run(cfg: WorkerConfig, settings: Settings, ctx: Context, parallel: int = 4) 
 def print_summary(results: list[NodeResult], dry_run: bool) -> None:
     rows = []
     for r in results:
-        status = "ok" if r.ok else "warning (optional)" if r.entry.optional else "FAILED"
+        status = status_word(r.ok, r.entry.optional)
         rows.append(
             [
                 r.entry.dir_name(),
@@ -436,29 +460,91 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def derived_name_problems(cfg: WorkerConfig) -> list[str]:
+    """A folder name taken from the URL (no ``name``) gets the checks an explicit ``name`` gets: a URL
+    ending in ``/.``, ``/..``, ``/.git`` or ``/-x`` names no usable folder."""
+    problems = []
+    for i, entry in enumerate(cfg.nodes):
+        if entry.name is not None:
+            continue
+        derived = entry.dir_name()
+        try:
+            checked = NodeEntry(url=entry.url, name=derived).name
+            reason = None if checked == derived else f"it would be read as {checked!r}"
+        except ValidationError as err:
+            reason = str(err.errors()[0]["msg"]).removeprefix("Value error, ")
+        if reason:
+            problems.append(
+                f"nodes[{i}] ({entry.url}): name: the folder name {derived!r} taken from the URL is not usable "
+                f"({reason}); set 'name' to the folder to use under custom_nodes"
+            )
+    return problems
+
+
+def settings_and_checked_config(args: argparse.Namespace) -> tuple[Settings, WorkerConfig] | int:
+    """The settings and the config, checked as by the schema plus the folder names taken from URLs
+    (the same checks for ``--validate-only`` and a run); or the exit code when the run ends here."""
+    try:
+        settings = Settings.from_env()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    loaded = load_or_report(args.config, settings)
+    if loaded is None:
+        return EXIT_INVALID
+    cfg, source = loaded
+    if problems := derived_name_problems(cfg):
+        print(f"error: {source} is invalid ({len(problems)} problem(s)):", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.validate_only:
+        return validate_only(cfg, source)
+    return settings, cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
-    loaded = settings_and_config(args)
+    loaded = settings_and_checked_config(args)
     if isinstance(loaded, int):
         return loaded
     settings, cfg = loaded
+    setup_logging()
     comfyui = Path(args.comfyui_dir) if args.comfyui_dir else settings.comfyui_path
     ctx = Context(comfyui / "custom_nodes", settings.github_token, args.dry_run, args.force, args.update)
     start = time.monotonic()
-    if args.dry_run:
-        results = run(cfg, settings, ctx, args.parallel)
-    elif not cfg.nodes:
-        results = []
-        write_lock(settings, results)
-    else:
-        ctx.custom_nodes.mkdir(parents=True, exist_ok=True)
-        lock = acquire_volume_lock(ctx.custom_nodes)
-        try:
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: ctx.stop.set()) if main_thread else None
+    try:
+        if args.dry_run:
             results = run(cfg, settings, ctx, args.parallel)
+        elif not cfg.nodes:
+            results = []
             write_lock(settings, results)
-        finally:
-            lock.release()
+        else:
+            ctx.custom_nodes.mkdir(parents=True, exist_ok=True)
+            lock = acquire_volume_lock(ctx.custom_nodes, ctx.stop)
+            try:
+                results = run(cfg, settings, ctx, args.parallel)
+                write_lock(settings, results)
+            finally:
+                lock.release()
+    except Interrupted as err:
+        print(
+            f"interrupted ({err}); nothing unfinished was recorded as done: the next run completes the work",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except LockError as err:
+        print(
+            f"error: {err}; run install_nodes.py again once the other run has finished (it holds the lock only "
+            "while it runs)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     print_summary(results, args.dry_run)
     failed = [r for r in results if not r.ok and not r.entry.optional]
     print(

@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,14 +29,15 @@ from packaging.version import InvalidVersion, Version
 if TYPE_CHECKING:
     from git import Repo
 
-log = logging.getLogger("install_nodes")
+log = logging.getLogger(__name__)
 
-GITHUB_PREFIX = "https://github.com/"
+GITHUB_PREFIX = "https://github.com/"  # the only URLs GITHUB_TOKEN is sent to (tests point it at a local server)
 HEX_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
 FULL_SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 # Versions whose commit moves upstream: re-resolved only with --update.
 MOVING_KINDS = ("latest", "nightly", "branch")
-NETWORK_TIMEOUT = 900  # seconds for one clone/fetch/ls-remote
+NETWORK_TIMEOUT = 900  # seconds for one clone/fetch/submodule update
+LS_REMOTE_TIMEOUT = 120
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "comfy-worker",
     "GIT_AUTHOR_EMAIL": "comfy-worker@localhost",
@@ -56,12 +58,14 @@ class LocalEditsError(Exception):
 
 
 def is_local_url(url: str) -> bool:
-    """file:// URLs and plain paths (not https://, ssh:// or scp-like git@host:path)."""
+    """file:// URLs and plain paths; not https://, ssh:// or scp-like ``[user@]host:path`` (git's own
+    rule: a colon before the first slash makes it ssh, ``example.com:org/repo.git`` included)."""
     if urlparse(url).scheme == "file":
         return True
     if "://" in url:
         return False
-    return not re.match(r"^[\w.~-]+@[\w.-]+:", url)
+    colon, slash = url.find(":"), url.find("/")
+    return not (colon > 0 and (slash < 0 or colon < slash))
 
 
 def github_auth_header(token: str) -> str:
@@ -69,14 +73,14 @@ def github_auth_header(token: str) -> str:
     return f"AUTHORIZATION: basic {basic}"
 
 
-def git_env(url: str, token: str | None, header_prefix: str = GITHUB_PREFIX) -> dict[str, str]:
+def git_env(url: str, token: str | None, header_prefix: str | None = None) -> dict[str, str]:
     """Environment for a git process working on ``url``: no prompts, stalled transfers abort, the
     token as an extra header scoped to ``header_prefix`` (git matches it against each request URL,
     so submodules on other hosts never see it), and file:// submodules allowed for local repos
     (the user chose local repositories, so local submodules are expected)."""
     config: list[tuple[str, str]] = []
     if token:
-        config.append((f"http.{header_prefix}.extraheader", github_auth_header(token)))
+        config.append((f"http.{header_prefix or GITHUB_PREFIX}.extraheader", github_auth_header(token)))
     if is_local_url(url):
         config.append(("protocol.file.allow", "always"))
     env = {
@@ -156,15 +160,43 @@ def parse_ls_remote(text: str) -> RemoteRefs:
     return refs
 
 
-def ls_remote(url: str, token: str | None) -> RemoteRefs:
-    import git
+def run_git(
+    args: list[str],
+    what: str,
+    url: str,
+    token: str | None,
+    cwd: Path | None = None,
+    timeout: float = NETWORK_TIMEOUT,
+    stop: threading.Event | None = None,
+) -> str:
+    """A git command that may use the network: stdin closed, its own session, killed at ``timeout``
+    or when ``stop`` is set (Interrupted), without secrets in its environment. Its output (stdout
+    and stderr); VersionError saying ``what`` failed and git's reason."""
+    from comfy_worker.node_requirements import ChildTimeout, child_env, run_child
 
     try:
-        out = git.cmd.Git().ls_remote(
-            "--symref", url, "HEAD", "refs/heads/*", "refs/tags/*", env=git_env(url, token), kill_after_timeout=120
-        )
-    except git.GitCommandError as err:
-        raise VersionError(f"cannot list the refs of {url}: {_git_error(err)}") from None
+        done = run_child(["git", *args], cwd=cwd, env=child_env(git_env(url, token)), timeout=timeout, stop=stop)
+    except ChildTimeout:
+        raise VersionError(f"{what} did not finish within {timeout:g} s (network too slow or stalled?)") from None
+    if done.returncode != 0:
+        raise VersionError(f"{what}: {_output_tail(done.output)}")
+    return done.output
+
+
+def _output_tail(output: str) -> str:
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    return " / ".join(lines[-5:]) if lines else "(no output)"
+
+
+def ls_remote(url: str, token: str | None, stop: threading.Event | None = None) -> RemoteRefs:
+    out = run_git(
+        ["ls-remote", "--symref", url, "HEAD", "refs/heads/*", "refs/tags/*"],
+        f"cannot list the refs of {url}",
+        url,
+        token,
+        timeout=LS_REMOTE_TIMEOUT,
+        stop=stop,
+    )
     return parse_ls_remote(out)
 
 
@@ -307,44 +339,63 @@ def origin_url(repo: Repo) -> str | None:
 
 
 def has_commit(repo: Repo, sha: str) -> str | None:
-    """The full sha of ``sha`` (full or short) when the object database has that commit."""
+    """The full sha of ``sha`` (full or short) when the object database has that commit. A short
+    sha is only ever a sha prefix here (ref names are matched before, from the remote's refs); one
+    that matches several commits is a VersionError listing them."""
     import git
 
+    if len(sha) < 40 and HEX_RE.match(sha):
+        try:
+            objects = repo.git.rev_parse(f"--disambiguate={sha.lower()}").split()
+        except git.GitCommandError:
+            return None
+        commits = [o for o in objects if _object_type(repo, o) == "commit"]
+        if len(commits) > 1:
+            raise VersionError(
+                f"short sha {sha!r} is ambiguous: it matches the commits {', '.join(sorted(commits))}; "
+                "write more digits (or the full sha) in 'version'"
+            )
+        return commits[0] if commits else None
     try:
         return repo.git.rev_parse("--verify", "--quiet", f"{sha}^{{commit}}").strip() or None
     except git.GitCommandError:
         return None
 
 
-def fetch(repo: Repo, url: str, token: str | None, sha: str | None = None) -> None:
-    """Fetch branches and tags from origin; a commit that no ref reaches is fetched by its full sha."""
+def _object_type(repo: Repo, sha: str) -> str:
     import git
 
-    env = git_env(url, token)
     try:
-        repo.git.fetch("--force", "--tags", "--prune", "origin", env=env, kill_after_timeout=NETWORK_TIMEOUT)
-        if sha and len(sha) == 40 and not has_commit(repo, sha):
-            repo.git.fetch("origin", sha, env=env, kill_after_timeout=NETWORK_TIMEOUT)
-    except git.GitCommandError as err:
-        raise VersionError(f"fetching {url} failed: {_git_error(err)}") from None
+        return repo.git.cat_file("-t", sha).strip()
+    except git.GitCommandError:
+        return ""
 
 
-def clone(url: str, dest: Path, token: str | None) -> Repo:
+def fetch(repo: Repo, url: str, token: str | None, sha: str | None = None, stop: threading.Event | None = None) -> None:
+    """Fetch branches and tags from origin; a commit that no ref reaches is fetched by its full sha."""
+    work = Path(repo.git_dir)
+    what = f"fetching {url} failed"
+    run_git(["--git-dir", str(work), "fetch", "--force", "--tags", "--prune", "origin"], what, url, token, stop=stop)
+    if sha and len(sha) == 40 and not has_commit(repo, sha):
+        run_git(["--git-dir", str(work), "fetch", "origin", sha], what, url, token, stop=stop)
+
+
+def clone(url: str, dest: Path, token: str | None, stop: threading.Event | None = None) -> Repo:
     """A full clone of ``url`` into ``dest`` without a checkout (checkout() picks the commit)."""
     import git
 
-    try:
-        return git.Repo.clone_from(url, dest, env=git_env(url, token), no_checkout=True)
-    except git.GitCommandError as err:
-        raise VersionError(f"cloning {url} failed: {_git_error(err)}") from None
+    run_git(["clone", "--no-checkout", "--", url, str(dest)], f"cloning {url} failed", url, token, stop=stop)
+    return git.Repo(dest)
 
 
-def commit_in_clone(repo: Repo, url: str, token: str | None, resolved: Resolved) -> str:
+def commit_in_clone(
+    repo: Repo, url: str, token: str | None, resolved: Resolved, stop: threading.Event | None = None
+) -> str:
     """The full commit for ``resolved`` in ``repo``, fetching when the clone does not have it yet."""
     wanted = resolved.commit or resolved.version
     found = has_commit(repo, wanted)
     if found is None:
-        fetch(repo, url, token, resolved.commit)
+        fetch(repo, url, token, resolved.commit, stop)
         found = has_commit(repo, wanted)
     if found is None:
         raise VersionError(f"commit {resolved.version!r} does not exist in {url}")
@@ -408,19 +459,20 @@ def stash_local_edits(repo: Repo, work: Path, message: str) -> str:
     return note
 
 
-def checkout(repo: Repo, commit: str, url: str, token: str | None) -> None:
+def checkout(repo: Repo, commit: str, url: str, token: str | None, stop: threading.Event | None = None) -> None:
     """Detached checkout of ``commit`` plus its submodules (recursive)."""
     import git
 
     work = Path(repo.working_tree_dir or ".")
-    env = git_env(url, token)
+    what = f"checking out {commit[:12]} in {work} failed"
     try:
         repo.git.checkout("-q", "--detach", commit)
         if (work / ".gitmodules").exists():
-            repo.git.submodule("sync", "--recursive", env=env)
-            repo.git.submodule("update", "--init", "--recursive", env=env, kill_after_timeout=NETWORK_TIMEOUT)
+            repo.git.submodule("sync", "--recursive", env=git_env(url, token))
     except git.GitCommandError as err:
-        raise VersionError(f"checking out {commit[:12]} in {work} failed: {_git_error(err)}") from None
+        raise VersionError(f"{what}: {_git_error(err)}") from None
+    if (work / ".gitmodules").exists():
+        run_git(["submodule", "update", "--init", "--recursive"], what, url, token, cwd=work, stop=stop)
 
 
 def set_origin(repo: Repo, url: str) -> None:

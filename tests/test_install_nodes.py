@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,29 @@ def node_with_submodule_versions(git_repos):
     return top, c
 
 
+def summary_table(out: str) -> dict[str, dict[str, str]]:
+    """The run's summary table: node -> {column: cell}, read by the columns' positions."""
+    lines = out.splitlines()
+    for i, header in enumerate(lines[:-1]):
+        dashes = lines[i + 1]
+        if header.startswith("node ") and dashes and set(dashes) <= {"-", " "}:
+            spans = [m.span() for m in re.finditer(r"-+", dashes)]
+            names = [header[a:b].strip() for a, b in spans]
+            rows = {}
+            for row in lines[i + 2 :]:
+                if not row.strip() or row.startswith(("note:", "error:", "warning:")) or re.match(r"\d+ node", row):
+                    break
+                cells = [row[a : b if k < len(spans) - 1 else None].strip() for k, (a, b) in enumerate(spans)]
+                rows[cells[0]] = dict(zip(names, cells, strict=True))
+            return rows
+    raise AssertionError(f"no summary table in:\n{out}")
+
+
+def column(out: str, name: str) -> dict[str, str]:
+    """One column of the summary table: node -> cell (e.g. column(out, "action")["MyNode"] == "keep")."""
+    return {node: row[name] for node, row in summary_table(out).items()}
+
+
 def wait_for(condition, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -162,7 +186,8 @@ def test_each_version_kind_installs_its_commit(box, node_repo, version, expected
     rc, out = box.run([{"url": repo.url, "version": asked}])
     assert rc == 0, out
     assert box.head("MyNode") == c[expected]
-    assert f"{c[expected][:12]}" in out and "clone" in out
+    assert column(out, "resolves to")["MyNode"].startswith(c[expected][:12])
+    assert column(out, "action") == {"MyNode": "clone"}
 
 
 def test_moving_between_versions(box, node_repo):
@@ -170,7 +195,7 @@ def test_moving_between_versions(box, node_repo):
     assert box.run([{"url": repo.url, "version": "v1.2.0"}])[0] == 0
     for version, expected in (("v1.10.0", "v1.10.0"), ("dev", "dev"), (c["main"], "main"), ("v1.2.0", "v1.2.0")):
         rc, out = box.run([{"url": repo.url, "version": version}])
-        assert rc == 0 and "move" in out, out
+        assert rc == 0 and column(out, "action") == {"MyNode": "move"}, out
         assert box.head("MyNode") == c[expected]
         assert box.lock()["nodes"][0]["version"] == c[expected]
     assert (box.custom_nodes / "MyNode" / "version.txt").exists() is False  # the v1.2.0 tree exactly
@@ -185,7 +210,7 @@ def test_warm_run_keeps_everything_without_network(box, node_repo):
     rc, out = box.run(nodes)
     elapsed = time.perf_counter() - start
     assert rc == 0, out
-    assert out.count(" keep ") == 3 and elapsed < 1.0
+    assert column(out, "action") == {"n0": "keep", "n1": "keep", "n2": "keep"} and elapsed < 1.0
 
 
 def test_update_refreshes_nightly_and_branches_only_when_asked(box, node_repo):
@@ -336,9 +361,9 @@ def test_requirement_installed_from_local_wheel_folder(box, git_repos):
     rc, out = box.run([{"url": repo.url}])
     assert rc == 0, out
     assert installed_version(box.python, "tinypkg") == "1.0"
-    assert "installed" in out
+    assert column(out, "requirements") == {"NeedsPkg": "installed"}
     rc, out = box.run([{"url": repo.url}])
-    assert rc == 0 and "present" in out  # nothing installed again
+    assert rc == 0 and column(out, "requirements") == {"NeedsPkg": "present"}  # nothing installed again
 
 
 def test_node_asking_for_another_torch_does_not_change_torch_and_is_reported(box, git_repos):
@@ -351,7 +376,7 @@ def test_node_asking_for_another_torch_does_not_change_torch_and_is_reported(box
     assert installed_version(box.python, "tinypkg") == "1.0"
     # optional: the same conflict is a warning and the run succeeds
     rc, out = box.run([{"url": good.url}, {"url": greedy.url, "optional": True}])
-    assert rc == 0 and "warning (optional)" in out
+    assert rc == 0 and column(out, "status") == {"GoodNode": "ok", "GreedyNode": "failed (optional)"}
     assert installed_version(box.python, "torch") == "1.0.0"
 
 
@@ -376,7 +401,7 @@ def test_install_py_that_replaces_torch_fails_the_node_and_torch_is_restored(box
     assert installed_version(box.python, "torch") == "1.0.0"
     assert installed_version(box.python, "tinypkg") == "1.0"
     rc, out = box.run([{"url": sneaky.url, "optional": True}, {"url": good.url}])
-    assert rc == 0 and "warning (optional)" in out, out
+    assert rc == 0 and column(out, "status")["SneakyNode"] == "failed (optional)", out
     assert installed_version(box.python, "torch") == "1.0.0"
 
 
@@ -430,7 +455,8 @@ def test_fresh_container_on_the_same_volume_gets_the_requirements_again(box, git
     shutil.move(repo.bare, box.tmp / "gone.git")
     rc, out = box.run([{"url": repo.url}])
     assert rc == 0, out
-    assert " keep " in out and box.head("NeedsPkg") == head  # not cloned again
+    assert column(out, "action") == {"NeedsPkg": "keep"} and box.head("NeedsPkg") == head  # not cloned again
+    assert column(out, "requirements") == {"NeedsPkg": "installed"}
     assert installed_version(fresh, "tinypkg") == "1.0"
     assert node_requirements.read_record(node_requirements.target_env(str(fresh))) == {
         str(box.custom_nodes / "NeedsPkg"): head
@@ -445,10 +471,10 @@ def test_optional_node_with_a_bad_url_does_not_fail_the_run(box, node_repo, tmp_
     bad = (tmp_path / "no-such-repo.git").as_uri()
     rc, out = box.run([{"url": repo.url}, {"url": bad, "optional": True}])
     assert rc == 0, out
-    assert "warning (optional)" in out and "no-such-repo" in out
+    assert column(out, "status") == {"MyNode": "ok", "no-such-repo": "failed (optional)"}, out
     assert box.head("MyNode") == c["v1.10.0"]
     rc, out = box.run([{"url": repo.url}, {"url": bad}])
-    assert rc == 1 and "FAILED" in out and "nodes[1] no-such-repo" in out
+    assert rc == 1 and column(out, "status")["no-such-repo"] == "FAILED" and "nodes[1] no-such-repo" in out
 
 
 def test_unknown_version_fails_with_suggestions(box, node_repo):
@@ -470,16 +496,11 @@ def test_dry_run_shows_version_commit_and_action_and_changes_nothing(box, node_r
     lock_before = (box.volume / "comfy.lock.yml").read_text()
     rc, out = box.run(nodes, "--dry-run")
     assert rc == 0, out
-    lines = {
-        line.split()[0]: line
-        for line in out.splitlines()
-        if line.split() and line.split()[0] in ("Installed", "New", "Same")
-    }
-    assert (
-        "v1.10.0" in lines["Installed"] and c["v1.10.0"][:12] in lines["Installed"] and " move " in lines["Installed"]
-    )
-    assert c["v1.10.0"][:12] in lines["New"] and " clone " in lines["New"]
-    assert c["v1.2.0"][:12] in lines["Same"] and " keep " in lines["Same"]
+    table = summary_table(out)
+    assert table["Installed"]["version"] == "v1.10.0" and table["Installed"]["action"] == "move"
+    assert table["Installed"]["resolves to"].startswith(c["v1.10.0"][:12])
+    assert table["New"]["resolves to"].startswith(c["v1.10.0"][:12]) and table["New"]["action"] == "clone"
+    assert table["Same"]["resolves to"].startswith(c["v1.2.0"][:12]) and table["Same"]["action"] == "keep"
     assert not (box.custom_nodes / "New").exists() and box.head("Installed") == c["v1.2.0"]
     assert (box.volume / "comfy.lock.yml").read_text() == lock_before
 
@@ -576,7 +597,9 @@ def test_two_runs_at_once_on_one_volume_wait_for_each_other(box, git_repos, tmp_
     first, second = (p.read_text() for p in logs)
     assert codes == [0, 0], (first, second)
     assert waited, second
-    assert " clone " in first and " keep " in second and " clone " not in second, (first, second)
+    assert column(first, "action") == {"SlowNode": "clone"}, first
+    assert column(second, "action") == {"SlowNode": "keep"}, second
+    assert column(second, "requirements") == {"SlowNode": "present"}, second
     assert box.head("SlowNode") == repo.head()
     assert not list(box.custom_nodes.glob(".*partial*"))
 
@@ -633,7 +656,8 @@ def test_force_reinstalls_requirements_and_keeps_the_checkout(box, git_repos):
     rc, out = box.run([{"url": repo.url}])
     assert rc == 0 and installed_version(box.python, "tinypkg") is None  # the record says present: trusted
     rc, out = box.run([{"url": repo.url}], "--force")
-    assert rc == 0 and " keep " in out and installed_version(box.python, "tinypkg") == "1.0"
+    assert rc == 0 and column(out, "action") == {"NeedsPkg": "keep"}
+    assert installed_version(box.python, "tinypkg") == "1.0"
 
 
 def test_leftovers_of_a_crashed_clone_are_never_taken_for_a_node(box, node_repo):
@@ -641,7 +665,7 @@ def test_leftovers_of_a_crashed_clone_are_never_taken_for_a_node(box, node_repo)
     partial = box.custom_nodes / ".MyNode.partial-deadbeef.disabled"
     (partial / ".git").mkdir(parents=True)
     rc, out = box.run([{"url": repo.url}])
-    assert rc == 0 and " clone " in out, out
+    assert rc == 0 and column(out, "action") == {"MyNode": "clone"}, out
     assert not partial.exists() and box.head("MyNode") == c["v1.10.0"]
 
 
