@@ -21,7 +21,7 @@ import yaml
 from support.origins import FaultyOrigin, NginxOrigin, fake_civitai, fake_huggingface, free_port, random_file
 
 from comfy_worker.config_schema import load_config
-from comfy_worker.http_download import MiB
+from comfy_worker.http_download import MAX_NAME_BYTES, MiB
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "download_models.py"
@@ -639,3 +639,244 @@ def test_a_bad_environment_value_is_a_one_line_error_and_exit_2(box):
     r = box.run()
     assert r.returncode == 2
     assert r.stderr.strip() == "error: environment variable DOWNLOAD_CONNECTIONS must be a whole number, got 'x'"
+
+
+# ---- hardening (issue 9) and test honesty (issue 15) ----
+
+
+def test_an_expired_hugging_face_cdn_link_is_renewed_through_the_hub(box, blob):
+    path, sha = blob
+    size = path.stat().st_size
+    with FaultyOrigin() as hub, FaultyOrigin() as cdn:
+        commit = fake_huggingface(hub, cdn, "org/repo", {"model.safetensors": path})
+        route = next(iter(cdn.routes.values()))
+        route.drop_after = 2 * MiB
+
+        def expire_once_dropped(h, seen, head):
+            bodies = [s for s in cdn.seen() if s.headers.get("range") not in (None, "bytes=0-0")]
+            if len(bodies) == 1 and seen is bodies[0]:  # the reconnect after the drop: the link has expired
+                seen.status = 403
+                cdn._plain(h, 403, b"Request has expired\n", head)
+                return True
+            return False
+
+        route.handler = expire_once_dropped
+        box.env["HF_ENDPOINT"] = hub.url
+        box.write([{"url": "https://huggingface.co/org/repo/resolve/main/model.safetensors", "destination": "unet"}])
+        r = box.run()
+        assert r.returncode == 0, r.stderr
+        assert [s.status for s in cdn.seen()].count(403) == 1
+        renewals = [s for s in hub.seen() if s.method == "GET" and f"/resolve/{commit}/" in s.path]
+        assert len(renewals) == 2  # the first link and a fresh one, both for the resolved commit
+        assert cdn.sent(next(iter(cdn.routes))) < size * 1.05
+    assert sha_of(box.models / "unet" / "model.safetensors") == sha
+    assert "may need a token" not in r.stderr
+
+
+def test_a_signed_link_never_reaches_the_log_the_summary_or_the_lock_file(box, tmp_path):
+    dead = free_port()
+    with FaultyOrigin() as site:
+        site.add("/download/7", redirect=f"http://127.0.0.1:{dead}/m.bin?X-Amz-Signature=SIGNEDsecret42&Expires=1")
+        box.env["DOWNLOAD_RETRIES"] = "2"
+        box.write([{"url": f"{site.url}/download/7", "destination": "loras", "filename": "m.safetensors"}])
+        r = box.run()
+    assert r.returncode == 1
+    assert "Max retries exceeded" in r.stderr  # requests' own text, which quotes the link's path and query
+    assert f"127.0.0.1:{dead}" in r.stdout + r.stderr  # the culprit is still named
+    for text in (r.stdout, r.stderr):
+        assert "SIGNEDsecret42" not in text and "X-Amz-Signature" not in text
+
+
+def test_the_file_and_its_folder_are_fsynced_before_the_rename_and_the_record(box, origin, blob, monkeypatch):
+    import download_models
+
+    path, sha = blob
+    origin.add("/m.safetensors", file=path)
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "vae"}])
+    for k, v in box.env.items():
+        monkeypatch.setenv(k, v)
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    assert download_models.main(["--config", str(box.config)]) == 0
+    target = box.models / "vae" / "m.safetensors"
+    part = str(target) + ".part"
+    rename = events.index(("replace", part, str(target)))
+    assert ("fsync", part) in events[:rename]  # the bytes, before the rename
+    record = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2].endswith("comfy.lock.yml"))
+    assert ("fsync", str(target.parent)) in events[rename:record]  # the rename, before the record
+    assert sha_of(target) == sha
+
+
+def _no_length(body: bytes):
+    """A server that sends no Content-Length, ignores ranges and closes the connection after ``body``."""
+
+    def handler(h, seen, head):
+        seen.status = 200
+        h.send_response(200)
+        h.send_header("Content-Type", "application/octet-stream")
+        h.send_header("Connection", "close")
+        h.end_headers()
+        if not head:
+            h.wfile.write(body)
+            seen.sent = len(body)
+        h.close_connection = True
+        return True
+
+    return handler
+
+
+def test_a_body_without_a_length_is_kept_unverified_and_checked_again_later(box, origin, blob):
+    path, sha = blob
+    whole = path.read_bytes()
+    route = origin.add("/m.safetensors", handler=_no_length(whole[: len(whole) // 2]))  # cut short
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "loras"}])
+    r = box.run()
+    assert r.returncode == 0, r.stderr
+    row = next(line for line in r.stdout.splitlines() if line.startswith("m.safetensors"))
+    assert row.split()[-3:] == ["downloaded", "(unverified)", "ok"]
+    assert "unverified" in r.stderr and "sha256: " in r.stderr  # how to pin it
+    assert box.lock()["models"][0]["sha256"] is None and box.lock()["models"][0]["size"] is None
+    r = box.run()  # nobody knows more: kept as it is, still said to be unverified
+    assert r.returncode == 0 and "present (unverified)" in r.stdout
+    route.handler = _no_length(whole)
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "loras", "sha256": sha}])
+    r = box.run()  # the config now knows the sha256: the cut-off file is found out and replaced
+    assert r.returncode == 0, r.stderr
+    assert "downloaded" in r.stdout and "unverified" not in r.stdout
+    assert sha_of(box.models / "loras" / "m.safetensors") == sha
+    assert box.lock()["models"][0]["sha256"] == sha
+
+
+@pytest.mark.parametrize("source", ["config", "hub"])
+def test_a_present_file_of_the_right_size_but_wrong_sha256_is_downloaded_again(box, origin, blob, tmp_path, source):
+    path, sha = blob
+    target = box.models / "unet" / "model.safetensors"
+    target.parent.mkdir(parents=True)
+    random_file(target, path.stat().st_size, seed=99)  # same size, other bytes, no lock record
+    with FaultyOrigin() as hub, FaultyOrigin() as cdn:
+        if source == "hub":  # the sha256 comes from the hub only (the LFS ETag), not the config
+            fake_huggingface(hub, cdn, "org/repo", {"model.safetensors": path})
+            box.env["HF_ENDPOINT"] = hub.url
+            box.write(
+                [{"url": "https://huggingface.co/org/repo/resolve/main/model.safetensors", "destination": "unet"}]
+            )
+        else:
+            origin.add("/model.safetensors", file=path)
+            box.write([{"url": f"{origin.url}/model.safetensors", "destination": "unet", "sha256": sha}])
+        r = box.run()
+    assert r.returncode == 0, r.stderr
+    assert "sha256 differs" in r.stderr and "downloaded" in r.stdout
+    assert sha_of(target) == sha
+    assert box.lock()["models"][0]["sha256"] == sha
+
+
+def test_sigterm_while_waiting_for_another_process_lock_stops_at_once(box, origin, blob, tmp_path):
+    path, sha = blob
+    origin.add("/m.safetensors", file=path, rate=1 * MiB)  # about 5 s: the first process holds the lock
+    box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints", "filename": "m.safetensors"}])
+    first = subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    part = box.models / "checkpoints" / "m.safetensors.part"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (part.exists() and part.stat().st_size > 0):
+        time.sleep(0.05)
+    err_log = tmp_path / "second.err"
+    with open(err_log, "w") as err:
+        second = subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.DEVNULL, stderr=err)
+        while time.monotonic() < deadline and "waiting for another process" not in err_log.read_text():
+            time.sleep(0.05)
+        assert "waiting for another process downloading m.safetensors" in err_log.read_text()
+        stopped = time.monotonic()
+        second.send_signal(signal.SIGTERM)
+        try:
+            assert second.wait(5) == 1
+        except subprocess.TimeoutExpired:
+            second.kill()
+            pytest.fail("download_models.py kept waiting for the lock after SIGTERM")
+    assert time.monotonic() - stopped < 5
+    assert "interrupted" in err_log.read_text()
+    assert first.poll() is None and part.exists()  # the other process's download goes on, resumable
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert sha_of(box.models / "checkpoints" / "m.safetensors") == sha
+
+
+def test_server_chosen_file_names_are_made_safe(box, origin, blob):
+    path, _ = blob
+    names = {
+        "/a": "attachment; filename*=UTF-8''evil%0A2026-01-01 00:00:00 INFO fake.safetensors",
+        "/b": 'attachment; filename=".bashrc"',
+        "/c": 'attachment; filename="x.part"',
+        "/d": "attachment; filename*=UTF-8''%E2%80%AEsrotnesfas.exe",
+        "/e": f'attachment; filename="{"n" * 240}.safetensors"',
+    }
+    for route, cd in names.items():
+        origin.add(route, file=path, headers={"Content-Disposition": cd})
+    box.write([{"url": f"{origin.url}{route}", "destination": f"m{route[1]}"} for route in names])
+    r = box.run()
+    assert r.returncode == 0, r.stderr
+    files = {p.parent.name: p.name for p in box.models.rglob("*") if p.is_file() and ".locks" not in p.parts}
+    assert files["ma"] == "evil2026-01-01 00:00:00 INFO fake.safetensors"
+    assert files["mb"] == "bashrc"
+    assert files["mc"] == "c"  # a name ending in our own suffix is refused: the URL's name instead
+    assert files["md"] == "srotnesfas.exe"
+    assert files["me"].endswith(".safetensors") and len(files["me"].encode()) <= MAX_NAME_BYTES
+    assert "\u202e" not in r.stdout + r.stderr
+    assert not re.search(r"^2026-01-01 00:00:00 INFO fake", r.stderr, re.MULTILINE)  # no injected log line
+    table = r.stdout.splitlines()
+    assert len(table) == 2 + len(names)  # one row per entry: no name broke the table
+    assert "is not safe to use as is" in r.stderr and "'x.part'" in r.stderr
+
+
+def test_a_volume_without_working_flock_is_one_clear_error(box, origin, blob, tmp_path):
+    path, _ = blob
+    origin.add("/a.safetensors", file=path)
+    origin.add("/b.safetensors", file=path)
+    box.write([{"url": f"{origin.url}/{n}.safetensors", "destination": "loras"} for n in "ab"])
+    site = tmp_path / "noflock"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import errno, fcntl, os\n"
+        "def flock(fd, op):\n"
+        "    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))\n"
+        "fcntl.flock = flock\n"
+    )
+    box.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), box.env.get("PYTHONPATH")]))
+    r = box.run()
+    assert r.returncode == 1
+    assert r.stderr.count("does not support file locks (flock)") == 1, r.stderr
+    assert "put the volume on a filesystem that does" in r.stderr
+    assert "Traceback" not in r.stderr and "unexpected" not in r.stderr
+    assert not [s for s in origin.seen() if s.method == "GET"]  # nothing was downloaded
+
+
+def test_download_retries_and_connections_are_honoured_from_the_environment(box, origin, tmp_path):
+    big = tmp_path / "src" / "big.safetensors"
+    sha = random_file(big, 64 * MiB, seed=31)  # the documented multipart threshold: exactly 64 MiB
+    origin.add("/big.safetensors", file=big, rate=48 * MiB)
+    origin.add("/flaky.safetensors", file=big, fail_statuses=[503] * 10)
+    box.env["DOWNLOAD_CONNECTIONS"] = "3"
+    box.write([{"url": f"{origin.url}/big.safetensors", "destination": "unet"}])
+    r = box.run()
+    assert r.returncode == 0, r.stderr
+    assert sha_of(box.models / "unet" / "big.safetensors") == sha
+    bodies = [s for s in origin.seen("/big.safetensors") if s.headers.get("range") != "bytes=0-0"]
+    events = sorted([(s.at, 1) for s in bodies] + [(s.finished or s.at, -1) for s in bodies])
+    peak = max(sum(d for _, d in events[: i + 1]) for i in range(len(events)))
+    assert len(bodies) == 8 and peak == 3  # 8 MiB chunks over exactly 3 connections at a time
+
+    box.env["DOWNLOAD_RETRIES"] = "2"
+    box.write([{"url": f"{origin.url}/flaky.safetensors", "destination": "unet"}])
+    r = box.run()
+    assert r.returncode == 1 and "gave up after 2 attempts" in r.stderr
+    assert len(origin.seen("/flaky.safetensors")) == 2
