@@ -61,4 +61,4 @@ def acquire(
         if stop is not None and stop.is_set():
             raise Interrupted(f"stopped while waiting for {what}")
         if timeout is not None and time.monotonic() - started >= timeout:
-            raise LockError(f"gave up after {timeout:.0f} s waiting for {what} (lock {path})")
+            raise LockError(f"gave up after {timeout:g} s waiting for {what} (lock {path})")
