@@ -1,0 +1,53 @@
+"""services: the GPU check and the commands per mode (the running services: tests/test_start.py)."""
+
+import subprocess
+import sys
+
+from comfy_worker import services
+from comfy_worker.settings import Settings
+
+
+def test_serverless_without_cuda_fails_fast_unless_allow_cpu(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "MODE": "serverless", "VOLUME_ROOT": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    env["COMFY_PID_FILE"] = str(tmp_path / "c.pid")
+    out = subprocess.run(
+        [sys.executable, "-m", "comfy_worker.services"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 1 and "no CUDA device" in out.stderr and "ALLOW_CPU=1" in out.stderr
+
+
+def test_cuda_detection(tmp_path):
+    (tmp_path / "dev").mkdir()
+    assert not services.has_cuda_device({}, dev=str(tmp_path / "dev"), proc=str(tmp_path / "none"))
+    (tmp_path / "dev" / "nvidia0").touch()
+    assert services.has_cuda_device({}, dev=str(tmp_path / "dev"), proc=str(tmp_path / "none"))
+    assert not services.has_cuda_device({"CUDA_VISIBLE_DEVICES": ""}, dev=str(tmp_path / "dev"))
+
+
+def test_commands_per_mode():
+    pod = Settings.from_env({"MODE": "pod", "COMFY_ARGS": "--preview-method auto", "API_PORT": "8001"})
+    assert services.comfy_command(pod, cpu=True)[2:] == [
+        "--listen",
+        "0.0.0.0",
+        "--port",
+        "8188",
+        "--cpu",
+        "--preview-method",
+        "auto",
+    ]
+    assert services.handler_command(pod)[2:] == ["--rp_serve_api", "--rp_api_host", "0.0.0.0", "--rp_api_port", "8001"]
+    serverless = Settings.from_env({"MODE": "serverless"})
+    assert (
+        services.handler_command(serverless)[1].endswith("handler.py")
+        and len(services.handler_command(serverless)) == 2
+    )
+    local = Settings.from_env({"MODE": "local", "JUPYTER_AUTH": "none"})
+    assert "--IdentityProvider.token=" in services.jupyter_command(local)
+    assert "--ServerApp.ip=127.0.0.1" in services.jupyter_command(local)
+
+
+def test_generated_jupyter_token_is_0600_and_reused(tmp_path):
+    s = Settings.from_env({"VOLUME_ROOT": str(tmp_path)})
+    token, generated = services.jupyter_token(s)
+    assert generated and (tmp_path / ".jupyter-token").stat().st_mode & 0o777 == 0o600
+    assert services.jupyter_token(s) == (token, False)
