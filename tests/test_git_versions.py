@@ -233,3 +233,76 @@ def test_git_sends_the_header_only_to_the_configured_host(recording_server):
     with pytest.raises(git.GitCommandError):
         git.cmd.Git().ls_remote(url, env=git_versions.git_env(url, "tok-abc", header_prefix=base))
     assert seen[0]["authorization"] == "basic " + base64.b64encode(b"x-access-token:tok-abc").decode()
+
+
+# ---- which URLs are local, which names win ----
+
+
+@pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        ("file:///srv/node.git", True),
+        ("/srv/nodes/node.git", True),
+        ("./nodes/node", True),
+        ("relative/dir:with-colon", True),  # the slash comes first: a path, as for git
+        ("https://github.com/org/node.git", False),
+        ("ssh://git@example.com/org/node.git", False),
+        ("git@example.com:org/node.git", False),
+        ("example.com:org/node.git", False),  # scp-style without user@ is ssh too
+        ("example.com:node.git", False),
+    ],
+)
+def test_scp_style_urls_are_remote_and_get_no_file_protocol(url, local, monkeypatch):
+    monkeypatch.delenv("GIT_CONFIG_COUNT", raising=False)
+    assert git_versions.is_local_url(url) is local
+    pairs = _config_pairs(git_versions.git_env(url, None))
+    assert ("protocol.file.allow" in pairs) is local
+
+
+def test_a_name_that_is_both_a_tag_and_a_branch_means_the_tag(git_repos):
+    repo = git_repos.create("Both")
+    tagged = repo.tag("stable")
+    repo.branch("stable-branch-source")
+    moved = repo.commit({"later.txt": "x"})
+    repo.branch("stable")  # a branch of the same name, one commit later
+    repo.push()
+    refs = git_versions.ls_remote(repo.url, None)
+    assert refs.tags["stable"] == tagged and refs.branches["stable"] == moved
+    resolved = git_versions.resolve_version("stable", refs, repo.url)
+    assert (resolved.kind, resolved.commit) == ("tag", tagged)
+
+
+def test_an_ambiguous_short_sha_is_an_error_listing_both_commits(git_repos, tmp_path):
+    from support.gitrepos import colliding_commits
+
+    repo = git_repos.create("Ambiguous")
+    prefix, a, b = colliding_commits(repo)
+    repo.push()
+    clone = git_versions.clone(repo.url, tmp_path / "clone", None)
+    resolved = git_versions.resolve_version(prefix, git_versions.ls_remote(repo.url, None), repo.url)
+    with pytest.raises(git_versions.VersionError) as err:
+        git_versions.commit_in_clone(clone, repo.url, None, resolved)
+    assert f"short sha {prefix!r} is ambiguous" in str(err.value) and a in str(err.value) and b in str(err.value)
+    assert git_versions.has_commit(clone, a[:12]) == a  # more digits: one commit
+
+
+def test_network_git_commands_end_at_once_when_stopped(tmp_path):
+    import socket
+    import threading
+    import time
+
+    from comfy_worker.volume_lock import Interrupted
+
+    listener = socket.socket()  # accepts the connection, never answers: git waits forever
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/org/node.git"
+    stop = threading.Event()
+    threading.Timer(1.0, stop.set).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(Interrupted):
+            git_versions.clone(url, tmp_path / "clone", None, stop)
+    finally:
+        listener.close()
+    assert time.monotonic() - start < 5

@@ -1,5 +1,6 @@
 """The git repo factory the node tests build on: tags, branches and submodules reach the bare remote."""
 
+import os
 import subprocess
 
 
@@ -34,3 +35,38 @@ def test_submodule_is_recorded(git_repos, tmp_path):
         check=True,
     )
     assert (clone / "vendor" / "lib" / "lib.py").read_text() == "VALUE = 42\n"
+
+
+def test_colliding_commits_share_a_short_sha(git_repos):
+    from support.gitrepos import colliding_commits
+
+    repo = git_repos.create("collide")
+    prefix, a, b = colliding_commits(repo)
+    assert a != b and a[:7] == b[:7] == prefix
+    out = subprocess.run(
+        ["git", "rev-parse", "--verify", f"{prefix}^{{commit}}"], cwd=repo.work, capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "ambiguous" in out.stderr
+
+
+def test_git_http_server_serves_clones_and_can_demand_a_token(git_repos, tmp_path):
+    from support.git_http import GitHttpServer
+
+    repo = git_repos.create("served", {"a.txt": "a"}).push()
+    server = GitHttpServer(git_repos.root / "remotes", required_authorization="Basic c2VjcmV0")
+    try:
+        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+        denied = subprocess.run(["git", "ls-remote", server.url("served")], capture_output=True, text=True, env=env)
+        assert denied.returncode != 0
+        authorized = ["git", "-c", "http.extraheader=Authorization: Basic c2VjcmV0", "clone", "-q"]
+        subprocess.run([*authorized, server.url("served"), str(tmp_path / "c")], check=True, env=env)
+        assert (tmp_path / "c" / "a.txt").read_text() == "a"
+        assert server.authorizations()[-1] == "Basic c2VjcmV0"
+        assert (
+            repo.head()
+            == subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=tmp_path / "c", capture_output=True, text=True
+            ).stdout.strip()
+        )
+    finally:
+        server.close()

@@ -106,3 +106,46 @@ class GitRepoFactory:
         repo = TestRepo(self.root, name)
         repo.commit(files or {"README.md": f"# {name}\n"}, message="initial")
         return repo
+
+
+def colliding_commits(repo: TestRepo, digits: int = 7) -> tuple[str, str, str]:
+    """Two commits (children of HEAD, same tree) whose shas share their first ``digits`` hex digits,
+    each on a branch of its own (``collide-a``, ``collide-b``); returns (prefix, sha a, sha b). Found
+    by the birthday bound: about 2**(2*digits) ** 0.5 candidate commits are hashed in Python (~20 000
+    for 7 digits), only the two chosen are written."""
+    import hashlib
+
+    tree = git(repo.work, "rev-parse", "HEAD^{tree}")
+    parent = repo.head()
+    seen: dict[str, bytes] = {}
+    i = 0
+    while True:
+        body = (
+            f"tree {tree}\nparent {parent}\n"
+            "author test <test@example.invalid> 1700000000 +0000\n"
+            "committer test <test@example.invalid> 1700000000 +0000\n\n"
+            f"collision candidate {i}\n"
+        ).encode()
+        sha = hashlib.sha1(b"commit %d\0" % len(body) + body).hexdigest()
+        prefix = sha[:digits]
+        if prefix in seen and seen[prefix] != body:
+            break
+        seen[prefix] = body
+        i += 1
+    shas = []
+    for name, data in (("collide-a", seen[prefix]), ("collide-b", body)):
+        written = (
+            subprocess.run(
+                ["git", "hash-object", "-t", "commit", "-w", "--stdin"],
+                cwd=repo.work,
+                input=data,
+                capture_output=True,
+                check=True,
+            )
+            .stdout.decode()
+            .strip()
+        )
+        git(repo.work, "branch", name, written)
+        shas.append(written)
+    assert shas[0][:digits] == shas[1][:digits] == prefix and shas[0] != shas[1]
+    return prefix, shas[0], shas[1]
