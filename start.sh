@@ -46,4 +46,8 @@ if [[ "$rc" != 0 ]]; then
   echo "[start] WARNING: provisioning is incomplete (see the summary above); the services start anyway:" >&2
   echo "[start] WARNING: fix config.yml (e.g. in Jupyter), then run apply_config.sh" >&2
 fi
+: "${JUPYTER_AUTH:=token}"
+if [[ "$JUPYTER_AUTH" == none && "$MODE" == pod ]]; then
+  echo "[start] WARNING: JUPYTER_AUTH=none: JupyterLab on 0.0.0.0:$JUPYTER_PORT answers anyone who reaches the pod" >&2
+fi
 exec "$PY" -m comfy_worker.services
