@@ -31,8 +31,10 @@ How the pieces fit:
   which changes every time), the server's validator (ETag, else Last-Modified) and the total size.
   A part is resumed only when all three match the current probe; otherwise it is deleted and the
   download starts over (see ``_claim_part``).
-- Ranges are checked: a ``206`` whose ``Content-Range`` starts elsewhere than asked is treated like a
-  server that ignores ranges (start over on one connection, never ask it for a range again); one
+- Ranges are checked: a ``206`` whose ``Content-Range`` starts elsewhere than asked, or a ``200`` (the
+  whole file) to a chunk request (replicas behind a load balancer whose ETags differ, so ``If-Range``
+  fails on some), is treated like a server that ignores ranges (start over on one connection, never
+  ask it for a range again); one
   whose total differs from the probed size means the file changed on the server: the part is
   deleted and the download fails (the next run starts afresh).
 - Retries: 429, 5xx and network errors are retried with exponential backoff; the counter resets
@@ -40,8 +42,14 @@ How the pieces fit:
   one fails after ``retries`` attempts. A server that keeps dropping the connection after a few
   bytes is given ``4 * retries`` attempts in all (the part is kept, so a later run resumes it).
   The backoff sleep ends at once when the stop event is set.
+- Signed links: a link that the CDN refuses (401/403/410) on another host than the URL asked for is
+  renewed by asking that URL again (Hugging Face's resolve URL, CivitAI's download, any redirecting
+  site), as often as it helps: the download gives up after ``retries`` renewals in a row without a byte
+  of progress. A signed link carries a credential in its query string, so every error text of this
+  module goes through ``scrub`` (also a library's own text, e.g. requests quoting ``/path?query``).
 - Verification: size always (against the server's size and ``expected_size``), sha256 when expected;
-  a mismatch deletes the part and its state and raises ``ChecksumError``.
+  a mismatch deletes the part and its records and raises ``ChecksumError``. A verified part is fsynced
+  before ``fetch`` returns, so the caller can rename and record it.
 """
 
 from __future__ import annotations
