@@ -152,7 +152,6 @@ class Settings:
     comfy_log_file: Path = Path("/tmp/comfyui.log")
     comfy_ready_timeout: float = 300.0
     max_image_mb: float = 100.0  # env MAX_IMAGE_MB: cap on one input image downloaded from a URL
-    max_image_mb: float = 100.0  # env MAX_IMAGE_MB: cap on one input image downloaded from a URL
     runpod_log_level: str = "INFO"  # the RunPod SDK's own log (its DEBUG level logs every job output)
     hf_endpoint: str = "https://huggingface.co"  # env HF_ENDPOINT: Hugging Face Hub base URL (tests: a local fake)
     civitai_base_url: str = "https://civitai.com"  # env CIVITAI_BASE_URL: CivitAI base URL (tests: a local fake)
@@ -212,7 +211,6 @@ class Settings:
             comfy_pid_file=Path(env.get("COMFY_PID_FILE") or "/tmp/comfyui.pid"),
             comfy_log_file=Path(env.get("COMFY_LOG_FILE") or "/tmp/comfyui.log"),
             comfy_ready_timeout=_float(env, "COMFY_READY_TIMEOUT", 300.0),
-            max_image_mb=_float(env, "MAX_IMAGE_MB", 100.0),
             max_image_mb=_float(env, "MAX_IMAGE_MB", 100.0),
             runpod_log_level=(env.get("RUNPOD_LOG_LEVEL") or env.get("RUNPOD_DEBUG_LEVEL") or "INFO").upper(),
             hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
