@@ -71,17 +71,15 @@ from comfy_worker.cli import (
     status_word,
 )
 from comfy_worker.config_schema import ModelEntry
+from comfy_worker.file_names import MAX_NAME_BYTES, safe_filename, url_filename
 from comfy_worker.http_download import (
-    MAX_NAME_BYTES,
     Downloader,
     DownloadError,
     MiB,
     Probe,
     discard_part,
     fsync_path,
-    safe_filename,
     scrub,
-    url_filename,
 )
 from comfy_worker.lock_file import read_lock_file, update_lock_file
 from comfy_worker.log_setup import redact_urls, setup_logging

@@ -12,12 +12,11 @@ import contextlib
 import difflib
 import hashlib
 import json
-import posixpath
 import re
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlparse
+from urllib.parse import parse_qsl, urlparse
 
 import yaml
 from pydantic import (
@@ -30,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from comfy_worker.file_names import url_filename
 from comfy_worker.log_setup import safe_url
 from comfy_worker.settings import DEFAULT_COMFYUI_REF
 
@@ -268,7 +268,7 @@ class ModelEntry(_Strict):
 
     def url_filename(self) -> str:
         """The last path segment of the URL (the fallback file name)."""
-        return unquote(posixpath.basename(urlparse(self.url).path)) or "download"
+        return url_filename(self.url) or "download"
 
     def planned_path(self) -> str:
         """destination/filename as far as it is known before contacting the server."""

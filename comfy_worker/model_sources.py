@@ -28,7 +28,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
-from comfy_worker.http_download import Downloader, DownloadError, RetryableError, safe_filename, same_host, url_filename
+from comfy_worker.file_names import safe_filename, url_filename
+from comfy_worker.http_download import Downloader, DownloadError, RetryableError, same_host
 from comfy_worker.log_setup import redact_urls
 from comfy_worker.settings import Settings
 

@@ -21,7 +21,8 @@ import yaml
 from support.origins import FaultyOrigin, NginxOrigin, fake_civitai, fake_huggingface, free_port, random_file
 
 from comfy_worker.config_schema import load_config
-from comfy_worker.http_download import MAX_NAME_BYTES, MiB
+from comfy_worker.file_names import MAX_NAME_BYTES
+from comfy_worker.http_download import MiB
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "download_models.py"
