@@ -42,7 +42,57 @@ def test_log_tail_keeps_the_last_lines(tmp_path):
 
 def test_wait_ready_returns_when_comfyui_answers(comfyui):
     client = ComfyClient(comfyui.host, comfyui.pid_file, comfyui.log_path)
-    arun(lambda: client.wait_ready(10))
+    started = time.monotonic()
+    assert arun(lambda: client.wait_ready(10)) is None
+    assert time.monotonic() - started < 1  # at once: no wait for a ComfyUI that answers
+
+
+def test_wait_ready_waits_until_an_http_server_answers(tmp_path):
+    import threading
+
+    from support.local_http import QuietHandler
+
+    class Stats(QuietHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/system_stats" else 404)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    servers = []
+    port = free_port()
+
+    def start_later():
+        time.sleep(0.8)
+        import http.server
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Stats)
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    threading.Thread(target=start_later).start()
+    client = ComfyClient(f"127.0.0.1:{port}", tmp_path / "absent.pid", tmp_path / "absent.log")
+    started = time.monotonic()
+    try:
+        arun(lambda: client.wait_ready(10))
+        assert 0.7 <= time.monotonic() - started < 3
+    finally:
+        for server in servers:
+            server.shutdown()
+
+
+def test_object_info_is_read_again_for_an_unknown_class(comfyui):
+    client = ComfyClient(comfyui.host, comfyui.pid_file, comfyui.log_path)
+    stale = {"SaveImage": True}  # a list read before the test nodes existed
+    comfy_client._node_classes[comfyui.host] = stale
+    try:
+        known = arun(lambda: client.output_node_classes({"SaveImage"}))
+        assert known is stale  # every class is listed: no new read
+        known = arun(lambda: client.output_node_classes({"SaveImage", "WorkerTestApiKey"}))
+        assert known["WorkerTestApiKey"] is True and known["EmptyImage"] is False  # read again from ComfyUI
+        assert comfy_client._node_classes[comfyui.host] is known
+    finally:
+        comfy_client._node_classes.pop(comfyui.host, None)
 
 
 def test_wait_ready_fails_at_once_when_the_process_is_gone(tmp_path):

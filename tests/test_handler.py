@@ -36,6 +36,10 @@ from comfy_worker import comfy_client
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = Path(__file__).resolve().parent / "data"  # real request bodies
 
+UI_FORMAT_ERROR = (
+    "The workflow is in ComfyUI's UI format; export it in API format with Workflow > Export (API) "
+    "and send that JSON as input.workflow."
+)
 CLEAN_ENV = ("BUCKET_ENDPOINT_URL", "RUNPOD_ENDPOINT_ID", "RUNPOD_POD_ID", "REFRESH_WORKER", "MAX_RESPONSE_MB")
 
 
@@ -119,6 +123,21 @@ def worker_env(comfyui, monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("COMFY_LOG_FILE", str(comfyui.log_path))
     return comfyui
+
+
+@pytest.fixture
+def worker_log():
+    """The worker's log as the real logging setup writes it (job prefix, secrets and URL queries redacted)."""
+    import logging
+
+    from comfy_worker.log_setup import setup_logging
+
+    stream = io.StringIO()
+    setup_logging(stream=stream)
+    yield stream
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_comfy_worker", False)]:
+        root.removeHandler(h)
 
 
 # --- outputs ---------------------------------------------------------------------------------------
@@ -239,7 +258,7 @@ def test_max_response_mb_guard_advises_s3(worker_env, monkeypatch):
     assert output_files(worker_env) == before
 
 
-def test_outputs_go_to_s3_with_content_type_and_presigned_url(worker_env, monkeypatch, caplog):
+def test_outputs_go_to_s3_with_content_type_and_presigned_url(worker_env, monkeypatch, worker_log):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -272,8 +291,7 @@ def test_outputs_go_to_s3_with_content_type_and_presigned_url(worker_env, monkey
             "class_type": "SaveVideo",
             "inputs": {"video": ["3", 0], "filename_prefix": "s3clip", "format": "auto", "codec": "auto"},
         }
-        with caplog.at_level("DEBUG"):
-            result = run(job(wf, job_id="s3-job"))
+        result = run(job(wf, job_id="s3-job"))
         assert "error" not in result, result
         assert len(result["images"]) == 2 and len(result["files"]) == 1
         for entry in result["images"]:
@@ -287,7 +305,10 @@ def test_outputs_go_to_s3_with_content_type_and_presigned_url(worker_env, monkey
         assert video["type"] == "s3_url" and video["content_type"] == "video/mp4"
         assert s3.head_object(Bucket="worker-out", Key=f"runs/s3-job/{video['filename']}")["ContentType"] == "video/mp4"
         assert output_files(worker_env) == before
-        assert secret not in caplog.text
+        # a path that does log the secret: a node's error quotes it
+        failed = run(job({"1": {"class_type": "WorkerTestFail", "inputs": {"message": f"denied for {secret}"}}}))
+        assert failed["error"].endswith("RuntimeError: denied for ***")
+        assert "denied for ***" in worker_log.getvalue() and secret not in worker_log.getvalue()
     finally:
         server.stop()
 
@@ -345,7 +366,7 @@ def test_unknown_override_targets_list_what_exists(worker_env):
 def test_ui_format_workflow_is_rejected_with_export_instructions(worker_env):
     ui = {"last_node_id": 2, "nodes": [{"id": 1, "type": "EmptyImage"}], "links": []}
     result = run(job(ui))
-    assert "Export (API)" in result["error"]
+    assert result["error"] == UI_FORMAT_ERROR
 
 
 def test_bad_base64_names_the_image(worker_env):
@@ -390,16 +411,22 @@ def test_execution_error_names_node_class_and_message(worker_env):
     assert result["details"]["exception_message"]
 
 
-def test_comfy_org_api_key_from_input_then_env_never_logged(worker_env, monkeypatch, caplog):
+def test_comfy_org_api_key_from_input_then_env_never_logged(worker_env, monkeypatch, worker_log):
     wf = {"1": {"class_type": "WorkerTestApiKey", "inputs": {}}}
     key = "sk-test-0123456789abcdef"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    with caplog.at_level("DEBUG"):
-        assert run(job(wf, comfy_org_api_key=key))["text"] == [{"node_id": "1", "text": digest}]
-        assert run(job(wf))["text"] == [{"node_id": "1", "text": "none"}]
-        monkeypatch.setenv("COMFY_ORG_API_KEY", key)
-        assert run(job(wf))["text"] == [{"node_id": "1", "text": digest}]
-    assert key not in caplog.text
+    assert run(job(wf, comfy_org_api_key=key))["text"] == [{"node_id": "1", "text": digest}]
+    assert run(job(wf))["text"] == [{"node_id": "1", "text": "none"}]
+    monkeypatch.setenv("COMFY_ORG_API_KEY", key)
+    assert run(job(wf))["text"] == [{"node_id": "1", "text": digest}]
+    # a path that does log the key: the node's error quotes it, the handler logs and returns that error
+    failed = run(job({"1": {"class_type": "WorkerTestApiKey", "inputs": {"fail": True}}}))
+    assert (
+        failed["error"]
+        == "ComfyUI failed in node 1 (WorkerTestApiKey): RuntimeError: the service rejected the API key ***"
+    )
+    assert "rejected the API key ***" in worker_log.getvalue()
+    assert key not in worker_log.getvalue() and key not in json.dumps(failed)
 
 
 # --- time limits, crashes, dropped sockets -----------------------------------------------------------
@@ -560,7 +587,7 @@ def test_runsync_through_the_sdk_local_api_with_throttled_progress(local_api):
     assert answer["id"].startswith("test-")
 
     failed = post("/runsync", {"input": {"workflow": {"nodes": [], "links": []}}})
-    assert failed["status"] == "FAILED" and "Export (API)" in failed["error"]
+    assert failed["status"] == "FAILED" and failed["error"] == UI_FORMAT_ERROR
 
     slow = post("/runsync", {"input": {"workflow": slow_workflow(40, 0.05)}})  # about 80 progress messages in 2 s
     assert slow["status"] == "COMPLETED", slow
@@ -841,21 +868,6 @@ def test_a_job_that_arrives_before_comfyui_is_ready_waits_and_succeeds(comfyui_f
 
 
 # --- hardening: a hostile or faulty world (each test names the defect it guards against) ------------
-@pytest.fixture
-def worker_log():
-    """The worker's log as the real logging setup writes it (job prefix, secrets and URL queries redacted)."""
-    import logging
-
-    from comfy_worker.log_setup import setup_logging
-
-    stream = io.StringIO()
-    setup_logging(stream=stream)
-    yield stream
-    root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, "_comfy_worker", False)]:
-        root.removeHandler(h)
-
-
 def test_a_cancelled_job_interrupts_its_prompt_cleans_up_and_propagates(worker_env):
     before_out, before_in = output_files(worker_env), input_files(worker_env)
     wf = slow_workflow(200, 0.05)
@@ -1058,3 +1070,113 @@ def test_comfy_args_output_and_input_directories_are_used(comfyui_factory, monke
     assert decode_image(result["images"][0]).getpixel((1, 1)) == (0, 255, 255)
     assert [p for p in out_dir.rglob("*") if p.is_file()] == []  # delivered from the moved folder, then removed
     assert [p for p in in_dir.rglob("*") if p.is_file()] == []  # the upload removed from the moved input folder
+
+
+@pytest.mark.parametrize(
+    "name", ["BUCKET_SECRET_ACCESS_KEY", "JUPYTER_PASSWORD", "RUNPOD_AI_API_KEY", "AWS_SECRET_ACCESS_KEY"]
+)
+def test_every_secret_of_the_settings_is_redacted_from_errors_and_the_log(worker_env, monkeypatch, worker_log, name):
+    secret = f"{name.lower()}-value-4242"
+    monkeypatch.setenv(name, secret)
+    result = run(job({"1": {"class_type": "WorkerTestFail", "inputs": {"message": f"bad {secret}"}}}))
+    assert result["error"] == "ComfyUI failed in node 1 (WorkerTestFail): RuntimeError: bad ***"
+    assert secret not in json.dumps(result)
+    assert "RuntimeError: bad ***" in worker_log.getvalue() and secret not in worker_log.getvalue()
+
+
+# --- promises of docs/api.md ---------------------------------------------------------------------------
+def test_a_second_job_queued_behind_a_first_shows_its_queue_time(worker_env):
+    async def go():
+        try:
+            first = asyncio.create_task(handler.handler(job(slow_workflow(10, 0.1), job_id="first")))
+            await asyncio.sleep(0.15)
+            second = await handler.handler(job(slow_workflow(1, 0.0), job_id="second"))
+            return await first, second
+        finally:
+            await comfy_client.close_shared_session()
+
+    first, second = asyncio.run(go())
+    assert "error" not in first and "error" not in second, (first, second)
+    assert first["timings"]["execution_ms"] >= 1000 and first["timings"]["queue_ms"] < 300
+    assert second["timings"]["queue_ms"] >= 600, second["timings"]  # it waited for the first one
+    assert second["timings"]["execution_ms"] < 500
+    for t in (first["timings"], second["timings"]):
+        assert t["total_ms"] >= t["queue_ms"] + t["execution_ms"]
+
+
+def test_a_workflow_that_produces_nothing_gets_a_note(worker_env):
+    wf = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 5}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    result = run(job(wf))
+    assert result["images"] == [] and result["files"] == [] and result["text"] == []
+    assert result["errors"] == [
+        "The workflow finished but produced no output files or text (does it have a save node?)."
+    ]
+
+
+@pytest.mark.parametrize("bad_job", [None, ["not", "a", "job"], "text"], ids=["none", "list", "string"])
+def test_a_bug_gives_failed_unexpectedly_and_the_handler_never_raises(worker_env, bad_job):
+    # RunPod always sends an object; anything else reaches code that assumes one: the bug path
+    result = run(bad_job)
+    assert result["error"].startswith("The handler failed unexpectedly: AttributeError: ")
+    assert result["details"] == {"exception_type": "AttributeError"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "needle"),
+    [
+        ("stall_http", "did not answer in time during the job (TimeoutError)"),
+        ("drop_http", "stopped answering during the job"),
+    ],
+)
+def test_comfyui_unreachable_mid_job_is_a_readable_error(worker_env, monkeypatch, mode, needle):
+    proxy = DroppingProxy(worker_env.port)
+    setattr(proxy, mode, b"POST /prompt")  # the websocket and /object_info work; queueing gets no answer
+    proxy.start()
+    monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{proxy.port}")
+    try:
+        started = time.monotonic()
+        result = run(job(empty_to_save(8, 8), timeout=1.5))
+        elapsed = time.monotonic() - started
+    finally:
+        proxy.stop()
+    assert result["error"].startswith(f"ComfyUI at 127.0.0.1:{proxy.port} {needle}"), result
+    assert result["error"].endswith("; this worker will be replaced.")
+    assert result["refresh_worker"] is True and elapsed < 5
+
+
+def run_test_input(worker_env, body: dict, **env_extra) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    env.update(worker_env.env(), COMFY_LOG_FILE=str(worker_env.log_path), **env_extra)
+    return subprocess.run(
+        [sys.executable, "handler.py", "--test_input", json.dumps(body)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_test_input_runs_one_job_and_honours_runpod_log_level(worker_env):
+    body = json.loads((ROOT / "test_input.json").read_text())
+    quiet = run_test_input(worker_env, body)
+    assert quiet.returncode == 0, quiet.stderr + quiet.stdout
+    out = quiet.stdout + quiet.stderr
+    assert "completed successfully" in out and "'type': 'base64'" in out
+    assert "Retrieved local job" not in out  # the SDK's DEBUG line
+    loud = run_test_input(worker_env, body, RUNPOD_LOG_LEVEL="DEBUG")
+    assert loud.returncode == 0 and "Retrieved local job" in loud.stdout + loud.stderr
+
+
+def test_comfy_job_timeout_is_honoured_through_the_environment(worker_env):
+    failed = run_test_input(worker_env, {"input": {"workflow": slow_workflow(100, 0.05)}}, COMFY_JOB_TIMEOUT="1")
+    assert failed.returncode == 1
+    assert (
+        "The job timed out after 1 s while ComfyUI was running node 3 (WorkerTestSteps)"
+        in failed.stdout + failed.stderr
+    )
+    queue = worker_env.get_json("/queue")
+    assert queue["queue_running"] == [] and queue["queue_pending"] == []

@@ -173,3 +173,15 @@ def test_dots_inside_a_name_are_fine():
         {"workflow": {"1": {"class_type": "X"}}, "images": [{"name": "a..b.png", "image": "AAAA"}]}
     )
     assert parsed.images[0].name == "a..b.png"
+
+
+def test_overrides_are_applied_in_order_so_the_later_one_wins():
+    workflow = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8}, "_meta": {"title": "Canvas"}}}
+    apply_overrides(
+        workflow,
+        [
+            {"node_id": "1", "field": "inputs.width", "value": 16},
+            {"title": "Canvas", "field": "inputs.width", "value": 32},
+        ],
+    )
+    assert workflow["1"]["inputs"]["width"] == 32

@@ -214,3 +214,101 @@ def test_s3_names_are_distinct_and_never_have_an_empty_path_part():
     names = outputs.s3_names(files)
     assert len(set(names)) == 4 and names[0] == "same.png" and names[3] == "other.png"
     assert all("//" not in n and not n.startswith("/") for n in names), names
+
+
+def test_classification_of_every_kind_real_comfyui_saves(comfyui):
+    """One prompt on the real ComfyUI with every save/preview node the CPU fixture can run; its outputs,
+    as ComfyUI reports them, are collected, delivered and sorted by content type."""
+    import io
+    import random
+    import wave
+
+    from support.aio import arun
+
+    from comfy_worker.prompt_runner import PromptRunner
+
+    wav = f"outputs-test-{uuid.uuid4().hex[:8]}.wav"
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(b"\x00\x10" * 800)
+    (comfyui.path / "input" / wav).write_bytes(buf.getvalue())
+    color = random.randrange(1 << 24)
+    image = ["1", 0]
+    wf = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": color}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": image, "filename_prefix": "kinds/png"}},
+        "3": {
+            "class_type": "SaveAnimatedWEBP",
+            "inputs": {
+                "images": image,
+                "filename_prefix": "kinds/webp",
+                "fps": 4.0,
+                "lossless": True,
+                "quality": 80,
+                "method": "fastest",
+            },
+        },
+        "4": {
+            "class_type": "SaveAnimatedPNG",
+            "inputs": {"images": image, "filename_prefix": "kinds/apng", "fps": 4.0, "compress_level": 1},
+        },
+        "5": {
+            "class_type": "SaveWEBM",
+            "inputs": {"images": image, "filename_prefix": "kinds/webm", "codec": "vp9", "fps": 4.0, "crf": 32.0},
+        },
+        "6": {"class_type": "CreateVideo", "inputs": {"images": image, "fps": 4.0}},
+        "7": {
+            "class_type": "SaveVideo",
+            "inputs": {"video": ["6", 0], "filename_prefix": "kinds/mp4", "format": "auto", "codec": "auto"},
+        },
+        "8": {"class_type": "LoadAudio", "inputs": {"audio": wav}},
+        "9": {"class_type": "SaveAudio", "inputs": {"audio": ["8", 0], "filename_prefix": "kinds/flac"}},
+        "10": {
+            "class_type": "SaveAudioMP3",
+            "inputs": {"audio": ["8", 0], "filename_prefix": "kinds/mp3", "quality": "128k"},
+        },
+        "11": {
+            "class_type": "SaveAudioOpus",
+            "inputs": {"audio": ["8", 0], "filename_prefix": "kinds/opus", "quality": "64k"},
+        },
+        "12": {"class_type": "PreviewAny", "inputs": {"source": "some text"}},
+        "13": {"class_type": "PreviewImage", "inputs": {"images": image}},
+    }
+    client = ComfyClient(comfyui.host, comfyui.pid_file, comfyui.log_path)
+    runner = PromptRunner(client, wf, timeout=60, ready_timeout=10)
+
+    async def go():
+        result = await runner.run()
+        files, texts = outputs.collect(result.outputs)
+        delivered = await outputs.deliver(
+            files, client=client, comfyui_path=comfyui.path, job_id="j", s3=None, max_response_mb=50
+        )
+        return files, texts, delivered
+
+    try:
+        files, texts, (images, other, errors) = arun(go)
+    finally:
+        (comfyui.path / "input" / wav).unlink()
+    try:
+        assert errors == []
+        kinds = {e["node_id"]: e["content_type"] for e in images + other}
+        assert {e["node_id"] for e in images} == {"2", "3", "4"}  # image/* only
+        assert {n: kinds[n] for n in ("2", "3", "5", "7", "9", "10", "11")} == {
+            "2": "image/png",
+            "3": "image/webp",
+            "5": "video/webm",
+            "7": "video/mp4",
+            "9": "audio/flac",
+            "10": "audio/mpeg",
+            "11": "audio/ogg",
+        }
+        assert kinds["4"] == "image/png"  # an animated PNG is still a PNG
+        assert texts == [{"node_id": "12", "text": "some text"}]
+        assert "13" not in kinds and any(f.node_id == "13" and f.type == "temp" for f in files)  # previews
+        assert {e["node_id"] for e in other} == {"5", "7", "9", "10", "11"}
+    finally:
+        outputs.cleanup(files, comfyui.path, [])
+    assert not any(p.is_file() for p in (comfyui.path / "output" / "kinds").rglob("*"))

@@ -168,3 +168,35 @@ def test_interrupt_from_elsewhere_ends_the_job_at_once(comfyui):
     error = arun(go)
     assert error.message.startswith("The prompt was interrupted in ComfyUI at node 2 (WorkerTestSteps)")
     assert error.details["node_id"] == "2" and error.details["class_type"] == "WorkerTestSteps"
+
+
+def test_a_queued_prompt_deleted_by_someone_else_is_reported_as_removed(comfyui):
+    import json
+    import time
+    import urllib.request
+
+    async def go():
+        slow = runner_for(comfyui, steps_workflow(20, 0.05), timeout=30)
+        waiting = runner_for(comfyui, steps_workflow(1, 0.0), timeout=30)
+        first = asyncio.create_task(slow.run())
+        await asyncio.sleep(0.1)
+        second = asyncio.create_task(waiting.run())
+        while waiting.prompt_id not in str(comfyui.get_json("/queue")["queue_pending"]):
+            await asyncio.sleep(0.02)
+        body = json.dumps({"delete": [waiting.prompt_id]}).encode()
+        req = urllib.request.Request(f"{comfyui.url}/queue", data=body, method="POST")
+        await asyncio.to_thread(urllib.request.urlopen, req)
+        started = time.monotonic()
+        try:
+            await second
+        except JobError as exc:
+            error = exc
+        return await first, error, time.monotonic() - started
+
+    result, error, elapsed = arun(go)
+    assert result.outputs["3"] == {"text": ["done"]}
+    assert error.message == (
+        "The prompt was removed from ComfyUI's queue before it ran, not by this job (was the queue cleared, "
+        "or the prompt deleted with POST /queue, by someone else?)."
+    )
+    assert error.details["state"] == "removed" and elapsed < 5  # not its 30 s timeout

@@ -110,3 +110,37 @@ def test_missing_bucket_raises_a_clear_client_error(moto_s3):
     uploader = s3_upload.S3Uploader(settings_for(endpoint, BUCKET_NAME="no-such-bucket"))
     with pytest.raises(Exception, match="NoSuchBucket"):
         uploader.upload("job", "a.png", "image/png", data=b"x")
+
+
+def test_the_64_mb_multipart_threshold(moto_s3, tmp_path):
+    """docs/api.md: files over 64 MB go up in parts (the real TransferConfig, no patched threshold)."""
+    endpoint, client = moto_s3
+    assert s3_upload.MULTIPART_THRESHOLD == 64 * 1024 * 1024
+    uploader = s3_upload.S3Uploader(settings_for(endpoint))
+    for name, size in (("under.bin", s3_upload.MULTIPART_THRESHOLD - 1), ("at.bin", s3_upload.MULTIPART_THRESHOLD)):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            f.truncate(size)
+        uploader.upload("job-64", name, "application/octet-stream", path=path)
+        path.unlink()
+    under = client.head_object(Bucket=BUCKET, Key="job-64/under.bin")
+    at = client.head_object(Bucket=BUCKET, Key="job-64/at.bin")
+    assert under["ContentLength"] == s3_upload.MULTIPART_THRESHOLD - 1 and "-" not in under["ETag"]  # one PUT
+    assert at["ContentLength"] == s3_upload.MULTIPART_THRESHOLD and at["ETag"].strip('"').endswith("-4")  # 4 x 16 MB
+
+
+def test_one_uploader_per_settings():
+    settings = Settings.from_env({"BUCKET_ENDPOINT_URL": "http://127.0.0.1:9", "BUCKET_NAME": "a"})
+    first = s3_upload.S3Uploader.from_settings(settings)
+    assert (
+        s3_upload.S3Uploader.from_settings(
+            Settings.from_env({"BUCKET_ENDPOINT_URL": "http://127.0.0.1:9", "BUCKET_NAME": "a"})
+        )
+        is first
+    )
+    assert (
+        s3_upload.S3Uploader.from_settings(
+            Settings.from_env({"BUCKET_ENDPOINT_URL": "http://127.0.0.1:9", "BUCKET_NAME": "b"})
+        )
+        is not first
+    )
