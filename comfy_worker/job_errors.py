@@ -1,4 +1,4 @@
-"""The one error type of the handler: a readable sentence plus structured details (SPEC §7)."""
+"""The one error type of the handler: a readable sentence plus structured details (docs/api.md, "Errors")."""
 
 from __future__ import annotations
 

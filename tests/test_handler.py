@@ -1,5 +1,5 @@
 """handler.py against the real ComfyUI (CPU): outputs, inputs, overrides, errors, timeouts, crashes,
-a dropped websocket, concurrency, and the RunPod SDK's local API (SPEC §7)."""
+a dropped websocket, concurrency, and the RunPod SDK's local API (docs/api.md)."""
 
 from __future__ import annotations
 

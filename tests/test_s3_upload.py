@@ -1,4 +1,4 @@
-"""s3_upload.py against moto's S3 server (the real boto3 client over HTTP) (SPEC §8)."""
+"""s3_upload.py against moto's S3 server (the real boto3 client over HTTP) (docs/api.md)."""
 
 from __future__ import annotations
 
