@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -406,7 +407,8 @@ def test_install_py_that_replaces_torch_fails_the_node_and_torch_is_restored(box
 
 
 def test_install_py_and_the_installer_never_see_secrets(box, git_repos, monkeypatch):
-    secrets = {name: f"secret-{name.lower()}-0123456789" for name in SECRET_ENV_NAMES}
+    names = [*SECRET_ENV_NAMES, "RUNPOD_AI_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"]
+    secrets = {name: f"secret-{name.lower()}-0123456789" for name in names}
     for name, value in secrets.items():
         monkeypatch.setenv(name, value)
     # a uv next to the target python is the one used: this one records its environment, then runs the real uv
@@ -691,3 +693,223 @@ def test_a_python_that_cannot_run_fails_the_requirements_by_name(box, git_repos,
     rc, out = box.run([{"url": repo.url}])
     assert rc == 1 and "nodes[0] NeedsPkg: requirements not installed: cannot run the python" in out
     assert box.head("NeedsPkg") is not None  # the checkout itself is done
+
+
+# ---- hardening: folders, names, versions (docs/nodes.md) ----
+
+
+def test_a_symlinked_node_folder_is_refused_and_never_retargets_its_target(box, node_repo, git_repos):
+    repo, c = node_repo
+    other = git_repos.create("Other", node_source("OtherClass")).push()
+    nodes = [{"url": repo.url, "version": "v1.2.0"}, {"url": other.url}]
+    assert box.run(nodes)[0] == 0
+    shutil.rmtree(box.custom_nodes / "Other")
+    (box.custom_nodes / "Other").symlink_to(box.custom_nodes / "MyNode")
+    for _ in range(2):
+        rc, out = box.run(nodes)
+        assert rc == 1 and "Other is a symbolic link" in out and "remove the link" in out, out
+        assert box.head("MyNode") == c["v1.2.0"]
+        assert git.Repo(box.custom_nodes / "MyNode").remotes.origin.url == repo.url
+    (box.custom_nodes / "Other").unlink()
+    (box.custom_nodes / "Other").symlink_to(box.tmp / "nowhere")  # dangling
+    rc, out = box.run(nodes)
+    assert rc == 1 and "Other is a symbolic link" in out and "unexpected" not in out, out
+
+
+def test_a_ref_named_like_a_short_sha_wins_on_an_existing_box_as_on_a_fresh_one(box, node_repo):
+    repo, c = node_repo
+    name = c["main"][:7]  # a tag named like the prefix of another commit
+    repo.tag(name, c["v1.2.0"])
+    repo.push()
+    assert box.run([{"url": repo.url, "version": "v1.10.0"}])[0] == 0  # the clone holds c["main"] too
+    rc, out = box.run([{"url": repo.url, "version": name}, {"url": repo.url, "version": name, "name": "Fresh"}])
+    assert rc == 0, out
+    assert box.head("MyNode") == c["v1.2.0"] and box.head("Fresh") == c["v1.2.0"]
+    assert column(out, "action") == {"MyNode": "move", "Fresh": "clone"}
+
+
+def test_an_ambiguous_short_sha_fails_the_node_listing_both_commits(box, git_repos):
+    from support.gitrepos import colliding_commits
+
+    repo = git_repos.create("Ambiguous", node_source("AmbiguousClass"))
+    prefix, a, b = colliding_commits(repo)
+    repo.push()
+    rc, out = box.run([{"url": repo.url, "version": prefix}])
+    assert rc == 1 and f"short sha {prefix!r} is ambiguous" in out and a in out and b in out, out
+    assert not (box.custom_nodes / "Ambiguous").exists()
+
+
+@pytest.mark.parametrize(("tail", "derived"), [("/.", "."), ("/..", ".."), ("/.git", ""), ("/-x", "-x")])
+def test_folder_names_taken_from_the_url_get_the_name_checks(box, node_repo, tail, derived):
+    repo, _ = node_repo
+    for args in (["--validate-only"], []):
+        rc, out = box.run([{"url": repo.bare.parent.as_uri() + tail}], *args)
+        assert rc == 2, out
+        assert f"nodes[0] ({repo.bare.parent.as_uri() + tail}): name: the folder name {derived!r} taken" in out
+        assert "set 'name'" in out
+    assert not box.custom_nodes.exists()
+    assert box.run([{"url": repo.bare.parent.as_uri() + tail, "name": "Named"}], "--validate-only")[0] == 0
+
+
+def test_a_full_sha_already_in_the_clone_needs_no_network(box, node_repo):
+    repo, c = node_repo
+    assert box.run([{"url": repo.url, "version": "v1.2.0"}])[0] == 0
+    shutil.move(repo.bare, box.tmp / "gone.git")
+    rc, out = box.run([{"url": repo.url, "version": c["main"]}])
+    assert rc == 0 and box.head("MyNode") == c["main"], out
+    assert column(out, "action") == {"MyNode": "move"}
+
+
+# ---- the lock file ----
+
+
+def test_a_half_finished_move_is_never_recorded_as_done(box, git_repos):
+    top, c = node_with_submodule_versions(git_repos)
+    assert box.run([{"url": top.url, "version": "v1"}])[0] == 0
+    node = box.custom_nodes / "Top"
+    (node / "vendor/sub/new.txt").write_text("untracked, in the way of v2's new.txt")
+    rc, out = box.run([{"url": top.url, "version": "v2"}])
+    assert rc == 1 and "nodes[0] Top" in out, out
+    assert box.head("Top") == c["v2"]  # HEAD moved, the submodules did not: half-finished
+    assert box.lock()["nodes"] == [{"url": top.url, "version": c["v1"], "name": "Top"}]
+    assert json.loads((node / ".git" / install_nodes.STATE_FILE).read_text())["commit"] is None
+
+
+def test_nodes_removed_from_the_config_leave_the_lock_file(box, node_repo, git_repos):
+    repo, c = node_repo
+    other = git_repos.create("Other", node_source("OtherClass")).push()
+    assert box.run([{"url": repo.url}, {"url": other.url}])[0] == 0
+    assert [n["name"] for n in box.lock()["nodes"]] == ["MyNode", "Other"]
+    rc, out = box.run([{"url": repo.url}])
+    assert rc == 0, out
+    assert box.lock()["nodes"] == [{"url": repo.url, "version": c["v1.10.0"], "name": "MyNode"}]
+    assert box.head("Other") == other.head()  # left on disk
+
+
+# ---- submodules, --force ----
+
+
+def test_force_repairs_submodules(box, git_repos):
+    sub = git_repos.create("SubLib", {"lib.py": "VALUE = 1\n"}).push()
+    top = git_repos.create("WithSub", node_source("WithSubClass"))
+    top.add_submodule(sub, "vendor/sublib")
+    top.push()
+    assert box.run([{"url": top.url}])[0] == 0
+    lib = box.custom_nodes / "WithSub/vendor/sublib/lib.py"
+    git.Repo(box.custom_nodes / "WithSub").git.submodule("deinit", "-f", "vendor/sublib")
+    assert not lib.exists()
+    rc, out = box.run([{"url": top.url}])
+    assert rc == 0 and column(out, "action") == {"WithSub": "keep"} and not lib.exists()  # the warm path never looks
+    rc, out = box.run([{"url": top.url}], "--force")
+    assert rc == 0 and column(out, "action") == {"WithSub": "keep"}, out
+    assert lib.read_text() == "VALUE = 1\n"
+
+
+# ---- install.py and the run: timeouts, SIGTERM, the volume lock ----
+
+
+def test_INSTALL_PY_TIMEOUT_from_the_environment_is_honoured(box, git_repos, monkeypatch):
+    monkeypatch.setenv("INSTALL_PY_TIMEOUT", "1.5")
+    repo = git_repos.create("Slow", {**node_source("SlowClass"), "install.py": "import time\ntime.sleep(60)\n"})
+    repo.push()
+    start = time.monotonic()
+    rc, out = box.run([{"url": repo.url}])
+    assert rc == 1 and "nodes[0] Slow: install.py did not finish within 1.5 s" in out, out
+    assert time.monotonic() - start < 20
+
+
+def test_a_waiting_run_gives_up_after_a_bound_saying_what_it_waited_for(box, node_repo, monkeypatch):
+    from filelock import FileLock
+
+    repo, _ = node_repo
+    box.custom_nodes.mkdir(parents=True)
+    held = FileLock(str(box.custom_nodes / install_nodes.RUN_LOCK))
+    held.acquire()
+    monkeypatch.setattr(install_nodes, "LOCK_WAIT_TIMEOUT", 1.0)
+    try:
+        start = time.monotonic()
+        rc, out = box.run([{"url": repo.url}])
+    finally:
+        held.release()
+    assert rc == 1 and time.monotonic() - start < 10, out
+    assert "waiting for another install_nodes.py to finish on this volume" in out
+    assert "gave up after 1 s waiting for another install_nodes.py" in out and "run install_nodes.py again" in out
+    assert not (box.custom_nodes / "MyNode").exists()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_sigterm_stops_the_run_and_everything_install_py_started(box, git_repos, tmp_path):
+    pids = tmp_path / "pids"
+    script = (
+        "import os, pathlib, subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+        f"pathlib.Path({str(pids)!r}).write_text(f'{{os.getpid()}} {{child.pid}}')\n"
+        "time.sleep(120)\n"
+    )
+    repo = git_repos.create("Hangs", {**node_source("HangsClass"), "install.py": script}).push()
+    cmd = [sys.executable, str(ROOT / "install_nodes.py"), "--config", str(box.config([{"url": repo.url}]))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        assert wait_for(lambda: pids.exists() and " " in pids.read_text(), 60)
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert time.monotonic() - start < 5 and proc.returncode == 1, out
+    assert "interrupted" in out
+    assert all(_gone(int(pid)) for pid in pids.read_text().split())
+    rc, out = box.run([{"url": repo.url, "requirements": False}])  # the volume lock was released
+    assert rc == 0 and column(out, "action") == {"Hangs": "keep"}, out
+
+
+# ---- the GitHub token, against a git server standing in for github.com ----
+
+
+def test_github_token_goes_to_the_github_server_and_nowhere_else(box, git_repos, monkeypatch):
+    from support.git_http import GitHttpServer
+
+    token = "ghp_TOKENshouldNEVERappear0123456789"
+    encoded = base64.b64encode(f"x-access-token:{token}".encode()).decode()
+    github = GitHttpServer(git_repos.root / "remotes", required_authorization=f"basic {encoded}")
+    elsewhere = GitHttpServer(git_repos.root / "remotes")  # another host, serving a submodule
+    try:
+        sub = git_repos.create("PublicSub", {"s.txt": "sub"}).push()
+        top = git_repos.create("PrivateNode", node_source("PrivateClass"))
+        top.add_submodule(sub, "vendor/sub")
+        run_git(top.work, "config", "-f", ".gitmodules", "submodule.vendor/sub.url", elsewhere.url("PublicSub"))
+        top.commit(message="the submodule lives on another host")
+        top.tag("v1.0.0")
+        top.push()
+        monkeypatch.setattr(git_versions, "GITHUB_PREFIX", github.base)
+        monkeypatch.setenv("GITHUB_TOKEN", token)
+        rc, out = box.run([{"url": github.url("PrivateNode")}])
+        assert rc == 0, out
+        node = box.custom_nodes / "PrivateNode"
+        assert (node / "vendor/sub/s.txt").read_text() == "sub" and box.head("PrivateNode") == top.head()
+        assert github.requests and set(github.authorizations()) == {f"basic {encoded}"}
+        assert elsewhere.requests and set(elsewhere.authorizations()) == {None}
+        written = [
+            node / ".git/config",
+            node / ".git/modules/vendor/sub/config",
+            node / ".git" / install_nodes.STATE_FILE,
+            box.volume / "comfy.lock.yml",
+        ]
+        for text in [out, *(p.read_text() for p in written)]:
+            assert token not in text and encoded not in text
+        # the same private repository without a token: git fails at once instead of prompting
+        monkeypatch.delenv("GITHUB_TOKEN")
+        start = time.monotonic()
+        rc, out = box.run([{"url": github.url("PrivateNode"), "name": "NoToken"}])
+        assert rc == 1 and "terminal prompts disabled" in out, out
+        assert time.monotonic() - start < 10 and not (box.custom_nodes / "NoToken").exists()
+    finally:
+        github.close()
+        elsewhere.close()
