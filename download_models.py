@@ -29,6 +29,14 @@ Each entry becomes ``models/<destination>/<filename>``:
    shown as ``downloaded (unverified)``, recorded with ``sha256: null`` and ``size: null``, and the log
    says how to pin it.
 
+4. A Hugging Face entry whose file already lies in a hub cache on the host (``HF_HUB_CACHE``, RunPod's
+   cached models in ``/runpod-volume/huggingface-cache/hub``; ``settings.hf_cache_dirs``) is linked,
+   not downloaded, before any network (``Provisioner.link_cached``, comfy_worker/hf_cache.py): under
+   the target's lock, after a sha256 check (the entry's, else the blob's name, which is the LFS
+   sha256; a mismatch is refused and the entry downloaded instead), a symlink to the cached blob is
+   renamed into place and recorded in comfy.lock.yml like a download; the action says
+   ``linked from cache``.
+
 Where an entry downloads from, and which token goes to which host: comfy_worker/model_sources.py.
 Hugging Face files stored with Xet are fetched by ``hf_hub_download`` when ``hf_xet`` is installed
 (hf_xet fetches and verifies content-addressed chunks in parallel; its own ``.incomplete`` file and
@@ -58,7 +66,7 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from comfy_worker import volume_lock
+from comfy_worker import hf_cache, volume_lock
 from comfy_worker.cli import (
     EXIT_FAILED,
     EXIT_INVALID,
@@ -83,7 +91,7 @@ from comfy_worker.http_download import (
 )
 from comfy_worker.lock_file import read_lock_file, update_lock_file
 from comfy_worker.log_setup import redact_urls, setup_logging
-from comfy_worker.model_sources import HUGGINGFACE, ModelSource, Sources, TokenPolicy
+from comfy_worker.model_sources import HUGGINGFACE, ModelSource, Sources, TokenPolicy, hf_file
 from comfy_worker.settings import Settings
 
 # run as a script this module is __main__; its log lines still say download_models
@@ -96,7 +104,9 @@ PRESENT = "present"
 PRESENT_UNVERIFIED = "present (unverified)"
 DOWNLOADED = "downloaded"
 DOWNLOADED_UNVERIFIED = "downloaded (unverified)"
+LINKED = "linked from cache"
 WOULD_DOWNLOAD = "would download"
+WOULD_LINK = "would link from cache"
 INTERRUPTED = "interrupted"
 
 
@@ -327,6 +337,8 @@ class Provisioner:
             if self.present(r):
                 r.action, r.ok = PRESENT, True
                 return
+            if self.link_cached(r):
+                return
         self.resolve(r, need_network=True)
         r.target = self.target_of(r)
         target = r.target
@@ -336,10 +348,7 @@ class Provisioner:
             raise DownloadError(
                 f"models[{other}] already downloads to {target}; give one of them another 'filename' or 'destination'"
             )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.models_dir / ".locks" / r.entry.destination / (target.name + ".lock")
-        # the lock file is kept after use: deleting a flock file races with waiters
-        lock = volume_lock.acquire(lock_path, f"another process downloading {target.name}", stop=self.stop)
+        lock = self._target_lock(r)
         try:
             self._reload_records()  # another process may have just finished this very file
             if self.present(r):
@@ -349,6 +358,61 @@ class Provisioner:
             self._download(r)
         finally:
             lock.release()
+
+    def _target_lock(self, r: ModelResult):
+        target = r.target
+        assert target is not None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.models_dir / ".locks" / r.entry.destination / (target.name + ".lock")
+        # the lock file is kept after use: deleting a flock file races with waiters
+        return volume_lock.acquire(lock_path, f"another process downloading {target.name}", stop=self.stop)
+
+    # ---- Hugging Face files already on the host ----
+
+    def cached_file(self, r: ModelResult) -> Path | None:
+        """The blob of a Hugging Face entry in a hub cache on the host, when one holds it (offline)."""
+        dirs = self.settings.hf_cache_dirs
+        if r.kind != HUGGINGFACE or not any(d.is_dir() for d in dirs):
+            return None
+        file = hf_file(r.entry.url)
+        return hf_cache.find(file, dirs) if file is not None else None
+
+    def link_cached(self, r: ModelResult) -> bool:
+        """Link a cached Hugging Face file into place instead of downloading it; record it like a
+        download. False when there is none, or it is refused (then the entry is downloaded)."""
+        target = r.target
+        assert target is not None
+        dirs = self.settings.hf_cache_dirs
+        if target.is_file() and not hf_cache.is_linked_from(target, dirs):
+            return False  # a file of our own is there: checked (and kept or replaced) the ordinary way
+        found = self.cached_file(r)
+        if found is None:
+            return False
+        size = found.stat().st_size
+        want_sha = r.entry.sha256 or hf_cache.blob_sha256(found)
+        lock = self._target_lock(r)
+        try:
+            self._reload_records()
+            if self.present(r):  # another process linked or downloaded it meanwhile
+                r.action, r.ok = PRESENT, True
+                return True
+            if r.entry.size is not None and size != r.entry.size:
+                raise hf_cache.CacheMismatch(
+                    f"the cached file {found} has {size} bytes, not the entry's size: {r.entry.size}; not linked"
+                )
+            hf_cache.link_into(found, target, want_sha)
+        except hf_cache.CacheMismatch as err:
+            level = logging.WARNING if r.entry.optional else logging.ERROR
+            log.log(level, "models[%d] %s: %s; downloading it instead", r.index, r.label, err)
+            return False
+        finally:
+            lock.release()
+        r.size, r.verified = size, True
+        r.sha256 = want_sha.lower() if want_sha else hf_cache.sha256_of(found)  # no LFS name: a small file
+        self.record(r)
+        r.action, r.ok = LINKED, True
+        log.info("%s: linked from cache (%s)", target, found)
+        return True
 
     def _download(self, r: ModelResult) -> None:
         target, source = r.target, r.source
@@ -558,6 +622,10 @@ def summary(results: list[ModelResult], dry_run: bool) -> str:
 
 def dry_run_one(prov: Provisioner, r: ModelResult) -> ModelResult:
     try:
+        prov.resolve(r, need_network=False)
+        if r.name and not (target := prov.target_of(r)).is_file() and prov.cached_file(r) is not None:
+            r.target, r.action, r.ok = target, WOULD_LINK, True
+            return r
         prov.resolve(r, need_network=True)
         r.target = prov.target_of(r)
         present = r.target.is_file() and (r.size is None or r.target.stat().st_size == r.size)

@@ -2,6 +2,10 @@
 and ``HF_HUB_CACHE``, in the standard hub cache layout
 (``models--org--name/{refs/<branch>, blobs/<hash>, snapshots/<commit>/<path>}``).
 
+Which file an entry names (``HfFile``: repo, type, revision, path) is model_sources' parsing of the URL
+(``model_sources.hf_file``); download_models.py asks here before any network (docs/architecture.md,
+"The flow of a start", step 5) and records a linked file in comfy.lock.yml like a download.
+
 ``find`` asks huggingface_hub's own cache lookup (``try_to_load_from_cache``: it follows ``refs/`` for a
 branch or tag and knows the repo-type prefixes), so the layout is never re-implemented here.
 ``link_into`` checks the sha256 when the entry has one, then links the file into ``models/<destination>``
@@ -21,39 +25,15 @@ import hashlib
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from typing import TYPE_CHECKING
 
-HF_HOSTS = ("huggingface.co", "hf.co")
-
-
-@dataclass(frozen=True)
-class HfFile:
-    repo_id: str
-    repo_type: str  # model | dataset | space
-    revision: str
-    path: str
+if TYPE_CHECKING:  # model_sources pulls the downloader in; the start's summary only needs is_linked_from
+    from comfy_worker.model_sources import HfFile
 
 
 class CacheMismatch(Exception):
     """The cached file is not the one the entry asks for (sha256 differs): refused, never linked."""
-
-
-def parse_hf_url(url: str, endpoint: str = "https://huggingface.co") -> HfFile | None:
-    """``https://huggingface.co/<org>/<name>/resolve/<rev>/<path>`` (also ``/blob/``, ``datasets/``,
-    ``spaces/``, and the host of ``HF_ENDPOINT``) as an HfFile; None for any other URL."""
-    u = urlparse(url)
-    hosts = {*HF_HOSTS, urlparse(endpoint).netloc}
-    if u.netloc not in hosts:
-        return None
-    parts = [unquote(p) for p in u.path.strip("/").split("/")]
-    repo_type = "model"
-    if parts and parts[0] in ("datasets", "spaces"):
-        repo_type, parts = parts[0][:-1], parts[1:]
-    if len(parts) < 5 or parts[2] not in ("resolve", "blob"):
-        return None
-    return HfFile(f"{parts[0]}/{parts[1]}", repo_type, parts[3], "/".join(parts[4:]))
 
 
 def find(file: HfFile, cache_dirs: tuple[Path, ...] | list[Path]) -> Path | None:
@@ -80,7 +60,7 @@ def link_into(source: Path, target: Path, sha256: str | None) -> Path:
     """Symlink ``target`` to the cached ``source`` after checking ``sha256`` (when given); atomic."""
     if sha256:
         got = sha256_of(source)
-        if got.lower() != sha256.lower():
+        if got != sha256.lower():
             raise CacheMismatch(
                 f"the cached file {source} has sha256 {got}, not the entry's {sha256.lower()}; "
                 "not linked (the entry's sha256 or the cached revision is wrong)"

@@ -49,9 +49,19 @@ class HfFile:
 
     repo_id: str
     repo_type: str  # model | dataset | space
-    revision: str  # the commit the hub resolved the entry's revision to
+    revision: str  # the commit the hub resolved the entry's revision to (as written in the URL: ``hf_file``)
     path: str
     xet: bool = False  # stored with Xet and hf_xet is installed: fetched by hf_hub_download
+
+
+def hf_file(url: str) -> HfFile | None:
+    """The file a Hugging Face URL names, offline: repo, type, the revision as written, the path (the
+    ``HF_PATH`` of the URL's path; whether the host is a Hugging Face one is ``TokenPolicy.is_hf``'s)."""
+    m = HF_PATH.match(urlparse(url).path)
+    if m is None:
+        return None
+    repo_type = {"datasets": "dataset", "spaces": "space"}.get(m["type"] or "", "model")
+    return HfFile(unquote(m["repo"]), repo_type, unquote(m["rev"]), unquote(m["path"]))
 
 
 @dataclass(frozen=True)
@@ -120,10 +130,9 @@ class HuggingFaceResolver:
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
         from huggingface_hub.errors import HfHubHTTPError
 
-        m = HF_PATH.match(urlparse(url).path)
-        assert m is not None
-        repo_type = {"datasets": "dataset", "spaces": "space"}.get(m["type"] or "", "model")
-        repo_id, revision, path = unquote(m["repo"]), unquote(m["rev"]), unquote(m["path"])
+        named = hf_file(url)
+        assert named is not None
+        repo_id, repo_type, revision, path = named.repo_id, named.repo_type, named.revision, named.path
         endpoint = self.settings.hf_endpoint
         resolve_url = hf_hub_url(repo_id, path, repo_type=repo_type, revision=revision, endpoint=endpoint)
         what = f"Hugging Face {repo_id}/{path}@{revision}"

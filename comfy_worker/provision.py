@@ -254,10 +254,6 @@ def run_script(settings: Settings, script: str, args: list[str], stop: threading
                     return proc.wait()
 
 
-def _model_path(entry) -> str:
-    return f"{entry.destination}/{entry.filename or entry.url_filename()}"
-
-
 def _lock_models(settings: Settings) -> list[dict]:
     from comfy_worker.lock_file import read_lock_file
 
@@ -276,76 +272,35 @@ def model_paths(settings: Settings, cfg) -> dict[str, str]:
     out = {}
     for e in cfg.models:
         name = recorded.get((e.url, e.destination))
-        out[e.url] = f"{e.destination}/{name}" if name else _model_path(e)
+        out[e.url] = f"{e.destination}/{name}" if name else e.planned_path()
     return out
 
 
-def link_cached(settings: Settings, cfg, summary: Summary) -> list[str]:
-    """Hugging Face entries found in a hub cache on the host are linked, not downloaded; the urls."""
-    from comfy_worker import hf_cache
-
-    wanted = [(e, hf_cache.parse_hf_url(e.url, settings.hf_endpoint)) for e in cfg.models]
-    wanted = [(e, f) for e, f in wanted if f is not None]
-    if not wanted or not any(Path(c).is_dir() for c in settings.hf_cache_dirs):
-        return []
-    linked = []
-    records = []
-    for entry, file in wanted:
-        target = settings.models_dir / _model_path(entry)
-        if target.is_file() and not hf_cache.is_linked_from(target, settings.hf_cache_dirs):
-            continue  # a real file is there: download_models.py keeps or checks it
-        found = hf_cache.find(file, settings.hf_cache_dirs)
-        if found is None:
-            continue
-        try:
-            hf_cache.link_into(found, target, entry.sha256)
-        except hf_cache.CacheMismatch as err:
-            log.error("%s: %s", entry.url, err)
-            continue
-        log.info("%s: linked from cache (%s)", _model_path(entry), found)
-        linked.append(entry.url)
-        records.append(
-            {
-                "url": entry.url,
-                "destination": entry.destination,
-                "filename": target.name,
-                "sha256": entry.sha256 or hf_cache.blob_sha256(found),
-                "size": found.stat().st_size,
-            }
-        )
-    if records:
-        from comfy_worker.lock_file import update_lock_file
-
-        def merge(current):
-            keep = [m for m in current or [] if isinstance(m, dict) and m.get("url") not in linked]
-            return keep + records
-
-        update_lock_file(settings.lock_file, "models", merge)
-    summary.models["linked from cache"] = len(linked)
-    return linked
-
-
 def provision_models(settings, cfg, config_path: Path, stop, summary: Summary, only: list[str] | None = None) -> int:
+    """download_models.py (which also links Hugging Face files found in a hub cache on the host); the
+    summary counts each entry as kept, fetched, linked from cache or failed, by what lies on the volume."""
+    from comfy_worker.hf_cache import is_linked_from
+
     paths = model_paths(settings, cfg)
     before = {u for u, p in paths.items() if (settings.models_dir / p).is_file()}
-    linked = link_cached(settings, cfg, summary) if only is None else []
-    todo = [e.url for e in cfg.models if e.url not in linked and (only is None or e.url in only)]
+    todo = [e.url for e in cfg.models if only is None or e.url in only]
     rc = EXIT_OK
     if todo:
         args = ["--config", str(config_path)]
-        if only is not None or linked:
+        if only is not None:
             args += ["--only", *todo]
         rc = run_script(settings, "download_models.py", args, stop)
     after_paths = model_paths(settings, cfg)
     for e in cfg.models:
-        if e.url in linked:
-            continue
-        present = (settings.models_dir / after_paths[e.url]).is_file()
-        word = "kept" if e.url in before and present else "fetched" if present else "failed"
-        if e.url in todo or word != "kept":
-            summary.models[word] = summary.models.get(word, 0) + 1
-        elif only is not None:
-            summary.models["kept"] = summary.models.get("kept", 0) + 1
+        target = settings.models_dir / after_paths[e.url]
+        present = target.is_file()
+        if present and e.url in before:
+            word = "kept"
+        elif present and is_linked_from(target, settings.hf_cache_dirs):
+            word = "linked from cache"
+        else:
+            word = "fetched" if present else "failed"
+        summary.models[word] = summary.models.get(word, 0) + 1
         if word == "failed" and not e.optional:
             summary.failed.append(after_paths[e.url])
     return rc

@@ -881,3 +881,71 @@ def test_download_retries_and_connections_are_honoured_from_the_environment(box,
     r = box.run()
     assert r.returncode == 1 and "gave up after 2 attempts" in r.stderr
     assert len(origin.seen("/flaky.safetensors")) == 2
+
+
+def test_hugging_face_files_in_a_hub_cache_are_linked_without_a_request_and_a_wrong_sha256_is_refused(box, tmp_path):
+    """RunPod's cached models: an entry found in a hub cache on the host is linked (zero requests to the
+    hub or its CDN, which serve the very same files, so a download would have succeeded), checked
+    against the entry's sha256 or else the blob's LFS name, and recorded like a download."""
+    from support.hf_hub_cache import make_hf_cache
+
+    files = {name: tmp_path / "hub-files" / name for name in ("a.safetensors", "b.safetensors", "c.safetensors")}
+    for i, path in enumerate(files.values()):
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(bytes([i]) * (3000 + i))
+    data = {name: path.read_bytes() for name, path in files.items()}
+    cache = tmp_path / "runpod-volume" / "huggingface-cache" / "hub"
+    make_hf_cache(cache, "org/repo", "a.safetensors", data["a.safetensors"])
+    make_hf_cache(cache, "org/repo", "b.safetensors", data["b.safetensors"])
+    # a damaged blob: its content is not the sha256 its LFS name says
+    make_hf_cache(
+        cache, "org/repo", "c.safetensors", b"damaged", blob=hashlib.sha256(data["c.safetensors"]).hexdigest()
+    )
+    with FaultyOrigin() as hub, FaultyOrigin() as cdn:
+        fake_huggingface(hub, cdn, "org/repo", files)
+        box.env.update(HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(cache))
+        url = "https://huggingface.co/org/repo/resolve/main/{}".format
+        box.write(
+            [
+                {"url": url("a.safetensors"), "destination": "unet", "sha256": sha_of(files["a.safetensors"])},
+                {"url": url("b.safetensors"), "destination": "loras"},  # checked against the blob's LFS name
+            ]
+        )
+        out = box.run()
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert hub.seen() == [] and cdn.seen() == []
+        for name, dest in (("a.safetensors", "unet"), ("b.safetensors", "loras")):
+            target = box.models / dest / name
+            assert target.is_symlink() and target.read_bytes() == data[name]
+            assert f"{target}: linked from cache" in out.stderr
+        assert out.stdout.count("linked from cache") == 2
+        recorded = {m["filename"]: m for m in box.lock()["models"]}
+        assert recorded["b.safetensors"] == {
+            "url": url("b.safetensors"),
+            "destination": "loras",
+            "filename": "b.safetensors",
+            "sha256": sha_of(files["b.safetensors"]),
+            "size": 3001,
+        }
+
+        # the next run keeps them by their record: no hashing, no request
+        again = box.run()
+        assert again.returncode == 0 and hub.seen() == [] and cdn.seen() == []
+        assert "linked from cache" not in again.stdout and again.stdout.count("present") == 2
+
+        # a wrong sha256 in the config: the cached file is refused, never linked; the hub's file fails it too
+        box.write([{"url": url("a.safetensors"), "destination": "vae", "sha256": "0" * 64}])
+        wrong = box.run()
+        assert wrong.returncode == 1
+        assert "not linked" in wrong.stderr and "downloading it instead" in wrong.stderr
+        assert "sha256 mismatch" in wrong.stdout + wrong.stderr
+        assert not (box.models / "vae" / "a.safetensors").exists()
+        assert not (box.models / "vae" / "a.safetensors").is_symlink()
+
+        # a damaged blob (content differs from its LFS name): refused, downloaded from the hub instead
+        box.write([{"url": url("c.safetensors"), "destination": "vae"}])
+        damaged = box.run()
+        assert damaged.returncode == 0, damaged.stdout + damaged.stderr
+        target = box.models / "vae" / "c.safetensors"
+        assert not target.is_symlink() and target.read_bytes() == data["c.safetensors"]
+        assert "not linked" in damaged.stderr and [s.path for s in cdn.seen() if s.method == "GET"]

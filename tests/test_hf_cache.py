@@ -5,28 +5,29 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from test_provision import make_hf_cache
+from support.hf_hub_cache import make_hf_cache
 
 from comfy_worker import hf_cache
+from comfy_worker.model_sources import HfFile, hf_file
 from comfy_worker.settings import Settings
 
 
-def test_parse_hf_url():
-    f = hf_cache.parse_hf_url("https://huggingface.co/org/name/resolve/main/sub/x.safetensors")
-    assert f == hf_cache.HfFile("org/name", "model", "main", "sub/x.safetensors")
-    d = hf_cache.parse_hf_url("https://huggingface.co/datasets/org/d/blob/v1/a.bin")
-    assert d.repo_type == "dataset" and d.revision == "v1"
-    assert hf_cache.parse_hf_url("https://example.com/org/name/resolve/main/x") is None
+def test_the_file_a_hugging_face_url_names():
+    f = hf_file("https://huggingface.co/org/name/resolve/main/sub/x.safetensors")
+    assert f == HfFile("org/name", "model", "main", "sub/x.safetensors")
+    d = hf_file("https://huggingface.co/datasets/org/d/blob/v1/a%20b.bin")
+    assert d.repo_type == "dataset" and d.revision == "v1" and d.path == "a b.bin"
+    assert hf_file("https://example.com/org/name/tree/main/x") is None
 
 
 def test_find_check_and_link(tmp_path):
     data = b"weights" * 50
     cache = tmp_path / "hub"
     make_hf_cache(cache, "org/name", "sub/x.safetensors", data)
-    f = hf_cache.HfFile("org/name", "model", "main", "sub/x.safetensors")
+    f = HfFile("org/name", "model", "main", "sub/x.safetensors")
     found = hf_cache.find(f, [tmp_path / "absent", cache])
     assert found is not None and found.parent.name == "blobs"
-    assert hf_cache.find(hf_cache.HfFile("org/name", "model", "main", "other.bin"), [cache]) is None
+    assert hf_cache.find(HfFile("org/name", "model", "main", "other.bin"), [cache]) is None
     target = tmp_path / "models" / "unet" / "x.safetensors"
     hf_cache.link_into(found, target, hashlib.sha256(data).hexdigest())
     assert target.is_symlink() and target.read_bytes() == data and hf_cache.is_linked_from(target, [cache])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.hf_hub_cache import make_hf_cache
 from support.models import UPSCALE_MODEL_NAME
 from support.origins import NginxOrigin
 from support.start_env import NODE_INIT, run_script, start_env
@@ -178,19 +179,6 @@ def test_four_concurrent_starts_fetch_each_file_once(tmp_path, nginx):
     whole = [line for line in gets if '" 200 5000 ' in line]  # besides, the downloader may probe a 1-byte range
     assert len(whole) == 1 and len(gets) <= 2, gets
     assert any("waiting for another worker provisioning this volume" in r.stderr for r in results)
-
-
-def make_hf_cache(root: Path, repo: str, path: str, data: bytes, commit: str = "a" * 40) -> Path:
-    folder = root / f"models--{repo.replace('/', '--')}"
-    sha = hashlib.sha256(data).hexdigest()
-    (folder / "blobs").mkdir(parents=True)
-    (folder / "blobs" / sha).write_bytes(data)
-    (folder / "refs").mkdir()
-    (folder / "refs" / "main").write_text(commit)
-    snap = folder / "snapshots" / commit / path
-    snap.parent.mkdir(parents=True)
-    snap.symlink_to(Path("../../blobs") / sha if "/" not in path else Path("../../../blobs") / sha)
-    return folder
 
 
 def test_hf_entry_in_cache_is_linked_without_a_request(tmp_path, origin):
