@@ -394,9 +394,10 @@ def lock_entries(results: list[NodeResult], previous: object = None) -> list[dic
 
 
 def write_lock(settings: Settings, results: list[NodeResult]) -> None:
-    previous = read_lock_file(settings.lock_file).get("nodes")
+    data = read_lock_file(settings.lock_file)
+    previous = data.get("nodes")
     entries = lock_entries(results, previous)
-    if previous != entries:
+    if previous != entries or data.damaged:  # a damaged file is rewritten even when the nodes are the same
         update_lock_file(settings.lock_file, "nodes", entries)
 
 

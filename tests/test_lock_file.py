@@ -208,28 +208,13 @@ def test_download_models_recovers_from_a_damaged_lock_file_and_rewrites_it(tmp_p
     empty = tmp_path / "empty.yml"
     empty.write_text("models: []\n")
     _write_damaged(lock, text)
-    result = _run("download_models.py", empty, volume)  # nothing to record: no crash either
+    result = _run("download_models.py", empty, volume)  # nothing to record: rewritten all the same
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
+    assert read_lock_file(lock).damaged is False
 
 
-INSTALL_NODES_CASES = [
-    pytest.param(
-        text,
-        id=name,
-        marks=[
-            pytest.mark.xfail(
-                strict=True,
-                reason="install_nodes.write_lock writes only when the nodes differ; with every damaged node "
-                "record dropped they equal the new (empty) list: it must also write when "
-                "read_lock_file(...).damaged",
-            )
-        ]
-        if name == "records_of_wrong_types"
-        else [],
-    )
-    for name, text in DAMAGED_FILES.items()
-]
+INSTALL_NODES_CASES = [pytest.param(text, id=name) for name, text in DAMAGED_FILES.items()]
 
 
 @pytest.mark.parametrize("text", INSTALL_NODES_CASES)
