@@ -647,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     models_dir = Path(args.models_dir) if args.models_dir else settings.models_dir
     prov = Provisioner(settings, models_dir, force=args.force, dry_run=args.dry_run)
+    if not args.dry_run and read_lock_file(settings.lock_file).damaged:  # rewritten now, whatever this run records
+        update_lock_file(settings.lock_file, "models", lambda current: current or [])
     results = [ModelResult(i, e) for i, e in enumerate(cfg.models)]
     if args.only:
         unknown = [n for n in args.only if not any(matches(r.entry, n, prov.recorded) for r in results)]
