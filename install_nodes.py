@@ -29,19 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock
-from pydantic import ValidationError
 
 from comfy_worker import git_versions, node_requirements, volume_lock
 from comfy_worker.cli import (
     EXIT_FAILED,
-    EXIT_INVALID,
     EXIT_OK,
     add_common_args,
     format_table,
-    load_or_report,
     run_parallel,
+    settings_and_config,
     status_word,
-    validate_only,
 )
 from comfy_worker.config_schema import NodeEntry, WorkerConfig
 from comfy_worker.lock_file import atomic_write_text, read_lock_file, update_lock_file
@@ -461,52 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def derived_name_problems(cfg: WorkerConfig) -> list[str]:
-    """A folder name taken from the URL (no ``name``) gets the checks an explicit ``name`` gets: a URL
-    ending in ``/.``, ``/..``, ``/.git`` or ``/-x`` names no usable folder."""
-    problems = []
-    for i, entry in enumerate(cfg.nodes):
-        if entry.name is not None:
-            continue
-        derived = entry.dir_name()
-        try:
-            checked = NodeEntry(url=entry.url, name=derived).name
-            reason = None if checked == derived else f"it would be read as {checked!r}"
-        except ValidationError as err:
-            reason = str(err.errors()[0]["msg"]).removeprefix("Value error, ")
-        if reason:
-            problems.append(
-                f"nodes[{i}] ({entry.url}): name: the folder name {derived!r} taken from the URL is not usable "
-                f"({reason}); set 'name' to the folder to use under custom_nodes"
-            )
-    return problems
-
-
-def settings_and_checked_config(args: argparse.Namespace) -> tuple[Settings, WorkerConfig] | int:
-    """The settings and the config, checked as by the schema plus the folder names taken from URLs
-    (the same checks for ``--validate-only`` and a run); or the exit code when the run ends here."""
-    try:
-        settings = Settings.from_env()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    loaded = load_or_report(args.config, settings)
-    if loaded is None:
-        return EXIT_INVALID
-    cfg, source = loaded
-    if problems := derived_name_problems(cfg):
-        print(f"error: {source} is invalid ({len(problems)} problem(s)):", file=sys.stderr)
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        return EXIT_INVALID
-    if args.validate_only:
-        return validate_only(cfg, source)
-    return settings, cfg
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    loaded = settings_and_checked_config(args)
+    loaded = settings_and_config(args)
     if isinstance(loaded, int):
         return loaded
     settings, cfg = loaded

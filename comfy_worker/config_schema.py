@@ -316,6 +316,24 @@ class NodeEntry(_Strict):
     def _name(cls, v: str | None) -> str | None:
         return None if v is None else _relative_path(v, nested=False)
 
+    @model_validator(mode="after")
+    def _usable_folder_from_url(self) -> NodeEntry:
+        """Without ``name`` the folder comes from the URL, and gets the checks an explicit name gets
+        (a URL ending in ``/.``, ``/..``, ``/.git`` or ``/-x`` names no usable folder)."""
+        if self.name is None:
+            derived = self.dir_name()
+            try:
+                checked = _relative_path(derived, nested=False)
+                reason = None if checked == derived else f"it would be read as {checked!r}"
+            except ValueError as err:
+                reason = str(err)
+            if reason:
+                raise ValueError(
+                    f"name: the folder name {_clip(derived, 60)!r} taken from the URL is not usable ({reason}); "
+                    "set 'name' to the folder to use under custom_nodes"
+                )
+        return self
+
     def dir_name(self) -> str:
         """The folder under custom_nodes: ``name`` or the repository name from the URL."""
         if self.name:
@@ -431,6 +449,8 @@ def _problems_from(err: ValidationError, raw: Any) -> list[str]:
             problems.append(f"{_entry_label(raw, loc[:-1])}: field '{loc[-1]}' is required")
         elif not loc:  # model-level validator (duplicates): already fully worded, one per line
             problems.extend(msg.split("\n"))
+        elif loc[0] in _SECTIONS and len(loc) == 2:  # an entry's own validator: the message names the field
+            problems.append(f"{_entry_label(raw, loc)}: {msg}")
         else:
             in_entry = loc[0] in _SECTIONS and len(loc) > 2
             field = _clip(".".join(map(str, loc[2:] if in_entry else loc[1:] or loc)), 80)

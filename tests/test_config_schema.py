@@ -20,6 +20,7 @@ from comfy_worker.config_schema import (
     load_config,
     load_config_env,
     load_config_text,
+    parse_config,
 )
 
 VALID = textwrap.dedent(
@@ -662,3 +663,15 @@ def test_config_yml_with_duplicate_keys_is_rejected():
     with pytest.raises(ConfigError) as info:
         load_config_env("models: []\nmodels: []\n")
     assert info.value.problems[0].startswith("duplicate key 'models' at line 2 (first at line 1)")
+
+
+@pytest.mark.parametrize(
+    ("url", "derived"), [("https://x.org/o/r/.", "."), ("https://x.org/o/..", ".."), ("https://x.org/o/-x", "-x")]
+)
+def test_a_folder_name_taken_from_the_url_gets_the_checks_of_name(url, derived):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"nodes": [{"url": url}]})
+    [problem] = err.value.problems
+    assert problem.startswith(f"nodes[0] ({url}): name: the folder name {derived!r} taken from the URL is not usable (")
+    assert problem.endswith("); set 'name' to the folder to use under custom_nodes")
+    assert parse_config({"nodes": [{"url": url, "name": "Good"}]}).nodes[0].dir_name() == "Good"
