@@ -1,4 +1,4 @@
-"""job_input.py: validation of the job input, overrides and image references (SPEC §7)."""
+"""job_input: validation of the job input, overrides and image references (docs/api.md)."""
 
 from __future__ import annotations
 
