@@ -71,6 +71,14 @@ def clone(settings, ref: str) -> str:
     from comfy_worker import git_versions
 
     dest = settings.comfyui_path
+    if dest.exists() and not dest.is_dir():
+        raise CheckoutError(f"COMFYUI_PATH {dest} is a file, not a folder: move it away or set COMFYUI_PATH elsewhere")
+    if (dest / ".git").exists() or (dest / ".git").is_symlink():
+        raise CheckoutError(
+            f"COMFYUI_PATH {dest} holds a .git but no ComfyUI checkout (no main.py): it is another repository "
+            "or a broken checkout; nothing was changed there. Move it away (keep your output/, input/, user/), "
+            "or set COMFYUI_PATH to another folder"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
@@ -130,7 +138,32 @@ def ensure(settings, ref: str) -> CheckoutResult:
         before = read_head(path)
         commit = update(settings, ref)
         return CheckoutResult("updated" if commit != before else "kept", commit)
-    return CheckoutResult("kept", read_head(path))
+    head = read_head(path)
+    _say_when_elsewhere(path, ref, head)
+    return CheckoutResult("kept", head)
+
+
+def _say_when_elsewhere(path: Path, ref: str, head: str | None) -> None:
+    """An existing checkout is never moved without COMFYUI_UPDATE=1; say so when it is not at the ref
+    (as far as the local repo knows the ref: no network here)."""
+    from comfy_worker import git_versions
+
+    try:
+        repo = git_versions.open_repo(path)
+        try:
+            wanted = _resolve(repo, ref)
+        finally:
+            repo.close()
+    except Exception:  # noqa: BLE001 - only a hint: the checkout is kept either way
+        return
+    if wanted is not None and wanted != head:
+        log.warning(
+            "ComfyUI at %s is at %s, not at %s (%s): it is kept as it is; set COMFYUI_UPDATE=1 to move it",
+            path,
+            (head or "?")[:12],
+            ref,
+            wanted[:12],
+        )
 
 
 # ---- ComfyUI's requirements, torch pinned ----

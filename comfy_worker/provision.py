@@ -306,17 +306,29 @@ def provision_models(settings, cfg, config_path: Path, stop, summary: Summary, o
     return rc
 
 
-def provision_nodes(settings, config_path: Path, stop, summary: Summary) -> tuple[int, bool]:
-    """install_nodes.py; its exit code and whether any node folder moved (ComfyUI must restart)."""
+def node_changes(before: dict[str, str | None], after: dict[str, str | None]) -> list[str]:
+    """What moved between two ``{name: commit}`` of comfy.lock.yml, one phrase per node."""
+    changes = []
+    for name, commit in after.items():
+        if name not in before:
+            changes.append(f"{name} added at {(commit or '?')[:12]}")
+        elif before[name] != commit:
+            changes.append(f"{name} {(before[name] or '?')[:12]} -> {(commit or '?')[:12]}")
+    changes += [f"{name} removed" for name in before if name not in after]
+    return changes
+
+
+def provision_nodes(settings, config_path: Path, stop, summary: Summary) -> tuple[int, list[str]]:
+    """install_nodes.py; its exit code and what moved (a node folder moved: ComfyUI must restart)."""
     before = {n.get("name"): n.get("version") for n in _lock_nodes(settings)}
     rc = run_script(settings, "install_nodes.py", ["--config", str(config_path)], stop)
     after = {n.get("name"): n.get("version") for n in _lock_nodes(settings)}
-    changed = [name for name, v in after.items() if before.get(name) != v] + [n for n in before if n not in after]
+    changed = node_changes(before, after)
     summary.nodes["installed"] = len([n for n in after if before.get(n) != after[n]])
     summary.nodes["kept"] = len([n for n in after if before.get(n) == after[n]])
     if rc != EXIT_OK:
         summary.nodes["failed"] = max(1, summary.nodes.get("failed", 0))
-    return rc, bool(changed)
+    return rc, changed
 
 
 def build_record(settings: Settings, cfg, source: Source) -> dict:
@@ -381,8 +393,8 @@ def warm(settings: Settings, source: Source, record: dict, stop, summary: Summar
     return rc
 
 
-def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summary) -> tuple[int, bool]:
-    """Under the volume lock: ComfyUI, models, nodes, then the gate. (exit code, nodes changed)."""
+def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summary) -> tuple[int, list[str]]:
+    """Under the volume lock: ComfyUI, models, nodes, then the gate. (exit code, node changes)."""
     from comfy_worker import comfyui_checkout
     from comfy_worker.config_schema import config_digest
     from comfy_worker.lock_file import update_lock_file
@@ -393,7 +405,7 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
     if opts.dry_run:
         gate = read_gate(settings)
         print(f"dry run: config {source.name}, ComfyUI {ref}, gate {'matches' if gate == digest else 'differs'}")
-        return EXIT_OK, False
+        return EXIT_OK, []
     from comfy_worker.volume_lock import acquire
 
     settings.volume_root.mkdir(parents=True, exist_ok=True)
@@ -402,11 +414,16 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
         if source.from_env:
             source.path = write_env_config(settings, text)
         record = read_record(settings)
-        if not opts.force and read_gate(settings) == digest and record.get("digest") == digest:
+        if (
+            not opts.force
+            and not settings.comfyui_update
+            and read_gate(settings) == digest
+            and record.get("digest") == digest
+        ):
             log.info("this volume is provisioned for this config (gate matches): only local checks")
             result = warm(settings, source, record, stop, summary)
             if result is not None:
-                return result, False
+                return result, []
         with Phase(summary, "comfyui"):
             result = comfyui_checkout.ensure(settings, ref)
             reqs = comfyui_checkout.install_requirements(settings)
@@ -452,13 +469,14 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
         log.error("%s", err)
         return EXIT_INVALID
     log.info("config from %s; volume %s; mode %s", source.name, settings.volume_root, settings.mode)
-    rc, changed = EXIT_OK, False
+    rc, changed = EXIT_OK, []
     try:
         record = read_record(settings)
         gate = read_gate(settings)
         fast = (
             not opts.force
             and not opts.dry_run
+            and not settings.comfyui_update  # COMFYUI_UPDATE=1: ComfyUI is brought to its ref on every start
             and gate is not None
             and record.get("digest") == gate
             and record.get("source") == source.key(settings)
@@ -486,12 +504,13 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
         else:
             raise
     if opts.apply and changed:
+        what = "; ".join(changed)
         if not opts.restart:
-            log.warning("nodes changed: restart ComfyUI to load them (--no-restart given)")
+            log.warning("nodes changed (%s): restart ComfyUI to load them (--no-restart given)", what)
         elif request_restart(settings):
-            log.info("nodes changed: ComfyUI is being restarted")
+            log.info("nodes changed (%s): ComfyUI is being restarted", what)
         else:
-            log.warning("nodes changed but no running worker was found to restart ComfyUI")
+            log.warning("nodes changed (%s) but no running worker was found to restart ComfyUI", what)
     elif opts.apply:
         log.info("no node changed: ComfyUI keeps running")
     if summary.failed:

@@ -11,6 +11,11 @@
 3. ``WARMUP_WORKFLOW`` runs once (warmup.py); a failure is a loud warning.
 4. The handler, only now (it takes no job before ComfyUI answers): ``python handler.py`` in serverless,
    the RunPod SDK's local API (``--rp_serve_api``) on ``API_PORT`` in pod (0.0.0.0) and local (127.0.0.1).
+   Its imports (the RunPod SDK, aiohttp, boto3: about 2 s) are paid while ComfyUI boots: the handler
+   process is spawned beside ComfyUI as ``python -m comfy_worker.services --preload-handler handler.py
+   ARGS``, which imports the handler module and then blocks on its stdin; the supervisor writes the
+   go byte once ComfyUI answers and the warm-up is done, and only then does it run ``handler.py`` as
+   ``__main__`` (the worker loop or the local API). Closed without the byte, it exits without a job.
 5. JupyterLab on ``JUPYTER_PORT`` rooted at ``VOLUME_ROOT`` (pod/local, or ``ENABLE_JUPYTER=1``), with
    a token: ``JUPYTER_PASSWORD``, else one generated into ``$VOLUME_ROOT/.jupyter-token`` (0600) and
    printed once; ``JUPYTER_AUTH=none`` turns it off. The token reaches Jupyter by its environment.
@@ -69,6 +74,31 @@ def handler_command(settings: Settings) -> list[str]:
     return [sys.executable, handler, "--rp_serve_api", "--rp_api_host", host, "--rp_api_port", str(settings.api_port)]
 
 
+PRELOAD_FLAG = "--preload-handler"
+GO = b"1"
+
+
+def preloaded(command: list[str]) -> list[str]:
+    """``handler_command`` as a process that imports the handler now and runs it on the go byte."""
+    return [command[0], "-m", "comfy_worker.services", PRELOAD_FLAG, *command[1:]]
+
+
+def run_preloaded_handler(args: list[str]) -> int:
+    """The child of ``preloaded``: import the handler module (the slow part), wait for the go byte on
+    stdin, then run ``handler.py`` as ``__main__`` with its own arguments."""
+    import runpy
+
+    script = Path(args[0]).resolve()
+    sys.argv = [str(script), *args[1:]]
+    sys.path.insert(0, str(script.parent))
+    __import__(script.stem)  # e.g. ``import handler``: the RunPod SDK, aiohttp, boto3
+    if sys.stdin.buffer.read(1) != GO:
+        return 0  # the supervisor stopped before ComfyUI answered: no job was ever taken
+    sys.stdin.close()
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 def jupyter_token(settings: Settings) -> tuple[str, bool]:
     """(token, generated now). JUPYTER_PASSWORD, else the volume's token file, else a new one (0600)."""
     if settings.jupyter_password:
@@ -118,14 +148,23 @@ class Supervisor:
         self.cpu = False
 
     # -- children --
-    def spawn(self, name: str, cmd: list[str], cwd: Path, env: dict | None = None, log_file: Path | None = None):
+    def spawn(
+        self,
+        name: str,
+        cmd: list[str],
+        cwd: Path,
+        env: dict | None = None,
+        log_file: Path | None = None,
+        stdin=subprocess.DEVNULL,
+        said: str = "started",
+    ):
         out = open(log_file, "ab") if log_file else None  # noqa: SIM115 - handed to the child
         try:
             proc = subprocess.Popen(
                 cmd,
                 cwd=cwd,
                 env=env,
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=out,
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,  # its own process group: stopped as a whole
@@ -134,7 +173,7 @@ class Supervisor:
             if out:
                 out.close()
         self.children[name] = proc
-        log.info("%s started (pid %d)", name, proc.pid)
+        log.info("%s %s (pid %d)", name, said, proc.pid)
         return proc
 
     def start_comfy(self) -> subprocess.Popen:
@@ -232,6 +271,13 @@ class Supervisor:
             log.warning("WARNING: no CUDA device: ComfyUI runs on the CPU (--cpu), which is slow")
             self.cpu = True
         self.start_comfy()
+        handler = self.spawn(
+            "handler",
+            preloaded(handler_command(settings)),
+            settings.app_dir,
+            stdin=subprocess.PIPE,
+            said="loading while ComfyUI starts; it takes no job before the go",
+        )
         if not self.wait_comfy():
             return 0 if self.stopping else 1
         if settings.warmup_workflow is not None and not self.stopping:
@@ -240,7 +286,12 @@ class Supervisor:
             run_warmup(settings)
         if self.stopping:
             return 0
-        self.spawn("handler", handler_command(settings), settings.app_dir)
+        try:
+            handler.stdin.write(GO)
+            handler.stdin.close()
+        except OSError:  # it died while loading: watch() reports its exit code
+            pass
+        log.info("handler started (pid %d)", handler.pid)
         if settings.enable_jupyter:
             env = dict(os.environ)
             if settings.jupyter_auth == "none":
@@ -296,6 +347,8 @@ class Supervisor:
 
 
 def main() -> int:
+    if sys.argv[1:2] == [PRELOAD_FLAG]:
+        return run_preloaded_handler(sys.argv[2:])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [start] %(message)s", datefmt="%H:%M:%S")
     try:
         settings = Settings.from_env()

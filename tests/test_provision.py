@@ -60,13 +60,15 @@ def test_cold_then_warm_start(tmp_path, nginx, node_repo):
     ]
     write_config(env, {"models": models, "nodes": [{"url": node_repo.url, "version": "v1.0.0"}]})
     volume = Path(env["VOLUME_ROOT"])
-    (volume / "ComfyUI" / "output").mkdir(parents=True)
-    (volume / "ComfyUI" / "output" / "mine.png").write_bytes(b"keep me")
+    mine = {"output/mine.png": b"keep me", "input/in.png": b"in", "user/default/comfy.settings.json": b"{}"}
+    for rel, data in mine.items():  # COMFYUI_PATH exists without a checkout: ComfyUI goes in beside them
+        (volume / "ComfyUI" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (volume / "ComfyUI" / rel).write_bytes(data)
 
     cold = run_script(env, "start.sh", "--provision-only")
     assert cold.returncode == 0, cold.stdout + cold.stderr
     comfy = volume / "ComfyUI"
-    assert (comfy / "main.py").is_file() and (comfy / "output" / "mine.png").read_bytes() == b"keep me"
+    assert (comfy / "main.py").is_file() and all((comfy / rel).read_bytes() == data for rel, data in mine.items())
     assert (comfy / "models" / "upscale_models" / UPSCALE_MODEL_NAME).is_file()
     assert (comfy / "custom_nodes" / "StartNode" / "__init__.py").is_file()
     lock = read_lock_file(volume / "comfy.lock.yml")
@@ -202,3 +204,69 @@ def test_hf_entry_in_cache_is_linked_without_a_request(tmp_path, origin):
     wrong = run_script(env, "start.sh", "--provision-only")
     assert wrong.returncode == 1
     assert "not linked" in wrong.stderr and not target.exists()
+
+
+def test_comfyui_update_moves_an_existing_checkout_to_another_ref(tmp_path):
+    """A second ref (a commit and a tag added to a clone of the upstream repo); without COMFYUI_UPDATE
+    the checkout stays where it is (and the log says how to move it), with it the checkout moves; local
+    edits are stashed and output/, input/, user/ are kept."""
+    from support.comfy_process import clone_comfyui
+    from support.gitrepos import git
+
+    upstream = clone_comfyui(tmp_path / "upstream")
+    old = git(upstream, "rev-parse", "HEAD")
+    (upstream / "NEWS.md").write_text("a newer ComfyUI\n")
+    git(upstream, "add", "NEWS.md")
+    git(upstream, "commit", "-q", "-m", "newer")
+    git(upstream, "tag", "v0.3.76-test")
+    new = git(upstream, "rev-parse", "HEAD")
+    env = start_env(tmp_path, COMFYUI_REPO=str(upstream), COMFYUI_REF="v0.3.75")
+    write_config(env, {"models": [], "nodes": []})
+    volume = Path(env["VOLUME_ROOT"])
+    comfy = volume / "ComfyUI"
+    first = run_script(env, "start.sh", "--provision-only")
+    assert first.returncode == 0, first.stderr
+    assert git(comfy, "rev-parse", "HEAD") == old
+    mine = {"output/mine.png": b"out", "input/in.png": b"in", "user/default/settings.json": b"{}"}
+    for rel, data in mine.items():
+        (comfy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (comfy / rel).write_bytes(data)
+    (comfy / "README.md").write_text((comfy / "README.md").read_text() + "\nmy local edit\n")
+
+    kept = run_script({**env, "COMFYUI_REF": "v0.3.76-test"}, "start.sh", "--provision-only")
+    assert kept.returncode == 0, kept.stderr
+    assert git(comfy, "rev-parse", "HEAD") == old
+    assert "set COMFYUI_UPDATE=1 to move it" in kept.stderr
+
+    moved = run_script({**env, "COMFYUI_REF": "v0.3.76-test", "COMFYUI_UPDATE": "1"}, "start.sh", "--provision-only")
+    assert moved.returncode == 0, moved.stderr
+    assert git(comfy, "rev-parse", "HEAD") == new and (comfy / "NEWS.md").is_file()
+    assert read_lock_file(volume / "comfy.lock.yml")["comfyui"] == {"ref": new}
+    assert f"ComfyUI updated {new[:12]}" in moved.stdout
+    assert all((comfy / rel).read_bytes() == data for rel, data in mine.items())
+    assert "my local edit" not in (comfy / "README.md").read_text()
+    assert "my local edit" in git(comfy, "stash", "show", "-p")
+
+
+def test_comfyui_path_that_is_not_a_checkout_is_a_clear_error_and_nothing_is_deleted(tmp_path):
+    env = start_env(tmp_path)
+    write_config(env, {"models": [], "nodes": []})
+    comfy = Path(env["VOLUME_ROOT"]) / "ComfyUI"
+    mine = {"output/mine.png": b"out", "input/in.png": b"in", "user/default/settings.json": b"{}", "notes.txt": b"n"}
+    for rel, data in mine.items():
+        (comfy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (comfy / rel).write_bytes(data)
+    subprocess.run(["git", "init", "-q", str(comfy)], check=True)  # another repository, not ComfyUI
+    out = run_script(env, "start.sh", "--provision-only")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"COMFYUI_PATH {comfy} holds a .git but no ComfyUI checkout" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert all((comfy / rel).read_bytes() == data for rel, data in mine.items())
+    assert sorted(p.name for p in comfy.iterdir()) == [".git", "input", "notes.txt", "output", "user"]
+    assert not (Path(env["VOLUME_ROOT"]) / ".config-sha256").exists()
+
+    a_file = tmp_path / "comfy-file"
+    a_file.write_text("not a folder")
+    out = run_script({**env, "COMFYUI_PATH": str(a_file)}, "start.sh", "--provision-only")
+    assert out.returncode == 1 and f"COMFYUI_PATH {a_file} is a file, not a folder" in out.stderr
+    assert a_file.read_text() == "not a folder" and "Traceback" not in out.stderr
