@@ -18,6 +18,7 @@ import yaml
 from support.comfy_process import ROOT, free_port
 from support.models import UPSCALE_MODEL_NAME
 from support.origins import FaultyOrigin
+from support.runpod_fakes import FakeRunPodQueue
 from support.start_env import NODE_INIT, run_script, start_env
 
 pytestmark = pytest.mark.slow
@@ -30,6 +31,7 @@ WORKFLOW = {
     "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "start_test"}},
 }
 SECRET = "jupyter-secret-token-123"
+NODE_V11 = '\nNODE_CLASS_MAPPINGS["StartTestPassImageV11"] = PassImage\n'
 
 
 def get(url: str, timeout: float = 5) -> int:
@@ -72,6 +74,8 @@ def start(env, log: Path) -> subprocess.Popen:
 def box(tmp_path, git_repos, upscale_model_file):
     repo = git_repos.create("StartNode", {"__init__.py": NODE_INIT})
     repo.tag("v1.0.0")
+    repo.commit({"__init__.py": NODE_INIT + NODE_V11})
+    repo.tag("v1.1.0")
     repo.push()
     with FaultyOrigin() as origin:
         origin.add(f"/{UPSCALE_MODEL_NAME}", file=upscale_model_file)
@@ -93,11 +97,11 @@ def box(tmp_path, git_repos, upscale_model_file):
             "nodes": [{"url": repo.url, "version": "v1.0.0"}],
         }
         (volume / "config.yml").write_text(yaml.safe_dump(cfg))
-        yield env, origin, cfg, volume
+        yield env, origin, cfg, volume, repo
 
 
 def test_local_mode_serves_a_job_warm_up_first_jupyter_token_apply_config_and_sigterm(tmp_path, box):
-    env, origin, cfg, volume = box
+    env, origin, cfg, volume, _ = box
     log = tmp_path / "start.log"
     proc = start(env, log)
     try:
@@ -142,7 +146,7 @@ def test_local_mode_serves_a_job_warm_up_first_jupyter_token_apply_config_and_si
 
 
 def test_comfyui_killed_ends_the_start_non_zero(tmp_path, box):
-    env, _, _, volume = box
+    env, _, _, volume, _ = box
     env = {**env, "COMFY_RESTART": "0", "ENABLE_JUPYTER": "0", "WARMUP_WORKFLOW": ""}
     log = tmp_path / "start.log"
     proc = start(env, log)
@@ -156,3 +160,143 @@ def test_comfyui_killed_ends_the_start_non_zero(tmp_path, box):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def comfy_pid(env) -> int:
+    return int(Path(env["COMFY_PID_FILE"]).read_text())
+
+
+def comfy_answers(env) -> bool:
+    try:
+        return get(f"http://127.0.0.1:{env['COMFY_PORT']}/system_stats", timeout=2) == 200
+    except OSError:  # nothing listens yet
+        return False
+
+
+def object_info(env) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{env['COMFY_PORT']}/object_info", timeout=30) as r:
+        return json.load(r)
+
+
+def test_comfyui_restarted_when_it_exits_and_by_apply_config_only_when_nodes_changed(tmp_path, box):
+    env, _, cfg, volume, repo = box
+    env = {**env, "COMFY_RESTART": "1", "ENABLE_JUPYTER": "0", "WARMUP_WORKFLOW": ""}
+    log = tmp_path / "start.log"
+    proc = start(env, log)
+    try:
+        api = f"http://127.0.0.1:{env['API_PORT']}"
+        wait_until(lambda: get(f"{api}/docs") == 200, 240, f"the local API; log:\n{log.read_text()}")
+
+        # COMFY_RESTART=1: ComfyUI killed -> a new ComfyUI answers, the start keeps running
+        first = comfy_pid(env)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: comfy_pid(env) != first and comfy_answers(env), 120, f"a new ComfyUI; {log.read_text()}")
+        assert proc.poll() is None and "restarting ComfyUI (COMFY_RESTART=1)" in log.read_text()
+        assert post(f"{api}/runsync", {"input": {"workflow": WORKFLOW}})["status"] == "COMPLETED"
+
+        # a node moved: apply_config.sh says which and restarts ComfyUI, which then loads the new version
+        second = comfy_pid(env)
+        old, new = repo.head("v1.0.0"), repo.head("v1.1.0")
+        assert "StartTestPassImageV11" not in object_info(env)
+        cfg["nodes"][0]["version"] = "v1.1.0"
+        (volume / "config.yml").write_text(yaml.safe_dump(cfg))
+        applied = run_script(env, "apply_config.sh")
+        assert applied.returncode == 0, applied.stdout + applied.stderr
+        assert f"nodes changed (StartNode {old[:12]} -> {new[:12]}): ComfyUI is being restarted" in applied.stderr
+        wait_until(lambda: comfy_pid(env) not in (first, second) and comfy_answers(env), 120, "the restarted ComfyUI")
+        assert "StartTestPassImageV11" in object_info(env) and proc.poll() is None
+
+        # --no-restart: the node moves back, ComfyUI keeps running (and the log says a restart is due)
+        third = comfy_pid(env)
+        cfg["nodes"][0]["version"] = "v1.0.0"
+        (volume / "config.yml").write_text(yaml.safe_dump(cfg))
+        kept = run_script(env, "apply_config.sh", "--no-restart")
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert f"nodes changed (StartNode {new[:12]} -> {old[:12]}): restart ComfyUI" in kept.stderr
+        assert "--no-restart given" in kept.stderr
+        time.sleep(2)  # a restart asked by SIGHUP would have stopped the old process by now
+        assert comfy_pid(env) == third and psutil.pid_exists(third) and comfy_answers(env)
+        assert log.read_text().count("restarting ComfyUI (asked by apply_config.sh)") == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def serverless(env: dict, queue: FakeRunPodQueue) -> dict:
+    """A serverless start that takes jobs from a local stand-in of RunPod's queue (the real SDK's worker loop)."""
+    env = {k: v for k, v in env.items() if k != "MODE"}
+    return {
+        **env,
+        "RUNPOD_ENDPOINT_ID": "test-endpoint",
+        "RUNPOD_POD_ID": "test-worker",
+        "ALLOW_CPU": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "WARMUP_WORKFLOW": "",
+        "RUNPOD_WEBHOOK_GET_JOB": f"{queue.base}/job-take/$ID?gpu=cpu",
+        "RUNPOD_WEBHOOK_POST_OUTPUT": f"{queue.base}/done/$ID?gpu=cpu",
+        "RUNPOD_SKIP_GPU_CHECK": "true",
+        "RUNPOD_MIN_MEMORY_GB": "0",
+        "RUNPOD_MIN_DISK_PERCENT": "0",
+    }
+
+
+def test_serverless_takes_the_first_job_only_after_comfyui_answers(tmp_path, box):
+    env, _, _, _, _ = box
+    queue = FakeRunPodQueue([{"id": "job-1", "input": {"workflow": WORKFLOW}}])
+    env = serverless(env, queue)
+    log = tmp_path / "start.log"
+    proc = start(env, log)
+    answered_before_first_take = None
+    try:
+        deadline = time.monotonic() + 240
+        while "job-1" not in queue.results:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            if answered_before_first_take is None and queue.takes:
+                answered_before_first_take = comfy_answers(env)  # the take is already there: is ComfyUI up?
+            if answered_before_first_take is None and comfy_answers(env):
+                answered_before_first_take = True
+            time.sleep(0.1)
+        assert answered_before_first_take is True, log.read_text()
+        result = queue.results["job-1"]
+        images = result["output"]["images"]
+        assert "error" not in result["output"] and not result["output"]["errors"], result
+        assert [i["filename"] for i in images] == ["start_test_00001_.png"] and images[0]["data"], result
+        text = log.read_text()
+        assert "mode serverless" in text and "Jupyter started" not in text
+        assert text.index("ComfyUI answers") < text.index("handler started"), text
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+        queue.server.shutdown()
+
+
+def test_a_failed_required_entry_ends_a_serverless_start_but_pod_and_local_start_with_a_warning(tmp_path, box):
+    env, origin, cfg, volume, _ = box
+    cfg["models"].append({"url": f"{origin.url}/missing.safetensors", "destination": "checkpoints"})
+    (volume / "config.yml").write_text(yaml.safe_dump(cfg))
+    queue = FakeRunPodQueue([{"id": "job-1", "input": {"workflow": WORKFLOW}}])
+    try:
+        out = run_script(serverless(env, queue), "start.sh")
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "provisioning failed in serverless mode: this worker takes no jobs half-provisioned" in out.stderr
+        assert queue.takes == [] and not Path(env["COMFY_PID_FILE"]).exists()
+        assert "ComfyUI started" not in out.stderr + out.stdout
+    finally:
+        queue.server.shutdown()
+
+    env = {**env, "ENABLE_JUPYTER": "0", "WARMUP_WORKFLOW": ""}
+    for mode in ("local", "pod"):
+        log = tmp_path / f"start-{mode}.log"
+        proc = start({**env, "MODE": mode}, log)
+        try:
+            api = f"http://127.0.0.1:{env['API_PORT']}"
+            wait_until(lambda: get(f"{api}/docs") == 200, 240, f"the local API; log:\n{log.read_text()}")  # noqa: B023
+            text = log.read_text()
+            assert "WARNING: provisioning is incomplete" in text and "missing.safetensors" in text
+            assert post(f"{api}/runsync", {"input": {"workflow": WORKFLOW}})["status"] == "COMPLETED"
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(15)
