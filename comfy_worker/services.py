@@ -198,7 +198,7 @@ class Supervisor:
             if comfy_ready(self.settings):
                 log.info("ComfyUI answers on %s", self.settings.comfy_host)
                 return True
-            time.sleep(0.2)
+            time.sleep(0.05)  # each tenth of a second here is a tenth on the time to the first job
         if not self.stopping:
             log.error("ComfyUI did not answer within %.0f s (COMFY_READY_TIMEOUT)", self.settings.comfy_ready_timeout)
         return False

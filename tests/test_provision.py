@@ -98,9 +98,6 @@ def test_cold_then_warm_start(tmp_path, nginx, node_repo):
     again = run_script(env, "start.sh", "--provision-only")
     assert again.returncode == 0, again.stdout + again.stderr
     assert (comfy / "models" / "checkpoints" / "b.bin").is_file()
-    assert (
-        requests_to(nginx, UPSCALE_MODEL_NAME) == requests_to(nginx, UPSCALE_MODEL_NAME) and requests_to(nginx) > before
-    )
     new_lines = (nginx.workdir / "access.log").read_text().splitlines()[before:]
     assert new_lines and all("/b.bin " in line for line in new_lines)
 
