@@ -286,10 +286,13 @@ class Supervisor:
             run_warmup(settings)
         if self.stopping:
             return 0
+        if handler.poll() is not None:
+            log.error("the handler exited with %s while loading (its output is above): stopping", handler.returncode)
+            return handler.returncode or 1
         try:
             handler.stdin.write(GO)
             handler.stdin.close()
-        except OSError:  # it died while loading: watch() reports its exit code
+        except OSError:  # it died just now: watch() reports its exit code
             pass
         log.info("handler started (pid %d)", handler.pid)
         if settings.enable_jupyter:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from comfy_worker import services
 from comfy_worker.settings import Settings
@@ -51,3 +52,19 @@ def test_generated_jupyter_token_is_0600_and_reused(tmp_path):
     token, generated = services.jupyter_token(s)
     assert generated and (tmp_path / ".jupyter-token").stat().st_mode & 0o777 == 0o600
     assert services.jupyter_token(s) == (token, False)
+
+
+def test_a_preloaded_handler_runs_only_on_the_go_byte(tmp_path):
+    """The handler process imports while ComfyUI boots and runs handler.py as __main__ (with its
+    arguments) only once the supervisor sends the go byte; closed without it, it exits and runs nothing."""
+    script = tmp_path / "fake_handler.py"
+    script.write_text(
+        "import sys\nprint('imported', flush=True)\nif __name__ == '__main__':\n    print('RUN', sys.argv[1:], flush=True)\n"
+    )
+    cmd = services.preloaded([sys.executable, str(script), "--rp_serve_api", "x"])
+    root = Path(__file__).resolve().parents[1]
+    go = subprocess.run(cmd, input=services.GO, capture_output=True, text=False, cwd=root, timeout=60)
+    assert go.returncode == 0, go.stderr
+    assert go.stdout.decode().splitlines() == ["imported", "imported", "RUN ['--rp_serve_api', 'x']"]
+    closed = subprocess.run(cmd, input=b"", capture_output=True, cwd=root, timeout=60)
+    assert closed.returncode == 0 and closed.stdout.decode().splitlines() == ["imported"]
