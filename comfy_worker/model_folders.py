@@ -147,6 +147,16 @@ def loader_folder(class_type: str, input_name: str) -> str | None:
     return loader.files.get(input_name) if loader else None
 
 
+def is_model_file(folder: str, value: str) -> bool:
+    """Whether ComfyUI would list ``value`` as a file of ``folder`` (by its extension): loaders also offer
+    built-in choices that are no file (VAELoader's ``pixel_space`` and ``taesd``, ``[None]``)."""
+    name = canonical(folder)
+    if name in ("classifiers", "diffusers"):
+        return True
+    extensions = (".yaml",) if name == "configs" else MODEL_EXTENSIONS
+    return value.lower().endswith(extensions)
+
+
 def shown_dirs(folder: str) -> str:
     """``models/text_encoders (or models/clip)``: the directories a folder reads, for a message."""
     name = canonical(folder)

@@ -173,3 +173,9 @@ def test_unknown_inputs_and_values_give_nothing_unless_the_file_exists(tmp_path)
         model_folders.describe_missing_model("SomeCustomLoader", "lora", "style.safetensors", tmp_path)
         == "a file of that name is in models/loras/style.safetensors"
     )
+
+
+def test_built_in_choices_of_a_loader_are_no_files():
+    assert not model_folders.is_model_file("vae", "pixel_space") and not model_folders.is_model_file("loras", "[None]")
+    assert model_folders.is_model_file("vae", "ae.SafeTensors") and model_folders.is_model_file("configs", "v1.yaml")
+    assert not model_folders.is_model_file("configs", "v1.safetensors")

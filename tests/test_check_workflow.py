@@ -1,0 +1,472 @@
+"""check_workflow.py on real workflows: the reference request bodies (tests/data), ComfyUI's own
+workflow templates (the comfyui_workflow_templates packages ComfyUI's requirements install), images
+the real ComfyUI saved, and a live ComfyUI asked with --comfy-host (docs/check_workflow.md)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from support.models import UPSCALE_MODEL_NAME
+
+import check_workflow
+from comfy_worker.config_schema import load_config_text
+from comfy_worker.file_names import url_filename
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+TEMPLATES = sorted(
+    Path(p)
+    for p in glob.glob(
+        os.path.join(
+            sys.prefix, "lib", "python3*", "site-packages", "comfyui_workflow_templates_*", "templates", "*.json"
+        )
+    )
+    if not Path(p).name.startswith("index")
+)
+HF = "https://huggingface.co/org/repo/resolve/main"
+
+
+def write_config(tmp_path: Path, models=(), nodes=(), name="config.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"models": list(models), "nodes": list(nodes)}, sort_keys=False))
+    return path
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = check_workflow.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def run_cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "check_workflow.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def embedded_models(template: dict) -> set[tuple[str, str, str]]:
+    """(url, directory, name) of every properties.models entry, subgraphs included."""
+    nodes = list(template["nodes"])
+    for sg in (template.get("definitions") or {}).get("subgraphs") or []:
+        nodes += sg.get("nodes") or []
+    return {
+        (m["url"], m["directory"], m["name"]) for n in nodes for m in (n.get("properties") or {}).get("models") or []
+    }
+
+
+def custom_packs(template: dict) -> set[str]:
+    nodes = list(template["nodes"])
+    for sg in (template.get("definitions") or {}).get("subgraphs") or []:
+        nodes += sg.get("nodes") or []
+    return {
+        n["properties"]["cnr_id"]
+        for n in nodes
+        if (n.get("properties") or {}).get("cnr_id") not in (None, "comfy-core")
+    }
+
+
+WITH_MODELS = [p for p in TEMPLATES if embedded_models(json.loads(p.read_text()))]
+
+
+def suggested_set(text: str) -> set[tuple[str, str, str]]:
+    cfg = load_config_text(text, "suggestion")  # what download_models.py --validate-only runs
+    return {(m.url, m.destination, m.filename or url_filename(m.url)) for m in cfg.models}
+
+
+# --- the reference workflows (API format inside job JSON) ----------------------------------------------
+REFERENCE = {
+    "workflow_sdxl_turbo.json": {("4", "CheckpointLoaderSimple", "ckpt_name", "sd_xl_turbo_1.0_fp16.safetensors")},
+    "workflow_sd3.json": {("252", "CheckpointLoaderSimple", "ckpt_name", "sd3_medium_incl_clips_t5xxlfp8.safetensors")},
+    "workflow_flux1_schnell.json": {
+        ("10", "VAELoader", "vae_name", "ae.safetensors"),
+        ("11", "DualCLIPLoader", "clip_name1", "t5xxl_fp8_e4m3fn.safetensors"),
+        ("11", "DualCLIPLoader", "clip_name2", "clip_l.safetensors"),
+        ("12", "UNETLoader", "unet_name", "flux1-schnell.safetensors"),
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_reference_workflows_name_every_missing_model_one_line_each(name, tmp_path, capsys):
+    code, out, _ = run([DATA / name, "--config", write_config(tmp_path), "--json"], capsys)
+    report = json.loads(out)
+    assert code == 1 == report["exit_code"]
+    (wf,) = report["workflows"]
+    assert wf["format"] == "job JSON, API format"
+    assert {(m["node_id"], m["class_type"], m["input"], m["name"]) for m in wf["models"]} == REFERENCE[name]
+    assert len(report["problems"]) == len(REFERENCE[name])
+    for (node_id, class_type, input_name, file_name), line in zip(
+        sorted(REFERENCE[name]), sorted(report["problems"]), strict=True
+    ):
+        assert line.startswith(
+            f"{DATA / name}: node {node_id} ({class_type}) input {input_name!r}: model file {file_name!r}"
+        )
+
+
+def test_flux_with_its_files_in_the_alias_folders_is_provided(tmp_path, capsys):
+    # ComfyUI reads models/unet as diffusion_models and models/clip as text_encoders
+    config = write_config(
+        tmp_path,
+        [
+            {"url": f"{HF}/ae.safetensors", "destination": "vae"},
+            {"url": f"{HF}/t5xxl_fp8_e4m3fn.safetensors", "destination": "clip"},
+            {"url": f"{HF}/clip_l.safetensors", "destination": "text_encoders"},
+            {"url": f"{HF}/flux1-schnell.safetensors", "destination": "unet"},
+        ],
+    )
+    code, out, _ = run([DATA / "workflow_flux1_schnell.json", "--config", config], capsys)
+    assert code == 0, out
+    assert "ok: " in out and "provides every model file" in out
+
+
+def test_api_format_workflow_with_a_missing_checkpoint(tmp_path, capsys):
+    api = json.loads((DATA / "workflow_sdxl_turbo.json").read_text())["input"]["workflow"]
+    path = tmp_path / "sdxl_api.json"
+    path.write_text(json.dumps(api))
+    config = write_config(tmp_path, [{"url": f"{HF}/other.safetensors", "destination": "checkpoints"}])
+    code, out, _ = run([path, "--config", config], capsys)
+    assert code == 1
+    assert f"{path} (API format): 1 model file(s), 7 node(s)" in out
+    assert (
+        f"  {path}: node 4 (CheckpointLoaderSimple) input 'ckpt_name': model file 'sd_xl_turbo_1.0_fp16.safetensors' "
+        f"is not in {config} (CheckpointLoaderSimple reads models/checkpoints)"
+    ) in out.splitlines()
+
+
+def test_a_model_in_the_wrong_folder_is_named_with_the_folder_its_loader_reads(tmp_path, capsys):
+    url = "https://huggingface.co/stabilityai/sdxl-turbo/resolve/main/sd_xl_turbo_1.0_fp16.safetensors"
+    config = write_config(tmp_path, [{"url": url, "destination": "diffusion_models"}])
+    code, out, err = run([DATA / "workflow_sdxl_turbo.json", "--config", config, "--suggest"], capsys)
+    assert code == 1
+    assert (
+        f"  {DATA / 'workflow_sdxl_turbo.json'}: node 4 (CheckpointLoaderSimple) input 'ckpt_name': model file "
+        f"'sd_xl_turbo_1.0_fp16.safetensors': {config} puts it at models/diffusion_models/sd_xl_turbo_1.0_fp16.safetensors "
+        "(models[0]), but CheckpointLoaderSimple reads models/checkpoints"
+    ) in err.splitlines()
+    # the suggestion moves it: the same URL into the folder the loader reads
+    assert suggested_set(out) == {(url, "checkpoints", "sd_xl_turbo_1.0_fp16.safetensors")}
+    assert "# replaces models[0] (models/diffusion_models/sd_xl_turbo_1.0_fp16.safetensors)" in out
+
+
+def test_a_text_encoder_in_the_vae_folder_is_wrong_but_in_clip_is_right(tmp_path, capsys):
+    flux = DATA / "workflow_flux1_schnell.json"
+    wrong = write_config(tmp_path, [{"url": f"{HF}/clip_l.safetensors", "destination": "vae"}], name="wrong.yml")
+    _, out, _ = run([flux, "--config", wrong, "--json"], capsys)
+    clip_l = next(m for m in json.loads(out)["workflows"][0]["models"] if m["name"] == "clip_l.safetensors")
+    assert clip_l["status"] == "wrong_folder"
+    assert clip_l["detail"].endswith("but DualCLIPLoader reads models/text_encoders (or models/clip)")
+    right = write_config(tmp_path, [{"url": f"{HF}/clip_l.safetensors", "destination": "clip"}], name="right.yml")
+    _, out, _ = run([flux, "--config", right, "--json"], capsys)
+    clip_l = next(m for m in json.loads(out)["workflows"][0]["models"] if m["name"] == "clip_l.safetensors")
+    assert clip_l["status"] == "provided"
+
+
+# --- ComfyUI's workflow templates -------------------------------------------------------------------
+def test_the_templates_are_there():
+    assert len(TEMPLATES) >= 150 and len(WITH_MODELS) >= 80, (len(TEMPLATES), len(WITH_MODELS))
+
+
+def test_every_template_suggestion_is_exactly_its_embedded_models_and_a_config_of_them_passes(tmp_path, capsys):
+    empty = write_config(tmp_path, name="empty.yml")
+    for template in WITH_MODELS:
+        data = json.loads(template.read_text())
+        expected = embedded_models(data)
+        code, out, err = run([template, "--config", empty, "--suggest", "--include-bypassed"], capsys)
+        assert code == 1, (template.name, err)
+        assert suggested_set(out) == expected, template.name
+        config = write_config(
+            tmp_path,
+            [
+                {"url": url, "destination": directory, **({"filename": name} if url_filename(url) != name else {})}
+                for url, directory, name in sorted(expected)
+            ],
+            [{"url": f"https://github.com/example/{pack}"} for pack in sorted(custom_packs(data))],
+            name="full.yml",
+        )
+        code, out, err = run([template, "--config", config, "--include-bypassed"], capsys)
+        assert code == 0, (template.name, out)
+
+
+@pytest.mark.parametrize("name", ["video_wan2_2_14B_animate.json", "image_qwen_image.json", "lora.json"])
+def test_suggest_through_the_cli_validates_with_download_models(name, tmp_path):
+    template = next(p for p in TEMPLATES if p.name == name)
+    empty = write_config(tmp_path, name="empty.yml")
+    result = run_cli(template, "--config", empty, "--suggest")
+    assert result.returncode == 1, result.stderr
+    assert "problems (" in result.stderr and "problems (" not in result.stdout  # the report goes to stderr
+    suggestion = tmp_path / "extra.yml"
+    suggestion.write_text(result.stdout)
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "download_models.py"), "--validate-only", "--config", str(suggestion)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.startswith(f"ok: {suggestion} is valid")
+
+
+def test_bypassed_loaders_are_skipped_and_listed_as_comments(tmp_path, capsys):
+    template = next(p for p in TEMPLATES if p.name == "lora.json")  # its LoraLoader is bypassed
+    code, out, err = run([template, "--config", write_config(tmp_path), "--suggest"], capsys)
+    assert "MoXinV1.safetensors" not in {n for _, _, n in suggested_set(out)}
+    assert "'MoXinV1.safetensors' is not needed, the node is bypassed" in out
+    assert "skipped" in err and "MoXinV1.safetensors" in err
+
+
+def test_template_custom_nodes_from_the_registry_have_no_url_and_say_so(tmp_path, capsys):
+    template = next(p for p in TEMPLATES if p.name == "video_wan2_2_14B_animate.json")
+    code, out, _ = run([template, "--config", write_config(tmp_path), "--suggest"], capsys)
+    assert code == 1
+    assert yaml.safe_load(out)["nodes"] is None  # only comments: nothing to install without a URL
+    assert (
+        "# not suggested: BlockifyMask, DrawMaskOnImage, PointsEditor: from the Comfy Registry pack 'comfyui-kjnodes'"
+        in out
+    )
+
+
+# --- custom nodes from the UI format ---------------------------------------------------------------
+def test_a_custom_node_class_is_reported_with_its_repo_from_aux_id(tmp_path, capsys):
+    wf = DATA / "workflow_ui_custom_nodes.json"
+    code, out, err = run([wf, "--config", write_config(tmp_path), "--suggest"], capsys)
+    assert code == 1
+    assert (
+        f"{wf}: node 11 (WorkerFilmGrain): custom node class from https://github.com/example-org/comfyui-film-grain, "
+        f"which {tmp_path / 'config.yml'} does not install"
+    ) in err
+    nodes = yaml.safe_load(out)["nodes"]
+    assert nodes == [
+        {
+            "url": "https://github.com/example-org/comfyui-film-grain",
+            "version": "8c1f2e4b9d3a7f6e5c0b1a2d3e4f5a6b7c8d9e0f",
+        }
+    ]
+    # a config that installs both packs (by repo, and by the registry id as folder name) provides them
+    config = write_config(
+        tmp_path,
+        [
+            {
+                "url": "https://huggingface.co/stabilityai/sdxl-turbo/resolve/main/sd_xl_turbo_1.0_fp16.safetensors",
+                "destination": "checkpoints",
+            }
+        ],
+        [
+            {"url": "git@github.com:example-org/comfyui-film-grain.git"},
+            {"url": "https://github.com/kijai/ComfyUI-KJNodes"},
+        ],
+        name="full.yml",
+    )
+    code, out, _ = run([wf, "--config", config], capsys)
+    assert code == 0, out
+
+
+def test_an_api_format_custom_class_is_unknown_without_a_live_comfyui(tmp_path, capsys):
+    api = {"1": {"class_type": "WorkerFilmGrain", "inputs": {"strength": 0.1}}}
+    path = tmp_path / "api.json"
+    path.write_text(json.dumps(api))
+    code, out, _ = run([path, "--config", write_config(tmp_path)], capsys)
+    assert code == 1
+    assert (
+        f"{path}: node 1 (WorkerFilmGrain): not a class of core ComfyUI v0.3.75 and the workflow names no node pack"
+        in out
+    )
+
+
+# --- images the real ComfyUI saved -------------------------------------------------------------------
+UI_FOR_PNG = {
+    "last_node_id": 4,
+    "nodes": [
+        {
+            "id": 2,
+            "type": "UpscaleModelLoader",
+            "mode": 0,
+            "properties": {
+                "cnr_id": "comfy-core",
+                "models": [
+                    {"name": UPSCALE_MODEL_NAME, "url": f"{HF}/{UPSCALE_MODEL_NAME}", "directory": "upscale_models"}
+                ],
+            },
+            "widgets_values": [UPSCALE_MODEL_NAME],
+        }
+    ],
+    "links": [],
+}
+
+
+def saved_images(comfyui) -> dict[str, Path]:
+    """Run EmptyImage -> UpscaleModelLoader/ImageUpscaleWithModel -> SaveImage + SaveAnimatedWEBP on the real
+    ComfyUI (with a UI-format workflow in extra_pnginfo, as the frontend sends it); the saved files."""
+    prefix = f"cw_check_{uuid.uuid4().hex[:8]}"
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 0x4080C0}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": UPSCALE_MODEL_NAME}},
+        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": prefix}},
+        "5": {
+            "class_type": "SaveAnimatedWEBP",
+            "inputs": {
+                "images": ["3", 0],
+                "filename_prefix": prefix,
+                "fps": 6.0,
+                "lossless": True,
+                "quality": 80,
+                "method": "fastest",
+            },
+        },
+    }
+    body = {"prompt": prompt, "client_id": uuid.uuid4().hex, "extra_data": {"extra_pnginfo": {"workflow": UI_FOR_PNG}}}
+    request = urllib.request.Request(
+        f"{comfyui.url}/prompt", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        prompt_id = json.load(response)["prompt_id"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        entry = comfyui.get_json(f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("completed"):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"prompt {prompt_id} did not finish")
+    files = {}
+    for node in ("4", "5"):
+        (image,) = entry["outputs"][node]["images"]
+        files[node] = comfyui.path / "output" / image["subfolder"] / image["filename"]
+    return files
+
+
+def test_images_saved_by_the_real_comfyui_are_read_back(comfyui, tmp_path, capsys):
+    files = saved_images(comfyui)
+    try:
+        png, webp = files["4"], files["5"]
+        assert png.suffix == ".png" and webp.suffix == ".webp"
+        empty = write_config(tmp_path, name="empty.yml")
+        for image, kind in ((png, "PNG"), (webp, "WEBP")):
+            code, out, err = run([image, "--config", empty, "--suggest"], capsys)
+            assert code == 1, err
+            assert f"{image} ({kind} metadata, API format + UI format): 1 model file(s), 5 node(s)" in err
+            assert f"{image}: node 2 (UpscaleModelLoader) input 'model_name': model file '{UPSCALE_MODEL_NAME}'" in err
+            # the URL comes from the UI format's properties.models, the input from the API format
+            assert suggested_set(out) == {(f"{HF}/{UPSCALE_MODEL_NAME}", "upscale_models", UPSCALE_MODEL_NAME)}
+        provided = write_config(tmp_path, [{"url": f"{HF}/{UPSCALE_MODEL_NAME}", "destination": "upscale_models"}])
+        assert run([png, webp, "--config", provided], capsys)[0] == 0
+    finally:
+        for path in files.values():
+            path.unlink(missing_ok=True)
+
+
+# --- a live ComfyUI ----------------------------------------------------------------------------------
+def test_a_live_comfyui_finds_a_class_that_is_not_installed(comfyui, tmp_path, capsys):
+    api = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "WorkerTestSteps", "inputs": {"image": ["1", 0], "steps": 1, "seconds_per_step": 0}},
+        "3": {"class_type": "WorkerFilmGrain", "inputs": {"image": ["2", 0], "strength": 0.1}},
+        "4": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": UPSCALE_MODEL_NAME}},
+    }
+    path = tmp_path / "api.json"
+    path.write_text(json.dumps(api))
+    config = write_config(tmp_path, [{"url": f"{HF}/{UPSCALE_MODEL_NAME}", "destination": "upscale_models"}])
+    code, out, _ = run([path, "--config", config, "--comfy-host", comfyui.host, "--json"], capsys)
+    report = json.loads(out)
+    assert code == 1
+    nodes = {n["class_type"]: n for n in report["workflows"][0]["nodes"]}
+    assert nodes["EmptyImage"]["status"] == "core"
+    assert nodes["WorkerFilmGrain"]["status"] == "not_installed"
+    assert nodes["WorkerTestSteps"]["status"] == "not_in_config"
+    assert f"{path}: node 3 (WorkerFilmGrain): class not installed on ComfyUI at {comfyui.host}" in report["problems"]
+    assert any(
+        "custom_nodes/comfy_worker_test_nodes" in p and "node 2 (WorkerTestSteps)" in p for p in report["problems"]
+    )
+    # a config that installs the test nodes' folder provides that class
+    config = write_config(
+        tmp_path,
+        [{"url": f"{HF}/{UPSCALE_MODEL_NAME}", "destination": "upscale_models"}],
+        [{"url": "https://github.com/example/comfy_worker_test_nodes"}],
+    )
+    del api["3"]
+    path.write_text(json.dumps(api))
+    code, out, _ = run([path, "--config", config, "--comfy-host", comfyui.host], capsys)
+    assert code == 0, out
+
+
+def test_a_live_comfyui_tells_which_folder_a_list_input_reads(comfyui):
+    live = check_workflow.LiveComfy.connect(comfyui.host)
+    assert UPSCALE_MODEL_NAME in live.folder_files["upscale_models"]
+    assert live.folder_of("UpscaleModelLoader", "model_name") == "upscale_models"
+    assert live.folder_of("EmptyImage", "width") is None
+
+
+def test_an_unreachable_comfy_host_exits_2(tmp_path, capsys):
+    code, _, err = run(
+        [DATA / "workflow_sd3.json", "--config", write_config(tmp_path), "--comfy-host", "127.0.0.1:9"], capsys
+    )
+    assert code == 2 and "cannot reach ComfyUI at 127.0.0.1:9" in err
+
+
+# --- unreadable input and the config source -------------------------------------------------------------
+def test_unreadable_inputs_exit_2_naming_the_file_and_why(tmp_path, capsys):
+    not_json = tmp_path / "broken.json"
+    not_json.write_text('{"1": {"class_type": "EmptyImage", ')
+    a_list = tmp_path / "list.json"
+    a_list.write_text("[1, 2]")
+    bare_png = tmp_path / "bare.png"
+    Image.new("RGB", (4, 4)).save(bare_png)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(bare_png.read_bytes()[:20])
+    missing = tmp_path / "nope.json"
+    code, out, _ = run(
+        [
+            DATA / "workflow_sd3.json",
+            not_json,
+            a_list,
+            bare_png,
+            truncated,
+            missing,
+            "--config",
+            write_config(tmp_path),
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert (
+        f"error: {not_json}: the file is not JSON (Expecting property name enclosed in double quotes at line 1 column 36)"
+        in out
+    )
+    assert f"error: {a_list}: not a ComfyUI workflow: the JSON is a JSON list" in out
+    assert f"error: {bare_png}: a PNG image without ComfyUI metadata" in out
+    assert f"error: {truncated}: a damaged image" in out
+    assert f"error: {missing}: cannot read the file (No such file or directory)" in out
+    assert "node 252 (CheckpointLoaderSimple)" in out  # the readable one is still checked
+
+
+def test_config_comes_from_config_yml_env_when_no_config_is_given():
+    config = yaml.safe_dump(
+        {"models": [{"url": f"{HF}/sd3_medium_incl_clips_t5xxlfp8.safetensors", "destination": "checkpoints"}]}
+    )
+    result = run_cli(DATA / "workflow_sd3.json", env={"CONFIG_YML": config})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("config: CONFIG_YML\n")
+
+
+def test_an_invalid_config_exits_2_naming_the_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("models:\n  - url: https://x/y.safetensors\n    destination: vae\n    sha265: abc\n")
+    code, _, err = run([DATA / "workflow_sd3.json", "--config", bad], capsys)
+    assert code == 2 and "unknown key 'sha265'; did you mean 'sha256'?" in err
