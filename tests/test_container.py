@@ -8,10 +8,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
@@ -166,7 +166,7 @@ def test_container_serves_a_job_then_a_second_one_on_the_same_volume_skips_provi
             "JUPYTER_PASSWORD": JUPYTER_SECRET,
             **ports(),
         }
-        with container.Container(image, "comfy-worker-test-first", env, mounts) as first:
+        with container.Container(image, f"comfy-worker-test-first-{os.getpid()}", env, mounts) as first:
             record("boot (empty volume: provisioning)", wait_ready(first, env))
             run_job(env)
             jupyter = f"http://127.0.0.1:{env['JUPYTER_PORT']}/api/status"
@@ -174,7 +174,7 @@ def test_container_serves_a_job_then_a_second_one_on_the_same_volume_skips_provi
             assert status(f"{jupyter}?token=wrong") == 403
             assert container.podman("healthcheck", "run", first.name, check=False).returncode == 0, first.logs()
             logs = first.logs()
-            assert "summary:" in logs and "gate written" in logs, logs
+            assert "gate written" in logs and "requirements present" in logs, logs  # preinstalled in the image
             assert first.stop() < 10
             assert first.exit_code() != 137, "podman had to SIGKILL it"
         assert (volume / "ComfyUI" / "models" / "upscale_models" / UPSCALE_MODEL_NAME).is_file()
@@ -182,11 +182,11 @@ def test_container_serves_a_job_then_a_second_one_on_the_same_volume_skips_provi
 
     # the origin is gone: a second container on the same volume must not need it
     env.update(ports())
-    with container.Container(image, "comfy-worker-test-second", env, mounts) as second:
+    with container.Container(image, f"comfy-worker-test-second-{os.getpid()}", env, mounts) as second:
         record("boot (provisioned volume)", wait_ready(second, env))
         logs = second.logs()
         assert "gate matches (.config-sha256): nothing to do" in logs, logs
-        assert "installing ComfyUI's requirements" not in logs, logs
+        assert "summary: ComfyUI kept; models: 1 kept; nodes: 1 kept" in logs, logs
         run_job(env)
         seconds = second.stop()
         record("podman stop", seconds)
@@ -204,7 +204,10 @@ def test_bake_mode_carries_models_and_nodes_and_no_secret(image, tmp_path, node_
         secrets[name].write_text(value)
     cfg = {
         "models": [
-            {"url": f"https://huggingface.co/org/tiny/resolve/main/{UPSCALE_MODEL_NAME}", "destination": "upscale_models"}
+            {
+                "url": f"https://huggingface.co/org/tiny/resolve/main/{UPSCALE_MODEL_NAME}",
+                "destination": "upscale_models",
+            }
         ],
         "nodes": [{"url": f"file://{NODE_MOUNT}", "version": "v1.0.0"}],
     }
@@ -241,10 +244,12 @@ def test_bake_mode_carries_models_and_nodes_and_no_secret(image, tmp_path, node_
     volume = tmp_path / "empty-volume"
     volume.mkdir()
     env = {"MODE": "local", "ALLOW_CPU": "1", "ENABLE_JUPYTER": "0", **ports()}
-    with container.Container(BAKED, "comfy-worker-test-baked", env, {volume: "/runpod-volume"}) as baked:
+    with container.Container(BAKED, f"comfy-worker-test-baked-{os.getpid()}", env, {volume: "/runpod-volume"}) as baked:
         record("boot (baked image, empty volume)", wait_ready(baked, env))
         logs = baked.logs()
-        assert "nothing to do" in logs, logs
-        assert "fetched" not in logs.split("summary:")[-1].split("\n")[0] or "0 fetched" in logs, logs
+        assert "config from /workspace/config.yml; volume /workspace" in logs, logs
+        assert "gate matches (.config-sha256): nothing to do" in logs, logs
+        assert "summary: ComfyUI kept; models: 1 kept; nodes: 1 kept" in logs, logs
+        assert not any(volume.iterdir())  # the attached volume is left alone
         run_job(env)
         assert baked.stop() < 10

@@ -89,7 +89,13 @@ def ensure_base_image() -> str:
             work = Path(tempfile.mkdtemp(prefix="rootfs.", dir=CACHE))
             try:
                 subprocess.run(
-                    ["debootstrap", "--variant=minbase", "bookworm", str(work / "rootfs"), "http://deb.debian.org/debian"],
+                    [
+                        "debootstrap",
+                        "--variant=minbase",
+                        "bookworm",
+                        str(work / "rootfs"),
+                        "http://deb.debian.org/debian",
+                    ],
                     check=True,
                     capture_output=True,
                     timeout=900,

@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Builds and pushes the image, then prints what to paste into RunPod (docs/deploy.md).
+#   ./deploy.sh -t REGISTRY/NAME:TAG [--config FILE] [--allow-dirty] [--dry-run] [build.sh options...]
+#   -t IMAGE        where to push (a registry RunPod can pull from)
+#   --config FILE   the config.yml whose CONFIG_YML line is printed (default: config.yml here)
+#   --allow-dirty   build even with uncommitted changes (they would go into the image unrecorded)
+#   --dry-run       print the build and push commands instead of running them
+#   other options (--no-cache, --bake, --build-arg N=V, --secret SPEC) go to build.sh
+# Prints the pushed image by digest (IMAGE@sha256:..., for the endpoint's container image) and the
+# line CONFIG_YML=<base64 of the config>, made here, locally, for the endpoint's environment.
+# CONTAINER_ENGINE picks the engine: docker (default) or podman.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ENGINE="${CONTAINER_ENGINE:-docker}"
+
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+die() {
+  echo "deploy.sh: $*" >&2
+  exit 2
+}
+
+image=""
+config="$HERE/config.yml"
+allow_dirty=0
+dry_run=0
+build_opts=()
+while (($#)); do
+  case "$1" in
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    -t | --tag)
+      [[ $# -ge 2 && -n "$2" ]] || die "$1 needs an image name"
+      image="$2"
+      shift 2
+      ;;
+    --config)
+      [[ $# -ge 2 && -n "$2" ]] || die "--config needs a file"
+      config="$2"
+      shift 2
+      ;;
+    --allow-dirty) allow_dirty=1 && shift ;;
+    --dry-run) dry_run=1 && shift ;;
+    --no-cache | --bake) build_opts+=("$1") && shift ;;
+    --build-arg | --secret)
+      [[ $# -ge 2 ]] || die "$1 needs NAME=VALUE"
+      build_opts+=("$1" "$2")
+      shift 2
+      ;;
+    --build-arg=* | --secret=*) build_opts+=("$1") && shift ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+done
+
+[[ -n "$image" ]] || die "-t REGISTRY/NAME:TAG is required (e.g. -t ghcr.io/you/comfy-worker:$(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || echo v1))"
+[[ "${image%%/*}" != "$image" ]] || die "-t needs an image name with a registry, e.g. ghcr.io/you/comfy-worker:v1 (got '$image')"
+[[ -f "$config" ]] || die "no config file at $config"
+
+# The image must be what a commit holds: uncommitted or untracked files would go into the build.
+if ! git -C "$HERE" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  ((allow_dirty)) || die "$HERE is not a git work tree: the image could not be traced to a commit (--allow-dirty to build anyway)"
+else
+  dirty="$(git -C "$HERE" status --porcelain --untracked-files=normal)"
+  if [[ -n "$dirty" ]]; then
+    if ((!allow_dirty)); then
+      echo "deploy.sh: the git tree has uncommitted changes; commit them or pass --allow-dirty:" >&2
+      printf '%s\n' "$dirty" | sed 's/^/  /' >&2
+      exit 1
+    fi
+    echo "deploy.sh: WARNING: building with uncommitted changes (--allow-dirty)" >&2
+  fi
+fi
+
+# The config travels as base64, made here: it never goes through a website.
+config_b64="$(base64 <"$config" | tr -d '\n')"
+
+build=("$HERE/build.sh" -t "$image" ${build_opts[@]+"${build_opts[@]}"})
+repo="$image" # the name without its tag (a registry's :port stays)
+if [[ "${image##*/}" == *:* ]]; then
+  repo="${image%:*}"
+fi
+pushed="Pushed"
+if ((dry_run)); then
+  pushed="Dry run, would push"
+  CONTAINER_ENGINE="$ENGINE" "${build[@]}" --dry-run
+  printf '%q ' "$ENGINE" push "$image" | sed 's/ $//'
+  echo
+  digest_ref="$repo@sha256:<digest after the push>"
+else
+  CONTAINER_ENGINE="$ENGINE" "${build[@]}"
+  if [[ "$(basename "$ENGINE")" == podman* ]]; then
+    digest_file="$(mktemp)"
+    trap 'rm -f "$digest_file"' EXIT
+    "$ENGINE" push --digestfile "$digest_file" "$image"
+    digest_ref="$repo@$(cat "$digest_file")"
+  else
+    "$ENGINE" push "$image"
+    digest_ref="$("$ENGINE" image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$image" | grep -F "$repo@" | head -n 1 || true)"
+    [[ -n "$digest_ref" ]] || die "pushed $image but found no digest for it (docker image inspect $image)"
+  fi
+fi
+
+echo
+echo "$pushed: $digest_ref"
+echo "RunPod > your endpoint or template > Container Image: $digest_ref"
+echo "RunPod > Environment Variables: paste this line (the config, base64 of $(basename "$config")):"
+echo
+echo "CONFIG_YML=$config_b64"

@@ -1,0 +1,270 @@
+"""build.sh and deploy.sh: their arguments, the commands they run, the CONFIG_YML line, the refusal of
+a dirty git tree; docker-compose.yml, .env.example and .dockerignore.
+
+No registry can run here, so the container engine is a stub (``CONTAINER_ENGINE``) that records its
+arguments, and, for a build secret, what the secret file held (then the file is gone: build.sh
+removes it). The real engine builds and runs the image in tests/test_container.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from support.gitrepos import git
+
+from comfy_worker.config_schema import decode_config_env
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGEST = "sha256:" + "ab" * 32
+STUB = f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+secrets = {{}}
+for i, a in enumerate(args[:-1]):
+    if a == "--secret":
+        spec = dict(kv.split("=", 1) for kv in args[i + 1].split(","))
+        secrets[spec["id"]] = open(spec["src"]).read()
+        secrets[spec["id"] + ".mode"] = oct(os.stat(spec["src"]).st_mode & 0o777)
+with open(os.environ["STUB_LOG"], "a") as f:
+    f.write(json.dumps({{"engine": os.path.basename(sys.argv[0]), "args": args, "secrets": secrets}}) + "\\n")
+if args[:1] == ["push"] and "--digestfile" in args:
+    open(args[args.index("--digestfile") + 1], "w").write("{DIGEST}")
+if args[:2] == ["image", "inspect"]:
+    name = args[-1].rsplit(":", 1)[0]
+    print("other.example/x@sha256:" + "cd" * 32)
+    print(f"{{name}}@{DIGEST}")
+"""
+
+
+@pytest.fixture
+def stub(tmp_path):
+    """CONTAINER_ENGINE stubs named docker and podman; ``calls()`` reads what they were asked."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("docker", "podman"):
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "engine.log"
+
+    class Stub:
+        docker = bin_dir / "docker"
+        podman = bin_dir / "podman"
+
+        @staticmethod
+        def env(engine: Path, **extra: str) -> dict[str, str]:
+            env = {k: v for k, v in os.environ.items() if not k.endswith("_TOKEN")}
+            return {**env, "CONTAINER_ENGINE": str(engine), "STUB_LOG": str(log), **extra}
+
+        @staticmethod
+        def calls() -> list[dict]:
+            return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return Stub
+
+
+def run(script: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_build_help_and_bad_arguments(stub):
+    r = run(ROOT / "build.sh", "--help")
+    assert r.returncode == 0
+    for flag in (
+        "-t IMAGE",
+        "--push",
+        "--no-cache",
+        "--build-arg",
+        "--secret",
+        "--bake",
+        "--dry-run",
+        "CONTAINER_ENGINE",
+    ):
+        assert flag in r.stdout
+    env = stub.env(stub.docker)
+    for args, message in (
+        (["--wat"], "unknown argument '--wat'"),
+        (["-t"], "-t needs an image name"),
+        (["--build-arg", "NOEQUALS"], "--build-arg needs NAME=VALUE"),
+        (["--push"], "--push needs an image name with a registry"),
+    ):
+        r = run(ROOT / "build.sh", *args, env=env)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+    assert stub.calls() == []
+
+
+def test_build_runs_the_engine_for_linux_amd64_with_every_option_passed_through(stub):
+    env = stub.env(stub.docker)
+    r = run(
+        ROOT / "build.sh",
+        "-t", "registry.example/me/worker:v2", "--no-cache", "--push",
+        "--build-arg", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128",
+        "--build-arg=COMFYUI_REF=v0.3.76", "--secret", "id=extra,src=/dev/null",
+        env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    build, push = stub.calls()
+    assert build["engine"] == "docker"
+    assert build["args"] == [
+        "build", "--platform", "linux/amd64", "-f", str(ROOT / "Dockerfile"), "-t", "registry.example/me/worker:v2",
+        "--no-cache", "--build-arg", "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128",
+        "--build-arg", "COMFYUI_REF=v0.3.76", "--secret", "id=extra,src=/dev/null", str(ROOT),
+    ]  # fmt: skip
+    assert push["args"] == ["push", "registry.example/me/worker:v2"]
+    assert "built and pushed registry.example/me/worker:v2" in r.stdout
+
+    # podman: the docker image format (HEALTHCHECK, SHELL), still linux/amd64; no push without --push
+    r = run(ROOT / "build.sh", env=stub.env(stub.podman))
+    assert r.returncode == 0, r.stderr
+    (build,) = stub.calls()[2:]
+    assert build["engine"] == "podman" and build["args"][:3] == ["build", "--platform", "linux/amd64"]
+    assert "--format" in build["args"] and build["args"][build["args"].index("--format") + 1] == "docker"
+    assert build["args"][build["args"].index("-t") + 1] == "comfy-worker:latest"
+
+
+def test_bake_passes_tokens_as_build_secrets_never_as_arguments(stub):
+    tokens = {"HF_TOKEN": "hf_build_secret_1", "GITHUB_TOKEN": "ghp_build_secret_2"}
+    r = run(ROOT / "build.sh", "--bake", "-t", "r.example/w:1", env=stub.env(stub.docker, **tokens))
+    assert r.returncode == 0, r.stderr
+    (build,) = stub.calls()
+    assert build["args"][build["args"].index("--build-arg") + 1] == "BAKE=1"
+    assert build["secrets"] == {
+        "HF_TOKEN": tokens["HF_TOKEN"],
+        "HF_TOKEN.mode": "0o600",
+        "GITHUB_TOKEN": tokens["GITHUB_TOKEN"],
+        "GITHUB_TOKEN.mode": "0o600",
+    }
+    text = json.dumps(build["args"]) + r.stdout + r.stderr
+    assert all(value not in text for value in tokens.values())
+    srcs = [a.split("src=")[1] for a in build["args"] if a.startswith("id=")]
+    assert len(srcs) == 2 and not any(Path(s).exists() for s in srcs)  # removed after the build
+
+
+def test_build_dry_run_prints_the_commands_and_runs_nothing(stub):
+    r = run(ROOT / "build.sh", "--dry-run", "-t", "r.example/w:1", "--push", env=stub.env(stub.docker))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"{stub.docker} build --platform linux/amd64 -f ")
+    assert lines[1] == f"{stub.docker} push r.example/w:1"
+    assert stub.calls() == []
+
+
+@pytest.fixture
+def clone(tmp_path):
+    """A committed git repo holding the scripts, the Dockerfile and a config (deploy.sh's own folder)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("build.sh", "deploy.sh", "Dockerfile", "config.yml", ".dockerignore"):
+        shutil.copy2(ROOT / name, repo / name)
+    (repo / "config.yml").write_text("# ünïcode comment\nmodels: []\nnodes: []\n")
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "init")
+    return repo
+
+
+def config_line(out: str) -> str:
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("CONFIG_YML=")]
+    return line.split("=", 1)[1]
+
+
+def test_deploy_builds_pushes_and_prints_the_digest_and_the_config_line(stub, clone):
+    r = run(clone / "deploy.sh", "-t", "registry.example/me/worker:v3", "--no-cache", env=stub.env(stub.docker))
+    assert r.returncode == 0, r.stderr
+    build, push, inspect = stub.calls()
+    assert build["args"][:3] == ["build", "--platform", "linux/amd64"] and "--no-cache" in build["args"]
+    assert build["args"][-1] == str(clone)
+    assert push["args"] == ["push", "registry.example/me/worker:v3"]
+    assert inspect["args"][:2] == ["image", "inspect"]
+    assert f"Pushed: registry.example/me/worker@{DIGEST}" in r.stdout
+    assert decode_config_env(config_line(r.stdout)) == (clone / "config.yml").read_text()
+
+    # podman: the digest from push --digestfile; another config file
+    other = clone / "other.yml"
+    other.write_text("models: []\nnodes: []\ncomfyui:\n  ref: v0.3.75\n")
+    git(clone, "add", "other.yml")
+    git(clone, "commit", "-q", "-m", "other")
+    r = run(clone / "deploy.sh", "-t", "localhost:5000/w:1", "--config", str(other), env=stub.env(stub.podman))
+    assert r.returncode == 0, r.stderr
+    push = stub.calls()[-1]
+    assert push["args"][0] == "push" and "--digestfile" in push["args"]
+    assert f"Pushed: localhost:5000/w@{DIGEST}" in r.stdout
+    assert decode_config_env(config_line(r.stdout)) == other.read_text()
+
+
+def test_deploy_refuses_a_dirty_tree_unless_allowed(stub, clone):
+    env = stub.env(stub.docker)
+    (clone / "config.yml").write_text("models: []\n")  # modified
+    (clone / "notes.txt").write_text("untracked files would go into the image too\n")
+    r = run(clone / "deploy.sh", "-t", "r.example/w:1", env=env)
+    assert r.returncode == 1
+    assert "uncommitted changes" in r.stderr and "config.yml" in r.stderr and "notes.txt" in r.stderr
+    assert stub.calls() == []
+    r = run(clone / "deploy.sh", "-t", "r.example/w:1", "--allow-dirty", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "WARNING: building with uncommitted changes" in r.stderr
+    assert decode_config_env(config_line(r.stdout)) == "models: []\n"
+    assert [c["args"][0] for c in stub.calls()] == ["build", "push", "image"]
+
+
+def test_deploy_arguments(stub, clone):
+    env = stub.env(stub.docker)
+    r = run(clone / "deploy.sh", "--help")
+    assert r.returncode == 0 and "--allow-dirty" in r.stdout and "CONFIG_YML" in r.stdout
+    for args, message in (
+        ([], "-t REGISTRY/NAME:TAG is required"),
+        (["-t", "worker:1"], "needs an image name with a registry"),
+        (["-t", "r.example/w:1", "--config", str(clone / "missing.yml")], "no config file at"),
+        (["-t", "r.example/w:1", "--wat"], "unknown argument '--wat'"),
+    ):
+        r = run(clone / "deploy.sh", *args, env=env)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+    r = run(clone / "deploy.sh", "-t", "r.example/w:1", "--dry-run", "--bake", "--build-arg", "A=1", env=env)
+    assert r.returncode == 0, r.stderr
+    assert stub.calls() == []
+    lines = r.stdout.splitlines()
+    assert (
+        "--build-arg BAKE=1" in lines[0] and "--build-arg A=1" in lines[0] and lines[1].endswith("push r.example/w:1")
+    )
+    assert "Dry run, would push: r.example/w@sha256:" in r.stdout
+    assert decode_config_env(config_line(r.stdout)) == (clone / "config.yml").read_text()
+
+
+def test_scripts_are_executable():
+    for name in ("build.sh", "deploy.sh", "start.sh"):
+        assert (ROOT / name).stat().st_mode & stat.S_IXUSR, name
+
+
+def test_compose_file_reserves_a_gpu_uses_workspace_ports_and_an_env_file():
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["comfy-worker"]
+    (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    assert service["volumes"] == ["./workspace:/workspace"]
+    assert sorted(p.split(":")[0] for p in service["ports"]) == ["8000", "8188", "8888"]
+    assert service["env_file"][0]["path"] == ".env"
+    assert service["build"]["platforms"] == ["linux/amd64"]
+    assert service["environment"]["MODE"] == "${MODE:-pod}"  # published ports need 0.0.0.0
+
+
+def test_env_example_names_only_documented_variables():
+    doc = (ROOT / "docs" / "env.md").read_text()
+    names = [
+        line.lstrip("# ").split("=", 1)[0]
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if "=" in line and line.lstrip("# ").split("=", 1)[0].isupper()
+    ]
+    assert "HF_TOKEN" in names and "CONFIG_YML" in names
+    for name in names:
+        assert f"`{name}`" in doc, name
+
+
+def test_dockerignore_keeps_tests_caches_volume_and_env_files_out():
+    entries = (ROOT / ".dockerignore").read_text().split()
+    for path in (".venv", ".cache", "workspace", "tests", ".git", ".env"):
+        assert path in entries, path
