@@ -3,6 +3,7 @@ handler.py, JupyterLab; warm-up, apply_config.sh, SIGTERM, ComfyUI dying."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -58,6 +59,26 @@ def wait_until(check, timeout: float, what: str):
             pass
         time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def stop_start(proc: subprocess.Popen) -> None:
+    """End a start and everything it started, even when a test failed half-way: the services run in
+    their own sessions, so killing the start's group alone would leave them behind."""
+    if proc.poll() is not None:
+        return
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    proc.send_signal(signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(15)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()
 
 
 def start(env, log: Path) -> subprocess.Popen:
@@ -138,9 +159,7 @@ def test_local_mode_serves_a_job_warm_up_first_jupyter_token_apply_config_and_si
         gone, alive = psutil.wait_procs(children, timeout=max(0.1, 10 - (time.monotonic() - started)))
         assert alive == [] and time.monotonic() - started < 10
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_start(proc)
     text = log.read_text() + Path(env["COMFY_LOG_FILE"]).read_text()
     assert SECRET not in text
 
@@ -157,9 +176,7 @@ def test_comfyui_killed_ends_the_start_non_zero(tmp_path, box):
         assert proc.wait(20) != 0
         assert "ComfyUI exited" in log.read_text()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_start(proc)
 
 
 def comfy_pid(env) -> int:
@@ -218,9 +235,7 @@ def test_comfyui_restarted_when_it_exits_and_by_apply_config_only_when_nodes_cha
         assert comfy_pid(env) == third and psutil.pid_exists(third) and comfy_answers(env)
         assert log.read_text().count("restarting ComfyUI (asked by apply_config.sh)") == 1
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_start(proc)
 
 
 def serverless(env: dict, queue: FakeRunPodQueue) -> dict:
@@ -266,9 +281,7 @@ def test_serverless_takes_the_first_job_only_after_comfyui_answers(tmp_path, box
         assert "mode serverless" in text and "Jupyter started" not in text
         assert text.index("ComfyUI answers") < text.index("handler started"), text
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
+        stop_start(proc)
         queue.server.shutdown()
 
 
@@ -277,13 +290,16 @@ def test_a_failed_required_entry_ends_a_serverless_start_but_pod_and_local_start
     cfg["models"].append({"url": f"{origin.url}/missing.safetensors", "destination": "checkpoints"})
     (volume / "config.yml").write_text(yaml.safe_dump(cfg))
     queue = FakeRunPodQueue([{"id": "job-1", "input": {"workflow": WORKFLOW}}])
+    log = tmp_path / "start-serverless.log"
+    proc = start(serverless(env, queue), log)
     try:
-        out = run_script(serverless(env, queue), "start.sh")
-        assert out.returncode == 1, out.stdout + out.stderr
-        assert "provisioning failed in serverless mode: this worker takes no jobs half-provisioned" in out.stderr
+        assert proc.wait(120) == 1, log.read_text()
+        text = log.read_text()
+        assert "provisioning failed in serverless mode: this worker takes no jobs half-provisioned" in text
         assert queue.takes == [] and not Path(env["COMFY_PID_FILE"]).exists()
-        assert "ComfyUI started" not in out.stderr + out.stdout
+        assert "ComfyUI started" not in text
     finally:
+        stop_start(proc)
         queue.server.shutdown()
 
     env = {**env, "ENABLE_JUPYTER": "0", "WARMUP_WORKFLOW": ""}
@@ -297,6 +313,4 @@ def test_a_failed_required_entry_ends_a_serverless_start_but_pod_and_local_start
             assert "WARNING: provisioning is incomplete" in text and "missing.safetensors" in text
             assert post(f"{api}/runsync", {"input": {"workflow": WORKFLOW}})["status"] == "COMPLETED"
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(15)
+            stop_start(proc)
