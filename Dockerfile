@@ -12,7 +12,7 @@ ARG PIP_CERT=""
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # ---- system packages: Python, git, tcmalloc, tini, the libraries common custom nodes load ----
-# hadolint ignore=DL3008
+# hadolint ignore=DL3008,SC2016
 RUN apt-get update \
  && tcmalloc=libtcmalloc-minimal4 \
  && if apt-cache show libtcmalloc-minimal4t64 >/dev/null 2>&1; then tcmalloc=libtcmalloc-minimal4t64; fi \
@@ -42,8 +42,9 @@ ARG TORCH_INDEX_URL=https://pypi.org/simple
 ARG TORCH_PACKAGES="torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1"
 RUN --mount=type=cache,target=/root/.cache/uv \
     . /usr/local/lib/comfy-worker-build-env.sh \
- && read -ra packages <<<"$TORCH_PACKAGES" \
- && uv pip install --python /opt/venv/bin/python --index-url "$TORCH_INDEX_URL" "${packages[@]}" \
+ && echo "$TORCH_PACKAGES" | tr -s ' ' '\n' >/tmp/torch-requirements.txt \
+ && uv pip install --python /opt/venv/bin/python --index-url "$TORCH_INDEX_URL" -r /tmp/torch-requirements.txt \
+ && rm /tmp/torch-requirements.txt \
  && python -c 'from importlib.metadata import version; [print(f"{p}=={version(p)}") for p in ("torch", "torchvision", "torchaudio")]' \
       >/opt/venv/torch-constraints.txt \
  && cat /opt/venv/torch-constraints.txt
@@ -91,9 +92,9 @@ RUN --mount=type=secret,id=HF_TOKEN \
  && for name in HF_TOKEN CIVITAI_TOKEN GITHUB_TOKEN; do \
       if [ -s "/run/secrets/$name" ]; then export "$name=$(cat "/run/secrets/$name")"; fi; \
     done \
- && for name in CONFIG_YML HF_ENDPOINT CIVITAI_BASE_URL; do \
-      if [ -z "${!name}" ]; then unset "$name"; fi; \
-    done \
+ && if [ -z "$CONFIG_YML" ]; then unset CONFIG_YML; fi \
+ && if [ -z "$HF_ENDPOINT" ]; then unset HF_ENDPOINT; fi \
+ && if [ -z "$CIVITAI_BASE_URL" ]; then unset CIVITAI_BASE_URL; fi \
  && mkdir -p /workspace \
  && env -u COMFYUI_REF VOLUME_ROOT=/workspace MODE=local ./start.sh --provision-only
 

@@ -17,10 +17,14 @@ BASE_PYTHON="${BASE_PYTHON:-python3}"
 log() { printf '[setup] %s\n' "$*"; }
 
 apt_install() {
-  # Debian packages the tests need (nginx as a real HTTP origin); only when missing.
+  # Debian packages the tests need, only when missing: nginx as a real HTTP origin; podman, runc and
+  # debootstrap to build and run the image (tests/test_container.py, TESTING.md "Containers").
   local missing=()
   command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
   command -v git >/dev/null 2>&1 || missing+=(git)
+  command -v podman >/dev/null 2>&1 || missing+=(podman)
+  command -v runc >/dev/null 2>&1 || missing+=(runc)
+  command -v debootstrap >/dev/null 2>&1 || [[ -x /usr/sbin/debootstrap ]] || missing+=(debootstrap)
   if ((${#missing[@]})); then
     if [[ "$(id -u)" != 0 ]]; then
       log "missing system packages: ${missing[*]} (install them with apt-get as root)"

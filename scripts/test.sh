@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything (idempotently) and runs the whole test suite: lint, format check, shellcheck,
-# pytest. Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow" for a quick subset).
+# hadolint (Dockerfile), pytest. Extra arguments go to pytest (e.g. scripts/test.sh -m "not slow" for a quick subset).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,6 +13,8 @@ echo "[test] ruff format --check"
 echo "[test] shellcheck"
 mapfile -t shell_files < <(git ls-files -co --exclude-standard '*.sh' .ci/run)
 "$VENV/bin/shellcheck" "${shell_files[@]}"
+echo "[test] hadolint"
+"$VENV/bin/hadolint" Dockerfile
 echo "[test] pytest"
 set +e
 "$VENV/bin/python" -m pytest "$@"
