@@ -92,6 +92,9 @@ def run_preloaded_handler(args: list[str]) -> int:
     sys.argv = [str(script), *args[1:]]
     sys.path.insert(0, str(script.parent))
     __import__(script.stem)  # e.g. ``import handler``: the RunPod SDK, aiohttp, boto3
+    if "--rp_serve_api" in args:  # the SDK imports its local API (FastAPI, about 0.5 s) only when it starts it
+        with contextlib.suppress(ImportError):
+            __import__("runpod.serverless.modules.rp_fastapi")
     if sys.stdin.buffer.read(1) != GO:
         return 0  # the supervisor stopped before ComfyUI answered: no job was ever taken
     sys.stdin.close()
