@@ -32,6 +32,9 @@ from support.runpod_fakes import FakeRunPodQueue, ProgressSink
 
 import handler
 from comfy_worker import comfy_client
+from comfy_worker.job_errors import JobError
+from comfy_worker.job_input import ImageInput
+from comfy_worker.log_setup import setup_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = Path(__file__).resolve().parent / "data"  # real request bodies
@@ -1039,10 +1042,31 @@ def test_a_signed_image_urls_query_never_reaches_the_result_or_the_log(worker_en
     with ImageHost() as host:
         url = host.url("/loop.png?X-Amz-Signature=sig-first&X-Amz-Credential=cred")
         result = run(job(wf, images=[{"name": "signed.png", "url": url}]))
+        fetch_error = asyncio.run(_fetch_error(ImageInput(name="signed.png", url=url)))
     assert result["error"].startswith(f"Could not download image 'signed.png' from {host.base}/loop.png?…: ")
     assert "TooManyRedirects" in result["error"] or "redirect" in result["error"].lower(), result
-    for text in (json.dumps(result), worker_log.getvalue()):
+    # each layer on its own: the download's own error (before the result is scrubbed) ...
+    assert fetch_error.startswith(f"Could not download image 'signed.png' from {host.base}/loop.png?…: ")
+    assert "sig-" not in fetch_error and "cred" not in fetch_error, fetch_error
+    # ... and the final scrub of the result, for a message no layer before it redacted (a node quoting a URL)
+    quoted = "GET https://cdn.example/in.png?X-Amz-Signature=sig-node&X-Amz-Credential=cred-node failed"
+    failed = run(job({"1": {"class_type": "WorkerTestFail", "inputs": {"message": quoted}}}))
+    assert failed["error"] == (
+        "ComfyUI failed in node 1 (WorkerTestFail): RuntimeError: GET https://cdn.example/in.png?… failed"
+    ), failed
+    for text in (json.dumps(result), json.dumps(failed), worker_log.getvalue()):
         assert "sig-" not in text and "cred" not in text, text
+
+
+async def _fetch_error(image: ImageInput) -> str:
+    """The message of the JobError ``handler._fetch`` raises for ``image`` (as it leaves the download)."""
+    try:
+        await handler._fetch(image, 10)
+    except JobError as exc:
+        return exc.message
+    finally:
+        await comfy_client.close_shared_session()
+    raise AssertionError("the download did not fail")
 
 
 @pytest.mark.slow
@@ -1114,14 +1138,38 @@ def test_a_workflow_that_produces_nothing_gets_a_note(worker_env):
     assert result["errors"] == [
         "The workflow finished but produced no output files or text (does it have a save node?)."
     ]
+    # text alone is an output: no note then
+    text_only = run(job({"1": {"class_type": "PreviewAny", "inputs": {"source": "only text"}}}))
+    assert text_only["text"] == [{"node_id": "1", "text": "only text"}] and text_only["errors"] == [], text_only
 
 
 @pytest.mark.parametrize("bad_job", [None, ["not", "a", "job"], "text"], ids=["none", "list", "string"])
-def test_a_bug_gives_failed_unexpectedly_and_the_handler_never_raises(worker_env, bad_job):
+def test_a_bug_gives_failed_unexpectedly_and_the_handler_never_raises(worker_env, monkeypatch, worker_log, bad_job):
     # RunPod always sends an object; anything else reaches code that assumes one: the bug path
+    monkeypatch.setenv("REFRESH_WORKER", "1")  # "every result" carries it (docs/api.md): a bug's too
     result = run(bad_job)
     assert result["error"].startswith("The handler failed unexpectedly: AttributeError: ")
     assert result["details"] == {"exception_type": "AttributeError"}
+    assert result["refresh_worker"] is True  # answered by the job's own path, not only the last resort
+    assert "Traceback" in worker_log.getvalue()
+
+
+def test_a_bug_outside_the_job_still_gets_an_answer_without_secrets(worker_env, monkeypatch, worker_log):
+    # the last resort of handler(): a bug before the job's own error handling (here: in _handle itself)
+    secret = "jupyter-secret-8080"
+    monkeypatch.setenv("JUPYTER_PASSWORD", secret)
+    setup_logging(stream=worker_log)  # as a process started with this secret in its environment
+
+    async def broken(job, job_id):
+        raise RuntimeError(f"boom near {secret}")
+
+    monkeypatch.setattr(handler, "_handle", broken)
+    result = run(job(empty_to_save(8, 8)))
+    assert result == {
+        "error": "The handler failed unexpectedly: RuntimeError: boom near ***",
+        "details": {"exception_type": "RuntimeError"},
+    }
+    assert "Unexpected error\nTraceback" in worker_log.getvalue()
 
 
 @pytest.mark.parametrize(
@@ -1167,6 +1215,8 @@ def test_test_input_runs_one_job_and_honours_runpod_log_level(worker_env):
     out = quiet.stdout + quiet.stderr
     assert "completed successfully" in out and "'type': 'base64'" in out
     assert "Retrieved local job" not in out  # the SDK's DEBUG line
+    # the one job's shared HTTP session is closed before the loop ends (else aiohttp complains at exit)
+    assert "Exception ignored" not in out and "Unclosed" not in out and "Traceback" not in out, out
     loud = run_test_input(worker_env, body, RUNPOD_LOG_LEVEL="DEBUG")
     assert loud.returncode == 0 and "Retrieved local job" in loud.stdout + loud.stderr
 
