@@ -18,7 +18,7 @@ import yaml
 from support import container
 from support.comfy_process import free_port, require_upstream
 from support.models import UPSCALE_MODEL_NAME
-from support.origins import FaultyOrigin, NginxOrigin, fake_huggingface
+from support.origins import FaultyOrigin, NginxOrigin, fake_huggingface, random_file
 from support.start_env import NODE_INIT
 
 pytestmark = [
@@ -253,3 +253,31 @@ def test_bake_mode_carries_models_and_nodes_and_no_secret(image, tmp_path, node_
         assert not any(volume.iterdir())  # the attached volume is left alone
         run_job(env)
         assert baked.stop() < 10
+
+
+def test_podman_stop_ends_a_container_in_the_middle_of_provisioning(image, tmp_path):
+    """SIGTERM reaches the provisioning run too (tini -g), not only the services: no SIGKILL needed."""
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    big = tmp_path / "big.safetensors"
+    random_file(big, 64 << 20)
+    with FaultyOrigin() as slow:
+        slow.add("/big.safetensors", file=big, rate=64 << 10)  # 64 KiB/s per connection: minutes for 64 MiB
+        cfg = {"models": [{"url": f"{slow.url}/big.safetensors", "destination": "checkpoints"}]}
+        env = {
+            "CONFIG_YML": yaml.safe_dump(cfg),
+            "COMFYUI_REPO": f"file://{UPSTREAM_MOUNT}",
+            "MODE": "local",
+            "ALLOW_CPU": "1",
+            **ports(),
+        }
+        mounts = {volume: "/runpod-volume", require_upstream(): f"{UPSTREAM_MOUNT}:ro"}
+        with container.Container(image, f"comfy-worker-test-stop-{os.getpid()}", env, mounts) as box:
+            wait_until(lambda: slow.sent("/big.safetensors") > 0, 120, "the download", box)
+            seconds = box.stop()
+            logs = box.logs()
+            assert seconds < 10 and box.exit_code() != 137, logs[-4000:]
+            assert "phase models: started" in logs and "summary:" not in logs, logs[-4000:]
+            record("podman stop while provisioning", seconds)
+    assert not (volume / ".config-sha256").exists()
+    assert not (volume / "ComfyUI" / "models" / "checkpoints" / "big.safetensors").exists()

@@ -123,6 +123,7 @@ def build(
     build_args: dict[str, str] | None = None,
     volumes: dict[Path, str] | None = None,
     secrets: dict[str, Path] | None = None,
+    options: tuple[str, ...] = (),
     timeout: float = 2400,
 ) -> float:
     """``podman build`` of the repo's Dockerfile (context: the repo) on the debootstrap base; returns
@@ -143,6 +144,8 @@ def build(
         cmd += ["-v", f"{host}:{inside}:ro"]
     for sid, src in (secrets or {}).items():
         cmd += ["--secret", f"id={sid},src={src}"]
+    cmd += list(options)
+    previous = podman("image", "inspect", "--format", "{{.Id}}", tag, check=False).stdout.strip()
     started = time.monotonic()
     with cache_lock("build"), open(log, "w") as out:
         proc = subprocess.run(
@@ -154,7 +157,10 @@ def build(
         )
     if proc.returncode != 0:
         raise AssertionError(f"podman build failed ({proc.returncode}); log tail:\n{log.read_text()[-6000:]}")
-    return time.monotonic() - started
+    seconds = time.monotonic() - started
+    if previous and podman("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip() != previous:
+        podman("rmi", previous, check=False)  # the image this tag named before (GBs of torch after a change)
+    return seconds
 
 
 class Container:
