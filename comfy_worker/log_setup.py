@@ -81,8 +81,13 @@ class _ContextFilter(logging.Filter):
         extra = _job_secrets.get()
         record.msg = self.redact(record.getMessage(), extra)
         record.args = None
-        if record.exc_info and not record.exc_text:  # a traceback's exception message too
-            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info), extra)
+        # a traceback's exception message too, also when another handler formatted it first
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text, extra)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info, extra)
         return True
 
 

@@ -1170,6 +1170,7 @@ def test_a_bug_outside_the_job_still_gets_an_answer_without_secrets(worker_env, 
         "details": {"exception_type": "RuntimeError"},
     }
     assert "Unexpected error\nTraceback" in worker_log.getvalue()
+    assert "boom near ***" in worker_log.getvalue() and secret not in worker_log.getvalue()
 
 
 @pytest.mark.parametrize(

@@ -32,3 +32,24 @@ def test_redact_removes_longest_secrets_first_and_ignores_tiny_ones():
 
     assert redact("key=abcd1234 short=abcd", ["abcd", "abcd1234"]) == "key=*** short=***"
     assert redact("a b c", ["a", ""]) == "a b c"  # under 4 characters: would mangle every message
+
+
+def test_a_traceback_another_handler_formatted_first_is_redacted_too(monkeypatch):
+    """pytest's log capture (or the RunPod SDK's own handler) may format the record before ours."""
+    monkeypatch.setenv("HF_TOKEN", "hf_traceback_secret")
+    ours, theirs = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    first = logging.StreamHandler(theirs)
+    first.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(first)
+    root.handlers.insert(0, root.handlers.pop())  # the other handler runs before ours
+    try:
+        setup_logging(stream=ours)
+        try:
+            raise RuntimeError("token hf_traceback_secret rejected")
+        except RuntimeError:
+            logging.getLogger("x").exception("failed")
+    finally:
+        root.removeHandler(first)
+    assert "hf_traceback_secret" in theirs.getvalue()  # that handler formatted it unredacted first
+    assert "token *** rejected" in ours.getvalue() and "hf_traceback_secret" not in ours.getvalue()
