@@ -249,6 +249,7 @@ async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
         ready_timeout=settings.comfy_ready_timeout,
         extra_data={"api_key_comfy_org": api_key} if api_key else None,
         on_progress=ProgressThrottle(job) if settings.send_progress else None,
+        comfyui_path=settings.comfyui_path,
     )
     token = uuid.uuid4().hex[:12]
     uploaded: list[str] = []

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -25,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from comfy_worker.comfy_client import ComfyClient
 from comfy_worker.job_errors import JobError
+from comfy_worker.model_folders import describe_missing_model
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,9 @@ def _short_list(values: list, limit: int = 10) -> str:
     return f"available: {shown}" + (f" and {len(values) - limit} more" if len(values) > limit else "")
 
 
-def _problems(node_errors: dict, workflow: dict) -> list[dict]:
+def _problems(node_errors: dict, workflow: dict, comfyui_path: Path | None = None) -> list[dict]:
+    """ComfyUI's node errors as records; a model file it rejects also says which folder its loader
+    reads and where a file of that name lies (``model_folders.describe_missing_model``)."""
     problems = []
     for node_id, entry in node_errors.items():
         if not isinstance(entry, dict):
@@ -98,6 +102,10 @@ def _problems(node_errors: dict, workflow: dict) -> list[dict]:
             if err.get("type") == "value_not_in_list":
                 problem["received_value"] = info.get("received_value")
                 problem["available_values"] = _options(info.get("input_config")) or []
+                if comfyui_path is not None and problem.get("input"):
+                    hint = describe_missing_model(class_type, problem["input"], problem["received_value"], comfyui_path)
+                    if hint:
+                        problem["model_folder"] = hint
             problems.append(problem)
     return problems
 
@@ -112,16 +120,18 @@ def _describe(problem: dict) -> str:
             f"{problem['received_value']!r} is not one of the values ComfyUI offers "
             f"({_short_list(problem['available_values'])})"
         )
+        if problem.get("model_folder"):
+            what += f"; {problem['model_folder']}"
     else:
         what = f"{problem['message']}" + (f": {problem['details']}" if problem.get("details") else "")
     return f"{where}: {what}"
 
 
-def rejection_error(body: dict, workflow: dict) -> JobError:
+def rejection_error(body: dict, workflow: dict, comfyui_path: Path | None = None) -> JobError:
     """A readable error for ComfyUI's HTTP 400 answer to ``POST /prompt`` (validation failure)."""
     error = body.get("error") if isinstance(body.get("error"), dict) else {"message": str(body.get("error", body))}
     node_errors = body.get("node_errors") or {}
-    problems = _problems(node_errors, workflow)
+    problems = _problems(node_errors, workflow, comfyui_path)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s), see details)" if len(problems) > 1 else ""
         message = f"ComfyUI rejected the workflow: {_describe(problems[0])}{more}."
@@ -133,12 +143,12 @@ def rejection_error(body: dict, workflow: dict) -> JobError:
     return JobError(message, {"error": error, "problems": problems, "node_errors": node_errors})
 
 
-def skipped_parts(node_errors: dict, workflow: dict) -> list[str]:
+def skipped_parts(node_errors: dict, workflow: dict, comfyui_path: Path | None = None) -> list[str]:
     """One sentence per node ComfyUI rejected while it accepted the rest of the prompt (HTTP 200 with
     ``node_errors``: the outputs that depend on the node are silently not run)."""
     lines = []
     for node_id, entry in node_errors.items():
-        problems = _problems({node_id: entry}, workflow)
+        problems = _problems({node_id: entry}, workflow, comfyui_path)
         if not problems:
             continue
         reason = "; ".join(_describe(p) for p in problems)
@@ -181,8 +191,11 @@ class PromptRunner:
         extra_data: dict | None = None,
         on_progress: Callable[[dict], None] | None = None,
         deadline: float | None = None,
+        comfyui_path: Path | None = None,
     ):
-        """``deadline`` (``time.monotonic()``) ends the job; by default ``timeout`` s after queueing."""
+        """``deadline`` (``time.monotonic()``) ends the job; by default ``timeout`` s after queueing.
+        ``comfyui_path`` lets a rejected model file be explained (which folder its loader reads)."""
+        self.comfyui_path = comfyui_path
         self.client = client
         self.workflow = workflow
         self.timeout = timeout
@@ -227,9 +240,9 @@ class PromptRunner:
                 answer = await self.client.queue_prompt(self.workflow, self.prompt_id, self.client_id, self.extra_data)
             self.queued = True
             if "rejected" in answer:
-                raise rejection_error(answer["rejected"], self.workflow)
+                raise rejection_error(answer["rejected"], self.workflow, self.comfyui_path)
             if answer.get("node_errors"):
-                self.result.errors = skipped_parts(answer["node_errors"], self.workflow)
+                self.result.errors = skipped_parts(answer["node_errors"], self.workflow, self.comfyui_path)
                 for line in self.result.errors:
                     log.warning("%s", line)
             log.info("Queued prompt %s", self.prompt_id)

@@ -402,6 +402,20 @@ def test_missing_checkpoint_lists_the_available_values(worker_env):
     assert "4" in result["details"]["node_errors"]
 
 
+def test_a_model_in_another_folder_is_named_in_the_rejection(worker_env):
+    body = json.loads((WORKFLOWS / "workflow_sdxl_turbo.json").read_text())
+    stray = worker_env.path / "models" / "diffusion_models" / "sd_xl_turbo_1.0_fp16.safetensors"
+    stray.write_bytes(b"0")
+    try:
+        result = run({"id": "misplaced-model", **body})
+    finally:
+        stray.unlink()
+    folder = result["details"]["problems"][0]["model_folder"]
+    assert folder.startswith("CheckpointLoaderSimple reads models/checkpoints")
+    assert "models/diffusion_models/sd_xl_turbo_1.0_fp16.safetensors" in folder
+    assert folder in result["error"]
+
+
 def test_execution_error_names_node_class_and_message(worker_env):
     wf = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "corrupt.png"}},
