@@ -151,13 +151,12 @@ def test_container_serves_a_job_then_a_second_one_on_the_same_volume_skips_provi
     (files / UPSCALE_MODEL_NAME).write_bytes(upscale_model_file.read_bytes())
     volume = tmp_path / "volume"
     volume.mkdir()
-    cfg = {
-        "models": [{"url": f"http://127.0.0.1:{{port}}/{UPSCALE_MODEL_NAME}", "destination": "upscale_models"}],
-        "nodes": [{"url": f"file://{NODE_MOUNT}", "version": "v1.0.0"}],
-    }
     mounts = {volume: "/runpod-volume", require_upstream(): f"{UPSTREAM_MOUNT}:ro", node_repo.bare: f"{NODE_MOUNT}:ro"}
     with NginxOrigin(files, tmp_path / "nginx") as origin:
-        cfg["models"][0]["url"] = f"{origin.url}/{UPSCALE_MODEL_NAME}"
+        cfg = {
+            "models": [{"url": f"{origin.url}/{UPSCALE_MODEL_NAME}", "destination": "upscale_models"}],
+            "nodes": [{"url": f"file://{NODE_MOUNT}", "version": "v1.0.0"}],
+        }
         env = {
             "CONFIG_YML": base64.urlsafe_b64encode(yaml.safe_dump(cfg).encode()).decode(),
             "COMFYUI_REPO": f"file://{UPSTREAM_MOUNT}",
