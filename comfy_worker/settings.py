@@ -165,9 +165,17 @@ class Settings:
     comfy_restart: bool = True  # env COMFY_RESTART: restart ComfyUI when it exits (default 0 in serverless)
     warmup_workflow: Path | None = None  # env WARMUP_WORKFLOW: workflow or job JSON run once before the first job
     jupyter_auth: str = "token"  # env JUPYTER_AUTH: token | none
+    api_auth: str = "token"  # env API_AUTH: token | none (the worker's HTTP API, comfy_worker/api.py)
+    runsync_wait_s: float = 90.0  # env RUNSYNC_WAIT_S: how long /runsync waits before answering like /status
+    max_queue_depth: int = 100  # env MAX_QUEUE_DEPTH: jobs waiting in the API's queue; beyond: 429
+    max_request_mb: float = 20.0  # env MAX_REQUEST_MB: largest request body the API reads; beyond: 413
+    result_ttl_s: float = 1800.0  # env RESULT_TTL_S: seconds a finished job's result stays readable
+    webhook_retries: int = 3  # env WEBHOOK_RETRIES: further attempts after a failed webhook POST
+    webhook_retry_backoff: float = 1.0  # env WEBHOOK_RETRY_BACKOFF: first retry delay in seconds (doubles)
     enable_jupyter: bool = True  # env ENABLE_JUPYTER: JupyterLab (default on in pod/local, off in serverless)
     hf_cache_dirs: tuple[Path, ...] = ()  # env HF_HUB_CACHE + RunPod's cached models: linked, not downloaded
     jupyter_password: str | None = field(default=None, repr=False)
+    api_token: str | None = field(default=None, repr=False)
     config_yml: str | None = field(default=None, repr=False)
     bucket_access_key_id: str | None = field(default=None, repr=False)
     bucket_secret_access_key: str | None = field(default=None, repr=False)
@@ -225,9 +233,17 @@ class Settings:
             comfy_restart=_flag(env, "COMFY_RESTART") if env.get("COMFY_RESTART") else mode != "serverless",
             warmup_workflow=Path(env["WARMUP_WORKFLOW"]) if env.get("WARMUP_WORKFLOW") else None,
             jupyter_auth=_choice(env, "JUPYTER_AUTH", ("token", "none")),
+            api_auth=_choice(env, "API_AUTH", ("token", "none")),
+            runsync_wait_s=max(0.0, _float(env, "RUNSYNC_WAIT_S", 90.0)),
+            max_queue_depth=max(0, _int(env, "MAX_QUEUE_DEPTH", 100)),
+            max_request_mb=max(0.001, _float(env, "MAX_REQUEST_MB", 20.0)),
+            result_ttl_s=max(1.0, _float(env, "RESULT_TTL_S", 1800.0)),
+            webhook_retries=max(0, _int(env, "WEBHOOK_RETRIES", 3)),
+            webhook_retry_backoff=max(0.0, _float(env, "WEBHOOK_RETRY_BACKOFF", 1.0)),
             enable_jupyter=_flag(env, "ENABLE_JUPYTER") if env.get("ENABLE_JUPYTER") else mode != "serverless",
             hf_cache_dirs=hf_cache_dirs(env),
             jupyter_password=env.get("JUPYTER_PASSWORD") or None,
+            api_token=env.get("API_TOKEN") or None,
             config_yml=env.get("CONFIG_YML"),  # set but empty is kept: an error, not "unset"
             bucket_access_key_id=env.get("BUCKET_ACCESS_KEY_ID") or None,
             bucket_secret_access_key=env.get("BUCKET_SECRET_ACCESS_KEY") or None,

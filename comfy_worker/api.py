@@ -1,0 +1,608 @@
+"""The worker's own HTTP API for pods and local boxes, in RunPod's shape (docs/api.md, "The worker's HTTP API").
+
+``python -m comfy_worker.api [--host H] [--port P] [--handler MODULE:FUNCTION]`` (``start.sh`` runs it in
+pod and local mode on ``API_PORT``): FastAPI + uvicorn, running each job with the same function the
+serverless worker runs, ``handler:handler`` from ``APP_DIR`` by default. The handler is *passed in*
+(``create_app(settings, run_job, ...)``; ``--handler`` names it like uvicorn names an app), so this
+package module imports no top-level script, and a job's input and output are exactly the handler's.
+
+Routes, also under ``/v2/<any endpoint id>/`` (so RunPod's clients work by changing the base URL):
+``POST /run``, ``POST /runsync``, ``GET|POST /status/{id}``, ``POST /cancel/{id}``, ``GET /health``,
+``POST /purge-queue``; ``GET /ping`` and ``/docs`` answer without a token.
+
+Jobs live in ``$VOLUME_ROOT/.api/jobs.sqlite3`` (job_store.py): accepted before the 200 is sent, run by
+``MAX_CONCURRENCY`` workers in the order they came, finished once. SIGTERM: no new request, running jobs
+are cancelled (the handler interrupts their prompts) and go back to the queue; the next start runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import importlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import secrets
+import signal
+import sys
+import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from comfy_worker.job_store import FINAL, JobStore
+from comfy_worker.log_setup import safe_url, setup_logging
+from comfy_worker.settings import Settings
+
+log = logging.getLogger("api")
+
+RunJob = Callable[[dict], Awaitable[dict]]
+TOKEN_FILE = ".api-token"
+STORE_FILE = Path(".api") / "jobs.sqlite3"
+BODY_KEYS = {"input", "webhook", "policy", "s3Config"}
+CANCEL_WAIT_S = 15.0  # /cancel answers once the running job stopped (the handler waits up to 10 s)
+RUNSYNC_MAX_WAIT_MS = 300_000
+
+
+class ApiError(Exception):
+    """An HTTP error answered as ``{"error": "<sentence>"}``."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+class QueueFull(ApiError):
+    pass
+
+
+# --- authentication ----------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_token(settings: Settings, host: str) -> tuple[str | None, bool]:
+    """(the token requests must carry or None for no authentication, generated now).
+
+    ``API_AUTH=none``: none. ``API_TOKEN``: that one. Unset and listening off loopback: the volume's
+    ``.api-token``, else a new one written there (0600). Unset on loopback: none."""
+    if settings.api_auth == "none":
+        return None, False
+    if settings.api_token:
+        return settings.api_token, False
+    if is_loopback(host):
+        return None, False
+    path = settings.volume_root / TOKEN_FILE
+    with contextlib.suppress(OSError):
+        token = path.read_text(encoding="utf-8").strip()
+        if token:
+            return token, False
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token, True
+
+
+def token_matches(header: str | None, token: str) -> bool:
+    """``Authorization: Bearer <token>``, compared in constant time (digests: no length leaks either)."""
+    scheme, _, given = (header or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), hashlib.sha256(token.encode()).digest())
+
+
+# --- the jobs ----------------------------------------------------------------------------------------
+def handler_result(output) -> tuple[str, dict]:
+    """(status, stored result) from what the handler returned, as RunPod's worker shapes it: ``error``
+    at the top, the rest (``details``...) under ``output``; ``refresh_worker`` has no meaning here."""
+    if not isinstance(output, dict):
+        return "COMPLETED", {"output": output}
+    output = dict(output)
+    error = output.pop("error", None)
+    output.pop("refresh_worker", None)
+    result = {"output": output} if output else {}
+    if error:
+        return "FAILED", {**result, "error": error}
+    return "COMPLETED", result
+
+
+def ms(seconds: float) -> int:
+    return max(0, round(seconds * 1000))
+
+
+def status_body(job: dict) -> dict:
+    """A job as RunPod's ``/status`` shows it."""
+    body = {"id": job["id"], "status": job["status"]}
+    if job["started"] is not None:
+        body["delayTime"] = ms(job["started"] - job["created"])
+        if job["finished"] is not None:
+            body["executionTime"] = ms(job["finished"] - job["started"])
+    elif job["finished"] is not None:  # cancelled while queued
+        body["delayTime"] = ms(job["finished"] - job["created"])
+    if job["status"] in FINAL:
+        body.update(job["result"])
+    return body
+
+
+class JobService:
+    """The queue, the workers, the store and the webhooks of one API process."""
+
+    def __init__(self, settings: Settings, run_job: RunJob, store: JobStore):
+        self.settings = settings
+        self.run_job = run_job
+        self.store = store
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="job-store")
+        self.queue: asyncio.Queue[str] = asyncio.Queue()
+        self.queued: set[str] = set()
+        self.running: dict[str, asyncio.Task] = {}
+        self.cancel_asked: set[str] = set()
+        self.finished: dict[str, asyncio.Event] = {}
+        self.tasks: list[asyncio.Task] = []
+        self.webhooks: set[asyncio.Task] = set()
+        self.durations: deque[float] = deque(maxlen=20)
+        self.stopping = False
+        self.session = None
+
+    async def db(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.db_thread, fn, *args)
+
+    # -- life --
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.session = aiohttp.ClientSession()
+        requeued = await self.db(self.store.recover)
+        queued = await self.db(self.store.queued_ids)
+        if requeued:
+            log.warning("%d job(s) were interrupted by the last stop: they run again", requeued)
+        if queued:
+            log.info("%d job(s) in the queue from before the restart", len(queued))
+        for job_id in queued:
+            self.queued.add(job_id)
+            self.queue.put_nowait(job_id)
+        self.tasks = [asyncio.create_task(self.worker()) for _ in range(self.settings.concurrency)]
+        self.tasks.append(asyncio.create_task(self.expire_loop()))
+        for job_id in await self.db(self.store.pending_webhooks):
+            self.send_webhook(job_id)
+
+    def begin_stop(self) -> None:
+        """SIGTERM: stop running jobs now (each goes back to the queue) and wake every /runsync waiter."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for task in self.running.values():
+            task.cancel()
+        for event in self.finished.values():
+            event.set()
+
+    async def stop(self) -> None:
+        self.begin_stop()
+        for task in [*self.tasks, *self.webhooks]:
+            task.cancel()
+        await asyncio.gather(*self.tasks, *self.webhooks, return_exceptions=True)
+        if self.session is not None:
+            await self.session.close()
+        await self.db(self.store.close)
+        self.db_thread.shutdown(wait=True)
+
+    # -- submitting --
+    def retry_after(self) -> int:
+        per_job = sum(self.durations) / len(self.durations) if self.durations else 1.0
+        return max(1, min(600, math.ceil(per_job * (len(self.queued) + 1) / self.settings.concurrency)))
+
+    async def submit(self, body: dict, prefix: str = "") -> str:
+        if self.stopping:
+            raise ApiError(503, "The API is shutting down; send the job again in a moment.", {"Retry-After": "5"})
+        if len(self.queued) >= self.settings.max_queue_depth:
+            raise QueueFull(
+                429,
+                f"The queue is full ({len(self.queued)} jobs waiting, MAX_QUEUE_DEPTH={self.settings.max_queue_depth}); "
+                "send the job again later (see Retry-After).",
+                {"Retry-After": str(self.retry_after())},
+            )
+        job_id = f"{prefix}{uuid.uuid4()}"
+        self.queued.add(job_id)  # counted before the write, so concurrent requests see the depth
+        self.finished[job_id] = asyncio.Event()
+        try:
+            await self.db(self.store.add, job_id, {"input": body["input"]}, body.get("webhook"), time.time())
+        except BaseException:
+            self.queued.discard(job_id)
+            self.finished.pop(job_id, None)
+            raise
+        self.queue.put_nowait(job_id)
+        log.info("job %s accepted (%d waiting)", job_id, len(self.queued))
+        return job_id
+
+    async def get(self, job_id: str) -> dict:
+        job = await self.db(self.store.get, job_id)
+        expired = job and job["finished"] is not None and job["finished"] < time.time() - self.settings.result_ttl_s
+        if job is None or expired:
+            raise ApiError(
+                404,
+                f"No job {job_id!r}: it does not exist, or its result expired "
+                f"(results are kept RESULT_TTL_S={self.settings.result_ttl_s:g} s).",
+            )
+        return job
+
+    async def wait(self, job_id: str, seconds: float) -> dict:
+        event = self.finished.get(job_id)
+        if event is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), seconds)
+        return await self.get(job_id)
+
+    # -- cancelling --
+    async def cancel(self, job_id: str) -> dict:
+        job = await self.get(job_id)
+        if job["status"] == "IN_QUEUE" and await self.db(self.store.cancel_queued, [job_id], time.time()):
+            self.queued.discard(job_id)
+            self.job_done(job_id)
+        task = self.running.get(job_id)
+        if task is not None:
+            self.cancel_asked.add(job_id)
+            task.cancel()
+            await self.wait(job_id, CANCEL_WAIT_S)
+        return await self.get(job_id)
+
+    async def purge(self) -> int:
+        removed = await self.db(self.store.cancel_queued, None, time.time())
+        for job_id in removed:
+            self.queued.discard(job_id)
+            self.job_done(job_id)
+        return len(removed)
+
+    def job_done(self, job_id: str) -> None:
+        event = self.finished.pop(job_id, None)
+        if event is not None:
+            event.set()
+
+    # -- running --
+    async def worker(self) -> None:
+        while not self.stopping:
+            job_id = await self.queue.get()
+            if self.stopping:
+                return  # still IN_QUEUE in the store: the next start runs it
+            if job_id not in self.queued:
+                continue  # cancelled or purged while it waited
+            self.queued.discard(job_id)
+            await self.run(job_id)
+
+    async def run(self, job_id: str) -> None:
+        request = await self.db(self.store.start, job_id, time.time())
+        if request is None:
+            return
+        started = time.monotonic()
+        task = asyncio.create_task(self.run_job({"id": job_id, "input": request["input"]}))
+        self.running[job_id] = task
+        try:
+            status, result = handler_result(await task)
+        except asyncio.CancelledError:
+            if job_id not in self.cancel_asked or self.stopping:
+                await asyncio.shield(self.db(self.store.requeue, job_id))
+                log.info("job %s stopped by the shutdown: it runs again after the restart", job_id)
+                if asyncio.current_task().cancelling():
+                    raise
+                return
+            status, result = "CANCELLED", {}
+        except Exception as exc:  # the handler never raises; this is a last resort
+            log.exception("job %s: the handler raised", job_id)
+            status = "FAILED"
+            result = {"error": f"The handler failed unexpectedly: {type(exc).__name__}: {exc}"}
+        finally:
+            self.running.pop(job_id, None)
+            self.cancel_asked.discard(job_id)
+        self.durations.append(time.monotonic() - started)
+        if await asyncio.shield(self.db(self.store.finish, job_id, status, result, time.time())):
+            log.info("job %s %s", job_id, status)
+            self.send_webhook(job_id)
+        self.job_done(job_id)
+
+    async def expire_loop(self) -> None:
+        every = min(60.0, self.settings.result_ttl_s / 4)
+        while True:
+            gone = await self.db(self.store.expire, time.time() - self.settings.result_ttl_s)
+            if gone:
+                log.info("forgot %d finished job(s) older than RESULT_TTL_S", gone)
+            await asyncio.sleep(every)
+
+    # -- webhooks --
+    def send_webhook(self, job_id: str) -> None:
+        task = asyncio.create_task(self.deliver_webhook(job_id))
+        self.webhooks.add(task)
+        task.add_done_callback(self.webhooks.discard)
+
+    async def deliver_webhook(self, job_id: str) -> None:
+        """POST the final status to the job's webhook; retried with a doubling delay (2xx = delivered)."""
+        job = await self.db(self.store.get, job_id)
+        if job is None or not job["webhook"] or not job["webhook_pending"]:
+            return
+        url, body = job["webhook"], status_body(job)
+        attempts = 1 + self.settings.webhook_retries
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    if 200 <= resp.status < 300:
+                        await self.db(self.store.webhook_sent, job_id)
+                        log.info("job %s: webhook %s delivered", job_id, safe_url(url))
+                        return
+                    problem = f"HTTP {resp.status}"
+            except (aiohttp.ClientError, OSError) as exc:
+                problem = f"{type(exc).__name__}: {safe_url(str(exc))}"
+            if attempt == attempts:
+                break
+            delay = self.settings.webhook_retry_backoff * 2 ** (attempt - 1)
+            log.warning(
+                "job %s: webhook %s failed (%s); attempt %d of %d in %.1f s",
+                job_id,
+                safe_url(url),
+                problem,
+                attempt + 1,
+                attempts,
+                delay,
+            )
+            await asyncio.sleep(delay)
+        log.error("job %s: webhook %s failed %d times (%s); giving up", job_id, safe_url(url), attempts, problem)
+        await self.db(self.store.webhook_sent, job_id)
+
+    # -- health --
+    async def health(self) -> dict:
+        counts = await self.db(self.store.counts)
+        comfy: dict = {"host": self.settings.comfy_host, "reachable": False}
+        try:
+            timeout = aiohttp.ClientTimeout(total=3)
+            async with self.session.get(f"http://{self.settings.comfy_host}/queue", timeout=timeout) as resp:
+                queue = await resp.json()
+            comfy.update(
+                reachable=True,
+                queue_running=len(queue.get("queue_running", [])),
+                queue_pending=len(queue.get("queue_pending", [])),
+            )
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            comfy["problem"] = f"{type(exc).__name__}: {exc}"
+        running = len(self.running)
+        return {
+            "jobs": {
+                "completed": counts.get("COMPLETED", 0),
+                "failed": counts.get("FAILED", 0),
+                "inProgress": counts.get("IN_PROGRESS", 0),
+                "inQueue": counts.get("IN_QUEUE", 0),
+                "retried": counts.get("retried", 0),
+                "cancelled": counts.get("CANCELLED", 0),
+                "timedOut": counts.get("TIMED_OUT", 0),
+            },
+            "workers": {"idle": self.settings.concurrency - running, "running": running},
+            "comfyui": comfy,
+        }
+
+
+# --- HTTP ----------------------------------------------------------------------------------------------
+async def read_json(request, limit_mb: float) -> dict:
+    """The request's JSON body (``{}`` when empty), refused with 413 beyond ``MAX_REQUEST_MB``."""
+    limit = int(limit_mb * 1024 * 1024)
+    too_big = ApiError(
+        413,
+        f"The request body is larger than MAX_REQUEST_MB ({limit_mb:g} MB); send input images by 'url' "
+        "instead of base64, or raise MAX_REQUEST_MB.",
+    )
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise too_big
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise too_big
+    if not data.strip():
+        return {}
+    try:
+        body = json.loads(data)
+    except ValueError as exc:
+        raise ApiError(400, f"The request body is not valid JSON ({exc}).") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, 'The request body must be a JSON object: {"input": {...}}.')
+    return body
+
+
+def job_body(body: dict) -> dict:
+    if "input" not in body:
+        raise ApiError(400, 'The request body has no "input": send {"input": {"workflow": {...}}}.')
+    unknown = sorted(set(body) - BODY_KEYS)
+    if unknown:
+        raise ApiError(
+            400, f"Unknown key(s) in the request body: {', '.join(unknown)} (allowed: {', '.join(sorted(BODY_KEYS))})."
+        )
+    hook = body.get("webhook")
+    if hook is not None:
+        parts = urlsplit(hook) if isinstance(hook, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ApiError(400, f"The webhook must be an http(s) URL, got {safe_url(str(hook))!r}.")
+    return body
+
+
+def create_app(settings: Settings, run_job: RunJob, token: str | None, store: JobStore):
+    """The FastAPI app: RunPod's routes (also under ``/v2/<id>/``) over a ``JobService`` running ``run_job``
+    with its jobs in ``store`` (closed when the app stops)."""
+    service = JobService(settings, run_job, store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="comfy-worker API", lifespan=lifespan, redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return JSONResponse({"error": f"The request is malformed ({problems})."}, 400)
+
+    def authorized(request: Request) -> None:
+        if token is not None and not token_matches(request.headers.get("authorization"), token):
+            raise ApiError(
+                401,
+                "Missing or wrong API token: send 'Authorization: Bearer <API_TOKEN>'.",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    router = APIRouter(dependencies=[Depends(authorized)])
+
+    @router.post("/run")
+    async def run(request: Request):
+        body = job_body(await read_json(request, settings.max_request_mb))
+        return {"id": await service.submit(body), "status": "IN_QUEUE"}
+
+    @router.post("/runsync")
+    async def runsync(request: Request, wait: int | None = None):
+        body = job_body(await read_json(request, settings.max_request_mb))
+        job_id = await service.submit(body, prefix="sync-")
+        seconds = settings.runsync_wait_s if wait is None else min(max(wait, 0), RUNSYNC_MAX_WAIT_MS) / 1000
+        return status_body(await service.wait(job_id, seconds))
+
+    async def status(job_id: str, request: Request):
+        await read_json(request, settings.max_request_mb)
+        return status_body(await service.get(job_id))
+
+    router.add_api_route("/status/{job_id}", status, methods=["GET", "POST"])
+
+    @router.post("/cancel/{job_id}")
+    async def cancel(job_id: str, request: Request):
+        await read_json(request, settings.max_request_mb)
+        job = await service.cancel(job_id)
+        return {"id": job["id"], "status": job["status"]}
+
+    @router.post("/purge-queue")
+    async def purge_queue(request: Request):
+        await read_json(request, settings.max_request_mb)
+        return {"removed": await service.purge(), "status": "completed"}
+
+    @router.get("/health")
+    async def health():
+        return await service.health()
+
+    app.include_router(router)
+    app.include_router(router, prefix="/v2/{endpoint_id}")
+
+    @app.get("/ping")
+    async def ping():
+        return {"status": "healthy"}
+
+    return app
+
+
+# --- the process ---------------------------------------------------------------------------------------
+def load_handler(spec: str, app_dir: Path) -> RunJob:
+    """``MODULE:FUNCTION`` (default ``handler:handler``) imported with ``app_dir`` first on the path."""
+    module_name, _, name = spec.partition(":")
+    sys.path.insert(0, str(app_dir))
+    return getattr(importlib.import_module(module_name), name or "handler")
+
+
+def preload(spec: str = "handler:handler") -> None:
+    """What ``python -m comfy_worker.services --preload-handler`` imports while ComfyUI boots."""
+    load_handler(spec, Settings.from_env().app_dir)
+    import fastapi  # noqa: F401
+    import uvicorn  # noqa: F401
+
+
+def serve(settings: Settings, run_job: RunJob, host: str, port: int, token: str | None) -> int:
+    import uvicorn
+
+    store = JobStore(settings.volume_root / STORE_FILE)  # before listening: a busy store is a clear error
+    app = create_app(settings, run_job, token, store)
+    service: JobService = app.state.service
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM/SIGINT: stop the running jobs at once, not after the waiters
+            super().handle_exit(sig, frame)
+            if service.loop is not None:
+                with contextlib.suppress(RuntimeError):
+                    service.loop.call_soon_threadsafe(service.begin_stop)
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # our logging (one format, secrets redacted)
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    server = Server(config)
+    # uvicorn raises the signal it stopped on again once it is done: let that end main() with 0, not kill us
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = Settings.from_env()
+    parser = argparse.ArgumentParser(prog="python -m comfy_worker.api", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=settings.api_port, help="port (default API_PORT, 8000)")
+    parser.add_argument("--handler", default="handler:handler", help="the job function, MODULE:FUNCTION")
+    args = parser.parse_args(argv)
+    token, generated = api_token(settings, args.host)
+    if token:
+        os.environ["API_TOKEN"] = token  # a secret from here on: redacted from every log line and job result
+    setup_logging()
+    run_job = load_handler(args.handler, settings.app_dir)
+    setup_logging()  # again: importing the handler (the RunPod SDK) may touch the root logger
+    if generated:
+        print(f"API token (saved in {settings.volume_root / TOKEN_FILE}): {token}", flush=True)
+    elif token is None and not is_loopback(args.host):
+        log.warning("WARNING: API_AUTH=none: the API on %s:%d answers anyone who reaches it", args.host, args.port)
+    elif token is not None:
+        log.info("the API asks for a bearer token (API_TOKEN or %s)", settings.volume_root / TOKEN_FILE)
+    log.info(
+        "API on http://%s:%d (concurrency %d, queue depth %d); jobs in %s",
+        args.host,
+        args.port,
+        settings.concurrency,
+        settings.max_queue_depth,
+        settings.volume_root / STORE_FILE,
+    )
+    try:
+        return serve(settings, run_job, args.host, args.port, token)
+    except RuntimeError as exc:  # e.g. the store is in use by another API process
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
