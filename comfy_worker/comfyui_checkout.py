@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("provision")
+log = logging.getLogger(__name__)
 
 RECORD_NAME = "comfy-worker-comfyui-requirements.json"
 

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from comfy_worker.settings import Settings
 
-log = logging.getLogger("provision")
+log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)  # also under python -m
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 GATE_NAME = ".config-sha256"

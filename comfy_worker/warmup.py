@@ -11,7 +11,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-log = logging.getLogger("services")
+log = logging.getLogger(__name__)
 
 WARMUP_TIMEOUT_S = 600
 
