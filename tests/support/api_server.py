@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import requests
+
 from support.comfy_process import ROOT, free_port
 
 # variables of the test runner's environment that would change what the API or the handler does
