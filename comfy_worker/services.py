@@ -10,12 +10,13 @@
    it answers (``/system_stats``).
 3. ``WARMUP_WORKFLOW`` runs once (warmup.py); a failure is a loud warning.
 4. The handler, only now (it takes no job before ComfyUI answers): ``python handler.py`` in serverless,
-   the RunPod SDK's local API (``--rp_serve_api``) on ``API_PORT`` in pod (0.0.0.0) and local (127.0.0.1).
-   Its imports (the RunPod SDK, aiohttp, boto3: about 2 s) are paid while ComfyUI boots: the handler
-   process is spawned beside ComfyUI as ``python -m comfy_worker.services --preload-handler handler.py
-   ARGS``, which imports the handler module and then blocks on its stdin; the supervisor writes the
+   the worker's own HTTP API (``python -m comfy_worker.api``, running ``handler.handler``) on ``API_PORT``
+   in pod (0.0.0.0, with a token) and local (127.0.0.1). Its imports (the RunPod SDK, aiohttp, boto3,
+   FastAPI: about 2 s) are paid while ComfyUI boots: the handler process is spawned beside ComfyUI as
+   ``python -m comfy_worker.services --preload-handler handler.py ARGS`` (or ``-m comfy_worker.api
+   ARGS``), which imports the handler module and then blocks on its stdin; the supervisor writes the
    go byte once ComfyUI answers and the warm-up is done, and only then does it run ``handler.py`` as
-   ``__main__`` (the worker loop or the local API). Closed without the byte, it exits without a job.
+   ``__main__`` (the worker loop) or the API's ``main``. Closed without the byte, it exits without a job.
 5. JupyterLab on ``JUPYTER_PORT`` rooted at ``VOLUME_ROOT`` (pod/local, or ``ENABLE_JUPYTER=1``), with
    a token: ``JUPYTER_PASSWORD``, else one generated into ``$VOLUME_ROOT/.jupyter-token`` (0600) and
    printed once; ``JUPYTER_AUTH=none`` turns it off. The token reaches Jupyter by its environment.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib
 import logging
 import os
 import secrets
@@ -71,7 +73,7 @@ def handler_command(settings: Settings) -> list[str]:
     if settings.mode == "serverless":
         return [sys.executable, handler]
     host = "0.0.0.0" if settings.mode == "pod" else "127.0.0.1"
-    return [sys.executable, handler, "--rp_serve_api", "--rp_api_host", host, "--rp_api_port", str(settings.api_port)]
+    return [sys.executable, "-m", "comfy_worker.api", "--host", host, "--port", str(settings.api_port)]
 
 
 PRELOAD_FLAG = "--preload-handler"
@@ -85,16 +87,22 @@ def preloaded(command: list[str]) -> list[str]:
 
 def run_preloaded_handler(args: list[str]) -> int:
     """The child of ``preloaded``: import the handler module (the slow part), wait for the go byte on
-    stdin, then run ``handler.py`` as ``__main__`` with its own arguments."""
+    stdin, then run ``handler.py`` as ``__main__`` with its own arguments; or, for ``-m comfy_worker.api
+    ARGS``, import the API and the handler it runs (``api.preload``), then ``api.main(ARGS)``."""
     import runpy
 
+    if args[0] == "-m":
+        module = importlib.import_module(args[1])  # comfy_worker.api: FastAPI, uvicorn, then handler.py
+        module.preload()
+        if sys.stdin.buffer.read(1) != GO:
+            return 0
+        sys.stdin.close()
+        sys.argv = [args[1], *args[2:]]
+        return module.main(args[2:])
     script = Path(args[0]).resolve()
     sys.argv = [str(script), *args[1:]]
     sys.path.insert(0, str(script.parent))
     __import__(script.stem)  # e.g. ``import handler``: the RunPod SDK, aiohttp, boto3
-    if "--rp_serve_api" in args:  # the SDK imports its local API (FastAPI, about 0.5 s) only when it starts it
-        with contextlib.suppress(ImportError):
-            __import__("runpod.serverless.modules.rp_fastapi")
     if sys.stdin.buffer.read(1) != GO:
         return 0  # the supervisor stopped before ComfyUI answered: no job was ever taken
     sys.stdin.close()

@@ -1,8 +1,14 @@
 """services: the GPU check and the commands per mode (the running services: tests/test_start.py)."""
 
+import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+
+from support.comfy_process import free_port
 
 from comfy_worker import services
 from comfy_worker.settings import Settings
@@ -36,7 +42,9 @@ def test_commands_per_mode():
         "--preview-method",
         "auto",
     ]
-    assert services.handler_command(pod)[2:] == ["--rp_serve_api", "--rp_api_host", "0.0.0.0", "--rp_api_port", "8001"]
+    assert services.handler_command(pod)[1:] == ["-m", "comfy_worker.api", "--host", "0.0.0.0", "--port", "8001"]
+    local_api = services.handler_command(Settings.from_env({"MODE": "local"}))
+    assert local_api[1:] == ["-m", "comfy_worker.api", "--host", "127.0.0.1", "--port", "8000"]
     serverless = Settings.from_env({"MODE": "serverless"})
     assert (
         services.handler_command(serverless)[1].endswith("handler.py")
@@ -68,3 +76,41 @@ def test_a_preloaded_handler_runs_only_on_the_go_byte(tmp_path):
     assert go.stdout.decode().splitlines() == ["imported", "imported", "RUN ['--rp_serve_api', 'x']"]
     closed = subprocess.run(cmd, input=b"", capture_output=True, cwd=root, timeout=60)
     assert closed.returncode == 0 and closed.stdout.decode().splitlines() == ["imported"]
+
+
+def test_the_preloaded_api_listens_only_after_the_go_byte_and_stops_on_sigterm(tmp_path):
+    """pod/local: the API process imports FastAPI, uvicorn and handler.py while ComfyUI boots and listens
+    only on the go byte; closed without it, it exits and never listens."""
+    port = free_port()
+    env = {**os.environ, "VOLUME_ROOT": str(tmp_path), "API_PORT": str(port), "MODE": "local"}
+    env.pop("API_TOKEN", None)
+    cmd = services.preloaded(services.handler_command(Settings.from_env(env)))
+    root = Path(__file__).resolve().parents[1]
+    closed = subprocess.run(cmd, input=b"", capture_output=True, cwd=root, env=env, timeout=60)
+    assert closed.returncode == 0 and not (tmp_path / ".api").exists(), closed.stderr
+
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root, env=env)
+    try:
+        time.sleep(1)
+        assert not answers(f"http://127.0.0.1:{port}/ping") and proc.poll() is None
+        proc.stdin.write(services.GO)
+        proc.stdin.close()
+        deadline = time.monotonic() + 30
+        while not answers(f"http://127.0.0.1:{port}/ping"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert b"API on http://127.0.0.1:" in proc.stderr.read()
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False

@@ -1,5 +1,5 @@
-"""start.sh with its services (local mode): a real ComfyUI, the RunPod SDK's local API serving
-handler.py, JupyterLab; warm-up, apply_config.sh, SIGTERM, ComfyUI dying."""
+"""start.sh with its services (local mode): a real ComfyUI, the worker's HTTP API (comfy_worker.api)
+serving handler.py, JupyterLab; warm-up, apply_config.sh, SIGTERM, ComfyUI dying."""
 
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ def get(url: str, timeout: float = 5) -> int:
         return err.code
 
 
-def post(url: str, body: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def post(url: str, body: dict, timeout: float = 120, token: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url, json.dumps(body).encode(), headers)
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.load(r)
 
@@ -127,7 +128,7 @@ def test_local_mode_serves_a_job_warm_up_first_jupyter_token_apply_config_and_si
     proc = start(env, log)
     try:
         api = f"http://127.0.0.1:{env['API_PORT']}"
-        wait_until(lambda: get(f"{api}/docs") == 200, 240, f"the local API; log:\n{log.read_text()}")
+        wait_until(lambda: get(f"{api}/ping") == 200, 240, f"the local API; log:\n{log.read_text()}")
         text = log.read_text()
         assert text.index("warm-up workflow") < text.index("handler started"), text  # "warm-up workflow ... done"
         answer = post(f"{api}/runsync", {"input": {"workflow": WORKFLOW}})
@@ -171,7 +172,7 @@ def test_comfyui_killed_ends_the_start_non_zero(tmp_path, box):
     proc = start(env, log)
     try:
         api = f"http://127.0.0.1:{env['API_PORT']}"
-        wait_until(lambda: get(f"{api}/docs") == 200, 240, f"the local API; log:\n{log.read_text()}")
+        wait_until(lambda: get(f"{api}/ping") == 200, 240, f"the local API; log:\n{log.read_text()}")
         os.kill(int(Path(env["COMFY_PID_FILE"]).read_text()), signal.SIGKILL)
         assert proc.wait(20) != 0
         assert "ComfyUI exited" in log.read_text()
@@ -202,7 +203,7 @@ def test_comfyui_restarted_when_it_exits_and_by_apply_config_only_when_nodes_cha
     proc = start(env, log)
     try:
         api = f"http://127.0.0.1:{env['API_PORT']}"
-        wait_until(lambda: get(f"{api}/docs") == 200, 240, f"the local API; log:\n{log.read_text()}")
+        wait_until(lambda: get(f"{api}/ping") == 200, 240, f"the local API; log:\n{log.read_text()}")
 
         # COMFY_RESTART=1: ComfyUI killed -> a new ComfyUI answers, the start keeps running
         first = comfy_pid(env)
@@ -308,9 +309,16 @@ def test_a_failed_required_entry_ends_a_serverless_start_but_pod_and_local_start
         proc = start({**env, "MODE": mode}, log)
         try:
             api = f"http://127.0.0.1:{env['API_PORT']}"
-            wait_until(lambda: get(f"{api}/docs") == 200, 240, f"the local API; log:\n{log.read_text()}")  # noqa: B023
+            wait_until(lambda: get(f"{api}/ping") == 200, 240, f"the local API; log:\n{log.read_text()}")  # noqa: B023
             text = log.read_text()
             assert "WARNING: provisioning is incomplete" in text and "missing.safetensors" in text
-            assert post(f"{api}/runsync", {"input": {"workflow": WORKFLOW}})["status"] == "COMPLETED"
+            token = None
+            if mode == "pod":  # listening on 0.0.0.0: the API asks for the token it generated on the volume
+                token = (volume / ".api-token").read_text().strip()
+                assert text.count(token) == 1 and "API token (saved in" in text
+                with pytest.raises(urllib.error.HTTPError, match="401"):
+                    post(f"{api}/runsync", {"input": {"workflow": WORKFLOW}})
+            answer = post(f"{api}/runsync", {"input": {"workflow": WORKFLOW}}, token=token)
+            assert answer["status"] == "COMPLETED" and answer["output"]["images"], answer
         finally:
             stop_start(proc)
