@@ -59,6 +59,7 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -83,6 +84,7 @@ from comfy_worker.file_names import MAX_NAME_BYTES, safe_filename, url_filename
 from comfy_worker.http_download import (
     Downloader,
     DownloadError,
+    Interrupted,
     MiB,
     Probe,
     discard_part,
@@ -275,7 +277,7 @@ class Provisioner:
         started = time.monotonic()
         try:
             self._run(r)
-        except volume_lock.Interrupted:
+        except (volume_lock.Interrupted, Interrupted):
             r.action, r.error = INTERRUPTED, "interrupted"
         except (DownloadError, volume_lock.LockError) as err:
             r.error = one_line(str(err))
@@ -661,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no models to download")
         return EXIT_OK
 
+    if threading.current_thread() is threading.main_thread():
+        # outside run_parallel (which raises on SIGTERM), a SIGTERM only stops: the exit waits for the
+        # downloads to wind down instead of cutting them off mid-write
+        signal.signal(signal.SIGTERM, lambda signum, frame: prov.stop.set())
     try:
         if args.dry_run:
             results = run_parallel(lambda r: dry_run_one(prov, r), results, args.parallel, prov.stop)
@@ -671,7 +677,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 return EXIT_FAILED
             results = run_parallel(prov.run, results, args.parallel, prov.stop)
-    except volume_lock.Interrupted:
+    except (volume_lock.Interrupted, KeyboardInterrupt):
+        # KeyboardInterrupt: a second SIGTERM while the first one's downloads wound down (a container stop
+        # reaches this process twice: from tini -g and from provision.py passing it on); the threads
+        # still running end within moments (their sockets are cut) and are joined before the exit
+        prov.stop.set()
         print("interrupted; partial downloads are kept as .part files and resume on the next run", file=sys.stderr)
         return EXIT_FAILED
     print(summary(results, dry_run=args.dry_run))

@@ -29,8 +29,27 @@ done
 exports="$("$PY" -m comfy_worker.settings --export)"
 eval "$exports"
 
+# Provisioning runs as a child this script waits for, so that a SIGTERM (or Ctrl-C) to this script
+# alone, not only to its whole process group as tini -g sends it, is passed on: provisioning stops
+# within seconds (downloads keep their .part, no further phase, no gate) and this script ends after it,
+# never leaving it running on its own. A trapped signal ends `wait` early: it is called again until
+# the child is gone, then once more for its exit status.
+stopping=0
+provision_pid=""
+trap 'stopping=1; [[ -z "$provision_pid" ]] || kill -TERM "$provision_pid" 2>/dev/null || true' TERM INT
+"$PY" -m comfy_worker.provision &
+provision_pid=$!
+[[ "$stopping" == 0 ]] || kill -TERM "$provision_pid" 2>/dev/null || true # a signal before the line above
+while kill -0 "$provision_pid" 2>/dev/null; do
+  wait "$provision_pid" || true
+done
 rc=0
-"$PY" -m comfy_worker.provision || rc=$?
+wait "$provision_pid" || rc=$?
+trap - TERM INT
+if [[ "$stopping" == 1 ]]; then
+  echo "[start] stopped during provisioning (exit $rc)" >&2
+  exit "$((rc == 0 ? 143 : rc))"
+fi
 if [[ "$provision_only" == 1 ]]; then
   exit "$rc"
 fi

@@ -238,12 +238,15 @@ def _python(settings: Settings) -> str:
 
 
 def run_script(settings: Settings, script: str, args: list[str], stop: threading.Event) -> int:
-    """``script`` of APP_DIR as a child (its output goes straight to ours); SIGTERM is passed on."""
+    """``script`` of APP_DIR as a child (its output goes straight to ours); SIGTERM is passed on within
+    0.1 s (the scripts stop within a second or two: downloads keep their .part), SIGKILL after 20 s.
+    Not started at all once ``stop`` is set (volume_lock.Interrupted)."""
+    _check_stop(stop, f"before {script}")
     cmd = [_python(settings), str(settings.app_dir / script), *args]
     proc = subprocess.Popen(cmd, cwd=settings.app_dir)
     while True:
         try:
-            return proc.wait(0.2)
+            return proc.wait(0.1)
         except subprocess.TimeoutExpired:
             if stop.is_set():
                 proc.terminate()
@@ -252,6 +255,14 @@ def run_script(settings: Settings, script: str, args: list[str], stop: threading
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     return proc.wait()
+
+
+def _check_stop(stop: threading.Event, where: str) -> None:
+    """Between phases: a SIGTERM ends the run here (no further phase, no gate)."""
+    if stop.is_set():
+        from comfy_worker.volume_lock import Interrupted
+
+        raise Interrupted(f"SIGTERM received; the run ends {where}, the gate is not written")
 
 
 def _lock_models(settings: Settings) -> list[dict]:
@@ -382,12 +393,14 @@ def warm(settings: Settings, source: Source, record: dict, stop, summary: Summar
             )
     else:
         summary.models["kept"] = len(record.get("models", []))
+    _check_stop(stop, "after the models")
     if check.nodes_stale:
         with Phase(summary, "nodes"):
             log.info("node(s) to reinstall: %s", ", ".join(check.nodes_stale))
             rc = max(rc, provision_nodes(settings, config_path, stop, summary)[0])
     else:
         summary.nodes["kept"] = len(record.get("nodes", []))
+    _check_stop(stop, "after the nodes")
     if rc == EXIT_OK:
         write_gate(settings, record["digest"], build_record(settings, cfg, source))
     return rc
@@ -429,12 +442,13 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
             reqs = comfyui_checkout.install_requirements(settings)
             update_lock_file(settings.lock_file, "comfyui", {"ref": result.commit})
             summary.comfyui = f"{result.action} {(result.commit or '?')[:12]}, requirements {reqs}"
+        _check_stop(stop, "after ComfyUI")
         with Phase(summary, "models"):
             rc_models = provision_models(settings, cfg, source.path, stop, summary)
+        _check_stop(stop, "after the models")
         with Phase(summary, "nodes"):
             rc_nodes, changed = provision_nodes(settings, source.path, stop, summary)
-        if stop.is_set():
-            return EXIT_FAILED, changed
+        _check_stop(stop, "after the nodes")
         rc = max(rc_models, rc_nodes)
         if rc == EXIT_OK:
             write_gate(settings, digest, build_record(settings, cfg, source))

@@ -949,3 +949,52 @@ def test_hugging_face_files_in_a_hub_cache_are_linked_without_a_request_and_a_wr
         target = box.models / "vae" / "c.safetensors"
         assert not target.is_symlink() and target.read_bytes() == data["c.safetensors"]
         assert "not linked" in damaged.stderr and [s.path for s in cdn.seen() if s.method == "GET"]
+
+
+@pytest.mark.parametrize("connections", [1, 8], ids=["one-connection", "parallel"])
+def test_sigterm_on_a_slow_server_stops_within_3_s_and_the_next_run_resumes(box, origin, tmp_path, connections):
+    # 64 KiB/s per connection: one 1 MiB read would block for 16 s if nothing cut it short
+    size = 8 * MiB if connections == 1 else 64 * MiB  # 64 MiB: the parallel path's threshold
+    path = tmp_path / "src" / "slow.safetensors"
+    sha = random_file(path, size, seed=21)
+    route = origin.add("/slow.safetensors", file=path, rate=64 * 1024)
+    box.env["DOWNLOAD_CONNECTIONS"] = str(connections)
+    box.write([{"url": f"{origin.url}/slow.safetensors", "destination": "checkpoints"}])
+    part = box.models / "checkpoints" / "slow.safetensors.part"
+    proc = subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and origin.sent("/slow.safetensors") < 192 * 1024:
+        time.sleep(0.05)
+    assert proc.poll() is None
+    stopped = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("download_models.py still running 3 s after SIGTERM")
+    assert time.monotonic() - stopped < 3
+    assert proc.returncode == 1, err
+    assert "interrupted; partial downloads are kept" in err
+    assert "Traceback" not in err and "retry" not in err  # a stop is not a network error to retry
+    assert part.is_file() and part.with_name(part.name + ".source").is_file()
+    if connections == 1:
+        kept = part.stat().st_size  # a prefix: every byte that arrived was written
+    else:
+        kept = saved_progress(part)
+        chunk0 = json.loads(part.with_name(part.name + ".state").read_text())["done"][0]
+        assert chunk0 > 0
+    assert kept > 0
+    assert not (box.models / "checkpoints" / "slow.safetensors").exists()
+
+    route.rate = None
+    before = len(origin.seen("/slow.safetensors"))
+    sent_before = origin.sent("/slow.safetensors")
+    r = box.run()
+    assert r.returncode == 0, r.stderr
+    assert sha_of(box.models / "checkpoints" / "slow.safetensors") == sha
+    ranges = [s.headers.get("range") for s in origin.seen("/slow.safetensors")[before:]]
+    resumed_at = kept if connections == 1 else chunk0  # the file's (or its first chunk's) bytes kept
+    assert any(rng and rng.startswith(f"bytes={resumed_at}-") for rng in ranges), ranges
+    assert origin.sent("/slow.safetensors") - sent_before == size - kept + 1  # the rest, and the probe's byte

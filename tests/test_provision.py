@@ -4,8 +4,11 @@ nginx (requests counted in its access log) or a fault-injecting origin, nodes in
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.comfy_process import ROOT
 from support.hf_hub_cache import make_hf_cache
 from support.models import UPSCALE_MODEL_NAME
-from support.origins import NginxOrigin
+from support.origins import NginxOrigin, random_file
 from support.start_env import NODE_INIT, run_script, start_env
 
+from comfy_worker.http_download import MiB
 from comfy_worker.lock_file import read_lock_file
 
 
@@ -267,3 +272,56 @@ def test_comfyui_path_that_is_not_a_checkout_is_a_clear_error_and_nothing_is_del
     out = run_script({**env, "COMFYUI_PATH": str(a_file)}, "start.sh", "--provision-only")
     assert out.returncode == 1 and f"COMFYUI_PATH {a_file} is a file, not a folder" in out.stderr
     assert a_file.read_text() == "not a folder" and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("signalled", ["start.sh", "group"])
+def test_sigterm_mid_download_ends_the_start_within_3_s_without_nodes_or_gate(tmp_path, origin, node_repo, signalled):
+    # "group": what tini -g sends on a container stop; "start.sh": a kill of the script's pid alone
+    path = tmp_path / "src" / "slow.safetensors"
+    random_file(path, 8 * MiB, seed=5)
+    origin.add("/slow.safetensors", file=path, rate=64 * 1024)  # one 1 MiB read would take 16 s
+    env = start_env(tmp_path)
+    write_config(
+        env,
+        {
+            "models": [{"url": f"{origin.url}/slow.safetensors", "destination": "checkpoints"}],
+            "nodes": [{"url": node_repo.url, "version": "v1.0.0"}],
+        },
+    )
+    volume = Path(env["VOLUME_ROOT"])
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "start.sh"), "--provision-only"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and origin.sent("/slow.safetensors") < 128 * 1024:
+            time.sleep(0.05)
+        assert proc.poll() is None and origin.sent("/slow.safetensors") >= 128 * 1024
+        stopped = time.monotonic()
+        if signalled == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            pytest.fail("start.sh --provision-only still running 3 s after SIGTERM")
+        assert time.monotonic() - stopped < 3
+        with pytest.raises(ProcessLookupError):  # nothing of the start is left running on its own
+            os.killpg(proc.pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode not in (0, None), out + err
+    assert "phase models: started" in err
+    assert "phase nodes" not in err and "gate is not written" in err, err
+    assert not (volume / ".config-sha256").exists() and not (volume / ".config-sha256.json").exists()
+    assert not (volume / "ComfyUI" / "custom_nodes" / "StartNode").exists()
+    part = volume / "ComfyUI" / "models" / "checkpoints" / "slow.safetensors.part"
+    assert part.stat().st_size > 0 and not part.with_name("slow.safetensors").exists()
