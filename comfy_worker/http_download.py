@@ -222,8 +222,13 @@ class _OneBuffer:
 
 
 def _socket_of(resp: requests.Response) -> socket.socket | None:
-    sock = getattr(getattr(resp.raw, "connection", None), "sock", None)
-    return sock if isinstance(sock, socket.socket) else None
+    """The socket the body of ``resp`` is read from: the one under http.client's reader (the connection
+    object lets go of it when the server says ``Connection: close``), else urllib3's connection's."""
+    fp = getattr(getattr(getattr(resp.raw, "_fp", None), "fp", None), "raw", None)  # SocketIO
+    for sock in (getattr(fp, "_sock", None), getattr(getattr(resp.raw, "connection", None), "sock", None)):
+        if isinstance(sock, socket.socket):
+            return sock
+    return None
 
 
 class _SocketCutter:

@@ -15,6 +15,7 @@ from comfy_worker.http_download import (
     Downloader,
     DownloadError,
     HttpStatusError,
+    Interrupted,
     MiB,
     same_host,
     state_path,
@@ -431,3 +432,77 @@ def test_a_signed_link_never_reaches_an_error_text_even_a_librarys(tmp_path):
             fast(retries=2).fetch(f"{site.url}/download/1", tmp_path / "m.part")
     assert "Max retries exceeded" in str(err.value) or "Connection" in str(err.value)
     assert "SIGNEDsecret42" not in str(err.value) and "X-Amz-Signature" not in str(err.value)
+
+
+@pytest.mark.parametrize("server", ["slow", "silent"])
+def test_a_stop_cuts_a_blocked_read_at_once_and_a_body_without_length_is_never_taken_as_complete(
+    origin, blob, tmp_path, server
+):
+    # no Content-Length, no ranges: a cut connection looks exactly like the end of such a body.
+    # slow: 64 KiB/s, a 1 MiB read blocks 16 s; silent: 1 MiB, then nothing (the next read waits 30 s)
+    path, _ = blob
+    if server == "slow":
+        origin.add("/m.bin", file=path, rate=64 * 1024, ignore_range=True, no_length=True)
+    else:
+        origin.add("/m.bin", file=path, pause_after=MiB, ignore_range=True, no_length=True)
+    part = tmp_path / "m.bin.part"
+    stop = threading.Event()
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = fast().fetch(f"{origin.url}/m.bin", part, stop=stop)
+        except DownloadError as err:
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    enough = 128 * 1024 if server == "slow" else MiB
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (len(gets := origin.seen("/m.bin")) >= 2 and gets[1].sent >= enough):
+        time.sleep(0.02)
+    time.sleep(0.2)  # the reader is blocked in its next read
+    stop.set()
+    worker.join(1.5)
+    assert not worker.is_alive(), "a read on the slow server outlived the stop"
+    assert "result" not in outcome, "a cut-off body was returned as a complete download"
+    assert isinstance(outcome["error"], Interrupted)
+    assert enough <= part.stat().st_size <= origin.seen("/m.bin")[1].sent  # what arrived, kept
+    assert len(origin.seen("/m.bin")) == 2  # the probe and one body: no retry after the stop
+
+
+def test_a_stop_on_silent_parallel_connections_keeps_each_chunk_exact_without_a_retry(origin, blob, tmp_path, caplog):
+    path, sha = blob
+    route = origin.add("/m.bin", file=path, pause_after=MiB)  # every answer: 1 MiB, then silence
+    part = tmp_path / "m.bin.part"
+    stop = threading.Event()
+    outcome = {}
+
+    def dl() -> Downloader:
+        return fast(connections=3, parallel_min_size=MiB, chunk_size=2 * MiB)
+
+    def run():
+        try:
+            dl().fetch(f"{origin.url}/m.bin", part, stop=stop)
+        except DownloadError as err:
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(s.sent >= MiB for s in origin.seen("/m.bin")) < 3:
+        time.sleep(0.02)
+    time.sleep(0.2)  # each worker is blocked in the read after its first 1 MiB
+    stop.set()
+    worker.join(1.5)
+    assert not worker.is_alive()
+    assert isinstance(outcome["error"], Interrupted)
+    assert not [r for r in caplog.records if "retry" in r.getMessage()]  # a stop is not a network error
+    assert json.loads(state_path(part).read_text())["done"] == [MiB, MiB, MiB, 0]
+
+    route.pause_after = None
+    before = len(origin.seen("/m.bin"))
+    result = dl().fetch(f"{origin.url}/m.bin", part)
+    assert result.sha256 == sha and result.resumed_from == 3 * MiB
+    ranges = sorted(s.headers["range"] for s in origin.seen("/m.bin")[before:])
+    assert ranges[:3] == ["bytes=0-0", f"bytes={MiB}-{2 * MiB - 1}", f"bytes={3 * MiB}-{4 * MiB - 1}"]

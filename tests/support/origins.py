@@ -5,7 +5,7 @@
 - ``FaultyOrigin``: a small threaded Python server whose routes can drop the connection after N bytes
   (once, or on every response: ``trickle``), answer with error statuses first, ignore Range (always, or
   all but the probe's: ``whole_for_ranges``, like replicas whose ETags differ), answer a
-  range from another offset, go without a validator, redirect, or stream slowly; it records every request's
+  range from another offset, go without a validator or a length, redirect, stream slowly or go silent; it records every request's
   headers and how many body bytes it sent, so tests can prove what was fetched and who got which token.
 - ``fake_huggingface`` / ``fake_civitai``: routes that speak the Hugging Face resolve protocol
   (``HEAD``/``GET /{repo}/resolve/{rev}/{path}``, at the branch and at the commit, with ETag,
@@ -165,6 +165,8 @@ class Route:
     trickle: int | None = None  # send at most this many body bytes per response, then drop the connection
     etag: str | None = '"v1"'  # None: no validator at all
     rate: float | None = None  # bytes per second
+    no_length: bool = False  # no Content-Length: the body ends when the connection closes
+    pause_after: int | None = None  # go silent after this many body bytes (connection open, 30 s at most)
     status: int = 200
     redirect: str | None = None  # answer 302 with this Location
     json_body: object | None = None
@@ -308,7 +310,11 @@ class FaultyOrigin:
         h.send_response(seen.status)
         if "Content-Type" not in route.headers:
             h.send_header("Content-Type", "application/octet-stream")
-        h.send_header("Content-Length", str(end - start))
+        if route.no_length:
+            h.send_header("Connection", "close")
+            h.close_connection = True
+        else:
+            h.send_header("Content-Length", str(end - start))
         h.send_header("Accept-Ranges", "none" if route.ignore_range else "bytes")
         if route.etag is not None:
             h.send_header("ETag", route.etag)
@@ -322,7 +328,10 @@ class FaultyOrigin:
         pos = start
         began = time.monotonic()
         while pos < end:
-            n = min(64 * 1024, end - pos)
+            if route.pause_after is not None and pos - start >= route.pause_after:
+                time.sleep(30)
+                return
+            n = min(64 * 1024, end - pos, *([start + route.pause_after - pos] if route.pause_after else []))
             with self.lock:
                 drop_at = route.drop_after if route.drops > 0 else None
             if route.trickle is not None:
