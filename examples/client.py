@@ -1,0 +1,111 @@
+"""Submit a job with /run, poll /status until it ends, save the outputs.
+
+    python examples/client.py examples/quickstart.json                                  # local box
+    python examples/client.py examples/quickstart.json --url https://<pod id>-8000.proxy.runpod.net --token "$API_TOKEN"
+    python examples/client.py examples/quickstart.json --url https://api.runpod.ai/v2/<endpoint id> --token "$RUNPOD_API_KEY"
+
+The same routes answer on the three: the worker's own API on a local box or a pod (``API_PORT``, 8000)
+and a RunPod serverless endpoint. ``--token`` is sent as ``Authorization: Bearer <token>``: the pod's
+``API_TOKEN`` (printed once at its first start, kept in ``$VOLUME_ROOT/.api-token``), or your RunPod
+API key for an endpoint. A local box listening on 127.0.0.1 asks for none.
+
+Unlike ``/runsync``, this never holds one HTTP request open for the whole job, so long video jobs and
+RunPod's cold starts are fine. Images and files go to ``--out`` (base64 decoded, or downloaded from
+their S3 URL); text outputs and non-fatal errors are printed. Exit 0 when the job completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
+
+
+def submit(session: requests.Session, url: str, body: dict) -> str:
+    resp = session.post(f"{url}/run", json=body, timeout=60)
+    if resp.status_code == 429:
+        raise SystemExit(f"the queue is full (429); retry after {resp.headers.get('Retry-After', '?')} s")
+    resp.raise_for_status()
+    answer = resp.json()
+    print(f"job {answer['id']}: {answer.get('status')}")
+    return answer["id"]
+
+
+def wait(session: requests.Session, url: str, job_id: str, poll: float, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        resp = session.get(f"{url}/status/{job_id}", timeout=60)
+        resp.raise_for_status()
+        answer = resp.json()
+        status = answer.get("status")
+        if status != last:
+            print(f"job {job_id}: {status}")
+            last = status
+        if status in FINAL:
+            return answer
+        if time.monotonic() > deadline:
+            session.post(f"{url}/cancel/{job_id}", timeout=60)
+            raise SystemExit(f"job {job_id} did not end within {timeout:g} s: cancelled")
+        time.sleep(poll)
+
+
+def save_outputs(output: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for entry in output.get("images", []) + output.get("files", []):
+        target = out_dir / Path(entry["filename"]).name
+        if entry["type"] == "base64":
+            target.write_bytes(base64.b64decode(entry["data"]))
+        else:  # s3_url: a presigned (or public) URL
+            resp = requests.get(entry["data"], timeout=300)
+            resp.raise_for_status()
+            target.write_bytes(resp.content)
+        saved.append(target)
+    return saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Submit a job with /run, poll /status, save the outputs.")
+    parser.add_argument("request", type=Path, help="request JSON file: {\"input\": {\"workflow\": ...}}")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="API base URL (default: the local box)")
+    parser.add_argument(
+        "--token", default=os.environ.get("API_TOKEN"), help="bearer token (default: env API_TOKEN, if set)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the returned files")
+    parser.add_argument("--poll", type=float, default=1.0, help="seconds between /status requests")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds before the job is cancelled")
+    args = parser.parse_args(argv)
+
+    body = json.loads(args.request.read_text())
+    url = args.url.rstrip("/")
+    session = requests.Session()
+    if args.token:
+        session.headers["Authorization"] = f"Bearer {args.token}"
+    answer = wait(session, url, submit(session, url, body), args.poll, args.timeout)
+    if answer["status"] != "COMPLETED":
+        print(f"error: {answer.get('error')}", file=sys.stderr)
+        details = (answer.get("output") or {}).get("details")
+        if details:
+            print(json.dumps(details, indent=2)[:4000], file=sys.stderr)
+        return 1
+    output = answer["output"]
+    for path in save_outputs(output, args.out):
+        print(f"saved {path}")
+    for text in output.get("text", []):
+        print(f"text from node {text['node_id']}: {text['text']}")
+    for error in output.get("errors", []):
+        print(f"warning: {error}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
