@@ -965,6 +965,7 @@ def test_sigterm_on_a_slow_server_stops_within_3_s_and_the_next_run_resumes(box,
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and origin.sent("/slow.safetensors") < 192 * 1024:
         time.sleep(0.05)
+    time.sleep(0.5)  # what was sent has reached the process (it sits in a read of 1 MiB)
     assert proc.poll() is None
     stopped = time.monotonic()
     proc.send_signal(signal.SIGTERM)

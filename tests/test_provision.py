@@ -324,4 +324,6 @@ def test_sigterm_mid_download_ends_the_start_within_3_s_without_nodes_or_gate(tm
     assert not (volume / ".config-sha256").exists() and not (volume / ".config-sha256.json").exists()
     assert not (volume / "ComfyUI" / "custom_nodes" / "StartNode").exists()
     part = volume / "ComfyUI" / "models" / "checkpoints" / "slow.safetensors.part"
-    assert part.stat().st_size > 0 and not part.with_name("slow.safetensors").exists()
+    # kept for the next start (its size: what had reached the process, which a loaded machine may delay)
+    assert part.is_file() and part.with_name(part.name + ".source").is_file()
+    assert not part.with_name("slow.safetensors").exists()
