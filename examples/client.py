@@ -75,7 +75,7 @@ def save_outputs(output: dict, out_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Submit a job with /run, poll /status, save the outputs.")
-    parser.add_argument("request", type=Path, help="request JSON file: {\"input\": {\"workflow\": ...}}")
+    parser.add_argument("request", type=Path, help='request JSON file: {"input": {"workflow": ...}}')
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="API base URL (default: the local box)")
     parser.add_argument(
         "--token", default=os.environ.get("API_TOKEN"), help="bearer token (default: env API_TOKEN, if set)"
