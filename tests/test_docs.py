@@ -74,7 +74,7 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
 def doc_files() -> list[Path]:
-    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "examples" / "README.md"]
 
 
 def code_lines(text: str) -> list[str]:
