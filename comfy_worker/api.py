@@ -163,6 +163,8 @@ class JobService:
         self.finished: dict[str, asyncio.Event] = {}
         self.tasks: list[asyncio.Task] = []
         self.webhooks: set[asyncio.Task] = set()
+        self.completions: set[asyncio.Task] = set()
+        self.requests: dict[str, dict] = {}  # jobs accepted by this process: their request, not read back
         self.durations: deque[float] = deque(maxlen=20)
         self.stopping = False
         self.session = None
@@ -200,6 +202,10 @@ class JobService:
 
     async def stop(self) -> None:
         self.begin_stop()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*self.completions, return_exceptions=True)  # results already in hand are written
         for task in [*self.tasks, *self.webhooks]:
             task.cancel()
         await asyncio.gather(*self.tasks, *self.webhooks, return_exceptions=True)
@@ -232,6 +238,7 @@ class JobService:
             self.queued.discard(job_id)
             self.finished.pop(job_id, None)
             raise
+        self.requests[job_id] = {"input": body["input"]}
         self.queue.put_nowait(job_id)
         log.info("job %s accepted (%d waiting)", job_id, len(self.queued))
         return job_id
@@ -286,14 +293,19 @@ class JobService:
             if self.stopping:
                 return  # still IN_QUEUE in the store: the next start runs it
             if job_id not in self.queued:
+                self.requests.pop(job_id, None)
                 continue  # cancelled or purged while it waited
             self.queued.discard(job_id)
             await self.run(job_id)
 
     async def run(self, job_id: str) -> None:
-        request = await self.db(self.store.start, job_id, time.time())
-        if request is None:
-            return
+        request = self.requests.pop(job_id, None)
+        if request is None:  # queued before a restart: read back
+            request = await self.db(self.store.start, job_id, time.time())
+            if request is None:
+                return
+        else:  # written while the job runs (the store's one thread keeps the writes in order)
+            self.loop.run_in_executor(self.db_thread, self.store.start, job_id, time.time())
         started = time.monotonic()
         task = asyncio.create_task(self.run_job({"id": job_id, "input": request["input"]}))
         self.running[job_id] = task
@@ -315,7 +327,13 @@ class JobService:
             self.running.pop(job_id, None)
             self.cancel_asked.discard(job_id)
         self.durations.append(time.monotonic() - started)
-        if await asyncio.shield(self.db(self.store.finish, job_id, status, result, time.time())):
+        # the worker takes the next job at once; the result is written (and then announced) beside it
+        task = asyncio.create_task(self.complete(job_id, status, result, time.time()))
+        self.completions.add(task)
+        task.add_done_callback(self.completions.discard)
+
+    async def complete(self, job_id: str, status: str, result: dict, now: float) -> None:
+        if await self.db(self.store.finish, job_id, status, result, now):
             log.info("job %s %s", job_id, status)
             self.send_webhook(job_id)
         self.job_done(job_id)
@@ -491,11 +509,11 @@ def create_app(settings: Settings, run_job: RunJob, token: str | None, store: Jo
         body = job_body(await read_json(request, settings.max_request_mb))
         job_id = await service.submit(body, prefix="sync-")
         seconds = settings.runsync_wait_s if wait is None else min(max(wait, 0), RUNSYNC_MAX_WAIT_MS) / 1000
-        return status_body(await service.wait(job_id, seconds))
+        return JSONResponse(status_body(await service.wait(job_id, seconds)))  # as is: outputs are plain JSON
 
     async def status(job_id: str, request: Request):
         await read_json(request, settings.max_request_mb)
-        return status_body(await service.get(job_id))
+        return JSONResponse(status_body(await service.get(job_id)))
 
     router.add_api_route("/status/{job_id}", status, methods=["GET", "POST"])
 

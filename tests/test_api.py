@@ -342,6 +342,7 @@ def test_health_counts_match_what_was_sent(api, comfyui):
     slow = api.post("/run", {"input": {"workflow": slow_workflow(400)}}).json()["id"]
     queued = [api.post("/run", {"input": {"workflow": tiny_workflow()}}).json()["id"] for _ in range(4)]
     api.wait_status(slow, "IN_PROGRESS")
+    wait_for(lambda: comfyui.get_json("/queue")["queue_running"], 30, "ComfyUI to run the prompt")
     health = api.get("/v2/ep/health").json()
     assert health["jobs"] == {
         "completed": 3,

@@ -97,7 +97,7 @@ def _fields_moved_by(name: str) -> set[str]:
     """The Settings fields that an env var changes (found by setting it, not by reading the source)."""
     base = dataclasses.asdict(Settings.from_env({}))
     moved: set[str] = set()
-    for sample in ("7", "1", "pip", "x-sample"):
+    for sample in ("7", "1", "pip", "none", "x-sample"):
         try:
             changed = dataclasses.asdict(Settings.from_env({name: sample}))
         except ValueError:
