@@ -158,10 +158,10 @@ def invocations(line: str) -> list[tuple[str, list[str]]]:
             name = re.sub(r"^(?:\./|/app/)", "", word)
             if word == "-m" and i + 1 < len(words):
                 name = words[i + 1]
-                i += 1
             if name in SCRIPTS:
-                found.append((name, words[i + 1 :]))
-                break
+                found.append((name, []))
+            elif found and word not in ("python", "python3", "bash") and words[i - 1 : i] != ["-m"]:
+                found[-1][1].append(word)  # the words up to the next script are this one's
     return found
 
 
