@@ -43,7 +43,8 @@ def test_example_workflow_runs_on_real_comfyui(comfyui, monkeypatch):
     body = json.loads(EXAMPLE.read_text())
     body["input"]["workflow"]["2"]["inputs"]["model_name"] = "tiny_compact_x2.safetensors"
     given = Image.open(io.BytesIO(base64.b64decode(body["input"]["images"][0]["image"])))
-    inputs_before = sorted(p.name for p in (comfyui.path / "input").iterdir())
+    # files only: ComfyUI creates the folder input/3d itself the first time /object_info is asked
+    inputs_before = sorted(p.name for p in (comfyui.path / "input").iterdir() if p.is_file())
 
     async def go():
         try:
@@ -56,4 +57,4 @@ def test_example_workflow_runs_on_real_comfyui(comfyui, monkeypatch):
     (entry,) = result["images"]
     upscaled = Image.open(io.BytesIO(base64.b64decode(entry["data"])))
     assert upscaled.size == (given.width * 2, given.height * 2)
-    assert sorted(p.name for p in (comfyui.path / "input").iterdir()) == inputs_before  # input folder left clean
+    assert sorted(p.name for p in (comfyui.path / "input").iterdir() if p.is_file()) == inputs_before  # left clean
