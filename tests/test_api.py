@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -20,6 +22,10 @@ from PIL import Image
 from support.api_server import ApiServer, slow_workflow, tiny_workflow
 from support.comfy_process import ROOT
 from support.local_http import QuietHandler, serve_in_thread
+
+from comfy_worker.api import ApiError, JobService
+from comfy_worker.job_store import JobStore
+from comfy_worker.settings import Settings
 
 TOKEN = "api-test-token-7f3a9c"
 UI_FORMAT = "The workflow is in ComfyUI's UI format"
@@ -332,6 +338,33 @@ def test_limits_request_size_runsync_wait_and_result_ttl(api_factory):
     time.sleep(2.2)
     expired = api.get(f"/status/{waited['id']}")
     assert expired.status_code == 404 and "RESULT_TTL_S=2 s" in expired.json()["error"]
+    wait_for(lambda: stored_status(api, waited["id"]) is None, 5, "the expired row to be deleted from the store")
+
+
+def stored_status(server: ApiServer, job_id: str) -> str | None:
+    """The job's status as the store on the volume holds it (read beside the API: WAL allows it)."""
+    with contextlib.closing(sqlite3.connect(server.volume / ".api" / "jobs.sqlite3")) as db:
+        row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return row[0] if row else None
+
+
+def test_a_result_past_result_ttl_s_is_gone_even_before_the_store_is_swept(tmp_path):
+    settings = Settings.from_env({"RESULT_TTL_S": "60", "VOLUME_ROOT": str(tmp_path)})
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    try:
+        service = JobService(settings, None, store)
+        now = time.time()
+        for job_id, finished in (("old", now - 61), ("fresh", now - 59)):
+            store.add(job_id, {"input": {}}, None, finished - 1)
+            store.start(job_id, finished - 1)
+            store.finish(job_id, "COMPLETED", {"output": {}}, finished)
+        assert asyncio.run(service.get("fresh"))["status"] == "COMPLETED"
+        with pytest.raises(ApiError, match="its result expired") as err:
+            asyncio.run(service.get("old"))
+        assert err.value.status == 404
+    finally:
+        service.db_thread.shutdown()
+        store.close()
 
 
 def test_health_counts_match_what_was_sent(api, comfyui):
@@ -400,6 +433,7 @@ def test_sigterm_stops_promptly_interrupts_the_running_job_and_the_restart_runs_
     waiter.join(10)
     wait_for(lambda: comfy_idle(comfyui), 10, "ComfyUI to be idle (the prompt interrupted)")
     assert "stopped by the shutdown: it runs again after the restart" in first.log()
+    assert stored_status(first, job_id) == "IN_QUEUE"  # put back by the stop itself, not only by the next start
 
     second = api_factory(log_name="second.log", RUNSYNC_WAIT_S="1")
     second_body = second.status(job_id)
