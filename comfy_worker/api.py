@@ -49,7 +49,7 @@ from comfy_worker.job_store import FINAL, JobStore
 from comfy_worker.log_setup import safe_url, setup_logging
 from comfy_worker.settings import Settings
 
-log = logging.getLogger("api")
+log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)  # also under python -m
 
 RunJob = Callable[[dict], Awaitable[dict]]
 TOKEN_FILE = ".api-token"

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from comfy_worker.settings import Settings
 
-log = logging.getLogger("services")
+log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)  # also under python -m
 
 STOP_GRACE_S = 8.0
 TOKEN_FILE = ".jupyter-token"

@@ -3,8 +3,9 @@
     python examples/test_local.py                              # test_input.json to http://127.0.0.1:8000
     python examples/test_local.py examples/workflow_upscale.json --url http://127.0.0.1:8000 --out outputs
 
-The local API is the RunPod SDK's own (``python handler.py --rp_serve_api --rp_api_port 8000``, started
-by start.sh in local/pod mode). The request file is a RunPod request body: ``{"input": {"workflow": ...}}``.
+The API is the worker's own (``python -m comfy_worker.api``, started by start.sh in local and pod
+mode; docs/api.md); on a pod, where it asks for a token, use examples/client.py --token.
+The request file is a RunPod request body: ``{"input": {"workflow": ...}}``.
 Images and files are written to ``--out`` (base64 decoded, or downloaded from their S3 URL); text
 outputs and non-fatal errors are printed.
 """

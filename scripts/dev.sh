@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up the dev environment and runs the worker locally through start.sh in local mode: ComfyUI
-# (CPU when there is no GPU), the RunPod SDK's local API on API_PORT (8000) serving handler.py, and
+# (CPU when there is no GPU), the worker's API (python -m comfy_worker.api) on API_PORT (8000), and
 # JupyterLab on JUPYTER_PORT (8888), after provisioning config.yml into $VOLUME_ROOT (default
 # ./workspace). Extra arguments go to start.sh (e.g. --provision-only). Ctrl-C stops everything.
 set -euo pipefail

@@ -26,7 +26,7 @@ def main() -> int:
     settings = Settings.from_env()
     checks = [f"http://{settings.comfy_host}/system_stats"]
     if settings.mode in ("pod", "local"):
-        checks.append(f"http://127.0.0.1:{settings.api_port}/docs")
+        checks.append(f"http://127.0.0.1:{settings.api_port}/ping")
     failed = [url for url in checks if not answers(url)]
     for url in failed:
         print(f"unhealthy: no answer from {url}")

@@ -67,7 +67,7 @@ def wait_ready(box: container.Container, env: dict[str, str], timeout: float = 6
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if (
-            status(f"http://127.0.0.1:{env['API_PORT']}/docs") == 200
+            status(f"http://127.0.0.1:{env['API_PORT']}/ping") == 200
             and status(f"http://127.0.0.1:{env['COMFY_PORT']}/system_stats") == 200
         ):
             return time.monotonic() - box.started
@@ -87,7 +87,7 @@ def wait_until(check, timeout: float, what: str, box: container.Container) -> No
 
 
 def run_job(env: dict[str, str]) -> None:
-    """A job through the RunPod SDK's local API; the output is the 64x64 PNG the upscale model made."""
+    """A job through the worker's API; the output is the 64x64 PNG the upscale model made."""
     from PIL import Image
 
     body = json.dumps({"input": {"workflow": WORKFLOW, "timeout": 120}}).encode()
