@@ -34,6 +34,7 @@ import glob
 import importlib
 import logging
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -142,6 +143,14 @@ def jupyter_command(settings: Settings) -> list[str]:
     return cmd
 
 
+_IMPORT_FAILED = re.compile(r"\(IMPORT FAILED\):\s*(.+?)\s*$", re.M)
+
+
+def import_failures(comfy_log: str) -> list[str]:
+    """The custom node folders ComfyUI's start log lists as ``(IMPORT FAILED): <path>``."""
+    return [Path(m.group(1)).name for m in _IMPORT_FAILED.finditer(comfy_log)]
+
+
 def comfy_ready(settings: Settings) -> bool:
     try:
         with urllib.request.urlopen(f"http://{settings.comfy_host}/system_stats", timeout=2) as r:
@@ -208,11 +217,26 @@ class Supervisor:
                 return False
             if comfy_ready(self.settings):
                 log.info("ComfyUI answers on %s", self.settings.comfy_host)
+                self.report_import_failures()
                 return True
             time.sleep(0.05)  # each tenth of a second here is a tenth on the time to the first job
         if not self.stopping:
             log.error("ComfyUI did not answer within %.0f s (COMFY_READY_TIMEOUT)", self.settings.comfy_ready_timeout)
         return False
+
+    def report_import_failures(self) -> None:
+        """Say loudly which custom nodes ComfyUI could not import: otherwise only its own log knows,
+        and a job using them fails with "node X does not exist"."""
+        try:
+            text = self.settings.comfy_log_file.read_text(errors="replace")
+        except OSError:
+            return
+        for folder in import_failures(text):
+            log.warning(
+                "custom node %s failed to import in ComfyUI: its nodes are missing; the reason is in %s",
+                folder,
+                self.settings.comfy_log_file,
+            )
 
     def log_tail(self, lines: int = 15) -> str:
         try:

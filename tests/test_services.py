@@ -114,3 +114,13 @@ def answers(url: str) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+def test_custom_nodes_that_fail_to_import_are_named_from_the_real_comfyui_log(comfyui_factory, tmp_path):
+    proc = comfyui_factory(start=False)
+    broken = proc.path / "custom_nodes" / "BrokenNode"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("import a_module_that_is_not_installed_anywhere\n")
+    proc.start()
+    log_text = proc.log_path.read_text(errors="replace")
+    assert services.import_failures(log_text) == ["BrokenNode"]
