@@ -664,8 +664,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     if threading.current_thread() is threading.main_thread():
-        # outside run_parallel (which raises on SIGTERM), a SIGTERM only stops: the exit waits for the
-        # downloads to wind down instead of cutting them off mid-write
+        # outside run_parallel too (e.g. while checking the lock), a SIGTERM only stops: the exit waits
+        # for the downloads to wind down instead of cutting them off mid-write
         signal.signal(signal.SIGTERM, lambda signum, frame: prov.stop.set())
     try:
         if args.dry_run:
@@ -677,10 +677,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {err}", file=sys.stderr)
                 return EXIT_FAILED
             results = run_parallel(prov.run, results, args.parallel, prov.stop)
-    except (volume_lock.Interrupted, KeyboardInterrupt):
-        # KeyboardInterrupt: a second SIGTERM while the first one's downloads wound down (a container stop
-        # reaches this process twice: from tini -g and from provision.py passing it on); the threads
-        # still running end within moments (their sockets are cut) and are joined before the exit
+    except volume_lock.Interrupted:  # run_parallel waited for the running entries (their sockets are cut)
         prov.stop.set()
         print("interrupted; partial downloads are kept as .part files and resume on the next run", file=sys.stderr)
         return EXIT_FAILED

@@ -116,27 +116,27 @@ def status_word(ok: bool, optional: bool) -> str:
 
 
 def run_parallel(work: Callable[[T], T], items: Sequence[T], parallel: int, stop: threading.Event) -> list[T]:
-    """``work(item)`` for every item on up to ``parallel`` threads, in order. SIGTERM (and Ctrl-C)
-    sets ``stop`` (which ``work`` must honour: it ends downloads, waits and child processes), lets
-    the running items wind down, skips those not started and raises ``Interrupted``."""
+    """``work(item)`` for every item on up to ``parallel`` threads, in order. SIGTERM and Ctrl-C set
+    ``stop`` (which ``work`` must honour: it ends downloads, waits and child processes), let the
+    running items wind down, skip those not started and raise ``Interrupted``. A second signal while
+    they wind down changes nothing (a container stop may send two: one from tini, one from a parent)."""
 
     def on_signal(signum, frame):
         stop.set()
-        raise KeyboardInterrupt
 
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_signal) if main_thread else None
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, on_signal) for s in signals} if main_thread else {}
     pool = ThreadPoolExecutor(max(1, min(parallel, len(items) or 1)), thread_name_prefix="entry")
     try:
         futures = [pool.submit(work, item) for item in items]
-        while not all(f.done() for f in futures):
+        while not all(f.done() for f in futures) and not stop.is_set():
             time.sleep(0.05)
+        if stop.is_set():
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise Interrupted("stopped by a signal")
         return [f.result() for f in futures]
-    except KeyboardInterrupt:
-        stop.set()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise Interrupted("stopped by a signal") from None
     finally:
         pool.shutdown(wait=False)
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

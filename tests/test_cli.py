@@ -3,6 +3,8 @@
 the shared CLI pieces (summary table, sizes). comfy.lock.yml: tests/test_lock_file.py."""
 
 import base64
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -184,3 +186,43 @@ def test_token_in_a_model_url_is_rejected_masked(script, tmp_path):
     assert result.returncode == 2
     assert "SeCrEt1234" not in result.stderr
     assert "(token=***)" in result.stderr and "CIVITAI_TOKEN" in result.stderr
+
+
+RUN_PARALLEL_SCRIPT = """
+import sys, threading, time
+from comfy_worker.cli import run_parallel
+from comfy_worker.volume_lock import Interrupted
+
+stop = threading.Event()
+
+def work(item):
+    sys.stdout.write(f"started {item}\\n")  # one write: two threads print at once
+    sys.stdout.flush()
+    stop.wait()
+    time.sleep(0.5)  # winding down after the stop, while a second signal arrives
+    return item
+
+try:
+    run_parallel(work, [1, 2, 3, 4], 2, stop)
+except Interrupted as err:
+    print("interrupted:", err, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_run_parallel_stops_on_sigterm_and_a_second_one_changes_nothing(tmp_path):
+    script = tmp_path / "par.py"
+    script.write_text(RUN_PARALLEL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    started = [proc.stdout.readline(), proc.stdout.readline()]
+    assert all(line.startswith("started") for line in started)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # as tini -g and a parent both forward a container stop
+    out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 3, err
+    assert "interrupted: stopped by a signal" in out and "Traceback" not in err
+    assert "started 3" not in out  # items not started are skipped
