@@ -872,9 +872,11 @@ def test_download_retries_and_connections_are_honoured_from_the_environment(box,
     assert r.returncode == 0, r.stderr
     assert sha_of(box.models / "unet" / "big.safetensors") == sha
     bodies = [s for s in origin.seen("/big.safetensors") if s.headers.get("range") != "bytes=0-0"]
-    events = sorted([(s.at, 1) for s in bodies] + [(s.finished or s.at, -1) for s in bodies])
+    # The origin notes a request finished when its handler returns, a moment after the client got the
+    # last byte and may have sent the next request: overlaps under 50 ms are that, not a 4th connection.
+    events = sorted([(s.at, 1) for s in bodies] + [((s.finished or s.at) - 0.05, -1) for s in bodies])
     peak = max(sum(d for _, d in events[: i + 1]) for i in range(len(events)))
-    assert len(bodies) == 8 and peak == 3  # 8 MiB chunks over exactly 3 connections at a time
+    assert len(bodies) == 8 and peak == 3  # 8 MiB chunks (~170 ms each) over exactly 3 connections at a time
 
     box.env["DOWNLOAD_RETRIES"] = "2"
     box.write([{"url": f"{origin.url}/flaky.safetensors", "destination": "unet"}])
