@@ -96,9 +96,17 @@ class Phase:
 
 
 def read_source(settings: Settings) -> Source:
-    """The raw config by precedence, without parsing it. Raises SourceError when there is none."""
+    """The raw config by precedence, without parsing it. Raises SourceError when there is none.
+    On a pod without CONFIG_YML the baked ``$APP_DIR/config.yml`` is first copied onto the volume, so
+    there is a ``config.yml`` to edit in Jupyter before running apply_config.sh."""
     if settings.config_yml is not None:
         return Source("CONFIG_YML", settings.config_yml, settings.volume_root / "config.yml", from_env=True)
+    on_volume, baked = settings.volume_root / "config.yml", settings.app_dir / "config.yml"
+    if settings.mode == "pod" and not on_volume.exists() and baked.is_file():
+        from comfy_worker.lock_file import atomic_write_text
+
+        atomic_write_text(on_volume, baked.read_text(encoding="utf-8"))
+        log.info("copied %s to %s: edit it there (e.g. in Jupyter), then run apply_config.sh", baked, on_volume)
     for candidate in (settings.volume_root / "config.yml", settings.app_dir / "config.yml"):
         if candidate.is_file():
             try:
@@ -126,9 +134,34 @@ def write_env_config(settings: Settings, text: str) -> Path:
         return dest
     if current is not None or dest.exists():
         os.replace(dest, dest.with_name("config.yml.bak"))
-        log.info("CONFIG_YML differs from %s: the previous file is kept as config.yml.bak", dest)
+        log.warning(
+            "CONFIG_YML is set and differs from %s: CONFIG_YML wins, the file is kept as config.yml.bak "
+            "(to edit the config on the volume instead, unset CONFIG_YML)",
+            dest,
+        )
     atomic_write_text(dest, text)
     return dest
+
+
+def edited_under_config_yml(settings: Settings, source: Source) -> bool:
+    """apply_config.sh on a box whose CONFIG_YML differs from the ``config.yml`` on the volume (edited
+    in Jupyter): CONFIG_YML would win and replace the edits, so say so and stop (True)."""
+    from comfy_worker.config_schema import ConfigError, decode_config_env
+
+    path = settings.volume_root / "config.yml"
+    try:
+        differs = path.read_text(encoding="utf-8") != decode_config_env(source.text)
+    except FileNotFoundError:
+        return False
+    except (OSError, UnicodeDecodeError, ConfigError):
+        differs = True
+    if differs:
+        log.error(
+            "CONFIG_YML is set, so it, not %s, is this box's config: applying would replace your edits "
+            "with it; unset CONFIG_YML (e.g. in the pod's settings) to apply the file, or change CONFIG_YML",
+            path,
+        )
+    return differs
 
 
 def load(settings: Settings, source: Source):
@@ -483,6 +516,8 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
         log.error("%s", err)
         return EXIT_INVALID
     log.info("config from %s; volume %s; mode %s", source.name, settings.volume_root, settings.mode)
+    if opts.apply and source.from_env and edited_under_config_yml(settings, source):
+        return EXIT_INVALID
     rc, changed = EXIT_OK, []
     try:
         record = read_record(settings)

@@ -142,6 +142,8 @@ def test_config_yml_variants_and_bak(tmp_path):
         out = run_script({**env, "CONFIG_YML": value}, "start.sh", "--provision-only")
         assert out.returncode == 0, (name, out.stderr)
         assert (volume / "config.yml").read_text() == text, name
+        replaced = "CONFIG_YML is set and differs from" in out.stderr
+        assert replaced == (name == "standard"), name  # said loudly, once: only the first run replaced a file
     assert (volume / "config.yml.bak").read_text() == "models: []\n# the user's own\n"
     bad = run_script({**env, "CONFIG_YML": "!!not base64 and not yaml: ["}, "start.sh", "--provision-only")
     assert bad.returncode == 2 and "CONFIG_YML" in bad.stderr
@@ -327,3 +329,30 @@ def test_sigterm_mid_download_ends_the_start_within_3_s_without_nodes_or_gate(tm
     # kept for the next start (its size: what had reached the process, which a loaded machine may delay)
     assert part.is_file() and part.with_name(part.name + ".source").is_file()
     assert not part.with_name("slow.safetensors").exists()
+
+
+def test_apply_config_refuses_to_replace_an_edited_volume_config_with_config_yml(tmp_path):
+    env = start_env(tmp_path, CONFIG_YML="models: []\n")
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    edited = Path(env["VOLUME_ROOT"]) / "config.yml"
+    edited.write_text("models: []\nnodes: []\n# edited in Jupyter\n")
+    out = run_script(env, "apply_config.sh")
+    assert out.returncode == 2
+    assert "CONFIG_YML is set" in out.stderr and "unset CONFIG_YML" in out.stderr
+    assert edited.read_text().endswith("# edited in Jupyter\n")  # the user's edits are still there
+
+
+def test_a_pod_without_config_yml_gets_the_baked_config_on_the_volume_to_edit(tmp_path):
+    env = start_env(tmp_path, MODE="pod")
+    dry_run = [sys.executable, "-m", "comfy_worker.provision", "--dry-run"]
+    out = subprocess.run(dry_run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    on_volume = Path(env["VOLUME_ROOT"]) / "config.yml"
+    assert on_volume.read_text() == (ROOT / "config.yml").read_text() and "edit it there" in out.stderr
+    on_volume.write_text("models: []\n# edited\n")  # a later start keeps the user's file
+    out = subprocess.run(dry_run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and on_volume.read_text() == "models: []\n# edited\n"
+    (tmp_path / "local").mkdir()
+    local = start_env(tmp_path / "local")  # local mode edits the repo's config.yml in place: no copy
+    subprocess.run(dry_run, env=local, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert not (Path(local["VOLUME_ROOT"]) / "config.yml").exists()
