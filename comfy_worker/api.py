@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import signal
 import sys
 import time
@@ -48,6 +47,7 @@ from starlette.exceptions import HTTPException
 from comfy_worker.job_store import FINAL, JobStore
 from comfy_worker.log_setup import safe_url, setup_logging
 from comfy_worker.settings import Settings
+from comfy_worker.token_file import stored_token
 
 log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)  # also under python -m
 
@@ -92,18 +92,7 @@ def api_token(settings: Settings, host: str) -> tuple[str | None, bool]:
         return settings.api_token, False
     if is_loopback(host):
         return None, False
-    path = settings.volume_root / TOKEN_FILE
-    with contextlib.suppress(OSError):
-        token = path.read_text(encoding="utf-8").strip()
-        if token:
-            return token, False
-    token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.chmod(path, 0o600)
-    return token, True
+    return stored_token(settings.volume_root / TOKEN_FILE)
 
 
 def token_matches(header: str | None, token: str) -> bool:

@@ -35,7 +35,6 @@ import importlib
 import logging
 import os
 import re
-import secrets
 import shlex
 import signal
 import subprocess
@@ -45,6 +44,7 @@ import urllib.request
 from pathlib import Path
 
 from comfy_worker.settings import Settings
+from comfy_worker.token_file import stored_token
 
 log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)  # also under python -m
 
@@ -115,20 +115,7 @@ def jupyter_token(settings: Settings) -> tuple[str, bool]:
     """(token, generated now). JUPYTER_PASSWORD, else the volume's token file, else a new one (0600)."""
     if settings.jupyter_password:
         return settings.jupyter_password, False
-    path = settings.volume_root / TOKEN_FILE
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-        if token:
-            return token, False
-    except OSError:
-        pass
-    token = secrets.token_urlsafe(24)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    os.chmod(path, 0o600)
-    return token, True
+    return stored_token(settings.volume_root / TOKEN_FILE, nbytes=24)
 
 
 def jupyter_command(settings: Settings) -> list[str]:
