@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from support.wheels import UV, installed_version, installer_of, make_venv, make_wheel, wheel_env
+from support.wheels import UV, install_offline, installed_version, installer_of, make_venv, make_wheel, wheel_env
 
 from comfy_worker import node_requirements
 
@@ -134,26 +134,8 @@ def test_installer_caches_go_to_the_volume_unless_the_user_chose_them(tmp_path, 
 
 def _set_version(python, name, version, folder):
     """Install ``name==version`` bypassing every constraint (what a careless install.py does)."""
-    import subprocess
-
     env = {k: v for k, v in os.environ.items() if k not in ("PIP_CONSTRAINT", "UV_CONSTRAINT")}
-    subprocess.run(
-        [
-            str(UV),
-            "pip",
-            "install",
-            "-q",
-            "--python",
-            str(python),
-            "--no-index",
-            "--find-links",
-            str(folder),
-            f"{name}=={version}",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    install_offline(python, folder, [f"{name}=={version}"], env=env)
 
 
 def test_a_local_build_tag_of_the_same_torch_version_is_refused(tmp_path, wheels, venv):

@@ -63,23 +63,14 @@ def make_venv(path: Path, wheels: Path, packages: list[str] = (), pip: bool = Fa
         subprocess.run([str(UV), "venv", "-q", "--python", sys.executable, str(path)], check=True, capture_output=True)
     python = path / "bin" / "python"
     if packages:
-        subprocess.run(
-            [
-                str(UV),
-                "pip",
-                "install",
-                "-q",
-                "--python",
-                str(python),
-                "--no-index",
-                "--find-links",
-                str(wheels),
-                *packages,
-            ],
-            check=True,
-            capture_output=True,
-        )
+        install_offline(python, wheels, packages)
     return python
+
+
+def install_offline(python: Path, wheels: Path, packages: list[str], env: dict[str, str] | None = None) -> None:
+    """``uv pip install`` of ``packages`` into ``python``'s environment, only from ``wheels``."""
+    cmd = [str(UV), "pip", "install", "-q", "--python", str(python), "--no-index", "--find-links", str(wheels)]
+    subprocess.run([*cmd, *packages], check=True, capture_output=True, env=env)
 
 
 def installed_version(python: Path, name: str) -> str | None:
