@@ -89,7 +89,6 @@ from comfy_worker.http_download import (
     Probe,
     discard_part,
     fsync_path,
-    scrub,
 )
 from comfy_worker.lock_file import read_lock_file, update_lock_file
 from comfy_worker.log_setup import redact_urls, setup_logging
@@ -142,7 +141,7 @@ class ModelResult:
 
 
 def one_line(text: str) -> str:
-    return " ".join(scrub(text).split())
+    return " ".join(redact_urls(text).split())
 
 
 class Provisioner:
@@ -282,7 +281,7 @@ class Provisioner:
         except (DownloadError, volume_lock.LockError) as err:
             r.error = one_line(str(err))
         except Exception as err:  # one broken entry must not take the others down
-            log.error("%s: unexpected error\n%s", r.label, scrub(traceback.format_exc()))
+            log.error("%s: unexpected error\n%s", r.label, redact_urls(traceback.format_exc()))
             r.error = one_line(f"{type(err).__name__}: {err}")
         r.seconds = time.monotonic() - started
         if r.error and r.action != INTERRUPTED:
@@ -495,7 +494,9 @@ class Provisioner:
                 raise volume_lock.Interrupted(f"stopped during the Xet download of {hf.path}")
         if "error" in outcome:
             err = outcome["error"]
-            raise DownloadError(f"Hugging Face (Xet) {hf.repo_id}/{hf.path}: {type(err).__name__}: {scrub(str(err))}")
+            raise DownloadError(
+                f"Hugging Face (Xet) {hf.repo_id}/{hf.path}: {type(err).__name__}: {redact_urls(str(err))}"
+            )
         os.replace(outcome["path"], part)
         shutil.rmtree(staging, ignore_errors=True)
         size = part.stat().st_size

@@ -55,7 +55,8 @@ How the pieces fit:
   renewed by asking that URL again (Hugging Face's resolve URL, CivitAI's download, any redirecting
   site), as often as it helps: the download gives up after ``retries`` renewals in a row without a byte
   of progress. A signed link carries a credential in its query string, so every error text of this
-  module goes through ``scrub`` (also a library's own text, e.g. requests quoting ``/path?query``).
+  module goes through ``log_setup.redact_urls`` (also a library's own text, e.g. requests quoting
+  ``/path?query``).
 - Verification: size always (against the server's size and ``expected_size``), sha256 when expected;
   a mismatch deletes the part and its records and raises ``ChecksumError``. A verified part is fsynced
   before ``fetch`` returns, so the caller can rename and record it.
@@ -161,16 +162,6 @@ class Result:
     fetched: int  # bytes received over the network by this call
     resumed_from: int  # bytes already in the part when this call started
     connections: int
-
-
-_PATH_QUERY = re.compile(r"""(/[^\s'"<>?#()]*)[?#][^\s'"<>()]*""")
-
-
-def scrub(text: str) -> str:
-    """``text`` without any URL's query string or credentials, also where a library quotes only a path
-    with its query (requests: ``Max retries exceeded with url: /f?X-Amz-Signature=...``): a signed CDN
-    link carries a short-lived credential there. Every error text of this module goes through it."""
-    return _PATH_QUERY.sub(r"\1?…", redact_urls(text))
 
 
 def same_host(a: str, b: str) -> bool:
@@ -416,7 +407,7 @@ class Downloader:
                     method, url, headers=hop_headers, stream=True, allow_redirects=False, timeout=(10, self.timeout)
                 )
             except NETWORK_ERRORS as err:
-                raise RetryableError(f"{urlparse(url).netloc}: {type(err).__name__}: {scrub(str(err))}") from None
+                raise RetryableError(f"{urlparse(url).netloc}: {type(err).__name__}: {redact_urls(str(err))}") from None
             if resp.status_code in REDIRECTS and resp.headers.get("Location"):
                 resp.close()
                 url = urljoin(url, resp.headers["Location"])
@@ -451,9 +442,9 @@ class Downloader:
                 if stop.is_set():  # a cut connection, or any failure after the stop: never a retry
                     raise Interrupted(f"{what}: interrupted") from None
                 if isinstance(err, RetryableError):
-                    failure, retry_after = scrub(str(err)), err.retry_after
+                    failure, retry_after = redact_urls(str(err)), err.retry_after
                 elif isinstance(err, NETWORK_ERRORS):
-                    failure, retry_after = f"{type(err).__name__}: {scrub(str(err))}", None
+                    failure, retry_after = f"{type(err).__name__}: {redact_urls(str(err))}", None
                 else:
                     raise
             now = progress_made() if progress_made else 0

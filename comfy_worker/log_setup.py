@@ -44,6 +44,9 @@ _URL_QUERY = re.compile(
     r"""((?:https?|s3|wss?)://[^\s'"<>?#]*)[?#][^\s'"<>]*?(?=[)\]}.,;:!]*(?:[\s'"<>]|$))""", re.IGNORECASE
 )
 _URL_USERINFO = re.compile(r"""((?:https?|wss?)://)[^\s'"<>/@]+@""", re.IGNORECASE)
+# a path with its query where a library quotes no scheme or host (requests: "Max retries exceeded with
+# url: /f?X-Amz-Signature=..."): a signed link carries a short-lived credential there too
+_PATH_QUERY = re.compile(r"""(/[^\s'"<>?#()]*)[?#][^\s'"<>()]*?(?=[)\]}.,;:!]*(?:[\s'"<>()]|$))""")
 
 
 def safe_url(url: str) -> str:
@@ -52,9 +55,11 @@ def safe_url(url: str) -> str:
 
 
 def redact_urls(text: str) -> str:
-    """Every URL in ``text`` without its query string/fragment (``?…``) and without credentials."""
+    """Every URL in ``text`` without its query string/fragment (``?…``) and without credentials; also
+    a bare ``/path?query`` as libraries quote it."""
     text = _URL_USERINFO.sub(r"\1***@", text)
-    return _URL_QUERY.sub(lambda m: m.group(1) + "?…", text)
+    text = _URL_QUERY.sub(lambda m: m.group(1) + "?…", text)
+    return _PATH_QUERY.sub(r"\1?…", text)
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

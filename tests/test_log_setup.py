@@ -53,3 +53,11 @@ def test_a_traceback_another_handler_formatted_first_is_redacted_too(monkeypatch
         root.removeHandler(first)
     assert "hf_traceback_secret" in theirs.getvalue()  # that handler formatted it unredacted first
     assert "token *** rejected" in ours.getvalue() and "hf_traceback_secret" not in ours.getvalue()
+
+
+def test_a_path_quoted_with_its_query_by_a_library_is_redacted():
+    from comfy_worker.log_setup import redact
+
+    text = "Max retries exceeded with url: /m.bin?X-Amz-Signature=SIGNEDsecret42 (Caused by ...)"
+    assert redact(text) == "Max retries exceeded with url: /m.bin?… (Caused by ...)"
+    assert redact("see https://cdn.x/a/b.safetensors?sig=abc.") == "see https://cdn.x/a/b.safetensors?…."
