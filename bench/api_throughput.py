@@ -5,11 +5,11 @@ skips the save) on one ComfyUI, at the same concurrency (MAX_CONCURRENCY):
   - direct: ``handler.handler(job)`` in this process, ``--concurrency`` jobs at a time;
   - API: ``python -m comfy_worker.api`` (a real uvicorn, its SQLite store on a temp volume, a bearer
     token) with ``MAX_CONCURRENCY=--concurrency``, fed by ``--concurrency + 4`` clients calling
-    ``/runsync`` (so its queue never runs dry): everything the API adds (HTTP, auth, the store's three
-    fsynced writes per job, the queue) is in its figure.
+    ``/runsync`` over keep-alive connections (so its queue never runs dry): everything the API adds
+    (HTTP, auth, the store's writes, the queue, the pipe to its job runner) is in its figure.
 Rounds alternate direct / API; prints jobs per second of each round, the medians and the ratio API / direct.
 
-    .venv/bin/python bench/api_throughput.py [--jobs 40] [--rounds 3] [--concurrency 1]
+    .venv/bin/python bench/api_throughput.py [--jobs 100] [--rounds 9] [--concurrency 1]
 
 Target: >= 0.9x. It starts its own ComfyUI on CPU (tests/support/comfy_process.py) and stops it.
 """
@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,21 +54,32 @@ def direct_round(jobs: list[dict], concurrency: int) -> float:
 
 
 def api_round(server, jobs: list[dict], clients: int) -> float:
-    def one(job):
-        answer = server.post("/runsync", {"input": job["input"]})
-        body = answer.json()
-        assert answer.status_code == 200 and body["status"] == "COMPLETED", body
+    """``clients`` keep-alive connections (aiohttp, one event loop: the lightest client this machine's
+    cores can share with the API and ComfyUI) each sending ``/runsync`` until the jobs are done."""
+    import aiohttp
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one, jobs))
-    return len(jobs) / (time.perf_counter() - started)
+    async def go():
+        todo = iter(jobs)
+        headers = server.headers(...)
+
+        async def client(http):
+            for job in todo:
+                async with http.post(f"{server.url}/runsync", json={"input": job["input"]}) as answer:
+                    body = await answer.json()
+                    assert answer.status == 200 and body["status"] == "COMPLETED", body
+
+        async with aiohttp.ClientSession(headers=headers) as http:
+            started = time.perf_counter()
+            await asyncio.gather(*(client(http) for _ in range(clients)))
+            return time.perf_counter() - started
+
+    return len(jobs) / asyncio.run(go())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=40, help="jobs per round and side")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=100, help="jobs per round and side")
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--concurrency", type=int, default=1, help="MAX_CONCURRENCY of both sides")
     args = parser.parse_args()
 
@@ -78,9 +88,9 @@ def main() -> int:
 
     from comfy_worker.log_setup import setup_logging
 
-    setup_logging("WARNING")
-    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp, open(Path(tmp) / "direct.log", "w") as direct_log:
         tmp = Path(tmp)
+        setup_logging("INFO", direct_log)  # the handler logs here as it does in the API's runner: same lines
         comfy = ComfyUIProcess(clone_comfyui(tmp / "ComfyUI"), tmp / "run").start()
         for name in ("BUCKET_ENDPOINT_URL", "RUNPOD_ENDPOINT_ID", "REFRESH_WORKER"):
             os.environ.pop(name, None)

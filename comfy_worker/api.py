@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import importlib
 import ipaddress
 import json
 import logging
@@ -34,7 +33,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -44,6 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from comfy_worker.job_runner import RunnerDied, RunnerProcess
 from comfy_worker.job_store import FINAL, JobStore
 from comfy_worker.log_setup import safe_url, setup_logging
 from comfy_worker.settings import Settings
@@ -55,6 +54,7 @@ RunJob = Callable[[dict], Awaitable[dict]]
 TOKEN_FILE = ".api-token"
 STORE_FILE = Path(".api") / "jobs.sqlite3"
 BODY_KEYS = {"input", "webhook", "policy", "s3Config"}
+PREFETCH = 1  # jobs sent to the runner ahead of a free slot
 CANCEL_WAIT_S = 15.0  # /cancel answers once the running job stopped (the handler waits up to 10 s)
 RUNSYNC_MAX_WAIT_MS = 300_000
 
@@ -137,36 +137,39 @@ def status_body(job: dict) -> dict:
 
 
 class JobService:
-    """The queue, the workers, the store and the webhooks of one API process."""
+    """The queue, the job runner, the store and the webhooks of one API process.
 
-    def __init__(self, settings: Settings, run_job: RunJob, store: JobStore):
+    A job is ``queued`` from its 200 until the runner says it started (``concurrency`` run at once; up to
+    ``PREFETCH`` more are sent ahead so the runner starts the next one the moment one ends, without a round
+    trip through this process), then ``running`` until its result is written. The store's calls are quick
+    (WAL, ``synchronous=NORMAL``: no fsync per write) and made right here in the event loop."""
+
+    def __init__(self, settings: Settings, runner: RunnerProcess | None, store: JobStore):
         self.settings = settings
-        self.run_job = run_job
+        self.runner = runner
+        self.runner_up = asyncio.Event()
+        self.restarting: asyncio.Task | None = None
         self.store = store
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.db_thread = ThreadPoolExecutor(1, thread_name_prefix="job-store")
         self.queue: asyncio.Queue[str] = asyncio.Queue()
         self.queued: set[str] = set()
-        self.running: dict[str, asyncio.Task] = {}
+        self.running: dict[str, float] = {}  # job id: when it started (monotonic)
         self.cancel_asked: set[str] = set()
         self.finished: dict[str, asyncio.Event] = {}
         self.tasks: list[asyncio.Task] = []
         self.webhooks: set[asyncio.Task] = set()
-        self.completions: set[asyncio.Task] = set()
         self.requests: dict[str, dict] = {}  # jobs accepted by this process: their request, not read back
         self.durations: deque[float] = deque(maxlen=20)
         self.stopping = False
         self.session = None
-
-    async def db(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.db_thread, fn, *args)
+        self.loop: asyncio.AbstractEventLoop | None = None  # for the signal handler
 
     # -- life --
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.session = aiohttp.ClientSession()
-        requeued = await self.db(self.store.recover)
-        queued = await self.db(self.store.queued_ids)
+        await self.adopt(self.runner)  # a handler that cannot be imported stops the start here, its error logged
+        requeued = self.store.recover()
+        queued = self.store.queued_ids()
         if requeued:
             log.warning("%d job(s) were interrupted by the last stop: they run again", requeued)
         if queued:
@@ -174,34 +177,46 @@ class JobService:
         for job_id in queued:
             self.queued.add(job_id)
             self.queue.put_nowait(job_id)
-        self.tasks = [asyncio.create_task(self.worker()) for _ in range(self.settings.concurrency)]
+        self.tasks = [asyncio.create_task(self.worker()) for _ in range(self.settings.concurrency + PREFETCH)]
         self.tasks.append(asyncio.create_task(self.expire_loop()))
-        for job_id in await self.db(self.store.pending_webhooks):
+        for job_id in self.store.pending_webhooks():
             self.send_webhook(job_id)
 
+    async def adopt(self, runner: RunnerProcess) -> None:
+        runner.on_started, runner.on_exit = self.job_started, self.restart_runner
+        await runner.attach()
+        self.runner = runner
+        self.runner_up.set()
+
     def begin_stop(self) -> None:
-        """SIGTERM: stop running jobs now (each goes back to the queue) and wake every /runsync waiter."""
+        """SIGTERM: stop the runner's jobs now (each goes back to the queue) and wake every /runsync waiter."""
         if self.stopping:
             return
         self.stopping = True
-        for task in self.running.values():
-            task.cancel()
+        for job_id in list(self.runner.pending):
+            self.runner.cancel(job_id)
         for event in self.finished.values():
             event.set()
 
     async def stop(self) -> None:
+        """Running jobs are cancelled in the runner and requeued (waiting up to CANCEL_WAIT_S for their
+        prompts to stop), then the runner, the webhooks and the store close."""
         self.begin_stop()
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while self.runner.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await asyncio.gather(*self.completions, return_exceptions=True)  # results already in hand are written
-        for task in [*self.tasks, *self.webhooks]:
+        if self.restarting is not None:
+            self.restarting.cancel()
+        await self.runner.close(timeout=CANCEL_WAIT_S)
+        for task in self.webhooks:
             task.cancel()
-        await asyncio.gather(*self.tasks, *self.webhooks, return_exceptions=True)
+        await asyncio.gather(*self.webhooks, return_exceptions=True)
         if self.session is not None:
             await self.session.close()
-        await self.db(self.store.close)
-        self.db_thread.shutdown(wait=True)
+        self.store.close()
 
     # -- submitting --
     def retry_after(self) -> int:
@@ -219,21 +234,16 @@ class JobService:
                 {"Retry-After": str(self.retry_after())},
             )
         job_id = f"{prefix}{uuid.uuid4()}"
-        self.queued.add(job_id)  # counted before the write, so concurrent requests see the depth
+        self.store.add(job_id, {"input": body["input"]}, body.get("webhook"), time.time())
+        self.queued.add(job_id)
         self.finished[job_id] = asyncio.Event()
-        try:
-            await self.db(self.store.add, job_id, {"input": body["input"]}, body.get("webhook"), time.time())
-        except BaseException:
-            self.queued.discard(job_id)
-            self.finished.pop(job_id, None)
-            raise
         self.requests[job_id] = {"input": body["input"]}
         self.queue.put_nowait(job_id)
         log.info("job %s accepted (%d waiting)", job_id, len(self.queued))
         return job_id
 
-    async def get(self, job_id: str) -> dict:
-        job = await self.db(self.store.get, job_id)
+    def get(self, job_id: str) -> dict:
+        job = self.store.get(job_id)
         expired = job and job["finished"] is not None and job["finished"] < time.time() - self.settings.result_ttl_s
         if job is None or expired:
             raise ApiError(
@@ -248,27 +258,30 @@ class JobService:
         if event is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), seconds)
-        return await self.get(job_id)
+        return self.get(job_id)
 
     # -- cancelling --
     async def cancel(self, job_id: str) -> dict:
-        job = await self.get(job_id)
-        if job["status"] == "IN_QUEUE" and await self.db(self.store.cancel_queued, [job_id], time.time()):
-            self.queued.discard(job_id)
-            self.job_done(job_id)
-        task = self.running.get(job_id)
-        if task is not None:
+        job = self.get(job_id)
+        if job["status"] == "IN_QUEUE" and self.store.cancel_queued([job_id], time.time()):
+            self.dequeue(job_id)
+        elif job_id in self.running:
             self.cancel_asked.add(job_id)
-            task.cancel()
+            self.runner.cancel(job_id)
             await self.wait(job_id, CANCEL_WAIT_S)
-        return await self.get(job_id)
+        return self.get(job_id)
 
     async def purge(self) -> int:
-        removed = await self.db(self.store.cancel_queued, None, time.time())
+        removed = self.store.cancel_queued(None, time.time())
         for job_id in removed:
-            self.queued.discard(job_id)
-            self.job_done(job_id)
+            self.dequeue(job_id)
         return len(removed)
+
+    def dequeue(self, job_id: str) -> None:
+        """A queued job was cancelled in the store: forget it here and in the runner (if it was sent ahead)."""
+        self.queued.discard(job_id)
+        self.runner.cancel(job_id)
+        self.job_done(job_id)
 
     def job_done(self, job_id: str) -> None:
         event = self.finished.pop(job_id, None)
@@ -284,53 +297,90 @@ class JobService:
             if job_id not in self.queued:
                 self.requests.pop(job_id, None)
                 continue  # cancelled or purged while it waited
-            self.queued.discard(job_id)
             await self.run(job_id)
 
+    def job_started(self, job_id: str, at: float) -> None:
+        """The runner started the job: ``IN_PROGRESS`` (unless it was cancelled while it was sent ahead)."""
+        self.queued.discard(job_id)
+        if not self.store.start(job_id, at):
+            self.runner.cancel(job_id)
+            return
+        self.running[job_id] = time.monotonic()
+
     async def run(self, job_id: str) -> None:
-        request = self.requests.pop(job_id, None)
-        if request is None:  # queued before a restart: read back
-            request = await self.db(self.store.start, job_id, time.time())
-            if request is None:
+        """Send the job to the runner, wait for its output, write the result (steps in the class docstring)."""
+        request = self.requests.pop(job_id, None) or self.store.queued_request(job_id)
+        if request is None:  # cancelled meanwhile
+            self.queued.discard(job_id)
+            return
+        output = await self.output_of(job_id, request["input"])
+        started = self.running.pop(job_id, None)
+        cancel_asked = job_id in self.cancel_asked
+        self.cancel_asked.discard(job_id)
+        if output is None:
+            if started is None:  # stopped before it started: cancelled in the store, or queued for the next start
                 return
-        else:  # written while the job runs (the store's one thread keeps the writes in order)
-            self.loop.run_in_executor(self.db_thread, self.store.start, job_id, time.time())
-        started = time.monotonic()
-        task = asyncio.create_task(self.run_job({"id": job_id, "input": request["input"]}))
-        self.running[job_id] = task
-        try:
-            status, result = handler_result(await task)
-        except asyncio.CancelledError:
-            if job_id not in self.cancel_asked or self.stopping:
-                await asyncio.shield(self.db(self.store.requeue, job_id))
+            if self.stopping or not cancel_asked:
+                self.store.requeue(job_id)
                 log.info("job %s stopped by the shutdown: it runs again after the restart", job_id)
-                if asyncio.current_task().cancelling():
-                    raise
                 return
             status, result = "CANCELLED", {}
-        except Exception as exc:  # the handler never raises; this is a last resort
-            log.exception("job %s: the handler raised", job_id)
-            status = "FAILED"
-            result = {"error": f"The handler failed unexpectedly: {type(exc).__name__}: {exc}"}
-        finally:
-            self.running.pop(job_id, None)
-            self.cancel_asked.discard(job_id)
-        self.durations.append(time.monotonic() - started)
-        # the worker takes the next job at once; the result is written (and then announced) beside it
-        task = asyncio.create_task(self.complete(job_id, status, result, time.time()))
-        self.completions.add(task)
-        task.add_done_callback(self.completions.discard)
-
-    async def complete(self, job_id: str, status: str, result: dict, now: float) -> None:
-        if await self.db(self.store.finish, job_id, status, result, now):
+        else:
+            status, result = handler_result(output)
+        if started is not None:
+            self.durations.append(time.monotonic() - started)
+        if self.store.finish(job_id, status, result, time.time()):
             log.info("job %s %s", job_id, status)
             self.send_webhook(job_id)
         self.job_done(job_id)
 
+    async def output_of(self, job_id: str, job_input) -> dict | None:
+        """The handler's output for the job, None when it was cancelled (or the API stops); a job the
+        runner took with it when it died fails, one it had not started yet goes to the next runner."""
+        while True:
+            await self.runner_up.wait()
+            try:
+                return await self.runner.run({"id": job_id, "input": job_input})
+            except asyncio.CancelledError:  # the API stops (the runner was told to cancel it)
+                return None
+            except RunnerDied as exc:
+                if self.stopping:
+                    return None
+                if not exc.started:
+                    continue
+                log.error("job %s: %s", job_id, exc)
+                return {
+                    "error": f"The job runner process died while this job ran ({exc}); the log says why "
+                    "(out of memory?). The job was not run again: send it again if it should."
+                }
+
+    def restart_runner(self) -> None:
+        """A new runner after one died (jobs wait for it); tried again every few seconds while it fails."""
+        if self.stopping or (self.restarting is not None and not self.restarting.done()):
+            return
+        self.runner_up.clear()
+        log.error("the job runner process ended; starting a new one")
+
+        async def restart():
+            delay = 1.0
+            while not self.stopping:
+                runner = RunnerProcess(self.runner.handler, self.runner.concurrency)
+                try:
+                    await self.adopt(runner)
+                    log.info("a new job runner took over")
+                    return
+                except RunnerDied as exc:
+                    log.error("%s; trying again in %.0f s", exc, delay)
+                    await runner.close(timeout=5)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30)
+
+        self.restarting = asyncio.create_task(restart())
+
     async def expire_loop(self) -> None:
         every = min(60.0, self.settings.result_ttl_s / 4)
         while True:
-            gone = await self.db(self.store.expire, time.time() - self.settings.result_ttl_s)
+            gone = self.store.expire(time.time() - self.settings.result_ttl_s)
             if gone:
                 log.info("forgot %d finished job(s) older than RESULT_TTL_S", gone)
             await asyncio.sleep(every)
@@ -343,7 +393,7 @@ class JobService:
 
     async def deliver_webhook(self, job_id: str) -> None:
         """POST the final status to the job's webhook; retried with a doubling delay (2xx = delivered)."""
-        job = await self.db(self.store.get, job_id)
+        job = self.store.get(job_id)
         if job is None or not job["webhook"] or not job["webhook_pending"]:
             return
         url, body = job["webhook"], status_body(job)
@@ -352,7 +402,7 @@ class JobService:
             try:
                 async with self.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as resp:
                     if 200 <= resp.status < 300:
-                        await self.db(self.store.webhook_sent, job_id)
+                        self.store.webhook_sent(job_id)
                         log.info("job %s: webhook %s delivered", job_id, safe_url(url))
                         return
                     problem = f"HTTP {resp.status}"
@@ -372,11 +422,11 @@ class JobService:
             )
             await asyncio.sleep(delay)
         log.error("job %s: webhook %s failed %d times (%s); giving up", job_id, safe_url(url), attempts, problem)
-        await self.db(self.store.webhook_sent, job_id)
+        self.store.webhook_sent(job_id)
 
     # -- health --
     async def health(self) -> dict:
-        counts = await self.db(self.store.counts)
+        counts = self.store.counts()
         comfy: dict = {"host": self.settings.comfy_host, "reachable": False}
         try:
             timeout = aiohttp.ClientTimeout(total=3)
@@ -449,10 +499,10 @@ def job_body(body: dict) -> dict:
     return body
 
 
-def create_app(settings: Settings, run_job: RunJob, token: str | None, store: JobStore):
-    """The FastAPI app: RunPod's routes (also under ``/v2/<id>/``) over a ``JobService`` running ``run_job``
-    with its jobs in ``store`` (closed when the app stops)."""
-    service = JobService(settings, run_job, store)
+def create_app(settings: Settings, runner: RunnerProcess, token: str | None, store: JobStore):
+    """The FastAPI app: RunPod's routes (also under ``/v2/<id>/``) over a ``JobService`` running its jobs in
+    ``runner`` with them kept in ``store`` (both closed when the app stops)."""
+    service = JobService(settings, runner, store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -478,7 +528,7 @@ def create_app(settings: Settings, run_job: RunJob, token: str | None, store: Jo
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"error": f"The request is malformed ({problems})."}, 400)
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # async: FastAPI would run a plain def in a thread
         if token is not None and not token_matches(request.headers.get("authorization"), token):
             raise ApiError(
                 401,
@@ -502,7 +552,7 @@ def create_app(settings: Settings, run_job: RunJob, token: str | None, store: Jo
 
     async def status(job_id: str, request: Request):
         await read_json(request, settings.max_request_mb)
-        return JSONResponse(status_body(await service.get(job_id)))
+        return JSONResponse(status_body(service.get(job_id)))
 
     router.add_api_route("/status/{job_id}", status, methods=["GET", "POST"])
 
@@ -532,25 +582,23 @@ def create_app(settings: Settings, run_job: RunJob, token: str | None, store: Jo
 
 
 # --- the process ---------------------------------------------------------------------------------------
-def load_handler(spec: str, app_dir: Path) -> RunJob:
-    """``MODULE:FUNCTION`` (default ``handler:handler``) imported with ``app_dir`` first on the path."""
-    module_name, _, name = spec.partition(":")
-    sys.path.insert(0, str(app_dir))
-    return getattr(importlib.import_module(module_name), name or "handler")
+_early_runner: RunnerProcess | None = None
 
 
 def preload(spec: str = "handler:handler") -> None:
-    """What ``python -m comfy_worker.services --preload-handler`` imports while ComfyUI boots."""
-    load_handler(spec, Settings.from_env().app_dir)
+    """What ``python -m comfy_worker.services --preload-handler`` does while ComfyUI boots: start the job
+    runner (it imports the handler meanwhile) and import FastAPI and uvicorn here."""
+    global _early_runner
+    _early_runner = RunnerProcess(spec, Settings.from_env().concurrency).spawn()
     import fastapi  # noqa: F401
     import uvicorn  # noqa: F401
 
 
-def serve(settings: Settings, run_job: RunJob, host: str, port: int, token: str | None) -> int:
+def serve(settings: Settings, runner: RunnerProcess, host: str, port: int, token: str | None) -> int:
     import uvicorn
 
     store = JobStore(settings.volume_root / STORE_FILE)  # before listening: a busy store is a clear error
-    app = create_app(settings, run_job, token, store)
+    app = create_app(settings, runner, token, store)
     service: JobService = app.state.service
 
     class Server(uvicorn.Server):
@@ -588,8 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     if token:
         os.environ["API_TOKEN"] = token  # a secret from here on: redacted from every log line and job result
     setup_logging()
-    run_job = load_handler(args.handler, settings.app_dir)
-    setup_logging()  # again: importing the handler (the RunPod SDK) may touch the root logger
+    runner = _early_runner if _early_runner is not None and _early_runner.handler == args.handler else None
+    runner = runner or RunnerProcess(args.handler, settings.concurrency).spawn()  # imports while uvicorn starts
     if generated:
         print(f"API token (saved in {settings.volume_root / TOKEN_FILE}): {token}", flush=True)
     elif token is None and not is_loopback(args.host):
@@ -605,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.volume_root / STORE_FILE,
     )
     try:
-        return serve(settings, run_job, args.host, args.port, token)
+        return serve(settings, runner, args.host, args.port, token)
     except RuntimeError as exc:  # e.g. the store is in use by another API process
         log.error("%s", exc)
         return 1

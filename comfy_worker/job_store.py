@@ -14,7 +14,8 @@ so the status changes below are the whole truth:
 - ``finish`` moves ``IN_PROGRESS`` -> a final status only once: a job is never finished twice;
 - ``recover`` (at open) puts the jobs a dead process left ``IN_PROGRESS`` back to ``IN_QUEUE``.
 
-The methods are blocking and not thread-safe: the API calls them from one thread.
+The methods are blocking and not thread-safe: the API calls them from its event loop (each is well under a
+millisecond: no fsync per commit).
 """
 
 from __future__ import annotations
@@ -96,15 +97,16 @@ class JobStore:
             "UPDATE jobs SET status = 'IN_QUEUE', started = NULL WHERE status = 'IN_PROGRESS'"
         ).rowcount
 
-    def start(self, job_id: str, now: float) -> dict | None:
-        """``IN_QUEUE`` -> ``IN_PROGRESS``; the job's request, or None when it is no longer queued."""
-        cur = self.db.execute(
-            "UPDATE jobs SET status = 'IN_PROGRESS', started = ?, attempts = attempts + 1 "
-            "WHERE id = ? AND status = 'IN_QUEUE' RETURNING request",
-            (now, job_id),
+    def start(self, job_id: str, now: float) -> bool:
+        """``IN_QUEUE`` -> ``IN_PROGRESS`` (one attempt more); False when it was no longer queued."""
+        return (
+            self.db.execute(
+                "UPDATE jobs SET status = 'IN_PROGRESS', started = ?, attempts = attempts + 1 "
+                "WHERE id = ? AND status = 'IN_QUEUE'",
+                (now, job_id),
+            ).rowcount
+            == 1
         )
-        row = cur.fetchone()
-        return json.loads(row["request"]) if row else None
 
     def finish(self, job_id: str, status: str, result: dict, now: float) -> bool:
         """``IN_PROGRESS`` -> ``status`` with ``result``; False (nothing changed) when it was not running."""
@@ -159,13 +161,22 @@ class JobStore:
 
     # -- reads --
     def get(self, job_id: str) -> dict | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        """The job's row without its request (``queued_request`` reads that), its result parsed."""
+        row = self.db.execute(
+            "SELECT id, status, webhook, created, started, finished, attempts, result, webhook_pending "
+            "FROM jobs WHERE id = ?",
+            (job_id,),
+        ).fetchone()
         if row is None:
             return None
         job = dict(row)
         job["result"] = json.loads(job["result"]) if job["result"] else {}
-        job["request"] = json.loads(job["request"])
         return job
+
+    def queued_request(self, job_id: str) -> dict | None:
+        """A queued job's request (read back after a restart); None when it is not queued."""
+        row = self.db.execute("SELECT request FROM jobs WHERE id = ? AND status = 'IN_QUEUE'", (job_id,)).fetchone()
+        return json.loads(row["request"]) if row else None
 
     def queued_ids(self) -> list[str]:
         return [r["id"] for r in self.db.execute("SELECT id FROM jobs WHERE status = 'IN_QUEUE' ORDER BY seq")]

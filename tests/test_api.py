@@ -358,12 +358,11 @@ def test_a_result_past_result_ttl_s_is_gone_even_before_the_store_is_swept(tmp_p
             store.add(job_id, {"input": {}}, None, finished - 1)
             store.start(job_id, finished - 1)
             store.finish(job_id, "COMPLETED", {"output": {}}, finished)
-        assert asyncio.run(service.get("fresh"))["status"] == "COMPLETED"
+        assert service.get("fresh")["status"] == "COMPLETED"
         with pytest.raises(ApiError, match="its result expired") as err:
-            asyncio.run(service.get("old"))
+            service.get("old")
         assert err.value.status == 404
     finally:
-        service.db_thread.shutdown()
         store.close()
 
 

@@ -23,8 +23,10 @@ def test_a_job_moves_queued_running_final_and_is_finished_only_once(store):
     store.add("a", {"input": {"x": 1}}, None, 100.0)
     assert store.queued_ids() == ["a"] and store.get("a")["status"] == "IN_QUEUE"
     assert store.finish("a", "COMPLETED", {"output": 1}, 101.0) is False  # never finished while queued
-    assert store.start("a", 102.0) == {"input": {"x": 1}}
-    assert store.start("a", 103.0) is None  # not queued any more: not started twice
+    assert store.queued_request("a") == {"input": {"x": 1}}
+    assert store.start("a", 102.0) is True
+    assert store.start("a", 103.0) is False  # not queued any more: not started twice
+    assert store.queued_request("a") is None
     assert store.finish("a", "COMPLETED", {"output": 1}, 104.0) is True
     assert store.finish("a", "FAILED", {"error": "again"}, 105.0) is False
     job = store.get("a")
@@ -47,7 +49,8 @@ def test_recover_requeues_what_was_running_and_keeps_the_order(store, tmp_path):
     try:
         assert again.recover() == 1
         assert again.queued_ids() == ["a", "b", "c"]
-        assert again.start("a", 3.0) == {"input": "a"} and again.finish("a", "COMPLETED", {}, 4.0)
+        assert again.queued_request("a") == {"input": "a"}
+        assert again.start("a", 3.0) and again.finish("a", "COMPLETED", {}, 4.0)
         assert again.counts()["retried"] == 1
     finally:
         again.close()

@@ -1,0 +1,269 @@
+"""The process that runs the API's jobs (docs/architecture.md, "The API's job runner").
+
+The API (api.py) answers HTTP and keeps the store; the jobs run here, in a child process of its own,
+calling the same handler function the serverless worker calls (``handler:handler`` by default). Two
+processes, not one: the HTTP work then fits in the time the handler waits for ComfyUI, on another core,
+instead of delaying the job that is running (bench/api_throughput.py).
+
+The protocol, one JSON object per line (``json.dumps`` escapes newlines, so a line is a message):
+
+- API -> runner on the runner's stdin:
+  ``{"run": {"id": ..., "input": {...}}}`` starts a job; ``{"cancel": "<id>"}`` cancels it (the handler
+  interrupts its prompt). End of file: the API is gone (stopped, or killed): every running job is
+  cancelled, so no prompt is left running in ComfyUI for nobody, and the runner exits.
+- runner -> API on the runner's stdout: ``{"ready": true}`` once the handler is imported, then
+  ``{"done": "<id>", "output": <what the handler returned>}`` or ``{"done": "<id>", "cancelled": true}``.
+  Anything printed by the handler goes to stderr, never into the protocol.
+
+SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a container stop reaches the whole process group,
+and the API decides what happens to the running jobs (it cancels them and then closes the pipe).
+
+    python -m comfy_worker.job_runner [--handler MODULE:FUNCTION]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from comfy_worker.log_setup import setup_logging
+from comfy_worker.settings import Settings
+
+log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
+
+RunJob = Callable[[dict], Awaitable[dict]]
+LINE_LIMIT = 1 << 31  # a message is one line: a job's input or output may be hundreds of MB of base64
+
+
+def load_handler(spec: str, app_dir: Path) -> RunJob:
+    """``MODULE:FUNCTION`` (default ``handler:handler``) imported with ``app_dir`` first on the path."""
+    module_name, _, name = spec.partition(":")
+    sys.path.insert(0, str(app_dir))
+    return getattr(importlib.import_module(module_name), name or "handler")
+
+
+class Runner:
+    """Reads messages, runs a task per job, writes the answers."""
+
+    def __init__(self, run_job: RunJob, out, concurrency: int):
+        self.run_job = run_job
+        self.out = out  # the protocol's binary stream
+        self.concurrency = concurrency
+        self.waiting: dict[str, dict] = {}  # sent ahead, in order: started the moment a job ends
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    def send(self, message: dict) -> None:
+        self.out.write(json.dumps(message).encode() + b"\n")
+        self.out.flush()
+
+    async def job(self, job: dict) -> None:
+        job_id = job["id"]
+        try:
+            output = await self.run_job(job)
+        except asyncio.CancelledError:
+            self.send({"done": job_id, "cancelled": True})
+            return
+        except Exception as exc:  # the handler never raises; this is a last resort
+            log.exception("job %s: the handler raised", job_id)
+            output = {"error": f"The handler failed unexpectedly: {type(exc).__name__}: {exc}"}
+        finally:
+            self.tasks.pop(job_id, None)
+            self.start_waiting()
+        self.send({"done": job_id, "output": output})
+
+    def start_waiting(self) -> None:
+        while self.waiting and len(self.tasks) < self.concurrency:
+            job_id = next(iter(self.waiting))
+            job = self.waiting.pop(job_id)
+            self.send({"started": job_id, "at": time.time()})
+            self.tasks[job_id] = asyncio.create_task(self.job(job))
+
+    def cancel(self, job_id: str) -> None:
+        if self.waiting.pop(job_id, None) is not None:
+            self.send({"done": job_id, "cancelled": True})
+        elif (task := self.tasks.get(job_id)) is not None:
+            task.cancel()
+
+    async def serve(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            message = json.loads(line)
+            if "run" in message:
+                job = message["run"]
+                self.waiting[job["id"]] = job
+                self.start_waiting()
+            elif "cancel" in message:
+                self.cancel(message["cancel"])
+        self.waiting.clear()
+        if self.tasks:
+            log.warning("the API is gone: stopping %d running job(s)", len(self.tasks))
+        for task in list(self.tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+
+async def amain(run_job: RunJob, out, concurrency: int) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    runner = Runner(run_job, out, concurrency)
+    runner.send({"ready": True})
+    try:
+        await runner.serve(reader)
+    finally:
+        with contextlib.suppress(Exception):
+            from comfy_worker.comfy_client import close_shared_session
+
+            await close_shared_session()
+
+
+class RunnerDied(RuntimeError):
+    """The runner process ended under a job; ``started``: whether the job had started in it."""
+
+    def __init__(self, message: str, started: bool = False):
+        super().__init__(message)
+        self.started = started
+
+
+class RunnerProcess:
+    """The API's side of the protocol: the child process and a future per job sent to it.
+
+    ``spawn`` starts the process (early: ``api.preload`` does it while ComfyUI boots, so the handler's
+    import overlaps); ``attach`` (in the API's event loop) waits for ``ready``; ``run(job)`` returns the
+    handler's output, or None when the job was cancelled (``cancel(id)``), and raises ``RunnerDied`` when
+    the process ends under it. ``on_started(id, at)`` is called when a job starts, ``on_exit()`` when the
+    process ends by itself. ``close`` closes the pipe (the runner cancels what still runs) and waits."""
+
+    def __init__(self, handler: str = "handler:handler", concurrency: int = 1):
+        self.handler, self.concurrency = handler, concurrency
+        self.on_started: Callable[[str, float], None] = lambda job_id, at: None
+        self.on_exit: Callable[[], None] = lambda: None
+        self.alive = self.closing = False
+        self.proc: subprocess.Popen | None = None
+        self.pending: dict[str, asyncio.Future] = {}
+        self.started: set[str] = set()
+        self.reader_task: asyncio.Task | None = None
+        self.ready: asyncio.Event | None = None
+        self.writer: asyncio.WriteTransport | None = None
+
+    def spawn(self) -> RunnerProcess:
+        cmd = [sys.executable, "-m", "comfy_worker.job_runner", "--handler", self.handler]
+        cmd += ["--concurrency", str(self.concurrency)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        return self
+
+    async def attach(self, timeout: float = 300) -> None:
+        """Read the runner's messages from now on; wait for ``ready`` (RunnerDied if it ends first)."""
+        loop = asyncio.get_running_loop()
+        if self.proc is None:
+            self.spawn()
+        self.ready = asyncio.Event()
+        reader = asyncio.StreamReader(limit=LINE_LIMIT)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), self.proc.stdout)
+        self.writer, _ = await loop.connect_write_pipe(asyncio.Protocol, self.proc.stdin)
+        self.reader_task = asyncio.create_task(self._read(reader))
+        self.alive = True
+        ready = asyncio.create_task(self.ready.wait())
+        await asyncio.wait([self.reader_task, ready], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if not self.ready.is_set():
+            raise RunnerDied(f"the job runner did not start (exit code {self.proc.poll()}); its error is logged above")
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            message = json.loads(line)
+            if "started" in message:
+                self.started.add(message["started"])
+                self.on_started(message["started"], message["at"])
+            elif "done" in message:
+                self.started.discard(message["done"])
+                future = self.pending.pop(message["done"], None)
+                if future is not None and not future.done():
+                    future.set_result(None if message.get("cancelled") else message["output"])
+            elif "ready" in message:
+                self.ready.set()
+        self.alive = False
+        if not self.closing and self.ready.is_set():
+            self.on_exit()
+        code = await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)
+        for job_id, future in self.pending.items():
+            if not future.done():
+                future.set_exception(
+                    RunnerDied(f"the job runner process ended (exit code {code})", job_id in self.started)
+                )
+        self.pending.clear()
+
+    def _send(self, message: dict) -> None:
+        if self.writer is None or self.writer.is_closing():
+            raise OSError("the pipe to the job runner is closed")
+        self.writer.write(json.dumps(message).encode() + b"\n")  # buffered: never blocks the API's loop
+
+    async def run(self, job: dict):
+        if not self.alive:
+            raise RunnerDied("the job runner process is not running")
+        future = asyncio.get_running_loop().create_future()
+        self.pending[job["id"]] = future
+        try:
+            self._send({"run": job})
+        except OSError as exc:
+            self.pending.pop(job["id"], None)
+            raise RunnerDied(f"the job runner cannot take jobs ({exc})") from None
+        try:
+            return await future
+        except asyncio.CancelledError:  # the caller gave up on it: the runner stops it too
+            self.cancel(job["id"])
+            raise
+
+    def cancel(self, job_id: str) -> None:
+        if job_id in self.pending:
+            with contextlib.suppress(OSError):
+                self._send({"cancel": job_id})
+
+    async def close(self, timeout: float) -> int | None:
+        """Close the pipe (the runner cancels what still runs, then exits); kill it after ``timeout``."""
+        if self.proc is None:
+            return None
+        self.closing = True
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            self.proc.stdin.close()
+        loop = asyncio.get_running_loop()
+        try:
+            code = await asyncio.wait_for(loop.run_in_executor(None, self.proc.wait), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            code = await loop.run_in_executor(None, self.proc.wait)
+        if self.reader_task is not None:
+            await asyncio.gather(self.reader_task, return_exceptions=True)
+        return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m comfy_worker.job_runner", description=__doc__.split("\n")[0])
+    parser.add_argument("--handler", default="handler:handler", help="the job function, MODULE:FUNCTION")
+    parser.add_argument("--concurrency", type=int, default=1, help="jobs run at once (MAX_CONCURRENCY)")
+    args = parser.parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    out = os.fdopen(os.dup(1), "wb")  # the protocol; fd 1 then points at stderr, so stray prints stay out of it
+    os.dup2(2, 1)
+    setup_logging()
+    run_job = load_handler(args.handler, Settings.from_env().app_dir)
+    setup_logging()  # again: importing the handler (the RunPod SDK) may touch the root logger
+    asyncio.run(amain(run_job, out, args.concurrency))  # the event loop the serverless worker runs it in
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
