@@ -42,7 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from comfy_worker.job_runner import RunnerDied, RunnerProcess
+from comfy_worker.job_runner import EXPIRED, RunnerDied, RunnerProcess
 from comfy_worker.job_store import FINAL, JobStore
 from comfy_worker.log_setup import safe_url, setup_logging
 from comfy_worker.settings import Settings
@@ -57,6 +57,9 @@ BODY_KEYS = {"input", "webhook", "policy", "s3Config"}
 PREFETCH = 1  # jobs sent to the runner ahead of a free slot
 CANCEL_WAIT_S = 15.0  # /cancel answers once the running job stopped (the handler waits up to 10 s)
 RUNSYNC_MAX_WAIT_MS = 300_000
+# RunPod's ``policy``: its keys, and the bounds RunPod sets for the two that mean something here (ms)
+POLICY_BOUNDS = {"executionTimeout": (5_000, 7 * 86_400_000), "ttl": (10_000, 7 * 86_400_000)}
+POLICY_KEYS = {*POLICY_BOUNDS, "lowPriority"}
 
 
 class ApiError(Exception):
@@ -104,6 +107,13 @@ def token_matches(header: str | None, token: str) -> bool:
 
 
 # --- the jobs ----------------------------------------------------------------------------------------
+def timed_out_error(timeout_ms: int) -> str:
+    return (
+        f"The job ran longer than its policy.executionTimeout ({timeout_ms} ms) and was stopped (its ComfyUI "
+        "prompt interrupted); raise policy.executionTimeout, or make the workflow lighter."
+    )
+
+
 def handler_result(output) -> tuple[str, dict]:
     """(status, stored result) from what the handler returned, as RunPod's worker shapes it: ``error``
     at the top, the rest (``details``...) under ``output``; ``refresh_worker`` has no meaning here."""
@@ -157,7 +167,11 @@ class JobService:
         self.finished: dict[str, asyncio.Event] = {}
         self.tasks: list[asyncio.Task] = []
         self.webhooks: set[asyncio.Task] = set()
-        self.requests: dict[str, dict] = {}  # jobs accepted by this process: their request, not read back
+        self.requests: dict[str, tuple[dict, float]] = {}  # accepted by this process: (request, created)
+        self.time_limits: dict[str, float] = {}  # job id: its policy.executionTimeout in seconds
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.timed_out: set[str] = set()
+        self.streamed: set[str] = set()  # finished jobs whose output /stream handed out
         self.durations: deque[float] = deque(maxlen=20)
         self.stopping = False
         self.session = None
@@ -234,10 +248,14 @@ class JobService:
                 {"Retry-After": str(self.retry_after())},
             )
         job_id = f"{prefix}{uuid.uuid4()}"
-        self.store.add(job_id, {"input": body["input"]}, body.get("webhook"), time.time())
+        request = {"input": body["input"]}
+        if body.get("policy"):
+            request["policy"] = body["policy"]
+        now = time.time()
+        self.store.add(job_id, request, body.get("webhook"), now)
         self.queued.add(job_id)
         self.finished[job_id] = asyncio.Event()
-        self.requests[job_id] = {"input": body["input"]}
+        self.requests[job_id] = (request, now)
         self.queue.put_nowait(job_id)
         log.info("job %s accepted (%d waiting)", job_id, len(self.queued))
         return job_id
@@ -282,6 +300,20 @@ class JobService:
         self.queued.discard(job_id)
         self.runner.cancel(job_id)
         self.job_done(job_id)
+        self.send_webhook(job_id)
+
+    def stream(self, job_id: str) -> dict:
+        """RunPod's ``/stream``: the output chunks not fetched yet. The handler returns one output, so that
+        is one chunk, handed out once (as RunPod's stream hands each chunk out once)."""
+        job = self.get(job_id)
+        body = {"id": job_id, "status": job["status"], "stream": []}
+        if job["status"] in FINAL and job_id not in self.streamed:
+            self.streamed.add(job_id)
+            if "output" in job["result"]:
+                body["stream"].append({"output": job["result"]["output"]})
+            if "error" in job["result"]:
+                body["error"] = job["result"]["error"]
+        return body
 
     def job_done(self, job_id: str) -> None:
         event = self.finished.pop(job_id, None)
@@ -306,18 +338,51 @@ class JobService:
             self.runner.cancel(job_id)
             return
         self.running[job_id] = time.monotonic()
+        if job_id in self.time_limits:
+            self.timers[job_id] = self.loop.call_later(self.time_limits[job_id], self.time_out, job_id)
+
+    def time_out(self, job_id: str) -> None:
+        """The job's ``policy.executionTimeout`` is over: the runner stops it (its prompt interrupted)."""
+        self.timers.pop(job_id, None)
+        if job_id in self.running:
+            log.warning("job %s ran past its policy.executionTimeout: stopping it", job_id)
+            self.timed_out.add(job_id)
+            self.runner.cancel(job_id)
+
+    def expire_queued(self, job_id: str, ttl_ms: int) -> None:
+        """A queued job older than its ``policy.ttl`` ends ``TIMED_OUT`` without running."""
+        error = f"The job waited in the queue longer than its policy.ttl ({ttl_ms} ms) and was not run."
+        if self.store.cancel_queued([job_id], time.time(), "TIMED_OUT", {"error": error}):
+            log.warning("job %s TIMED_OUT in the queue (policy.ttl)", job_id)
+            self.send_webhook(job_id)
+        self.queued.discard(job_id)
+        self.job_done(job_id)
 
     async def run(self, job_id: str) -> None:
         """Send the job to the runner, wait for its output, write the result (steps in the class docstring)."""
-        request = self.requests.pop(job_id, None) or self.store.queued_request(job_id)
-        if request is None:  # cancelled meanwhile
+        queued = self.requests.pop(job_id, None) or self.store.queued_request(job_id)
+        if queued is None:  # cancelled meanwhile
             self.queued.discard(job_id)
             return
-        output = await self.output_of(job_id, request["input"])
+        request, created = queued
+        policy = request.get("policy", {})
+        if "executionTimeout" in policy:
+            self.time_limits[job_id] = policy["executionTimeout"] / 1000
+        not_after = created + policy["ttl"] / 1000 if "ttl" in policy else None
+        output = await self.output_of(job_id, request["input"], not_after)
+        if output is EXPIRED:
+            self.expire_queued(job_id, policy["ttl"])
+            return
         started = self.running.pop(job_id, None)
         cancel_asked = job_id in self.cancel_asked
         self.cancel_asked.discard(job_id)
-        if output is None:
+        self.time_limits.pop(job_id, None)
+        if (timer := self.timers.pop(job_id, None)) is not None:
+            timer.cancel()
+        if output is None and job_id in self.timed_out:
+            self.timed_out.discard(job_id)
+            status, result = "TIMED_OUT", {"error": timed_out_error(policy["executionTimeout"])}
+        elif output is None:
             if started is None:  # stopped before it started: cancelled in the store, or queued for the next start
                 return
             if self.stopping or not cancel_asked:
@@ -326,6 +391,7 @@ class JobService:
                 return
             status, result = "CANCELLED", {}
         else:
+            self.timed_out.discard(job_id)  # it finished as its time ran out: the result stands
             status, result = handler_result(output)
         if started is not None:
             self.durations.append(time.monotonic() - started)
@@ -334,13 +400,13 @@ class JobService:
             self.send_webhook(job_id)
         self.job_done(job_id)
 
-    async def output_of(self, job_id: str, job_input) -> dict | None:
+    async def output_of(self, job_id: str, job_input, not_after: float | None):
         """The handler's output for the job, None when it was cancelled (or the API stops); a job the
         runner took with it when it died fails, one it had not started yet goes to the next runner."""
         while True:
             await self.runner_up.wait()
             try:
-                return await self.runner.run({"id": job_id, "input": job_input})
+                return await self.runner.run({"id": job_id, "input": job_input}, not_after)
             except asyncio.CancelledError:  # the API stops (the runner was told to cancel it)
                 return None
             except RunnerDied as exc:
@@ -381,6 +447,7 @@ class JobService:
         every = min(60.0, self.settings.result_ttl_s / 4)
         while True:
             gone = self.store.expire(time.time() - self.settings.result_ttl_s)
+            self.streamed = {job_id for job_id in self.streamed if self.store.get(job_id) is not None}
             if gone:
                 log.info("forgot %d finished job(s) older than RESULT_TTL_S", gone)
             await asyncio.sleep(every)
@@ -491,12 +558,35 @@ def job_body(body: dict) -> dict:
         raise ApiError(
             400, f"Unknown key(s) in the request body: {', '.join(unknown)} (allowed: {', '.join(sorted(BODY_KEYS))})."
         )
+    check_policy(body.get("policy"))
     hook = body.get("webhook")
     if hook is not None:
         parts = urlsplit(hook) if isinstance(hook, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
             raise ApiError(400, f"The webhook must be an http(s) URL, got {safe_url(str(hook))!r}.")
     return body
+
+
+def check_policy(policy) -> None:
+    """RunPod's ``policy``: ``executionTimeout`` and ``ttl`` in whole milliseconds within RunPod's bounds;
+    ``lowPriority`` (it steers RunPod's scaling) is accepted and means nothing here."""
+    if policy is None:
+        return
+    if not isinstance(policy, dict):
+        raise ApiError(400, f'"policy" must be an object such as {{"executionTimeout": 600000}}, got {policy!r}.')
+    unknown = sorted(set(policy) - POLICY_KEYS)
+    if unknown:
+        raise ApiError(
+            400, f"Unknown key(s) in policy: {', '.join(unknown)} (allowed: {', '.join(sorted(POLICY_KEYS))})."
+        )
+    for key, (low, high) in POLICY_BOUNDS.items():
+        value = policy.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise ApiError(
+                400, f"policy.{key} must be whole milliseconds from {low} to {high} (7 days), got {value!r}."
+            )
+    if not isinstance(policy.get("lowPriority", False), bool):
+        raise ApiError(400, f"policy.lowPriority must be true or false, got {policy['lowPriority']!r}.")
 
 
 def create_app(settings: Settings, runner: RunnerProcess, token: str | None, store: JobStore):
@@ -555,6 +645,12 @@ def create_app(settings: Settings, runner: RunnerProcess, token: str | None, sto
         return JSONResponse(status_body(service.get(job_id)))
 
     router.add_api_route("/status/{job_id}", status, methods=["GET", "POST"])
+
+    async def stream(job_id: str, request: Request):
+        await read_json(request, settings.max_request_mb)
+        return JSONResponse(service.stream(job_id))
+
+    router.add_api_route("/stream/{job_id}", stream, methods=["GET", "POST"])
 
     @router.post("/cancel/{job_id}")
     async def cancel(job_id: str, request: Request):

@@ -8,11 +8,15 @@ instead of delaying the job that is running (bench/api_throughput.py).
 The protocol, one JSON object per line (``json.dumps`` escapes newlines, so a line is a message):
 
 - API -> runner on the runner's stdin:
-  ``{"run": {"id": ..., "input": {...}}}`` starts a job; ``{"cancel": "<id>"}`` cancels it (the handler
-  interrupts its prompt). End of file: the API is gone (stopped, or killed): every running job is
-  cancelled, so no prompt is left running in ComfyUI for nobody, and the runner exits.
-- runner -> API on the runner's stdout: ``{"ready": true}`` once the handler is imported, then
-  ``{"done": "<id>", "output": <what the handler returned>}`` or ``{"done": "<id>", "cancelled": true}``.
+  ``{"run": {"id": ..., "input": {...}}, "not_after": <epoch s or null>}`` queues a job: it starts when
+  fewer than ``--concurrency`` run (the API sends one ahead, so the next starts the moment one ends), or
+  ends unstarted once ``not_after`` is past (RunPod's ``policy.ttl``). ``{"cancel": "<id>"}`` cancels a
+  job, waiting or running (the handler interrupts its prompt). End of file: the API is gone (stopped, or
+  killed): every running job is cancelled, so no prompt is left running in ComfyUI for nobody, and
+  the runner exits.
+- runner -> API on the runner's stdout: ``{"ready": true}`` once the handler is imported; per job
+  ``{"started": "<id>", "at": <epoch s>}``, then one of ``{"done": "<id>", "output": <what the handler
+  returned>}``, ``{"done": "<id>", "cancelled": true}`` or ``{"done": "<id>", "expired": true}``.
   Anything printed by the handler goes to stderr, never into the protocol.
 
 SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a container stop reaches the whole process group,
@@ -60,7 +64,7 @@ class Runner:
         self.run_job = run_job
         self.out = out  # the protocol's binary stream
         self.concurrency = concurrency
-        self.waiting: dict[str, dict] = {}  # sent ahead, in order: started the moment a job ends
+        self.waiting: dict[str, tuple[dict, float | None]] = {}  # sent ahead, in order: (job, not after)
         self.tasks: dict[str, asyncio.Task] = {}
 
     def send(self, message: dict) -> None:
@@ -85,7 +89,10 @@ class Runner:
     def start_waiting(self) -> None:
         while self.waiting and len(self.tasks) < self.concurrency:
             job_id = next(iter(self.waiting))
-            job = self.waiting.pop(job_id)
+            job, not_after = self.waiting.pop(job_id)
+            if not_after is not None and time.time() > not_after:
+                self.send({"done": job_id, "expired": True})
+                continue
             self.send({"started": job_id, "at": time.time()})
             self.tasks[job_id] = asyncio.create_task(self.job(job))
 
@@ -100,7 +107,7 @@ class Runner:
             message = json.loads(line)
             if "run" in message:
                 job = message["run"]
-                self.waiting[job["id"]] = job
+                self.waiting[job["id"]] = (job, message.get("not_after"))
                 self.start_waiting()
             elif "cancel" in message:
                 self.cancel(message["cancel"])
@@ -125,6 +132,9 @@ async def amain(run_job: RunJob, out, concurrency: int) -> None:
             from comfy_worker.comfy_client import close_shared_session
 
             await close_shared_session()
+
+
+EXPIRED = object()  # what ``RunnerProcess.run`` returns for a job not started by its ``not_after``
 
 
 class RunnerDied(RuntimeError):
@@ -189,7 +199,7 @@ class RunnerProcess:
                 self.started.discard(message["done"])
                 future = self.pending.pop(message["done"], None)
                 if future is not None and not future.done():
-                    future.set_result(None if message.get("cancelled") else message["output"])
+                    future.set_result(EXPIRED if message.get("expired") else message.get("output"))
             elif "ready" in message:
                 self.ready.set()
         self.alive = False
@@ -208,13 +218,15 @@ class RunnerProcess:
             raise OSError("the pipe to the job runner is closed")
         self.writer.write(json.dumps(message).encode() + b"\n")  # buffered: never blocks the API's loop
 
-    async def run(self, job: dict):
+    async def run(self, job: dict, not_after: float | None = None):
+        """The handler's output for ``job``; None when it was cancelled, ``EXPIRED`` when it was not
+        started by ``not_after`` (epoch seconds: RunPod's ``policy.ttl``)."""
         if not self.alive:
             raise RunnerDied("the job runner process is not running")
         future = asyncio.get_running_loop().create_future()
         self.pending[job["id"]] = future
         try:
-            self._send({"run": job})
+            self._send({"run": job, "not_after": not_after})
         except OSError as exc:
             self.pending.pop(job["id"], None)
             raise RunnerDied(f"the job runner cannot take jobs ({exc})") from None

@@ -1,6 +1,6 @@
 """The API's jobs and their results in SQLite on the volume (docs/architecture.md, "The API's job store").
 
-One row per job: its request, its status (RunPod's words: ``IN_QUEUE``, ``IN_PROGRESS``, ``COMPLETED``,
+One row per job: its request (``{"input"}``, and RunPod's ``policy`` when one was given), its status (RunPod's words: ``IN_QUEUE``, ``IN_PROGRESS``, ``COMPLETED``,
 ``FAILED``, ``CANCELLED``, ``TIMED_OUT``), when it was accepted, started and finished, how often it was
 started, its result and whether its webhook is still owed. Stdlib ``sqlite3`` in WAL mode with
 ``synchronous=NORMAL``: every committed write survives the process dying (SIGKILL, OOM kill, a crash);
@@ -129,24 +129,23 @@ class JobStore:
             == 1
         )
 
-    def cancel_queued(self, job_ids: list[str] | None, now: float) -> list[str]:
-        """Queued jobs (these, or all when None) become ``CANCELLED``; returns the ids that were queued."""
+    def cancel_queued(
+        self, job_ids: list[str] | None, now: float, status: str = "CANCELLED", result: dict | None = None
+    ) -> list[str]:
+        """Queued jobs (these, or all when None) end as ``status`` (``CANCELLED``, or ``TIMED_OUT`` for a
+        job past its ``policy.ttl``) with ``result``; returns the ids that were queued."""
+        assert status in FINAL
+        update = (
+            "UPDATE jobs SET status = ?, finished = ?, result = ?, webhook_pending = (webhook IS NOT NULL) "
+            "WHERE status = 'IN_QUEUE'"
+        )
+        values = (status, now, json.dumps(result or {}))
         if job_ids is None:
-            rows = self.db.execute(
-                "UPDATE jobs SET status = 'CANCELLED', finished = ?, result = '{}', "
-                "webhook_pending = (webhook IS NOT NULL) WHERE status = 'IN_QUEUE' RETURNING id",
-                (now,),
-            ).fetchall()
-            return [r["id"] for r in rows]
+            return [r["id"] for r in self.db.execute(f"{update} RETURNING id", values).fetchall()]
         done = []
         for job_id in job_ids:
-            row = self.db.execute(
-                "UPDATE jobs SET status = 'CANCELLED', finished = ?, result = '{}', "
-                "webhook_pending = (webhook IS NOT NULL) WHERE id = ? AND status = 'IN_QUEUE' RETURNING id",
-                (now, job_id),
-            ).fetchone()
-            if row:
-                done.append(row["id"])
+            if self.db.execute(f"{update} AND id = ? RETURNING id", (*values, job_id)).fetchone():
+                done.append(job_id)
         return done
 
     def webhook_sent(self, job_id: str) -> None:
@@ -173,10 +172,12 @@ class JobStore:
         job["result"] = json.loads(job["result"]) if job["result"] else {}
         return job
 
-    def queued_request(self, job_id: str) -> dict | None:
-        """A queued job's request (read back after a restart); None when it is not queued."""
-        row = self.db.execute("SELECT request FROM jobs WHERE id = ? AND status = 'IN_QUEUE'", (job_id,)).fetchone()
-        return json.loads(row["request"]) if row else None
+    def queued_request(self, job_id: str) -> tuple[dict, float] | None:
+        """(request, created) of a queued job (read back after a restart); None when it is not queued."""
+        row = self.db.execute(
+            "SELECT request, created FROM jobs WHERE id = ? AND status = 'IN_QUEUE'", (job_id,)
+        ).fetchone()
+        return (json.loads(row["request"]), row["created"]) if row else None
 
     def queued_ids(self) -> list[str]:
         return [r["id"] for r in self.db.execute("SELECT id FROM jobs WHERE status = 'IN_QUEUE' ORDER BY seq")]

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -67,6 +68,15 @@ def history_size(comfyui) -> int:
 def comfy_idle(comfyui) -> bool:
     queue = comfyui.get_json("/queue")
     return queue["queue_running"] == [] and queue["queue_pending"] == []
+
+
+def process_gone(pid: int) -> bool:
+    """No such process, or only its zombie (waiting for whoever adopted it to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def wait_for(check, timeout: float, what: str):
@@ -392,6 +402,85 @@ def test_health_counts_match_what_was_sent(api, comfyui):
     api.post(f"/cancel/{slow}")
     jobs = api.get("/health").json()["jobs"]
     assert (jobs["inQueue"], jobs["inProgress"], jobs["cancelled"], jobs["completed"]) == (0, 0, 5, 3)
+
+
+# --- RunPod's policy, /stream ----------------------------------------------------------------------------
+def test_policy_execution_timeout_stops_a_job_and_ttl_ends_one_still_queued_both_timed_out(api, comfyui):
+    hooks = WebhookReceiver()
+    try:
+        slow = {"workflow": slow_workflow(400)}  # 20 s without a limit
+        timed = api.post("/run", {"input": slow, "policy": {"executionTimeout": 11000, "lowPriority": True}}).json()
+        waiting = {"input": {"workflow": tiny_workflow()}, "policy": {"ttl": 10000}, "webhook": f"{hooks.url}/ttl"}
+        expired = api.post("/run", waiting).json()
+        kept = api.post("/run", {"input": {"workflow": tiny_workflow()}, "policy": {"ttl": 60000}}).json()
+
+        body = api.wait_final(timed["id"], 30)
+        assert body["status"] == "TIMED_OUT", body
+        assert "policy.executionTimeout (11000 ms)" in body["error"] and 11000 <= body["executionTime"] < 16000
+        late = api.wait_final(expired["id"], 10)
+        assert late["status"] == "TIMED_OUT" and "policy.ttl (10000 ms) and was not run" in late["error"]
+        assert "executionTime" not in late and late["delayTime"] >= 10000
+        assert api.wait_final(kept["id"], 30)["status"] == "COMPLETED"
+        assert comfy_idle(comfyui)
+        wait_for(lambda: hooks.posts, 10, "the webhook of the expired job")
+        assert hooks.posts[0][2]["status"] == "TIMED_OUT"
+        jobs = api.get("/health").json()["jobs"]
+        assert (jobs["timedOut"], jobs["completed"]) == (2, 1)
+    finally:
+        hooks.server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        ({"executionTimeout": 1000}, "policy.executionTimeout must be whole milliseconds from 5000"),
+        ({"ttl": "1h"}, "policy.ttl must be whole milliseconds from 10000"),
+        ({"executionTimeout": True}, "policy.executionTimeout must be whole milliseconds"),
+        ({"lowPriority": "yes"}, "policy.lowPriority must be true or false"),
+        ({"timeout": 5}, "Unknown key(s) in policy: timeout (allowed: executionTimeout, lowPriority, ttl)"),
+        ([1], '"policy" must be an object'),
+    ],
+)
+def test_a_bad_policy_is_refused_with_400_naming_it(api, policy, message):
+    answer = api.post("/run", {"input": {"workflow": tiny_workflow()}, "policy": policy})
+    assert answer.status_code == 400 and message in answer.json()["error"], answer.text
+
+
+def test_the_runpod_clients_stream_gets_the_output_once(api, monkeypatch):
+    monkeypatch.setattr(runpod, "api_key", TOKEN)
+    monkeypatch.setattr(runpod, "endpoint_url_base", f"{api.url}/v2")
+    job = runpod.Endpoint("ep").run({"workflow": tiny_workflow(0x050607)})
+    chunks = list(job.stream())  # ends once the job is final and its chunk was handed out
+    assert len(chunks) == 1 and pixel(chunks[0]["images"][0]) == (5, 6, 7)
+    assert api.get(f"/stream/{job.job_id}").json() == {"id": job.job_id, "status": "COMPLETED", "stream": []}
+
+
+# --- the job runner process -----------------------------------------------------------------------------
+def test_a_job_runner_that_dies_fails_its_job_and_a_new_runner_runs_the_next(api, comfyui):
+    doomed = api.post("/run", {"input": {"workflow": slow_workflow(400)}}).json()["id"]
+    after = api.post("/run", {"input": {"workflow": tiny_workflow(0x0C0C0C)}}).json()["id"]
+    api.wait_status(doomed, "IN_PROGRESS")
+    first_runner = api.runner_pid()
+    os.kill(first_runner, signal.SIGKILL)  # as the kernel's OOM killer would
+
+    body = api.wait_final(doomed, 30)
+    assert body["status"] == "FAILED" and "The job runner process died while this job ran" in body["error"]
+    assert "exit code -9" in body["error"] and "was not run again" in body["error"]
+    done = api.wait_final(after, 60)
+    assert done["status"] == "COMPLETED" and pixel(done["output"]["images"][0]) == (12, 12, 12)
+    assert api.runner_pid() not in (None, first_runner)
+    assert "a new job runner took over" in api.log()
+
+
+def test_the_api_killed_by_sigkill_leaves_no_prompt_running_in_comfyui(api, comfyui):
+    job_id = api.post("/run", {"input": {"workflow": slow_workflow(400)}}).json()["id"]  # 20 s
+    api.wait_status(job_id, "IN_PROGRESS")
+    wait_for(lambda: comfyui.get_json("/queue")["queue_running"], 30, "ComfyUI to run the prompt")
+    runner = api.runner_pid()
+    api.stop(signal.SIGKILL)
+    wait_for(lambda: comfy_idle(comfyui), 10, "ComfyUI to be idle: the orphaned runner stopped its prompt")
+    wait_for(lambda: process_gone(runner), 15, "the runner to exit")
+    assert "the API is gone: stopping 1 running job(s)" in api.log()
 
 
 # --- nothing lost ---------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def test_a_job_moves_queued_running_final_and_is_finished_only_once(store):
     store.add("a", {"input": {"x": 1}}, None, 100.0)
     assert store.queued_ids() == ["a"] and store.get("a")["status"] == "IN_QUEUE"
     assert store.finish("a", "COMPLETED", {"output": 1}, 101.0) is False  # never finished while queued
-    assert store.queued_request("a") == {"input": {"x": 1}}
+    assert store.queued_request("a") == ({"input": {"x": 1}}, 100.0)
     assert store.start("a", 102.0) is True
     assert store.start("a", 103.0) is False  # not queued any more: not started twice
     assert store.queued_request("a") is None
@@ -49,7 +49,7 @@ def test_recover_requeues_what_was_running_and_keeps_the_order(store, tmp_path):
     try:
         assert again.recover() == 1
         assert again.queued_ids() == ["a", "b", "c"]
-        assert again.queued_request("a") == {"input": "a"}
+        assert again.queued_request("a") == ({"input": "a"}, 1.0)
         assert again.start("a", 3.0) and again.finish("a", "COMPLETED", {}, 4.0)
         assert again.counts()["retried"] == 1
     finally:
@@ -65,9 +65,12 @@ def test_cancel_purge_webhooks_and_expiry(store):
     assert store.pending_webhooks() == ["q1"]
     store.webhook_sent("q1")
     assert store.pending_webhooks() == []
+    store.add("old", {"input": 4, "policy": {"ttl": 10000}}, None, 1.0)
+    assert store.cancel_queued(["old"], 3.5, "TIMED_OUT", {"error": "expired"}) == ["old"]
+    assert (store.get("old")["status"], store.get("old")["result"]) == ("TIMED_OUT", {"error": "expired"})
     assert store.cancel_queued(None, 4.0) == ["q2"]
     store.finish("run", "COMPLETED", {}, 10.0)
-    assert store.expire(before=5.0) == 2  # q1, q2 finished at 3 and 4; "run" at 10 stays
+    assert store.expire(before=5.0) == 3  # q1, old, q2 finished at 3, 3.5 and 4; "run" at 10 stays
     assert store.get("q1") is None and store.get("run")["status"] == "COMPLETED"
 
 

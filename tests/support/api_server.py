@@ -115,6 +115,18 @@ class ApiServer:
             time.sleep(0.05)
         return body
 
+    def runner_pid(self) -> int | None:
+        """The pid of the API's job runner (its child ``python -m comfy_worker.job_runner``)."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid and b"comfy_worker.job_runner" in cmdline:
+                return int(stat.parent.name)
+        return None
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
