@@ -248,9 +248,7 @@ class JobService:
                 {"Retry-After": str(self.retry_after())},
             )
         job_id = f"{prefix}{uuid.uuid4()}"
-        request = {"input": body["input"]}
-        if body.get("policy"):
-            request["policy"] = body["policy"]
+        request = {key: body[key] for key in ("input", "policy", "s3Config") if body.get(key) is not None}
         now = time.time()
         self.store.add(job_id, request, body.get("webhook"), now)
         self.queued.add(job_id)
@@ -369,7 +367,10 @@ class JobService:
         if "executionTimeout" in policy:
             self.time_limits[job_id] = policy["executionTimeout"] / 1000
         not_after = created + policy["ttl"] / 1000 if "ttl" in policy else None
-        output = await self.output_of(job_id, request["input"], not_after)
+        job = {"id": job_id, "input": request["input"]}
+        if "s3Config" in request:  # RunPod's per-request bucket: the handler reads it beside the input
+            job["s3Config"] = request["s3Config"]
+        output = await self.output_of(job, not_after)
         if output is EXPIRED:
             self.expire_queued(job_id, policy["ttl"])
             return
@@ -400,13 +401,13 @@ class JobService:
             self.send_webhook(job_id)
         self.job_done(job_id)
 
-    async def output_of(self, job_id: str, job_input, not_after: float | None):
+    async def output_of(self, job: dict, not_after: float | None):
         """The handler's output for the job, None when it was cancelled (or the API stops); a job the
         runner took with it when it died fails, one it had not started yet goes to the next runner."""
         while True:
             await self.runner_up.wait()
             try:
-                return await self.runner.run({"id": job_id, "input": job_input}, not_after)
+                return await self.runner.run(job, not_after)
             except asyncio.CancelledError:  # the API stops (the runner was told to cancel it)
                 return None
             except RunnerDied as exc:
@@ -414,7 +415,7 @@ class JobService:
                     return None
                 if not exc.started:
                     continue
-                log.error("job %s: %s", job_id, exc)
+                log.error("job %s: %s", job["id"], exc)
                 return {
                     "error": f"The job runner process died while this job ran ({exc}); the log says why "
                     "(out of memory?). The job was not run again: send it again if it should."
@@ -559,6 +560,8 @@ def job_body(body: dict) -> dict:
             400, f"Unknown key(s) in the request body: {', '.join(unknown)} (allowed: {', '.join(sorted(BODY_KEYS))})."
         )
     check_policy(body.get("policy"))
+    if not isinstance(body.get("s3Config", {}), dict):
+        raise ApiError(400, '"s3Config" must be an object: {"accessId", "accessSecret", "bucketName", "endpointUrl"}.')
     hook = body.get("webhook")
     if hook is not None:
         parts = urlsplit(hook) if isinstance(hook, str) else None

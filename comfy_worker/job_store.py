@@ -1,8 +1,10 @@
 """The API's jobs and their results in SQLite on the volume (docs/architecture.md, "The API's job store").
 
-One row per job: its request (``{"input"}``, and RunPod's ``policy`` when one was given), its status (RunPod's words: ``IN_QUEUE``, ``IN_PROGRESS``, ``COMPLETED``,
+One row per job: its request, its status (RunPod's words: ``IN_QUEUE``, ``IN_PROGRESS``, ``COMPLETED``,
 ``FAILED``, ``CANCELLED``, ``TIMED_OUT``), when it was accepted, started and finished, how often it was
-started, its result and whether its webhook is still owed. Stdlib ``sqlite3`` in WAL mode with
+started, its result and whether its webhook is still owed. The request is ``{"input"}`` plus RunPod's
+``policy`` and ``s3Config`` when given; it is emptied once the job is final, with ``secure_delete`` on, so
+keys sent in a request stay on the volume only while the job needs them. Stdlib ``sqlite3`` in WAL mode with
 ``synchronous=NORMAL``: every committed write survives the process dying (SIGKILL, OOM kill, a crash);
 a power cut or kernel crash may lose the last moments (``FULL``, an fsync per write, cost 0.6x of the
 throughput of trivial jobs: bench/api_throughput.py).
@@ -71,6 +73,7 @@ class JobStore:
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA secure_delete=ON")  # an emptied request is overwritten, not left in free pages
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             os.close(self._lock)
@@ -113,8 +116,8 @@ class JobStore:
         assert status in FINAL
         return (
             self.db.execute(
-                "UPDATE jobs SET status = ?, result = ?, finished = ?, webhook_pending = (webhook IS NOT NULL) "
-                "WHERE id = ? AND status = 'IN_PROGRESS'",
+                "UPDATE jobs SET status = ?, result = ?, finished = ?, webhook_pending = (webhook IS NOT NULL), "
+                "request = '{}' WHERE id = ? AND status = 'IN_PROGRESS'",
                 (status, json.dumps(result), now, job_id),
             ).rowcount
             == 1
@@ -136,8 +139,8 @@ class JobStore:
         job past its ``policy.ttl``) with ``result``; returns the ids that were queued."""
         assert status in FINAL
         update = (
-            "UPDATE jobs SET status = ?, finished = ?, result = ?, webhook_pending = (webhook IS NOT NULL) "
-            "WHERE status = 'IN_QUEUE'"
+            "UPDATE jobs SET status = ?, finished = ?, result = ?, webhook_pending = (webhook IS NOT NULL), "
+            "request = '{}' WHERE status = 'IN_QUEUE'"
         )
         values = (status, now, json.dumps(result or {}))
         if job_ids is None:

@@ -446,6 +446,11 @@ def test_a_bad_policy_is_refused_with_400_naming_it(api, policy, message):
     assert answer.status_code == 400 and message in answer.json()["error"], answer.text
 
 
+def test_an_s3config_that_is_not_an_object_is_refused_with_400(api):
+    answer = api.post("/run", {"input": {"workflow": tiny_workflow()}, "s3Config": "s3://bucket"})
+    assert answer.status_code == 400 and '"s3Config" must be an object' in answer.json()["error"]
+
+
 def test_the_runpod_clients_stream_gets_the_output_once(api, monkeypatch):
     monkeypatch.setattr(runpod, "api_key", TOKEN)
     monkeypatch.setattr(runpod, "endpoint_url_base", f"{api.url}/v2")

@@ -74,6 +74,22 @@ def test_cancel_purge_webhooks_and_expiry(store):
     assert store.get("q1") is None and store.get("run")["status"] == "COMPLETED"
 
 
+def test_a_final_jobs_request_is_emptied_and_its_keys_leave_the_file(store):
+    secret = "s3-secret-key-5d1f0e"
+    for job_id in ("done", "dropped"):
+        workflow = {"x": "node " * 2000}  # a request over a page: its overflow pages are freed when emptied
+        store.add(job_id, {"input": workflow, "s3Config": {"accessSecret": secret}}, None, 1.0)
+    assert store.queued_request("done")[0]["s3Config"]["accessSecret"] == secret
+    store.start("done", 2.0)
+    store.finish("done", "COMPLETED", {"output": {"ok": True}}, 3.0)
+    store.cancel_queued(["dropped"], 3.0)
+    raw = store.db.execute("SELECT request FROM jobs").fetchall()
+    assert [row[0] for row in raw] == ["{}", "{}"]
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for path in store.path.parent.iterdir():
+        assert secret.encode() not in path.read_bytes(), path
+
+
 def test_an_accepted_job_survives_the_process_being_killed(tmp_path):
     path = tmp_path / "jobs.sqlite3"
     code = textwrap.dedent(f"""
