@@ -7,6 +7,7 @@ the SDK's local API (``/run``, ``/runsync``, ``/status``). Concurrency: env ``MA
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
@@ -22,7 +23,15 @@ from websockets.exceptions import InvalidHandshake, WebSocketException
 from comfy_worker import outputs
 from comfy_worker.comfy_client import ComfyClient, close_shared_session, shared_session
 from comfy_worker.job_errors import JobError
-from comfy_worker.job_input import ImageInput, JobInput, apply_overrides, parse_job_input, rename_references
+from comfy_worker.job_input import (
+    ImageInput,
+    JobInput,
+    S3Config,
+    apply_overrides,
+    parse_job_input,
+    parse_s3_config,
+    rename_references,
+)
 from comfy_worker.log_setup import (
     redact,
     reset_job_id,
@@ -236,6 +245,7 @@ async def _upload_within(client, request: JobInput, token: str, uploaded: list[s
 async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
     started = time.monotonic()
     request: JobInput = parse_job_input(job.get("input"))
+    settings = with_job_bucket(settings, parse_s3_config(job.get("s3Config")))
     workflow = request.workflow
     apply_overrides(workflow, request.overrides)
     client = ComfyClient(settings.comfy_host, settings.comfy_pid_file, settings.comfy_log_file)
@@ -304,25 +314,46 @@ async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
             outputs.cleanup(files, folders, uploaded, created_after=runner.submitted_wall)
 
 
-def _job_key(job) -> list[str]:
-    """The job's own Comfy.org key (a secret of this job only), read without trusting the input's shape."""
-    raw = job.get("input") if isinstance(job, dict) else None
-    key = raw.get("comfy_org_api_key") if isinstance(raw, dict) else None
-    return [key] if isinstance(key, str) else []
+def with_job_bucket(settings: Settings, s3: S3Config | None) -> Settings:
+    """``settings`` for one job: its own bucket (RunPod's ``s3Config``) replaces the BUCKET_* endpoint, name
+    and keys; BUCKET_PREFIX, BUCKET_REGION and S3_URL_EXPIRES still apply."""
+    if s3 is None:
+        return settings
+    log.info("Outputs go to the job's own bucket %r at %s (s3Config)", s3.bucket_name, s3.endpoint_url)
+    return dataclasses.replace(
+        settings,
+        bucket_endpoint_url=s3.endpoint_url,
+        bucket_name=s3.bucket_name,
+        bucket_access_key_id=s3.access_id,
+        bucket_secret_access_key=s3.access_secret,
+    )
+
+
+def _job_secrets(job) -> list[str]:
+    """The job's own secrets (its Comfy.org key, the keys of its ``s3Config``), read without trusting the
+    job's shape: they are redacted even when the job is malformed."""
+    if not isinstance(job, dict):
+        return []
+    raw, s3 = job.get("input"), job.get("s3Config")
+    found = [raw.get("comfy_org_api_key")] if isinstance(raw, dict) else []
+    if isinstance(s3, dict):
+        found += [s3.get("accessId"), s3.get("accessSecret")]
+    return [value for value in found if isinstance(value, str)]
 
 
 async def handler(job: dict) -> dict:
-    """RunPod entry point: ``job["input"]`` as docs/api.md describes; returns the output or ``{"error", "details"}``.
+    """RunPod entry point: ``job["input"]`` (and ``job["s3Config"]``) as docs/api.md describes; returns the
+    output or ``{"error", "details"}``.
 
     Never raises: whatever goes wrong becomes a readable error."""
     job_id = job_id_of(job)
     token = set_job_id(job_id)
-    secrets_token = set_job_secrets(_job_key(job))
+    secrets_token = set_job_secrets(_job_secrets(job))
     try:
         return await _handle(job, job_id)
     except Exception as exc:  # a bug must still give the caller a readable answer
         log.exception("Unexpected error")
-        secrets = [*secret_values(), *_job_key(job)]
+        secrets = [*secret_values(), *_job_secrets(job)]
         return {
             "error": redact(f"The handler failed unexpectedly: {type(exc).__name__}: {exc}", secrets),
             "details": {"exception_type": type(exc).__name__},
@@ -338,7 +369,7 @@ async def _handle(job: dict, job_id: str) -> dict:
     except ValueError as exc:  # a malformed env var: say which one
         log.error("Bad configuration: %s", exc)
         return {"error": f"The worker is misconfigured: {exc}.", "details": {}}
-    secrets = [*settings.secrets(), *_job_key(job)]
+    secrets = [*settings.secrets(), *_job_secrets(job)]
     try:
         result = await run_job(job, settings, job_id)
     except JobError as exc:

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # docs/api.md: files over 64 MB go up in parts
 TRANSFER = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=16 * 1024 * 1024)
-_uploaders: dict[Settings, S3Uploader] = {}
+MAX_UPLOADERS = 8  # clients kept for distinct buckets/keys (each job's own s3Config may add one); oldest dropped
+_uploaders: dict[Settings, S3Uploader] = {}  # least recently used first
 
 
 def _is_aws(endpoint: str) -> bool:
@@ -56,12 +57,15 @@ class S3Uploader:
     @classmethod
     def from_settings(cls, settings: Settings) -> S3Uploader | None:
         """The uploader for ``settings`` (one per distinct settings, so boto3's client and its connection
-        pool are reused by every job), or None when S3 is off."""
+        pool are reused by every job), or None when S3 is off. At most ``MAX_UPLOADERS`` are kept, so jobs
+        with ever new credentials neither grow the process nor keep their keys in it."""
         if not settings.bucket_endpoint_url:
             return None
-        if settings not in _uploaders:
-            _uploaders[settings] = cls(settings)
-        return _uploaders[settings]
+        uploader = _uploaders.pop(settings, None) or cls(settings)
+        _uploaders[settings] = uploader  # now the most recently used
+        while len(_uploaders) > MAX_UPLOADERS:
+            del _uploaders[next(iter(_uploaders))]
+        return uploader
 
     def key_for(self, job_id: str, filename: str) -> str:
         return f"{self.prefix}{job_id}/{filename}"

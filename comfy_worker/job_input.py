@@ -1,4 +1,5 @@
-"""Validation of a RunPod job's ``input`` and the workflow edits it asks for (docs/api.md, "Input").
+"""Validation of a RunPod job's ``input`` (and its ``s3Config``) and the workflow edits it asks for
+(docs/api.md, "Input").
 
 Every problem becomes a ``JobError`` with one readable sentence that names the culprit and the fix.
 """
@@ -17,6 +18,14 @@ from urllib.parse import urlsplit
 from comfy_worker.job_errors import JobError
 
 KNOWN_KEYS = ("workflow", "images", "overrides", "timeout", "comfy_org_api_key")
+S3_CONFIG_KEYS = ("accessId", "accessSecret", "bucketName", "endpointUrl")  # RunPod's names, beside "input"
+_S3_CONFIG_MEANING = {
+    "accessId": "the access key id",
+    "accessSecret": "the secret access key",
+    "bucketName": "the name of an existing bucket",
+    "endpointUrl": "the store's endpoint, such as https://s3.eu-west-1.amazonaws.com",
+}
+_BUCKET_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")  # the characters boto3 accepts in a bucket name
 _DATA_URI = re.compile(r"^data:[^;,]*(;[^,]*)?,", re.IGNORECASE)
 
 
@@ -34,6 +43,16 @@ class JobInput:
     overrides: list[dict[str, Any]] = field(default_factory=list)
     timeout: float | None = None
     comfy_org_api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """RunPod's per-request bucket (the job's top-level ``s3Config``); both keys are secrets of the job."""
+
+    endpoint_url: str
+    bucket_name: str
+    access_id: str = field(repr=False)
+    access_secret: str = field(repr=False)
 
 
 def parse_job_input(raw: Any) -> JobInput:
@@ -61,6 +80,79 @@ def parse_job_input(raw: Any) -> JobInput:
     if key is not None and (not isinstance(key, str) or not key.strip()):
         raise JobError("'comfy_org_api_key' must be a non-empty string.")
     return JobInput(workflow, images, overrides, float(timeout) if timeout is not None else None, key)
+
+
+def parse_s3_config(raw: Any) -> S3Config | None:
+    """Check the job's top-level ``s3Config`` (None when absent). No value is ever echoed: the keys are
+    secrets, and the endpoint may carry some."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise JobError(
+            f"'s3Config' must be a JSON object with {', '.join(S3_CONFIG_KEYS)}, got {type(raw).__name__}.",
+            {"key": "s3Config", "allowed_keys": list(S3_CONFIG_KEYS)},
+        )
+    unknown = sorted(str(k) for k in raw if k not in S3_CONFIG_KEYS)
+    if unknown:
+        raise JobError(
+            f"Unknown s3Config key(s) {', '.join(map(repr, unknown))}; allowed keys are {', '.join(S3_CONFIG_KEYS)}.",
+            {"unknown_keys": unknown, "allowed_keys": list(S3_CONFIG_KEYS)},
+        )
+    values = {key: _s3_string(raw, key) for key in S3_CONFIG_KEYS}
+    _check_endpoint(values["endpointUrl"])
+    if not _BUCKET_NAME.match(values["bucketName"]):
+        raise JobError(
+            "s3Config.bucketName is not a valid bucket name: use only letters, digits, '.', '-' and '_' "
+            "(no '/', no spaces), such as my-outputs.",
+            {"key": "s3Config.bucketName"},
+        )
+    return S3Config(values["endpointUrl"], values["bucketName"], values["accessId"], values["accessSecret"])
+
+
+def _s3_string(raw: dict, key: str) -> str:
+    """``raw[key]``, a non-empty string without surrounding whitespace; the error names the key, not the value."""
+    value = raw.get(key)
+    if value is None:
+        problem = "is missing"
+    elif not isinstance(value, str):
+        problem = f"is not a string (got {type(value).__name__})"
+    elif not value.strip():
+        problem = "is empty"
+    elif value != value.strip():
+        problem = "starts or ends with whitespace (a stray space or line break?)"
+    else:
+        return value
+    raise JobError(
+        f"s3Config.{key} {problem}: it must be a non-empty string, {_S3_CONFIG_MEANING[key]}.",
+        {"key": f"s3Config.{key}"},
+    )
+
+
+def _check_endpoint(url: str) -> None:
+    """An http(s) URL with a host and no query string, fragment or credentials (the URL is not echoed)."""
+    problem = None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        problem = f"it cannot be parsed ({exc})"
+    else:
+        if parts.scheme.lower() not in ("http", "https"):
+            problem = "it is not an http:// or https:// URL"
+        elif not parts.hostname:
+            problem = "it has no host name"
+        elif "?" in url or "#" in url:
+            problem = "it has a query string or fragment"
+        elif "@" in parts.netloc:
+            problem = "it carries user:password@ credentials (they belong in accessId and accessSecret)"
+        elif any(c.isspace() or ord(c) < 32 for c in url):
+            problem = "it contains spaces or control characters"
+    if problem:
+        raise JobError(
+            f"s3Config.endpointUrl is not a usable S3 endpoint: {problem}; send the endpoint alone, such as "
+            "https://s3.eu-west-1.amazonaws.com or https://<account id>.r2.cloudflarestorage.com.",
+            {"key": "s3Config.endpointUrl"},
+        )
 
 
 def _check_workflow(workflow: Any) -> dict[str, Any]:

@@ -19,8 +19,10 @@ import time
 import urllib.request
 import wave
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
+import moto.settings
 import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
@@ -314,6 +316,174 @@ def test_outputs_go_to_s3_with_content_type_and_presigned_url(worker_env, monkey
         assert "denied for ***" in worker_log.getvalue() and secret not in worker_log.getvalue()
     finally:
         server.stop()
+
+
+# --- a job's own bucket: RunPod's per-request s3Config ---------------------------------------------------
+@pytest.fixture
+def moto_s3(monkeypatch):
+    """moto's S3 server (reset) with buckets ``job-out`` and ``env-out`` and one IAM key allowed to use S3;
+    from the first request of the test on, moto checks every key and signature as a real store does."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        # moto keeps its state per process, not per server: start from an empty store
+        reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset, timeout=10).close()
+        admin = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+        admin |= {"aws_access_key_id": "AKIAMOTOADMIN", "aws_secret_access_key": "moto-admin-secret"}
+        for bucket in ("job-out", "env-out"):
+            boto3.client("s3", **admin).create_bucket(Bucket=bucket)
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="job")
+        allow = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="job", PolicyName="s3", PolicyDocument=json.dumps(allow))
+        key = iam.create_access_key(UserName="job")["AccessKey"]
+        monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=key["AccessKeyId"],
+            aws_secret_access_key=key["SecretAccessKey"],
+            region_name="us-east-1",
+        )
+        yield SimpleNamespace(endpoint=endpoint, key_id=key["AccessKeyId"], secret=key["SecretAccessKey"], s3=client)
+    finally:
+        server.stop()
+
+
+def s3_job(workflow: dict, store, job_id: str = "s3config-job", **s3_config) -> dict:
+    """A job whose top-level s3Config names the ``job-out`` bucket of ``store`` with its IAM key."""
+    config = {"accessId": store.key_id, "accessSecret": store.secret, "bucketName": "job-out"}
+    config |= {"endpointUrl": store.endpoint, **s3_config}
+    return {**job(workflow, job_id=job_id), "s3Config": config}
+
+
+def objects(store, bucket: str) -> list[str]:
+    return [o["Key"] for o in store.s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+def without_bucket_env(monkeypatch) -> None:
+    for name in [n for n in os.environ if n.startswith(("BUCKET_", "S3_URL_EXPIRES"))]:
+        monkeypatch.delenv(name)
+
+
+def test_a_jobs_s3config_receives_its_outputs_without_any_bucket_env(worker_env, monkeypatch, moto_s3):
+    without_bucket_env(monkeypatch)
+    before = output_files(worker_env)
+    result = run(s3_job(empty_to_save(16, 16, 0x0000FF), moto_s3))
+    assert "error" not in result and result["errors"] == [], result
+    [entry] = result["images"]
+    assert entry["type"] == "s3_url" and entry["content_type"] == "image/png"
+    key = f"s3config-job/{entry['filename']}"
+    assert objects(moto_s3, "job-out") == [key]
+    assert entry["data"].startswith(f"{moto_s3.endpoint}/job-out/{key}?") and "X-Amz-Expires=3600" in entry["data"]
+    body = moto_s3.s3.get_object(Bucket="job-out", Key=key)["Body"].read()
+    assert Image.open(io.BytesIO(body)).convert("RGB").getpixel((1, 1)) == (0, 0, 255)
+    assert output_files(worker_env) == before
+
+
+def test_a_jobs_s3config_overrides_the_bucket_env_for_that_job_only(worker_env, monkeypatch, moto_s3):
+    env = {
+        "BUCKET_ENDPOINT_URL": moto_s3.endpoint,
+        "BUCKET_NAME": "env-out",
+        "BUCKET_ACCESS_KEY_ID": "AKIAENVNOTKNOWN",  # moto refuses it: only the job's own key can upload
+        "BUCKET_SECRET_ACCESS_KEY": "env-secret-not-known",
+        "BUCKET_PREFIX": "runs/",
+        "BUCKET_REGION": "eu-west-3",
+        "S3_URL_EXPIRES": "120",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = run(s3_job(empty_to_save(16, 16, 0x00FF00), moto_s3, job_id="own-bucket"))
+    assert "error" not in result and result["errors"] == [], result
+    [entry] = result["images"]
+    key = f"runs/own-bucket/{entry['filename']}"  # BUCKET_PREFIX still applies
+    assert objects(moto_s3, "job-out") == [key] and objects(moto_s3, "env-out") == []
+    url = entry["data"]
+    assert url.startswith(f"{moto_s3.endpoint}/job-out/{key}?") and "X-Amz-Expires=120" in url  # S3_URL_EXPIRES
+    assert "%2Feu-west-3%2Fs3%2Faws4_request" in url  # BUCKET_REGION
+    # the next job, without s3Config, goes to the env's bucket with the env's keys again
+    plain = run(job(empty_to_save(16, 16, 0x00FF01), job_id="env-bucket"))
+    assert plain["error"].startswith("None of the 1 output file(s) could be delivered: "), plain
+    assert "InvalidAccessKeyId" in plain["error"] and objects(moto_s3, "job-out") == [key]
+
+
+@pytest.mark.parametrize(
+    ("s3_config", "error", "details"),
+    [
+        (
+            ["https://s3.example", "bucket"],
+            "'s3Config' must be a JSON object with accessId, accessSecret, bucketName, endpointUrl, got list.",
+            {"key": "s3Config", "allowed_keys": ["accessId", "accessSecret", "bucketName", "endpointUrl"]},
+        ),
+        (
+            {"accessId": "AKIA-typo-7", "secretAccessKey": "typo-secret-7", "bucketName": "b", "endpointUrl": "x"},
+            "Unknown s3Config key(s) 'secretAccessKey'; allowed keys are accessId, accessSecret, bucketName, "
+            "endpointUrl.",
+            {
+                "unknown_keys": ["secretAccessKey"],
+                "allowed_keys": ["accessId", "accessSecret", "bucketName", "endpointUrl"],
+            },
+        ),
+        (
+            {
+                "accessId": "AKIA-query-7",
+                "accessSecret": "query-secret-7",
+                "bucketName": "job-out",
+                "endpointUrl": "https://s3.example/?X-Amz-Credential=AKIA-query-7",
+            },
+            "s3Config.endpointUrl is not a usable S3 endpoint: it has a query string or fragment; send the endpoint "
+            "alone, such as https://s3.eu-west-1.amazonaws.com or https://<account id>.r2.cloudflarestorage.com.",
+            {"key": "s3Config.endpointUrl"},
+        ),
+    ],
+    ids=["not-an-object", "unknown-key", "endpoint-with-query"],
+)
+def test_a_malformed_s3config_is_an_input_error_before_anything_runs(worker_env, worker_log, s3_config, error, details):
+    before = output_files(worker_env), input_files(worker_env)
+    result = run({**job(empty_to_save(8, 8, 0x010203)), "s3Config": s3_config})
+    assert result == {"error": error, "details": details}
+    assert (output_files(worker_env), input_files(worker_env)) == before
+    assert f"Job failed: {error}" in worker_log.getvalue()
+
+
+def test_the_s3config_keys_never_reach_the_result_or_the_log(worker_env, monkeypatch, moto_s3, worker_log):
+    without_bucket_env(monkeypatch)
+    wf = empty_to_save(8, 8, 0x0A0B0C)
+    wrong_secret = run(s3_job(wf, moto_s3, accessSecret="wrong-secret-0451"))
+    unknown_id = run(s3_job(wf, moto_s3, accessId="AKIAUNKNOWN0451", accessSecret="unknown-secret-0451"))
+    for result, code in ((wrong_secret, "SignatureDoesNotMatch"), (unknown_id, "InvalidAccessKeyId")):
+        assert result["error"].startswith("None of the 1 output file(s) could be delivered: Output "), result
+        assert code in result["error"], result
+    # a path that does quote them: a node's error (as a library quoting its arguments would)
+    quoting = {
+        "1": {"class_type": "WorkerTestFail", "inputs": {"message": "denied: AKIA-quoted-42 / quoted-secret-42"}}
+    }
+    quoted = run(s3_job(quoting, moto_s3, accessId="AKIA-quoted-42", accessSecret="quoted-secret-42"))
+    assert quoted["error"] == "ComfyUI failed in node 1 (WorkerTestFail): RuntimeError: denied: *** / ***", quoted
+    log_text = worker_log.getvalue()
+    assert "denied: *** / ***" in log_text and "could not be delivered" in log_text
+    secrets = ["wrong-secret-0451", "AKIAUNKNOWN0451", "unknown-secret-0451", "AKIA-quoted-42", "quoted-secret-42"]
+    for text in (json.dumps([wrong_secret, unknown_id, quoted]), log_text):
+        assert [s for s in [*secrets, moto_s3.key_id, moto_s3.secret] if s in text] == [], text
+
+
+def test_a_bug_quoting_the_s3config_keys_answers_without_them(worker_env, monkeypatch, worker_log):
+    # the last resort of handler() redacts the job's s3Config keys too, read from the raw job
+    async def broken(job, job_id):
+        raise RuntimeError(f"boom near {job['s3Config']['accessId']} and {job['s3Config']['accessSecret']}")
+
+    monkeypatch.setattr(handler, "_handle", broken)
+    store = SimpleNamespace(endpoint="https://s3.example", key_id="AKIA-bug-1234", secret="bug-secret-1234")
+    result = run(s3_job(empty_to_save(8, 8), store))
+    assert result == {
+        "error": "The handler failed unexpectedly: RuntimeError: boom near *** and ***",
+        "details": {"exception_type": "RuntimeError"},
+    }
+    assert "boom near *** and ***" in worker_log.getvalue()
+    assert "AKIA-bug-1234" not in worker_log.getvalue() and "bug-secret-1234" not in worker_log.getvalue()
 
 
 def test_malformed_env_var_is_named(worker_env, monkeypatch):

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from comfy_worker.job_errors import JobError
-from comfy_worker.job_input import apply_overrides, decode_base64, parse_job_input, rename_references
+from comfy_worker.job_input import (
+    S3Config,
+    apply_overrides,
+    decode_base64,
+    parse_job_input,
+    parse_s3_config,
+    rename_references,
+)
 
 WORKFLOWS = Path(__file__).resolve().parent / "data"  # real request bodies
 
@@ -185,3 +192,97 @@ def test_overrides_are_applied_in_order_so_the_later_one_wins():
         ],
     )
     assert workflow["1"]["inputs"]["width"] == 32
+
+
+# ---- s3Config (RunPod's per-request bucket, beside the input) ---------------------------------------------
+S3_ID, S3_SECRET = "AKIA-job-id-5150", "job-secret-0xC0FFEE"
+S3_OK = {"accessId": S3_ID, "accessSecret": S3_SECRET, "bucketName": "my-outputs", "endpointUrl": "https://s3.example"}
+ENDPOINT_FIX = (
+    "; send the endpoint alone, such as https://s3.eu-west-1.amazonaws.com or "
+    "https://<account id>.r2.cloudflarestorage.com."
+)
+
+
+def test_s3_config_becomes_a_record_that_keeps_its_keys_out_of_repr():
+    assert parse_s3_config(None) is None
+    parsed = parse_s3_config({**S3_OK, "endpointUrl": "http://127.0.0.1:9000/"})
+    assert parsed == S3Config("http://127.0.0.1:9000/", "my-outputs", S3_ID, S3_SECRET)
+    assert S3_ID not in repr(parsed) and S3_SECRET not in repr(parsed)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message", "details"),
+    [
+        (
+            "text",
+            "'s3Config' must be a JSON object with accessId, accessSecret, bucketName, endpointUrl, got str.",
+            {"key": "s3Config", "allowed_keys": ["accessId", "accessSecret", "bucketName", "endpointUrl"]},
+        ),
+        (
+            {**S3_OK, "region": "auto", "accessKey": S3_ID},
+            "Unknown s3Config key(s) 'accessKey', 'region'; allowed keys are accessId, accessSecret, bucketName, "
+            "endpointUrl.",
+            {"unknown_keys": ["accessKey", "region"], "allowed_keys": list(S3_OK)},
+        ),
+        (
+            {k: v for k, v in S3_OK.items() if k != "accessSecret"},
+            "s3Config.accessSecret is missing: it must be a non-empty string, the secret access key.",
+            {"key": "s3Config.accessSecret"},
+        ),
+        (
+            {**S3_OK, "accessId": 5150},
+            "s3Config.accessId is not a string (got int): it must be a non-empty string, the access key id.",
+            {"key": "s3Config.accessId"},
+        ),
+        (
+            {**S3_OK, "bucketName": "  "},
+            "s3Config.bucketName is empty: it must be a non-empty string, the name of an existing bucket.",
+            {"key": "s3Config.bucketName"},
+        ),
+        (
+            {**S3_OK, "accessSecret": S3_SECRET + "\n"},
+            "s3Config.accessSecret starts or ends with whitespace (a stray space or line break?): it must be a "
+            "non-empty string, the secret access key.",
+            {"key": "s3Config.accessSecret"},
+        ),
+        (
+            {**S3_OK, "bucketName": "outputs/run-1"},
+            "s3Config.bucketName is not a valid bucket name: use only letters, digits, '.', '-' and '_' (no '/', "
+            "no spaces), such as my-outputs.",
+            {"key": "s3Config.bucketName"},
+        ),
+    ],
+    ids=["not-an-object", "unknown-keys", "missing", "not-a-string", "empty", "whitespace", "bucket-with-slash"],
+)
+def test_a_bad_s3_config_names_the_key_and_the_fix_never_a_value(raw, message, details):
+    with pytest.raises(JobError) as info:
+        parse_s3_config(raw)
+    assert info.value.message == message
+    assert info.value.details == details
+    assert S3_SECRET not in info.value.message and "5150" not in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("s3.example", "it is not an http:// or https:// URL"),
+        ("ftp://s3.example", "it is not an http:// or https:// URL"),
+        ("https://", "it has no host name"),
+        (f"https://s3.example/?X-Amz-Credential={S3_ID}", "it has a query string or fragment"),
+        ("https://s3.example?", "it has a query string or fragment"),
+        ("https://s3.example/#top", "it has a query string or fragment"),
+        (
+            f"https://{S3_ID}:{S3_SECRET}@s3.example",
+            "it carries user:password@ credentials (they belong in accessId and accessSecret)",
+        ),
+        ("https://s3.example:99999", "it cannot be parsed (Port out of range 0-65535)"),
+        ("https://s3.example/a b", "it contains spaces or control characters"),
+    ],
+    ids=["no-scheme", "ftp", "no-host", "query", "empty-query", "fragment", "userinfo", "bad-port", "space"],
+)
+def test_the_s3_endpoint_must_be_a_plain_http_url_and_is_never_echoed(url, problem):
+    with pytest.raises(JobError) as info:
+        parse_s3_config({**S3_OK, "endpointUrl": url})
+    assert info.value.message == f"s3Config.endpointUrl is not a usable S3 endpoint: {problem}{ENDPOINT_FIX}"
+    assert info.value.details == {"key": "s3Config.endpointUrl"}
+    assert S3_ID not in info.value.message and S3_SECRET not in info.value.message

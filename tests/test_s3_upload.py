@@ -144,3 +144,19 @@ def test_one_uploader_per_settings():
         )
         is not first
     )
+
+
+def test_uploaders_kept_are_bounded_and_the_least_recently_used_goes_first():
+    # every job with its own s3Config may bring new keys: the process keeps only MAX_UPLOADERS clients
+    def settings(n: int) -> Settings:
+        keys = {"BUCKET_ACCESS_KEY_ID": f"id-{n}", "BUCKET_SECRET_ACCESS_KEY": f"key-{n}"}
+        return Settings.from_env({"BUCKET_ENDPOINT_URL": "http://127.0.0.1:9", "BUCKET_NAME": "b", **keys})
+
+    first = s3_upload.S3Uploader.from_settings(settings(0))
+    second = s3_upload.S3Uploader.from_settings(settings(1))
+    for n in range(2, s3_upload.MAX_UPLOADERS + 1):
+        assert s3_upload.S3Uploader.from_settings(settings(0)) is first  # used again: kept
+        s3_upload.S3Uploader.from_settings(settings(n))
+    assert len(s3_upload._uploaders) == s3_upload.MAX_UPLOADERS
+    assert s3_upload.S3Uploader.from_settings(settings(0)) is first
+    assert s3_upload.S3Uploader.from_settings(settings(1)) is not second  # the oldest unused one was dropped
