@@ -23,6 +23,7 @@ from PIL import Image
 from support.api_server import ApiServer, slow_workflow, tiny_workflow
 from support.comfy_process import ROOT
 from support.local_http import QuietHandler, serve_in_thread
+from support.moto_s3 import moto_s3
 
 from comfy_worker.api import ApiError, JobService
 from comfy_worker.job_store import JobStore
@@ -449,6 +450,20 @@ def test_a_bad_policy_is_refused_with_400_naming_it(api, policy, message):
 def test_an_s3config_that_is_not_an_object_is_refused_with_400(api):
     answer = api.post("/run", {"input": {"workflow": tiny_workflow()}, "s3Config": "s3://bucket"})
     assert answer.status_code == 400 and '"s3Config" must be an object' in answer.json()["error"]
+
+
+def test_a_jobs_s3config_reaches_the_handler_and_leaves_the_store_once_the_job_is_final(api):
+    with moto_s3("pod-out", enforce_auth=True) as store:
+        s3_config = {"accessId": store.key_id, "accessSecret": store.secret, "bucketName": "pod-out"}
+        s3_config["endpointUrl"] = store.endpoint
+        body = {"input": {"workflow": tiny_workflow()}, "s3Config": s3_config}
+        answer = api.post("/runsync", body).json()
+        assert answer["status"] == "COMPLETED", answer
+        image = answer["output"]["images"][0]
+        assert image["type"] == "s3_url" and store.keys("pod-out") == [f"{answer['id']}/{image['filename']}"]
+    with contextlib.closing(sqlite3.connect(api.volume / ".api" / "jobs.sqlite3")) as db:
+        assert db.execute("SELECT request FROM jobs WHERE id = ?", (answer["id"],)).fetchone() == ("{}",)
+    assert store.secret not in api.log()
 
 
 def test_the_runpod_clients_stream_gets_the_output_once(api, monkeypatch):
