@@ -1,18 +1,20 @@
 """The worker's own HTTP API for pods and local boxes, in RunPod's shape (docs/api.md, "The worker's HTTP API").
 
 ``python -m comfy_worker.api [--host H] [--port P] [--handler MODULE:FUNCTION]`` (``start.sh`` runs it in
-pod and local mode on ``API_PORT``): FastAPI + uvicorn, running each job with the same function the
-serverless worker runs, ``handler:handler`` from ``APP_DIR`` by default. The handler is *passed in*
-(``create_app(settings, run_job, ...)``; ``--handler`` names it like uvicorn names an app), so this
-package module imports no top-level script, and a job's input and output are exactly the handler's.
+pod and local mode on ``API_PORT``): FastAPI + uvicorn answering HTTP, the jobs run in a child process
+(job_runner.py) with the same function the serverless worker runs, ``handler:handler`` from ``APP_DIR``
+by default (``--handler`` names it like uvicorn names an app), so a job's input and output are exactly
+the handler's and this package imports no top-level script.
 
 Routes, also under ``/v2/<any endpoint id>/`` (so RunPod's clients work by changing the base URL):
-``POST /run``, ``POST /runsync``, ``GET|POST /status/{id}``, ``POST /cancel/{id}``, ``GET /health``,
-``POST /purge-queue``; ``GET /ping`` and ``/docs`` answer without a token.
+``POST /run``, ``POST /runsync``, ``GET|POST /status/{id}``, ``GET|POST /stream/{id}``,
+``POST /cancel/{id}``, ``GET /health``, ``POST /purge-queue``; ``GET /ping`` and ``/docs`` answer
+without a token. RunPod's ``policy`` (``executionTimeout``, ``ttl``) and ``s3Config`` are honoured.
 
-Jobs live in ``$VOLUME_ROOT/.api/jobs.sqlite3`` (job_store.py): accepted before the 200 is sent, run by
-``MAX_CONCURRENCY`` workers in the order they came, finished once. SIGTERM: no new request, running jobs
-are cancelled (the handler interrupts their prompts) and go back to the queue; the next start runs them.
+Jobs live in ``$VOLUME_ROOT/.api/jobs.sqlite3`` (job_store.py): accepted before the 200 is sent, run
+``MAX_CONCURRENCY`` at a time in the order they came, finished once. SIGTERM: no new request, running
+jobs are cancelled (the handler interrupts their prompts) and go back to the queue; the next start runs
+them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import sys
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -50,7 +51,6 @@ from comfy_worker.token_file import stored_token
 
 log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)  # also under python -m
 
-RunJob = Callable[[dict], Awaitable[dict]]
 TOKEN_FILE = ".api-token"
 STORE_FILE = Path(".api") / "jobs.sqlite3"
 BODY_KEYS = {"input", "webhook", "policy", "s3Config"}
@@ -357,7 +357,8 @@ class JobService:
         self.job_done(job_id)
 
     async def run(self, job_id: str) -> None:
-        """Send the job to the runner, wait for its output, write the result (steps in the class docstring)."""
+        """One job: read its request, send it to the runner (its ``policy.ttl`` as the runner's ``not_after``),
+        wait for what comes back, decide the outcome (``outcome``) and write it once, then announce it."""
         queued = self.requests.pop(job_id, None) or self.store.queued_request(job_id)
         if queued is None:  # cancelled meanwhile
             self.queued.discard(job_id)
@@ -375,31 +376,38 @@ class JobService:
             self.expire_queued(job_id, policy["ttl"])
             return
         started = self.running.pop(job_id, None)
-        cancel_asked = job_id in self.cancel_asked
-        self.cancel_asked.discard(job_id)
-        self.time_limits.pop(job_id, None)
-        if (timer := self.timers.pop(job_id, None)) is not None:
-            timer.cancel()
-        if output is None and job_id in self.timed_out:
-            self.timed_out.discard(job_id)
-            status, result = "TIMED_OUT", {"error": timed_out_error(policy["executionTimeout"])}
-        elif output is None:
-            if started is None:  # stopped before it started: cancelled in the store, or queued for the next start
-                return
-            if self.stopping or not cancel_asked:
-                self.store.requeue(job_id)
-                log.info("job %s stopped by the shutdown: it runs again after the restart", job_id)
-                return
-            status, result = "CANCELLED", {}
-        else:
-            self.timed_out.discard(job_id)  # it finished as its time ran out: the result stands
-            status, result = handler_result(output)
+        outcome = self.outcome(job_id, output, started is not None, policy)
+        if outcome is None:
+            return
+        status, result = outcome
         if started is not None:
             self.durations.append(time.monotonic() - started)
         if self.store.finish(job_id, status, result, time.time()):
             log.info("job %s %s", job_id, status)
             self.send_webhook(job_id)
         self.job_done(job_id)
+
+    def outcome(self, job_id: str, output: dict | None, started: bool, policy: dict) -> tuple[str, dict] | None:
+        """(status, result) of what the runner gave back (None: cancelled or stopped), or None when the
+        job is not over: stopped by the shutdown (back to the queue), or never started."""
+        cancel_asked = job_id in self.cancel_asked
+        self.cancel_asked.discard(job_id)
+        self.time_limits.pop(job_id, None)
+        if (timer := self.timers.pop(job_id, None)) is not None:
+            timer.cancel()
+        timed_out = job_id in self.timed_out
+        self.timed_out.discard(job_id)
+        if output is not None:  # also when its time ran out as it finished: the result stands
+            return handler_result(output)
+        if timed_out:
+            return "TIMED_OUT", {"error": timed_out_error(policy["executionTimeout"])}
+        if not started:  # cancelled in the store before it started, or queued for the next start
+            return None
+        if self.stopping or not cancel_asked:
+            self.store.requeue(job_id)
+            log.info("job %s stopped by the shutdown: it runs again after the restart", job_id)
+            return None
+        return "CANCELLED", {}
 
     async def output_of(self, job: dict, not_after: float | None):
         """The handler's output for the job, None when it was cancelled (or the API stops); a job the
