@@ -21,14 +21,12 @@ import wave
 from pathlib import Path
 from types import SimpleNamespace
 
-import boto3
-import moto.settings
 import pytest
-from moto.server import ThreadedMotoServer
 from PIL import Image
 from support.comfy_process import free_port
 from support.dropping_proxy import DroppingProxy, cut_once_running
 from support.image_host import ImageHost
+from support.moto_s3 import moto_s3 as moto_s3_server
 from support.processes import stop_process
 from support.runpod_fakes import FakeRunPodQueue, ProgressSink
 
@@ -264,31 +262,10 @@ def test_max_response_mb_guard_advises_s3(worker_env, monkeypatch):
 
 
 def test_outputs_go_to_s3_with_content_type_and_presigned_url(worker_env, monkeypatch, worker_log):
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        secret = "moto-secret-key-123"
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="AKIAMOTO",
-            aws_secret_access_key=secret,
-            region_name="us-east-1",
-        )
-        s3.create_bucket(Bucket="worker-out")
-        env = {
-            "BUCKET_ENDPOINT_URL": endpoint,
-            "BUCKET_ACCESS_KEY_ID": "AKIAMOTO",
-            "BUCKET_SECRET_ACCESS_KEY": secret,
-            "BUCKET_NAME": "worker-out",
-            "BUCKET_REGION": "us-east-1",
-            "BUCKET_PREFIX": "runs/",
-            "S3_URL_EXPIRES": "300",
-        }
-        for name, value in env.items():
+    with moto_s3_server("worker-out") as store:
+        for name, value in store.env("worker-out", BUCKET_PREFIX="runs/", S3_URL_EXPIRES="300").items():
             monkeypatch.setenv(name, value)
+        s3 = store.client
         before = output_files(worker_env)
         wf = empty_to_save(24, 24, 0x00AA00, batch=2)
         wf["3"] = {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 4}}
@@ -311,46 +288,18 @@ def test_outputs_go_to_s3_with_content_type_and_presigned_url(worker_env, monkey
         assert s3.head_object(Bucket="worker-out", Key=f"runs/s3-job/{video['filename']}")["ContentType"] == "video/mp4"
         assert output_files(worker_env) == before
         # a path that does log the secret: a node's error quotes it
-        failed = run(job({"1": {"class_type": "WorkerTestFail", "inputs": {"message": f"denied for {secret}"}}}))
+        failed = run(job({"1": {"class_type": "WorkerTestFail", "inputs": {"message": f"denied for {store.secret}"}}}))
         assert failed["error"].endswith("RuntimeError: denied for ***")
-        assert "denied for ***" in worker_log.getvalue() and secret not in worker_log.getvalue()
-    finally:
-        server.stop()
+        assert "denied for ***" in worker_log.getvalue() and store.secret not in worker_log.getvalue()
 
 
 # --- a job's own bucket: RunPod's per-request s3Config ---------------------------------------------------
 @pytest.fixture
-def moto_s3(monkeypatch):
+def moto_s3():
     """moto's S3 server (reset) with buckets ``job-out`` and ``env-out`` and one IAM key allowed to use S3;
     from the first request of the test on, moto checks every key and signature as a real store does."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        # moto keeps its state per process, not per server: start from an empty store
-        reset = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
-        urllib.request.urlopen(reset, timeout=10).close()
-        admin = {"endpoint_url": endpoint, "region_name": "us-east-1"}
-        admin |= {"aws_access_key_id": "AKIAMOTOADMIN", "aws_secret_access_key": "moto-admin-secret"}
-        for bucket in ("job-out", "env-out"):
-            boto3.client("s3", **admin).create_bucket(Bucket=bucket)
-        iam = boto3.client("iam", **admin)
-        iam.create_user(UserName="job")
-        allow = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
-        iam.put_user_policy(UserName="job", PolicyName="s3", PolicyDocument=json.dumps(allow))
-        key = iam.create_access_key(UserName="job")["AccessKey"]
-        monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=key["AccessKeyId"],
-            aws_secret_access_key=key["SecretAccessKey"],
-            region_name="us-east-1",
-        )
-        yield SimpleNamespace(endpoint=endpoint, key_id=key["AccessKeyId"], secret=key["SecretAccessKey"], s3=client)
-    finally:
-        server.stop()
+    with moto_s3_server("job-out", "env-out", enforce_auth=True) as store:
+        yield store
 
 
 def s3_job(workflow: dict, store, job_id: str = "s3config-job", **s3_config) -> dict:
@@ -358,10 +307,6 @@ def s3_job(workflow: dict, store, job_id: str = "s3config-job", **s3_config) -> 
     config = {"accessId": store.key_id, "accessSecret": store.secret, "bucketName": "job-out"}
     config |= {"endpointUrl": store.endpoint, **s3_config}
     return {**job(workflow, job_id=job_id), "s3Config": config}
-
-
-def objects(store, bucket: str) -> list[str]:
-    return [o["Key"] for o in store.s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
 
 
 def without_bucket_env(monkeypatch) -> None:
@@ -377,9 +322,9 @@ def test_a_jobs_s3config_receives_its_outputs_without_any_bucket_env(worker_env,
     [entry] = result["images"]
     assert entry["type"] == "s3_url" and entry["content_type"] == "image/png"
     key = f"s3config-job/{entry['filename']}"
-    assert objects(moto_s3, "job-out") == [key]
+    assert moto_s3.keys("job-out") == [key]
     assert entry["data"].startswith(f"{moto_s3.endpoint}/job-out/{key}?") and "X-Amz-Expires=3600" in entry["data"]
-    body = moto_s3.s3.get_object(Bucket="job-out", Key=key)["Body"].read()
+    body = moto_s3.client.get_object(Bucket="job-out", Key=key)["Body"].read()
     assert Image.open(io.BytesIO(body)).convert("RGB").getpixel((1, 1)) == (0, 0, 255)
     assert output_files(worker_env) == before
 
@@ -400,14 +345,14 @@ def test_a_jobs_s3config_overrides_the_bucket_env_for_that_job_only(worker_env, 
     assert "error" not in result and result["errors"] == [], result
     [entry] = result["images"]
     key = f"runs/own-bucket/{entry['filename']}"  # BUCKET_PREFIX still applies
-    assert objects(moto_s3, "job-out") == [key] and objects(moto_s3, "env-out") == []
+    assert moto_s3.keys("job-out") == [key] and moto_s3.keys("env-out") == []
     url = entry["data"]
     assert url.startswith(f"{moto_s3.endpoint}/job-out/{key}?") and "X-Amz-Expires=120" in url  # S3_URL_EXPIRES
     assert "%2Feu-west-3%2Fs3%2Faws4_request" in url  # BUCKET_REGION
     # the next job, without s3Config, goes to the env's bucket with the env's keys again
     plain = run(job(empty_to_save(16, 16, 0x00FF01), job_id="env-bucket"))
     assert plain["error"].startswith("None of the 1 output file(s) could be delivered: "), plain
-    assert "InvalidAccessKeyId" in plain["error"] and objects(moto_s3, "job-out") == [key]
+    assert "InvalidAccessKeyId" in plain["error"] and moto_s3.keys("job-out") == [key]
 
 
 @pytest.mark.parametrize(

@@ -151,32 +151,14 @@ def test_temp_files_are_not_delivered(comfyui, tmp_path):
 
 
 def test_s3_delivery_in_parallel_with_distinct_keys_and_non_fatal_errors(tmp_path):
-    import boto3
-    from moto.server import ThreadedMotoServer
     from support.comfy_process import free_port
+    from support.moto_s3 import moto_s3
 
     from comfy_worker.settings import Settings
     from s3_upload import S3Uploader
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        env = {
-            "BUCKET_ENDPOINT_URL": f"http://{host}:{port}",
-            "BUCKET_ACCESS_KEY_ID": "AKIATEST",
-            "BUCKET_SECRET_ACCESS_KEY": "s3cr3t",
-            "BUCKET_REGION": "us-east-1",
-            "BUCKET_NAME": "outputs-test-parallel",
-        }
-        uploader = S3Uploader(Settings.from_env(env))
-        boto3.client(
-            "s3",
-            endpoint_url=env["BUCKET_ENDPOINT_URL"],
-            aws_access_key_id="AKIATEST",
-            aws_secret_access_key="s3cr3t",
-            region_name="us-east-1",
-        ).create_bucket(Bucket="outputs-test-parallel")
+    with moto_s3("outputs-test-parallel") as store:
+        uploader = S3Uploader(Settings.from_env(store.env("outputs-test-parallel")))
         for sub in ("a", "b"):
             (tmp_path / "output" / sub).mkdir(parents=True)
             (tmp_path / "output" / sub / "same.png").write_bytes(sub.encode())
@@ -200,8 +182,6 @@ def test_s3_delivery_in_parallel_with_distinct_keys_and_non_fatal_errors(tmp_pat
         assert keys == ["job/b/same.png", "job/same.png"]  # no size limit with S3
         assert [(e["node_id"], e["type"]) for e in images] == [("1", "s3_url"), ("2", "s3_url")]
         assert delivered_files == [] and len(errors) == 1 and "'gone.mp4' of node 3" in errors[0]
-    finally:
-        server.stop()
 
 
 def test_s3_names_are_distinct_and_never_have_an_empty_path_part():

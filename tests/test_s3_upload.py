@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import urllib.request
 
-import boto3
 import pytest
 from boto3.s3.transfer import TransferConfig
-from moto.server import ThreadedMotoServer
+from support.moto_s3 import MotoS3
+from support.moto_s3 import moto_s3 as moto_s3_server
 
 import s3_upload
 from comfy_worker.settings import Settings
@@ -18,33 +18,12 @@ BUCKET = "comfyui-outputs"
 
 @pytest.fixture
 def moto_s3():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # moto keeps its state per process, not per server: start from an empty store
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="AKIATEST",
-        aws_secret_access_key="s3cr3t",
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    yield endpoint, client
-    server.stop()
+    with moto_s3_server(BUCKET) as store:
+        yield store
 
 
-def settings_for(endpoint: str, **env) -> Settings:
-    base = {
-        "BUCKET_ENDPOINT_URL": endpoint,
-        "BUCKET_ACCESS_KEY_ID": "AKIATEST",
-        "BUCKET_SECRET_ACCESS_KEY": "s3cr3t",
-        "BUCKET_REGION": "us-east-1",
-    }
-    base.update(env)
-    return Settings.from_env(base)
+def settings_for(store: MotoS3, **env) -> Settings:
+    return Settings.from_env(store.env(BUCKET, **env))
 
 
 def fetch(url: str) -> tuple[bytes, str]:
@@ -57,8 +36,8 @@ def test_disabled_without_endpoint():
 
 
 def test_upload_bytes_sets_key_content_type_and_presigned_url(moto_s3):
-    endpoint, client = moto_s3
-    uploader = s3_upload.S3Uploader(settings_for(endpoint, BUCKET_PREFIX="outputs/", S3_URL_EXPIRES="600"))
+    client = moto_s3.client
+    uploader = s3_upload.S3Uploader(settings_for(moto_s3, BUCKET_PREFIX="outputs/", S3_URL_EXPIRES="600"))
     url = uploader.upload("job-1", "ComfyUI_00001_.png", "image/png", data=b"\x89PNG fake")
     head = client.head_object(Bucket=BUCKET, Key="outputs/job-1/ComfyUI_00001_.png")
     assert head["ContentType"] == "image/png"
@@ -68,7 +47,7 @@ def test_upload_bytes_sets_key_content_type_and_presigned_url(moto_s3):
 
 
 def test_zero_expiry_gives_the_plain_object_url(moto_s3):
-    endpoint, client = moto_s3
+    endpoint, client = moto_s3.endpoint, moto_s3.client
     # plain URLs are for public buckets: make this one publicly readable
     policy = {
         "Version": "2012-10-17",
@@ -77,7 +56,7 @@ def test_zero_expiry_gives_the_plain_object_url(moto_s3):
         ],
     }
     client.put_bucket_policy(Bucket=BUCKET, Policy=json.dumps(policy))
-    uploader = s3_upload.S3Uploader(settings_for(endpoint, S3_URL_EXPIRES="0"))
+    uploader = s3_upload.S3Uploader(settings_for(moto_s3, S3_URL_EXPIRES="0"))
     url = uploader.upload("job 2", "clip 1.mp4", "video/mp4", data=b"video")
     assert url == f"{endpoint}/{BUCKET}/job%202/clip%201.mp4"
     assert fetch(url) == (b"video", "video/mp4")
@@ -91,14 +70,14 @@ def test_aws_endpoint_uses_virtual_host_urls():
 
 
 def test_large_file_from_disk_goes_up_in_parts(moto_s3, tmp_path, monkeypatch):
-    endpoint, client = moto_s3
+    client = moto_s3.client
     monkeypatch.setattr(
         s3_upload, "TRANSFER", TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024)
     )
     path = tmp_path / "big.bin"
     data = bytes(range(256)) * (6 * 4096)  # 6 MiB
     path.write_bytes(data)
-    uploader = s3_upload.S3Uploader(settings_for(endpoint))
+    uploader = s3_upload.S3Uploader(settings_for(moto_s3))
     url = uploader.upload("job-3", "big.bin", "application/octet-stream", path=path)
     head = client.head_object(Bucket=BUCKET, Key="job-3/big.bin")
     assert head["ETag"].strip('"').endswith("-2")  # a multipart upload of two parts
@@ -106,17 +85,16 @@ def test_large_file_from_disk_goes_up_in_parts(moto_s3, tmp_path, monkeypatch):
 
 
 def test_missing_bucket_raises_a_clear_client_error(moto_s3):
-    endpoint, _ = moto_s3
-    uploader = s3_upload.S3Uploader(settings_for(endpoint, BUCKET_NAME="no-such-bucket"))
+    uploader = s3_upload.S3Uploader(settings_for(moto_s3, BUCKET_NAME="no-such-bucket"))
     with pytest.raises(Exception, match="NoSuchBucket"):
         uploader.upload("job", "a.png", "image/png", data=b"x")
 
 
 def test_the_64_mb_multipart_threshold(moto_s3, tmp_path):
     """docs/api.md: files over 64 MB go up in parts (the real TransferConfig, no patched threshold)."""
-    endpoint, client = moto_s3
+    client = moto_s3.client
     assert s3_upload.MULTIPART_THRESHOLD == 64 * 1024 * 1024
-    uploader = s3_upload.S3Uploader(settings_for(endpoint))
+    uploader = s3_upload.S3Uploader(settings_for(moto_s3))
     for name, size in (("under.bin", s3_upload.MULTIPART_THRESHOLD - 1), ("at.bin", s3_upload.MULTIPART_THRESHOLD)):
         path = tmp_path / name
         with open(path, "wb") as f:
