@@ -66,10 +66,20 @@ class Runner:
         self.concurrency = concurrency
         self.waiting: dict[str, tuple[dict, float | None]] = {}  # sent ahead, in order: (job, not after)
         self.tasks: dict[str, asyncio.Task] = {}
+        self.flush_due = False
 
     def send(self, message: dict) -> None:
+        """Buffered, flushed once the loop's current step is done: a job's ``done`` and the next one's
+        ``started`` reach the API in one write (one wake-up there, not two)."""
         self.out.write(json.dumps(message).encode() + b"\n")
-        self.out.flush()
+        if not self.flush_due:
+            self.flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_due = False
+        with contextlib.suppress(BrokenPipeError):  # the API is gone: nobody is left to tell
+            self.out.flush()
 
     async def job(self, job: dict) -> None:
         job_id = job["id"]
@@ -128,6 +138,7 @@ async def amain(run_job: RunJob, out, concurrency: int) -> None:
     try:
         await runner.serve(reader)
     finally:
+        runner.flush()
         with contextlib.suppress(Exception):
             from comfy_worker.comfy_client import close_shared_session
 
