@@ -69,9 +69,6 @@ from pathlib import Path
 
 from comfy_worker import hf_cache, volume_lock
 from comfy_worker.cli import (
-    EXIT_FAILED,
-    EXIT_INVALID,
-    EXIT_OK,
     add_common_args,
     format_table,
     human_size,
@@ -80,6 +77,7 @@ from comfy_worker.cli import (
     status_word,
 )
 from comfy_worker.config_schema import ModelEntry
+from comfy_worker.exit_codes import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from comfy_worker.file_names import MAX_NAME_BYTES, safe_filename, url_filename
 from comfy_worker.http_download import (
     Downloader,

@@ -32,8 +32,6 @@ from filelock import FileLock
 
 from comfy_worker import git_versions, node_requirements, volume_lock
 from comfy_worker.cli import (
-    EXIT_FAILED,
-    EXIT_OK,
     add_common_args,
     format_table,
     run_parallel,
@@ -41,14 +39,15 @@ from comfy_worker.cli import (
     status_word,
 )
 from comfy_worker.config_schema import NodeEntry, WorkerConfig
+from comfy_worker.exit_codes import EXIT_FAILED, EXIT_OK
 from comfy_worker.lock_file import atomic_write_text, read_lock_file, update_lock_file
 from comfy_worker.log_setup import setup_logging
 from comfy_worker.settings import Settings
+from comfy_worker.state_files import NODE_STATE
 from comfy_worker.volume_lock import Interrupted, LockError
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "comfy-worker-node.json"  # inside the node's git dir
 RUN_LOCK = ".install_nodes.lock"  # in custom_nodes (ComfyUI ignores files that are not .py)
 CLONE = "clone"
 MOVE = "move"
@@ -98,7 +97,7 @@ class Context:
 
 def state_path(node_dir: Path) -> Path | None:
     gdir = git_versions.git_dir(node_dir)
-    return gdir / STATE_FILE if gdir else None
+    return gdir / NODE_STATE if gdir else None
 
 
 def read_state(node_dir: Path) -> dict | None:

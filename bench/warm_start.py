@@ -48,10 +48,10 @@ from support.hermetic import isolate_installers  # noqa: E402
 from support.origins import NginxOrigin, random_file  # noqa: E402
 from support.wheels import UV, make_wheel, wheel_env  # noqa: E402
 
+from comfy_worker.state_files import COMFYUI_REQUIREMENTS_RECORD, NODE_REQUIREMENTS_RECORD  # noqa: E402
+
 WARM_LIMIT_S = 0.5
 TTFJ_LIMIT = 1.1
-COMFYUI_RECORD = "comfy-worker-comfyui-requirements.json"
-NODE_RECORD = "comfy-worker-node-requirements.json"
 JOB = {"input": {"workflow": {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
     "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
@@ -71,7 +71,7 @@ def container_python(path: Path, comfyui_requirements: bytes) -> Path:
     ).stdout.strip()
     Path(site, "_project_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     digest = hashlib.sha256(comfyui_requirements).hexdigest()
-    (path / COMFYUI_RECORD).write_text(json.dumps({"sha256": digest}))
+    (path / COMFYUI_REQUIREMENTS_RECORD).write_text(json.dumps({"sha256": digest}))
     return python
 
 
@@ -228,7 +228,9 @@ def main() -> int:
         cache = volume / ".cache" / "node-packages"
         cached = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.is_dir() else 0
         fresh, fresh_out = run(provision, fresh_env, "fresh container")
-        reinstalled = len(json.loads((fresh_python.parent.parent / NODE_RECORD).read_text()).get("nodes", {}))
+        reinstalled = len(
+            json.loads((fresh_python.parent.parent / NODE_REQUIREMENTS_RECORD).read_text()).get("nodes", {})
+        )
         has_pkg = subprocess.run([str(fresh_python), "-c", "import importlib.metadata as m; print(m.version('benchpkg'))"],
                                  capture_output=True, text=True).stdout.strip()  # fmt: skip
         after_fresh, _ = run(provision, fresh_env, "warm provisioning after the fresh container")

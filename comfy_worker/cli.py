@@ -15,14 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from comfy_worker.config_schema import ConfigError, WorkerConfig, load_config, load_config_env
+from comfy_worker.exit_codes import EXIT_INVALID, EXIT_OK
 from comfy_worker.settings import Settings
 from comfy_worker.volume_lock import Interrupted
 
 T = TypeVar("T")
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_INVALID = 2
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

@@ -27,9 +27,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from comfy_worker.state_files import COMFYUI_REQUIREMENTS_RECORD
 
-RECORD_NAME = "comfy-worker-comfyui-requirements.json"
+log = logging.getLogger(__name__)
 
 
 class CheckoutError(Exception):
@@ -177,7 +177,7 @@ def requirements_digest(comfyui_path: Path) -> str | None:
 
 
 def record_path(prefix: Path) -> Path:
-    return prefix / RECORD_NAME
+    return prefix / COMFYUI_REQUIREMENTS_RECORD
 
 
 def requirements_current(comfyui_path: Path, prefix: Path) -> bool:

@@ -51,12 +51,12 @@ from filelock import FileLock
 
 from comfy_worker.lock_file import atomic_write_text
 from comfy_worker.settings import is_secret_name
+from comfy_worker.state_files import NODE_REQUIREMENTS_RECORD
 from comfy_worker.volume_lock import Interrupted
 
 log = logging.getLogger(__name__)
 
 PROTECTED = ("torch", "torchvision", "torchaudio")
-RECORD_NAME = "comfy-worker-node-requirements.json"
 PIP_TIMEOUT = 3600
 CHILD_MARK = "COMFY_WORKER_CHILD"  # in the environment of every child: finds its descendants, even in other sessions
 POLL_S = 0.1
@@ -204,7 +204,7 @@ class TargetEnv:
 
     @property
     def record_path(self) -> Path:
-        return self.prefix / RECORD_NAME
+        return self.prefix / NODE_REQUIREMENTS_RECORD
 
 
 @dataclass

@@ -33,16 +33,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from comfy_worker.exit_codes import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from comfy_worker.settings import Settings
+from comfy_worker.state_files import GATE, GATE_RECORD, NODE_REQUIREMENTS_RECORD, NODE_STATE, PROVISION_LOCK
 
 log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)  # also under python -m
-
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-GATE_NAME = ".config-sha256"
-RECORD_NAME = ".config-sha256.json"
-LOCK_NAME = ".provision.lock"
-NODE_STATE = "comfy-worker-node.json"  # install_nodes.py's per-node state, inside the node's .git
-NODE_RECORD = "comfy-worker-node-requirements.json"  # node_requirements' record, inside the environment
 
 
 @dataclass
@@ -180,14 +175,14 @@ def load(settings: Settings, source: Source):
 
 def read_gate(settings: Settings) -> str | None:
     try:
-        return (settings.volume_root / GATE_NAME).read_text(encoding="utf-8").strip() or None
+        return (settings.volume_root / GATE).read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
 
 
 def read_record(settings: Settings) -> dict:
     try:
-        data = json.loads((settings.volume_root / RECORD_NAME).read_text(encoding="utf-8"))
+        data = json.loads((settings.volume_root / GATE_RECORD).read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -197,8 +192,8 @@ def write_gate(settings: Settings, digest: str, record: dict) -> None:
     """The warm record first, the gate last (docs/architecture.md, "The gate")."""
     from comfy_worker.lock_file import atomic_write_text
 
-    atomic_write_text(settings.volume_root / RECORD_NAME, json.dumps({**record, "digest": digest}, indent=1))
-    atomic_write_text(settings.volume_root / GATE_NAME, digest + "\n")
+    atomic_write_text(settings.volume_root / GATE_RECORD, json.dumps({**record, "digest": digest}, indent=1))
+    atomic_write_text(settings.volume_root / GATE, digest + "\n")
 
 
 def env_prefix(settings: Settings) -> Path:
@@ -219,7 +214,7 @@ def env_prefix(settings: Settings) -> Path:
 
 def _node_record(prefix: Path) -> dict:
     try:
-        data = json.loads((prefix / NODE_RECORD).read_text(encoding="utf-8"))
+        data = json.loads((prefix / NODE_REQUIREMENTS_RECORD).read_text(encoding="utf-8"))
         return data.get("nodes", {}) if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -409,7 +404,7 @@ def warm(settings: Settings, source: Source, record: dict, stop, summary: Summar
     if check.ok:
         summary.models["kept"] = len(record.get("models", []))
         summary.nodes["kept"] = len(record.get("nodes", []))
-        log.info("gate matches (%s): nothing to do", GATE_NAME)
+        log.info("gate matches (%s): nothing to do", GATE)
         return EXIT_OK
     if not check.comfyui_ok:
         return None
@@ -455,7 +450,7 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
     from comfy_worker.volume_lock import acquire
 
     settings.volume_root.mkdir(parents=True, exist_ok=True)
-    lock = acquire(settings.volume_root / LOCK_NAME, "another worker provisioning this volume", stop)
+    lock = acquire(settings.volume_root / PROVISION_LOCK, "another worker provisioning this volume", stop)
     try:
         if source.from_env:
             source.path = write_env_config(settings, text)
@@ -485,7 +480,7 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
         rc = max(rc_models, rc_nodes)
         if rc == EXIT_OK:
             write_gate(settings, digest, build_record(settings, cfg, source))
-            log.info("gate written (%s)", GATE_NAME)
+            log.info("gate written (%s)", GATE)
         else:
             log.error("not every required entry is ready: the gate is not written; the next start retries")
         return rc, changed

@@ -25,6 +25,7 @@ import install_nodes
 from comfy_worker import git_versions, node_requirements
 from comfy_worker.config_schema import load_config
 from comfy_worker.settings import SECRET_ENV_NAMES
+from comfy_worker.state_files import NODE_STATE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -630,7 +631,7 @@ def test_github_token_never_lands_in_git_config_state_lock_or_log(box, node_repo
     assert proc.returncode == 0, proc.stderr
     encoded = base64.b64encode(f"x-access-token:{token}".encode()).decode()
     node = box.custom_nodes / "MyNode"
-    written = [node / ".git/config", node / ".git" / install_nodes.STATE_FILE, box.volume / "comfy.lock.yml"]
+    written = [node / ".git/config", node / ".git" / NODE_STATE, box.volume / "comfy.lock.yml"]
     for text in [proc.stdout, proc.stderr, *(p.read_text() for p in written)]:
         assert token not in text and encoded not in text
     assert box.head("MyNode") == c["v1.10.0"]
@@ -772,7 +773,7 @@ def test_a_half_finished_move_is_never_recorded_as_done(box, git_repos):
     assert rc == 1 and "nodes[0] Top" in out, out
     assert box.head("Top") == c["v2"]  # HEAD moved, the submodules did not: half-finished
     assert box.lock()["nodes"] == [{"url": top.url, "version": c["v1"], "name": "Top"}]
-    assert json.loads((node / ".git" / install_nodes.STATE_FILE).read_text())["commit"] is None
+    assert json.loads((node / ".git" / NODE_STATE).read_text())["commit"] is None
 
 
 def test_nodes_removed_from_the_config_leave_the_lock_file(box, node_repo, git_repos):
@@ -899,7 +900,7 @@ def test_github_token_goes_to_the_github_server_and_nowhere_else(box, git_repos,
         written = [
             node / ".git/config",
             node / ".git/modules/vendor/sub/config",
-            node / ".git" / install_nodes.STATE_FILE,
+            node / ".git" / NODE_STATE,
             box.volume / "comfy.lock.yml",
         ]
         for text in [out, *(p.read_text() for p in written)]:

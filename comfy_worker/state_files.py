@@ -1,0 +1,15 @@
+"""The names of the files provisioning leaves behind to find its work done (docs/architecture.md,
+"On-disk formats"). One place, because the warm start (provision.py) reads what the installers write
+without importing them (they are slow to import)."""
+
+# on the volume
+GATE = ".config-sha256"  # the config's digest, written only once every required entry is ready
+GATE_RECORD = ".config-sha256.json"  # what the gate's digest covered (provision.py)
+PROVISION_LOCK = ".provision.lock"  # held while a worker provisions the volume
+
+# inside a node's git dir: install_nodes.py's state of that node (the commit it installed, its requirements)
+NODE_STATE = "comfy-worker-node.json"
+
+# inside a Python environment (its prefix): what was installed into it
+NODE_REQUIREMENTS_RECORD = "comfy-worker-node-requirements.json"  # node_requirements.py
+COMFYUI_REQUIREMENTS_RECORD = "comfy-worker-comfyui-requirements.json"  # comfyui_checkout.py
