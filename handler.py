@@ -6,9 +6,11 @@ the SDK's local API (``/run``, ``/runsync``, ``/status``). Concurrency: env ``MA
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 import time
 import uuid
@@ -400,20 +402,72 @@ def _redact_obj(value, secrets: list[str]):
     return value
 
 
+# the RunPod SDK's own arguments that decide its run mode (parsed as the SDK parses them: argparse, last wins)
+_SDK_ARGS = argparse.ArgumentParser(add_help=False)
+_SDK_ARGS.add_argument("--test_input")
+_SDK_ARGS.add_argument("--rp_serve_api", action="store_true")
+_SDK_ARGS.add_argument("--rp_log_level")
+
+
+def local_test_run(args: argparse.Namespace, env) -> bool:
+    """Whether ``runpod.serverless.start`` runs one local test job and exits (its ``rp_local``): given
+    ``--test_input``, or reading test_input.json when no RunPod job queue is configured; not its API."""
+    if args.rp_serve_api or int(env.get("RUNPOD_REALTIME_PORT") or 0):
+        return False
+    return bool(args.test_input) or env.get("RUNPOD_WEBHOOK_GET_JOB") is None
+
+
+def local_test_log_level(level: str) -> str:
+    """The SDK's log level for a local test run: at INFO it prints the job's result raw (a signed link with
+    the credentials in its query), so INFO becomes WARN (its errors still show); DEBUG and TRACE, which print
+    raw jobs and outputs on purpose, and WARN, ERROR, NOTSET stay."""
+    return "WARN" if level.upper() == "INFO" else level
+
+
+def _shown_result(result: dict) -> dict:
+    """``result`` for a log line: each base64 file's data replaced by its length."""
+    shown = dict(result)
+    for key in ("images", "files"):
+        if isinstance(shown.get(key), list):
+            shown[key] = [
+                {**entry, "data": f"<{len(entry['data'])} base64 characters>"}
+                if isinstance(entry, dict) and entry.get("type") == "base64" and isinstance(entry.get("data"), str)
+                else entry
+                for entry in shown[key]
+            ]
+    return shown
+
+
+async def local_test_handler(job: dict) -> dict:
+    """``handler`` for the SDK's local test run: logs a successful job's result through the redacting log (no
+    URL query, no secret; the SDK's own raw ``Job result`` line is silenced by ``local_test_log_level``, its
+    error line for a failed job is not) and closes the shared HTTP session (the process ends with the job)."""
+    try:
+        result = await handler(job)
+    finally:
+        await close_shared_session()
+    if result.get("error"):  # logged already ("Job failed: ..."), and by the SDK
+        return result
+    token, secrets_token = set_job_id(job_id_of(job)), set_job_secrets(_job_secrets(job))
+    try:
+        log.info("Job result: %s", _shown_result(result))
+    finally:
+        reset_job_secrets(secrets_token)
+        reset_job_id(token)
+    return result
+
+
 def main() -> None:
     setup_logging()
     settings = Settings.from_env()
     log.info("Starting the RunPod handler (ComfyUI at %s, concurrency %d)", settings.comfy_host, settings.concurrency)
-    entry = handler
-    if any(arg.startswith("--test_input") for arg in sys.argv):  # one local job, then the loop ends
-
-        async def entry(job: dict) -> dict:
-            try:
-                return await handler(job)
-            finally:
-                await close_shared_session()
-
-    RunPodLogger().set_level(settings.runpod_log_level)
+    entry, level = handler, settings.runpod_log_level
+    args, _ = _SDK_ARGS.parse_known_args(sys.argv[1:])
+    if local_test_run(args, os.environ):
+        entry, level = local_test_handler, local_test_log_level(args.rp_log_level or level)
+        if args.rp_log_level:  # the SDK applies --rp_log_level after this: the last one given wins
+            sys.argv += ["--rp_log_level", level]
+    RunPodLogger().set_level(level)
     runpod.serverless.start({"handler": entry, "concurrency_modifier": lambda _current: settings.concurrency})
 
 

@@ -1325,12 +1325,15 @@ def test_comfyui_unreachable_mid_job_is_a_readable_error(worker_env, monkeypatch
     assert result["refresh_worker"] is True and elapsed < 5
 
 
-def run_test_input(worker_env, body: dict, **env_extra) -> subprocess.CompletedProcess:
+def run_test_input(worker_env, body: dict | None, *args: str, cwd: Path = ROOT, **env_extra):
+    """``python handler.py --test_input <body> *args`` (the SDK's one-job local test run) in ``cwd``; without a
+    ``body``, the SDK reads ``cwd``'s test_input.json."""
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
     env.update(worker_env.env(), COMFY_LOG_FILE=str(worker_env.log_path), **env_extra)
+    given = ["--test_input", json.dumps(body)] if body is not None else []
     return subprocess.run(
-        [sys.executable, "handler.py", "--test_input", json.dumps(body)],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "handler.py"), *given, *args],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
@@ -1343,12 +1346,45 @@ def test_test_input_runs_one_job_and_honours_runpod_log_level(worker_env):
     quiet = run_test_input(worker_env, body)
     assert quiet.returncode == 0, quiet.stderr + quiet.stdout
     out = quiet.stdout + quiet.stderr
-    assert "completed successfully" in out and "'type': 'base64'" in out
+    (line,) = [line for line in out.splitlines() if "Job result:" in line]  # the worker's line, not the SDK's
+    assert " handler: [local_test] Job result: {'images': [{" in line and "'type': 'base64'" in line, out
+    assert "base64 characters>" in line and "iVBOR" not in line  # a PNG's data is shown by its length
     assert "Retrieved local job" not in out  # the SDK's DEBUG line
     # the one job's shared HTTP session is closed before the loop ends (else aiohttp complains at exit)
     assert "Exception ignored" not in out and "Unclosed" not in out and "Traceback" not in out, out
     loud = run_test_input(worker_env, body, RUNPOD_LOG_LEVEL="DEBUG")
     assert loud.returncode == 0 and "Retrieved local job" in loud.stdout + loud.stderr
+
+
+def test_test_input_with_s3_shows_the_result_without_any_url_query_or_secret(worker_env, tmp_path):
+    """The SDK prints the local run's result raw (signed links with their credentials in the query): the
+    result is logged by the worker's redacting log instead, whichever way the run is started."""
+    body = {"input": {"workflow": empty_to_save(16, 16, 0x123456, prefix="local_s3")}}
+    (tmp_path / "test_input.json").write_text(json.dumps(body))
+    with moto_s3_server("local-out") as store:
+        bucket_env = store.env("local-out", BUCKET_PREFIX="runs/")
+        runs = {
+            "--test_input": run_test_input(worker_env, body, **bucket_env),
+            "--rp_log_level INFO": run_test_input(worker_env, body, "--rp_log_level", "INFO", **bucket_env),
+            "test_input.json": run_test_input(worker_env, None, cwd=tmp_path, **bucket_env),
+        }
+        keys = store.keys("local-out")
+        failing = {"1": {"class_type": "WorkerTestFail", "inputs": {"message": f"denied for {store.secret}"}}}
+        failed = run_test_input(worker_env, {"input": {"workflow": failing}}, **bucket_env)
+    assert keys and all(key.startswith("runs/local_test/local_s3") for key in keys), keys  # one name, reused
+    urls = {f"{store.endpoint}/local-out/{key}" for key in keys}
+    for how, done in runs.items():
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, (how, out)
+        assert "Traceback" not in out and "Exception ignored" not in out, (how, out)
+        assert "?X-Amz" not in out and "X-Amz-Signature" not in out and "X-Amz-Credential" not in out, (how, out)
+        assert store.secret not in out and store.key_id not in out, (how, out)
+        (line,) = [line for line in out.splitlines() if "Job result:" in line]
+        assert "'type': 's3_url'" in line and any(f"'{url}?…'" in line for url in urls), (how, line)
+    out = failed.stdout + failed.stderr
+    assert failed.returncode == 1, out
+    assert "failed with error: ComfyUI failed in node 1 (WorkerTestFail): RuntimeError: denied for ***" in out, out
+    assert store.secret not in out
 
 
 def test_comfy_job_timeout_is_honoured_through_the_environment(worker_env):
