@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import os
 import sys
 import time
 import uuid
@@ -409,12 +408,12 @@ _SDK_ARGS.add_argument("--rp_serve_api", action="store_true")
 _SDK_ARGS.add_argument("--rp_log_level")
 
 
-def local_test_run(args: argparse.Namespace, env) -> bool:
+def local_test_run(args: argparse.Namespace, settings: Settings) -> bool:
     """Whether ``runpod.serverless.start`` runs one local test job and exits (its ``rp_local``): given
     ``--test_input``, or reading test_input.json when no RunPod job queue is configured; not its API."""
-    if args.rp_serve_api or int(env.get("RUNPOD_REALTIME_PORT") or 0):
+    if args.rp_serve_api or settings.sdk_realtime:
         return False
-    return bool(args.test_input) or env.get("RUNPOD_WEBHOOK_GET_JOB") is None
+    return bool(args.test_input) or not settings.sdk_job_queue
 
 
 def local_test_log_level(level: str) -> str:
@@ -463,7 +462,7 @@ def main() -> None:
     log.info("Starting the RunPod handler (ComfyUI at %s, concurrency %d)", settings.comfy_host, settings.concurrency)
     entry, level = handler, settings.runpod_log_level
     args, _ = _SDK_ARGS.parse_known_args(sys.argv[1:])
-    if local_test_run(args, os.environ):
+    if local_test_run(args, settings):
         entry, level = local_test_handler, local_test_log_level(args.rp_log_level or level)
         if args.rp_log_level:  # the SDK applies --rp_log_level after this: the last one given wins
             sys.argv += ["--rp_log_level", level]

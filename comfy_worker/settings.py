@@ -144,6 +144,8 @@ class Settings:
     bucket_prefix: str
     s3_url_expires: int
     send_progress: bool = False  # RUNPOD_ENDPOINT_ID set: serverless, where progress updates have a webhook
+    sdk_job_queue: bool = False  # RUNPOD_WEBHOOK_GET_JOB set: the RunPod SDK takes jobs from RunPod's queue
+    sdk_realtime: bool = False  # RUNPOD_REALTIME_PORT set (not 0): the RunPod SDK serves its realtime API
     python: str | None = None  # env PYTHON: the interpreter whose environment gets node requirements
     nodes_installer: str = "auto"  # env NODES_INSTALLER: auto (uv if found, else pip) | uv | pip
     install_py_timeout: float = 600.0  # env INSTALL_PY_TIMEOUT: seconds for a node's install.py
@@ -207,6 +209,8 @@ class Settings:
             refresh_worker=_flag(env, "REFRESH_WORKER"),
             concurrency=max(1, _int(env, "MAX_CONCURRENCY", 1)),
             send_progress=bool(env.get("RUNPOD_ENDPOINT_ID")),
+            sdk_job_queue=env.get("RUNPOD_WEBHOOK_GET_JOB") is not None,
+            sdk_realtime=_int(env, "RUNPOD_REALTIME_PORT", 0) != 0,
             bucket_endpoint_url=env.get("BUCKET_ENDPOINT_URL") or None,
             bucket_name=env.get("BUCKET_NAME") or "comfyui-outputs",
             bucket_region=env.get("BUCKET_REGION") or None,
