@@ -273,7 +273,8 @@ class JobService:
         event = self.finished.get(job_id)
         if event is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), seconds)
+                async with asyncio.timeout(seconds):  # no task of its own, unlike wait_for
+                    await event.wait()
         return self.get(job_id)
 
     # -- cancelling --
