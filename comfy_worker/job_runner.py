@@ -57,6 +57,18 @@ def load_handler(spec: str, app_dir: Path) -> RunJob:
     return getattr(importlib.import_module(module_name), name or "handler")
 
 
+def parse_message(line: bytes) -> dict:
+    """One protocol line; a line that is not a JSON object is logged and read as an empty message."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        log.error("job runner protocol: ignoring a malformed line (%d bytes)", len(line))
+        return {}
+    return message
+
+
 class Runner:
     """Reads messages, runs a task per job, writes the answers."""
 
@@ -114,7 +126,7 @@ class Runner:
 
     async def serve(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
-            message = json.loads(line)
+            message = parse_message(line)
             if "run" in message:
                 job = message["run"]
                 self.waiting[job["id"]] = (job, message.get("not_after"))
@@ -202,7 +214,7 @@ class RunnerProcess:
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         while line := await reader.readline():
-            message = json.loads(line)
+            message = parse_message(line)
             if "started" in message:
                 self.started.add(message["started"])
                 self.on_started(message["started"], message["at"])

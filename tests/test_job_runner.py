@@ -12,7 +12,7 @@ import time
 import pytest
 from support.comfy_process import ROOT
 
-from comfy_worker.job_runner import EXPIRED, RunnerDied, RunnerProcess
+from comfy_worker.job_runner import EXPIRED, RunnerDied, RunnerProcess, parse_message
 
 HANDLER = textwrap.dedent("""
     import asyncio, os, sys
@@ -185,3 +185,17 @@ def test_a_handler_that_cannot_be_imported_stops_the_start_with_its_error(runner
 
     run(go())
     assert "no module named torch_extras" in capfd.readouterr().err
+
+
+def test_a_malformed_line_is_logged_and_skipped_on_both_sides(runner_env, caplog):
+    assert parse_message(b"[1, 2]\n") == {} and parse_message(b"\x00garbage\n") == {}
+    assert "ignoring a malformed line (7 bytes)" in caplog.text
+
+    async def go():
+        runner = await started_runner()
+        runner.writer.write(b"this is not json\n")
+        output = await runner.run({"id": "after", "input": {"value": 3}})
+        await runner.close(10)
+        return output
+
+    assert run(go())["echo"] == 3
