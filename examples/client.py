@@ -58,7 +58,8 @@ def wait(session: requests.Session, url: str, job_id: str, poll: float, timeout:
         time.sleep(poll)
 
 
-def save_outputs(output: dict, out_dir: Path) -> list[Path]:
+def save_outputs(output: dict, out_dir: Path, timeout: float = 300) -> list[Path]:
+    """Write the job's images and files into ``out_dir``: base64 decoded, or downloaded from their URL."""
     out_dir.mkdir(parents=True, exist_ok=True)
     saved = []
     for entry in output.get("images", []) + output.get("files", []):
@@ -66,11 +67,21 @@ def save_outputs(output: dict, out_dir: Path) -> list[Path]:
         if entry["type"] == "base64":
             target.write_bytes(base64.b64decode(entry["data"]))
         else:  # s3_url: a presigned (or public) URL
-            resp = requests.get(entry["data"], timeout=300)
+            resp = requests.get(entry["data"], timeout=timeout)
             resp.raise_for_status()
             target.write_bytes(resp.content)
         saved.append(target)
     return saved
+
+
+def show_output(output: dict, out_dir: Path, download_timeout: float = 300) -> None:
+    """Save the outputs (``save_outputs``), print text outputs and non-fatal errors."""
+    for path in save_outputs(output, out_dir, download_timeout):
+        print(f"saved {path}")
+    for text in output.get("text", []):
+        print(f"text from node {text['node_id']}: {text['text']}")
+    for error in output.get("errors", []):
+        print(f"warning: {error}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,13 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if details:
             print(json.dumps(details, indent=2)[:4000], file=sys.stderr)
         return 1
-    output = answer["output"]
-    for path in save_outputs(output, args.out):
-        print(f"saved {path}")
-    for text in output.get("text", []):
-        print(f"text from node {text['node_id']}: {text['text']}")
-    for error in output.get("errors", []):
-        print(f"warning: {error}", file=sys.stderr)
+    show_output(answer["output"], args.out)
     return 0
 
 

@@ -13,29 +13,14 @@ outputs and non-fatal errors are printed.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import sys
 from pathlib import Path
 
 import requests
+from client import show_output  # examples/client.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def save_outputs(output: dict, out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved = []
-    for entry in output.get("images", []) + output.get("files", []):
-        target = out_dir / Path(entry["filename"]).name
-        if entry["type"] == "base64":
-            target.write_bytes(base64.b64decode(entry["data"]))
-        else:
-            resp = requests.get(entry["data"], timeout=120)
-            resp.raise_for_status()
-            target.write_bytes(resp.content)
-        saved.append(target)
-    return saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,12 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Job {answer.get('id')} {answer.get('status')}: {answer.get('error')}", file=sys.stderr)
         return 1
     output = answer["output"]
-    for path in save_outputs(output, args.out):
-        print(f"saved {path}")
-    for text in output.get("text", []):
-        print(f"text from node {text['node_id']}: {text['text']}")
-    for error in output.get("errors", []):
-        print(f"warning: {error}", file=sys.stderr)
+    show_output(output, args.out, download_timeout=120)
     if "timings" in output:
         print("timings: " + ", ".join(f"{k} {v}" for k, v in output["timings"].items()))
     return 0
