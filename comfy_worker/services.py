@@ -13,9 +13,10 @@
    the worker's own HTTP API (``python -m comfy_worker.api``, running ``handler.handler``) on ``API_PORT``
    in pod (0.0.0.0, with a token) and local (127.0.0.1). Its imports (the RunPod SDK, aiohttp, boto3,
    FastAPI: about 2 s) are paid while ComfyUI boots: the handler process is spawned beside ComfyUI as
-   ``python -m comfy_worker.services --preload-handler handler.py ARGS`` (or ``-m comfy_worker.api
-   ARGS``), which imports the handler module and then blocks on its stdin; the supervisor writes the
-   go byte once ComfyUI answers and the warm-up is done, and only then does it run ``handler.py`` as
+   ``python -m comfy_worker.services --preload-handler handler.py ARGS``, which imports the handler
+   module (or ``-m comfy_worker.api ARGS``, whose ``api.preload`` imports FastAPI and starts the job
+   runner, which imports the handler), and then blocks on its stdin; the supervisor writes the go byte
+   once ComfyUI answers and the warm-up is done, and only then does it run ``handler.py`` as
    ``__main__`` (the worker loop) or the API's ``main``. Closed without the byte, it exits without a job.
 5. JupyterLab on ``JUPYTER_PORT`` rooted at ``VOLUME_ROOT`` (pod/local, or ``ENABLE_JUPYTER=1``), with
    a token: ``JUPYTER_PASSWORD``, else one generated into ``$VOLUME_ROOT/.jupyter-token`` (0600) and
@@ -89,11 +90,11 @@ def preloaded(command: list[str]) -> list[str]:
 def run_preloaded_handler(args: list[str]) -> int:
     """The child of ``preloaded``: import the handler module (the slow part), wait for the go byte on
     stdin, then run ``handler.py`` as ``__main__`` with its own arguments; or, for ``-m comfy_worker.api
-    ARGS``, import the API and the handler it runs (``api.preload``), then ``api.main(ARGS)``."""
+    ARGS``, import the API and start its job runner (``api.preload``), then ``api.main(ARGS)``."""
     import runpy
 
     if args[0] == "-m":
-        module = importlib.import_module(args[1])  # comfy_worker.api: FastAPI, uvicorn, then handler.py
+        module = importlib.import_module(args[1])  # comfy_worker.api: FastAPI, uvicorn; its runner: handler.py
         module.preload()
         if sys.stdin.buffer.read(1) != GO:
             return 0
