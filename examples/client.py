@@ -11,7 +11,8 @@ API key for an endpoint. A local box listening on 127.0.0.1 asks for none.
 
 Unlike ``/runsync``, this never holds one HTTP request open for the whole job, so long video jobs and
 RunPod's cold starts are fine. Images and files go to ``--out`` (base64 decoded, or downloaded from
-their S3 URL); text outputs and non-fatal errors are printed. Exit 0 when the job completed.
+their S3 URL); text outputs and non-fatal errors are printed. Exit 0 when the job completed; 1 when it
+did not, or when the API refused the request (its own error is printed, e.g. a missing or wrong token).
 """
 
 from __future__ import annotations
@@ -29,12 +30,29 @@ import requests
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
 
-def submit(session: requests.Session, url: str, body: dict) -> str:
-    resp = session.post(f"{url}/run", json=body, timeout=60)
+class ApiRefused(Exception):
+    """The API answered with an error status, or could not be reached; the message says which and why."""
+
+
+def api_call(session: requests.Session, method: str, url: str, **kwargs) -> dict:
+    """One request; its JSON answer, or ``ApiRefused`` carrying the API's own error sentence."""
+    try:
+        resp = session.request(method, url, **kwargs)
+    except requests.RequestException as exc:
+        raise ApiRefused(f"cannot reach {url.split('?')[0]}: {type(exc).__name__}") from None
+    if resp.ok:
+        return resp.json()
+    try:
+        message = resp.json().get("error") or resp.text
+    except ValueError:
+        message = resp.text.strip()[:500] or resp.reason
     if resp.status_code == 429:
-        raise SystemExit(f"the queue is full (429); retry after {resp.headers.get('Retry-After', '?')} s")
-    resp.raise_for_status()
-    answer = resp.json()
+        message += f" (retry after {resp.headers.get('Retry-After', '?')} s)"
+    raise ApiRefused(f"the API answered {resp.status_code}: {message}")
+
+
+def submit(session: requests.Session, url: str, body: dict) -> str:
+    answer = api_call(session, "POST", f"{url}/run", json=body, timeout=60)
     print(f"job {answer['id']}: {answer.get('status')}")
     return answer["id"]
 
@@ -43,9 +61,7 @@ def wait(session: requests.Session, url: str, job_id: str, poll: float, timeout:
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        resp = session.get(f"{url}/status/{job_id}", timeout=60)
-        resp.raise_for_status()
-        answer = resp.json()
+        answer = api_call(session, "GET", f"{url}/status/{job_id}", timeout=60)
         status = answer.get("status")
         if status != last:
             print(f"job {job_id}: {status}")
@@ -101,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     session = requests.Session()
     if args.token:
         session.headers["Authorization"] = f"Bearer {args.token}"
-    answer = wait(session, url, submit(session, url, body), args.poll, args.timeout)
+    try:
+        answer = wait(session, url, submit(session, url, body), args.poll, args.timeout)
+    except ApiRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if answer["status"] != "COMPLETED":
         print(f"error: {answer.get('error')}", file=sys.stderr)
         details = (answer.get("output") or {}).get("details")

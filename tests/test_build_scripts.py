@@ -160,7 +160,7 @@ def clone(tmp_path):
     """A committed git repo holding the scripts, the Dockerfile and a config (deploy.sh's own folder)."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("build.sh", "deploy.sh", "Dockerfile", "config.yml", ".dockerignore"):
+    for name in ("build.sh", "deploy.sh", "Dockerfile", "config.yml", ".dockerignore", ".gitignore"):
         shutil.copy2(ROOT / name, repo / name)
     (repo / "config.yml").write_text("# ünïcode comment\nmodels: []\nnodes: []\n")
     git(repo, "init", "-q")
@@ -211,6 +211,19 @@ def test_deploy_refuses_a_dirty_tree_unless_allowed(stub, clone):
     assert "WARNING: building with uncommitted changes" in r.stderr
     assert decode_config_env(config_line(r.stdout)) == "models: []\n"
     assert [c["args"][0] for c in stub.calls()] == ["build", "push", "image"]
+
+
+def test_deploy_runs_after_the_quickstart_wrote_outputs(stub, clone):
+    """issue 21 #7: the examples write outputs/ (their default --out) at the repo's root; deploy.sh then still
+    runs, and outputs/ is kept out of the image's build context."""
+    for script in ("client.py", "test_local.py"):
+        assert 'default=Path("outputs")' in (ROOT / "examples" / script).read_text()
+    (clone / "outputs").mkdir()
+    (clone / "outputs" / "ComfyUI_00001_.png").write_bytes(b"\x89PNG")
+    r = run(clone / "deploy.sh", "-t", "r.example/w:1", env=stub.env(stub.docker))
+    assert r.returncode == 0, r.stderr
+    assert "uncommitted" not in r.stderr
+    assert "outputs" in (clone / ".dockerignore").read_text().split()
 
 
 def test_deploy_arguments(stub, clone):

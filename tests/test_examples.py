@@ -1,11 +1,18 @@
-"""The shipped config.yml provides exactly what the example workflow needs, and the example runs on
-real ComfyUI (with the 10 KB test model standing in for the 67 MB one)."""
+"""The shipped config.yml provides exactly what the example workflow needs, the example runs on real
+ComfyUI (with the 10 KB test model standing in for the 67 MB one), and the example clients say what the
+API answered."""
 
 import base64
 import json
+import os
 import posixpath
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
+
+from support.api_server import ApiServer, tiny_workflow
+from support.comfy_process import free_port
 
 from comfy_worker.config_schema import load_config
 
@@ -58,3 +65,58 @@ def test_example_workflow_runs_on_real_comfyui(comfyui, monkeypatch):
     upscaled = Image.open(io.BytesIO(base64.b64decode(entry["data"])))
     assert upscaled.size == (given.width * 2, given.height * 2)
     assert sorted(p.name for p in (comfyui.path / "input").iterdir() if p.is_file()) == inputs_before  # left clean
+
+
+def run_example(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k != "API_TOKEN"}
+    return subprocess.run(
+        [sys.executable, f"examples/{script}", *args],
+        cwd=ROOT,
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_example_clients_print_the_apis_own_error_for_a_missing_or_wrong_token(comfyui, tmp_path):
+    """issue 21 #8: client.py and test_local.py against a pod's API (a token required): no token or a wrong
+    one prints the API's own sentence and exits 1, no traceback; test_local.py --token (or API_TOKEN) works."""
+    request = tmp_path / "tiny.json"
+    request.write_text(json.dumps({"input": {"workflow": tiny_workflow(size=16)}}))
+    server = ApiServer(comfyui, tmp_path / "volume", tmp_path / "api.log", token="example-token-4242").start()
+    try:
+        out = tmp_path / "out"
+        refused = [
+            run_example("client.py", str(request), "--url", server.url, "--out", str(out)),
+            run_example("test_local.py", str(request), "--url", server.url, "--token", "wrong", "--out", str(out)),
+        ]
+        for done in refused:
+            assert done.returncode == 1, done.stderr
+            assert "the API answered 401" in done.stderr and "Authorization: Bearer <API_TOKEN>" in done.stderr
+            assert "Traceback" not in done.stderr, done.stderr
+        ok = run_example("test_local.py", str(request), "--url", server.url, "--out", str(out))
+        assert ok.returncode == 1 and "401" in ok.stderr  # no token anywhere
+        ok = run_example(
+            "test_local.py",
+            str(request),
+            "--url",
+            server.url,
+            "--out",
+            str(out),
+            env={"API_TOKEN": "example-token-4242"},
+        )
+        assert ok.returncode == 0, ok.stderr
+        assert [p.suffix for p in out.iterdir()] == [".png"]
+    finally:
+        server.stop()
+
+
+def test_example_client_names_an_api_it_cannot_reach(tmp_path):
+    """issue 21 #8: nothing listening: one line naming the URL, exit 1, no traceback."""
+    request = tmp_path / "tiny.json"
+    request.write_text(json.dumps({"input": {"workflow": tiny_workflow()}}))
+    url = f"http://127.0.0.1:{free_port()}"
+    done = run_example("client.py", str(request), "--url", url)
+    assert done.returncode == 1 and f"cannot reach {url}/run" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
