@@ -7,7 +7,9 @@
 #     --no-restart  never restart ComfyUI (say that nodes changed instead)
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="${PYTHON:-python}"
+# shellcheck source=scripts/project_python.sh
+source "$HERE/scripts/project_python.sh"
+project_python "$HERE" # PY: $PYTHON, else $VENV, the repo's .venv, /opt/venv (the image), python3
 cd "$HERE"
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 

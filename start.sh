@@ -6,7 +6,9 @@
 # Decisions live in comfy_worker/provision.py and comfy_worker/services.py; this file only orchestrates.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PY="${PYTHON:-python}" # the first python on PATH (/opt/venv in the image), or $PYTHON
+# shellcheck source=scripts/project_python.sh
+source "$HERE/scripts/project_python.sh"
+project_python "$HERE" # PY: $PYTHON, else $VENV, the repo's .venv, /opt/venv (the image), python3
 cd "$HERE"
 export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -60,6 +62,10 @@ fi
 if [[ "$rc" != 0 ]]; then
   if [[ "$MODE" == serverless ]]; then
     echo "[start] provisioning failed in serverless mode: this worker takes no jobs half-provisioned" >&2
+    exit "$rc"
+  fi
+  if [[ ! -f "$COMFYUI_PATH/main.py" ]]; then
+    echo "[start] ComfyUI is not on the volume ($COMFYUI_PATH): its clone failed (see above), so no service starts; check the network, or point COMFYUI_REPO (and COMFYUI_REF) at a repository this machine reaches" >&2
     exit "$rc"
   fi
   echo "[start] WARNING: provisioning is incomplete (see the summary above); the services start anyway:" >&2

@@ -7,6 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup_env.sh
-export MODE=local PYTHON="$ROOT/.venv/bin/python"
+VENV="${VENV:-$ROOT/.venv}" # setup_env.sh made (or found) it there
+export MODE=local PYTHON="$VENV/bin/python"
 echo "[dev] starting start.sh in $MODE mode with $PYTHON"
 exec bash "$ROOT/start.sh" "$@"
