@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and pushes the image, then prints what to paste into RunPod (docs/deploy.md).
+# Checks the config, builds and pushes the image, then prints what to paste into RunPod (docs/deploy.md).
 #   ./deploy.sh -t REGISTRY/NAME:TAG [--config FILE] [--allow-dirty] [--dry-run] [build.sh options...]
 #   -t IMAGE        where to push (a registry RunPod can pull from)
 #   --config FILE   the config.yml whose CONFIG_YML line is printed (default: config.yml here)
@@ -56,6 +56,16 @@ done
 [[ -n "$image" ]] || die "-t REGISTRY/NAME:TAG is required (e.g. -t ghcr.io/you/comfy-worker:$(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || echo v1))"
 [[ "${image%%/*}" != "$image" ]] || die "-t needs an image name with a registry, e.g. ghcr.io/you/comfy-worker:v1 (got '$image')"
 [[ -f "$config" ]] || die "no config file at $config"
+
+# The config is checked first, exactly as download_models.py --validate-only checks it, and every
+# source a RunPod worker cannot reach is warned about (comfy_worker/deploy_check.py): an invalid
+# config ends here, before any build, with nothing to paste.
+# shellcheck source=scripts/project_python.sh
+source "$HERE/scripts/project_python.sh"
+project_python "$HERE"
+if ! PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m comfy_worker.deploy_check --config "$config" >&2; then
+  die "$config is invalid (see above): fix it, then deploy again"
+fi
 
 # The image must be what a commit holds: uncommitted or untracked files would go into the build.
 if ! git -C "$HERE" rev-parse --is-inside-work-tree >/dev/null 2>&1; then

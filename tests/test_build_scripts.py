@@ -59,8 +59,8 @@ def stub(tmp_path):
 
         @staticmethod
         def env(engine: Path, **extra: str) -> dict[str, str]:
-            env = {k: v for k, v in os.environ.items() if not k.endswith("_TOKEN")}
-            return {**env, "CONTAINER_ENGINE": str(engine), "STUB_LOG": str(log), **extra}
+            env = {k: v for k, v in os.environ.items() if not k.endswith("_TOKEN") and k != "CONFIG_YML"}
+            return {**env, "CONTAINER_ENGINE": str(engine), "STUB_LOG": str(log), "PYTHON": sys.executable, **extra}
 
         @staticmethod
         def calls() -> list[dict]:
@@ -162,6 +162,9 @@ def clone(tmp_path):
     repo.mkdir()
     for name in ("build.sh", "deploy.sh", "Dockerfile", "config.yml", ".dockerignore", ".gitignore"):
         shutil.copy2(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "comfy_worker", repo / "comfy_worker", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "project_python.sh", repo / "scripts")
     (repo / "config.yml").write_text("# ünïcode comment\nmodels: []\nnodes: []\n")
     git(repo, "init", "-q")
     git(repo, "add", "-A")
@@ -224,6 +227,62 @@ def test_deploy_runs_after_the_quickstart_wrote_outputs(stub, clone):
     assert r.returncode == 0, r.stderr
     assert "uncommitted" not in r.stderr
     assert "outputs" in (clone / ".dockerignore").read_text().split()
+
+
+def test_deploy_refuses_an_invalid_config_before_building_with_the_validate_only_messages(stub, clone):
+    """issue 21 #6: a misspelt key exits 2 with exactly what --validate-only says, builds nothing and
+    prints nothing to paste."""
+    bad = clone / "bad.yml"
+    bad.write_text("models:\n  - url: https://huggingface.co/a/b/resolve/main/m.safetensors\n    destinaton: loras\n")
+    git(clone, "add", "bad.yml")
+    git(clone, "commit", "-q", "-m", "bad")
+    r = run(clone / "deploy.sh", "-t", "r.example/w:1", "--config", str(bad), env=stub.env(stub.docker))
+    assert r.returncode == 2
+    assert "CONFIG_YML=" not in r.stdout and stub.calls() == []
+    check = subprocess.run(
+        [sys.executable, "download_models.py", "--validate-only", "--config", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 2
+    problems = [ln for ln in check.stderr.splitlines() if ln.startswith("  ")]
+    assert problems and any("destinaton" in ln for ln in problems)
+    for line in problems:
+        assert line in r.stderr.splitlines(), (line, r.stderr)
+    assert "bad.yml is invalid (see above)" in r.stderr
+
+
+def test_deploy_warns_about_sources_a_runpod_worker_cannot_reach(stub, clone):
+    """issue 21 #6: loopback, private and local-network hosts, file:// and local-path nodes are warned
+    about by entry; public sources are not; the deploy goes on."""
+    cfg = clone / "config.yml"
+    cfg.write_text(
+        "models:\n"
+        "  - {url: 'http://127.0.0.1:8080/a.safetensors', destination: loras}\n"
+        "  - {url: 'https://huggingface.co/o/r/resolve/main/b.safetensors', destination: loras}\n"
+        "  - {url: 'http://192.168.1.20/c.safetensors', destination: loras}\n"
+        "  - {url: 'http://nas.local/d.safetensors', destination: loras}\n"
+        "nodes:\n"
+        "  - {url: 'file:///home/me/MyNode', version: latest}\n"
+        "  - {url: '/home/me/OtherNode', version: latest}\n"
+        "  - {url: 'https://github.com/o/PublicNode', version: latest}\n"
+        "  - {url: 'git@10.0.0.5:o/PrivateNode.git', version: latest}\n"
+    )
+    git(clone, "commit", "-q", "-am", "local sources")
+    r = run(clone / "deploy.sh", "-t", "r.example/w:1", "--dry-run", env=stub.env(stub.docker))
+    assert r.returncode == 0, r.stderr
+    warned = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    assert [ln.split(" ")[1] for ln in warned] == [
+        "models[0]",
+        "models[2]",
+        "models[3]",
+        "nodes[0]",
+        "nodes[1]",
+        "nodes[3]",
+    ]
+    assert all("a RunPod worker cannot fetch it" in ln for ln in warned)
+    assert "CONFIG_YML=" in r.stdout
 
 
 def test_deploy_arguments(stub, clone):

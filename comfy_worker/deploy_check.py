@@ -1,0 +1,95 @@
+"""What ``deploy.sh`` checks in the config it ships before anything is built (docs/deploy.md).
+
+``python -m comfy_worker.deploy_check --config FILE``:
+
+1. the config is validated exactly as ``download_models.py --validate-only`` does (same loader, same
+   messages); an invalid one exits 2 and deploy.sh prints nothing to paste;
+2. every source a RunPod worker can never reach is warned about by entry: a model or node URL whose
+   host is ``localhost``, a loopback, private, link-local or otherwise non-public address written as
+   an IP, a ``*.local``/``*.localhost``/``*.internal`` name, and nodes given as ``file://`` or a
+   local path (those exist only on this machine). Names are not resolved: what this machine's DNS
+   says is not what a RunPod host sees. Warnings do not stop the deploy (exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+from urllib.parse import urlsplit
+
+from comfy_worker.cli import load_or_report, validate_only
+from comfy_worker.config_schema import WorkerConfig, _display_url
+from comfy_worker.exit_codes import EXIT_INVALID
+from comfy_worker.settings import Settings
+
+log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
+
+LOCAL_SUFFIXES = (".local", ".localhost", ".internal", ".lan", ".home.arpa")
+
+
+def host_problem(host: str | None) -> str | None:
+    """Why a worker on RunPod cannot reach ``host``, or None when it may."""
+    if not host:
+        return None
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(LOCAL_SUFFIXES):
+        return f"{host} is a name of this machine or its local network"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if address.is_loopback:
+        return f"{host} is a loopback address (the worker itself, not this machine)"
+    if not address.is_global:
+        return f"{host} is a private or link-local address, not reachable from RunPod"
+    return None
+
+
+def source_problem(url: str, git: bool) -> str | None:
+    parts = urlsplit(url)
+    if git and parts.scheme == "file":
+        return "a file:// repository exists only on this machine"
+    if git and not parts.scheme and "@" not in url.split("/", 1)[0] and ":" not in url.split("/", 1)[0]:
+        return "a local path exists only on this machine"
+    if git and not parts.scheme:  # scp-like git@host:org/repo
+        return host_problem(url.split("@", 1)[-1].split(":", 1)[0])
+    return host_problem(parts.hostname)
+
+
+def unreachable_sources(cfg: WorkerConfig) -> list[str]:
+    """One warning per model or node whose source a RunPod worker cannot reach."""
+    warnings = []
+    for kind, entries, git in (("models", cfg.models, False), ("nodes", cfg.nodes, True)):
+        for i, entry in enumerate(entries):
+            problem = source_problem(entry.url, git)
+            if problem:
+                warnings.append(
+                    f"{kind}[{i}] ({_display_url(entry.url)}): {problem}; a RunPod worker cannot fetch it: "
+                    "host it where the worker can reach it (Hugging Face, CivitAI, a public URL or git host)"
+                )
+    return warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m comfy_worker.deploy_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, metavar="PATH", help="the config.yml deploy.sh ships")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    loaded = load_or_report(args.config, settings)
+    if loaded is None:
+        return EXIT_INVALID
+    cfg, source = loaded
+    rc = validate_only(cfg, source)
+    for warning in unreachable_sources(cfg):
+        print(f"warning: {warning}", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
