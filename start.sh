@@ -17,7 +17,7 @@ for arg in "$@"; do
   case "$arg" in
     --provision-only) provision_only=1 ;;
     -h | --help)
-      sed -n '2,6p' "$0"
+      sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *)

@@ -18,7 +18,7 @@ log() { printf '[setup] %s\n' "$*"; }
 
 apt_install() {
   # Debian packages the tests need, only when missing: nginx as a real HTTP origin; podman, runc and
-  # debootstrap to build and run the image (tests/test_container.py, TESTING.md "Containers").
+  # debootstrap to build and run the image (tests/test_container.py, tests/support/container.py).
   local missing=()
   command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
   command -v git >/dev/null 2>&1 || missing+=(git)

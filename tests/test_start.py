@@ -322,3 +322,11 @@ def test_a_failed_required_entry_ends_a_serverless_start_but_pod_and_local_start
             assert answer["status"] == "COMPLETED" and answer["output"]["images"], answer
         finally:
             stop_start(proc)
+
+
+@pytest.mark.parametrize("script", ["start.sh", "deploy.sh", "build.sh"])
+def test_help_prints_text_not_comment_lines(script):
+    """issue 21: ``start.sh --help`` printed its raw comment lines."""
+    done = subprocess.run(["bash", str(ROOT / script), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip()
+    assert not [line for line in done.stdout.splitlines() if line.startswith("#")], done.stdout

@@ -1,5 +1,5 @@
 """The real image under podman (tests/test_container.py), with the settings these machines need
-(TESTING.md, "Containers (podman)"): runc, a containers.conf without default ulimits and with the
+(what podman needs here): runc, a containers.conf without default ulimits and with the
 cgroupfs manager, host networking for builds and containers.
 
 - ``ensure_base_image``: a Debian bookworm minbase made by debootstrap stands in for the CUDA base
