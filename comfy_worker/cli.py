@@ -53,7 +53,7 @@ def load_or_report(config_path: str | None, settings: Settings) -> tuple[WorkerC
     try:
         return load_selected_config(config_path, settings)
     except ConfigError as err:
-        print(f"error: {err.source} is invalid ({len(err.problems)} problem(s)):", file=sys.stderr)
+        print(f"error: {err.source} is invalid ({err.total} problem(s)):", file=sys.stderr)
         for problem in err.problems:
             print(f"  {problem}", file=sys.stderr)
         return None

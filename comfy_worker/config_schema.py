@@ -74,9 +74,10 @@ _SIGNATURE_PARAMS = {"sig", "signature", "xamzsignature", "xamzcredential", "xgo
 class ConfigError(Exception):
     """An invalid config: ``problems`` holds one readable line per problem."""
 
-    def __init__(self, problems: list[str], source: str = "config"):
+    def __init__(self, problems: list[str], source: str = "config", total: int | None = None):
         self.problems = problems
         self.source = source
+        self.total = len(problems) if total is None else total  # all found, also those not listed
         super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
@@ -396,14 +397,23 @@ def _duplicate_problems(models: list[tuple[int, ModelEntry]], nodes: list[tuple[
     return problems
 
 
+# the fields that decide where an entry lands (its file under models/, its folder under custom_nodes/)
+_PLACE_FIELDS = {"models": ("url", "destination", "filename"), "nodes": ("url", "name")}
+
+
 def _individually_valid(raw: dict, section: str) -> list[tuple[int, Any]]:
     items = raw.get(section)
     if not isinstance(items, list):
         return []
     valid = []
     for i, item in enumerate(items):
-        with contextlib.suppress(ValidationError):
+        try:
             valid.append((i, _SECTIONS[section].model_validate(item)))
+        except ValidationError:  # judged by the fields that decide where it goes, so a clash shows at once
+            if isinstance(item, dict):
+                with contextlib.suppress(ValidationError):
+                    where = {k: item[k] for k in _PLACE_FIELDS[section] if k in item}
+                    valid.append((i, _SECTIONS[section].model_validate(where)))
     return valid
 
 
@@ -457,7 +467,7 @@ def _problems_from(err: ValidationError, raw: Any) -> list[str]:
             problems.append(f"{_entry_label(raw, loc)}: {field}: {msg}")
     if not any(not e["loc"] for e in err.errors()):  # duplicates are only checked once all else is valid
         problems.extend(_duplicate_problems(_individually_valid(raw, "models"), _individually_valid(raw, "nodes")))
-    return _bounded(problems)
+    return problems
 
 
 def _bounded(problems: list[str]) -> list[str]:
@@ -479,7 +489,8 @@ def parse_config(raw: Any, source: str = "config") -> WorkerConfig:
     try:
         return WorkerConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_problems_from(err, raw), source) from None
+        problems = _problems_from(err, raw)
+        raise ConfigError(_bounded(problems), source, total=len(problems)) from None
 
 
 class _YamlFailure(Exception):
@@ -557,7 +568,7 @@ def _yaml_load(text: str, source: str) -> Any:
     except _YamlFailure as failure:
         raise ConfigError([failure.problem], source) from None
     if duplicates:
-        raise ConfigError(_bounded(duplicates), source)
+        raise ConfigError(_bounded(duplicates), source, total=len(duplicates))
     return data
 
 

@@ -535,7 +535,7 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
         from comfy_worker.config_schema import ConfigError
 
         if isinstance(err, ConfigError):
-            log.error("%s is invalid (%d problem(s)):", err.source, len(err.problems))
+            log.error("%s is invalid (%d problem(s)):", err.source, err.total)
             for problem in err.problems:
                 log.error("  %s", problem)
             return EXIT_INVALID

@@ -5,11 +5,14 @@ UTF-8) and CONFIG_YML decoding (docs/config.md), plus the digest and the derived
 import base64
 import gzip
 import json
+import subprocess
+import sys
 import textwrap
 import time
 
 import pytest
 import yaml
+from support.comfy_process import ROOT
 
 from comfy_worker import config_schema
 from comfy_worker.config_schema import (
@@ -675,3 +678,42 @@ def test_a_folder_name_taken_from_the_url_gets_the_checks_of_name(url, derived):
     assert problem.startswith(f"nodes[0] ({url}): name: the folder name {derived!r} taken from the URL is not usable (")
     assert problem.endswith("); set 'name' to the folder to use under custom_nodes")
     assert parse_config({"nodes": [{"url": url, "name": "Good"}]}).nodes[0].dir_name() == "Good"
+
+
+def test_a_folder_clash_is_reported_with_another_error_of_the_same_entry():
+    """issue 21 (docs: "every problem is reported at once"): the clash showed only once the other error was fixed."""
+    raw = {
+        "nodes": [
+            {"url": "https://github.com/a/Pack", "version": ""},
+            {"url": "https://github.com/b/Pack"},
+        ],
+        "models": [
+            {"url": "https://x.org/m.safetensors", "destination": "loras", "sha256": "nope"},
+            {"url": "https://y.org/m.safetensors", "destination": "loras"},
+        ],
+    }
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    problems = err.value.problems
+    assert any(p.startswith("nodes[0]") and "version" in p for p in problems), problems
+    assert any(p.startswith("nodes[1]") and "custom_nodes/Pack is already used by nodes[0]" in p for p in problems)
+    assert any(p.startswith("models[0]") and "sha256" in p for p in problems), problems
+    assert any(
+        p.startswith("models[1]") and "models/loras/m.safetensors is already used by models[0]" in p for p in problems
+    )
+
+
+def test_the_header_counts_every_problem_also_past_the_listed_ones(tmp_path):
+    """issue 21: past 50 problems the header said 51 when there were 70."""
+    cfg = tmp_path / "config.yml"
+    cfg.write_text("models:\n" + "".join(f"  - {{url: 'https://x.org/{i}.safetensors'}}\n" for i in range(70)))
+    done = subprocess.run(
+        [sys.executable, "download_models.py", "--validate-only", "--config", str(cfg)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"error: {cfg} is invalid (70 problem(s)):" in done.stderr
+    assert "... and 20 more problem(s)" in done.stderr
