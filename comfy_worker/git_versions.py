@@ -326,9 +326,15 @@ def _git_error(err: Exception) -> str:
 
 
 def open_repo(work: Path) -> Repo:
+    """GitPython's Repo for ``work``; its git processes get a ``GIT_CONFIG_COUNT`` git accepts (a
+    non-numeric one from the user would make every local git command fail with "bogus count")."""
     import git
 
-    return git.Repo(work)
+    repo = git.Repo(work)
+    raw = os.environ.get("GIT_CONFIG_COUNT", "")
+    if raw.strip() and str(_user_config_count(raw)) != raw:
+        repo.git.update_environment(GIT_CONFIG_COUNT=str(_user_config_count(raw)))
+    return repo
 
 
 def origin_url(repo: Repo) -> str | None:
@@ -382,10 +388,9 @@ def fetch(repo: Repo, url: str, token: str | None, sha: str | None = None, stop:
 
 def clone(url: str, dest: Path, token: str | None, stop: threading.Event | None = None) -> Repo:
     """A full clone of ``url`` into ``dest`` without a checkout (checkout() picks the commit)."""
-    import git
 
     run_git(["clone", "--no-checkout", "--", url, str(dest)], f"cloning {url} failed", url, token, stop=stop)
-    return git.Repo(dest)
+    return open_repo(dest)
 
 
 def commit_in_clone(
