@@ -328,3 +328,27 @@ def test_configuration_md_lists_every_env_var_with_the_default_of_env_md():
     reference = env_rows((ROOT / "docs" / "env.md").read_text())
     differ = {n: (d, reference[n]) for n, d in ours.items() if n in reference and d != reference[n]}
     assert differ == {}, "defaults that differ from docs/env.md"
+
+
+def transcripts() -> list[tuple[str, str, str]]:
+    """Every ``$ python check_workflow.py …`` transcript in the docs whose arguments are files of the repo:
+    (doc, command line, the output printed under it)."""
+    found = []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for block in re.findall(r"```\n(\$ python check_workflow\.py [^\n]*)\n(.*?)```", doc.read_text(), re.DOTALL):
+            command, output = block
+            args = shlex.split(command[2:])[2:]
+            if all((ROOT / a).exists() for a in args if not a.startswith("-")) and output.strip():
+                found.append((doc.name, command, output))
+    return found
+
+
+@pytest.mark.parametrize(("doc", "command", "output"), transcripts())
+def test_a_documented_check_workflow_transcript_is_what_the_command_prints(doc, command, output):
+    """issue 21: docs/check_workflow.md showed `wrong_folder` where the command prints `missing`."""
+    done = subprocess.run([PY, *shlex.split(command[2:])[1:]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (done.stdout + done.stderr).splitlines() == output.splitlines(), f"{doc}: {command}"
+
+
+def test_the_transcripts_are_found():
+    assert any(doc == "check_workflow.md" for doc, _, _ in transcripts())
