@@ -167,6 +167,7 @@ def sync_node(ctx: Context, result: NodeResult) -> NodeResult:
                 "then run again"
             )
         if path.is_dir() and not any(path.iterdir()) and not ctx.dry_run:
+            log.info("%s: %s is an empty folder: the node is cloned in its place", result.label, path)
             path.rmdir()  # an empty folder (e.g. a mount point left behind) is not an install
         if not path.exists():
             _clone_node(ctx, result)
