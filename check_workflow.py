@@ -256,6 +256,7 @@ class ModelRef:
     inactive: str | None = None  # "bypassed", "muted", ... : the node does not run
     status: str = ""
     detail: str = ""
+    fixed: str | None = None  # the value to write instead (a Windows path: "wan\\x" -> "wan/x")
 
 
 @dataclass
@@ -461,6 +462,23 @@ def _ref_label(ref: ModelRef) -> str:
 
 
 def judge_model(ref: ModelRef, files: list[ConfigFile], source: str) -> None:
+    """``ref.status``: provided, missing, wrong_folder, or backslash (a Windows-style path ComfyUI on
+    Linux rejects, whatever the config provides: never provided)."""
+    _judge_model_path(ref, files, source)
+    if "\\" not in ref.name:
+        return
+    ref.fixed = _norm(ref.name)
+    problem = (
+        f"model file {ref.name!r} has a '\\' in its path (saved on Windows): ComfyUI on Linux names files in "
+        f"subfolders with '/' and rejects this value; use {ref.fixed!r} in the workflow"
+    )
+    if ref.status == "provided":
+        ref.status, ref.detail = "backslash", f"{problem} ({source} provides that: {ref.detail})"
+    else:
+        ref.detail = f"{problem}; and: {ref.detail}"
+
+
+def _judge_model_path(ref: ModelRef, files: list[ConfigFile], source: str) -> None:
     name = _norm(ref.name)
     folder = ref.folder or (model_folders.canonical(ref.directory) if ref.directory else None)
     if folder is None:
@@ -578,7 +596,7 @@ def judge_node(use: NodeUse, cfg: WorkerConfig, source: str, live: LiveComfy | N
     )
 
 
-MODEL_PROBLEMS = {"missing", "wrong_folder"}
+MODEL_PROBLEMS = {"missing", "wrong_folder", "backslash"}
 NODE_PROBLEMS = {"missing", "unknown", "not_installed", "not_in_config", "needs_newer_comfyui"}
 
 
@@ -620,6 +638,13 @@ def suggest(refs: list[ModelRef], uses: list[NodeUse], files: list[ConfigFile], 
         if ref.status not in MODEL_PROBLEMS:
             continue
         label = f"{Path(ref.workflow).name}: {_ref_label(ref)}" + (f" ({ref.inactive})" if ref.inactive else "")
+        if ref.fixed is not None:
+            out.unresolved_models.append(
+                f"{label}: {'fix the workflow, not the config' if ref.status == 'backslash' else 'also fix the workflow'}: "
+                f"write {ref.fixed!r} for {ref.name!r} ('/', not '\\')"
+            )
+            if ref.status == "backslash":
+                continue  # the config provides the '/' form: only the workflow needs the fix
         folder = ref.folder or (model_folders.canonical(ref.directory) if ref.directory else None)
         dest = (
             ref.directory

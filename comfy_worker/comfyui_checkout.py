@@ -6,7 +6,9 @@ its requirements installed with torch, torchvision and torchaudio pinned (docs/a
   complete, so a killed clone never looks like a checkout. When ``COMFYUI_PATH`` already exists
   without a checkout (a user put models or outputs there first), the finished clone's entries are
   moved in beside what is there (nothing existing is replaced) and ``.git`` goes last: a folder is a
-  checkout only once its ``.git`` is there.
+  checkout only once its ``.git`` is there. A clone a killed start left behind
+  (``.<name>.partial-*`` beside ``COMFYUI_PATH``) is removed by the next ``ensure``, which runs under
+  the provisioning lock, so no live process is writing it.
 - ``output/``, ``input/`` and ``user/`` are never deleted: git checkout leaves untracked and ignored
   files alone, and nothing here removes a file of the checkout.
 - ComfyUI's requirements are installed into the environment of ``$PYTHON`` (uv when found, else pip)
@@ -17,6 +19,7 @@ its requirements installed with torch, torchvision and torchaudio pinned (docs/a
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -40,6 +43,20 @@ class CheckoutError(Exception):
 class CheckoutResult:
     action: str  # "cloned", "updated", "kept"
     commit: str | None
+
+
+def partial_prefix(dest: Path) -> str:
+    """The name prefix of the temporary folders a clone of ``dest`` is made in (beside ``dest``)."""
+    return f".{dest.name}.partial-"
+
+
+def cleanup_partials(dest: Path) -> None:
+    """Remove clones of ``dest`` left behind by a killed start. Only ever called under the provisioning
+    lock (volume_lock): every clone is made under it, so none of these is being written."""
+    for stale in dest.parent.glob(glob.escape(partial_prefix(dest)) + "*"):
+        if stale.is_dir() and not stale.is_symlink():
+            log.info("removing %s, a ComfyUI clone left behind by a killed start", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def is_checkout(path: Path) -> bool:
@@ -80,7 +97,7 @@ def clone(settings, ref: str) -> str:
             "or set COMFYUI_PATH to another folder"
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(dest), dir=dest.parent))
     try:
         repo = git_versions.clone(settings.comfyui_repo, tmp / "ComfyUI", settings.github_token)
         commit = _resolve(repo, ref)
@@ -127,10 +144,12 @@ def update(settings, ref: str) -> str:
 
 
 def ensure(settings, ref: str) -> CheckoutResult:
-    """ComfyUI at ``settings.comfyui_path``: cloned when absent, updated on ``COMFYUI_UPDATE=1``."""
+    """ComfyUI at ``settings.comfyui_path``: cloned when absent, updated on ``COMFYUI_UPDATE=1``.
+    Called under the provisioning lock only (provision.py): it removes clones a killed start left."""
     from comfy_worker.git_versions import read_head
 
     path = settings.comfyui_path
+    cleanup_partials(path)
     if not is_checkout(path):
         log.info("cloning ComfyUI %s from %s into %s", ref, settings.comfyui_repo, path)
         return CheckoutResult("cloned", clone(settings, ref))

@@ -81,6 +81,14 @@ class ConfigError(Exception):
         super().__init__(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+class _NotBase64Config(ConfigError):
+    """CONFIG_YML read as base64 is not a config's text; ``binary``: it decodes to bytes that are not text."""
+
+    def __init__(self, problem: str, binary: bool = False):
+        super().__init__([problem], "CONFIG_YML")
+        self.binary = binary
+
+
 def _clip(text: str, limit: int = _MAX_SHOWN) -> str:
     """``text`` cut to ``limit`` characters (an ellipsis marks the cut)."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -612,7 +620,8 @@ _HOW_TO_ENCODE = "encode the file with `base64 -w0 config.yml`"
 def decode_config_env(value: str) -> str:
     """The YAML text carried by a CONFIG_YML value: plain YAML first, then base64 (standard or
     URL-safe alphabet, padding optional, whitespace ignored). Raises ConfigError saying which reading
-    failed and where: a YAML syntax error keeps its line and column, compressed data is named."""
+    failed and where: a YAML syntax error keeps its line and column, compressed data is named, and
+    YAML that is no mapping (a list, a number) is named as what it is."""
     source = "CONFIG_YML"
     if not value.strip():
         raise ConfigError(
@@ -629,6 +638,51 @@ def decode_config_env(value: str) -> str:
         plain, yaml_problem = None, failure.problem
     if isinstance(plain, dict):
         return value
+    try:
+        return _decode_base64_config(value, yaml_problem)
+    except _NotBase64Config as err:
+        if yaml_problem is not None:  # not YAML either: base64's reason (and YAML's) are already given
+            raise
+        if isinstance(plain, str):  # one word or line: not shown (it may be a pasted secret)
+            if not err.binary:
+                raise
+            raise ConfigError(
+                [
+                    err.problems[0].replace(
+                        "neither a YAML mapping (models:/nodes:)",
+                        f"neither a YAML mapping (models:/nodes:; read as YAML it is one string of {len(plain)} "
+                        "characters)",
+                        1,
+                    )
+                ],
+                source,
+            ) from None
+        raise ConfigError(
+            [
+                f"the value is {_yaml_kind(plain)}, but a config is a YAML mapping: `models:` and `nodes:` at the "
+                "top level, their entries indented under them (`models:` on its own line, then `  - url: ...`); "
+                f"fix the YAML, or {_HOW_TO_ENCODE}"
+            ],
+            source,
+        ) from None
+
+
+def _yaml_kind(value: object) -> str:
+    """What a parsed YAML value is, for a message: ``a YAML list of 2 item(s)``."""
+    if isinstance(value, list):
+        return f"a YAML list of {len(value)} item(s)"
+    if value is None:
+        return "YAML null (no value)"
+    if isinstance(value, bool):
+        return f"a YAML boolean ({str(value).lower()})"
+    if isinstance(value, (int, float)):
+        return f"a YAML number ({value})"
+    return f"a YAML {type(value).__name__}"
+
+
+def _decode_base64_config(value: str, yaml_problem: str | None) -> str:
+    """The YAML text of a base64 CONFIG_YML value; _NotBase64Config saying why it is none (ConfigError
+    for a decoded text that is broken YAML)."""
     compact = re.sub(r"\s+", "", value)
     data = None
     not_base64 = "it has characters outside the base64 alphabet"
@@ -639,47 +693,34 @@ def decode_config_env(value: str) -> str:
             data = base64.b64decode(padded, validate=True)
     if data is None:
         if yaml_problem:
-            raise ConfigError(
-                [
-                    f"the value is neither a YAML mapping (models:/nodes:) nor base64 of one. Read as YAML, it is "
-                    f"{yaml_problem}; fix the YAML there. Read as base64, {not_base64}; to pass base64 "
-                    f"instead, {_HOW_TO_ENCODE}"
-                ],
-                source,
+            raise _NotBase64Config(
+                f"the value is neither a YAML mapping (models:/nodes:) nor base64 of one. Read as YAML, it is "
+                f"{yaml_problem}; fix the YAML there. Read as base64, {not_base64}; to pass base64 "
+                f"instead, {_HOW_TO_ENCODE}"
             )
-        raise ConfigError(
-            [f"the value is neither a YAML mapping (models:/nodes:) nor valid base64 of one; {_HOW_TO_ENCODE}"],
-            source,
+        raise _NotBase64Config(
+            f"the value is neither a YAML mapping (models:/nodes:) nor valid base64 of one; {_HOW_TO_ENCODE}"
         )
     compressed = next((name for magic, name in _COMPRESSED.items() if data.startswith(magic)), None)
     if compressed:
-        raise ConfigError(
-            [
-                f"the value is neither a YAML mapping (models:/nodes:) nor base64 of one: it is base64 of "
-                f"{compressed}-compressed data, which CONFIG_YML does not take; {_HOW_TO_ENCODE} "
-                f"(without {compressed})"
-            ],
-            source,
+        raise _NotBase64Config(
+            f"the value is neither a YAML mapping (models:/nodes:) nor base64 of one: it is base64 of "
+            f"{compressed}-compressed data, which CONFIG_YML does not take; {_HOW_TO_ENCODE} (without {compressed})"
         )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(
-            [
-                f"the value is neither a YAML mapping (models:/nodes:) nor base64 of one: it decodes from base64 "
-                f"to binary data (byte 0x{data[err.start]:02x} at byte offset {err.start} is not UTF-8); "
-                f"{_HOW_TO_ENCODE}"
-            ],
-            source,
+        raise _NotBase64Config(
+            f"the value is neither a YAML mapping (models:/nodes:) nor base64 of one: it decodes from base64 "
+            f"to binary data (byte 0x{data[err.start]:02x} at byte offset {err.start} is not UTF-8); "
+            f"{_HOW_TO_ENCODE}",
+            binary=True,
         ) from None
-    decoded = _yaml_load(text, f"{source} (decoded from base64)")
+    decoded = _yaml_load(text, "CONFIG_YML (decoded from base64)")
     if not isinstance(decoded, dict):
-        raise ConfigError(
-            [
-                f"the value decodes from base64 but the result is not a config (a YAML mapping with "
-                f"models:/nodes:), it is a {type(decoded).__name__}; encode the config.yml file itself"
-            ],
-            source,
+        raise _NotBase64Config(
+            f"the value decodes from base64 but the result is not a config (a YAML mapping with "
+            f"models:/nodes:), it is a {type(decoded).__name__}; encode the config.yml file itself"
         )
     return text
 

@@ -204,12 +204,18 @@ def files_named(models_dir: Path, name: str) -> list[str]:
     return sorted(found)
 
 
-def describe_missing_model(class_type: str, input_name: str, value: object, comfyui_path: str | Path) -> str | None:
+def describe_missing_model(
+    class_type: str, input_name: str, value: object, comfyui_path: str | Path, offered: list | None = None
+) -> str | None:
     """A sentence to add to ComfyUI's "value not in list" error for a model file: which folder the
-    loader reads and, when a file of that name lies in another models folder, where it is. None when
-    the input is not a known loader's and no file of that name exists under models/."""
+    loader reads and, when a file of that name lies in another models folder, where it is; for a
+    Windows-style path (``wan\\x.safetensors``) the ``/`` form to write instead. None when the input is
+    not a known loader's and no file of that name exists under models/. ``offered``: the values
+    ComfyUI listed for the input."""
     if not isinstance(value, str) or not value.strip():
         return None
+    if "\\" in value:
+        return _describe_backslash(class_type, input_name, value, comfyui_path, offered or [])
     models_dir = Path(comfyui_path) / "models"
     folder = loader_folder(class_type, input_name)
     try:
@@ -234,3 +240,14 @@ def describe_missing_model(class_type: str, input_name: str, value: object, comf
     if in_place:
         return f"{reads}; models/{in_place[0]} exists but ComfyUI did not list it (not a model file type?)"
     return f"{reads}; no file named {wanted.rsplit('/', 1)[-1]!r} is under models/"
+
+
+def _describe_backslash(class_type: str, input_name: str, value: str, comfyui_path, offered: list) -> str:
+    """ComfyUI on Linux names files in subfolders with '/': say which value to write instead, and
+    whether ComfyUI offers it or where the file is missing."""
+    fixed = value.replace("\\", "/")
+    sentence = f"model paths use '/', not '\\' (a workflow saved on Windows): write {fixed!r} instead of {value!r}"
+    if fixed in offered:
+        return f"{sentence}; ComfyUI offers {fixed!r}"
+    rest = describe_missing_model(class_type, input_name, fixed, comfyui_path)
+    return f"{sentence}; {rest}" if rest else sentence

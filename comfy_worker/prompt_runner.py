@@ -103,7 +103,13 @@ def _problems(node_errors: dict, workflow: dict, comfyui_path: Path | None = Non
                 problem["received_value"] = info.get("received_value")
                 problem["available_values"] = _options(info.get("input_config")) or []
                 if comfyui_path is not None and problem.get("input"):
-                    hint = describe_missing_model(class_type, problem["input"], problem["received_value"], comfyui_path)
+                    hint = describe_missing_model(
+                        class_type,
+                        problem["input"],
+                        problem["received_value"],
+                        comfyui_path,
+                        problem["available_values"],
+                    )
                     if hint:
                         problem["model_folder"] = hint
             problems.append(problem)

@@ -6,7 +6,8 @@
    (``/dev/nvidia0``, ``/proc/driver/nvidia/gpus/*``) not hidden by ``CUDA_VISIBLE_DEVICES``. None:
    pod/local add ``--cpu`` with a warning; serverless stops with a clear message unless ``ALLOW_CPU=1``.
 2. ComfyUI (``main.py --listen <host> --port COMFY_PORT [--cpu] COMFY_ARGS``) in its own process
-   group; its PID in ``COMFY_PID_FILE``, its output in ``COMFY_LOG_FILE``. The supervisor waits until
+   group, without the worker's own secrets in its environment (``settings.comfyui_env``: custom nodes
+   see only ``HF_TOKEN`` and ``CIVITAI_TOKEN``); its PID in ``COMFY_PID_FILE``, its output in ``COMFY_LOG_FILE``. The supervisor waits until
    it answers (``/system_stats``).
 3. ``WARMUP_WORKFLOW`` runs once (warmup.py); a failure is a loud warning.
 4. The handler, only now (it takes no job before ComfyUI answers): ``python handler.py`` in serverless,
@@ -44,7 +45,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from comfy_worker.settings import Settings
+from comfy_worker.settings import Settings, comfyui_env
 from comfy_worker.token_file import stored_token
 
 log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)  # also under python -m
@@ -189,7 +190,11 @@ class Supervisor:
         settings.comfy_log_file.parent.mkdir(parents=True, exist_ok=True)
         settings.comfy_log_file.write_bytes(b"")
         proc = self.spawn(
-            "ComfyUI", comfy_command(settings, self.cpu), settings.comfyui_path, log_file=settings.comfy_log_file
+            "ComfyUI",
+            comfy_command(settings, self.cpu),
+            settings.comfyui_path,
+            env=comfyui_env(),  # without the worker's own secrets: custom nodes run in this process
+            log_file=settings.comfy_log_file,
         )
         tmp = settings.comfy_pid_file.with_name(settings.comfy_pid_file.name + ".tmp")
         tmp.write_text(f"{proc.pid}\n")

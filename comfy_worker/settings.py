@@ -36,9 +36,23 @@ SECRET_ENV_NAMES = (
 SECRET_PREFIXES = ("AWS_",)  # boto3's own credentials (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, ...)
 
 
+# The only secrets ComfyUI's process (and so every custom node in it) is given: nodes that download
+# models need them. Every other secret is the worker's own and is removed from ComfyUI's environment:
+# API_TOKEN, JUPYTER_PASSWORD, JUPYTER_TOKEN, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, AWS_*,
+# RUNPOD_AI_API_KEY, GITHUB_TOKEN and COMFY_ORG_API_KEY (the handler sends that one with each job).
+COMFYUI_SECRETS = ("HF_TOKEN", "CIVITAI_TOKEN")
+
+
 def is_secret_name(name: str) -> bool:
     """Is the environment variable ``name`` a secret (never logged, returned or passed to node code)?"""
     return name in SECRET_ENV_NAMES or name.startswith(SECRET_PREFIXES)
+
+
+def comfyui_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment ComfyUI runs with: ``env`` (default ``os.environ``) without the worker's own
+    secrets; of the secrets only ``COMFYUI_SECRETS`` stay (docs/configuration.md, "Secrets")."""
+    env = os.environ if env is None else env
+    return {k: v for k, v in env.items() if not is_secret_name(k) or k in COMFYUI_SECRETS}
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -318,10 +319,33 @@ def test_compose_file_reserves_a_gpu_uses_workspace_ports_and_an_env_file():
     (device,) = service["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert service["volumes"] == ["./workspace:/workspace"]
-    assert sorted(p.split(":")[0] for p in service["ports"]) == ["8000", "8188", "8888"]
+    assert sorted(p.rsplit(":", 1)[1] for p in service["ports"]) == ["8000", "8188", "8888"]
     assert service["env_file"][0]["path"] == ".env"
     assert service["build"]["platforms"] == ["linux/amd64"]
     assert service["environment"]["MODE"] == "${MODE:-pod}"  # published ports need 0.0.0.0
+
+
+def compose_interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's `${NAME:-default}` / `${NAME}` substitution (the forms docker-compose.yml uses)."""
+    return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)(?::-([^}]*))?\}", lambda m: env.get(m.group(1)) or (m.group(2) or ""), text)
+
+
+def compose_ports(env: dict[str, str]) -> dict[str, str]:
+    """container port -> the host address it is published on ("" = every interface)."""
+    service = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["comfy-worker"]
+    out = {}
+    for port in service["ports"]:
+        parts = compose_interpolate(port, env).split(":")
+        out[parts[-1]] = parts[0] if len(parts) == 3 else ""
+    return out
+
+
+def test_compose_publishes_comfyuis_unauthenticated_port_on_loopback_unless_opened():
+    """issue 20 (in passing): 8188 (ComfyUI, no authentication) was published on every interface."""
+    assert compose_ports({}) == {"8188": "127.0.0.1", "8000": "", "8888": ""}
+    assert compose_ports({"COMFY_PUBLISH_ADDR": "0.0.0.0"})["8188"] == "0.0.0.0"
+    assert "COMFY_PUBLISH_ADDR" in (ROOT / ".env.example").read_text()
+    assert "`COMFY_PUBLISH_ADDR=0.0.0.0`" in (ROOT / "docs" / "deploy.md").read_text()
 
 
 def test_env_example_names_only_documented_variables():

@@ -177,6 +177,60 @@ def test_a_text_encoder_in_the_vae_folder_is_wrong_but_in_clip_is_right(tmp_path
     assert clip_l["status"] == "provided"
 
 
+def windows_lora_workflow(tmp_path: Path, lora: str) -> Path:
+    path = tmp_path / "wan_lora_api.json"
+    api = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan.safetensors", "weight_dtype": "default"}},
+        "2": {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"lora_name": lora, "strength_model": 1.0, "model": ["1", 0]},
+        },
+    }
+    path.write_text(json.dumps(api))
+    return path
+
+
+def test_a_windows_style_model_path_is_never_provided_and_names_the_slash_form(tmp_path, capsys):
+    """issue 20 #10: `lora_name: "wan\\x.safetensors"` with `destination: loras/wan` was reported provided
+    (exit 0), and ComfyUI then rejects it: it is a problem (exit 1) that names 'wan/x.safetensors'."""
+    workflow = windows_lora_workflow(tmp_path, "wan\\x.safetensors")
+    config = write_config(
+        tmp_path,
+        [
+            {"url": f"{HF}/wan.safetensors", "destination": "diffusion_models"},
+            {"url": f"{HF}/x.safetensors", "destination": "loras/wan"},
+        ],
+    )
+    code, out, _ = run([workflow, "--config", config, "--json"], capsys)
+    assert code == 1
+    report = json.loads(out)
+    lora = next(m for m in report["workflows"][0]["models"] if m["input"] == "lora_name")
+    assert lora["status"] == "backslash" and lora["fixed"] == "wan/x.safetensors"
+    assert "use 'wan/x.safetensors' in the workflow" in lora["detail"]
+    assert f"{config} provides that: models[1] (models/loras/wan/x.safetensors)" in lora["detail"]
+    assert report["problems"] == [f"{workflow}: node 2 (LoraLoaderModelOnly) input 'lora_name': {lora['detail']}"]
+    assert report["suggestion"]["models"] == []  # nothing to add to the config: the workflow is what is wrong
+
+    code, out, err = run([workflow, "--config", config, "--suggest"], capsys)
+    assert code == 1 and "  backslash     loras/wan\\x.safetensors" in err
+    assert "fix the workflow, not the config: write 'wan/x.safetensors'" in out
+
+    # the same workflow written with '/' passes
+    code, out, _ = run([windows_lora_workflow(tmp_path, "wan/x.safetensors"), "--config", config], capsys)
+    assert code == 0, out
+
+
+def test_a_windows_style_path_that_is_also_missing_names_both_problems(tmp_path, capsys):
+    """issue 20 #10: a '\\' path the config lacks: the backslash is named with the missing file."""
+    workflow = windows_lora_workflow(tmp_path, "wan\\x.safetensors")
+    config = write_config(tmp_path, [{"url": f"{HF}/wan.safetensors", "destination": "diffusion_models"}])
+    code, out, _ = run([workflow, "--config", config, "--json"], capsys)
+    assert code == 1
+    lora = next(m for m in json.loads(out)["workflows"][0]["models"] if m["input"] == "lora_name")
+    assert lora["status"] == "missing" and "use 'wan/x.safetensors' in the workflow" in lora["detail"]
+    assert f"is not in {config} (LoraLoaderModelOnly reads models/loras)" in lora["detail"]
+
+
 # --- ComfyUI's workflow templates -------------------------------------------------------------------
 def test_the_templates_are_there():
     assert len(TEMPLATES) >= 150 and len(WITH_MODELS) >= 80, (len(TEMPLATES), len(WITH_MODELS))

@@ -644,6 +644,35 @@ def test_config_yml_base64_of_binary_names_the_byte():
     assert "decodes from base64 to binary data (byte 0xff at byte offset 8 is not UTF-8)" in info.value.problems[0]
 
 
+@pytest.mark.parametrize(
+    "value,kind",
+    [
+        ("- url: https://example.com/a.safetensors\n  destination: vae\n", "a YAML list of 1 item(s)"),
+        ("- a\n- b\n", "a YAML list of 2 item(s)"),
+        ("[1, 2]", "a YAML list of 2 item(s)"),
+        ("12345678", "a YAML number (12345678)"),
+        ("true", "a YAML boolean (true)"),
+        ("null", "YAML null (no value)"),
+    ],
+    ids=["list_of_models", "list_base64_alphabet", "flow_list", "number", "boolean", "null"],
+)
+def test_config_yml_that_is_a_yaml_list_or_scalar_says_what_it_is_not_binary_data(value, kind):
+    """issue 20 (in passing): a YAML list was described as "decodes from base64 to binary data"."""
+    with pytest.raises(ConfigError) as info:
+        decode_config_env(value)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"the value is {kind}, but a config is a YAML mapping: `models:` and `nodes:`")
+    assert "binary data" not in problem and problem.endswith("encode the file with `base64 -w0 config.yml`")
+
+
+def test_config_yml_that_is_one_word_says_so_without_showing_it():
+    """issue 20 (in passing): a single YAML string (maybe a pasted secret) is named by its length only."""
+    with pytest.raises(ConfigError) as info:
+        decode_config_env("hunter22")
+    (problem,) = info.value.problems
+    assert "read as YAML it is one string of 8 characters" in problem and "hunter22" not in problem
+
+
 def test_config_yml_base64_whose_yaml_is_broken_says_it_was_decoded():
     with pytest.raises(ConfigError) as info:
         decode_config_env(b64("models:\n\t- x\n"))

@@ -100,7 +100,7 @@ def known_env_names() -> frozenset[str]:
     docker = (ROOT / "Dockerfile").read_text()
     names |= set(re.findall(r"^ARG ([A-Z][A-Z0-9_]+)", docker, re.M))
     names |= set(re.findall(r"^\s*(?:ENV\s+)?([A-Z][A-Z0-9_]+)=", docker, re.M))
-    for script in [*ROOT.glob("*.sh"), *ROOT.glob("scripts/*.sh")]:
+    for script in [*ROOT.glob("*.sh"), *ROOT.glob("scripts/*.sh"), ROOT / "docker-compose.yml"]:
         names |= set(re.findall(r"\$\{?([A-Z][A-Z0-9_]+)", script.read_text()))
     for code in [*ROOT.glob("*.py"), *ROOT.glob("comfy_worker/*.py")]:  # set for child processes (GIT_*)
         names |= set(re.findall(r"[\"']([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)[\"']", code.read_text()))

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
 import statistics
 import subprocess
@@ -529,6 +530,31 @@ def test_a_model_in_another_folder_is_named_in_the_rejection(worker_env):
     assert folder.startswith("CheckpointLoaderSimple reads models/checkpoints")
     assert "models/diffusion_models/sd_xl_turbo_1.0_fp16.safetensors" in folder
     assert folder in result["error"]
+
+
+def test_a_windows_style_model_path_rejected_by_comfyui_names_the_slash_form(worker_env):
+    """issue 20 #10: ComfyUI refuses 'worker_test_sub\\m.safetensors' (it offers 'worker_test_sub/m.safetensors');
+    the job's error says to write the '/' form, not that the file is missing or unlisted."""
+    sub = worker_env.path / "models" / "checkpoints" / "worker_test_sub"
+    sub.mkdir()
+    (sub / "m.safetensors").write_bytes(b"0")  # never loaded: ComfyUI rejects the value before
+    wf = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "worker_test_sub\\m.safetensors"}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "worker_test"}},
+    }
+    try:
+        result = run(job(wf))
+    finally:
+        shutil.rmtree(sub)
+    problem = result["details"]["problems"][0]
+    assert problem["node_id"] == "1" and "worker_test_sub/m.safetensors" in problem["available_values"]
+    assert problem["model_folder"] == (
+        "model paths use '/', not '\\' (a workflow saved on Windows): write 'worker_test_sub/m.safetensors' "
+        "instead of 'worker_test_sub\\\\m.safetensors'; ComfyUI offers 'worker_test_sub/m.safetensors'"
+    )
+    assert problem["model_folder"] in result["error"]
 
 
 def test_execution_error_names_node_class_and_message(worker_env):

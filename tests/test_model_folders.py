@@ -175,6 +175,16 @@ def test_unknown_inputs_and_values_give_nothing_unless_the_file_exists(tmp_path)
     )
 
 
+def test_a_windows_style_value_names_the_slash_form_also_when_the_file_is_absent(tmp_path):
+    """issue 20 #10: a '\\' value ComfyUI does not offer in either form: the '/' form to write, then
+    what is missing."""
+    (tmp_path / "models" / "loras").mkdir(parents=True)
+    assert model_folders.describe_missing_model("LoraLoader", "lora_name", "wan\\x.safetensors", tmp_path, []) == (
+        "model paths use '/', not '\\' (a workflow saved on Windows): write 'wan/x.safetensors' instead of "
+        "'wan\\\\x.safetensors'; LoraLoader reads models/loras; no file named 'x.safetensors' is under models/"
+    )
+
+
 def test_built_in_choices_of_a_loader_are_no_files():
     assert not model_folders.is_model_file("vae", "pixel_space") and not model_folders.is_model_file("loras", "[None]")
     assert model_folders.is_model_file("vae", "ae.SafeTensors") and model_folders.is_model_file("configs", "v1.yaml")

@@ -1,5 +1,6 @@
 """services: the GPU check and the commands per mode (the running services: tests/test_start.py)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -124,3 +125,42 @@ def test_custom_nodes_that_fail_to_import_are_named_from_the_real_comfyui_log(co
     proc.start()
     log_text = proc.log_path.read_text(errors="replace")
     assert services.import_failures(log_text) == ["BrokenNode"]
+
+
+WORKER_SECRETS = {
+    "API_TOKEN": "api-secret-1",
+    "JUPYTER_PASSWORD": "jupyter-secret-2",
+    "JUPYTER_TOKEN": "jupyter-secret-3",
+    "BUCKET_ACCESS_KEY_ID": "s3-id-4",
+    "BUCKET_SECRET_ACCESS_KEY": "s3-secret-5",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-6",
+    "AWS_SESSION_TOKEN": "aws-session-7",
+    "RUNPOD_AI_API_KEY": "runpod-key-8",
+    "GITHUB_TOKEN": "github-token-9",
+    "COMFY_ORG_API_KEY": "comfy-org-10",
+}
+NODE_TOKENS = {"HF_TOKEN": "hf-token-a", "CIVITAI_TOKEN": "civitai-token-b"}
+
+
+def test_comfyui_is_started_without_the_workers_own_secrets(tmp_path, monkeypatch):
+    """issue 20 (in passing): ComfyUI (and every custom node in it) inherited API_TOKEN, Jupyter's
+    token, the S3 keys and RUNPOD_AI_API_KEY. The supervisor's own start of ComfyUI (a main.py that
+    writes its environment) shows only the model-download tokens reach it."""
+    comfy = tmp_path / "ComfyUI"
+    comfy.mkdir()
+    (comfy / "main.py").write_text(
+        "import json, os, sys\nopen(os.path.join(os.getcwd(), 'env.json'), 'w').write(json.dumps(dict(os.environ)))\n"
+    )
+    for name, value in {**WORKER_SECRETS, **NODE_TOKENS, "COMFY_TEST_PLAIN": "plain"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("COMFYUI_PATH", str(comfy))
+    monkeypatch.setenv("COMFY_LOG_FILE", str(tmp_path / "comfyui.log"))
+    monkeypatch.setenv("COMFY_PID_FILE", str(tmp_path / "comfyui.pid"))
+    supervisor = services.Supervisor(Settings.from_env())
+    proc = supervisor.start_comfy()
+    assert proc.wait(60) == 0, (tmp_path / "comfyui.log").read_text()
+    seen = json.loads((comfy / "env.json").read_text())
+    assert sorted(set(WORKER_SECRETS) & set(seen)) == []
+    assert not any(v in (comfy / "env.json").read_text() for v in WORKER_SECRETS.values())
+    assert {k: seen.get(k) for k in NODE_TOKENS} == NODE_TOKENS
+    assert seen["COMFY_TEST_PLAIN"] == "plain"  # the rest of the environment is kept

@@ -1,17 +1,21 @@
-"""volume_lock.acquire: a wait that is said, bounded, ended by the stop event, and a clear error on a
-filesystem without flock. The holder is another real process."""
+"""volume_lock.acquire: a wait that is said, bounded, ended by the stop event, and a clear error naming
+the real cause (read-only, full, not permitted, or a filesystem without flock). The holder is another
+real process; the read-only and full filesystems are real tmpfs mounts in a private mount namespace."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
 import logging
+import os
+import pwd
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+from support import mounts
 
 from comfy_worker import volume_lock
 
@@ -57,3 +61,59 @@ def test_a_filesystem_without_flock_is_a_readable_error(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_flock)
     with pytest.raises(volume_lock.LockError, match=r"does not support file locks \(flock\).*VOLUME_ROOT"):
         volume_lock.acquire(tmp_path / "x.lock", "x")
+
+
+ACQUIRE = (
+    "import sys; from pathlib import Path; from comfy_worker import volume_lock\n"
+    "for p in sys.argv[1:]:\n"
+    "    try:\n"
+    "        volume_lock.acquire(Path(p), 'x').release(); print('locked', p)\n"
+    "    except volume_lock.LockError as err:\n"
+    "        print(err)\n"
+)
+
+needs_mount = pytest.mark.skipif(mounts.mount_unavailable() is not None, reason=str(mounts.mount_unavailable()))
+
+
+@needs_mount
+def test_a_read_only_volume_is_reported_as_read_only_not_as_missing_flock(tmp_path):
+    """issue 20 #11: a real read-only tmpfs (its own mount namespace): the lock file in an existing folder
+    and in one still to create both say read-only and how to fix it, never flock."""
+    ro = tmp_path / "ro"
+    r = mounts.in_private_mount(ro, "ro", ACQUIRE, str(ro / "x.lock"), str(ro / "locks" / "x.lock"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, r.stdout
+    for line in lines:
+        assert f"the filesystem at {ro} is mounted read-only" in line, line
+        assert "mount the volume writable" in line and "VOLUME_ROOT" in line, line
+        assert "flock" not in line, line
+
+
+@needs_mount
+def test_a_full_volume_is_reported_as_full_not_as_missing_flock(tmp_path):
+    """issue 20 #11: a real tmpfs without a free inode: ENOSPC says no space, with df to look."""
+    full = tmp_path / "full"
+    r = mounts.in_private_mount(full, "nr_inodes=1,size=64k", ACQUIRE, str(full / "x.lock"))
+    assert r.returncode == 0, r.stderr
+    assert f"no space left on the filesystem at {full}" in r.stdout, r.stdout
+    assert f"df -h {full}" in r.stdout and "flock" not in r.stdout, r.stdout
+
+
+def test_a_folder_the_user_cannot_write_is_reported_as_permission_not_as_missing_flock(tmp_path):
+    """issue 20 #11: a real folder without write permission (root runs without its override
+    capabilities): EACCES names the user and the folder to make writable."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        r = mounts.without_write_permission(ACQUIRE, str(locked / "x.lock"), str(locked / "sub" / "x.lock"))
+    finally:
+        locked.chmod(0o755)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2, r.stdout
+    for line in lines:
+        assert f"permission denied for user {pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})" in line, line
+        assert f"make {locked} writable" in line and "writable for that user" in line, line
+        assert "flock" not in line, line
