@@ -22,6 +22,7 @@ _sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 _node_classes: dict[str, dict[str, bool]] = {}  # host -> {class_type: is an OUTPUT_NODE}, from /object_info
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
 SHORT_TIMEOUT = aiohttp.ClientTimeout(total=10)
+WS_CLOSE_TIMEOUT_S = 2.0  # a websocket whose closing handshake ComfyUI does not answer is cut after this
 
 
 def shared_session() -> aiohttp.ClientSession:
@@ -142,6 +143,7 @@ class ComfyClient:
             open_timeout=10,
             ping_interval=20,
             ping_timeout=60,
+            close_timeout=WS_CLOSE_TIMEOUT_S,  # the library's default (10 s) held jobs (issue 20 #15)
         )
 
     # --- HTTP ------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ RECONNECT_GIVE_UP_S = 30.0
 INTERRUPT_GRACE_S = 10.0
 HISTORY_POLL_S = 1.5  # after a reconnect: ask /history when the socket was silent this long
 _WS_ERRORS = (ConnectionClosed, InvalidHandshake, OSError, asyncio.TimeoutError)
+_closing: set[asyncio.Task] = set()  # websockets being closed in the background (referenced until done)
 
 
 def _dict(value: Any) -> dict:
@@ -51,6 +52,15 @@ def _parse(raw: Any) -> dict | None:
         log.debug("Ignoring a websocket message that is not JSON: %.200s", raw)
         return None
     return msg if isinstance(msg, dict) else None
+
+
+async def _close_ws(ws) -> None:
+    try:
+        await ws.close()
+    except Exception as exc:  # noqa: BLE001 - nothing waits for this close: never let it raise
+        log.debug("Closing the websocket: %s", exc)
+    finally:
+        ws.transport.abort()  # no-op once closed; ends the connection if this task was cancelled
 
 
 @dataclass
@@ -224,9 +234,14 @@ class PromptRunner:
             self.ws = await self._connect_first()
 
     async def close(self) -> None:
+        """Close the websocket without waiting for ComfyUI's side of the closing handshake: it ends in the
+        background (cut after ``WS_CLOSE_TIMEOUT_S`` when ComfyUI does not answer), so the job never
+        waits for it."""
         if self.ws is not None:
-            await self.ws.close()
-            self.ws = None
+            ws, self.ws = self.ws, None
+            task = asyncio.create_task(_close_ws(ws))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
 
     async def run(self) -> RunResult:
         await self.open()
