@@ -204,7 +204,7 @@ def comfy_error(client: ComfyClient, exc: BaseException, prompt_id: str) -> JobE
     else:
         what = f"stopped answering during the job ({kind}: {exc})"
     return JobError(
-        f"ComfyUI at {client.host} {what}; this worker will be replaced.",
+        f"ComfyUI at {client.host} {what}; {client.after_hang}.",
         {"host": client.host, "prompt_id": prompt_id, "exception_type": kind},
         refresh_worker=True,
     )
@@ -249,7 +249,7 @@ async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
     settings = with_job_bucket(settings, parse_s3_config(job.get("s3Config")))
     workflow = request.workflow
     apply_overrides(workflow, request.overrides)
-    client = ComfyClient(settings.comfy_host, settings.comfy_pid_file, settings.comfy_log_file)
+    client = ComfyClient(settings.comfy_host, settings.comfy_pid_file, settings.comfy_log_file, settings.comfy_on_death)
     folders = outputs.ComfyFolders.of(settings.comfyui_path, settings.comfy_args)
     api_key = request.comfy_org_api_key or settings.comfy_org_api_key
     timeout = request.timeout or settings.job_timeout

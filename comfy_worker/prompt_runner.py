@@ -2,7 +2,8 @@
 
 The websocket is opened before the prompt is queued (the prompt id is chosen here, so no message can
 be missed). A dropped socket is reopened and ``/history`` consulted (and polled while the new socket is
-silent); a dead ComfyUI process ends the job at once; on timeout the prompt is removed from the queue,
+silent); a dead ComfyUI process (or another one in the PID file: ComfyUI was restarted under the job)
+ends the job at once, while a job that starts during a restart waits for ComfyUI to be back; on timeout the prompt is removed from the queue,
 or interrupted if it is running; the same happens when the job is cancelled (``abort``).
 
 Only well-formed messages that carry this prompt's id act on the job: a custom node may broadcast
@@ -250,6 +251,7 @@ class PromptRunner:
             self.submitted_wall = time.time()
             if self.deadline is None:
                 self.deadline = self.submitted + self.timeout
+            self.client.note_process()  # another ComfyUI process later: it was restarted, the prompt is gone
             # a ComfyUI that does not answer must not hold the job past its deadline
             async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
                 answer = await self.client.queue_prompt(self.workflow, self.prompt_id, self.client_id, self.extra_data)
