@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from comfy_worker import outputs
 from comfy_worker.comfy_client import ComfyClient
 from comfy_worker.job_errors import JobError
 from comfy_worker.model_folders import describe_missing_model
@@ -203,10 +204,13 @@ class PromptRunner:
         on_progress: Callable[[dict], None] | None = None,
         deadline: float | None = None,
         comfyui_path: Path | None = None,
+        on_queue: Callable[[], None] | None = None,
     ):
         """``deadline`` (``time.monotonic()``) ends the job; by default ``timeout`` s after queueing.
-        ``comfyui_path`` lets a rejected model file be explained (which folder its loader reads)."""
+        ``comfyui_path`` lets a rejected model file be explained (which folder its loader reads).
+        ``on_queue()`` is called just before the prompt is queued (``prompt_id`` and ``submitted_wall`` set)."""
         self.comfyui_path = comfyui_path
+        self.on_queue = on_queue
         self.client = client
         self.workflow = workflow
         self.timeout = timeout
@@ -252,6 +256,8 @@ class PromptRunner:
             if self.deadline is None:
                 self.deadline = self.submitted + self.timeout
             self.client.note_process()  # another ComfyUI process later: it was restarted, the prompt is gone
+            if self.on_queue is not None:
+                self.on_queue()
             # a ComfyUI that does not answer must not hold the job past its deadline
             async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
                 answer = await self.client.queue_prompt(self.workflow, self.prompt_id, self.client_id, self.extra_data)
@@ -517,3 +523,32 @@ class PromptRunner:
             if msg.get("type") == "executing" and data.get("node") is None:
                 return True
         return False
+
+
+async def abandon_prompt(
+    client: ComfyClient, prompt_id: str, folders: outputs.ComfyFolders, queued_at: float | None, inputs: list[str]
+) -> tuple[bool, int]:
+    """Stop a prompt whose job is gone (the API's job runner died under it) and delete what it left: drop
+    it from ComfyUI's queue, interrupt it while it runs (waiting up to INTERRUPT_GRACE_S for it to end),
+    then delete the output and temp files /history lists for it (changed since ``queued_at``, as the
+    handler's own clean-up) and the job's uploaded ``inputs``. Returns (stopped, files deleted); never raises
+    for ComfyUI (a ComfyUI that is gone took the prompt with it)."""
+    stopped, interrupted = False, False
+    try:
+        async with asyncio.timeout(INTERRUPT_GRACE_S):
+            await client.delete_queued(prompt_id)
+            while (state := await client.queue_state(prompt_id)) is not None:
+                if state == "running" and not interrupted:
+                    await client.interrupt(prompt_id)
+                    interrupted = True
+                await asyncio.sleep(0.1)
+            stopped = True
+        entry = await client.history(prompt_id)
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        log.warning("Prompt %s: could not stop it or read its outputs (%s)", prompt_id, exc or type(exc).__name__)
+        entry = None
+    files, _ = outputs.collect((entry or {}).get("outputs") or {})
+    outputs.cleanup(files, folders, inputs, created_after=queued_at)
+    if stopped:
+        log.info("Prompt %s of a dead job runner: stopped, %d file(s) deleted", prompt_id, len(files))
+    return stopped, len(files)
