@@ -33,6 +33,7 @@ from comfy_worker.job_input import (
     parse_s3_config,
     rename_references,
 )
+from comfy_worker.job_runner import report_prompt
 from comfy_worker.log_setup import (
     redact,
     reset_job_id,
@@ -204,7 +205,7 @@ def comfy_error(client: ComfyClient, exc: BaseException, prompt_id: str) -> JobE
     else:
         what = f"stopped answering during the job ({kind}: {exc})"
     return JobError(
-        f"ComfyUI at {client.host} {what}; this worker will be replaced.",
+        f"ComfyUI at {client.host} {what}; {client.after_hang}.",
         {"host": client.host, "prompt_id": prompt_id, "exception_type": kind},
         refresh_worker=True,
     )
@@ -249,10 +250,12 @@ async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
     settings = with_job_bucket(settings, parse_s3_config(job.get("s3Config")))
     workflow = request.workflow
     apply_overrides(workflow, request.overrides)
-    client = ComfyClient(settings.comfy_host, settings.comfy_pid_file, settings.comfy_log_file)
+    client = ComfyClient(settings.comfy_host, settings.comfy_pid_file, settings.comfy_log_file, settings.comfy_on_death)
     folders = outputs.ComfyFolders.of(settings.comfyui_path, settings.comfy_args)
     api_key = request.comfy_org_api_key or settings.comfy_org_api_key
     timeout = request.timeout or settings.job_timeout
+    token = uuid.uuid4().hex[:12]
+    uploaded: list[str] = []
     runner = PromptRunner(
         client,
         workflow,
@@ -261,9 +264,9 @@ async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
         extra_data={"api_key_comfy_org": api_key} if api_key else None,
         on_progress=ProgressThrottle(job) if settings.send_progress else None,
         comfyui_path=settings.comfyui_path,
+        # in the API's job runner: the API learns the prompt, to stop it and delete its files should the runner die
+        on_queue=lambda: report_prompt(runner.prompt_id, runner.submitted_wall, uploaded),
     )
-    token = uuid.uuid4().hex[:12]
-    uploaded: list[str] = []
     files: list[outputs.OutputFile] = []
     notes: list[str] = []
     try:

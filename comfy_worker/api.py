@@ -43,9 +43,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from comfy_worker.comfy_client import ComfyClient, close_shared_session
 from comfy_worker.job_runner import EXPIRED, RunnerDied, RunnerProcess
 from comfy_worker.job_store import FINAL, JobStore
 from comfy_worker.log_setup import safe_url, setup_logging
+from comfy_worker.outputs import ComfyFolders
+from comfy_worker.prompt_runner import abandon_prompt
 from comfy_worker.settings import Settings
 from comfy_worker.token_file import stored_token
 
@@ -171,6 +174,7 @@ class JobService:
         self.time_limits: dict[str, float] = {}  # job id: its policy.executionTimeout in seconds
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.timed_out: set[str] = set()
+        self.prompts: dict[str, dict] = {}  # job id: its ComfyUI prompt (the runner's ``prompt`` message)
         self.streamed: set[str] = set()  # finished jobs whose output /stream handed out
         self.durations: deque[float] = deque(maxlen=20)
         self.stopping = False
@@ -198,6 +202,7 @@ class JobService:
 
     async def adopt(self, runner: RunnerProcess) -> None:
         runner.on_started, runner.on_exit = self.job_started, self.restart_runner
+        runner.on_prompt = self.prompts.__setitem__
         await runner.attach()
         self.runner = runner
         self.runner_up.set()
@@ -230,6 +235,7 @@ class JobService:
         await asyncio.gather(*self.webhooks, return_exceptions=True)
         if self.session is not None:
             await self.session.close()
+        await close_shared_session()  # ComfyClient's (abandon_prompt)
         self.store.close()
 
     # -- submitting --
@@ -412,23 +418,44 @@ class JobService:
 
     async def output_of(self, job: dict, not_after: float | None):
         """The handler's output for the job, None when it was cancelled (or the API stops); a job the
-        runner took with it when it died fails, one it had not started yet goes to the next runner."""
-        while True:
-            await self.runner_up.wait()
-            try:
-                return await self.runner.run(job, not_after)
-            except asyncio.CancelledError:  # the API stops (the runner was told to cancel it)
-                return None
-            except RunnerDied as exc:
-                if self.stopping:
+        runner took with it when it died fails (its ComfyUI prompt stopped, its files deleted), one it had
+        not started yet goes to the next runner."""
+        try:
+            while True:
+                await self.runner_up.wait()
+                try:
+                    return await self.runner.run(job, not_after)
+                except asyncio.CancelledError:  # the API stops (the runner was told to cancel it)
                     return None
-                if not exc.started:
-                    continue
-                log.error("job %s: %s", job["id"], exc)
-                return {
-                    "error": f"The job runner process died while this job ran ({exc}); the log says why "
-                    "(out of memory?). The job was not run again: send it again if it should."
-                }
+                except RunnerDied as exc:
+                    if self.stopping:
+                        return None
+                    if not exc.started:
+                        continue
+                    log.error("job %s: %s", job["id"], exc)
+                    return {
+                        "error": f"The job runner process died while this job ran ({exc}); the log says why "
+                        f"(out of memory?). {await self.abandon_prompt(job['id'])}The job was not run again: "
+                        "send it again if it should."
+                    }
+        finally:
+            self.prompts.pop(job["id"], None)
+
+    async def abandon_prompt(self, job_id: str) -> str:
+        """The runner died under the job: stop its ComfyUI prompt (if it had queued one) and delete the files
+        it wrote and the inputs it uploaded (issue 20 #17). Returns a sentence for the job's error."""
+        prompt = self.prompts.get(job_id)
+        if prompt is None:
+            return ""
+        settings = self.settings
+        client = ComfyClient(settings.comfy_host, settings.comfy_pid_file, settings.comfy_log_file)
+        folders = ComfyFolders.of(settings.comfyui_path, settings.comfy_args)
+        stopped, files = await abandon_prompt(
+            client, str(prompt.get("prompt_id")), folders, prompt.get("queued_at"), list(prompt.get("inputs") or [])
+        )
+        if not stopped:
+            return "Its ComfyUI prompt could not be stopped (see the log). "
+        return f"Its ComfyUI prompt was stopped and its files deleted ({files} output file(s)). "
 
     def restart_runner(self) -> None:
         """A new runner after one died (jobs wait for it); tried again every few seconds while it fails."""

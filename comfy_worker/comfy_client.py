@@ -22,6 +22,7 @@ _sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
 _node_classes: dict[str, dict[str, bool]] = {}  # host -> {class_type: is an OUTPUT_NODE}, from /object_info
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=120)
 SHORT_TIMEOUT = aiohttp.ClientTimeout(total=10)
+WS_CLOSE_TIMEOUT_S = 2.0  # a websocket whose closing handshake ComfyUI does not answer is cut after this
 
 
 def shared_session() -> aiohttp.ClientSession:
@@ -77,41 +78,99 @@ def log_tail(log_file: Path, lines: int = 30, max_chars: int = 4000) -> str:
     return "\n".join(text.splitlines()[-lines:])[-max_chars:]
 
 
-class ComfyClient:
-    """HTTP + websocket access to ComfyUI at ``host`` (``127.0.0.1:8188``)."""
+# what a job's error says happens after ComfyUI died (``Settings.comfy_on_death``), and after it stopped
+# answering while its process lives on
+AFTER_DEATH = {
+    "replaced": "this worker will be replaced",
+    "restarted": "ComfyUI is being restarted: send the job again, it runs once ComfyUI is back",
+    "stopped": "the worker stops (COMFY_RESTART=0): start it again, or set COMFY_RESTART=1 to have ComfyUI restarted",
+}
+AFTER_HANG = {
+    "replaced": "this worker will be replaced",
+    "restarted": "send the job again; if this repeats, ComfyUI's log (COMFY_LOG_FILE) says why",
+    "stopped": "send the job again; if this repeats, ComfyUI's log (COMFY_LOG_FILE) says why",
+}
+RESTART_GRACE_S = 10.0  # a dead ComfyUI still named by the PID file this long after: nothing restarts it
 
-    def __init__(self, host: str, pid_file: Path, log_file: Path):
+
+class ComfyClient:
+    """HTTP + websocket access to ComfyUI at ``host`` (``127.0.0.1:8188``).
+
+    ``on_death`` (``Settings.comfy_on_death``): what follows ComfyUI's death. ``restarted``: a job waits for
+    a dead ComfyUI to come back (``wait_ready``) instead of failing, and its errors say ComfyUI is being
+    restarted; ``replaced`` (serverless) and ``stopped``: a dead ComfyUI fails the job at once."""
+
+    def __init__(self, host: str, pid_file: Path, log_file: Path, on_death: str = "replaced"):
         self.host = host
         self.base = f"http://{host}"
         self.pid_file = Path(pid_file)
         self.log_file = Path(log_file)
+        self.on_death = on_death
+        self.pid: int | None = None  # the process the job's prompt went to (``note_process``)
 
     @property
     def session(self) -> aiohttp.ClientSession:
         return shared_session()
 
+    @property
+    def after_hang(self) -> str:
+        """The end of an error about a ComfyUI that stopped answering: what happens now, what to do."""
+        return AFTER_HANG[self.on_death]
+
     # --- process and readiness -------------------------------------------------------------------
+    def note_process(self) -> None:
+        """Remember the process the PID file names now (call just before queueing): another one there later
+        means ComfyUI was restarted under the job, and its prompt is gone."""
+        self.pid = process_state(self.pid_file)[1]
+
     def died_error(self, during: str) -> JobError:
         alive, pid = process_state(self.pid_file)
+        dead = self.pid if self.pid is not None else pid
         tail = log_tail(self.log_file)
+        details = {"pid": dead, "pid_file": str(self.pid_file), "comfyui_log_tail": tail}
+        if pid != dead:
+            details["new_pid"] = pid
         return JobError(
-            f"ComfyUI (process {pid}) is no longer running ({during}); this worker will be replaced.",
-            {"pid": pid, "pid_file": str(self.pid_file), "comfyui_log_tail": tail},
+            f"ComfyUI (process {dead}) is no longer running ({during}); {AFTER_DEATH[self.on_death]}.",
+            details,
             refresh_worker=True,
         )
 
     def check_alive(self, during: str) -> None:
-        """Raise at once if the PID file names a process that is gone."""
-        alive, _ = process_state(self.pid_file)
-        if alive is False:
+        """Raise at once if the PID file names a process that is gone, or (after ``note_process``)
+        another process than the job's."""
+        alive, pid = process_state(self.pid_file)
+        if alive is False or (self.pid is not None and pid is not None and pid != self.pid):
             raise self.died_error(during)
 
+    def _dead_while_waiting(self, dead: dict) -> None:
+        """``wait_ready`` found the PID file naming a dead process: fail, unless ComfyUI is restarted
+        (``on_death``) and its supervisor has had ``RESTART_GRACE_S`` to name the new one."""
+        alive, pid = process_state(self.pid_file)
+        if alive is not False:
+            dead.clear()
+            return
+        if self.on_death != "restarted":
+            raise self.died_error("while waiting for it to start")
+        if dead.get("pid") != pid:
+            dead.update(pid=pid, since=time.monotonic())
+            log.warning("ComfyUI (process %s) is not running: waiting for its restart", pid)
+        elif time.monotonic() - dead["since"] > RESTART_GRACE_S:
+            raise JobError(
+                f"ComfyUI (process {pid}) is no longer running and nothing restarted it within "
+                f"{RESTART_GRACE_S:g} s; start the worker again (start.sh restarts ComfyUI when COMFY_RESTART=1).",
+                {"pid": pid, "pid_file": str(self.pid_file), "comfyui_log_tail": log_tail(self.log_file)},
+                refresh_worker=True,
+            )
+
     async def wait_ready(self, timeout: float) -> None:
-        """Wait until ComfyUI answers HTTP; fail at once if its process is gone."""
+        """Wait until ComfyUI answers HTTP. A dead ComfyUI process fails the wait at once, or is waited for
+        when ComfyUI is restarted (``on_death``): a job sent during a restart runs once it is back."""
         deadline = time.monotonic() + timeout
         attempt = 0
+        dead: dict = {}
         while True:
-            self.check_alive("while waiting for it to start")
+            self._dead_while_waiting(dead)
             try:
                 async with self.session.get(
                     f"{self.base}/system_stats", timeout=aiohttp.ClientTimeout(total=5)
@@ -142,6 +201,7 @@ class ComfyClient:
             open_timeout=10,
             ping_interval=20,
             ping_timeout=60,
+            close_timeout=WS_CLOSE_TIMEOUT_S,  # the library's default (10 s) held jobs (issue 20 #15)
         )
 
     # --- HTTP ------------------------------------------------------------------------------------

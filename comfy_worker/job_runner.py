@@ -15,9 +15,13 @@ The protocol, one JSON object per line (``json.dumps`` escapes newlines, so a li
   killed): every running job is cancelled, so no prompt is left running in ComfyUI for nobody, and
   the runner exits.
 - runner -> API on the runner's stdout: ``{"ready": true}`` once the handler is imported; per job
-  ``{"started": "<id>", "at": <epoch s>}``, then one of ``{"done": "<id>", "output": <what the handler
-  returned>}``, ``{"done": "<id>", "cancelled": true}`` or ``{"done": "<id>", "expired": true}``.
-  Anything printed by the handler goes to stderr, never into the protocol.
+  ``{"started": "<id>", "at": <epoch s>}``, then ``{"prompt": "<id>", "prompt_id": "<ComfyUI prompt id>",
+  "queued_at": <epoch s>, "inputs": [<names uploaded to ComfyUI's input folder>]}`` just before each of
+  its prompts is queued in ComfyUI (``report_prompt``; written at once, not buffered: should the runner
+  die, the API stops that prompt and deletes the files it wrote and the inputs), then one of
+  ``{"done": "<id>", "output": <what the handler returned>}``, ``{"done": "<id>", "cancelled": true}``
+  or ``{"done": "<id>", "expired": true}``. Anything printed by the handler goes to stderr, never into
+  the protocol.
 
 SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a container stop reaches the whole process group,
 and the API decides what happens to the running jobs (it cancels them and then closes the pipe).
@@ -39,6 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from pathlib import Path
 
 from comfy_worker.log_setup import setup_logging
@@ -48,6 +53,16 @@ log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
 
 RunJob = Callable[[dict], Awaitable[dict]]
 LINE_LIMIT = 1 << 31  # a message is one line: a job's input or output may be hundreds of MB of base64
+_prompt_reports: ContextVar[Callable[[dict], None] | None] = ContextVar("prompt_reports", default=None)
+
+
+def report_prompt(prompt_id: str, queued_at: float, inputs: list[str]) -> None:
+    """Tell the API which ComfyUI prompt the current job is about to queue (the protocol's ``prompt``
+    message), with the time it is queued and the job's uploaded inputs: if this runner dies under the
+    job, the API stops that prompt and deletes its files. Outside a job runner (serverless) a no-op."""
+    report = _prompt_reports.get()
+    if report is not None:
+        report({"prompt_id": prompt_id, "queued_at": queued_at, "inputs": list(inputs)})
 
 
 def load_handler(spec: str, app_dir: Path) -> RunJob:
@@ -93,8 +108,14 @@ class Runner:
         with contextlib.suppress(BrokenPipeError):  # the API is gone: nobody is left to tell
             self.out.flush()
 
+    def report(self, job_id: str, prompt: dict) -> None:
+        """A ``prompt`` message, written now: the prompt is queued right after it."""
+        self.send({"prompt": job_id, **prompt})
+        self.flush()
+
     async def job(self, job: dict) -> None:
         job_id = job["id"]
+        _prompt_reports.set(lambda prompt: self.report(job_id, prompt))  # this task's context only
         try:
             output = await self.run_job(job)
         except asyncio.CancelledError:
@@ -174,12 +195,13 @@ class RunnerProcess:
     ``spawn`` starts the process (early: ``api.preload`` does it while ComfyUI boots, so the handler's
     import overlaps); ``attach`` (in the API's event loop) waits for ``ready``; ``run(job)`` returns the
     handler's output, or None when the job was cancelled (``cancel(id)``), and raises ``RunnerDied`` when
-    the process ends under it. ``on_started(id, at)`` is called when a job starts, ``on_exit()`` when the
-    process ends by itself. ``close`` closes the pipe (the runner cancels what still runs) and waits."""
+    the process ends under it. ``on_started(id, at)`` is called when a job starts, ``on_prompt(id, prompt)``
+    before it queues a ComfyUI prompt (the ``prompt`` message), ``on_exit()`` when the process ends by itself. ``close`` closes the pipe (the runner cancels what still runs) and waits."""
 
     def __init__(self, handler: str = "handler:handler", concurrency: int = 1):
         self.handler, self.concurrency = handler, concurrency
         self.on_started: Callable[[str, float], None] = lambda job_id, at: None
+        self.on_prompt: Callable[[str, dict], None] = lambda job_id, prompt: None
         self.on_exit: Callable[[], None] = lambda: None
         self.alive = self.closing = False
         self.proc: subprocess.Popen | None = None
@@ -218,6 +240,8 @@ class RunnerProcess:
             if "started" in message:
                 self.started.add(message["started"])
                 self.on_started(message["started"], message["at"])
+            elif "prompt" in message:
+                self.on_prompt(message["prompt"], message)
             elif "done" in message:
                 self.started.discard(message["done"])
                 future = self.pending.pop(message["done"], None)
@@ -301,4 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the module under its own name: one copy of its state (``report_prompt``'s context variable, which
+    # the handler reaches by importing this module)
+    from comfy_worker import job_runner
+
+    sys.exit(job_runner.main())

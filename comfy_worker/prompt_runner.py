@@ -2,7 +2,8 @@
 
 The websocket is opened before the prompt is queued (the prompt id is chosen here, so no message can
 be missed). A dropped socket is reopened and ``/history`` consulted (and polled while the new socket is
-silent); a dead ComfyUI process ends the job at once; on timeout the prompt is removed from the queue,
+silent); a dead ComfyUI process (or another one in the PID file: ComfyUI was restarted under the job)
+ends the job at once, while a job that starts during a restart waits for ComfyUI to be back; on timeout the prompt is removed from the queue,
 or interrupted if it is running; the same happens when the job is cancelled (``abort``).
 
 Only well-formed messages that carry this prompt's id act on the job: a custom node may broadcast
@@ -24,6 +25,7 @@ from typing import Any
 import aiohttp
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from comfy_worker import outputs
 from comfy_worker.comfy_client import ComfyClient
 from comfy_worker.job_errors import JobError
 from comfy_worker.model_folders import describe_missing_model
@@ -34,6 +36,7 @@ RECONNECT_GIVE_UP_S = 30.0
 INTERRUPT_GRACE_S = 10.0
 HISTORY_POLL_S = 1.5  # after a reconnect: ask /history when the socket was silent this long
 _WS_ERRORS = (ConnectionClosed, InvalidHandshake, OSError, asyncio.TimeoutError)
+_closing: set[asyncio.Task] = set()  # websockets being closed in the background (referenced until done)
 
 
 def _dict(value: Any) -> dict:
@@ -51,6 +54,15 @@ def _parse(raw: Any) -> dict | None:
         log.debug("Ignoring a websocket message that is not JSON: %.200s", raw)
         return None
     return msg if isinstance(msg, dict) else None
+
+
+async def _close_ws(ws) -> None:
+    try:
+        await ws.close()
+    except Exception as exc:  # noqa: BLE001 - nothing waits for this close: never let it raise
+        log.debug("Closing the websocket: %s", exc)
+    finally:
+        ws.transport.abort()  # no-op once closed; ends the connection if this task was cancelled
 
 
 @dataclass
@@ -198,10 +210,13 @@ class PromptRunner:
         on_progress: Callable[[dict], None] | None = None,
         deadline: float | None = None,
         comfyui_path: Path | None = None,
+        on_queue: Callable[[], None] | None = None,
     ):
         """``deadline`` (``time.monotonic()``) ends the job; by default ``timeout`` s after queueing.
-        ``comfyui_path`` lets a rejected model file be explained (which folder its loader reads)."""
+        ``comfyui_path`` lets a rejected model file be explained (which folder its loader reads).
+        ``on_queue()`` is called just before the prompt is queued (``prompt_id`` and ``submitted_wall`` set)."""
         self.comfyui_path = comfyui_path
+        self.on_queue = on_queue
         self.client = client
         self.workflow = workflow
         self.timeout = timeout
@@ -230,9 +245,14 @@ class PromptRunner:
             self.ws = await self._connect_first()
 
     async def close(self) -> None:
+        """Close the websocket without waiting for ComfyUI's side of the closing handshake: it ends in the
+        background (cut after ``WS_CLOSE_TIMEOUT_S`` when ComfyUI does not answer), so the job never
+        waits for it."""
         if self.ws is not None:
-            await self.ws.close()
-            self.ws = None
+            ws, self.ws = self.ws, None
+            task = asyncio.create_task(_close_ws(ws))
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
 
     async def run(self) -> RunResult:
         await self.open()
@@ -241,6 +261,9 @@ class PromptRunner:
             self.submitted_wall = time.time()
             if self.deadline is None:
                 self.deadline = self.submitted + self.timeout
+            self.client.note_process()  # another ComfyUI process later: it was restarted, the prompt is gone
+            if self.on_queue is not None:
+                self.on_queue()
             # a ComfyUI that does not answer must not hold the job past its deadline
             async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
                 answer = await self.client.queue_prompt(self.workflow, self.prompt_id, self.client_id, self.extra_data)
@@ -506,3 +529,32 @@ class PromptRunner:
             if msg.get("type") == "executing" and data.get("node") is None:
                 return True
         return False
+
+
+async def abandon_prompt(
+    client: ComfyClient, prompt_id: str, folders: outputs.ComfyFolders, queued_at: float | None, inputs: list[str]
+) -> tuple[bool, int]:
+    """Stop a prompt whose job is gone (the API's job runner died under it) and delete what it left: drop
+    it from ComfyUI's queue, interrupt it while it runs (waiting up to INTERRUPT_GRACE_S for it to end),
+    then delete the output and temp files /history lists for it (changed since ``queued_at``, as the
+    handler's own clean-up) and the job's uploaded ``inputs``. Returns (stopped, files deleted); never raises
+    for ComfyUI (a ComfyUI that is gone took the prompt with it)."""
+    stopped, interrupted = False, False
+    try:
+        async with asyncio.timeout(INTERRUPT_GRACE_S):
+            await client.delete_queued(prompt_id)
+            while (state := await client.queue_state(prompt_id)) is not None:
+                if state == "running" and not interrupted:
+                    await client.interrupt(prompt_id)
+                    interrupted = True
+                await asyncio.sleep(0.1)
+            stopped = True
+        entry = await client.history(prompt_id)
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
+        log.warning("Prompt %s: could not stop it or read its outputs (%s)", prompt_id, exc or type(exc).__name__)
+        entry = None
+    files, _ = outputs.collect((entry or {}).get("outputs") or {})
+    outputs.cleanup(files, folders, inputs, created_after=queued_at)
+    if stopped:
+        log.info("Prompt %s of a dead job runner: stopped, %d file(s) deleted", prompt_id, len(files))
+    return stopped, len(files)

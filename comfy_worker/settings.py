@@ -280,6 +280,14 @@ class Settings:
         return self.comfyui_path / "models"
 
     @property
+    def comfy_on_death(self) -> str:
+        """What follows ComfyUI's death: ``replaced`` (serverless: RunPod replaces the worker), ``restarted``
+        (pod/local with COMFY_RESTART: the supervisor starts it again) or ``stopped`` (COMFY_RESTART=0)."""
+        if self.mode == "serverless":
+            return "replaced"
+        return "restarted" if self.comfy_restart else "stopped"
+
+    @property
     def custom_nodes_dir(self) -> Path:
         return self.comfyui_path / "custom_nodes"
 

@@ -492,6 +492,35 @@ def test_a_job_runner_that_dies_fails_its_job_and_a_new_runner_runs_the_next(api
     assert "a new job runner took over" in api.log()
 
 
+def test_a_job_runner_killed_under_a_job_leaves_no_prompt_running_and_deletes_its_files(api, comfyui):
+    """issue 20 #17: the runner's death (SIGKILL, as the OOM killer) left its ComfyUI prompt running and its
+    output files (and uploaded inputs) behind while the job was told FAILED; the API now stops that prompt
+    and deletes them."""
+    prefix = f"orphan_{time.time_ns()}"
+    workflow = tiny_workflow(size=16)
+    workflow["3"] = {"class_type": "WorkerTestSaveAndPass", "inputs": {"image": ["1", 0], "filename_prefix": prefix}}
+    workflow["4"] = {
+        "class_type": "WorkerTestSteps",
+        "inputs": {"image": ["3", 0], "steps": 400, "seconds_per_step": 0.05},
+    }
+    workflow["2"]["inputs"]["images"] = ["4", 0]
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(png, format="PNG")
+    image = {"name": f"{prefix}.png", "image": base64.b64encode(png.getvalue()).decode()}
+    job_id = api.post("/run", {"input": {"workflow": workflow, "images": [image]}}).json()["id"]
+    saved = lambda: list((comfyui.path / "output").glob(f"{prefix}*"))  # noqa: E731
+    uploaded = lambda: list((comfyui.path / "input").glob(f"{prefix}*"))  # noqa: E731
+    wait_for(saved, 60, "the job's first output file")  # then 20 s of steps: the prompt runs on
+    assert uploaded() and comfyui.get_json("/queue")["queue_running"]
+    os.kill(api.runner_pid(), signal.SIGKILL)
+
+    body = api.wait_final(job_id, 30)
+    assert body["status"] == "FAILED" and "The job runner process died while this job ran" in body["error"], body
+    assert comfy_idle(comfyui)  # interrupted, not left running for its 20 s
+    assert saved() == [] and uploaded() == []
+    assert "Its ComfyUI prompt was stopped and its files deleted (1 output file(s))." in body["error"], body
+
+
 def test_the_api_killed_by_sigkill_leaves_no_prompt_running_in_comfyui(api, comfyui):
     job_id = api.post("/run", {"input": {"workflow": slow_workflow(400)}}).json()["id"]  # 20 s
     api.wait_status(job_id, "IN_PROGRESS")

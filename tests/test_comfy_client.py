@@ -109,6 +109,112 @@ def test_wait_ready_fails_at_once_when_the_process_is_gone(tmp_path):
     assert "CUDA out of memory" in info.value.details["comfyui_log_tail"]
 
 
+def stats_server_later(port: int, delay: float, servers: list) -> None:
+    """After ``delay``, an HTTP server on ``port`` answering ``/system_stats`` (a ComfyUI back up)."""
+    import http.server
+    import threading
+
+    from support.local_http import QuietHandler
+
+    class Stats(QuietHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/system_stats" else 404)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+    def start():
+        time.sleep(delay)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Stats)
+        servers.append(server)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    threading.Thread(target=start, daemon=True).start()
+
+
+def test_wait_ready_waits_for_a_dead_comfyui_to_be_restarted_where_it_is_restarted(tmp_path):
+    """issue 20 #18: on pods and local boxes (COMFY_RESTART) a job sent while the PID file still names the
+    dead ComfyUI waits for the supervisor's new one instead of failing at once."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    pid_file = tmp_path / "comfyui.pid"
+    pid_file.write_text(str(dead.pid))
+    port = free_port()
+    client = ComfyClient(f"127.0.0.1:{port}", pid_file, tmp_path / "comfyui.log", on_death="restarted")
+    new = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    servers: list = []
+
+    def restart_later():
+        time.sleep(0.8)
+        pid_file.write_text(str(new.pid))  # the supervisor's new ComfyUI: its PID first, then it answers
+
+    import threading
+
+    threading.Thread(target=restart_later, daemon=True).start()
+    stats_server_later(port, 1.2, servers)
+    started = time.monotonic()
+    try:
+        arun(lambda: client.wait_ready(30))
+        assert 1.1 <= time.monotonic() - started < 5
+    finally:
+        new.kill()
+        new.wait()
+        for server in servers:
+            server.shutdown()
+
+
+def test_wait_ready_fails_when_a_dead_comfyui_is_not_restarted_within_the_grace(tmp_path, monkeypatch):
+    """issue 20 #18: waiting for a restart is bounded: a dead process still named after RESTART_GRACE_S means
+    nothing restarts ComfyUI."""
+    monkeypatch.setattr(comfy_client, "RESTART_GRACE_S", 0.5)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "comfyui.pid").write_text(str(dead.pid))
+    client = ComfyClient(f"127.0.0.1:{free_port()}", tmp_path / "comfyui.pid", tmp_path / "c.log", "restarted")
+    started = time.monotonic()
+    with pytest.raises(JobError) as info:
+        arun(lambda: client.wait_ready(60))
+    assert 0.5 <= time.monotonic() - started < 3
+    assert info.value.message == (
+        f"ComfyUI (process {dead.pid}) is no longer running and nothing restarted it within 0.5 s; start the "
+        "worker again (start.sh restarts ComfyUI when COMFY_RESTART=1)."
+    )
+
+
+@pytest.mark.parametrize(
+    ("on_death", "ending"),
+    [
+        ("replaced", "; this worker will be replaced."),
+        ("restarted", "; ComfyUI is being restarted: send the job again, it runs once ComfyUI is back."),
+        (
+            "stopped",
+            "; the worker stops (COMFY_RESTART=0): start it again, or set COMFY_RESTART=1 to have ComfyUI restarted.",
+        ),
+    ],
+)
+def test_a_dead_comfyui_error_says_replaced_only_in_serverless(tmp_path, on_death, ending):
+    """issue 20 (also seen): on pods and local boxes, which restart ComfyUI, the error never promises a
+    replacement; a PID file naming another process than the job's (ComfyUI restarted under it) counts as dead."""
+    job_proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    job_proc.wait()
+    restarted = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    pid_file = tmp_path / "comfyui.pid"
+    try:
+        pid_file.write_text(str(job_proc.pid))
+        client = ComfyClient("127.0.0.1:1", pid_file, tmp_path / "c.log", on_death)
+        client.note_process()
+        pid_file.write_text(str(restarted.pid))
+        with pytest.raises(JobError) as info:
+            client.check_alive("its websocket closed during the job")
+    finally:
+        restarted.kill()
+        restarted.wait()
+    assert info.value.message == (
+        f"ComfyUI (process {job_proc.pid}) is no longer running (its websocket closed during the job){ending}"
+    )
+    assert info.value.details["pid"] == job_proc.pid and info.value.details["new_pid"] == restarted.pid
+
+
 def test_wait_ready_without_pid_file_waits_for_the_timeout(tmp_path):
     client = ComfyClient(f"127.0.0.1:{free_port()}", tmp_path / "absent.pid", tmp_path / "absent.log")
     started = time.monotonic()

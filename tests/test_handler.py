@@ -605,8 +605,8 @@ def test_timeout_interrupts_the_prompt_and_the_next_job_runs(worker_env):
     assert time.monotonic() - started < 3
 
 
-@pytest.mark.slow
-def test_comfyui_killed_mid_job_fails_fast_with_log_tail(comfyui_factory, monkeypatch):
+def private_comfyui(comfyui_factory, monkeypatch, mode: str):
+    """A ComfyUI of the test's own (it gets killed), the worker pointed at it, in ``mode``."""
     private = comfyui_factory(start=False)
     private.install_test_nodes()
     private.start()
@@ -615,29 +615,74 @@ def test_comfyui_killed_mid_job_fails_fast_with_log_tail(comfyui_factory, monkey
     for name, value in private.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("COMFY_LOG_FILE", str(private.log_path))
+    monkeypatch.setenv("MODE", mode)
+    monkeypatch.delenv("COMFY_RESTART", raising=False)  # the mode's default: restarted except in serverless
+    return private
 
-    def kill_when_running():
+
+def kill_when_running(comfyui) -> threading.Thread:
+    def kill():
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if private.get_json("/queue")["queue_running"]:
+            if comfyui.get_json("/queue")["queue_running"]:
                 time.sleep(0.3)
-                private.kill()
+                comfyui.kill()
                 return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_when_running)
+    killer = threading.Thread(target=kill)
     killer.start()
+    return killer
+
+
+@pytest.mark.slow
+def test_comfyui_killed_mid_job_fails_fast_with_log_tail(comfyui_factory, monkeypatch):
+    """In serverless (ComfyUI not restarted: issue 20 #18) the job fails at once, and so does the next one."""
+    private = private_comfyui(comfyui_factory, monkeypatch, "serverless")
+    killer = kill_when_running(private)
     started = time.monotonic()
     result = run(job(slow_workflow(600, 0.05), timeout=60))
     killer.join()
     assert time.monotonic() - started < 15
-    assert "no longer running" in result["error"]
+    assert "no longer running" in result["error"] and result["error"].endswith("; this worker will be replaced.")
     assert result["refresh_worker"] is True
     assert "got prompt" in result["details"]["comfyui_log_tail"]
     # the next job fails at once too (the PID file names a dead process), instead of waiting for readiness
     started = time.monotonic()
     again = run(job(empty_to_save(8, 8)))
     assert "no longer running" in again["error"] and time.monotonic() - started < 3
+
+
+@pytest.mark.slow
+def test_comfyui_restarting_on_a_pod_fails_the_running_job_saying_so_and_a_job_sent_meanwhile_waits_and_completes(
+    comfyui_factory, monkeypatch, worker_log
+):
+    """issue 20 #18 (and the "replaced" wording): on pods and local boxes ComfyUI is restarted when it dies.
+    The job it ran fails at once saying ComfyUI is being restarted (no replacement is promised); a job
+    sent while the PID file still names the dead process waits for the new one (started here on the same
+    port after a delay, as the supervisor does) and completes."""
+    private = private_comfyui(comfyui_factory, monkeypatch, "pod")
+    killer = kill_when_running(private)
+    started = time.monotonic()
+    result = run(job(slow_workflow(600, 0.05), timeout=60))
+    killer.join()
+    assert time.monotonic() - started < 15
+    dead_pid = private.proc.pid
+    assert result["error"] == (
+        f"ComfyUI (process {dead_pid}) is no longer running (its websocket closed during the job); ComfyUI is "
+        "being restarted: send the job again, it runs once ComfyUI is back."
+    ), result
+
+    port = private.port
+    restarter = threading.Thread(target=lambda: (time.sleep(1.0), private.start(port=port)))
+    restarter.start()
+    started = time.monotonic()
+    again = run(job(empty_to_save(8, 8, 0x102030)))
+    restarter.join()
+    assert time.monotonic() - started >= 1.0
+    assert "error" not in again, again
+    assert decode_image(again["images"][0]).getpixel((4, 4)) == (0x10, 0x20, 0x30)
+    assert f"ComfyUI (process {dead_pid}) is not running: waiting for its restart" in worker_log.getvalue()
 
 
 @pytest.mark.parametrize(
@@ -1180,6 +1225,7 @@ def test_secrets_never_reach_the_comfyui_log_tail_nor_the_log(tmp_path, monkeypa
     monkeypatch.setenv("COMFY_PID_FILE", str(tmp_path / "comfyui.pid"))
     monkeypatch.setenv("COMFY_LOG_FILE", str(tmp_path / "comfyui.log"))
     monkeypatch.setenv("JUPYTER_PASSWORD", password)
+    monkeypatch.setenv("COMFY_RESTART", "0")  # the dead ComfyUI fails the job at once (not waited for)
     result = run(job(empty_to_save(8, 8)))
     assert "no longer running" in result["error"]
     tail = result["details"]["comfyui_log_tail"]
@@ -1328,18 +1374,29 @@ def test_a_bug_outside_the_job_still_gets_an_answer_without_secrets(worker_env, 
     assert "boom near ***" in worker_log.getvalue() and secret not in worker_log.getvalue()
 
 
+AFTER_HANG_LOCAL = "; send the job again; if this repeats, ComfyUI's log (COMFY_LOG_FILE) says why."
+
+
 @pytest.mark.parametrize(
-    ("mode", "needle"),
+    ("fault", "needle", "worker_mode", "ending"),
     [
-        ("stall_http", "did not answer in time during the job (TimeoutError)"),
-        ("drop_http", "stopped answering during the job"),
+        ("stall_http", "did not answer in time during the job (TimeoutError)", "local", AFTER_HANG_LOCAL),
+        ("drop_http", "stopped answering during the job", "local", AFTER_HANG_LOCAL),
+        (
+            "stall_http",
+            "did not answer in time during the job (TimeoutError)",
+            "serverless",
+            "; this worker will be replaced.",
+        ),
     ],
 )
-def test_comfyui_unreachable_mid_job_is_a_readable_error(worker_env, monkeypatch, mode, needle):
+def test_comfyui_unreachable_mid_job_is_a_readable_error(worker_env, monkeypatch, fault, needle, worker_mode, ending):
+    """The "replaced" wording only in serverless (issue 20): a pod or local box is never replaced."""
     proxy = DroppingProxy(worker_env.port)
-    setattr(proxy, mode, b"POST /prompt")  # the websocket and /object_info work; queueing gets no answer
+    setattr(proxy, fault, b"POST /prompt")  # the websocket and /object_info work; queueing gets no answer
     proxy.start()
     monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("MODE", worker_mode)
     try:
         started = time.monotonic()
         result = run(job(empty_to_save(8, 8), timeout=1.5))
@@ -1347,7 +1404,7 @@ def test_comfyui_unreachable_mid_job_is_a_readable_error(worker_env, monkeypatch
     finally:
         proxy.stop()
     assert result["error"].startswith(f"ComfyUI at 127.0.0.1:{proxy.port} {needle}"), result
-    assert result["error"].endswith("; this worker will be replaced.")
+    assert result["error"].endswith(ending), result
     assert result["refresh_worker"] is True and elapsed < 5
 
 

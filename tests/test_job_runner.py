@@ -23,6 +23,10 @@ HANDLER = textwrap.dedent("""
         print("a stray print on stdout", flush=True)  # must not reach the protocol
         os.write(1, b"and a raw write to fd 1\\n")
         marks = Path(inp.get("marks", os.devnull))
+        if "prompt_id" in inp:
+            from comfy_worker.job_runner import report_prompt
+
+            report_prompt(inp["prompt_id"], 1700000000.5, ["in-1.png"])
         try:
             await asyncio.sleep(inp.get("sleep", 0))
         except asyncio.CancelledError:
@@ -199,3 +203,22 @@ def test_a_malformed_line_is_logged_and_skipped_on_both_sides(runner_env, caplog
         return output
 
     assert run(go())["echo"] == 3
+
+
+def test_a_jobs_prompt_reaches_the_api_before_the_job_ends(runner_env):
+    """issue 20 #17: the handler's ``report_prompt`` (called just before it queues a ComfyUI prompt) is the
+    protocol's ``prompt`` message, so the API can stop that prompt should the runner die."""
+
+    async def go():
+        runner = await started_runner()
+        prompts: list[tuple[str, dict, bool]] = []
+        runner.on_prompt = lambda job_id, prompt: prompts.append((job_id, prompt, job_id in runner.pending))
+        output = await runner.run({"id": "j", "input": {"prompt_id": "p-1", "value": 1}})
+        await runner.close(10)
+        return prompts, output
+
+    prompts, output = run(go())
+    assert output["echo"] == 1
+    ((job_id, prompt, running),) = prompts
+    assert job_id == "j" and running  # told while the job ran
+    assert prompt == {"prompt": "j", "prompt_id": "p-1", "queued_at": 1700000000.5, "inputs": ["in-1.png"]}

@@ -200,3 +200,31 @@ def test_a_queued_prompt_deleted_by_someone_else_is_reported_as_removed(comfyui)
         "or the prompt deleted with POST /queue, by someone else?)."
     )
     assert error.details["state"] == "removed" and elapsed < 5  # not its 30 s timeout
+
+
+def test_closing_the_websocket_never_waits_for_a_peer_that_does_not_answer_the_close(tmp_path):
+    """issue 20 #15: a ComfyUI that does not answer the closing handshake held each job 10 s (the
+    websocket library's default close timeout) in ``PromptRunner.close()``; the close now returns at once
+    and the connection is still ended, by this side, within a few seconds."""
+    import time
+
+    from support.silent_ws import SilentWebSocketPeer
+
+    with SilentWebSocketPeer() as peer:
+        client = ComfyClient(peer.host, tmp_path / "absent.pid", tmp_path / "absent.log")
+        runner = PromptRunner(client, {}, timeout=30, ready_timeout=5)
+
+        async def go():
+            await runner.open()
+            started = time.monotonic()
+            await runner.close()
+            took = time.monotonic() - started
+            deadline = time.monotonic() + 10
+            while not peer.closed_at and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return started, took
+
+        started, took = arun(go)
+        assert took < 0.5, took
+        assert peer.received.startswith(b"\x88")  # the close frame was sent (masked, from the client)
+        assert peer.closed_at and peer.closed_at[0] - started < 5  # and the connection ended from this side

@@ -67,8 +67,9 @@ class ComfyUIProcess:
         if not dest.exists():
             shutil.copytree(TEST_NODES, dest)
 
-    def start(self, timeout: float = 90) -> ComfyUIProcess:
-        self.port = free_port()
+    def start(self, timeout: float = 90, port: int | None = None) -> ComfyUIProcess:
+        """Start it on ``port`` (a restart on the same port, as the worker's supervisor does) or a free one."""
+        self.port = port or free_port()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child process
         self.proc = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), *self.extra_args],
