@@ -706,13 +706,15 @@ def test_local_mode_refuses_a_foreign_origin_a_body_not_sent_as_json_and_a_forei
     assert post().status_code == 415  # no Content-Type at all
     foreign = post(**{"Content-Type": "application/json", "Origin": "https://evil.example"})
     assert foreign.status_code == 403, foreign.text
-    assert "Origin header 'https://evil.example'" in foreign.json()["error"] and "API_TOKEN" in foreign.json()["error"]
+    error = foreign.json()["error"]
+    assert "Origin header 'https://evil.example'" in error and "set API_TOKEN" in error
     assert post(**{"Content-Type": "application/json", "Origin": "null"}).status_code == 403
     for path in ("/purge-queue", "/cancel/x", "/v2/ep/purge-queue"):  # no body: the Origin decides
         assert post(path, data=None, Origin="http://localhost.evil.example").status_code == 403
     rebound = post(**{"Content-Type": "application/json", "Host": f"evil.example:{api.port}"})
     assert rebound.status_code == 403, rebound.text
-    assert f"Host header 'evil.example:{api.port}'" in rebound.json()["error"] and "127.0.0.1" in rebound.json()["error"]
+    error = rebound.json()["error"]
+    assert f"Host header 'evil.example:{api.port}'" in error and "http://127.0.0.1:<port>" in error
     get = api.http.get(f"{api.url}/health", headers={"Host": f"rebind.evil.example:{api.port}"}, timeout=30)
     assert get.status_code == 403
     assert api.get("/health").json()["jobs"]["inQueue"] == 0 and ran(record) == []  # nothing got through
