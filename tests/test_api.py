@@ -663,10 +663,10 @@ def test_a_store_with_jobs_without_a_valid_input_from_an_older_version_recovers_
     record = tmp_path / "ran.txt"
     store_path = volume / ".api" / "jobs.sqlite3"
     JobStore(store_path).close()  # today's schema; the rows as the older version wrote them
-    rows = [
-        ("old-missing", {}),
-        ("old-null", {"input": None}),
-        ("old-string", {"input": "x", "policy": {"ttl": 600000}}),
+    rows = [  # it stored {"input": null} with the input dropped: each such row killed a queue worker
+        ("old-null-1", {}),
+        ("old-null-2", {"policy": {"ttl": 600000}}),
+        ("old-string", {"input": "x"}),
         ("old-good", {"input": {"record": str(record), "value": 3}}),
     ]
     with contextlib.closing(sqlite3.connect(store_path)) as db, db:
@@ -797,6 +797,22 @@ def test_a_job_waiting_past_its_ttl_ends_timed_out_on_time_also_the_one_sent_ahe
         assert len(ran(record)) == 2
     finally:
         hooks.server.shutdown()
+
+
+def test_a_job_from_before_a_restart_ends_at_its_ttl_while_another_runs(quick_api, tmp_path):
+    """issue 20 #7: the ttl of a job read back from the store after a restart is applied while it waits too."""
+    volume = tmp_path / "volume"
+    record = tmp_path / "ran.txt"
+    store_path = volume / ".api" / "jobs.sqlite3"
+    store = JobStore(store_path)
+    now = time.time()
+    store.add("long", {"input": {"record": str(record), "sleep": 120}}, None, now - 9.5)
+    store.add("short-lived", {"input": {"record": str(record)}, "policy": {"ttl": 10000}}, None, now - 9)
+    store.close()
+    api = quick_api(volume=volume)
+    body = api.wait_final("short-lived", 10)
+    assert body["status"] == "TIMED_OUT" and 10000 <= body["delayTime"] < 12000, body
+    assert api.status("long")["status"] == "IN_PROGRESS" and ran(record) == ["long"]
 
 
 # --- every error is JSON ---------------------------------------------------------------------------------
