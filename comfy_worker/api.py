@@ -9,7 +9,9 @@ the handler's and this package imports no top-level script.
 Routes, also under ``/v2/<any endpoint id>/`` (so RunPod's clients work by changing the base URL):
 ``POST /run``, ``POST /runsync``, ``GET|POST /status/{id}``, ``GET|POST /stream/{id}``,
 ``POST /cancel/{id}``, ``GET /health``, ``POST /purge-queue``; ``GET /ping`` and ``/docs`` answer
-without a token. RunPod's ``policy`` (``executionTimeout``, ``ttl``) and ``s3Config`` are honoured.
+without a token. Without a token (local mode) what only a web page sends is refused (``local_guard``).
+RunPod's ``policy`` (``executionTimeout``, ``ttl``) and ``s3Config`` are honoured. Every error is
+``{"error": "<sentence>"}``.
 
 Jobs live in ``$VOLUME_ROOT/.api/jobs.sqlite3`` (job_store.py): accepted before the 200 is sent, run
 ``MAX_CONCURRENCY`` at a time in the order they came, finished once. SIGTERM: no new request, running
