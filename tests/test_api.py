@@ -728,15 +728,29 @@ def test_local_mode_refuses_a_foreign_origin_a_body_not_sent_as_json_and_a_forei
     assert len(ran(record)) == 4
 
 
-def test_local_mode_checks_keep_runpods_client_working_and_a_token_or_a_pod_changes_them(quick_api, monkeypatch):
-    """issue 20 #3: the RunPod SDK sends JSON with its content type, so it works in local mode; with a token
-    the token is the guard (a page cannot send it), and off loopback the Host cannot be checked."""
+def test_local_mode_checks_keep_runpods_client_working_and_a_token_or_a_pod_changes_them(
+    quick_api, monkeypatch, tmp_path
+):
+    """issue 20 #3: the RunPod SDK and examples/client.py send JSON with its content type, so they work in
+    local mode; with a token the token is the guard (a page cannot send it), and off loopback the Host
+    cannot be checked."""
     local = quick_api(token=None)
     monkeypatch.setattr(runpod, "api_key", "")
     monkeypatch.setattr(runpod, "endpoint_url_base", f"{local.url}/v2")
     endpoint = runpod.Endpoint("ep")
     assert endpoint.run_sync({"value": 5}, timeout=30) == {"echo": 5}
     assert endpoint.purge_queue() == {"removed": 0, "status": "completed"}
+    request = tmp_path / "job.json"
+    request.write_text(json.dumps({"input": {"value": 7}}))
+    client = subprocess.run(
+        [sys.executable, "examples/client.py", str(request), "--url", local.url, "--poll", "0.1"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "API_TOKEN"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert client.returncode == 0 and ": COMPLETED" in client.stdout, client.stdout + client.stderr
     local.stop()
 
     with_token = quick_api(log_name="token.log")
