@@ -627,28 +627,37 @@ def test_jobs_that_break_a_queue_worker_fail_alone_and_the_next_job_completes(tm
                 raise KeyError("a bug in the queue worker")
             return await real_output_of(job, not_after)
 
-        service.output_of = output_of
+        real_outcome = service.outcome
+
+        def outcome(job_id, output, started, policy):  # one that strikes once the handler ran the job
+            if output == {"echo": "explode"}:
+                raise ValueError("a bug after the run")
+            return real_outcome(job_id, output, started, policy)
+
+        service.output_of, service.outcome = output_of, outcome
         await service.start()
         try:
             broken = [await service.submit({"input": {"explode": True, "record": str(record)}}) for _ in range(2)]
+            late = await service.submit({"input": {"record": str(record), "value": "explode"}})
             good = await service.submit({"input": {"record": str(record), "value": 7}})
             done = await service.wait(good, 20)
             assert done["status"] == "COMPLETED" and done["result"] == {"output": {"echo": 7}}, done
-            for job_id in broken:
+            for job_id, kind in ((broken[0], "KeyError"), (broken[1], "KeyError"), (late, "ValueError")):
                 failed = service.get(job_id)
                 assert failed["status"] == "FAILED", failed
-                assert "The API failed on this job unexpectedly (KeyError)" in failed["result"]["error"]
-            assert ran(record) == [good]
+                assert f"The API failed on this job unexpectedly ({kind})" in failed["result"]["error"]
+            assert service.get(late)["started"] is not None and ran(record) == [late, good]
             assert not any(task.done() for task in service.tasks)  # every queue worker goes on
             health = await service.health()
-            assert health["jobs"]["failed"] == 2 and health["jobs"]["completed"] == 1
+            assert health["jobs"]["failed"] == 3 and health["jobs"]["completed"] == 1
+            assert health["workers"] == {"idle": 1, "running": 0}
         finally:
             await service.stop()
 
     with caplog.at_level(logging.ERROR, logger="comfy_worker.api"):
         asyncio.run(asyncio.wait_for(go(), 60))
-    logged = [r for r in caplog.records if "failed on it" in r.getMessage()]
-    assert len(logged) == 2 and all(r.exc_info and r.exc_info[0] is KeyError for r in logged)
+    logged = [r.exc_info[0] for r in caplog.records if "failed on it" in r.getMessage() and r.exc_info]
+    assert logged == [KeyError, KeyError, ValueError]
 
 
 def test_a_store_with_jobs_without_a_valid_input_from_an_older_version_recovers_on_start(quick_api, tmp_path):
