@@ -169,7 +169,7 @@ def test_the_runpod_packages_endpoint_client_runs_jobs_here(api, monkeypatch):
 def test_401_without_or_with_a_wrong_token_and_the_token_in_no_log(api_factory, tmp_path):
     hook = serve_in_thread(QuietHandler)  # answers 501: the webhook fails, and its URL is logged
     try:
-        api = api_factory(WEBHOOK_RETRIES="0")
+        api = api_factory(WEBHOOK_RETRIES="0", WEBHOOK_ALLOW_HOSTS=f"127.0.0.1:{hook.server_port}")
         job = {"input": {"workflow": tiny_workflow()}}
         for token in (None, "wrong-token", TOKEN[:-1], TOKEN + "x", f"Basic {TOKEN}"):
             for method, path in (("post", "/run"), ("post", "/v2/x/runsync"), ("get", "/health"), ("get", "/status/x")):
@@ -270,12 +270,13 @@ class WebhookReceiver:
 
         self.server = serve_in_thread(Receive)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.host_port = f"127.0.0.1:{self.server.server_port}"  # for WEBHOOK_ALLOW_HOSTS
 
 
 def test_a_webhook_gets_the_result_also_after_failing_once(api_factory):
     receiver = WebhookReceiver(fail_first=1)
     try:
-        api = api_factory(WEBHOOK_RETRY_BACKOFF="0.2")
+        api = api_factory(WEBHOOK_RETRY_BACKOFF="0.2", WEBHOOK_ALLOW_HOSTS=receiver.host_port)
         job_id = api.post(
             "/run", {"input": {"workflow": tiny_workflow(0x445566)}, "webhook": f"{receiver.url}/done?k=1"}
         ).json()["id"]
@@ -406,9 +407,10 @@ def test_health_counts_match_what_was_sent(api, comfyui):
 
 
 # --- RunPod's policy, /stream ----------------------------------------------------------------------------
-def test_policy_execution_timeout_stops_a_job_and_ttl_ends_one_still_queued_both_timed_out(api, comfyui):
+def test_policy_execution_timeout_stops_a_job_and_ttl_ends_one_still_queued_both_timed_out(api_factory, comfyui):
     hooks = WebhookReceiver()
     try:
+        api = api_factory(WEBHOOK_ALLOW_HOSTS=hooks.host_port)
         slow = {"workflow": slow_workflow(400)}  # 20 s without a limit
         timed = api.post("/run", {"input": slow, "policy": {"executionTimeout": 11000, "lowPriority": True}}).json()
         waiting = {"input": {"workflow": tiny_workflow()}, "policy": {"ttl": 10000}, "webhook": f"{hooks.url}/ttl"}
