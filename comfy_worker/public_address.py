@@ -86,6 +86,8 @@ class HostAllowList:
     def __init__(self, entries: tuple[str, ...] | list[str], setting: str):
         self.entries: set[tuple[str, int | None]] = set()
         for entry in entries:
+            if not entry.strip():
+                continue
             try:
                 host, port = split_host_port(entry.strip())
             except ValueError as exc:
