@@ -306,7 +306,7 @@ class JobStore:
             f"DELETE FROM jobs WHERE status IN ({placeholders}) AND finished < ?", (*FINAL, before)
         ).rowcount
         if gone:
-            self.db.execute("PRAGMA incremental_vacuum").fetchall()  # fetched: it frees a page per result row
+            self.db.executescript("PRAGMA incremental_vacuum;")  # as a script: run to the end, every free page
             self._wiped()
         return gone
 
