@@ -70,9 +70,9 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     return raw
 
 
-def _hosts(env: Mapping[str, str], name: str) -> tuple[str, ...]:
-    """A comma-separated list of ``host`` or ``host:port`` entries, blanks dropped."""
-    entries = tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+def _hosts(raw: str, name: str) -> tuple[str, ...]:
+    """The comma-separated ``host`` or ``host:port`` entries of variable ``name``, blanks dropped."""
+    entries = tuple(item.strip() for item in raw.split(",") if item.strip())
     HostAllowList(entries, f"environment variable {name}")  # a malformed entry: ValueError naming it
     return entries
 
@@ -259,7 +259,7 @@ class Settings:
             webhook_retries=max(0, _int(env, "WEBHOOK_RETRIES", 9)),
             webhook_retry_backoff=max(0.0, _float(env, "WEBHOOK_RETRY_BACKOFF", 1.0)),
             webhook_retry_max_delay=max(0.0, _float(env, "WEBHOOK_RETRY_MAX_DELAY", 120.0)),
-            webhook_allow_hosts=_hosts(env, "WEBHOOK_ALLOW_HOSTS"),
+            webhook_allow_hosts=_hosts(env.get("WEBHOOK_ALLOW_HOSTS", ""), "WEBHOOK_ALLOW_HOSTS"),
             max_stored_result_mb=max(0.001, _float(env, "MAX_STORED_RESULT_MB", 20.0)),
             enable_jupyter=_flag(env, "ENABLE_JUPYTER") if env.get("ENABLE_JUPYTER") else mode != "serverless",
             hf_cache_dirs=hf_cache_dirs(env),
