@@ -36,6 +36,7 @@ from comfy_worker.settings import Settings
 log = logging.getLogger(__name__)
 
 ATTEMPT_TIMEOUT_S = 30.0
+MAX_SENDING = 32  # webhooks in flight at once (a restart may find many owed): the others wait their turn
 ALLOW_SETTING = "WEBHOOK_ALLOW_HOSTS"
 
 
@@ -127,20 +128,30 @@ class Webhooks:
     async def loop(self) -> None:
         while True:
             self.wake.clear()
-            now = time.time()
-            for job_id in self.store.due_webhooks(now):
-                if job_id not in self.sending:
-                    attempt = self.store.webhook_attempt(
-                        job_id, now + ATTEMPT_TIMEOUT_S + retry_delay(self.settings, 1)
-                    )
-                    task = asyncio.create_task(self.send(job_id, attempt))
-                    self.sending[job_id] = task
-                    task.add_done_callback(lambda _, job_id=job_id: self.sending.pop(job_id, None))
+            self.start_due()
             due = self.store.next_webhook_at()
             wait = 3600.0 if due is None else min(3600.0, max(0.0, due - time.time()))
+            if len(self.sending) >= MAX_SENDING:
+                wait = 3600.0  # until one of them is done (sent() wakes the loop)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self.wake.wait()
+
+    def start_due(self) -> None:
+        """An attempt for each due webhook not in flight (up to MAX_SENDING at once), counted before it is made."""
+        now = time.time()
+        for job_id in self.store.due_webhooks(now):
+            if len(self.sending) >= MAX_SENDING:
+                return
+            if job_id not in self.sending:
+                attempt = self.store.webhook_attempt(job_id, now + ATTEMPT_TIMEOUT_S + retry_delay(self.settings, 1))
+                task = asyncio.create_task(self.send(job_id, attempt))
+                self.sending[job_id] = task
+                task.add_done_callback(lambda _, job_id=job_id: self.sent(job_id))
+
+    def sent(self, job_id: str) -> None:
+        self.sending.pop(job_id, None)
+        self.wake.set()
 
     async def send(self, job_id: str, attempt: int) -> None:
         """One attempt (counted already): settled when delivered, refused or the last; else scheduled again."""
