@@ -417,6 +417,18 @@ def test_limits_request_size_runsync_wait_and_result_ttl(api_factory):
     wait_for(lambda: stored_status(api, waited["id"]) is None, 5, "the expired row to be deleted from the store")
 
 
+def test_a_result_over_max_stored_result_mb_ends_the_job_failed_telling_the_client_to_use_s3(api_factory):
+    """issue 20 #21: the API kept any result whole in its store (base64 outputs, many MB per job)."""
+    api = api_factory(MAX_STORED_RESULT_MB="0.001")  # 1 KB: four 8x8 PNGs (with their metadata) are more
+    workflow = tiny_workflow()
+    workflow["1"]["inputs"]["batch_size"] = 4
+    body = api.post("/runsync", {"input": {"workflow": workflow}}).json()
+    assert body["status"] == "FAILED" and "images" not in body["output"], body
+    assert "more than MAX_STORED_RESULT_MB (0.001 MB)" in body["error"] and "S3" in body["error"]
+    assert body["output"]["details"]["max_stored_result_mb"] == 0.001
+    assert api.status(body["id"]) == body
+
+
 def stored_status(server: ApiServer, job_id: str) -> str | None:
     """The job's status as the store on the volume holds it (read beside the API: WAL allows it)."""
     with contextlib.closing(sqlite3.connect(server.volume / ".api" / "jobs.sqlite3")) as db:
