@@ -897,7 +897,7 @@ def test_a_job_waiting_past_its_ttl_ends_timed_out_on_time_also_the_one_sent_ahe
     """issue 20 #7: a job past its policy.ttl behind a long job stayed IN_QUEUE until a slot freed."""
     hooks = WebhookReceiver()
     try:
-        api = quick_api()
+        api = quick_api(WEBHOOK_ALLOW_HOSTS=hooks.host_port)
         record = tmp_path / "ran.txt"
         long = api.post("/run", {"input": {"record": str(record), "sleep": 120}}).json()["id"]
         api.wait_status(long, "IN_PROGRESS")
@@ -1068,7 +1068,7 @@ def test_a_cancelled_queued_job_is_never_handed_to_the_handler_and_its_webhook_i
     API's queue) never reached the handler was not checked on the handler's side."""
     hooks = WebhookReceiver()
     try:
-        api = quick_api()
+        api = quick_api(WEBHOOK_ALLOW_HOSTS=hooks.host_port)
         record = tmp_path / "ran.txt"
         running = api.post("/run", {"input": {"record": str(record), "sleep": 120}}).json()["id"]
         api.wait_status(running, "IN_PROGRESS")
