@@ -7,12 +7,16 @@ required entry is ready, 1 when one failed, 2 for an invalid config or environme
 
 The warm path imports nothing heavy (no pydantic, yaml, git or huggingface_hub): beside the gate
 (``.config-sha256``, the digest of ``config_schema.config_digest``) lies ``.config-sha256.json``,
-which records the sha256 of the raw config source the digest was computed from, and what the run
-put on the volume (model files, node folders and commits). When the raw source is byte-identical and
-the gate still holds that digest, only local checks run: every recorded file and node folder exists,
+which records the sha256 of the config text the digest was computed from (a CONFIG_YML decoded
+first, so the same config in another encoding or on a volume mounted at another path finds it),
+and what the run put on the volume (model files, node folders and commits). When the text is the
+same and the gate still holds that digest, only local checks run: every recorded file and node folder exists,
 the requirements records in the Python environment match. A missing model is fetched again alone
 (``download_models.py --only``), a missing node or a fresh environment runs ``install_nodes.py``.
-Any other source (a comment edited, another CONFIG_YML) is parsed and digested the ordinary way.
+Any other source (a comment edited, another CONFIG_YML) is parsed and digested the ordinary way;
+when that full check finds the gate matching and every recorded file there, it takes no lock (a
+read-only volume starts) and rewrites the record for this source (best effort), so the next start
+is fast again.
 
 Many workers may share a volume: the work is done under ``$VOLUME_ROOT/.provision.lock``; a waiting
 worker says so, and, once it holds the lock, finds the gate written and only checks.
@@ -21,10 +25,12 @@ worker says so, and, once it holds the lock, finds the gate written and only che
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,8 +56,30 @@ class Source:
     from_env: bool = False
 
     def key(self, settings: Settings) -> str:
-        raw = f"{self.name}\0{self.text}\0{settings.comfyui_ref or ''}"
+        """The warm record's key: the config text itself (a CONFIG_YML decoded first) and COMFYUI_REF,
+        so the same config read from another mount path, or base64-encoded another way (wrapped
+        lines, URL-safe alphabet, no padding), finds the same record."""
+        text = light_decode(self.text) if self.from_env else self.text
+        raw = f"{text}\0{settings.comfyui_ref or ''}"
         return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
+
+
+def light_decode(value: str) -> str:
+    """The YAML text of a CONFIG_YML value as ``config_schema.decode_config_env`` finds it for a valid
+    config, without parsing YAML (the warm path imports nothing heavy): a YAML mapping always holds a
+    ``:``, which base64 never does, so a value that is base64 once whitespace is dropped is decoded,
+    any other value is the text itself. (An invalid value only gives a key no record has.)"""
+    compact = re.sub(r"\s+", "", value)
+    if _BASE64.fullmatch(compact):
+        padded = compact.replace("-", "+").replace("_", "/") + "=" * (-len(compact) % 4)
+        try:
+            return base64.b64decode(padded, validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            pass
+    return value
 
 
 @dataclass
@@ -113,6 +141,13 @@ def read_source(settings: Settings) -> Source:
 
 class SourceError(Exception):
     pass
+
+
+def volume_config(settings: Settings) -> str | None:
+    try:
+        return (settings.volume_root / "config.yml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def write_env_config(settings: Settings, text: str) -> Path:
@@ -395,9 +430,36 @@ class Options:
     restart: bool = True
 
 
-def warm(settings: Settings, source: Source, record: dict, stop, summary: Summary) -> int | None:
-    """The gate matches: local checks, and only what is missing is provisioned again. None when the
-    record is unusable (the cold path runs then)."""
+def refresh_record(settings: Settings, record: dict, source: Source) -> None:
+    """A full check found the gate matching for a source the record does not name (the same config
+    from another mount path or another encoding, or a record of an older version): the record is
+    keyed to this source, so the next start takes the fast path again. Never fails the start: a
+    record that cannot be written (a read-only volume) costs later starts the full check, no more."""
+    key = source.key(settings)
+    if record.get("source") == key:
+        return
+    from comfy_worker.lock_file import atomic_write_text
+
+    path = settings.volume_root / GATE_RECORD
+    try:
+        atomic_write_text(path, json.dumps({**record, "source": key}, indent=1))
+    except OSError as err:
+        log.warning(
+            "cannot refresh the warm record %s (%s): this start goes on, but each later start with this "
+            "config checks it in full (about 0.5 s more) until the record can be written",
+            path,
+            err.strerror or err,
+        )
+        return
+    log.info("warm record refreshed for this config source: later starts take the fast path")
+
+
+def warm(
+    settings: Settings, source: Source, record: dict, stop, summary: Summary, check_only: bool = False
+) -> int | None:
+    """The gate matches: local checks, and only what is missing is provisioned again (not with
+    ``check_only``). None when the record is unusable or, with ``check_only``, when something is
+    missing (the cold path runs then)."""
     with Phase(summary, "local checks"):
         check = local_check(settings, record)
     summary.comfyui = "kept"
@@ -405,8 +467,9 @@ def warm(settings: Settings, source: Source, record: dict, stop, summary: Summar
         summary.models["kept"] = len(record.get("models", []))
         summary.nodes["kept"] = len(record.get("nodes", []))
         log.info("gate matches (%s): nothing to do", GATE)
+        refresh_record(settings, record, source)
         return EXIT_OK
-    if not check.comfyui_ok:
+    if check_only or not check.comfyui_ok:
         return None
     cfg, _ = load(settings, source)
     config_path = source.path
@@ -449,18 +512,27 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
         return EXIT_OK, []
     from comfy_worker.volume_lock import acquire
 
+    def gate_matches(record: dict) -> bool:
+        return (
+            not opts.force
+            and not settings.comfyui_update
+            and read_gate(settings) == digest
+            and record.get("digest") == digest
+        )
+
+    record = read_record(settings)
+    if gate_matches(record) and not (source.from_env and volume_config(settings) != text):
+        # nothing to write when every file is there: no lock (which a read-only volume cannot take)
+        log.info("this volume is provisioned for this config (gate matches): only local checks")
+        if warm(settings, source, record, stop, summary, check_only=True) is not None:
+            return EXIT_OK, []
     settings.volume_root.mkdir(parents=True, exist_ok=True)
     lock = acquire(settings.volume_root / PROVISION_LOCK, "another worker provisioning this volume", stop)
     try:
         if source.from_env:
             source.path = write_env_config(settings, text)
         record = read_record(settings)
-        if (
-            not opts.force
-            and not settings.comfyui_update
-            and read_gate(settings) == digest
-            and record.get("digest") == digest
-        ):
+        if gate_matches(record):
             log.info("this volume is provisioned for this config (gate matches): only local checks")
             result = warm(settings, source, record, stop, summary)
             if result is not None:

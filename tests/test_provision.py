@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -21,7 +22,14 @@ from support.comfy_process import ROOT
 from support.hf_hub_cache import make_hf_cache
 from support.models import UPSCALE_MODEL_NAME
 from support.origins import NginxOrigin, random_file
-from support.start_env import NODE_INIT, run_script, start_env
+from support.start_env import (
+    NODE_INIT,
+    read_only_mounts,
+    run_fast,
+    run_on_read_only_volume,
+    run_script,
+    start_env,
+)
 
 from comfy_worker.http_download import MiB
 from comfy_worker.lock_file import read_lock_file
@@ -356,3 +364,93 @@ def test_a_pod_without_config_yml_gets_the_baked_config_on_the_volume_to_edit(tm
     local = start_env(tmp_path / "local")  # local mode edits the repo's config.yml in place: no copy
     subprocess.run(dry_run, env=local, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert not (Path(local["VOLUME_ROOT"]) / "config.yml").exists()
+
+
+WARM_CONFIG = "models: []\nnodes: []\n# the same config, however it arrives (base64 of it is wrapped)\n"
+FULL_CHECK = "this volume is provisioned for this config (gate matches)"
+
+
+def test_config_yml_in_base64_wrapped_at_76_columns_takes_the_fast_warm_path(tmp_path):
+    """issue 20 #9: the warm record is keyed on the decoded config, not on how CONFIG_YML encodes it."""
+    env = start_env(tmp_path)
+    one_line = base64.b64encode(WARM_CONFIG.encode()).decode()
+    first = run_script({**env, "CONFIG_YML": one_line}, "start.sh", "--provision-only")
+    assert first.returncode == 0, first.stderr
+    wrapped = base64.encodebytes(WARM_CONFIG.encode()).decode()  # `base64 config.yml`: 76 columns
+    assert len(wrapped.splitlines()) > 1
+    for value in (wrapped, wrapped, WARM_CONFIG):  # every later start is fast: no full check, no volume lock
+        again = run_fast({**env, "CONFIG_YML": value}, "start.sh", "--provision-only")
+        assert again.returncode == 0, again.stderr
+        assert "gate matches" in again.stderr and FULL_CHECK not in again.stderr
+
+
+def test_volume_at_another_mount_path_takes_the_fast_warm_path(tmp_path):
+    """issue 20 #9: the warm record does not depend on where the volume is mounted."""
+    env = start_env(tmp_path)
+    write_config(env, {"models": [], "nodes": []})
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    elsewhere = tmp_path / "mounted" / "elsewhere"
+    elsewhere.parent.mkdir()
+    os.rename(env["VOLUME_ROOT"], elsewhere)
+    moved = {**env, "VOLUME_ROOT": str(elsewhere)}
+    for _ in range(2):
+        out = run_fast(moved, "start.sh", "--provision-only")
+        assert out.returncode == 0, out.stderr
+        assert "gate matches" in out.stderr and FULL_CHECK not in out.stderr
+
+
+def test_a_full_check_finding_the_gate_matching_refreshes_the_warm_record(tmp_path):
+    """issue 20 #9: a record the source does not match (an older version's) is rewritten by the full
+    check that finds the gate matching, so the start after it is fast again."""
+    env = start_env(tmp_path)
+    write_config(env, {"models": [], "nodes": []})
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    record_path = Path(env["VOLUME_ROOT"]) / ".config-sha256.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "source": "0" * 64}))
+    full = run_script(env, "start.sh", "--provision-only")
+    assert full.returncode == 0, full.stderr
+    assert FULL_CHECK in full.stderr and "warm record refreshed" in full.stderr
+    assert json.loads(record_path.read_text()) == record
+    fast = run_fast(env, "start.sh", "--provision-only")
+    assert fast.returncode == 0 and FULL_CHECK not in fast.stderr, fast.stderr
+
+
+@pytest.mark.skipif(
+    not read_only_mounts(), reason="needs unshare -rm (a private mount namespace) for a read-only mount"
+)
+def test_read_only_volume_at_another_path_starts_warm(tmp_path):
+    """issue 20 #9: a read-only volume mounted at another path starts on the fast path; with a record
+    it cannot refresh, the full check still starts it (with a warning), never taking the lock."""
+    env = start_env(tmp_path, CONFIG_YML=base64.b64encode(WARM_CONFIG.encode()).decode())
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    volume = Path(env["VOLUME_ROOT"])
+    before = snapshot(volume)
+    read_only = {**env, "VOLUME_ROOT": str(tmp_path / "ro" / "volume")}
+    wrapped = {**read_only, "CONFIG_YML": base64.encodebytes(WARM_CONFIG.encode()).decode()}
+    for variant in (read_only, wrapped):
+        out = run_on_read_only_volume(variant, volume, "start.sh", "--provision-only")
+        assert out.returncode == 0, out.stderr
+        assert "gate matches" in out.stderr and FULL_CHECK not in out.stderr
+    assert snapshot(volume) == before
+
+    record_path = volume / ".config-sha256.json"
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "source": "0" * 64}))
+    out = run_on_read_only_volume(read_only, volume, "start.sh", "--provision-only")
+    assert out.returncode == 0, out.stderr
+    assert FULL_CHECK in out.stderr and "cannot refresh the warm record" in out.stderr
+    assert "Read-only file system" in out.stderr and "Traceback" not in out.stderr
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every file, folder and link under ``root``: its bytes (or link target) and mode."""
+    seen = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        if path.is_symlink():
+            seen[str(path.relative_to(root))] = ("link", os.readlink(path))
+        elif path.is_file():
+            seen[str(path.relative_to(root))] = ("file", st.st_mode, path.read_bytes())
+        else:
+            seen[str(path.relative_to(root))] = ("dir", st.st_mode)
+    return seen
