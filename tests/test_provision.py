@@ -30,6 +30,8 @@ from support.start_env import (
     run_script,
     start_env,
 )
+from support.tool_shims import container_python, record_tools, recorded_calls
+from support.wheels import make_wheel, wheel_env
 
 from comfy_worker.http_download import MiB
 from comfy_worker.lock_file import read_lock_file
@@ -113,6 +115,41 @@ def test_cold_then_warm_start(tmp_path, nginx, node_repo):
     assert (comfy / "models" / "checkpoints" / "b.bin").is_file()
     new_lines = (nginx.workdir / "access.log").read_text().splitlines()[before:]
     assert new_lines and all("/b.bin " in line for line in new_lines)
+
+
+def test_warm_start_runs_no_git_uv_or_pip_and_sends_no_request(tmp_path, nginx, git_repos):
+    """issue 20 (test gap): a warm start touches no network, git or pip, as the tools themselves see
+    it: git, uv and pip on PATH (and uv next to $PYTHON, where the installers look first) record each
+    call, and the model origin logs each request. The cold start before it shows all three at work."""
+    from support.comfy_process import require_upstream
+
+    requirements = subprocess.check_output(["git", "-C", str(require_upstream()), "show", "v0.3.75:requirements.txt"])
+    python = container_python(tmp_path / "venv", requirements)
+    calls = tmp_path / "tool-calls.log"
+    record_tools(python.parent, calls)
+    make_wheel(tmp_path / "wheels", "warmpkg", "1.0")
+    repo = git_repos.create("ShimNode", {"__init__.py": NODE_INIT, "requirements.txt": "warmpkg\n"})
+    repo.tag("v1.0.0")
+    repo.push()
+    env = start_env(tmp_path, PYTHON=str(python), **wheel_env(tmp_path / "wheels"))
+    env["PATH"] = f"{python.parent}:{env['PATH']}"
+    models = [{"url": f"{nginx.url}/b.bin", "destination": "checkpoints"}]
+    write_config(env, {"models": models, "nodes": [{"url": repo.url, "version": "v1.0.0"}]})
+
+    cold = run_script(env, "start.sh", "--provision-only")
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    cold_calls = recorded_calls(calls)
+    assert any(c.startswith("git clone") for c in cold_calls), cold_calls
+    assert any(c.startswith("uv pip install") for c in cold_calls), cold_calls
+    fetched = requests_to(nginx)
+    assert fetched >= 1
+
+    calls.unlink()
+    for _ in range(2):
+        warm = run_script(env, "start.sh", "--provision-only")
+        assert warm.returncode == 0, warm.stdout + warm.stderr
+        assert recorded_calls(calls) == []
+        assert requests_to(nginx) == fetched
 
 
 def test_warm_path_imports_nothing_heavy(tmp_path):
