@@ -449,6 +449,25 @@ def print_summary(results: list[NodeResult], dry_run: bool) -> None:
             print(f"{'warning' if r.entry.optional else 'error'}: {r.error}")
 
 
+def json_rows(results: list[NodeResult]) -> list[dict]:
+    """``--json``: one object per entry (what ``apply_config.sh --dry-run`` lists)."""
+    return [
+        {
+            "index": r.index,
+            "name": r.entry.dir_name(),
+            "version": r.entry.version,
+            "commit": r.commit,
+            "described": r.described,
+            "action": r.action or None,
+            "requirements": r.requirements,
+            "error": r.error,
+            "notes": r.notes,
+            "optional": r.entry.optional,
+        }
+        for r in results
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Install the custom nodes listed in config.yml.")
     add_common_args(parser)
@@ -499,8 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-    print_summary(results, args.dry_run)
     failed = [r for r in results if not r.ok and not r.entry.optional]
+    if args.json:
+        print(json.dumps(json_rows(results)))
+        return EXIT_FAILED if failed else EXIT_OK
+    print_summary(results, args.dry_run)
     print(
         f"{len(results)} node(s), {sum(r.ok for r in results)} ok, {len(failed)} required failed "
         f"({time.monotonic() - start:.2f} s)"

@@ -428,6 +428,9 @@ class Options:
     dry_run: bool = False
     apply: bool = False
     restart: bool = True
+    update: bool = False  # resolve latest, nightly and branch nodes again
+    now: bool = False  # restart ComfyUI without waiting for its jobs
+    max_wait: float = 900.0  # seconds a restart waits for ComfyUI's jobs to end
 
 
 def refresh_record(settings: Settings, record: dict, source: Source) -> None:
@@ -507,9 +510,10 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
     ref = settings.effective_comfyui_ref(cfg.comfyui.ref)
     digest = config_digest(cfg, ref)
     if opts.dry_run:
-        gate = read_gate(settings)
-        print(f"dry run: config {source.name}, ComfyUI {ref}, gate {'matches' if gate == digest else 'differs'}")
-        return EXIT_OK, []
+        from comfy_worker import dry_run
+
+        log.info("dry run: config %s, ComfyUI %s; nothing is changed", source.name, ref)
+        return dry_run.show(settings, cfg, text, ref, read_gate(settings) == digest, opts, stop, None), []
     from comfy_worker.volume_lock import acquire
 
     def gate_matches(record: dict) -> bool:
@@ -619,6 +623,8 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
             return EXIT_FAILED
         else:
             raise
+    if opts.dry_run:
+        return rc
     if opts.apply and changed:
         what = "; ".join(changed)
         if not opts.restart:

@@ -388,7 +388,9 @@ def test_apply_config_refuses_to_replace_an_edited_volume_config_with_config_yml
 
 
 def test_a_pod_without_config_yml_gets_the_baked_config_on_the_volume_to_edit(tmp_path):
-    env = start_env(tmp_path, MODE="pod")
+    # the dry run looks the baked config's model up: found in a hub cache on the host, no network
+    make_hf_cache(tmp_path / "hub", "ai-forever/Real-ESRGAN", "RealESRGAN_x2.pth", b"esrgan")
+    env = start_env(tmp_path, MODE="pod", HF_HUB_CACHE=str(tmp_path / "hub"))
     dry_run = [sys.executable, "-m", "comfy_worker.provision", "--dry-run"]
     out = subprocess.run(dry_run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -480,14 +482,74 @@ def test_read_only_volume_at_another_path_starts_warm(tmp_path):
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
-    """Every file, folder and link under ``root``: its bytes (or link target) and mode."""
+    """Every file, folder and link under ``root``: its bytes (or link target), mode and mtime."""
     seen = {}
     for path in sorted(root.rglob("*")):
         st = path.lstat()
         if path.is_symlink():
-            seen[str(path.relative_to(root))] = ("link", os.readlink(path))
+            seen[str(path.relative_to(root))] = ("link", os.readlink(path), st.st_mtime_ns)
         elif path.is_file():
-            seen[str(path.relative_to(root))] = ("file", st.st_mode, path.read_bytes())
-        else:
-            seen[str(path.relative_to(root))] = ("dir", st.st_mode)
+            seen[str(path.relative_to(root))] = ("file", st.st_mode, st.st_mtime_ns, path.read_bytes())
+        else:  # a folder's mtime moves when anything is created or removed in it, a temp file too
+            seen[str(path.relative_to(root))] = ("dir", st.st_mode, st.st_mtime_ns)
     return seen
+
+
+def test_apply_config_dry_run_lists_each_model_node_and_the_restart_and_changes_nothing(tmp_path, nginx, git_repos):
+    """issue 20 #8 (issue 21 #3): with a node moving v1 -> v2, a node added and models added,
+    ``apply_config.sh --dry-run`` lists each model it would fetch, link or keep, each node it would
+    clone, move (old -> new version and commit) or keep, and that ComfyUI would restart; the volume
+    is byte-identical afterwards (no file, record, lock or checkout written)."""
+    moving = git_repos.create("MovingNode", {"__init__.py": NODE_INIT})
+    moving.tag("v1.0.0")
+    moving.commit({"__init__.py": NODE_INIT + "\n# v2\n"})
+    moving.tag("v2.0.0")
+    moving.push()
+    kept, added = git_repos.create("KeptNode", {"__init__.py": NODE_INIT}), git_repos.create("AddedNode", {})
+    for repo in (kept, added):
+        repo.tag("v1.0.0")
+        repo.push()
+    data = b"cached model bytes" * 100
+    make_hf_cache(tmp_path / "hf-cache" / "hub", "org/model", "unet.safetensors", data)
+    env = start_env(tmp_path, HF_HUB_CACHE=str(tmp_path / "hf-cache" / "hub"))
+    models = [{"url": f"{nginx.url}/b.bin", "destination": "checkpoints"}]
+    nodes = [{"url": moving.url, "version": "v1.0.0"}, {"url": kept.url, "version": "v1.0.0"}]
+    write_config(env, {"models": models, "nodes": nodes})
+    first = run_script(env, "start.sh", "--provision-only")
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    models += [
+        {"url": f"{nginx.url}/{UPSCALE_MODEL_NAME}", "destination": "upscale_models"},
+        {"url": "https://huggingface.co/org/model/resolve/main/unet.safetensors", "destination": "unet"},
+    ]
+    nodes[0]["version"] = "v2.0.0"
+    nodes.append({"url": added.url, "version": "v1.0.0"})
+    write_config(env, {"models": models, "nodes": nodes})
+    volume = Path(env["VOLUME_ROOT"])
+    before = snapshot(volume)
+    out = run_script(env, "apply_config.sh", "--dry-run")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert snapshot(volume) == before
+    listed = [" ".join(line.split()) for line in out.stdout.splitlines()]
+    old, new = moving.head("v1.0.0")[:12], moving.head("v2.0.0")[:12]
+    for expected in (
+        "keep models[0] checkpoints/b.bin (4.9 KiB)",
+        f"would fetch models[1] upscale_models/{UPSCALE_MODEL_NAME}",
+        "would link from cache models[2] unet/unet.safetensors",
+        f"would move nodes[0] MovingNode from v1.0.0 ({old}) to v2.0.0 ({new})",
+        f"keep nodes[1] KeptNode at v1.0.0 ({kept.head('v1.0.0')[:12]})",
+        f"would clone nodes[2] AddedNode at v1.0.0 ({added.head('v1.0.0')[:12]})",
+        f"ComfyUI would be restarted once it has no job running or waiting, to load: MovingNode {old} -> {new}; "
+        "AddedNode added",
+    ):
+        assert any(line.startswith(expected) for line in listed), (expected, out.stdout)
+    assert "no node changed" not in out.stderr
+
+    unchanged = run_script(env, "apply_config.sh", "--dry-run", "--no-restart")
+    assert "ComfyUI would NOT be restarted (--no-restart)" in unchanged.stdout
+    nodes[0]["version"] = "v1.0.0"  # back to what the volume holds: no node would change
+    write_config(env, {"models": models[:1], "nodes": nodes[:2]})
+    same = run_script(env, "apply_config.sh", "--dry-run")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "ComfyUI would keep running: no node would change" in same.stdout
+    assert "gate matches" in same.stdout
