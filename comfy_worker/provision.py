@@ -392,10 +392,13 @@ def node_changes(before: dict[str, str | None], after: dict[str, str | None]) ->
     return changes
 
 
-def provision_nodes(settings, config_path: Path, stop, summary: Summary) -> tuple[int, list[str]]:
-    """install_nodes.py; its exit code and what moved (a node folder moved: ComfyUI must restart)."""
+def provision_nodes(
+    settings, config_path: Path, stop, summary: Summary, flags: list[str] = ()
+) -> tuple[int, list[str]]:
+    """install_nodes.py (``flags``: --force, --update); its exit code and what moved (a node folder
+    moved: ComfyUI must restart)."""
     before = {n.get("name"): n.get("version") for n in _lock_nodes(settings)}
-    rc = run_script(settings, "install_nodes.py", ["--config", str(config_path)], stop)
+    rc = run_script(settings, "install_nodes.py", ["--config", str(config_path), *flags], stop)
     after = {n.get("name"): n.get("version") for n in _lock_nodes(settings)}
     changed = node_changes(before, after)
     summary.nodes["installed"] = len([n for n in after if before.get(n) != after[n]])
@@ -513,12 +516,16 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
         from comfy_worker import dry_run
 
         log.info("dry run: config %s, ComfyUI %s; nothing is changed", source.name, ref)
-        return dry_run.show(settings, cfg, text, ref, read_gate(settings) == digest, opts, stop, None), []
+        from comfy_worker.comfy_restart import due
+
+        gate_ok = read_gate(settings) == digest
+        return dry_run.show(settings, cfg, text, ref, gate_ok, opts, stop, due(settings)), []
     from comfy_worker.volume_lock import acquire
 
     def gate_matches(record: dict) -> bool:
         return (
             not opts.force
+            and not opts.update
             and not settings.comfyui_update
             and read_gate(settings) == digest
             and record.get("digest") == digest
@@ -551,7 +558,8 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
             rc_models = provision_models(settings, cfg, source.path, stop, summary)
         _check_stop(stop, "after the models")
         with Phase(summary, "nodes"):
-            rc_nodes, changed = provision_nodes(settings, source.path, stop, summary)
+            flags = [*(["--force"] if opts.force else []), *(["--update"] if opts.update else [])]
+            rc_nodes, changed = provision_nodes(settings, source.path, stop, summary, flags)
         _check_stop(stop, "after the nodes")
         rc = max(rc_models, rc_nodes)
         if rc == EXIT_OK:
@@ -564,16 +572,46 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
         lock.release()
 
 
-def request_restart(settings: Settings) -> bool:
-    """Ask the running supervisor (services.py) to restart ComfyUI: SIGHUP to its PID file."""
-    from comfy_worker.services import supervisor_pid_file
+def apply_restart(settings: Settings, opts: Options, changed: list[str], stop: threading.Event) -> int:
+    """apply_config.sh after provisioning: restart ComfyUI when nodes changed (or a restart is still
+    due from an earlier run), once its jobs are done (comfy_restart.py) unless ``--now``."""
+    from comfy_worker import comfy_restart
 
-    try:
-        pid = int(supervisor_pid_file(settings).read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-        return True
-    except (OSError, ValueError):
-        return False
+    earlier = comfy_restart.due(settings)
+    if not changed and not earlier:
+        log.info("no node changed: ComfyUI keeps running")
+        return EXIT_OK
+    what = "; ".join(changed + ([f"still due from an earlier run: {earlier}"] if earlier else []))
+    if changed:
+        comfy_restart.mark_due(settings, "; ".join(changed + ([earlier] if earlier else [])))
+    if not opts.restart:
+        log.warning("nodes changed (%s): restart ComfyUI to load them (--no-restart given)", what)
+        return EXIT_OK
+    if not comfy_restart.supervisor_running(settings):
+        log.warning("nodes changed (%s) but no running worker was found to restart ComfyUI", what)
+        return EXIT_OK
+    if opts.now:
+        state = comfy_restart.queue_state(settings)
+        if state and state[0]:
+            log.warning("--now: ComfyUI is restarted at once; its running prompt(s) %s fail", ", ".join(state[0]))
+    else:
+        try:
+            idle = comfy_restart.wait_until_idle(settings, opts.max_wait, stop)
+        except KeyboardInterrupt:
+            idle = False
+        if not idle:
+            log.error(
+                "ComfyUI was NOT restarted, so the changed nodes (%s) are not loaded yet: run apply_config.sh "
+                "again once it is idle (it restarts ComfyUI then), or apply_config.sh --now to restart it at once "
+                "(its running job then fails)",
+                what,
+            )
+            return EXIT_FAILED
+    if not comfy_restart.request_restart(settings):
+        log.warning("nodes changed (%s) but no running worker was found to restart ComfyUI", what)
+        return EXIT_OK
+    log.info("nodes changed (%s): ComfyUI is being restarted", what)
+    return EXIT_OK
 
 
 def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
@@ -595,6 +633,7 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
         gate = read_gate(settings)
         fast = (
             not opts.force
+            and not opts.update
             and not opts.dry_run
             and not settings.comfyui_update  # COMFYUI_UPDATE=1: ComfyUI is brought to its ref on every start
             and gate is not None
@@ -625,20 +664,22 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
             raise
     if opts.dry_run:
         return rc
-    if opts.apply and changed:
-        what = "; ".join(changed)
-        if not opts.restart:
-            log.warning("nodes changed (%s): restart ComfyUI to load them (--no-restart given)", what)
-        elif request_restart(settings):
-            log.info("nodes changed (%s): ComfyUI is being restarted", what)
-        else:
-            log.warning("nodes changed (%s) but no running worker was found to restart ComfyUI", what)
-    elif opts.apply:
-        log.info("no node changed: ComfyUI keeps running")
     if summary.failed:
         log.error("failed required model(s): %s", ", ".join(summary.failed))
     print(f"{summary.line()} ({time.monotonic() - started:.2f} s)", flush=True)
+    if opts.apply:
+        rc = max(rc, apply_restart(settings, opts, changed, stop))
     return rc
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds (e.g. 600)")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -647,6 +688,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="say what the config asks for, change nothing")
     parser.add_argument("--apply", action="store_true", help="a running box: restart ComfyUI when nodes changed")
     parser.add_argument("--no-restart", action="store_true", help="with --apply: never restart ComfyUI")
+    parser.add_argument(
+        "--now", action="store_true", help="with --apply: restart ComfyUI at once, without waiting for its jobs"
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=_seconds,
+        default=Options.max_wait,
+        metavar="SECONDS",
+        help=f"with --apply: wait at most this long for ComfyUI's jobs before a restart (default {Options.max_wait:g})",
+    )
+    parser.add_argument(
+        "--update", action="store_true", help="resolve latest, nightly and branch nodes again and move them"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [start] %(message)s", datefmt="%H:%M:%S")
     try:
@@ -660,7 +714,15 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
-    opts = Options(force=args.force, dry_run=args.dry_run, apply=args.apply, restart=not args.no_restart)
+    opts = Options(
+        force=args.force,
+        dry_run=args.dry_run,
+        apply=args.apply,
+        restart=not args.no_restart,
+        update=args.update,
+        now=args.now,
+        max_wait=args.max_wait,
+    )
     return run(settings, opts, stop)
 
 
