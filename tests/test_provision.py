@@ -553,3 +553,64 @@ def test_apply_config_dry_run_lists_each_model_node_and_the_restart_and_changes_
     assert same.returncode == 0, same.stdout + same.stderr
     assert "ComfyUI would keep running: no node would change" in same.stdout
     assert "gate matches" in same.stdout
+
+
+def test_apply_config_update_moves_latest_branch_and_tag_nodes_and_force_resolves_again(tmp_path, git_repos):
+    """issue 21 #4: after upstream moved, plain apply_config.sh keeps every node; `--dry-run --update`
+    shows the moves and changes nothing; `--update` moves the `latest`, branch and tag nodes to what
+    they name now (a commit pin stays); `--force` resolves every entry again, as docs/nodes.md says."""
+    from support.gitrepos import git
+
+    repos = {name: git_repos.create(name, {"__init__.py": NODE_INIT}) for name in ("Latest", "Branch", "Tag", "Pinned")}
+    for repo in repos.values():
+        repo.tag("v1.0.0")
+        repo.push()
+    pinned = repos["Pinned"].head()
+    versions = {"Latest": "latest", "Branch": "main", "Tag": "v1.0.0", "Pinned": pinned}
+    git(repos["Branch"].work, "branch", "-M", "main")
+    repos["Branch"].push()
+    env = start_env(tmp_path)
+    write_config(env, {"nodes": [{"url": repos[n].url, "version": v} for n, v in versions.items()]})
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    volume = Path(env["VOLUME_ROOT"])
+    before = {n: r.head() for n, r in repos.items()}
+
+    moved = {}
+    for name, repo in repos.items():  # upstream moves on: a new release, a new commit, a re-pointed tag
+        moved[name] = repo.commit({"__init__.py": NODE_INIT + f"\n# {name} moved\n"})
+    repos["Latest"].tag("v1.1.0")
+    git(repos["Tag"].work, "tag", "-f", "-a", "v1.0.0", "-m", "re-pointed")
+    for repo in repos.values():
+        repo.push()
+
+    def heads() -> dict[str, str]:
+        return {n: git(volume / "ComfyUI" / "custom_nodes" / n, "rev-parse", "HEAD") for n in repos}
+
+    kept = run_script(env, "apply_config.sh")
+    assert kept.returncode == 0 and heads() == before, kept.stdout + kept.stderr
+    snap = snapshot(volume)
+    dry = run_script(env, "apply_config.sh", "--dry-run", "--update")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert snapshot(volume) == snap
+    listed = [" ".join(line.split()) for line in dry.stdout.splitlines()]
+    for i, (name, version) in enumerate(versions.items()):
+        if name == "Pinned":
+            expected = f"keep nodes[{i}] Pinned at {pinned} ({pinned[:12]})"
+        else:
+            old, new = before[name][:12], moved[name][:12]
+            expected = f"would move nodes[{i}] {name} from {version} ({old}) to {version} ({new})"
+        assert any(line.startswith(expected) for line in listed), (expected, dry.stdout)
+
+    updated = run_script(env, "apply_config.sh", "--update")
+    assert updated.returncode == 0, updated.stdout + updated.stderr
+    assert heads() == {**moved, "Pinned": pinned}
+    assert "nodes changed (Latest " in updated.stderr
+    recorded = {n["name"]: n["version"] for n in read_lock_file(volume / "comfy.lock.yml")["nodes"]}
+    assert recorded == heads()
+
+    newest = repos["Latest"].commit({"__init__.py": NODE_INIT + "\n# newest\n"})
+    repos["Latest"].tag("v1.2.0")
+    repos["Latest"].push()
+    forced = run_script(env, "apply_config.sh", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert heads()["Latest"] == newest
