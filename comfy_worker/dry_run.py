@@ -54,6 +54,8 @@ def script_rows(settings: Settings, script: str, args: list[str], stop) -> list[
         rows = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
         raise DryRunError(f"{script} --dry-run ended with {proc.returncode} without a result (see above)") from None
+    if not isinstance(rows, list):
+        raise DryRunError(f"{script} --dry-run gave no list of entries")
     return [r for r in rows if isinstance(r, dict)]
 
 

@@ -223,12 +223,23 @@ def read_record(settings: Settings) -> dict:
         return {}
 
 
-def write_gate(settings: Settings, digest: str, record: dict) -> None:
-    """The warm record first, the gate last (docs/architecture.md, "The gate")."""
+def write_gate(settings: Settings, digest: str, record: dict) -> bool:
+    """The warm record first, the gate last (docs/architecture.md, "The gate"). Every entry is ready
+    by now, so a gate that cannot be written (a full or read-only volume) fails no start: it is
+    said, and the next start checks in full again."""
     from comfy_worker.lock_file import atomic_write_text
 
-    atomic_write_text(settings.volume_root / GATE_RECORD, json.dumps({**record, "digest": digest}, indent=1))
-    atomic_write_text(settings.volume_root / GATE, digest + "\n")
+    try:
+        atomic_write_text(settings.volume_root / GATE_RECORD, json.dumps({**record, "digest": digest}, indent=1))
+        atomic_write_text(settings.volume_root / GATE, digest + "\n")
+    except OSError as err:
+        log.warning(
+            "every entry is ready, but the gate %s cannot be written (%s): the next start checks in full again",
+            settings.volume_root / GATE,
+            err.strerror or err,
+        )
+        return False
+    return True
 
 
 def env_prefix(settings: Settings) -> Path:
@@ -563,8 +574,8 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
         _check_stop(stop, "after the nodes")
         rc = max(rc_models, rc_nodes)
         if rc == EXIT_OK:
-            write_gate(settings, digest, build_record(settings, cfg, source))
-            log.info("gate written (%s)", GATE)
+            if write_gate(settings, digest, build_record(settings, cfg, source)):
+                log.info("gate written (%s)", GATE)
         else:
             log.error("not every required entry is ready: the gate is not written; the next start retries")
         return rc, changed

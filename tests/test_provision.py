@@ -614,3 +614,15 @@ def test_apply_config_update_moves_latest_branch_and_tag_nodes_and_force_resolve
     forced = run_script(env, "apply_config.sh", "--force")
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert heads()["Latest"] == newest
+
+
+def test_a_warm_record_that_cannot_be_written_fails_no_start(tmp_path):
+    """issue 20 #9: every entry is ready, the record beside the gate cannot be written (here a folder
+    stands in its way): the start succeeds, says so, and the next one checks in full again."""
+    env = start_env(tmp_path)
+    write_config(env, {"models": [], "nodes": []})
+    (Path(env["VOLUME_ROOT"]) / ".config-sha256.json").mkdir(parents=True)
+    for _ in range(2):
+        out = run_script(env, "start.sh", "--provision-only")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "every entry is ready, but the gate" in out.stderr and "Traceback" not in out.stderr
