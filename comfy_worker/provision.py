@@ -2,8 +2,11 @@
 the config source, ComfyUI, the models, the nodes and the gate (docs/architecture.md, "The flow of a
 start" and "The gate").
 
-``python -m comfy_worker.provision [--force] [--dry-run] [--apply [--no-restart]]``; exit 0 when every
-required entry is ready, 1 when one failed, 2 for an invalid config or environment variable.
+``python -m comfy_worker.provision [--force] [--update] [--dry-run] [--apply [--no-restart | --now]
+[--max-wait S]]``; exit 0 when every required entry is ready, 1 when one failed (or, with --apply,
+ComfyUI still had jobs after --max-wait and was not restarted), 2 for an invalid config or
+environment variable. ``--dry-run`` lists what a run would do (dry_run.py); ``--apply`` restarts
+ComfyUI when nodes changed, once its queue is empty (comfy_restart.py).
 
 The warm path imports nothing heavy (no pydantic, yaml, git or huggingface_hub): beside the gate
 (``.config-sha256``, the digest of ``config_schema.config_digest``) lies ``.config-sha256.json``,
