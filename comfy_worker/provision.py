@@ -528,10 +528,9 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
     digest = config_digest(cfg, ref)
     if opts.dry_run:
         from comfy_worker import dry_run
-
-        log.info("dry run: config %s, ComfyUI %s; nothing is changed", source.name, ref)
         from comfy_worker.comfy_restart import due
 
+        log.info("dry run: config %s, ComfyUI %s; nothing is changed", source.name, ref)
         gate_ok = read_gate(settings) == digest
         return dry_run.show(settings, cfg, text, ref, gate_ok, opts, stop, due(settings)), []
     from comfy_worker.volume_lock import acquire
