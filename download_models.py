@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -621,6 +622,22 @@ def summary(results: list[ModelResult], dry_run: bool) -> str:
     return "\n".join(lines)
 
 
+def json_rows(results: list[ModelResult], models_dir: Path) -> list[dict]:
+    """``--json``: one object per entry (what ``apply_config.sh --dry-run`` lists)."""
+    return [
+        {
+            "index": r.index,
+            "path": str(r.target.relative_to(models_dir)) if r.target else r.entry.planned_path(),
+            "size": r.size,
+            "action": r.action or None,
+            "from": shown_url(r),
+            "error": r.error,
+            "optional": r.entry.optional,
+        }
+        for r in results
+    ]
+
+
 def dry_run_one(prov: Provisioner, r: ModelResult) -> ModelResult:
     try:
         prov.resolve(r, need_network=False)
@@ -680,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         prov.stop.set()
         print("interrupted; partial downloads are kept as .part files and resume on the next run", file=sys.stderr)
         return EXIT_FAILED
-    print(summary(results, dry_run=args.dry_run))
+    print(json.dumps(json_rows(results, models_dir)) if args.json else summary(results, dry_run=args.dry_run))
     failed = [r for r in results if not r.ok and not r.entry.optional]
     warned = [r for r in results if not r.ok and r.entry.optional]
     if args.dry_run:

@@ -52,6 +52,8 @@ RUN_LOCK = ".install_nodes.lock"  # in custom_nodes (ComfyUI ignores files that 
 CLONE = "clone"
 MOVE = "move"
 KEEP = "keep"
+# --update resolves these again (a tag too: one moved upstream is followed); commits are fixed
+UPDATE_KINDS = (*git_versions.MOVING_KINDS, "tag")
 LOCK_WAIT_TIMEOUT = 7200.0  # seconds a run waits for another one on the volume (each step of that run is bounded)
 
 
@@ -147,7 +149,7 @@ def fast_keep(ctx: Context, result: NodeResult) -> bool:
     state = read_state(result.path)
     if not state or state.get("url") != result.entry.url or state.get("version") != result.entry.version:
         return False
-    if ctx.update and state.get("kind") in git_versions.MOVING_KINDS:
+    if ctx.update and state.get("kind") in UPDATE_KINDS:
         return False
     head = git_versions.read_head(result.path)
     if not head or head != state.get("commit"):
@@ -234,7 +236,7 @@ def _update_node(ctx: Context, result: NodeResult) -> None:
             if not ctx.dry_run:
                 git_versions.set_origin(repo, entry.url)
         same_entry = bool(state) and state.get("url") == entry.url and state.get("version") == entry.version
-        refresh = ctx.force or (ctx.update and state is not None and state.get("kind") in git_versions.MOVING_KINDS)
+        refresh = ctx.force or (ctx.update and state is not None and state.get("kind") in UPDATE_KINDS)
         # the state file is written only after a complete checkout, so this says submodules are done too
         complete = same_entry and head is not None and state.get("commit") == head
         recorded = (state.get("commit") or state.get("moving_to")) if same_entry else None
@@ -450,11 +452,32 @@ def print_summary(results: list[NodeResult], dry_run: bool) -> None:
             print(f"{'warning' if r.entry.optional else 'error'}: {r.error}")
 
 
+def json_rows(results: list[NodeResult]) -> list[dict]:
+    """``--json``: one object per entry (what ``apply_config.sh --dry-run`` lists)."""
+    return [
+        {
+            "index": r.index,
+            "name": r.entry.dir_name(),
+            "version": r.entry.version,
+            "commit": r.commit,
+            "described": r.described,
+            "action": r.action or None,
+            "requirements": r.requirements,
+            "error": r.error,
+            "notes": r.notes,
+            "optional": r.entry.optional,
+        }
+        for r in results
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Install the custom nodes listed in config.yml.")
     add_common_args(parser)
     parser.add_argument("--comfyui-dir", metavar="DIR", help="ComfyUI checkout (default $COMFYUI_PATH)")
-    parser.add_argument("--update", action="store_true", help="refresh nodes that follow a branch, nightly or latest")
+    parser.add_argument(
+        "--update", action="store_true", help="resolve latest, nightly, branch and tag nodes again and move them"
+    )
     return parser
 
 
@@ -500,8 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
-    print_summary(results, args.dry_run)
     failed = [r for r in results if not r.ok and not r.entry.optional]
+    if args.json:
+        print(json.dumps(json_rows(results)))
+        return EXIT_FAILED if failed else EXIT_OK
+    print_summary(results, args.dry_run)
     print(
         f"{len(results)} node(s), {sum(r.ok for r in results)} ok, {len(failed)} required failed "
         f"({time.monotonic() - start:.2f} s)"

@@ -23,7 +23,6 @@ requirements record is written into it, so only the node packages are installed 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -46,9 +44,10 @@ from support.comfy_process import free_port, require_upstream  # noqa: E402
 from support.gitrepos import GitRepoFactory  # noqa: E402
 from support.hermetic import isolate_installers  # noqa: E402
 from support.origins import NginxOrigin, random_file  # noqa: E402
-from support.wheels import UV, make_wheel, wheel_env  # noqa: E402
+from support.tool_shims import container_python  # noqa: E402
+from support.wheels import make_wheel, wheel_env  # noqa: E402
 
-from comfy_worker.state_files import COMFYUI_REQUIREMENTS_RECORD, NODE_REQUIREMENTS_RECORD  # noqa: E402
+from comfy_worker.state_files import NODE_REQUIREMENTS_RECORD  # noqa: E402
 
 WARM_LIMIT_S = 0.5
 TTFJ_LIMIT = 1.1
@@ -56,23 +55,6 @@ JOB = {"input": {"workflow": {
     "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
     "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "bench"}},
 }}}  # fmt: skip
-
-
-def container_python(path: Path, comfyui_requirements: bytes) -> Path:
-    """A fresh venv that sees the project's packages (as an image bakes them) and records ComfyUI's
-    requirements as installed; node packages go into it."""
-    subprocess.run([str(UV), "venv", "-q", "--python", sys.executable, str(path)], check=True, capture_output=True)
-    python = path / "bin" / "python"
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    Path(site, "_project_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    digest = hashlib.sha256(comfyui_requirements).hexdigest()
-    (path / COMFYUI_REQUIREMENTS_RECORD).write_text(json.dumps({"sha256": digest}))
-    return python
 
 
 def make_nodes(root: Path, count: int) -> list[dict]:

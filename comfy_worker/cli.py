@@ -32,6 +32,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--validate-only", action="store_true", help="only check the config and exit")
     parser.add_argument("--parallel", type=int, default=4, metavar="N", help="entries worked on at once (default 4)")
     parser.add_argument("--force", action="store_true", help="redo entries even when they look complete")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results as one JSON list on stdout instead of the table (apply_config.sh --dry-run reads it)",
+    )
 
 
 def load_selected_config(config_path: str | None, settings: Settings) -> tuple[WorkerConfig, str]:

@@ -411,7 +411,10 @@ def worktree_changes(repo: Repo) -> tuple[list[str], list[str]]:
     """(tracked files changed in the work tree or index, submodules with changed tracked content).
     Untracked files survive a checkout and are not listed; a submodule that is only at another
     commit is not an edit either (its commits stay in its own repository; the checkout moves it)."""
-    out = repo.git.status("--porcelain=v2", "-z", "--untracked-files=no", "--ignore-submodules=none")
+    # GIT_OPTIONAL_LOCKS=0: a status never rewrites the index (a dry run changes no byte of a node)
+    out = repo.git.status(
+        "--porcelain=v2", "-z", "--untracked-files=no", "--ignore-submodules=none", env={"GIT_OPTIONAL_LOCKS": "0"}
+    )
     files: list[str] = []
     submodules: list[str] = []
     fields = iter(out.split("\0"))

@@ -2,17 +2,24 @@
 the config source, ComfyUI, the models, the nodes and the gate (docs/architecture.md, "The flow of a
 start" and "The gate").
 
-``python -m comfy_worker.provision [--force] [--dry-run] [--apply [--no-restart]]``; exit 0 when every
-required entry is ready, 1 when one failed, 2 for an invalid config or environment variable.
+``python -m comfy_worker.provision [--force] [--update] [--dry-run] [--apply [--no-restart | --now]
+[--max-wait S]]``; exit 0 when every required entry is ready, 1 when one failed (or, with --apply,
+ComfyUI still had jobs after --max-wait and was not restarted), 2 for an invalid config or
+environment variable. ``--dry-run`` lists what a run would do (dry_run.py); ``--apply`` restarts
+ComfyUI when nodes changed, once its queue is empty (comfy_restart.py).
 
 The warm path imports nothing heavy (no pydantic, yaml, git or huggingface_hub): beside the gate
 (``.config-sha256``, the digest of ``config_schema.config_digest``) lies ``.config-sha256.json``,
-which records the sha256 of the raw config source the digest was computed from, and what the run
-put on the volume (model files, node folders and commits). When the raw source is byte-identical and
-the gate still holds that digest, only local checks run: every recorded file and node folder exists,
+which records the sha256 of the config text the digest was computed from (a CONFIG_YML decoded
+first, so the same config in another encoding or on a volume mounted at another path finds it),
+and what the run put on the volume (model files, node folders and commits). When the text is the
+same and the gate still holds that digest, only local checks run: every recorded file and node folder exists,
 the requirements records in the Python environment match. A missing model is fetched again alone
 (``download_models.py --only``), a missing node or a fresh environment runs ``install_nodes.py``.
-Any other source (a comment edited, another CONFIG_YML) is parsed and digested the ordinary way.
+Any other source (a comment edited, another CONFIG_YML) is parsed and digested the ordinary way;
+when that full check finds the gate matching and every recorded file there, it takes no lock (a
+read-only volume starts) and rewrites the record for this source (best effort), so the next start
+is fast again.
 
 Many workers may share a volume: the work is done under ``$VOLUME_ROOT/.provision.lock``; a waiting
 worker says so, and, once it holds the lock, finds the gate written and only checks.
@@ -21,10 +28,12 @@ worker says so, and, once it holds the lock, finds the gate written and only che
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,8 +59,30 @@ class Source:
     from_env: bool = False
 
     def key(self, settings: Settings) -> str:
-        raw = f"{self.name}\0{self.text}\0{settings.comfyui_ref or ''}"
+        """The warm record's key: the config text itself (a CONFIG_YML decoded first) and COMFYUI_REF,
+        so the same config read from another mount path, or base64-encoded another way (wrapped
+        lines, URL-safe alphabet, no padding), finds the same record."""
+        text = light_decode(self.text) if self.from_env else self.text
+        raw = f"{text}\0{settings.comfyui_ref or ''}"
         return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/_-]+={0,2}")
+
+
+def light_decode(value: str) -> str:
+    """The YAML text of a CONFIG_YML value as ``config_schema.decode_config_env`` finds it for a valid
+    config, without parsing YAML (the warm path imports nothing heavy): a YAML mapping always holds a
+    ``:``, which base64 never does, so a value that is base64 once whitespace is dropped is decoded,
+    any other value is the text itself. (An invalid value only gives a key no record has.)"""
+    compact = re.sub(r"\s+", "", value)
+    if _BASE64.fullmatch(compact):
+        padded = compact.replace("-", "+").replace("_", "/") + "=" * (-len(compact) % 4)
+        try:
+            return base64.b64decode(padded, validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            pass
+    return value
 
 
 @dataclass
@@ -113,6 +144,13 @@ def read_source(settings: Settings) -> Source:
 
 class SourceError(Exception):
     pass
+
+
+def volume_config(settings: Settings) -> str | None:
+    try:
+        return (settings.volume_root / "config.yml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def write_env_config(settings: Settings, text: str) -> Path:
@@ -188,12 +226,23 @@ def read_record(settings: Settings) -> dict:
         return {}
 
 
-def write_gate(settings: Settings, digest: str, record: dict) -> None:
-    """The warm record first, the gate last (docs/architecture.md, "The gate")."""
+def write_gate(settings: Settings, digest: str, record: dict) -> bool:
+    """The warm record first, the gate last (docs/architecture.md, "The gate"). Every entry is ready
+    by now, so a gate that cannot be written (a full or read-only volume) fails no start: it is
+    said, and the next start checks in full again."""
     from comfy_worker.lock_file import atomic_write_text
 
-    atomic_write_text(settings.volume_root / GATE_RECORD, json.dumps({**record, "digest": digest}, indent=1))
-    atomic_write_text(settings.volume_root / GATE, digest + "\n")
+    try:
+        atomic_write_text(settings.volume_root / GATE_RECORD, json.dumps({**record, "digest": digest}, indent=1))
+        atomic_write_text(settings.volume_root / GATE, digest + "\n")
+    except OSError as err:
+        log.warning(
+            "every entry is ready, but the gate %s cannot be written (%s): the next start checks in full again",
+            settings.volume_root / GATE,
+            err.strerror or err,
+        )
+        return False
+    return True
 
 
 def env_prefix(settings: Settings) -> Path:
@@ -357,10 +406,13 @@ def node_changes(before: dict[str, str | None], after: dict[str, str | None]) ->
     return changes
 
 
-def provision_nodes(settings, config_path: Path, stop, summary: Summary) -> tuple[int, list[str]]:
-    """install_nodes.py; its exit code and what moved (a node folder moved: ComfyUI must restart)."""
+def provision_nodes(
+    settings, config_path: Path, stop, summary: Summary, flags: list[str] = ()
+) -> tuple[int, list[str]]:
+    """install_nodes.py (``flags``: --force, --update); its exit code and what moved (a node folder
+    moved: ComfyUI must restart)."""
     before = {n.get("name"): n.get("version") for n in _lock_nodes(settings)}
-    rc = run_script(settings, "install_nodes.py", ["--config", str(config_path)], stop)
+    rc = run_script(settings, "install_nodes.py", ["--config", str(config_path), *flags], stop)
     after = {n.get("name"): n.get("version") for n in _lock_nodes(settings)}
     changed = node_changes(before, after)
     summary.nodes["installed"] = len([n for n in after if before.get(n) != after[n]])
@@ -393,11 +445,41 @@ class Options:
     dry_run: bool = False
     apply: bool = False
     restart: bool = True
+    update: bool = False  # resolve latest, nightly and branch nodes again
+    now: bool = False  # restart ComfyUI without waiting for its jobs
+    max_wait: float = 900.0  # seconds a restart waits for ComfyUI's jobs to end
 
 
-def warm(settings: Settings, source: Source, record: dict, stop, summary: Summary) -> int | None:
-    """The gate matches: local checks, and only what is missing is provisioned again. None when the
-    record is unusable (the cold path runs then)."""
+def refresh_record(settings: Settings, record: dict, source: Source) -> None:
+    """A full check found the gate matching for a source the record does not name (the same config
+    from another mount path or another encoding, or a record of an older version): the record is
+    keyed to this source, so the next start takes the fast path again. Never fails the start: a
+    record that cannot be written (a read-only volume) costs later starts the full check, no more."""
+    key = source.key(settings)
+    if record.get("source") == key:
+        return
+    from comfy_worker.lock_file import atomic_write_text
+
+    path = settings.volume_root / GATE_RECORD
+    try:
+        atomic_write_text(path, json.dumps({**record, "source": key}, indent=1))
+    except OSError as err:
+        log.warning(
+            "cannot refresh the warm record %s (%s): this start goes on, but each later start with this "
+            "config checks it in full (about 0.5 s more) until the record can be written",
+            path,
+            err.strerror or err,
+        )
+        return
+    log.info("warm record refreshed for this config source: later starts take the fast path")
+
+
+def warm(
+    settings: Settings, source: Source, record: dict, stop, summary: Summary, check_only: bool = False
+) -> int | None:
+    """The gate matches: local checks, and only what is missing is provisioned again (not with
+    ``check_only``). None when the record is unusable or, with ``check_only``, when something is
+    missing (the cold path runs then)."""
     with Phase(summary, "local checks"):
         check = local_check(settings, record)
     summary.comfyui = "kept"
@@ -405,8 +487,9 @@ def warm(settings: Settings, source: Source, record: dict, stop, summary: Summar
         summary.models["kept"] = len(record.get("models", []))
         summary.nodes["kept"] = len(record.get("nodes", []))
         log.info("gate matches (%s): nothing to do", GATE)
+        refresh_record(settings, record, source)
         return EXIT_OK
-    if not check.comfyui_ok:
+    if check_only or not check.comfyui_ok:
         return None
     cfg, _ = load(settings, source)
     config_path = source.path
@@ -444,23 +527,36 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
     ref = settings.effective_comfyui_ref(cfg.comfyui.ref)
     digest = config_digest(cfg, ref)
     if opts.dry_run:
-        gate = read_gate(settings)
-        print(f"dry run: config {source.name}, ComfyUI {ref}, gate {'matches' if gate == digest else 'differs'}")
-        return EXIT_OK, []
+        from comfy_worker import dry_run
+        from comfy_worker.comfy_restart import due
+
+        log.info("dry run: config %s, ComfyUI %s; nothing is changed", source.name, ref)
+        gate_ok = read_gate(settings) == digest
+        return dry_run.show(settings, cfg, text, ref, gate_ok, opts, stop, due(settings)), []
     from comfy_worker.volume_lock import acquire
 
+    def gate_matches(record: dict) -> bool:
+        return (
+            not opts.force
+            and not opts.update
+            and not settings.comfyui_update
+            and read_gate(settings) == digest
+            and record.get("digest") == digest
+        )
+
+    record = read_record(settings)
+    if gate_matches(record) and not (source.from_env and volume_config(settings) != text):
+        # nothing to write when every file is there: no lock (which a read-only volume cannot take)
+        log.info("this volume is provisioned for this config (gate matches): only local checks")
+        if warm(settings, source, record, stop, summary, check_only=True) is not None:
+            return EXIT_OK, []
     settings.volume_root.mkdir(parents=True, exist_ok=True)
     lock = acquire(settings.volume_root / PROVISION_LOCK, "another worker provisioning this volume", stop)
     try:
         if source.from_env:
             source.path = write_env_config(settings, text)
         record = read_record(settings)
-        if (
-            not opts.force
-            and not settings.comfyui_update
-            and read_gate(settings) == digest
-            and record.get("digest") == digest
-        ):
+        if gate_matches(record):
             log.info("this volume is provisioned for this config (gate matches): only local checks")
             result = warm(settings, source, record, stop, summary)
             if result is not None:
@@ -475,12 +571,13 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
             rc_models = provision_models(settings, cfg, source.path, stop, summary)
         _check_stop(stop, "after the models")
         with Phase(summary, "nodes"):
-            rc_nodes, changed = provision_nodes(settings, source.path, stop, summary)
+            flags = [*(["--force"] if opts.force else []), *(["--update"] if opts.update else [])]
+            rc_nodes, changed = provision_nodes(settings, source.path, stop, summary, flags)
         _check_stop(stop, "after the nodes")
         rc = max(rc_models, rc_nodes)
         if rc == EXIT_OK:
-            write_gate(settings, digest, build_record(settings, cfg, source))
-            log.info("gate written (%s)", GATE)
+            if write_gate(settings, digest, build_record(settings, cfg, source)):
+                log.info("gate written (%s)", GATE)
         else:
             log.error("not every required entry is ready: the gate is not written; the next start retries")
         return rc, changed
@@ -488,16 +585,46 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
         lock.release()
 
 
-def request_restart(settings: Settings) -> bool:
-    """Ask the running supervisor (services.py) to restart ComfyUI: SIGHUP to its PID file."""
-    from comfy_worker.services import supervisor_pid_file
+def apply_restart(settings: Settings, opts: Options, changed: list[str], stop: threading.Event) -> int:
+    """apply_config.sh after provisioning: restart ComfyUI when nodes changed (or a restart is still
+    due from an earlier run), once its jobs are done (comfy_restart.py) unless ``--now``."""
+    from comfy_worker import comfy_restart
 
-    try:
-        pid = int(supervisor_pid_file(settings).read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-        return True
-    except (OSError, ValueError):
-        return False
+    earlier = comfy_restart.due(settings)
+    if not changed and not earlier:
+        log.info("no node changed: ComfyUI keeps running")
+        return EXIT_OK
+    what = "; ".join(changed + ([f"still due from an earlier run: {earlier}"] if earlier else []))
+    if changed:
+        comfy_restart.mark_due(settings, "; ".join(changed + ([earlier] if earlier else [])))
+    if not opts.restart:
+        log.warning("nodes changed (%s): restart ComfyUI to load them (--no-restart given)", what)
+        return EXIT_OK
+    if not comfy_restart.supervisor_running(settings):
+        log.warning("nodes changed (%s) but no running worker was found to restart ComfyUI", what)
+        return EXIT_OK
+    if opts.now:
+        state = comfy_restart.queue_state(settings)
+        if state and state[0]:
+            log.warning("--now: ComfyUI is restarted at once; its running prompt(s) %s fail", ", ".join(state[0]))
+    else:
+        try:
+            idle = comfy_restart.wait_until_idle(settings, opts.max_wait, stop)
+        except KeyboardInterrupt:
+            idle = False
+        if not idle:
+            log.error(
+                "ComfyUI was NOT restarted, so the changed nodes (%s) are not loaded yet: run apply_config.sh "
+                "again once it is idle (it restarts ComfyUI then), or apply_config.sh --now to restart it at once "
+                "(its running job then fails)",
+                what,
+            )
+            return EXIT_FAILED
+    if not comfy_restart.request_restart(settings):
+        log.warning("nodes changed (%s) but no running worker was found to restart ComfyUI", what)
+        return EXIT_OK
+    log.info("nodes changed (%s): ComfyUI is being restarted", what)
+    return EXIT_OK
 
 
 def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
@@ -519,6 +646,7 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
         gate = read_gate(settings)
         fast = (
             not opts.force
+            and not opts.update
             and not opts.dry_run
             and not settings.comfyui_update  # COMFYUI_UPDATE=1: ComfyUI is brought to its ref on every start
             and gate is not None
@@ -547,20 +675,24 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
             return EXIT_FAILED
         else:
             raise
-    if opts.apply and changed:
-        what = "; ".join(changed)
-        if not opts.restart:
-            log.warning("nodes changed (%s): restart ComfyUI to load them (--no-restart given)", what)
-        elif request_restart(settings):
-            log.info("nodes changed (%s): ComfyUI is being restarted", what)
-        else:
-            log.warning("nodes changed (%s) but no running worker was found to restart ComfyUI", what)
-    elif opts.apply:
-        log.info("no node changed: ComfyUI keeps running")
+    if opts.dry_run:
+        return rc
     if summary.failed:
         log.error("failed required model(s): %s", ", ".join(summary.failed))
     print(f"{summary.line()} ({time.monotonic() - started:.2f} s)", flush=True)
+    if opts.apply:
+        rc = max(rc, apply_restart(settings, opts, changed, stop))
     return rc
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds (e.g. 600)")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -569,6 +701,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="say what the config asks for, change nothing")
     parser.add_argument("--apply", action="store_true", help="a running box: restart ComfyUI when nodes changed")
     parser.add_argument("--no-restart", action="store_true", help="with --apply: never restart ComfyUI")
+    parser.add_argument(
+        "--now", action="store_true", help="with --apply: restart ComfyUI at once, without waiting for its jobs"
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=_seconds,
+        default=Options.max_wait,
+        metavar="SECONDS",
+        help=f"with --apply: wait at most this long for ComfyUI's jobs before a restart (default {Options.max_wait:g})",
+    )
+    parser.add_argument(
+        "--update", action="store_true", help="resolve latest, nightly and branch nodes again and move them"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [start] %(message)s", datefmt="%H:%M:%S")
     try:
@@ -582,7 +727,15 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
-    opts = Options(force=args.force, dry_run=args.dry_run, apply=args.apply, restart=not args.no_restart)
+    opts = Options(
+        force=args.force,
+        dry_run=args.dry_run,
+        apply=args.apply,
+        restart=not args.no_restart,
+        update=args.update,
+        now=args.now,
+        max_wait=args.max_wait,
+    )
     return run(settings, opts, stop)
 
 

@@ -24,8 +24,8 @@
    printed once; ``JUPYTER_AUTH=none`` turns it off. The token reaches Jupyter by its environment.
 
 Then it watches: ComfyUI exits → restarted when ``COMFY_RESTART`` is on, else every child is stopped
-and the supervisor exits 1. SIGHUP (sent by ``apply_config.sh``) restarts ComfyUI and never ends the
-container. The handler exiting ends everything with its code. SIGTERM/SIGINT: SIGTERM to every child's
+and the supervisor exits 1. SIGHUP (sent by ``apply_config.sh`` once ComfyUI has no job, see
+comfy_restart.py) restarts ComfyUI and never ends the container. The handler exiting ends everything with its code. SIGTERM/SIGINT: SIGTERM to every child's
 process group, SIGKILL to what is left after 8 s, exit 0: every child is gone within 10 s.
 """
 
@@ -56,6 +56,12 @@ TOKEN_FILE = ".jupyter-token"
 
 def supervisor_pid_file(settings: Settings) -> Path:
     return settings.comfy_pid_file.with_name(settings.comfy_pid_file.name + ".supervisor")
+
+
+def restart_due_file(settings: Settings) -> Path:
+    """Written by apply_config.sh while a restart of ComfyUI is due (comfy_restart.py); removed
+    whenever ComfyUI is started."""
+    return settings.comfy_pid_file.with_name(settings.comfy_pid_file.name + ".restart-due")
 
 
 def has_cuda_device(env=None, dev: str = "/dev", proc: str = "/proc/driver/nvidia/gpus") -> bool:
@@ -189,6 +195,7 @@ class Supervisor:
         settings = self.settings
         settings.comfy_log_file.parent.mkdir(parents=True, exist_ok=True)
         settings.comfy_log_file.write_bytes(b"")
+        restart_due_file(settings).unlink(missing_ok=True)  # this ComfyUI loads every node there is
         proc = self.spawn(
             "ComfyUI",
             comfy_command(settings, self.cpu),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -21,7 +22,16 @@ from support.comfy_process import ROOT
 from support.hf_hub_cache import make_hf_cache
 from support.models import UPSCALE_MODEL_NAME
 from support.origins import NginxOrigin, random_file
-from support.start_env import NODE_INIT, run_script, start_env
+from support.start_env import (
+    NODE_INIT,
+    read_only_mounts,
+    run_fast,
+    run_on_read_only_volume,
+    run_script,
+    start_env,
+)
+from support.tool_shims import container_python, record_tools, recorded_calls
+from support.wheels import make_wheel, wheel_env
 
 from comfy_worker.http_download import MiB
 from comfy_worker.lock_file import read_lock_file
@@ -105,6 +115,41 @@ def test_cold_then_warm_start(tmp_path, nginx, node_repo):
     assert (comfy / "models" / "checkpoints" / "b.bin").is_file()
     new_lines = (nginx.workdir / "access.log").read_text().splitlines()[before:]
     assert new_lines and all("/b.bin " in line for line in new_lines)
+
+
+def test_warm_start_runs_no_git_uv_or_pip_and_sends_no_request(tmp_path, nginx, git_repos):
+    """issue 20 (test gap): a warm start touches no network, git or pip, as the tools themselves see
+    it: git, uv and pip on PATH (and uv next to $PYTHON, where the installers look first) record each
+    call, and the model origin logs each request. The cold start before it shows all three at work."""
+    from support.comfy_process import require_upstream
+
+    requirements = subprocess.check_output(["git", "-C", str(require_upstream()), "show", "v0.3.75:requirements.txt"])
+    python = container_python(tmp_path / "venv", requirements)
+    calls = tmp_path / "tool-calls.log"
+    record_tools(python.parent, calls)
+    make_wheel(tmp_path / "wheels", "warmpkg", "1.0")
+    repo = git_repos.create("ShimNode", {"__init__.py": NODE_INIT, "requirements.txt": "warmpkg\n"})
+    repo.tag("v1.0.0")
+    repo.push()
+    env = start_env(tmp_path, PYTHON=str(python), **wheel_env(tmp_path / "wheels"))
+    env["PATH"] = f"{python.parent}:{env['PATH']}"
+    models = [{"url": f"{nginx.url}/b.bin", "destination": "checkpoints"}]
+    write_config(env, {"models": models, "nodes": [{"url": repo.url, "version": "v1.0.0"}]})
+
+    cold = run_script(env, "start.sh", "--provision-only")
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    cold_calls = recorded_calls(calls)
+    assert any(c.startswith("git clone") for c in cold_calls), cold_calls
+    assert any(c.startswith("uv pip install") for c in cold_calls), cold_calls
+    fetched = requests_to(nginx)
+    assert fetched >= 1
+
+    calls.unlink()
+    for _ in range(2):
+        warm = run_script(env, "start.sh", "--provision-only")
+        assert warm.returncode == 0, warm.stdout + warm.stderr
+        assert recorded_calls(calls) == []
+        assert requests_to(nginx) == fetched
 
 
 def test_warm_path_imports_nothing_heavy(tmp_path):
@@ -343,7 +388,9 @@ def test_apply_config_refuses_to_replace_an_edited_volume_config_with_config_yml
 
 
 def test_a_pod_without_config_yml_gets_the_baked_config_on_the_volume_to_edit(tmp_path):
-    env = start_env(tmp_path, MODE="pod")
+    # the dry run looks the baked config's model up: found in a hub cache on the host, no network
+    make_hf_cache(tmp_path / "hub", "ai-forever/Real-ESRGAN", "RealESRGAN_x2.pth", b"esrgan")
+    env = start_env(tmp_path, MODE="pod", HF_HUB_CACHE=str(tmp_path / "hub"))
     dry_run = [sys.executable, "-m", "comfy_worker.provision", "--dry-run"]
     out = subprocess.run(dry_run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -356,3 +403,226 @@ def test_a_pod_without_config_yml_gets_the_baked_config_on_the_volume_to_edit(tm
     local = start_env(tmp_path / "local")  # local mode edits the repo's config.yml in place: no copy
     subprocess.run(dry_run, env=local, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert not (Path(local["VOLUME_ROOT"]) / "config.yml").exists()
+
+
+WARM_CONFIG = "models: []\nnodes: []\n# the same config, however it arrives (base64 of it is wrapped)\n"
+FULL_CHECK = "this volume is provisioned for this config (gate matches)"
+
+
+def test_config_yml_in_base64_wrapped_at_76_columns_takes_the_fast_warm_path(tmp_path):
+    """issue 20 #9: the warm record is keyed on the decoded config, not on how CONFIG_YML encodes it."""
+    env = start_env(tmp_path)
+    one_line = base64.b64encode(WARM_CONFIG.encode()).decode()
+    first = run_script({**env, "CONFIG_YML": one_line}, "start.sh", "--provision-only")
+    assert first.returncode == 0, first.stderr
+    wrapped = base64.encodebytes(WARM_CONFIG.encode()).decode()  # `base64 config.yml`: 76 columns
+    assert len(wrapped.splitlines()) > 1
+    for value in (wrapped, wrapped, WARM_CONFIG):  # every later start is fast: no full check, no volume lock
+        again = run_fast({**env, "CONFIG_YML": value}, "start.sh", "--provision-only")
+        assert again.returncode == 0, again.stderr
+        assert "gate matches" in again.stderr and FULL_CHECK not in again.stderr
+
+
+def test_volume_at_another_mount_path_takes_the_fast_warm_path(tmp_path):
+    """issue 20 #9: the warm record does not depend on where the volume is mounted."""
+    env = start_env(tmp_path)
+    write_config(env, {"models": [], "nodes": []})
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    elsewhere = tmp_path / "mounted" / "elsewhere"
+    elsewhere.parent.mkdir()
+    os.rename(env["VOLUME_ROOT"], elsewhere)
+    moved = {**env, "VOLUME_ROOT": str(elsewhere)}
+    for _ in range(2):
+        out = run_fast(moved, "start.sh", "--provision-only")
+        assert out.returncode == 0, out.stderr
+        assert "gate matches" in out.stderr and FULL_CHECK not in out.stderr
+
+
+def test_a_full_check_finding_the_gate_matching_refreshes_the_warm_record(tmp_path):
+    """issue 20 #9: a record the source does not match (an older version's) is rewritten by the full
+    check that finds the gate matching, so the start after it is fast again."""
+    env = start_env(tmp_path)
+    write_config(env, {"models": [], "nodes": []})
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    record_path = Path(env["VOLUME_ROOT"]) / ".config-sha256.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "source": "0" * 64}))
+    full = run_script(env, "start.sh", "--provision-only")
+    assert full.returncode == 0, full.stderr
+    assert FULL_CHECK in full.stderr and "warm record refreshed" in full.stderr
+    assert json.loads(record_path.read_text()) == record
+    fast = run_fast(env, "start.sh", "--provision-only")
+    assert fast.returncode == 0 and FULL_CHECK not in fast.stderr, fast.stderr
+
+
+@pytest.mark.skipif(
+    not read_only_mounts(), reason="needs unshare -rm (a private mount namespace) for a read-only mount"
+)
+def test_read_only_volume_at_another_path_starts_warm(tmp_path):
+    """issue 20 #9: a read-only volume mounted at another path starts on the fast path; with a record
+    it cannot refresh, the full check still starts it (with a warning), never taking the lock."""
+    env = start_env(tmp_path, CONFIG_YML=base64.b64encode(WARM_CONFIG.encode()).decode())
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    volume = Path(env["VOLUME_ROOT"])
+    before = snapshot(volume)
+    read_only = {**env, "VOLUME_ROOT": str(tmp_path / "ro" / "volume")}
+    wrapped = {**read_only, "CONFIG_YML": base64.encodebytes(WARM_CONFIG.encode()).decode()}
+    for variant in (read_only, wrapped):
+        out = run_on_read_only_volume(variant, volume, "start.sh", "--provision-only")
+        assert out.returncode == 0, out.stderr
+        assert "gate matches" in out.stderr and FULL_CHECK not in out.stderr
+    assert snapshot(volume) == before
+
+    record_path = volume / ".config-sha256.json"
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "source": "0" * 64}))
+    out = run_on_read_only_volume(read_only, volume, "start.sh", "--provision-only")
+    assert out.returncode == 0, out.stderr
+    assert FULL_CHECK in out.stderr and "cannot refresh the warm record" in out.stderr
+    assert "Read-only file system" in out.stderr and "Traceback" not in out.stderr
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every file, folder and link under ``root``: its bytes (or link target), mode and mtime."""
+    seen = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        if path.is_symlink():
+            seen[str(path.relative_to(root))] = ("link", os.readlink(path), st.st_mtime_ns)
+        elif path.is_file():
+            seen[str(path.relative_to(root))] = ("file", st.st_mode, st.st_mtime_ns, path.read_bytes())
+        else:  # a folder's mtime moves when anything is created or removed in it, a temp file too
+            seen[str(path.relative_to(root))] = ("dir", st.st_mode, st.st_mtime_ns)
+    return seen
+
+
+def test_apply_config_dry_run_lists_each_model_node_and_the_restart_and_changes_nothing(tmp_path, nginx, git_repos):
+    """issue 20 #8 (issue 21 #3): with a node moving v1 -> v2, a node added and models added,
+    ``apply_config.sh --dry-run`` lists each model it would fetch, link or keep, each node it would
+    clone, move (old -> new version and commit) or keep, and that ComfyUI would restart; the volume
+    is byte-identical afterwards (no file, record, lock or checkout written)."""
+    moving = git_repos.create("MovingNode", {"__init__.py": NODE_INIT})
+    moving.tag("v1.0.0")
+    moving.commit({"__init__.py": NODE_INIT + "\n# v2\n"})
+    moving.tag("v2.0.0")
+    moving.push()
+    kept, added = git_repos.create("KeptNode", {"__init__.py": NODE_INIT}), git_repos.create("AddedNode", {})
+    for repo in (kept, added):
+        repo.tag("v1.0.0")
+        repo.push()
+    data = b"cached model bytes" * 100
+    make_hf_cache(tmp_path / "hf-cache" / "hub", "org/model", "unet.safetensors", data)
+    env = start_env(tmp_path, HF_HUB_CACHE=str(tmp_path / "hf-cache" / "hub"))
+    models = [{"url": f"{nginx.url}/b.bin", "destination": "checkpoints"}]
+    nodes = [{"url": moving.url, "version": "v1.0.0"}, {"url": kept.url, "version": "v1.0.0"}]
+    write_config(env, {"models": models, "nodes": nodes})
+    first = run_script(env, "start.sh", "--provision-only")
+    assert first.returncode == 0, first.stdout + first.stderr
+
+    models += [
+        {"url": f"{nginx.url}/{UPSCALE_MODEL_NAME}", "destination": "upscale_models"},
+        {"url": "https://huggingface.co/org/model/resolve/main/unet.safetensors", "destination": "unet"},
+    ]
+    nodes[0]["version"] = "v2.0.0"
+    nodes.append({"url": added.url, "version": "v1.0.0"})
+    write_config(env, {"models": models, "nodes": nodes})
+    volume = Path(env["VOLUME_ROOT"])
+    before = snapshot(volume)
+    out = run_script(env, "apply_config.sh", "--dry-run")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert snapshot(volume) == before
+    listed = [" ".join(line.split()) for line in out.stdout.splitlines()]
+    old, new = moving.head("v1.0.0")[:12], moving.head("v2.0.0")[:12]
+    for expected in (
+        "keep models[0] checkpoints/b.bin (4.9 KiB)",
+        f"would fetch models[1] upscale_models/{UPSCALE_MODEL_NAME}",
+        "would link from cache models[2] unet/unet.safetensors",
+        f"would move nodes[0] MovingNode from v1.0.0 ({old}) to v2.0.0 ({new})",
+        f"keep nodes[1] KeptNode at v1.0.0 ({kept.head('v1.0.0')[:12]})",
+        f"would clone nodes[2] AddedNode at v1.0.0 ({added.head('v1.0.0')[:12]})",
+        f"ComfyUI would be restarted once it has no job running or waiting, to load: MovingNode {old} -> {new}; "
+        "AddedNode added",
+    ):
+        assert any(line.startswith(expected) for line in listed), (expected, out.stdout)
+    assert "no node changed" not in out.stderr
+
+    unchanged = run_script(env, "apply_config.sh", "--dry-run", "--no-restart")
+    assert "ComfyUI would NOT be restarted (--no-restart)" in unchanged.stdout
+    nodes[0]["version"] = "v1.0.0"  # back to what the volume holds: no node would change
+    write_config(env, {"models": models[:1], "nodes": nodes[:2]})
+    same = run_script(env, "apply_config.sh", "--dry-run")
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "ComfyUI would keep running: no node would change" in same.stdout
+    assert "gate matches" in same.stdout
+
+
+def test_apply_config_update_moves_latest_branch_and_tag_nodes_and_force_resolves_again(tmp_path, git_repos):
+    """issue 21 #4: after upstream moved, plain apply_config.sh keeps every node; `--dry-run --update`
+    shows the moves and changes nothing; `--update` moves the `latest`, branch and tag nodes to what
+    they name now (a commit pin stays); `--force` resolves every entry again, as docs/nodes.md says."""
+    from support.gitrepos import git
+
+    repos = {name: git_repos.create(name, {"__init__.py": NODE_INIT}) for name in ("Latest", "Branch", "Tag", "Pinned")}
+    for repo in repos.values():
+        repo.tag("v1.0.0")
+        repo.push()
+    pinned = repos["Pinned"].head()
+    versions = {"Latest": "latest", "Branch": "main", "Tag": "v1.0.0", "Pinned": pinned}
+    git(repos["Branch"].work, "branch", "-M", "main")
+    repos["Branch"].push()
+    env = start_env(tmp_path)
+    write_config(env, {"nodes": [{"url": repos[n].url, "version": v} for n, v in versions.items()]})
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    volume = Path(env["VOLUME_ROOT"])
+    before = {n: r.head() for n, r in repos.items()}
+
+    moved = {}
+    for name, repo in repos.items():  # upstream moves on: a new release, a new commit, a re-pointed tag
+        moved[name] = repo.commit({"__init__.py": NODE_INIT + f"\n# {name} moved\n"})
+    repos["Latest"].tag("v1.1.0")
+    git(repos["Tag"].work, "tag", "-f", "-a", "v1.0.0", "-m", "re-pointed")
+    for repo in repos.values():
+        repo.push()
+
+    def heads() -> dict[str, str]:
+        return {n: git(volume / "ComfyUI" / "custom_nodes" / n, "rev-parse", "HEAD") for n in repos}
+
+    kept = run_script(env, "apply_config.sh")
+    assert kept.returncode == 0 and heads() == before, kept.stdout + kept.stderr
+    snap = snapshot(volume)
+    dry = run_script(env, "apply_config.sh", "--dry-run", "--update")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert snapshot(volume) == snap
+    listed = [" ".join(line.split()) for line in dry.stdout.splitlines()]
+    for i, (name, version) in enumerate(versions.items()):
+        if name == "Pinned":
+            expected = f"keep nodes[{i}] Pinned at {pinned} ({pinned[:12]})"
+        else:
+            old, new = before[name][:12], moved[name][:12]
+            expected = f"would move nodes[{i}] {name} from {version} ({old}) to {version} ({new})"
+        assert any(line.startswith(expected) for line in listed), (expected, dry.stdout)
+
+    updated = run_script(env, "apply_config.sh", "--update")
+    assert updated.returncode == 0, updated.stdout + updated.stderr
+    assert heads() == {**moved, "Pinned": pinned}
+    assert "nodes changed (Latest " in updated.stderr
+    recorded = {n["name"]: n["version"] for n in read_lock_file(volume / "comfy.lock.yml")["nodes"]}
+    assert recorded == heads()
+
+    newest = repos["Latest"].commit({"__init__.py": NODE_INIT + "\n# newest\n"})
+    repos["Latest"].tag("v1.2.0")
+    repos["Latest"].push()
+    forced = run_script(env, "apply_config.sh", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert heads()["Latest"] == newest
+
+
+def test_a_warm_record_that_cannot_be_written_fails_no_start(tmp_path):
+    """issue 20 #9: every entry is ready, the record beside the gate cannot be written (here a folder
+    stands in its way): the start succeeds, says so, and the next one checks in full again."""
+    env = start_env(tmp_path)
+    write_config(env, {"models": [], "nodes": []})
+    (Path(env["VOLUME_ROOT"]) / ".config-sha256.json").mkdir(parents=True)
+    for _ in range(2):
+        out = run_script(env, "start.sh", "--provision-only")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "every entry is ready, but the gate" in out.stderr and "Traceback" not in out.stderr

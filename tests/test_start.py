@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from support.comfy_process import ROOT, free_port
+from support.comfy_process import ROOT, TEST_NODES, free_port
 from support.models import UPSCALE_MODEL_NAME
 from support.origins import FaultyOrigin
 from support.runpod_fakes import FakeRunPodQueue
@@ -324,7 +325,126 @@ def test_a_failed_required_entry_ends_a_serverless_start_but_pod_and_local_start
             stop_start(proc)
 
 
-@pytest.mark.parametrize("script", ["start.sh", "deploy.sh", "build.sh"])
+def held_workflow(release: Path, max_seconds: float = 120) -> dict:
+    """A job that runs in ComfyUI until the file ``release`` exists."""
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {
+            "class_type": "WorkerTestWaitFile",
+            "inputs": {"image": ["1", 0], "path": str(release), "max_seconds": max_seconds},
+        },
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "held"}},
+    }
+
+
+def comfy_queue(env) -> tuple[list, list]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{env['COMFY_PORT']}/queue", timeout=5) as r:
+        data = json.load(r)
+    return data["queue_running"], data["queue_pending"]
+
+
+def job_status(api: str, job_id: str) -> dict:
+    with urllib.request.urlopen(f"{api}/status/{job_id}", timeout=10) as r:
+        return json.load(r)
+
+
+def final_status(api: str, job_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job_status(api, job_id)
+        if status["status"] not in ("IN_QUEUE", "IN_PROGRESS"):
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {status['status']} after {timeout:g} s: it hangs")
+
+
+def set_node_version(cfg: dict, volume: Path, version: str) -> None:
+    cfg["nodes"][0]["version"] = version
+    (volume / "config.yml").write_text(yaml.safe_dump(cfg))
+
+
+def test_apply_config_restarts_comfyui_only_after_the_running_job_completed(tmp_path, box):
+    """issue 20 #6: a node change restarts ComfyUI once its running job is done (the job completes,
+    the restart comes after it); the wait is said and bounded (past it, no restart: the next
+    apply_config.sh does it); --now restarts at once and the cut job ends, it never hangs."""
+    env, _, cfg, volume, repo = box
+    env = {**env, "COMFY_RESTART": "1", "ENABLE_JUPYTER": "0", "WARMUP_WORKFLOW": ""}
+    shutil.copytree(TEST_NODES, volume / "ComfyUI" / "custom_nodes" / "comfy_worker_test_nodes")
+    old, new = repo.head("v1.0.0")[:12], repo.head("v1.1.0")[:12]
+    log = tmp_path / "start.log"
+    proc = start(env, log)
+    try:
+        api = f"http://127.0.0.1:{env['API_PORT']}"
+        wait_until(lambda: get(f"{api}/ping") == 200, 240, f"the local API; log:\n{log.read_text()}")
+
+        # the restart waits for the running job, which completes; only then does ComfyUI restart
+        first = comfy_pid(env)
+        job = post(f"{api}/run", {"input": {"workflow": held_workflow(tmp_path / "release-1")}})["id"]
+        wait_until(lambda: comfy_queue(env)[0], 60, "the held job running in ComfyUI")
+        prompt = comfy_queue(env)[0][0][1]
+        set_node_version(cfg, volume, "v1.1.0")
+        said = tmp_path / "apply.err"
+        with said.open("w") as err:
+            applying = subprocess.Popen(["bash", str(ROOT / "apply_config.sh")], env=env, stderr=err, text=True)
+        try:
+            wait_until(
+                lambda: "waiting for them to finish" in said.read_text() or applying.poll() is not None,
+                120,
+                "apply_config.sh waiting",
+            )
+            time.sleep(1)  # were it not waiting, ComfyUI would be going down by now
+            assert applying.poll() is None, said.read_text()
+            assert comfy_pid(env) == first and comfy_queue(env)[0]
+            (tmp_path / "release-1").touch()
+            assert applying.wait(60) == 0, said.read_text()
+        finally:
+            if applying.poll() is None:
+                applying.kill()
+        text = said.read_text()
+        assert f"ComfyUI has jobs: 1 running (prompt {prompt}), 0 waiting; waiting for them to finish" in text
+        assert "at most 900 s; apply_config.sh --now restarts at once" in text
+        assert f"nodes changed (StartNode {old} -> {new}): ComfyUI is being restarted" in text
+        assert final_status(api, job, 60)["status"] == "COMPLETED"
+        wait_until(lambda: comfy_pid(env) != first and comfy_answers(env), 120, "the restarted ComfyUI")
+        assert "StartTestPassImageV11" in object_info(env)
+
+        # bounded: past --max-wait ComfyUI is not restarted (exit 1, said); the job completes, and the
+        # next apply_config.sh, with nothing changed any more, does the restart that is still due
+        second = comfy_pid(env)
+        job = post(f"{api}/run", {"input": {"workflow": held_workflow(tmp_path / "release-2")}})["id"]
+        wait_until(lambda: comfy_queue(env)[0], 60, "the held job running in ComfyUI")
+        set_node_version(cfg, volume, "v1.0.0")
+        bounded = run_script(env, "apply_config.sh", "--max-wait", "1")
+        assert bounded.returncode == 1, bounded.stdout + bounded.stderr
+        assert "ComfyUI still has jobs after 1 s" in bounded.stderr
+        assert "ComfyUI was NOT restarted" in bounded.stderr and "apply_config.sh --now" in bounded.stderr
+        (tmp_path / "release-2").touch()
+        assert final_status(api, job, 60)["status"] == "COMPLETED" and comfy_pid(env) == second
+        due = run_script(env, "apply_config.sh", "--dry-run")
+        assert "ComfyUI would be restarted once it has no job running or waiting, to load: still due" in due.stdout
+        again = run_script(env, "apply_config.sh")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert f"still due from an earlier run: StartNode {new} -> {old}): ComfyUI is being restarted" in again.stderr
+        wait_until(lambda: comfy_pid(env) != second and comfy_answers(env), 120, "the restarted ComfyUI")
+        assert "StartTestPassImageV11" not in object_info(env)
+        after = run_script(env, "apply_config.sh")
+        assert "no node changed: ComfyUI keeps running" in after.stderr
+
+        # --now: no wait; the cut job ends (it does not hang until its timeout)
+        third = comfy_pid(env)
+        job = post(f"{api}/run", {"input": {"workflow": held_workflow(tmp_path / "never")}})["id"]
+        wait_until(lambda: comfy_queue(env)[0], 60, "the held job running in ComfyUI")
+        set_node_version(cfg, volume, "v1.1.0")
+        now = run_script(env, "apply_config.sh", "--now")
+        assert now.returncode == 0, now.stdout + now.stderr
+        assert "--now: ComfyUI is restarted at once" in now.stderr
+        wait_until(lambda: comfy_pid(env) != third and comfy_answers(env), 120, "the restarted ComfyUI")
+        assert final_status(api, job, 90)["status"] == "FAILED"
+    finally:
+        stop_start(proc)
+
+
+@pytest.mark.parametrize("script", ["start.sh", "deploy.sh", "build.sh", "apply_config.sh"])
 def test_help_prints_text_not_comment_lines(script):
     """issue 21: ``start.sh --help`` printed its raw comment lines."""
     done = subprocess.run(["bash", str(ROOT / script), "--help"], capture_output=True, text=True, timeout=30)

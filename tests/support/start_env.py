@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -52,3 +53,59 @@ def start_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def run_script(env: dict[str, str], script: str = "start.sh", *args: str, timeout: float = 300):
     return subprocess.run(["bash", str(ROOT / script), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def volume_lock_held(volume: Path):
+    """Hold ``$VOLUME_ROOT/.provision.lock`` as another worker provisioning the volume would: a start
+    that takes the lock waits for as long as this lasts, a fast warm start does not notice it."""
+    from filelock import FileLock
+
+    lock = FileLock(str(volume / ".provision.lock"))
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def run_fast(env: dict[str, str], script: str = "start.sh", *args: str, timeout: float = 60):
+    """``run_script`` with the volume lock held elsewhere: a start that waits for it is not the fast
+    warm path, and fails here instead of hanging."""
+    with volume_lock_held(Path(env["VOLUME_ROOT"])):
+        try:
+            return run_script(env, script, *args, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise AssertionError(
+                f"{script} waited for the volume lock for {timeout:g} s: it did not take the fast warm path; "
+                f"its output:\n{err.stderr}"
+            ) from None
+
+
+READ_ONLY_MOUNT = 'mount --bind "$1" "$2" && mount -o remount,bind,ro "$2" && shift 2 && exec "$@"'
+
+
+def read_only_mounts() -> bool:
+    """Can this machine mount a folder read-only in a private mount namespace (``unshare -rm``)?"""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            probe = subprocess.run(
+                ["unshare", "-rm", "sh", "-c", READ_ONLY_MOUNT, "sh", tmp, tmp, "sh", "-c", f"! touch {tmp}/x"],
+                capture_output=True,
+                timeout=30,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        return probe.returncode == 0
+
+
+def run_on_read_only_volume(env: dict[str, str], volume: Path, script: str = "start.sh", *args: str, timeout=120):
+    """``script`` with ``volume`` mounted read-only at ``env["VOLUME_ROOT"]`` (a bind mount that only
+    the script's private mount namespace sees: nothing is left mounted after it)."""
+    mount_at = Path(env["VOLUME_ROOT"])
+    mount_at.mkdir(parents=True, exist_ok=True)
+    cmd = ["unshare", "-rm", "sh", "-c", READ_ONLY_MOUNT, "sh", str(volume), str(mount_at)]
+    cmd += ["bash", str(ROOT / script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

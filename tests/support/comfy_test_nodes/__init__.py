@@ -27,6 +27,31 @@ class WorkerTestSleep:
         return (image,)
 
 
+class WorkerTestWaitFile:
+    """Passes an image through once the file ``path`` exists (or after ``max_seconds``): a job that
+    runs exactly until the test ends it."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE",),
+                "path": ("STRING", {"default": ""}),
+                "max_seconds": ("FLOAT", {"default": 120.0, "min": 0.0, "max": 3600.0, "step": 0.1}),
+            }
+        }
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = "comfy_worker_tests"
+
+    def run(self, image, path, max_seconds):
+        deadline = time.monotonic() + max_seconds
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return (image,)
+
+
 class WorkerTestSteps:
     """Passes an image through after ``steps`` short sleeps, reporting progress after each one (so
     ComfyUI sends ``progress`` messages and an interrupt lands within one step)."""
@@ -199,6 +224,7 @@ NODE_CLASS_MAPPINGS = {
     "WorkerTestBroadcast": WorkerTestBroadcast,
     "WorkerTestReportFile": WorkerTestReportFile,
     "WorkerTestFail": WorkerTestFail,
+    "WorkerTestWaitFile": WorkerTestWaitFile,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "WorkerTestSleep": "Worker Test Sleep",
@@ -208,4 +234,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "WorkerTestBroadcast": "Worker Test Broadcast",
     "WorkerTestReportFile": "Worker Test Report File",
     "WorkerTestFail": "Worker Test Fail",
+    "WorkerTestWaitFile": "Worker Test Wait File",
 }
