@@ -16,6 +16,7 @@ import requests
 
 from support.comfy_process import ROOT, free_port
 
+SUPPORT = Path(__file__).resolve().parent  # tests/support: where test handlers for --handler live
 # variables of the test runner's environment that would change what the API or the handler does
 CLEAN_ENV = ("BUCKET_ENDPOINT_URL", "RUNPOD_ENDPOINT_ID", "RUNPOD_POD_ID", "REFRESH_WORKER", "MAX_RESPONSE_MB", "API_")
 
@@ -43,8 +44,13 @@ def slow_workflow(steps: int, seconds_per_step: float = 0.05) -> dict:
 class ApiServer:
     """The API process: ``start()``, then ``post``/``get`` (with the token unless told otherwise)."""
 
-    def __init__(self, comfyui, volume: Path, log_path: Path, token: str | None = None, host="127.0.0.1", **env):
+    def __init__(
+        self, comfyui, volume: Path, log_path: Path, token: str | None = None, host="127.0.0.1", handler=None, **env
+    ):
+        """``handler``: ``MODULE:FUNCTION`` for ``--handler`` (a module in tests/support, or on the env's
+        ``PYTHONPATH``); the default handler.py's otherwise."""
         self.comfyui, self.volume, self.log_path, self.token, self.host = comfyui, volume, log_path, token, host
+        self.handler = handler
         self.port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV)}
         self.env.update(comfyui.env(), COMFY_LOG_FILE=str(comfyui.log_path), VOLUME_ROOT=str(volume))
@@ -60,9 +66,13 @@ class ApiServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> ApiServer:
+        cmd = [sys.executable, "-m", "comfy_worker.api", "--host", self.host, "--port", str(self.port)]
+        if self.handler:
+            cmd += ["--handler", self.handler]
+            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SUPPORT), self.env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "comfy_worker.api", "--host", self.host, "--port", str(self.port)],
+                cmd,
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,
