@@ -9,7 +9,9 @@ the handler's and this package imports no top-level script.
 Routes, also under ``/v2/<any endpoint id>/`` (so RunPod's clients work by changing the base URL):
 ``POST /run``, ``POST /runsync``, ``GET|POST /status/{id}``, ``GET|POST /stream/{id}``,
 ``POST /cancel/{id}``, ``GET /health``, ``POST /purge-queue``; ``GET /ping`` and ``/docs`` answer
-without a token. RunPod's ``policy`` (``executionTimeout``, ``ttl``) and ``s3Config`` are honoured.
+without a token. Without a token (local mode) what only a web page sends is refused (``local_guard``).
+RunPod's ``policy`` (``executionTimeout``, ``ttl``) and ``s3Config`` are honoured. Every error is
+``{"error": "<sentence>"}``.
 
 Jobs live in ``$VOLUME_ROOT/.api/jobs.sqlite3`` (job_store.py): accepted before the 200 is sent, run
 ``MAX_CONCURRENCY`` at a time in the order they came, finished once. SIGTERM: no new request, running
@@ -61,6 +63,7 @@ BODY_KEYS = {"input", "webhook", "policy", "s3Config"}
 PREFETCH = 1  # jobs sent to the runner ahead of a free slot
 CANCEL_WAIT_S = 15.0  # /cancel answers once the running job stopped (the handler waits up to 10 s)
 RUNSYNC_MAX_WAIT_MS = 300_000
+MAX_JSON_DEPTH = 100  # objects and arrays in a request body (a workflow needs under 10)
 # RunPod's ``policy``: its keys, and the bounds RunPod sets for the two that mean something here (ms)
 POLICY_BOUNDS = {"executionTimeout": (5_000, 7 * 86_400_000), "ttl": (10_000, 7 * 86_400_000)}
 POLICY_KEYS = {*POLICY_BOUNDS, "lowPriority"}
@@ -108,6 +111,57 @@ def token_matches(header: str | None, token: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(hashlib.sha256(given.strip().encode()).digest(), hashlib.sha256(token.encode()).digest())
+
+
+def header_host(value: str) -> tuple[str | None, int | None]:
+    """(host name, port) of a ``Host`` header or an origin's ``host:port``; (None, None) when unreadable."""
+    try:
+        parts = urlsplit(f"//{value}")
+        return parts.hostname, parts.port
+    except ValueError:
+        return None, None
+
+
+def local_guard(headers, check_host: bool) -> None:
+    """What a web page could send, refused while no token is required (a page cannot add the token: the API
+    answers no CORS preflight): a ``Host`` that is not a loopback name (DNS rebinding; only checked when
+    the API listens on loopback), an ``Origin`` not the API's own, a body not sent as ``application/json``
+    (a cross-origin ``text/plain`` POST needs no preflight)."""
+    host = headers.get("host")
+    if check_host and host is not None and not is_loopback(header_host(host)[0] or ""):
+        raise ApiError(
+            403,
+            f"Refused: the Host header {host[:100]!r} is not a loopback name of this API (127.0.0.1, localhost, "
+            "[::1]). Without API_TOKEN the API answers only requests addressed to it by such a name (a web page "
+            "could otherwise reach it through DNS rebinding): call it as http://127.0.0.1:<port>, or set API_TOKEN.",
+        )
+    origin = headers.get("origin")
+    if origin is not None:
+        parts = urlsplit(origin if "://" in origin else "invalid:")
+        default = {"http": 80, "https": 443}.get(parts.scheme)
+        own_name, own_port = header_host(host or "")
+        try:
+            same = default is not None and (parts.hostname, parts.port or default) == (own_name, own_port or default)
+        except ValueError:  # a port that is not a number
+            same = False
+        if not same:
+            raise ApiError(
+                403,
+                f"Refused: the Origin header {origin[:100]!r} is not this API's own origin, so a web page sent this "
+                "request; without API_TOKEN the API answers no other page. Send it from a script or the command line "
+                "(they send no Origin), or set API_TOKEN and send 'Authorization: Bearer <API_TOKEN>'.",
+            )
+    length = headers.get("content-length")
+    has_body = (length is not None and length.strip() != "0") or "transfer-encoding" in headers
+    content_type = headers.get("content-type")
+    if has_body and (content_type or "").partition(";")[0].strip().lower() != "application/json":
+        sent = f"Content-Type {content_type[:100]!r}" if content_type else "no Content-Type"
+        raise ApiError(
+            415,
+            f"The request body was sent with {sent}: send it as JSON with 'Content-Type: application/json' "
+            "(curl: -H 'Content-Type: application/json'). Without API_TOKEN the API refuses other types, "
+            "which any web page could send.",
+        )
 
 
 # --- the jobs ----------------------------------------------------------------------------------------
@@ -174,6 +228,7 @@ class JobService:
         self.requests: dict[str, tuple[dict, float]] = {}  # accepted by this process: (request, created)
         self.time_limits: dict[str, float] = {}  # job id: its policy.executionTimeout in seconds
         self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.ttl_timers: dict[str, asyncio.TimerHandle] = {}  # queued job id: its policy.ttl ends it then
         self.timed_out: set[str] = set()
         self.prompts: dict[str, dict] = {}  # job id: its ComfyUI prompt (the runner's ``prompt`` message)
         self.streamed: set[str] = set()  # finished jobs whose output /stream handed out
@@ -196,6 +251,9 @@ class JobService:
         for job_id in queued:
             self.queued.add(job_id)
             self.queue.put_nowait(job_id)
+            with contextlib.suppress(ValueError, TypeError, AttributeError):  # a broken row fails when it is run
+                request, created = self.store.queued_request(job_id)
+                self.expire_at_ttl(job_id, request.get("policy"), created)
         self.tasks = [asyncio.create_task(self.worker()) for _ in range(self.settings.concurrency + PREFETCH)]
         self.tasks.append(asyncio.create_task(self.expire_loop()))
         for job_id in self.store.pending_webhooks():
@@ -262,6 +320,7 @@ class JobService:
         self.finished[job_id] = asyncio.Event()
         self.requests[job_id] = (request, now)
         self.queue.put_nowait(job_id)
+        self.expire_at_ttl(job_id, request.get("policy"), now)
         log.info("job %s accepted (%d waiting)", job_id, len(self.queued))
         return job_id
 
@@ -277,11 +336,13 @@ class JobService:
         return job
 
     async def wait(self, job_id: str, seconds: float) -> dict:
-        event = self.finished.get(job_id)
-        if event is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):  # no task of its own, unlike wait_for
-                    await event.wait()
+        """The job once it is final, or as it is after ``seconds`` (or when the API stops)."""
+        if self.get(job_id)["status"] in FINAL or self.stopping:
+            return self.get(job_id)
+        event = self.finished.setdefault(job_id, asyncio.Event())  # also a job from before a restart: job_done sets it
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):  # no task of its own, unlike wait_for
+                await event.wait()
         return self.get(job_id)
 
     # -- cancelling --
@@ -322,6 +383,8 @@ class JobService:
         return body
 
     def job_done(self, job_id: str) -> None:
+        if (timer := self.ttl_timers.pop(job_id, None)) is not None:
+            timer.cancel()
         event = self.finished.pop(job_id, None)
         if event is not None:
             event.set()
@@ -335,11 +398,46 @@ class JobService:
             if job_id not in self.queued:
                 self.requests.pop(job_id, None)
                 continue  # cancelled or purged while it waited
-            await self.run(job_id)
+            try:
+                await self.run(job_id)
+            except Exception as exc:  # a bug: this job fails, the queue worker goes on
+                log.exception("job %s: the API failed on it", job_id)
+                self.fail(
+                    job_id,
+                    f"The API failed on this job unexpectedly ({type(exc).__name__}); the API's log has the "
+                    "traceback. Send the job again; if it fails the same way, report it with that log.",
+                )
+
+    def fail(self, job_id: str, error: str) -> None:
+        """End a job the API could not run (queued or running) ``FAILED`` with ``error``, and forget it."""
+        now, result = time.time(), {"error": error}
+        self.queued.discard(job_id)
+        self.requests.pop(job_id, None)
+        self.running.pop(job_id, None)
+        self.cancel_asked.discard(job_id)
+        self.timed_out.discard(job_id)
+        self.time_limits.pop(job_id, None)
+        if (timer := self.timers.pop(job_id, None)) is not None:
+            timer.cancel()
+        if self.runner is not None:
+            self.runner.cancel(job_id)  # when it was sent to the runner
+        try:
+            done = self.store.cancel_queued([job_id], now, "FAILED", result) or self.store.finish(
+                job_id, "FAILED", result, now
+            )
+        except Exception:
+            log.exception("job %s: its failure could not be stored", job_id)
+            done = False
+        if done:
+            log.error("job %s FAILED: %s", job_id, error)
+            self.send_webhook(job_id)
+        self.job_done(job_id)
 
     def job_started(self, job_id: str, at: float) -> None:
         """The runner started the job: ``IN_PROGRESS`` (unless it was cancelled while it was sent ahead)."""
         self.queued.discard(job_id)
+        if (timer := self.ttl_timers.pop(job_id, None)) is not None:
+            timer.cancel()  # policy.ttl bounds the wait only
         if not self.store.start(job_id, at):
             self.runner.cancel(job_id)
             return
@@ -355,14 +453,21 @@ class JobService:
             self.timed_out.add(job_id)
             self.runner.cancel(job_id)
 
+    def expire_at_ttl(self, job_id: str, policy, created: float) -> None:
+        """A job with ``policy.ttl`` ends ``TIMED_OUT`` the moment its ttl is over if it has not started:
+        waiting in this queue, or sent ahead to the runner (which is told to drop it)."""
+        ttl_ms = policy.get("ttl") if isinstance(policy, dict) else None
+        if isinstance(ttl_ms, int) and not isinstance(ttl_ms, bool):
+            delay = max(0.0, created + ttl_ms / 1000 - time.time())
+            self.ttl_timers[job_id] = self.loop.call_later(delay, self.expire_queued, job_id, ttl_ms)
+
     def expire_queued(self, job_id: str, ttl_ms: int) -> None:
-        """A queued job older than its ``policy.ttl`` ends ``TIMED_OUT`` without running."""
+        """A queued job older than its ``policy.ttl`` ends ``TIMED_OUT`` without running (nothing changes
+        for a job that started or ended meanwhile)."""
         error = f"The job waited in the queue longer than its policy.ttl ({ttl_ms} ms) and was not run."
         if self.store.cancel_queued([job_id], time.time(), "TIMED_OUT", {"error": error}):
             log.warning("job %s TIMED_OUT in the queue (policy.ttl)", job_id)
-            self.send_webhook(job_id)
-        self.queued.discard(job_id)
-        self.job_done(job_id)
+            self.dequeue(job_id)
 
     async def run(self, job_id: str) -> None:
         """One job: read its request, send it to the runner (its ``policy.ttl`` as the runner's ``not_after``),
@@ -372,6 +477,13 @@ class JobService:
             self.queued.discard(job_id)
             return
         request, created = queued
+        if not isinstance(request, dict) or not isinstance(request.get("input"), dict):
+            self.fail(
+                job_id,
+                'The stored request of this job has no valid "input" (an object): an older version of the API '
+                'accepted it without one. Nothing was run; send the job again as {"input": {"workflow": {...}}}.',
+            )
+            return
         policy = request.get("policy", {})
         if "executionTimeout" in policy:
             self.time_limits[job_id] = policy["executionTimeout"] / 1000
@@ -581,18 +693,52 @@ async def read_json(request, limit_mb: float) -> dict:
             raise too_big
     if not data.strip():
         return {}
+    too_deep = ApiError(
+        400,
+        f"The request body is nested deeper than {MAX_JSON_DEPTH} levels of objects and arrays; a job needs far "
+        "fewer: send a flatter body.",
+    )
     try:
         body = json.loads(data)
     except ValueError as exc:
         raise ApiError(400, f"The request body is not valid JSON ({exc}).") from None
+    except RecursionError:  # nested deeper than Python's recursion limit: far beyond MAX_JSON_DEPTH
+        raise too_deep from None
+    if nested_deeper_than(body, MAX_JSON_DEPTH):  # before anything else walks it recursively
+        raise too_deep
     if not isinstance(body, dict):
         raise ApiError(400, 'The request body must be a JSON object: {"input": {...}}.')
     return body
 
 
+def nested_deeper_than(value, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) has more than ``limit`` levels of objects and arrays (walked without recursion)."""
+    stack = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+JSON_TYPES = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+}
+
+
 def job_body(body: dict) -> dict:
     if "input" not in body:
         raise ApiError(400, 'The request body has no "input": send {"input": {"workflow": {...}}}.')
+    if not isinstance(body["input"], dict):
+        kind = JSON_TYPES.get(type(body["input"]), type(body["input"]).__name__)
+        raise ApiError(400, f'"input" must be an object, got {kind}: send {{"input": {{"workflow": {{...}}}}}}.')
     unknown = sorted(set(body) - BODY_KEYS)
     if unknown:
         raise ApiError(
@@ -631,9 +777,10 @@ def check_policy(policy) -> None:
         raise ApiError(400, f"policy.lowPriority must be true or false, got {policy['lowPriority']!r}.")
 
 
-def create_app(settings: Settings, runner: RunnerProcess, token: str | None, store: JobStore):
+def create_app(settings: Settings, runner: RunnerProcess, token: str | None, store: JobStore, host: str = "127.0.0.1"):
     """The FastAPI app: RunPod's routes (also under ``/v2/<id>/``) over a ``JobService`` running its jobs in
-    ``runner`` with them kept in ``store`` (both closed when the app stops)."""
+    ``runner`` with them kept in ``store`` (both closed when the app stops); ``host``: the address it listens
+    on (without a token, on loopback, requests must name a loopback host: ``local_guard``)."""
     service = JobService(settings, runner, store)
 
     @contextlib.asynccontextmanager
@@ -660,8 +807,17 @@ def create_app(settings: Settings, runner: RunnerProcess, token: str | None, sto
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         return JSONResponse({"error": f"The request is malformed ({problems})."}, 400)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):  # a bug: uvicorn logs its traceback; its message may hold secrets
+        error = f"The API failed on this request unexpectedly ({type(exc).__name__}); its log has the details."
+        return JSONResponse({"error": error}, 500)
+
+    check_host = is_loopback(host)
+
     async def authorized(request: Request) -> None:  # async: FastAPI would run a plain def in a thread
-        if token is not None and not token_matches(request.headers.get("authorization"), token):
+        if token is None:
+            local_guard(request.headers, check_host)
+        elif not token_matches(request.headers.get("authorization"), token):
             raise ApiError(
                 401,
                 "Missing or wrong API token: send 'Authorization: Bearer <API_TOKEN>'.",
@@ -736,7 +892,7 @@ def serve(settings: Settings, runner: RunnerProcess, host: str, port: int, token
     import uvicorn
 
     store = JobStore(settings.volume_root / STORE_FILE)  # before listening: a busy store is a clear error
-    app = create_app(settings, runner, token, store)
+    app = create_app(settings, runner, token, store, host)
     service: JobService = app.state.service
 
     class Server(uvicorn.Server):

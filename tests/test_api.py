@@ -8,6 +8,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -15,17 +16,22 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import aiohttp
 import pytest
+import requests
 import runpod
+import uvicorn
 from PIL import Image
-from support.api_server import ApiServer, slow_workflow, tiny_workflow
+from support.api_server import SUPPORT, ApiServer, slow_workflow, tiny_workflow
 from support.comfy_process import ROOT
 from support.local_http import QuietHandler, serve_in_thread
 from support.moto_s3 import moto_s3
+from support.recording_handler import ran
 
-from comfy_worker.api import ApiError, JobService
+from comfy_worker.api import MAX_JSON_DEPTH, ApiError, JobService, create_app
+from comfy_worker.job_runner import RunnerProcess
 from comfy_worker.job_store import JobStore
 from comfy_worker.settings import Settings
 
@@ -33,22 +39,39 @@ TOKEN = "api-test-token-7f3a9c"
 UI_FORMAT = "The workflow is in ComfyUI's UI format"
 
 
-@pytest.fixture
-def api_factory(comfyui, tmp_path):
-    """Start API processes on ``tmp_path/volume`` (each its own free port); all stopped at the end."""
+@contextlib.contextmanager
+def api_processes(comfyui, tmp_path, handler: str | None = None):
+    """A factory of API processes on ``tmp_path/volume`` (each its own free port); all stopped at the end."""
     started: list[ApiServer] = []
 
     def make(token: str | None = TOKEN, volume=None, log_name=None, **env) -> ApiServer:
         log = tmp_path / (log_name or f"api-{len(started)}.log")
-        server = ApiServer(comfyui, volume or tmp_path / "volume", log, token=token, **env)
+        server = ApiServer(comfyui, volume or tmp_path / "volume", log, token=token, handler=handler, **env)
         started.append(server)
         return server.start()
 
-    yield make
-    for server in started:
-        if server.proc is not None and server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+    try:
+        yield make
+    finally:
+        for server in started:
+            if server.proc is not None and server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait()
+
+
+@pytest.fixture
+def api_factory(comfyui, tmp_path):
+    """API processes running handler.py against the test ComfyUI."""
+    with api_processes(comfyui, tmp_path) as make:
+        yield make
+
+
+@pytest.fixture
+def quick_api(tmp_path):
+    """API processes running tests/support/recording_handler.py (no ComfyUI): a job's input is
+    ``{"record": <file>, "sleep": <s>, "value": <any>}``; ``recorded(server)`` lists the jobs it started."""
+    with api_processes(None, tmp_path, handler="recording_handler:handler") as make:
+        yield make
 
 
 @pytest.fixture
@@ -228,10 +251,9 @@ LEAKED = "token *** rejected with id *** and key *** (comfy key ***) at https://
 @pytest.mark.parametrize(
     "handler, error",
     [("returns_secrets", LEAKED), ("raises_secrets", f"The handler failed unexpectedly: RuntimeError: {LEAKED}")],
+    ids=["returned", "raised"],
 )
-def test_a_custom_handlers_error_quoting_secrets_is_redacted_in_answers_store_and_log(
-    api_factory, tmp_path, handler, error
-):
+def test_a_custom_handlers_error_quoting_secrets_is_redacted_in_answers_store_and_log(tmp_path, handler, error):
     """issue 21 (the API redacts whatever handler it runs): a ``--handler`` that returns or raises an error
     quoting API_TOKEN, the job's s3Config keys and Comfy.org key and a signed URL: none of them in /runsync,
     /run + /status, the store file or the log."""
@@ -240,16 +262,17 @@ def test_a_custom_handlers_error_quoting_secrets_is_redacted_in_answers_store_an
     comfy_key = "leaky-comfy-key-8d2f"
     secrets = [TOKEN, s3["accessId"], s3["accessSecret"], comfy_key, "sig123"]
     body = {"input": {"workflow": tiny_workflow(), "comfy_org_api_key": comfy_key}, "s3Config": s3}
-    api = api_factory(handler=f"leaky_handlers:{handler}", volume=tmp_path / handler, log_name=f"{handler}.log")
-    sync = api.post("/runsync", body).json()
-    queued = api.post("/run", body).json()
-    answers = [sync, api.wait_final(queued["id"]), api.status(sync["id"])]
-    for answer in answers:
-        assert answer["status"] == "FAILED" and answer["error"] == error, answer
-        assert not [s for s in secrets if s in json.dumps(answer)], answer
-    if handler == "returns_secrets":
-        assert sync["output"]["details"] == {"why": LEAKED}
-    assert api.stop() == 0
+    with api_processes(None, tmp_path, handler=f"leaky_handlers:{handler}") as make:  # tests/support/
+        api = make()
+        sync = api.post("/runsync", body).json()
+        queued = api.post("/run", body).json()
+        answers = [sync, api.wait_final(queued["id"]), api.status(sync["id"])]
+        for answer in answers:
+            assert answer["status"] == "FAILED" and answer["error"] == error, answer
+            assert not [s for s in secrets if s in json.dumps(answer)], answer
+        if handler == "returns_secrets":
+            assert sync["output"]["details"] == {"why": LEAKED}
+        assert api.stop() == 0
     log = api.log()
     assert not [s for s in secrets if s in log], log
     assert handler == "returns_secrets" or "RuntimeError: token *** rejected" in log  # the runner's traceback
@@ -626,3 +649,400 @@ def test_a_second_api_on_the_same_volume_refuses_to_start(api, tmp_path):
     )
     assert other.returncode == 1
     assert "is in use by another API process" in other.stderr and "one API serves one volume" in other.stderr
+
+
+# --- bad input never freezes the queue --------------------------------------------------------------------
+def test_an_input_that_is_missing_null_or_not_an_object_is_refused_with_400_naming_input(quick_api, tmp_path):
+    """issue 20 #1: such a request was answered 200, stored with its input dropped, and broke a queue worker."""
+    api = quick_api()
+    record = tmp_path / "ran.txt"
+    for body, message in (
+        ({"input": None}, '"input" must be an object, got null'),
+        ({"input": "x"}, '"input" must be an object, got a string'),
+        ({"input": [{"workflow": {}}]}, '"input" must be an object, got an array'),
+        ({"input": 3}, '"input" must be an object, got a number'),
+        ({"webhook": "http://127.0.0.1/x"}, 'has no "input"'),
+    ):
+        for route in ("/run", "/runsync", "/v2/ep/run"):
+            answer = api.post(route, body)
+            assert answer.status_code == 400, (route, body, answer.text)
+            assert message in answer.json()["error"] and '{"input": {' in answer.json()["error"], answer.text
+    assert api.get("/health").json()["jobs"]["inQueue"] == 0  # nothing was stored
+    done = api.post("/runsync", {"input": {"record": str(record), "value": 1}}).json()
+    assert done["status"] == "COMPLETED" and done["output"] == {"echo": 1}, done
+    assert ran(record) == [done["id"]]
+
+
+def test_jobs_that_break_a_queue_worker_fail_alone_and_the_next_job_completes(tmp_path, monkeypatch, caplog):
+    """issue 20 #1: an exception in the worker loop killed that queue worker silently; two such jobs (one
+    per worker at MAX_CONCURRENCY=1) froze the queue for good. Each now fails alone, its error logged."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(SUPPORT))  # the runner's handler: recording_handler
+    settings = Settings.from_env({"VOLUME_ROOT": str(tmp_path), "MAX_CONCURRENCY": "1"})
+    record = tmp_path / "ran.txt"
+
+    async def go():
+        store = JobStore(tmp_path / "jobs.sqlite3")
+        service = JobService(settings, RunnerProcess("recording_handler:handler", 1), store)
+        real_output_of = service.output_of
+
+        async def output_of(job, not_after):  # a bug that strikes between the queue and the runner
+            if job["input"].get("explode"):
+                raise KeyError("a bug in the queue worker")
+            return await real_output_of(job, not_after)
+
+        real_outcome = service.outcome
+
+        def outcome(job_id, output, started, policy):  # one that strikes once the handler ran the job
+            if output == {"echo": "explode"}:
+                raise ValueError("a bug after the run")
+            return real_outcome(job_id, output, started, policy)
+
+        service.output_of, service.outcome = output_of, outcome
+        await service.start()
+        try:
+            broken = [await service.submit({"input": {"explode": True, "record": str(record)}}) for _ in range(2)]
+            late = await service.submit({"input": {"record": str(record), "value": "explode"}})
+            good = await service.submit({"input": {"record": str(record), "value": 7}})
+            done = await service.wait(good, 20)
+            assert done["status"] == "COMPLETED" and done["result"] == {"output": {"echo": 7}}, done
+            for job_id, kind in ((broken[0], "KeyError"), (broken[1], "KeyError"), (late, "ValueError")):
+                failed = service.get(job_id)
+                assert failed["status"] == "FAILED", failed
+                assert f"The API failed on this job unexpectedly ({kind})" in failed["result"]["error"]
+            assert service.get(late)["started"] is not None and ran(record) == [late, good]
+            assert not any(task.done() for task in service.tasks)  # every queue worker goes on
+            health = await service.health()
+            assert health["jobs"]["failed"] == 3 and health["jobs"]["completed"] == 1
+            assert health["workers"] == {"idle": 1, "running": 0}
+        finally:
+            await service.stop()
+
+    with caplog.at_level(logging.ERROR, logger="comfy_worker.api"):
+        asyncio.run(asyncio.wait_for(go(), 60))
+    logged = [r.exc_info[0] for r in caplog.records if "failed on it" in r.getMessage() and r.exc_info]
+    assert logged == [KeyError, KeyError, ValueError]
+
+
+def test_a_store_with_jobs_without_a_valid_input_from_an_older_version_recovers_on_start(quick_api, tmp_path):
+    """issue 20 #1: rows an older version stored with the input dropped (or null, or a string) were first in
+    the queue after every restart and froze it; they now end FAILED with a clear error and later jobs run."""
+    volume = tmp_path / "volume"
+    record = tmp_path / "ran.txt"
+    store_path = volume / ".api" / "jobs.sqlite3"
+    JobStore(store_path).close()  # today's schema; the rows as the older version wrote them
+    rows = [  # it stored {"input": null} with the input dropped: each such row killed a queue worker
+        ("old-null-1", {}),
+        ("old-null-2", {"policy": {"ttl": 600000}}),
+        ("old-string", {"input": "x"}),
+        ("old-good", {"input": {"record": str(record), "value": 3}}),
+    ]
+    with contextlib.closing(sqlite3.connect(store_path)) as db, db:
+        for i, (job_id, request) in enumerate(rows):
+            db.execute(
+                "INSERT INTO jobs (id, status, request, webhook, created) VALUES (?, 'IN_QUEUE', ?, NULL, ?)",
+                (job_id, json.dumps(request), time.time() - 10 + i),
+            )
+    api = quick_api(volume=volume)
+    good = api.wait_final("old-good", 30)
+    assert good["status"] == "COMPLETED" and good["output"] == {"echo": 3}, good
+    for job_id, _ in rows[:3]:
+        body = api.wait_final(job_id, 5)
+        assert body["status"] == "FAILED", body
+        assert 'has no valid "input"' in body["error"] and "send the job again" in body["error"], body
+    assert ran(record) == ["old-good"]
+    assert api.post("/runsync", {"input": {"value": 4}}).json()["output"] == {"echo": 4}
+
+
+# --- local mode refuses web pages ---------------------------------------------------------------------
+def test_local_mode_refuses_a_foreign_origin_a_body_not_sent_as_json_and_a_foreign_host(quick_api, tmp_path):
+    """issue 20 #3: with no token on loopback the API took a cross-origin text/plain POST (no CORS
+    preflight) and any Host header (DNS rebinding): any web page could queue jobs."""
+    api = quick_api(token=None)
+    record = tmp_path / "ran.txt"
+    body = json.dumps({"input": {"record": str(record)}})
+    own = f"http://127.0.0.1:{api.port}"
+
+    def post(path="/run", data=body, **headers):
+        return api.http.post(f"{api.url}{path}", data=data, headers=headers, timeout=30)
+
+    as_text = post(**{"Content-Type": "text/plain;charset=UTF-8"})
+    assert as_text.status_code == 415, as_text.text
+    assert "Content-Type 'text/plain;charset=UTF-8'" in as_text.json()["error"]
+    assert "Content-Type: application/json" in as_text.json()["error"]
+    assert post(**{"Content-Type": "application/x-www-form-urlencoded"}).status_code == 415
+    assert post().status_code == 415  # no Content-Type at all
+    foreign = post(**{"Content-Type": "application/json", "Origin": "https://evil.example"})
+    assert foreign.status_code == 403, foreign.text
+    error = foreign.json()["error"]
+    assert "Origin header 'https://evil.example'" in error and "set API_TOKEN" in error
+    assert post(**{"Content-Type": "application/json", "Origin": "null"}).status_code == 403
+    for path in ("/purge-queue", "/cancel/x", "/v2/ep/purge-queue"):  # no body: the Origin decides
+        assert post(path, data=None, Origin="http://localhost.evil.example").status_code == 403
+    rebound = post(**{"Content-Type": "application/json", "Host": f"evil.example:{api.port}"})
+    assert rebound.status_code == 403, rebound.text
+    error = rebound.json()["error"]
+    assert f"Host header 'evil.example:{api.port}'" in error and "http://127.0.0.1:<port>" in error
+    get = api.http.get(f"{api.url}/health", headers={"Host": f"rebind.evil.example:{api.port}"}, timeout=30)
+    assert get.status_code == 403
+    assert api.get("/health").json()["jobs"]["inQueue"] == 0 and ran(record) == []  # nothing got through
+
+    # what a local client sends: JSON, its own Host (127.0.0.1, localhost, [::1]), no Origin or its own
+    for headers in (
+        {"Content-Type": "application/json"},
+        {"Content-Type": "Application/JSON; charset=utf-8", "Host": f"localhost:{api.port}"},
+        {"Content-Type": "application/json", "Host": f"[::1]:{api.port}", "Origin": f"http://[::1]:{api.port}"},
+        {"Content-Type": "application/json", "Origin": own},
+    ):
+        answer = post("/runsync", **headers)
+        assert answer.status_code == 200 and answer.json()["status"] == "COMPLETED", (headers, answer.text)
+    assert post("/purge-queue", data=None).json() == {"removed": 0, "status": "completed"}  # empty body: any type
+    assert api.http.get(f"{api.url}/ping", headers={"Host": "evil.example"}, timeout=30).status_code == 200
+    assert len(ran(record)) == 4
+
+
+def test_local_mode_checks_keep_runpods_client_working_and_a_token_or_a_pod_changes_them(
+    quick_api, monkeypatch, tmp_path
+):
+    """issue 20 #3: the RunPod SDK and examples/client.py send JSON with its content type, so they work in
+    local mode; with a token the token is the guard (a page cannot send it), and off loopback the Host
+    cannot be checked."""
+    local = quick_api(token=None)
+    monkeypatch.setattr(runpod, "api_key", "")
+    monkeypatch.setattr(runpod, "endpoint_url_base", f"{local.url}/v2")
+    endpoint = runpod.Endpoint("ep")
+    assert endpoint.run_sync({"value": 5}, timeout=30) == {"echo": 5}
+    assert endpoint.purge_queue() == {"removed": 0, "status": "completed"}
+    request = tmp_path / "job.json"
+    request.write_text(json.dumps({"input": {"value": 7}}))
+    client = subprocess.run(
+        [sys.executable, "examples/client.py", str(request), "--url", local.url, "--poll", "0.1"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "API_TOKEN"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert client.returncode == 0 and ": COMPLETED" in client.stdout, client.stdout + client.stderr
+    local.stop()
+
+    with_token = quick_api(log_name="token.log")
+    answer = with_token.http.post(
+        f"{with_token.url}/runsync",
+        data=json.dumps({"input": {"value": 6}}),
+        headers={**with_token.headers(...), "Origin": "https://my-dashboard.example", "Host": "pod.example"},
+        timeout=30,
+    )
+    assert answer.status_code == 200 and answer.json()["output"] == {"echo": 6}, answer.text
+    with_token.stop()
+
+    pod = quick_api(token=None, host="0.0.0.0", API_AUTH="none", log_name="pod.log")
+    ok = pod.http.post(
+        f"{pod.url}/runsync", json={"input": {"value": 8}}, headers={"Host": f"my-pod.example:{pod.port}"}, timeout=30
+    )
+    assert ok.status_code == 200 and ok.json()["output"] == {"echo": 8}, ok.text
+    foreign = pod.http.post(
+        f"{pod.url}/run", json={"input": {}}, headers={"Origin": "https://evil.example"}, timeout=30
+    )
+    assert foreign.status_code == 403
+    as_text = pod.http.post(f"{pod.url}/run", data='{"input": {}}', headers={"Content-Type": "text/plain"}, timeout=30)
+    assert as_text.status_code == 415
+
+
+# --- policy.ttl while a job waits -------------------------------------------------------------------------
+def test_a_job_waiting_past_its_ttl_ends_timed_out_on_time_also_the_one_sent_ahead_to_the_runner(quick_api, tmp_path):
+    """issue 20 #7: a job past its policy.ttl behind a long job stayed IN_QUEUE until a slot freed."""
+    hooks = WebhookReceiver()
+    try:
+        api = quick_api()
+        record = tmp_path / "ran.txt"
+        long = api.post("/run", {"input": {"record": str(record), "sleep": 120}}).json()["id"]
+        api.wait_status(long, "IN_PROGRESS")
+        ahead, behind = (  # MAX_CONCURRENCY=1: the first is sent ahead to the runner, the second waits here
+            api.post(
+                "/run", {"input": {"record": str(record)}, "policy": {"ttl": 10000}, "webhook": f"{hooks.url}/{name}"}
+            ).json()["id"]
+            for name in ("ahead", "behind")
+        )
+        bodies = {job_id: api.wait_final(job_id, 25) for job_id in (ahead, behind)}
+        for body in bodies.values():
+            assert body["status"] == "TIMED_OUT" and "policy.ttl (10000 ms) and was not run" in body["error"], body
+            assert 10000 <= body["delayTime"] < 12000 and "executionTime" not in body, body
+        wait_for(lambda: len(hooks.posts) == 2, 10, f"the two webhooks; {hooks.posts}")
+        assert {path: sent["status"] for path, _, sent in hooks.posts} == {
+            "/ahead": "TIMED_OUT",
+            "/behind": "TIMED_OUT",
+        }
+        assert api.status(long)["status"] == "IN_PROGRESS" and ran(record) == [long]
+        assert api.post(f"/cancel/{long}").json()["status"] == "CANCELLED"
+        assert api.post("/runsync", {"input": {"record": str(record), "value": 2}}).json()["output"] == {"echo": 2}
+        assert len(ran(record)) == 2
+    finally:
+        hooks.server.shutdown()
+
+
+def test_a_job_from_before_a_restart_ends_at_its_ttl_while_another_runs(quick_api, tmp_path):
+    """issue 20 #7: the ttl of a job read back from the store after a restart is applied while it waits too."""
+    volume = tmp_path / "volume"
+    record = tmp_path / "ran.txt"
+    store_path = volume / ".api" / "jobs.sqlite3"
+    store = JobStore(store_path)
+    created = time.time() - 5  # its ttl is over 5 s from now
+    store.add("long", {"input": {"record": str(record), "sleep": 120}}, None, created - 1)
+    store.add("short-lived", {"input": {"record": str(record)}, "policy": {"ttl": 10000}}, None, created)
+    store.close()
+    api = quick_api(volume=volume)
+    up_ms = (time.time() - created) * 1000  # a busy machine may start the API after the ttl is over
+    body = api.wait_final("short-lived", 15)
+    assert body["status"] == "TIMED_OUT" and 10000 <= body["delayTime"] < max(10000, up_ms) + 2000, body
+    assert api.status("long")["status"] == "IN_PROGRESS"
+    wait_for(lambda: ran(record) == ["long"], 10, "the long job to reach the handler")
+
+
+# --- every error is JSON ---------------------------------------------------------------------------------
+def test_a_deeply_nested_body_is_refused_with_400_json_naming_the_depth_limit(quick_api):
+    """issue 20 #12: a deeply nested body gave a plain-text 500 (RecursionError, a traceback in the log)."""
+    api = quick_api()
+    headers = {**api.headers(...), "Content-Type": "application/json"}
+    very_deep = '{"input": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    over_the_limit = {"input": {"x": json.loads("[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1))}}
+    for route in ("/run", "/runsync", "/status/x", "/v2/ep/cancel/x"):
+        for data in (very_deep, json.dumps(over_the_limit)):
+            answer = api.http.post(f"{api.url}{route}", data=data, headers=headers, timeout=30)
+            assert answer.status_code == 400, (route, answer.text[:300])
+            assert f"nested deeper than {MAX_JSON_DEPTH} levels" in answer.json()["error"]
+    at_the_limit = {"input": {"x": json.loads("[" * (MAX_JSON_DEPTH - 2) + "]" * (MAX_JSON_DEPTH - 2))}}
+    assert api.post("/runsync", at_the_limit).json()["status"] == "COMPLETED"
+    assert "Traceback" not in api.log() and api.get("/health").json()["jobs"]["inQueue"] == 0
+
+
+def test_an_unexpected_error_in_a_route_answers_json_500_without_its_message(tmp_path):
+    """issue 20 #12: any exception a route did not expect answered a plain-text 500."""
+    settings = Settings.from_env({"VOLUME_ROOT": str(tmp_path)})
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    app = create_app(settings, None, None, store)  # no lifespan: only the routes that need no runner are used
+
+    def broken_get(job_id):
+        raise RuntimeError(f"the store broke holding {TOKEN}")
+
+    app.state.service.get = broken_get
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "uvicorn to start")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        answer = requests.get(f"http://127.0.0.1:{port}/status/x", timeout=30)
+        assert answer.status_code == 500 and answer.headers["content-type"] == "application/json", answer.text
+        assert answer.json() == {
+            "error": "The API failed on this request unexpectedly (RuntimeError); its log has the details."
+        }
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        store.close()
+
+
+# --- /cancel after a restart ------------------------------------------------------------------------------
+def test_cancel_of_a_job_recovered_after_a_restart_answers_once_it_is_cancelled(quick_api, tmp_path):
+    """issue 20 #16: recovered jobs had no "finished" event: /cancel answered IN_PROGRESS at once."""
+    record = tmp_path / "ran.txt"
+    first = quick_api(log_name="first.log")
+    job_id = first.post("/run", {"input": {"record": str(record), "sleep": 120}}).json()["id"]
+    first.wait_status(job_id, "IN_PROGRESS")
+    first.stop(signal.SIGKILL)
+
+    second = quick_api(log_name="second.log")
+    second.wait_status(job_id, "IN_PROGRESS")
+    wait_for(lambda: ran(record) == [job_id, job_id], 10, "the second API to run the job again")
+    assert second.post(f"/v2/ep/cancel/{job_id}").json() == {"id": job_id, "status": "CANCELLED"}
+    assert second.status(job_id)["status"] == "CANCELLED"
+
+
+# --- the suite's gaps ------------------------------------------------------------------------------------
+def test_exactly_max_queue_depth_jobs_wait_before_the_first_429(quick_api, tmp_path):
+    """issue 20 (gaps): an off-by-one in the queue bound passed every test."""
+    api = quick_api(MAX_QUEUE_DEPTH="3")
+    record = tmp_path / "ran.txt"
+    running = api.post("/run", {"input": {"record": str(record), "sleep": 120}}).json()["id"]
+    api.wait_status(running, "IN_PROGRESS")  # running: no longer counted as waiting
+    waiting = []
+    for _ in range(3):
+        answer = api.post("/run", {"input": {"record": str(record)}})
+        assert answer.status_code == 200, (len(waiting), answer.text)
+        waiting.append(answer.json()["id"])
+    full = api.post("/run", {"input": {"record": str(record)}})
+    assert full.status_code == 429 and "(3 jobs waiting, MAX_QUEUE_DEPTH=3)" in full.json()["error"], full.text
+    assert int(full.headers["Retry-After"]) >= 1
+    assert api.post("/runsync", {"input": {}}).status_code == 429
+    assert api.post(f"/cancel/{waiting.pop()}").json()["status"] == "CANCELLED"  # one place frees
+    assert api.post("/run", {"input": {"record": str(record)}}).status_code == 200
+    assert api.post("/run", {"input": {"record": str(record)}}).status_code == 429
+    assert api.get("/health").json()["jobs"]["inQueue"] == 3
+
+
+def authenticated_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route of the API's own app (as its OpenAPI schema lists them) but /ping."""
+    app = create_app(Settings.from_env({}), None, TOKEN, None)
+    with warnings.catch_warnings():  # GET and POST of one function share an operation id: harmless here
+        warnings.simplefilter("ignore")
+        paths = app.openapi()["paths"]
+    return [(method.upper(), path) for path, ops in paths.items() for method in ops if path != "/ping"]
+
+
+def test_401_on_every_route_and_method_of_the_route_table_but_ping(quick_api):
+    """issue 20 (gaps): /cancel, /stream, /purge-queue, POST /status and the /v2/<id>/ copies were never
+    checked: moving one off the authenticated router passed the 401 test."""
+    routes = authenticated_routes()
+    documented = {
+        ("POST", "/run"),
+        ("POST", "/runsync"),
+        ("GET", "/status/{job_id}"),
+        ("POST", "/status/{job_id}"),
+        ("GET", "/stream/{job_id}"),
+        ("POST", "/stream/{job_id}"),
+        ("POST", "/cancel/{job_id}"),
+        ("POST", "/purge-queue"),
+        ("GET", "/health"),
+    }
+    assert set(routes) == documented | {(m, f"/v2/{{endpoint_id}}{path}") for m, path in documented}
+    api = quick_api()
+    body = {"input": {"value": 1}}
+    open_routes = []
+    for method, path in routes:
+        url = path.replace("{endpoint_id}", "ep").replace("{job_id}", "no-such-job")
+        for token in (None, "wrong-token"):
+            answer = api.http.request(method, f"{api.url}{url}", json=body, headers=api.headers(token), timeout=30)
+            if answer.status_code != 401 or answer.headers.get("WWW-Authenticate") != "Bearer":
+                open_routes.append((method, path, token, answer.status_code))
+    assert open_routes == []
+    assert api.get("/ping", token=None).status_code == 200
+    assert api.get("/health").json()["jobs"]["inQueue"] == 0  # no request got a job in
+
+
+def test_a_cancelled_queued_job_is_never_handed_to_the_handler_and_its_webhook_is_sent(quick_api, tmp_path):
+    """issue 20 (gaps): whether a job cancelled while it waited (sent ahead to the runner, or still in the
+    API's queue) never reached the handler was not checked on the handler's side."""
+    hooks = WebhookReceiver()
+    try:
+        api = quick_api()
+        record = tmp_path / "ran.txt"
+        running = api.post("/run", {"input": {"record": str(record), "sleep": 120}}).json()["id"]
+        api.wait_status(running, "IN_PROGRESS")
+        ahead, behind = (  # MAX_CONCURRENCY=1: the first is sent ahead to the runner, the second waits here
+            api.post("/run", {"input": {"record": str(record)}, "webhook": f"{hooks.url}/{name}"}).json()["id"]
+            for name in ("ahead", "behind")
+        )
+        assert api.post(f"/cancel/{ahead}").json()["status"] == "CANCELLED"
+        assert api.post(f"/v2/ep/cancel/{behind}").json()["status"] == "CANCELLED"
+        assert api.post(f"/cancel/{running}").json()["status"] == "CANCELLED"  # the slot frees
+        after = api.post("/runsync", {"input": {"record": str(record), "value": 9}}).json()
+        assert after["status"] == "COMPLETED", after
+        assert ran(record) == [running, after["id"]]
+        wait_for(lambda: len(hooks.posts) == 2, 10, f"the two webhooks; {hooks.posts}")
+        assert {path: sent["status"] for path, _, sent in hooks.posts} == {
+            "/ahead": "CANCELLED",
+            "/behind": "CANCELLED",
+        }
+    finally:
+        hooks.server.shutdown()

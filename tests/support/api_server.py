@@ -16,7 +16,7 @@ import requests
 
 from support.comfy_process import ROOT, free_port
 
-SUPPORT = Path(__file__).resolve().parent  # tests/support: where test handlers for --handler live
+SUPPORT = Path(__file__).resolve().parent  # recording_handler.py's folder
 # variables of the test runner's environment that would change what the API or the handler does
 CLEAN_ENV = ("BUCKET_ENDPOINT_URL", "RUNPOD_ENDPOINT_ID", "RUNPOD_POD_ID", "REFRESH_WORKER", "MAX_RESPONSE_MB", "API_")
 
@@ -45,15 +45,28 @@ class ApiServer:
     """The API process: ``start()``, then ``post``/``get`` (with the token unless told otherwise)."""
 
     def __init__(
-        self, comfyui, volume: Path, log_path: Path, token: str | None = None, host="127.0.0.1", handler=None, **env
+        self,
+        comfyui,
+        volume: Path,
+        log_path: Path,
+        token: str | None = None,
+        host="127.0.0.1",
+        handler: str | None = None,
+        **env,
     ):
-        """``handler``: ``MODULE:FUNCTION`` for ``--handler`` (a module in tests/support, or on the env's
-        ``PYTHONPATH``); the default handler.py's otherwise."""
+        """``comfyui``: the test ComfyUI, or None for a ``handler`` that needs none (``recording_handler:handler``,
+        from tests/support/, runs without one)."""
         self.comfyui, self.volume, self.log_path, self.token, self.host = comfyui, volume, log_path, token, host
         self.handler = handler
         self.port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(CLEAN_ENV)}
-        self.env.update(comfyui.env(), COMFY_LOG_FILE=str(comfyui.log_path), VOLUME_ROOT=str(volume))
+        self.env["VOLUME_ROOT"] = str(volume)
+        if comfyui is not None:
+            self.env.update(comfyui.env(), COMFY_LOG_FILE=str(comfyui.log_path))
+        else:
+            self.env["COMFY_HOST"] = f"127.0.0.1:{free_port()}"  # nothing listens: /health says unreachable
+        if handler is not None:  # its module is found in tests/support/
+            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SUPPORT), os.environ.get("PYTHONPATH")]))
         self.env["PYTHONUNBUFFERED"] = "1"
         if token:
             self.env["API_TOKEN"] = token
@@ -66,13 +79,10 @@ class ApiServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60) -> ApiServer:
-        cmd = [sys.executable, "-m", "comfy_worker.api", "--host", self.host, "--port", str(self.port)]
-        if self.handler:
-            cmd += ["--handler", self.handler]
-            self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SUPPORT), self.env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd,
+                [sys.executable, "-m", "comfy_worker.api", "--host", self.host, "--port", str(self.port)]
+                + (["--handler", self.handler] if self.handler else []),
                 cwd=ROOT,
                 env=self.env,
                 stdout=log,
