@@ -54,6 +54,7 @@ from comfy_worker.outputs import ComfyFolders
 from comfy_worker.prompt_runner import abandon_prompt
 from comfy_worker.settings import Settings, secret_values
 from comfy_worker.token_file import stored_token
+from comfy_worker.webhooks import Webhooks, submit_problem
 
 log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)  # also under python -m
 
@@ -224,7 +225,7 @@ class JobService:
         self.cancel_asked: set[str] = set()
         self.finished: dict[str, asyncio.Event] = {}
         self.tasks: list[asyncio.Task] = []
-        self.webhooks: set[asyncio.Task] = set()
+        self.webhooks = Webhooks(settings, store, status_body)
         self.requests: dict[str, tuple[dict, float]] = {}  # accepted by this process: (request, created)
         self.time_limits: dict[str, float] = {}  # job id: its policy.executionTimeout in seconds
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -256,8 +257,7 @@ class JobService:
                 self.expire_at_ttl(job_id, request.get("policy"), created)
         self.tasks = [asyncio.create_task(self.worker()) for _ in range(self.settings.concurrency + PREFETCH)]
         self.tasks.append(asyncio.create_task(self.expire_loop()))
-        for job_id in self.store.pending_webhooks():
-            self.send_webhook(job_id)
+        self.webhooks.start()  # also the webhooks owed from before the restart
 
     async def adopt(self, runner: RunnerProcess) -> None:
         runner.on_started, runner.on_exit = self.job_started, self.restart_runner
@@ -289,9 +289,7 @@ class JobService:
         if self.restarting is not None:
             self.restarting.cancel()
         await self.runner.close(timeout=CANCEL_WAIT_S)
-        for task in self.webhooks:
-            task.cancel()
-        await asyncio.gather(*self.webhooks, return_exceptions=True)
+        await self.webhooks.close()
         if self.session is not None:
             await self.session.close()
         await close_shared_session()  # ComfyClient's (abandon_prompt)
@@ -302,7 +300,14 @@ class JobService:
         per_job = sum(self.durations) / len(self.durations) if self.durations else 1.0
         return max(1, min(600, math.ceil(per_job * (len(self.queued) + 1) / self.settings.concurrency)))
 
-    async def submit(self, body: dict, prefix: str = "") -> str:
+    async def submit(self, body: dict, prefix: str = "", key: str | None = None) -> str:
+        """The new job's id; with ``key`` (an ``Idempotency-Key``) that of the job sent before with it, if
+        its result has not expired."""
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() if key is not None else ""
+        if key is not None and (same := self.same_job(key, digest)):
+            return same
+        if problem := submit_problem(body.get("webhook"), self.webhooks.allowed):
+            raise ApiError(400, problem)
         if self.stopping:
             raise ApiError(503, "The API is shutting down; send the job again in a moment.", {"Retry-After": "5"})
         if len(self.queued) >= self.settings.max_queue_depth:
@@ -315,13 +320,29 @@ class JobService:
         job_id = f"{prefix}{uuid.uuid4()}"
         request = {key: body[key] for key in ("input", "policy", "s3Config") if body.get(key) is not None}
         now = time.time()
-        self.store.add(job_id, request, body.get("webhook"), now)
+        self.store.add(job_id, request, body.get("webhook"), now, key, digest)
         self.queued.add(job_id)
         self.finished[job_id] = asyncio.Event()
         self.requests[job_id] = (request, now)
         self.queue.put_nowait(job_id)
         self.expire_at_ttl(job_id, request.get("policy"), now)
         log.info("job %s accepted (%d waiting)", job_id, len(self.queued))
+        return job_id
+
+    def same_job(self, key: str, digest: str) -> str | None:
+        """The job an earlier request with this ``Idempotency-Key`` made (None: none, or its result
+        expired); 422 when that request was a different one."""
+        found = self.store.by_key(key, time.time() - self.settings.result_ttl_s)
+        if found is None:
+            return None
+        job_id, earlier = found
+        if earlier != digest:
+            raise ApiError(
+                422,
+                f"The Idempotency-Key {shown_key(key)!r} was already used for a different request (job {job_id}); "
+                "send a new key with a new request.",
+            )
+        log.info("job %s: sent again with its Idempotency-Key %s: the same job answers", job_id, shown_key(key))
         return job_id
 
     def get(self, job_id: str) -> dict:
@@ -606,42 +627,8 @@ class JobService:
 
     # -- webhooks --
     def send_webhook(self, job_id: str) -> None:
-        task = asyncio.create_task(self.deliver_webhook(job_id))
-        self.webhooks.add(task)
-        task.add_done_callback(self.webhooks.discard)
-
-    async def deliver_webhook(self, job_id: str) -> None:
-        """POST the final status to the job's webhook; retried with a doubling delay (2xx = delivered)."""
-        job = self.store.get(job_id)
-        if job is None or not job["webhook"] or not job["webhook_pending"]:
-            return
-        url, body = job["webhook"], status_body(job)
-        attempts = 1 + self.settings.webhook_retries
-        for attempt in range(1, attempts + 1):
-            try:
-                async with self.session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                    if 200 <= resp.status < 300:
-                        self.store.webhook_sent(job_id)
-                        log.info("job %s: webhook %s delivered", job_id, safe_url(url))
-                        return
-                    problem = f"HTTP {resp.status}"
-            except (aiohttp.ClientError, OSError) as exc:
-                problem = f"{type(exc).__name__}: {safe_url(str(exc))}"
-            if attempt == attempts:
-                break
-            delay = self.settings.webhook_retry_backoff * 2 ** (attempt - 1)
-            log.warning(
-                "job %s: webhook %s failed (%s); attempt %d of %d in %.1f s",
-                job_id,
-                safe_url(url),
-                problem,
-                attempt + 1,
-                attempts,
-                delay,
-            )
-            await asyncio.sleep(delay)
-        log.error("job %s: webhook %s failed %d times (%s); giving up", job_id, safe_url(url), attempts, problem)
-        self.store.webhook_sent(job_id)
+        """The job's webhook (if any) is owed now: webhooks.py sends it, retrying over minutes."""
+        self.webhooks.notify()
 
     # -- health --
     async def health(self) -> dict:
@@ -777,6 +764,28 @@ def check_policy(policy) -> None:
         raise ApiError(400, f"policy.lowPriority must be true or false, got {policy['lowPriority']!r}.")
 
 
+IDEMPOTENCY_KEY_MAX = 255
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` header (1 to 255 visible ASCII characters), None without one."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= IDEMPOTENCY_KEY_MAX or not all("!" <= c <= "~" for c in key):
+        raise ApiError(
+            400,
+            f"The Idempotency-Key header must be 1 to {IDEMPOTENCY_KEY_MAX} visible ASCII characters without "
+            "spaces (a UUID is a good key).",
+        )
+    return key
+
+
+def shown_key(key: str) -> str:
+    """An Idempotency-Key fit for the log: a long one only by its start."""
+    return key if len(key) <= 16 else f"{key[:8]}…({len(key)} chars)"
+
+
 def create_app(settings: Settings, runner: RunnerProcess, token: str | None, store: JobStore, host: str = "127.0.0.1"):
     """The FastAPI app: RunPod's routes (also under ``/v2/<id>/``) over a ``JobService`` running its jobs in
     ``runner`` with them kept in ``store`` (both closed when the app stops); ``host``: the address it listens
@@ -829,12 +838,13 @@ def create_app(settings: Settings, runner: RunnerProcess, token: str | None, sto
     @router.post("/run")
     async def run(request: Request):
         body = job_body(await read_json(request, settings.max_request_mb))
-        return {"id": await service.submit(body), "status": "IN_QUEUE"}
+        job_id = await service.submit(body, key=idempotency_key(request))
+        return {"id": job_id, "status": service.get(job_id)["status"]}  # IN_QUEUE, unless sent before (its key)
 
     @router.post("/runsync")
     async def runsync(request: Request, wait: int | None = None):
         body = job_body(await read_json(request, settings.max_request_mb))
-        job_id = await service.submit(body, prefix="sync-")
+        job_id = await service.submit(body, prefix="sync-", key=idempotency_key(request))
         seconds = settings.runsync_wait_s if wait is None else min(max(wait, 0), RUNSYNC_MAX_WAIT_MS) / 1000
         return JSONResponse(status_body(await service.wait(job_id, seconds)))  # as is: outputs are plain JSON
 
@@ -891,7 +901,8 @@ def preload(spec: str = "handler:handler") -> None:
 def serve(settings: Settings, runner: RunnerProcess, host: str, port: int, token: str | None) -> int:
     import uvicorn
 
-    store = JobStore(settings.volume_root / STORE_FILE)  # before listening: a busy store is a clear error
+    # before listening: a busy store is a clear error
+    store = JobStore(settings.volume_root / STORE_FILE, settings.max_stored_result_mb)
     app = create_app(settings, runner, token, store, host)
     service: JobService = app.state.service
 

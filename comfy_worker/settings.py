@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from comfy_worker.public_address import HostAllowList
+
 APP_DIR = Path(__file__).resolve().parents[1]  # the repo (or /app in the image): scripts + baked config.yml
 DEFAULT_COMFYUI_REF = "v0.3.75"  # the ComfyUI release the tests run
 DEFAULT_COMFYUI_REPO = "https://github.com/comfyanonymous/ComfyUI.git"
@@ -80,6 +82,13 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     if raw not in choices:
         raise ValueError(f"environment variable {name} must be one of {', '.join(choices)}, got {raw!r}")
     return raw
+
+
+def _hosts(raw: str, name: str) -> tuple[str, ...]:
+    """The comma-separated ``host`` or ``host:port`` entries of variable ``name``, blanks dropped."""
+    entries = tuple(item.strip() for item in raw.split(",") if item.strip())
+    HostAllowList(entries, f"environment variable {name}")  # a malformed entry: ValueError naming it
+    return entries
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
@@ -186,8 +195,13 @@ class Settings:
     max_queue_depth: int = 100  # env MAX_QUEUE_DEPTH: jobs waiting in the API's queue; beyond: 429
     max_request_mb: float = 20.0  # env MAX_REQUEST_MB: largest request body the API reads; beyond: 413
     result_ttl_s: float = 1800.0  # env RESULT_TTL_S: seconds a finished job's result stays readable
-    webhook_retries: int = 3  # env WEBHOOK_RETRIES: further attempts after a failed webhook POST
+    webhook_retries: int = 9  # env WEBHOOK_RETRIES: further attempts after a failed webhook POST
     webhook_retry_backoff: float = 1.0  # env WEBHOOK_RETRY_BACKOFF: first retry delay in seconds (doubles)
+    webhook_retry_max_delay: float = 120.0  # env WEBHOOK_RETRY_MAX_DELAY: the longest delay between attempts
+    webhook_allow_hosts: tuple[
+        str, ...
+    ] = ()  # env WEBHOOK_ALLOW_HOSTS: host[:port] webhooks may reach though not public
+    max_stored_result_mb: float = 20.0  # env MAX_STORED_RESULT_MB: largest result the API's store keeps
     enable_jupyter: bool = True  # env ENABLE_JUPYTER: JupyterLab (default on in pod/local, off in serverless)
     hf_cache_dirs: tuple[Path, ...] = ()  # env HF_HUB_CACHE + RunPod's cached models: linked, not downloaded
     jupyter_password: str | None = field(default=None, repr=False)
@@ -256,8 +270,11 @@ class Settings:
             max_queue_depth=max(0, _int(env, "MAX_QUEUE_DEPTH", 100)),
             max_request_mb=max(0.001, _float(env, "MAX_REQUEST_MB", 20.0)),
             result_ttl_s=max(1.0, _float(env, "RESULT_TTL_S", 1800.0)),
-            webhook_retries=max(0, _int(env, "WEBHOOK_RETRIES", 3)),
+            webhook_retries=max(0, _int(env, "WEBHOOK_RETRIES", 9)),
             webhook_retry_backoff=max(0.0, _float(env, "WEBHOOK_RETRY_BACKOFF", 1.0)),
+            webhook_retry_max_delay=max(0.0, _float(env, "WEBHOOK_RETRY_MAX_DELAY", 120.0)),
+            webhook_allow_hosts=_hosts(env.get("WEBHOOK_ALLOW_HOSTS", ""), "WEBHOOK_ALLOW_HOSTS"),
+            max_stored_result_mb=max(0.001, _float(env, "MAX_STORED_RESULT_MB", 20.0)),
             enable_jupyter=_flag(env, "ENABLE_JUPYTER") if env.get("ENABLE_JUPYTER") else mode != "serverless",
             hf_cache_dirs=hf_cache_dirs(env),
             jupyter_password=env.get("JUPYTER_PASSWORD") or None,

@@ -29,6 +29,7 @@ from support.comfy_process import ROOT
 from support.local_http import QuietHandler, serve_in_thread
 from support.moto_s3 import moto_s3
 from support.recording_handler import ran
+from support.webhook_receiver import WebhookReceiver
 
 from comfy_worker.api import MAX_JSON_DEPTH, ApiError, JobService, create_app
 from comfy_worker.job_runner import RunnerProcess
@@ -192,7 +193,7 @@ def test_the_runpod_packages_endpoint_client_runs_jobs_here(api, monkeypatch):
 def test_401_without_or_with_a_wrong_token_and_the_token_in_no_log(api_factory, tmp_path):
     hook = serve_in_thread(QuietHandler)  # answers 501: the webhook fails, and its URL is logged
     try:
-        api = api_factory(WEBHOOK_RETRIES="0")
+        api = api_factory(WEBHOOK_RETRIES="0", WEBHOOK_ALLOW_HOSTS=f"127.0.0.1:{hook.server_port}")
         job = {"input": {"workflow": tiny_workflow()}}
         for token in (None, "wrong-token", TOKEN[:-1], TOKEN + "x", f"Basic {TOKEN}"):
             for method, path in (("post", "/run"), ("post", "/v2/x/runsync"), ("get", "/health"), ("get", "/status/x")):
@@ -307,33 +308,10 @@ def test_cancel_interrupts_a_running_slow_workflow_and_drops_a_queued_job(api, c
     assert api.post("/cancel/nope").status_code == 404
 
 
-class WebhookReceiver:
-    """A loopback webhook receiver that answers 500 to the first ``fail_first`` POSTs of each path."""
-
-    def __init__(self, fail_first: int = 0):
-        self.posts: list[tuple[str, int, dict]] = []  # (path, status answered, body)
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Receive(QuietHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with receiver.lock:
-                    seen = sum(1 for p, _, _ in receiver.posts if p == self.path)
-                    status = 500 if seen < fail_first else 200
-                    receiver.posts.append((self.path, status, body))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = serve_in_thread(Receive)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-
 def test_a_webhook_gets_the_result_also_after_failing_once(api_factory):
     receiver = WebhookReceiver(fail_first=1)
     try:
-        api = api_factory(WEBHOOK_RETRY_BACKOFF="0.2")
+        api = api_factory(WEBHOOK_RETRY_BACKOFF="0.2", WEBHOOK_ALLOW_HOSTS=receiver.host_port)
         job_id = api.post(
             "/run", {"input": {"workflow": tiny_workflow(0x445566)}, "webhook": f"{receiver.url}/done?k=1"}
         ).json()["id"]
@@ -352,6 +330,93 @@ def test_a_webhook_gets_the_result_also_after_failing_once(api_factory):
         assert "webhook http://127.0.0.1" in api.log() and "?k=1" not in api.log()  # the query is never logged
     finally:
         receiver.server.shutdown()
+
+
+def test_a_webhook_to_the_worker_itself_is_refused_with_400_naming_the_setting(api, comfyui):
+    """issue 20 #4: a webhook to http://127.0.0.1:<ComfyUI's port>/interrupt was accepted and delivered
+    (it stopped the running prompt); private and link-local addresses too."""
+    for hook in (
+        f"http://127.0.0.1:{comfyui.port}/interrupt",
+        "http://localhost:8000/purge-queue",
+        "http://[::1]:8188/interrupt",
+        "http://10.0.0.5/hook",
+        "http://169.254.169.254/latest/meta-data",
+    ):
+        for route in ("/run", "/runsync"):
+            answer = api.post(route, {"input": {"workflow": tiny_workflow()}, "webhook": hook})
+            assert answer.status_code == 400, (hook, answer.text)
+            error = answer.json()["error"]
+            assert error.startswith("The webhook http") and "is refused" in error and "WEBHOOK_ALLOW_HOSTS=" in error
+    assert api.get("/health").json()["jobs"]["inQueue"] == 0  # nothing was accepted
+
+
+def test_a_cancelled_queued_jobs_webhook_is_sent(api_factory):
+    """issue 20 (the suite's gaps): cancelling a queued job must send its webhook (CANCELLED)."""
+    receiver = WebhookReceiver()
+    try:
+        api = api_factory(WEBHOOK_ALLOW_HOSTS=receiver.host_port)
+        running = api.post("/run", {"input": {"workflow": slow_workflow(400)}}).json()["id"]
+        queued = api.post("/run", {"input": {"workflow": tiny_workflow()}, "webhook": f"{receiver.url}/c"}).json()["id"]
+        api.wait_status(running, "IN_PROGRESS")
+        assert api.post(f"/cancel/{queued}").json() == {"id": queued, "status": "CANCELLED"}
+        wait_for(lambda: receiver.posts, 15, "the cancelled job's webhook")
+        assert [(path, status, body["id"], body["status"]) for path, status, body in receiver.posts] == [
+            ("/c", 200, queued, "CANCELLED")
+        ]
+        api.post(f"/cancel/{running}")
+    finally:
+        receiver.close()
+
+
+def test_the_same_idempotency_key_returns_the_same_job_also_after_the_api_was_killed(api_factory, comfyui):
+    """issue 20 #20: a /runsync cut off by an API kill left the client without the job id, and its retry
+    ran the work again; with an Idempotency-Key the retry gets the same job."""
+    key = "retry-key-" + "7" * 40  # long: never logged whole
+    first = api_factory(log_name="first.log")
+    before = history_size(comfyui)
+    body = {"input": {"workflow": slow_workflow(20)}}
+    keyed = {"Idempotency-Key": key}
+    sent = first.http.post(f"{first.url}/run", json=body, headers={**first.headers(...), **keyed}).json()
+    again = first.http.post(f"{first.url}/run", json=body, headers={**first.headers(...), **keyed}).json()
+    assert again["id"] == sent["id"] and again["status"] in ("IN_QUEUE", "IN_PROGRESS")
+    synced = first.http.post(f"{first.url}/v2/ep/runsync", json=body, headers={**first.headers(...), **keyed})
+    assert synced.json()["id"] == sent["id"] and synced.json()["status"] == "COMPLETED"  # waited for it
+    other = first.http.post(f"{first.url}/run", json={"input": {}}, headers={**first.headers(...), **keyed})
+    assert other.status_code == 422 and "already used for a different request" in other.json()["error"]
+    bad = first.http.post(f"{first.url}/run", json=body, headers={**first.headers(...), "Idempotency-Key": "x" * 256})
+    assert bad.status_code == 400 and "Idempotency-Key header must be 1 to 255" in bad.json()["error"]
+    first.stop(signal.SIGKILL)
+
+    second = api_factory(log_name="second.log")
+    retried = second.http.post(f"{second.url}/runsync", json=body, headers={**second.headers(...), **keyed}).json()
+    assert retried["id"] == sent["id"] and retried["status"] == "COMPLETED"
+    assert history_size(comfyui) - before == 1  # the work ran once
+    jobs = second.get("/health").json()["jobs"]
+    assert jobs["completed"] == 1 and jobs["inQueue"] == 0
+    assert key not in first.log() + second.log() and key[:8] in first.log()
+
+
+def test_no_store_file_keeps_a_final_jobs_secrets_and_all_are_0600(api_factory):
+    """issue 20 #2: after a COMPLETED job the store's WAL (created 0644) still held its s3Config keys
+    and its comfy_org_api_key."""
+    api = api_factory(S3_URL_EXPIRES="0")  # plain object URLs: a presigned one carries the key id, as SigV4 says
+    comfy_key = "comfy-org-key-4e8d21a0"
+    with moto_s3("pod-secret", enforce_auth=True) as s3:
+        s3_config = {"accessId": s3.key_id, "accessSecret": s3.secret, "bucketName": "pod-secret"}
+        s3_config["endpointUrl"] = s3.endpoint
+        job = {"input": {"workflow": tiny_workflow(), "comfy_org_api_key": comfy_key}, "s3Config": s3_config}
+        answer = api.post("/runsync", job).json()
+        assert answer["status"] == "COMPLETED", answer
+    store_dir = api.volume / ".api"
+    files = sorted(store_dir.iterdir())
+    assert {f.name for f in files} >= {"jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm", "jobs.sqlite3.lock"}
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o600 for f in files}
+    secrets = [s.encode() for s in (s3.key_id, s3.secret, comfy_key)]
+
+    def leaked():
+        return [(f.name, s) for f in sorted(store_dir.iterdir()) for s in secrets if s in f.read_bytes()]
+
+    wait_for(lambda: not leaked(), 15, "the secrets to leave every store file")
 
 
 # --- bounds -------------------------------------------------------------------------------------------
@@ -410,6 +475,18 @@ def test_limits_request_size_runsync_wait_and_result_ttl(api_factory):
     wait_for(lambda: stored_status(api, waited["id"]) is None, 5, "the expired row to be deleted from the store")
 
 
+def test_a_result_over_max_stored_result_mb_ends_the_job_failed_telling_the_client_to_use_s3(api_factory):
+    """issue 20 #21: the API kept any result whole in its store (base64 outputs, many MB per job)."""
+    api = api_factory(MAX_STORED_RESULT_MB="0.001")  # 1 KB: four 8x8 PNGs (with their metadata) are more
+    workflow = tiny_workflow()
+    workflow["1"]["inputs"]["batch_size"] = 4
+    body = api.post("/runsync", {"input": {"workflow": workflow}}).json()
+    assert body["status"] == "FAILED" and "images" not in body["output"], body
+    assert "more than MAX_STORED_RESULT_MB (0.001 MB)" in body["error"] and "S3" in body["error"]
+    assert body["output"]["details"]["max_stored_result_mb"] == 0.001
+    assert api.status(body["id"]) == body
+
+
 def stored_status(server: ApiServer, job_id: str) -> str | None:
     """The job's status as the store on the volume holds it (read beside the API: WAL allows it)."""
     with contextlib.closing(sqlite3.connect(server.volume / ".api" / "jobs.sqlite3")) as db:
@@ -464,9 +541,10 @@ def test_health_counts_match_what_was_sent(api, comfyui):
 
 
 # --- RunPod's policy, /stream ----------------------------------------------------------------------------
-def test_policy_execution_timeout_stops_a_job_and_ttl_ends_one_still_queued_both_timed_out(api, comfyui):
+def test_policy_execution_timeout_stops_a_job_and_ttl_ends_one_still_queued_both_timed_out(api_factory, comfyui):
     hooks = WebhookReceiver()
     try:
+        api = api_factory(WEBHOOK_ALLOW_HOSTS=hooks.host_port)
         slow = {"workflow": slow_workflow(400)}  # 20 s without a limit
         timed = api.post("/run", {"input": slow, "policy": {"executionTimeout": 11000, "lowPriority": True}}).json()
         waiting = {"input": {"workflow": tiny_workflow()}, "policy": {"ttl": 10000}, "webhook": f"{hooks.url}/ttl"}

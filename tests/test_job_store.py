@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from support.comfy_process import ROOT
@@ -117,3 +121,126 @@ def test_one_process_per_store(store, tmp_path):
     with pytest.raises(StoreBusy):  # also within one process: a second open is refused
         JobStore(store.path)
     assert store.path.stat().st_mode & 0o777 == 0o600
+
+
+def store_files(store: JobStore) -> list:
+    return sorted(store.path.parent.glob(f"{store.path.name}*"))
+
+
+def test_every_store_file_is_0600_and_no_file_keeps_a_final_jobs_secrets(tmp_path):
+    """issue 20 #2: ``-wal`` and ``-shm`` were created 0644, and the WAL kept a COMPLETED job's
+    ``s3Config`` keys and ``comfy_org_api_key`` (the request was emptied in the database only)."""
+    secrets = ["AKIA-access-id-81c2", "s3-secret-key-5d1f0e", "comfy-org-key-9b7a44"]
+    old = os.umask(0o022)  # what a shell usually has: files 0644 unless the store says otherwise
+    try:
+        store = JobStore(tmp_path / ".api" / "jobs.sqlite3")
+    finally:
+        os.umask(old)
+    try:
+        request = {
+            "input": {"workflow": {"x": "node " * 2000}, "comfy_org_api_key": secrets[2]},
+            "s3Config": {"accessId": secrets[0], "accessSecret": secrets[1]},
+        }
+        for job_id in ("done", "dropped", "waiting"):
+            store.add(job_id, request, None, 1.0)
+        assert {path.name: path.stat().st_mode & 0o777 for path in store_files(store)} == {
+            name: 0o600 for name in ("jobs.sqlite3", "jobs.sqlite3-shm", "jobs.sqlite3-wal", "jobs.sqlite3.lock")
+        }
+        store.start("done", 2.0)
+        store.finish("done", "COMPLETED", {"output": {"ok": True}}, 3.0)
+        store.cancel_queued(["dropped", "waiting"], 3.0)
+
+        def leaked():
+            return [(path.name, s) for path in store_files(store) for s in secrets if s.encode() in path.read_bytes()]
+
+        deadline = time.monotonic() + 15
+        while leaked():
+            assert time.monotonic() < deadline, leaked()
+            time.sleep(0.05)
+    finally:
+        store.close()
+
+
+OLD_SCHEMA = """
+CREATE TABLE jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, status TEXT NOT NULL, request TEXT NOT NULL,
+    webhook TEXT, created REAL NOT NULL, started REAL, finished REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    result TEXT, webhook_pending INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX jobs_by_status ON jobs (status, seq);
+"""
+
+
+def test_a_store_of_the_previous_version_is_migrated_and_keeps_its_jobs(tmp_path):
+    """issue 20 #20/#21/#19: new columns (Idempotency-Key, webhook schedule) and incremental auto-vacuum,
+    which SQLite only takes on a new file or with a VACUUM."""
+    path = tmp_path / "jobs.sqlite3"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as old:
+        old.execute("PRAGMA journal_mode=WAL")
+        old.executescript(OLD_SCHEMA)
+        old.execute(
+            "INSERT INTO jobs (id, status, request, webhook, created, finished, result, webhook_pending) "
+            "VALUES ('hooked', 'COMPLETED', '{}', 'http://hook', 1, 2, '{\"output\": 1}', 1)"
+        )
+        old.execute(
+            "INSERT INTO jobs (id, status, request, created) VALUES ('queued', 'IN_QUEUE', '{\"input\": 1}', 3)"
+        )
+        assert old.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    store = JobStore(path)
+    try:
+        assert store.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+        assert store.get("hooked")["result"] == {"output": 1} and store.queued_request("queued") == ({"input": 1}, 3.0)
+        assert store.due_webhooks(time.time()) == ["hooked"]  # owed before the upgrade: sent after it
+        store.add("keyed", {"input": 2}, None, 4.0, key="k-1", digest="d")
+        assert store.by_key("k-1", since=0) == ("keyed", "d")
+    finally:
+        store.close()
+    JobStore(path).close()  # opened again: nothing left to migrate
+
+
+def test_expired_jobs_give_their_space_back_to_the_file_system(store):
+    """issue 20 #21: expiring every row left the file (and the WAL) at its largest size."""
+    output = {"images": [{"data": "A" * 4000}]}
+    for i in range(1500):
+        store.add(f"j{i}", {"input": {"n": i}}, None, 1.0)
+        store.start(f"j{i}", 1.0)
+        store.finish(f"j{i}", "COMPLETED", {"output": output}, 2.0)
+    store.flush_wal()
+    full = sum(path.stat().st_size for path in store_files(store))
+    assert full > 6_000_000
+    assert store.expire(before=3.0) == 1500
+    deadline = time.monotonic() + 15
+    while (size := sum(path.stat().st_size for path in store_files(store))) > full / 10:
+        assert time.monotonic() < deadline, (full, size)
+        time.sleep(0.05)
+
+
+def test_a_result_over_max_stored_result_mb_is_not_kept_and_the_job_says_why(tmp_path):
+    """issue 20 #21: any result was kept whole (base64 outputs of many MB per job)."""
+    store = JobStore(tmp_path / "jobs.sqlite3", max_result_mb=0.01)
+    try:
+        for job_id, size in (("small", 100), ("big", 20_000)):
+            store.add(job_id, {"input": {}}, "http://hook", 1.0)
+            store.start(job_id, 1.0)
+            assert store.finish(job_id, "COMPLETED", {"output": {"data": "A" * size}}, 2.0)
+        assert store.get("small")["status"] == "COMPLETED"
+        big = store.get("big")
+        assert big["status"] == "FAILED" and big["webhook_pending"] == 1
+        assert big["result"]["error"].startswith("The job's result is 0.0 MB, more than MAX_STORED_RESULT_MB (0.01 MB)")
+        assert "Send the outputs to S3" in big["result"]["error"]
+        assert big["result"]["output"]["details"]["max_stored_result_mb"] == 0.01
+    finally:
+        store.close()
+
+
+def test_an_idempotency_key_finds_its_job_until_the_result_expires_then_it_may_be_used_again(store):
+    store.add("first", {"input": 1}, None, 1.0, key="key-1", digest="d1")
+    assert store.by_key("key-1", since=0) == ("first", "d1") and store.by_key("other", since=0) is None
+    store.start("first", 2.0)
+    store.finish("first", "COMPLETED", {}, 3.0)
+    assert store.by_key("key-1", since=2.5) == ("first", "d1")  # its result still readable
+    assert store.by_key("key-1", since=3.5) is None  # expired (not swept yet): the key is free again
+    store.add("second", {"input": 2}, None, 4.0, key="key-1", digest="d2")  # no unique-index conflict
+    assert store.by_key("key-1", since=3.5) == ("second", "d2")
+    with pytest.raises(sqlite3.IntegrityError):  # one job per key, enforced by the store itself
+        store.db.execute("UPDATE jobs SET idempotency_key = 'key-1' WHERE id = 'first'")

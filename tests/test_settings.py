@@ -42,6 +42,14 @@ def test_bad_number_names_the_variable():
         Settings.from_env({"COMFY_PORT": "abc"})
 
 
+def test_webhook_allow_hosts_is_a_host_list_and_a_malformed_entry_names_the_variable():
+    settings = Settings.from_env({"WEBHOOK_ALLOW_HOSTS": " hooks.internal , 127.0.0.1:9000,,[::1]:80 "})
+    assert settings.webhook_allow_hosts == ("hooks.internal", "127.0.0.1:9000", "[::1]:80")
+    assert Settings.from_env({}).webhook_allow_hosts == ()
+    with pytest.raises(ValueError, match=r"environment variable WEBHOOK_ALLOW_HOSTS: 'host:http': the port must"):
+        Settings.from_env({"WEBHOOK_ALLOW_HOSTS": "ok.example, host:http"})
+
+
 def test_secrets_are_not_in_repr():
     s = Settings.from_env({"HF_TOKEN": "hf_secret_value", "BUCKET_SECRET_ACCESS_KEY": "s3secret"})
     assert "hf_secret_value" not in repr(s) and "s3secret" not in repr(s)
