@@ -29,6 +29,7 @@ from comfy_worker.job_input import (
     JobInput,
     S3Config,
     apply_overrides,
+    job_secrets,
     parse_job_input,
     parse_s3_config,
     rename_references,
@@ -36,6 +37,7 @@ from comfy_worker.job_input import (
 from comfy_worker.job_runner import report_prompt
 from comfy_worker.log_setup import (
     redact,
+    redact_answer,
     reset_job_id,
     reset_job_secrets,
     safe_url,
@@ -333,18 +335,6 @@ def with_job_bucket(settings: Settings, s3: S3Config | None) -> Settings:
     )
 
 
-def _job_secrets(job) -> list[str]:
-    """The job's own secrets (its Comfy.org key, the keys of its ``s3Config``), read without trusting the
-    job's shape: they are redacted even when the job is malformed."""
-    if not isinstance(job, dict):
-        return []
-    raw, s3 = job.get("input"), job.get("s3Config")
-    found = [raw.get("comfy_org_api_key")] if isinstance(raw, dict) else []
-    if isinstance(s3, dict):
-        found += [s3.get("accessId"), s3.get("accessSecret")]
-    return [value for value in found if isinstance(value, str)]
-
-
 async def handler(job: dict) -> dict:
     """RunPod entry point: ``job["input"]`` (and ``job["s3Config"]``) as docs/api.md describes; returns the
     output or ``{"error", "details"}``.
@@ -352,12 +342,12 @@ async def handler(job: dict) -> dict:
     Never raises: whatever goes wrong becomes a readable error."""
     job_id = job_id_of(job)
     token = set_job_id(job_id)
-    secrets_token = set_job_secrets(_job_secrets(job))
+    secrets_token = set_job_secrets(job_secrets(job))
     try:
         return await _handle(job, job_id)
     except Exception as exc:  # a bug must still give the caller a readable answer
         log.exception("Unexpected error")
-        secrets = [*secret_values(), *_job_secrets(job)]
+        secrets = [*secret_values(), *job_secrets(job)]
         return {
             "error": redact(f"The handler failed unexpectedly: {type(exc).__name__}: {exc}", secrets),
             "details": {"exception_type": type(exc).__name__},
@@ -373,7 +363,7 @@ async def _handle(job: dict, job_id: str) -> dict:
     except ValueError as exc:  # a malformed env var: say which one
         log.error("Bad configuration: %s", exc)
         return {"error": f"The worker is misconfigured: {exc}.", "details": {}}
-    secrets = [*settings.secrets(), *_job_secrets(job)]
+    secrets = [*settings.secrets(), *job_secrets(job)]
     try:
         result = await run_job(job, settings, job_id)
     except JobError as exc:
@@ -385,23 +375,10 @@ async def _handle(job: dict, job_id: str) -> dict:
             "error": f"The handler failed unexpectedly: {type(exc).__name__}: {exc}",
             "details": {"exception_type": type(exc).__name__},
         }
-    for key in ("error", "details", "errors"):
-        if key in result:
-            result[key] = _redact_obj(result[key], secrets)
+    result = redact_answer(result, secrets)
     if settings.refresh_worker:
         result["refresh_worker"] = True
     return result
-
-
-def _redact_obj(value, secrets: list[str]):
-    """``value`` with every secret and every URL query string removed from its strings."""
-    if isinstance(value, str):
-        return redact(value, secrets)
-    if isinstance(value, list):
-        return [_redact_obj(v, secrets) for v in value]
-    if isinstance(value, dict):
-        return {k: _redact_obj(v, secrets) for k, v in value.items()}
-    return value
 
 
 # the RunPod SDK's own arguments that decide its run mode (parsed as the SDK parses them: argparse, last wins)
@@ -450,7 +427,7 @@ async def local_test_handler(job: dict) -> dict:
         await close_shared_session()
     if result.get("error"):  # logged already ("Job failed: ..."), and by the SDK
         return result
-    token, secrets_token = set_job_id(job_id_of(job)), set_job_secrets(_job_secrets(job))
+    token, secrets_token = set_job_id(job_id_of(job)), set_job_secrets(job_secrets(job))
     try:
         log.info("Job result: %s", _shown_result(result))
     finally:

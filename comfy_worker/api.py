@@ -46,12 +46,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from comfy_worker.comfy_client import ComfyClient, close_shared_session
+from comfy_worker.job_input import job_secrets
 from comfy_worker.job_runner import EXPIRED, RunnerDied, RunnerProcess
 from comfy_worker.job_store import FINAL, JobStore
-from comfy_worker.log_setup import safe_url, setup_logging
+from comfy_worker.log_setup import redact_answer, safe_url, setup_logging
 from comfy_worker.outputs import ComfyFolders
 from comfy_worker.prompt_runner import abandon_prompt
-from comfy_worker.settings import Settings
+from comfy_worker.settings import Settings, secret_values
 from comfy_worker.token_file import stored_token
 from comfy_worker.webhooks import Webhooks, submit_problem
 
@@ -515,6 +516,8 @@ class JobService:
         if output is EXPIRED:
             self.expire_queued(job_id, policy["ttl"])
             return
+        # whatever handler ran (--handler): no secret and no URL query in the error stored and returned
+        output = redact_answer(output, [*secret_values(), *job_secrets(job)])
         started = self.running.pop(job_id, None)
         outcome = self.outcome(job_id, output, started is not None, policy)
         if outcome is None:

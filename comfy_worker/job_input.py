@@ -55,6 +55,18 @@ class S3Config:
     access_secret: str = field(repr=False)
 
 
+def job_secrets(job: Any) -> list[str]:
+    """The job's own secrets (its Comfy.org key, the keys of its ``s3Config``), read without trusting the
+    job's shape: they are redacted even when the job is malformed (and whatever handler ran it)."""
+    if not isinstance(job, dict):
+        return []
+    raw, s3 = job.get("input"), job.get("s3Config")
+    found = [raw.get("comfy_org_api_key")] if isinstance(raw, dict) else []
+    if isinstance(s3, dict):
+        found += [s3.get("accessId"), s3.get("accessSecret")]
+    return [value for value in found if isinstance(value, str)]
+
+
 def parse_job_input(raw: Any) -> JobInput:
     """Check the shape of ``job["input"]`` and return it typed; the workflow is a deep copy."""
     if not isinstance(raw, dict):

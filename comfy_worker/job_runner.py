@@ -46,7 +46,8 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from pathlib import Path
 
-from comfy_worker.log_setup import setup_logging
+from comfy_worker.job_input import job_secrets
+from comfy_worker.log_setup import set_job_secrets, setup_logging
 from comfy_worker.settings import Settings
 
 log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
@@ -116,6 +117,7 @@ class Runner:
     async def job(self, job: dict) -> None:
         job_id = job["id"]
         _prompt_reports.set(lambda prompt: self.report(job_id, prompt))  # this task's context only
+        set_job_secrets(job_secrets(job))  # this task's log lines (any handler's, the traceback below) too
         try:
             output = await self.run_job(job)
         except asyncio.CancelledError:

@@ -70,6 +70,29 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return redact_urls(text)
 
 
+ANSWER_KEYS = ("error", "details", "errors")  # the parts of a handler's answer that describe a failure
+
+
+def redact_obj(value, secrets: Iterable[str]):
+    """``value`` (strings, lists, dicts) with ``redact`` applied to every string in it."""
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, list):
+        return [redact_obj(v, secrets) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_obj(v, secrets) for k, v in value.items()}
+    return value
+
+
+def redact_answer(output, secrets: Iterable[str]):
+    """A handler's answer with its ``error``, ``details`` and ``errors`` redacted (every secret, every URL
+    query string); the rest (images, signed output links) as it is. Anything but a dict is returned as is."""
+    if not isinstance(output, dict):
+        return output
+    secrets = tuple(secrets)
+    return {k: redact_obj(v, secrets) if k in ANSWER_KEYS else v for k, v in output.items()}
+
+
 class _ContextFilter(logging.Filter):
     """Adds the job prefix and removes secret values from every record."""
 

@@ -237,6 +237,7 @@ class PromptRunner:
         self.started: float | None = None
         self.current_node: str | None = None
         self.nodes_done: set[str] = set()
+        self.interrupt_error: str | None = None  # why the last stop() could not reach ComfyUI
 
     # --- main flow -------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -463,6 +464,7 @@ class PromptRunner:
         """Drop the prompt from the queue (if pending), interrupt it (if running) and wait up to
         INTERRUPT_GRACE_S for it to stop. Returns (was running, stopped)."""
         running = self.started is not None
+        self.interrupt_error = None
         if not self.queued:
             return False, True
         try:
@@ -473,7 +475,8 @@ class PromptRunner:
                 if running:
                     await self.client.interrupt(self.prompt_id)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.warning("Could not interrupt prompt %s: %s", self.prompt_id, exc or type(exc).__name__)
+            self.interrupt_error = str(exc) or type(exc).__name__
+            log.warning("Could not interrupt prompt %s: %s", self.prompt_id, self.interrupt_error)
         stopped = await self._wait_stopped() if running and self.ws is not None else not running
         return running, stopped
 
@@ -498,9 +501,8 @@ class PromptRunner:
             where = "while ComfyUI was running the prompt"
         log.warning("Timeout after %g s %s; stopping prompt %s", self.timeout, where, self.prompt_id)
         running, stopped = await self.stop()
-        what = "the prompt was interrupted" if running else "the prompt was removed from ComfyUI's queue"
         raise JobError(
-            f"The job timed out after {self.timeout:g} s {where}; {what}.",
+            f"The job timed out after {self.timeout:g} s {where}; {self._stop_outcome(running, stopped)}.",
             {
                 "prompt_id": self.prompt_id,
                 "timeout_s": self.timeout,
@@ -509,6 +511,24 @@ class PromptRunner:
                 "class_type": class_type,
                 "stopped": stopped,
             },
+        )
+
+    def _stop_outcome(self, running: bool, stopped: bool) -> str:
+        """What stopping the prompt did, as it is: only a prompt seen to end within the grace time is
+        called interrupted; one still running holds ComfyUI (the next job waits behind it)."""
+        if not running:
+            return "the prompt was removed from ComfyUI's queue"
+        if stopped:
+            return "the prompt was interrupted"
+        if self.interrupt_error is not None:
+            return (
+                f"the prompt could not be interrupted ({self.interrupt_error}): ComfyUI may still be running it, "
+                "and the next job waits behind it"
+            )
+        return (
+            f"ComfyUI was asked to interrupt the prompt, but it was still running {INTERRUPT_GRACE_S:g} s later "
+            "(ComfyUI stops a prompt only between nodes or steps): ComfyUI is still finishing it, and the next "
+            "job waits behind it"
         )
 
     async def _wait_stopped(self) -> bool:

@@ -246,6 +246,41 @@ def test_a_token_is_generated_off_loopback_printed_once_and_api_auth_none_opts_o
     assert "API_AUTH=none" in opted_out.log()
 
 
+LEAKED = "token *** rejected with id *** and key *** (comfy key ***) at https://bucket.example/out.png?…"
+
+
+@pytest.mark.parametrize(
+    "handler, error",
+    [("returns_secrets", LEAKED), ("raises_secrets", f"The handler failed unexpectedly: RuntimeError: {LEAKED}")],
+    ids=["returned", "raised"],
+)
+def test_a_custom_handlers_error_quoting_secrets_is_redacted_in_answers_store_and_log(tmp_path, handler, error):
+    """issue 21 (the API redacts whatever handler it runs): a ``--handler`` that returns or raises an error
+    quoting API_TOKEN, the job's s3Config keys and Comfy.org key and a signed URL: none of them in /runsync,
+    /run + /status, the store file or the log."""
+    s3 = {"accessId": "AKIALEAKYTEST0001", "accessSecret": "leaky-s3-secret-Q9x7Lm2P", "bucketName": "b"}
+    s3["endpointUrl"] = "https://s3.example"
+    comfy_key = "leaky-comfy-key-8d2f"
+    secrets = [TOKEN, s3["accessId"], s3["accessSecret"], comfy_key, "sig123"]
+    body = {"input": {"workflow": tiny_workflow(), "comfy_org_api_key": comfy_key}, "s3Config": s3}
+    with api_processes(None, tmp_path, handler=f"leaky_handlers:{handler}") as make:  # tests/support/
+        api = make()
+        sync = api.post("/runsync", body).json()
+        queued = api.post("/run", body).json()
+        answers = [sync, api.wait_final(queued["id"]), api.status(sync["id"])]
+        for answer in answers:
+            assert answer["status"] == "FAILED" and answer["error"] == error, answer
+            assert not [s for s in secrets if s in json.dumps(answer)], answer
+        if handler == "returns_secrets":
+            assert sync["output"]["details"] == {"why": LEAKED}
+        assert api.stop() == 0
+    log = api.log()
+    assert not [s for s in secrets if s in log], log
+    assert handler == "returns_secrets" or "RuntimeError: token *** rejected" in log  # the runner's traceback
+    for file in (api.volume / ".api").iterdir():  # the store, its WAL if any
+        assert not [s for s in secrets if s.encode() in file.read_bytes()], file
+
+
 # --- cancel, webhooks ---------------------------------------------------------------------------------
 def test_cancel_interrupts_a_running_slow_workflow_and_drops_a_queued_job(api, comfyui):
     before = history_size(comfyui)

@@ -595,6 +595,7 @@ def test_timeout_interrupts_the_prompt_and_the_next_job_runs(worker_env):
     assert result["error"].startswith(
         "The job timed out after 1.5 s while ComfyUI was running node 3 (WorkerTestSteps)"
     )
+    assert result["error"].endswith("; the prompt was interrupted.")  # stopped within the grace time: said so
     assert result["details"]["stopped"] is True and result["details"]["state"] == "running"
     assert elapsed < 6
     queue = worker_env.get_json("/queue")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 from support.aio import arun
 
+from comfy_worker import prompt_runner
 from comfy_worker.comfy_client import ComfyClient
 from comfy_worker.job_errors import JobError
 from comfy_worker.prompt_runner import PromptRunner, execution_error, rejection_error
@@ -72,6 +74,42 @@ def test_timeout_while_queued_drops_the_prompt_from_the_queue(comfyui):
     assert waiting_id not in str(queue["queue_pending"])
     # a prompt that never ran is only removed from the queue, not interrupted
     assert f"Prompt {waiting_id} is not currently running" not in comfyui.log_path.read_text(errors="replace")
+
+
+def test_timeout_of_a_prompt_that_does_not_stop_says_comfyui_is_still_finishing_it(comfyui, monkeypatch):
+    """issue 21 (the timeout error tells the truth): a node that does not stop mid-step outlives the
+    interrupt's grace time; the error must not say "interrupted" (details.stopped is false) but that
+    ComfyUI is still finishing the prompt and the next job waits behind it."""
+    monkeypatch.setattr(prompt_runner, "INTERRUPT_GRACE_S", 1.0)
+    workflow = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+        "2": {"class_type": "WorkerTestSleep", "inputs": {"image": ["1", 0], "seconds": 6.0}},  # ignores interrupts
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    }
+    runner = runner_for(comfyui, workflow, timeout=2.0)
+
+    async def go():
+        try:
+            await runner.run()
+        except JobError as exc:
+            return exc, comfyui.get_json("/queue")
+        raise AssertionError("the job did not time out")
+
+    error, queue = arun(go)
+    try:
+        assert error.message == (
+            "The job timed out after 2 s while ComfyUI was running node 2 (WorkerTestSleep); ComfyUI was asked to "
+            "interrupt the prompt, but it was still running 1 s later (ComfyUI stops a prompt only between nodes "
+            "or steps): ComfyUI is still finishing it, and the next job waits behind it."
+        )
+        assert error.details["stopped"] is False and error.details["state"] == "running"
+        assert runner.prompt_id in str(queue["queue_running"])  # what the message says: still running
+    finally:  # the next test must not wait behind it
+        deadline = time.monotonic() + 60
+        while comfyui.get_json("/queue")["queue_running"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+    status = comfyui.get_json(f"/history/{runner.prompt_id}")[runner.prompt_id]["status"]
+    assert "execution_interrupted" in [m[0] for m in status["messages"]]  # it did stop, once the node ended
 
 
 def test_rejection_error_for_value_not_in_list_both_combo_forms():
