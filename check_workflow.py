@@ -29,11 +29,12 @@ from urllib.parse import quote
 import yaml
 from pydantic import ValidationError
 
-from comfy_worker import model_folders
+from comfy_worker import model_folders, node_packs
 from comfy_worker.cli import load_selected_config
 from comfy_worker.config_schema import ConfigError, ModelEntry, NodeEntry, WorkerConfig
 from comfy_worker.core_nodes import CORE_COMFYUI_VERSION, CORE_NODE_CLASSES, FRONTEND_ONLY
 from comfy_worker.file_names import url_filename
+from comfy_worker.node_packs import COMPONENT_RE, FRONTEND_ONLY_PACKS, IMPACT_PACK, NodePacks, repo_key
 from comfy_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,8 @@ class ModelRef:
     status: str = ""
     detail: str = ""
     fixed: str | None = None  # the value to write instead (a Windows path: "wan\\x" -> "wan/x")
+    url_source: str | None = None  # "embedded" (properties.models) or "model-list" (model-list.json)
+    folder_source: str | None = None  # "loader", "model-list", "pack-loader", or None (not known)
 
 
 @dataclass
@@ -272,6 +275,8 @@ class NodeUse:
     inactive: str | None = None
     status: str = ""
     detail: str = ""
+    repo: str | None = None  # the git URL of the pack that provides the class, None when not known
+    repo_source: str | None = None  # cnr_id, aux_id, config, comfy-host, node-map, component, frontend-only
 
 
 def _text(value: Any) -> str | None:
@@ -313,10 +318,18 @@ class Extractor:
             class_type = node["class_type"]
             self.nodes.append(NodeUse(self.wf.path, str(node_id), class_type))
             inputs = node.get("inputs") if isinstance(node.get("inputs"), dict) else {}
-            for name, folder in self.model_inputs(class_type).items():
+            known = self.model_inputs(class_type)
+            for name, folder in known.items():
                 value = _text(inputs.get(name))
                 if value and model_folders.is_model_file(folder, value):
                     self.models.append(ModelRef(self.wf.path, str(node_id), class_type, name, value, folder))
+            for name, value in inputs.items():
+                if (
+                    name not in known
+                    and class_type not in FRONTEND_ONLY_PACKS
+                    and model_folders.looks_like_model_file(value)
+                ):
+                    self.models.append(ModelRef(self.wf.path, str(node_id), class_type, name, value.strip(), None))
 
     def _enrich_from_ui(self, ui: dict) -> None:
         """Sources the UI format knows and the API format does not: model URLs, node packs."""
@@ -330,7 +343,7 @@ class Extractor:
         for ref in self.models:
             known = urls.get(ref.name) or urls.get(ref.name.replace("\\", "/").rsplit("/", 1)[-1])
             if known:
-                ref.url, ref.directory = known.url, known.directory
+                ref.url, ref.directory, ref.url_source = known.url, known.directory, known.url_source
         packs = {n.class_type: n for n in sub.nodes if n.cnr_id or n.aux_id}
         for use in self.nodes:
             if use.class_type in packs:
@@ -343,10 +356,11 @@ class Extractor:
         subgraphs = {
             sg["id"]: sg for sg in definitions.get("subgraphs") or [] if isinstance(sg, dict) and _text(sg.get("id"))
         }
+        subgraphs.update(_group_nodes(ui))
         used: set[str] = set()
         self._walk(ui.get("nodes") or [], subgraphs, "", None, used, 0)
         for sg_id, sg in subgraphs.items():
-            if sg_id not in used:
+            if sg_id not in used and not any(subgraphs[u] is sg for u in used) and not sg_id.startswith("workflow/"):
                 name = _text(sg.get("name")) or sg_id
                 self._walk(sg.get("nodes") or [], subgraphs, f"{name}:", "in a subgraph no node uses", used, 1)
 
@@ -365,8 +379,10 @@ class Extractor:
                 used.add(class_type)
                 self._walk(subgraphs[class_type].get("nodes") or [], subgraphs, f"{node_id}:", off, used, depth + 1)
                 continue
-            if class_type in FRONTEND_ONLY:
-                continue
+            if class_type in FRONTEND_ONLY or (
+                class_type in FRONTEND_ONLY_PACKS and FRONTEND_ONLY_PACKS[class_type] is None
+            ):
+                continue  # ComfyUI's own frontend draws it: nothing to report
             props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
             self.nodes.append(
                 NodeUse(
@@ -386,20 +402,24 @@ class Extractor:
     def _widget_models(self, node: dict, node_id: str, class_type: str, off: str | None) -> list[ModelRef]:
         inputs = self.model_inputs(class_type)
         values = node.get("widgets_values")
-        if not inputs or values is None:
+        if values is None or class_type in FRONTEND_ONLY_PACKS:
             return []
         if isinstance(values, dict):
             named = values
         else:
-            names = (self.live.widgets(class_type) if self.live else None) or (
-                model_folders.LOADERS[class_type].widgets if class_type in model_folders.LOADERS else []
-            )
-            named = dict(zip(names, values if isinstance(values, list) else [], strict=False))
+            table = model_folders.LOADERS.get(class_type) or model_folders.PACK_LOADERS.get(class_type)
+            names = (self.live.widgets(class_type) if self.live else None) or (table.widgets if table else [])
+            values = values if isinstance(values, list) else []
+            named = dict(zip(names, values, strict=False))
+            named.update({f"widgets_values[{i}]": v for i, v in enumerate(values[len(names) :], len(names))})
         refs = []
         for name, folder in inputs.items():
             value = _text(named.get(name))
             if value and model_folders.is_model_file(folder, value):
                 refs.append(ModelRef(self.wf.path, node_id, class_type, name, value, folder, inactive=off))
+        for name, value in named.items():  # a custom loader's input: a value that names a model file
+            if name not in inputs and model_folders.looks_like_model_file(value):
+                refs.append(ModelRef(self.wf.path, node_id, class_type, name, value.strip(), None, inactive=off))
         return refs
 
     def _property_models(self, props: dict, refs: list[ModelRef], node_id: str, class_type: str, off) -> None:
@@ -415,8 +435,26 @@ class Extractor:
                 folder = model_folders.canonical(directory) if directory else None
                 ref = ModelRef(self.wf.path, node_id, class_type, None, name, folder, inactive=off)
                 refs.append(ref)
-            ref.url = ref.url or url
+            if url and not ref.url:
+                ref.url, ref.url_source = url, "embedded"
             ref.directory = ref.directory or directory
+
+
+def _group_nodes(ui: dict) -> dict[str, dict]:
+    """Old-style group nodes (``extra.groupNodes``; a node of type ``workflow>Name``, ``workflow/Name``
+    in older frontends) as subgraphs: the frontend expands them into their nodes before /prompt."""
+    extra = ui.get("extra") if isinstance(ui.get("extra"), dict) else {}
+    groups = extra.get("groupNodes") if isinstance(extra.get("groupNodes"), dict) else {}
+    out = {}
+    for name, group in groups.items():
+        if not isinstance(group, dict) or not isinstance(group.get("nodes"), list):
+            continue
+        nodes = [
+            {**n, "id": n.get("id", n.get("index", i))} for i, n in enumerate(group["nodes"]) if isinstance(n, dict)
+        ]
+        for sep in (">", "/"):
+            out[f"workflow{sep}{name}"] = {"name": f"group node {name}", "nodes": nodes}
+    return out
 
 
 ModelRefsAndNodes = tuple[list[ModelRef], list[NodeUse]]
@@ -486,8 +524,16 @@ def _judge_model_path(ref: ModelRef, files: list[ConfigFile], source: str) -> No
         if exact:
             ref.status, ref.detail = "provided", f"models[{exact[0].index}] ({exact[0].shown}; folder not checked)"
             return
+        if ref.input is not None and ref.directory is None:  # a custom node's input, known by its extension
+            ref.status = "folder_unknown"
+            ref.detail = (
+                f"model file {ref.name!r} of a custom node: its folder is not known (no loader table, not in "
+                f"model-list.json) and {source} does not have it; if the node does not download it itself, "
+                "add it with the right destination"
+            )
+            return
         ref.status = "missing"
-        ref.detail = f"model file {ref.name!r} is not in {source} (its folder is not known)"
+        ref.detail = f"model file {ref.name!r} is not in {source} (its folder is not known: set its destination)"
         return
     dirs = model_folders.dirs_read(folder)
     exact = [f for f in files if f.top in dirs and f.rel == name]
@@ -540,7 +586,41 @@ def config_node_by_dir(dir_name: str, cfg: WorkerConfig) -> tuple[int, NodeEntry
     return None
 
 
+class Packs:
+    """The node pack data (comfy_worker/node_packs.py), loaded on first use: a workflow of core nodes
+    only never asks the network."""
+
+    def __init__(self, settings: Settings, offline: bool):
+        self.settings, self.offline = settings, offline
+        self._packs: NodePacks | None = None
+        self.cache = node_packs.DataCache(node_packs.cache_dir(settings.user_cache_dir), offline)
+
+    def get(self) -> NodePacks:
+        if self._packs is None:
+            urls = {
+                "node_map": self.settings.node_map_url,
+                "stats": self.settings.node_stats_url,
+                "model_list": self.settings.model_list_url,
+                "registry": self.settings.registry_url,
+            }
+            self._packs = NodePacks.load(urls, self.cache)
+        return self._packs
+
+    @property
+    def loaded(self) -> bool:
+        return self._packs is not None
+
+    def unavailable(self) -> str:
+        """Why node packs could not be looked up ('' when they could)."""
+        packs = self.get()
+        if packs.available:
+            return ""
+        return "; ".join(p for p in self.cache.problems if "node map" in p) or "the node map could not be had"
+
+
 def _pack(use: NodeUse) -> str:
+    if use.repo:
+        return use.repo
     if use.aux_id:
         return f"https://github.com/{use.aux_id}"
     if use.cnr_id:
@@ -548,14 +628,67 @@ def _pack(use: NodeUse) -> str:
     return ""
 
 
-def judge_node(use: NodeUse, cfg: WorkerConfig, source: str, live: LiveComfy | None) -> None:
+def _config_node_by_repo(repo: str, cfg: WorkerConfig) -> tuple[int, NodeEntry] | None:
+    key = repo_key(repo)
+    return next(((i, n) for i, n in enumerate(cfg.nodes) if repo_key(n.url) == key), None)
+
+
+def resolve_pack(
+    use: NodeUse, cfg: WorkerConfig, live: LiveComfy | None, packs: Packs | None, classes: set[str]
+) -> None:
+    """``use.repo`` and ``use.repo_source``, by precedence: the workflow's ``aux_id``/``cnr_id``, the
+    config's own nodes, the live ComfyUI's custom_nodes folder, then the node map's best candidate."""
+    if use.class_type in FRONTEND_ONLY_PACKS:
+        use.repo, use.repo_source = FRONTEND_ONLY_PACKS[use.class_type], "frontend-only"
+        return
+    if COMPONENT_RE.match(use.class_type):
+        use.repo, use.repo_source = IMPACT_PACK, "component"
+        return
+    if use.aux_id:
+        use.repo, use.repo_source = f"https://github.com/{use.aux_id.strip('/')}", "aux_id"
+        return
+    if use.cnr_id and use.cnr_id != "comfy-core" and packs is not None:
+        repo = packs.get().registry_repo(use.cnr_id)
+        if repo:
+            use.repo, use.repo_source = repo, "cnr_id"
+            return
+    if use.cnr_id == "comfy-core" or (use.class_type in CORE_NODE_CLASSES and not use.cnr_id):
+        return
+    map_ = packs.get() if packs is not None else None
+    candidates = map_.candidates(use.class_type) if map_ else []
+    mine = next((m for c in candidates if (m := _config_node_by_repo(c, cfg))), None)
+    if mine:
+        use.repo, use.repo_source = mine[1].url, "config"
+        return
+    if live is not None and (module_dir := live.module_dir(use.class_type)):
+        found = next((c for c in candidates if _key(c.rstrip("/").rsplit("/", 1)[-1]) == _key(module_dir)), None)
+        match = config_node_by_dir(module_dir, cfg)
+        if found or match:
+            use.repo, use.repo_source = found or match[1].url, "comfy-host"
+            return
+    if map_ is not None and not map_.is_core(use.class_type):
+        choice = map_.choose(use.class_type, classes)
+        use.repo, use.repo_source = choice.repo, ("node-map" if choice.repo else None)
+
+
+def _installed_by(use: NodeUse, cfg: WorkerConfig) -> tuple[int, NodeEntry] | None:
+    return (_config_node_by_repo(use.repo, cfg) if use.repo else None) or config_node_for(use, cfg)
+
+
+def judge_node(
+    use: NodeUse, cfg: WorkerConfig, source: str, live: LiveComfy | None, packs: Packs | None = None
+) -> None:
+    if use.repo_source == "frontend-only":
+        use.status = "frontend_only"
+        use.detail = f"drawn by the frontend of {use.repo}: never sent to the server, nothing to install there"
+        return
     if live is not None:
         if live.has_class(use.class_type):
             module_dir = live.module_dir(use.class_type)
             if module_dir is None:
                 use.status, use.detail = "core", "core ComfyUI"
                 return
-            match = config_node_by_dir(module_dir, cfg) or config_node_for(use, cfg)
+            match = config_node_by_dir(module_dir, cfg) or _installed_by(use, cfg)
             if match:
                 use.status, use.detail = "provided", f"nodes[{match[0]}] ({match[1].url})"
                 return
@@ -563,7 +696,7 @@ def judge_node(use: NodeUse, cfg: WorkerConfig, source: str, live: LiveComfy | N
             use.detail = f"installed on {live.host} from custom_nodes/{module_dir}, which {source} does not install"
             return
         use.status = "not_installed"
-        match = config_node_for(use, cfg)
+        match = _installed_by(use, cfg)
         hint = (
             f"; {source} installs nodes[{match[0]}] ({match[1].url}): is that ComfyUI provisioned with it?"
             if match
@@ -571,7 +704,10 @@ def judge_node(use: NodeUse, cfg: WorkerConfig, source: str, live: LiveComfy | N
         )
         use.detail = f"class not installed on ComfyUI at {live.host}{hint}"
         return
-    if _core_class(use):
+    in_core = _core_class(use) or (
+        not use.cnr_id and packs is not None and packs.loaded and packs.get().is_core(use.class_type)
+    )
+    if in_core and not use.repo:
         if use.class_type not in CORE_NODE_CLASSES and cfg.comfyui_ref() == CORE_COMFYUI_VERSION:
             use.status = "needs_newer_comfyui"
             use.detail = (
@@ -581,18 +717,25 @@ def judge_node(use: NodeUse, cfg: WorkerConfig, source: str, live: LiveComfy | N
             return
         use.status, use.detail = "core", "core ComfyUI"
         return
-    if use.aux_id or use.cnr_id:
-        match = config_node_for(use, cfg)
+    if use.repo or use.aux_id or use.cnr_id:
+        match = _installed_by(use, cfg)
         if match:
             use.status, use.detail = "provided", f"nodes[{match[0]}] ({match[1].url})"
-        else:
-            use.status, use.detail = "missing", f"custom node class from {_pack(use)}, which {source} does not install"
+            return
+        what = (
+            "an Impact Pack component (defined outside the workflow)"
+            if use.repo_source == "component"
+            else ("custom node class")
+        )
+        use.status, use.detail = "missing", f"{what} from {_pack(use)}, which {source} does not install"
         return
     use.status = "unknown"
+    why = packs.unavailable() if packs is not None else "node packs were not looked up"
     use.detail = (
         f"not a class of core ComfyUI {CORE_COMFYUI_VERSION} and the workflow names no node pack "
-        "(no cnr_id/aux_id: an API-format workflow never does); check it with --comfy-host against a "
-        "ComfyUI with the config's nodes, or check the UI-format workflow"
+        "(no cnr_id/aux_id: an API-format workflow never does); "
+        + (f"node packs could not be looked up: {why}" if why else "no pack in ComfyUI-Manager's node map has it")
+        + "; check it with --comfy-host against a ComfyUI with the config's nodes"
     )
 
 
@@ -635,6 +778,8 @@ def suggest(refs: list[ModelRef], uses: list[NodeUse], files: list[ConfigFile], 
                 f"{Path(ref.workflow).name}: {_ref_label(ref)}: {ref.name!r} is not needed, {ref.detail}"
                 + (f" (source: {ref.url}); --include-bypassed adds it" if ref.url else "")
             )
+        if ref.status == "folder_unknown":
+            out.unresolved_models.append(f"{Path(ref.workflow).name}: {_ref_label(ref)}: {ref.detail}")
         if ref.status not in MODEL_PROBLEMS:
             continue
         label = f"{Path(ref.workflow).name}: {_ref_label(ref)}" + (f" ({ref.inactive})" if ref.inactive else "")
@@ -691,22 +836,31 @@ def suggest(refs: list[ModelRef], uses: list[NodeUse], files: list[ConfigFile], 
                 f"replaces models[{moved.index}] ({moved.shown}): the loader reads {model_folders.shown_dirs(folder or dest)}"
             )
         out.models.append((entry, notes))
+    _suggest_nodes(uses, cfg, out)
+    return out
+
+
+def _suggest_nodes(uses: list[NodeUse], cfg: WorkerConfig, out: Suggestion) -> None:
+    """One ``nodes:`` entry per pack (its git URL; ``version`` when the workflow saved a commit)."""
     packs: dict[str, list[NodeUse]] = {}
     for use in uses:
         if use.status in ("missing", "not_installed", "not_in_config", "unknown"):
-            packs.setdefault(use.aux_id or use.cnr_id or f"class:{use.class_type}", []).append(use)
+            key = repo_key(use.repo) if use.repo else use.aux_id or use.cnr_id or f"class:{use.class_type}"
+            packs.setdefault(key, []).append(use)
     for group in packs.values():
         first = group[0]
         classes = ", ".join(sorted({u.class_type for u in group}))
-        if first.status == "not_installed" and config_node_for(first, cfg):
+        if first.status == "not_installed" and _installed_by(first, cfg):
             continue  # the config installs it already; the host is not provisioned
-        if first.aux_id:
-            entry = {"url": f"https://github.com/{first.aux_id.strip('/')}"}
-            if first.ver and _SHA_RE.match(first.ver):
-                entry["version"] = first.ver
-            notes = [f"provides {classes}"]
-            if first.ver and "version" not in entry:
-                notes.append(f"the workflow was saved with version {first.ver}")
+        if first.repo:
+            entry = {"url": first.repo}
+            ver = next((u.ver for u in group if u.ver), None)
+            if ver and _SHA_RE.match(ver):
+                entry["version"] = ver
+            sources = sorted({u.repo_source or "" for u in group} - {""})
+            notes = [f"provides {classes} (from {', '.join(sources)})"]
+            if ver and "version" not in entry:
+                notes.append(f"the workflow was saved with version {ver}")
             try:
                 NodeEntry(**entry)
             except ValidationError as err:
@@ -716,14 +870,13 @@ def suggest(refs: list[ModelRef], uses: list[NodeUse], files: list[ConfigFile], 
         elif first.cnr_id:
             ver = f", version {first.ver}" if first.ver else ""
             out.unresolved_nodes.append(
-                f"{classes}: from the Comfy Registry pack {first.cnr_id!r}{ver}; the workflow gives no git URL: "
+                f"{classes}: from the Comfy Registry pack {first.cnr_id!r}{ver}; the registry gave no git URL: "
                 f"find it at https://registry.comfy.org/nodes/{quote(first.cnr_id)}"
             )
         elif first.status == "not_in_config":
             out.unresolved_nodes.append(f"{classes}: {first.detail}; add that node's git URL")
         else:
             out.unresolved_nodes.append(f"{classes}: no node pack known; add the git URL of the node that provides it")
-    return out
 
 
 def _yaml_entry(entry: dict, notes: list[str]) -> list[str]:
@@ -756,14 +909,42 @@ class Checked:
     nodes: list[NodeUse]
 
 
+def resolve_model(ref: ModelRef, packs: Packs | None) -> None:
+    """The folder of a custom loader's file (model-list.json's save_path, else the popular packs'
+    loader table) and, for a file the workflow does not embed, model-list.json's URL."""
+    if ref.folder is not None:
+        ref.folder_source = ref.folder_source or "loader"
+    if ref.folder is None and ref.directory:  # the workflow's properties.models says where
+        ref.folder, ref.folder_source = model_folders.canonical(ref.directory), "directory"
+    unplaced = ref.folder is None
+    entry = packs.get().model(ref.name) if packs is not None and (unplaced or not ref.url) else None
+    if unplaced:
+        table = model_folders.PACK_LOADERS.get(ref.class_type)
+        if entry and (folder := model_folders.model_list_folder(entry)):
+            ref.folder, ref.folder_source = folder, "model-list"
+        elif table and ref.input in table.files:
+            ref.folder, ref.folder_source = table.files[ref.input], "pack-loader"
+    if not ref.url and entry and isinstance(entry.get("url"), str):
+        ref.url, ref.url_source = entry["url"], "model-list"
+
+
 def check(
-    workflows: list[Workflow], cfg: WorkerConfig, source: str, live: LiveComfy | None, include_inactive: bool
+    workflows: list[Workflow],
+    cfg: WorkerConfig,
+    source: str,
+    live: LiveComfy | None,
+    include_inactive: bool,
+    packs: Packs | None = None,
 ) -> list[Checked]:
     files = config_files(cfg)
     out = []
     for wf in workflows:
         models, nodes = Extractor(wf, live).run()
+        classes = {u.class_type for u in nodes}
+        for use in nodes:
+            resolve_pack(use, cfg, live, packs, classes)
         for ref in models:
+            resolve_model(ref, packs)
             if ref.inactive and not include_inactive:
                 ref.status, ref.detail = "skipped", f"the node is {ref.inactive}"
             else:
@@ -772,7 +953,7 @@ def check(
             if use.inactive and not include_inactive:
                 use.status, use.detail = "skipped", f"the node is {use.inactive}"
             else:
-                judge_node(use, cfg, source, live)
+                judge_node(use, cfg, source, live, packs)
         out.append(Checked(wf, models, nodes))
     return out
 
@@ -793,7 +974,9 @@ def problem_lines(checked: list[Checked]) -> list[str]:
     return lines
 
 
-def human_report(checked: list[Checked], errors: list[str], source: str, problems: list[str]) -> str:
+def human_report(
+    checked: list[Checked], errors: list[str], source: str, problems: list[str], lookups: list[str] = ()
+) -> str:
     out = [f"config: {source}"]
     for c in checked:
         custom = [u for u in c.nodes if u.status != "core" and not _core_class(u)]
@@ -807,7 +990,9 @@ def human_report(checked: list[Checked], errors: list[str], source: str, problem
                 continue
             seen.add((use.class_type, use.status))
             pack = f" from {_pack(use)}" if _pack(use) else ""
+            pack += f" ({use.repo_source})" if use.repo_source else ""
             out.append(f"  {use.status:<13} node class {use.class_type}{pack}")
+    out += [f"not looked up: {note}" for note in lookups]
     for err in errors:
         out.append(f"error: {err}")
     if problems:
@@ -817,6 +1002,11 @@ def human_report(checked: list[Checked], errors: list[str], source: str, problem
     elif not errors:
         out.append(f"ok: {source} provides every model file and node these workflows need")
     return "\n".join(out)
+
+
+def _lookup_notes(packs: Packs) -> list[str]:
+    """What could not be looked up (the node map, the model list, a registry pack), one line each."""
+    return list(dict.fromkeys(packs.cache.problems)) if packs.loaded else []
 
 
 def _core_class(use: NodeUse) -> bool:
@@ -850,6 +1040,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also require what bypassed or muted nodes (and unused subgraphs) load",
     )
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="look node packs and models up in the cache only (no network); see docs/check_workflow.md",
+    )
     args = parser.parse_args(argv)
 
     errors: list[str] = []
@@ -873,10 +1068,12 @@ def main(argv: list[str] | None = None) -> int:
         except Unreadable as err:
             errors.append(f"{path}: {err}")
     try:
-        checked = check(workflows, cfg, source, live, args.include_bypassed)
+        packs = Packs(settings, args.offline)
+        checked = check(workflows, cfg, source, live, args.include_bypassed, packs)
     except Unreadable as err:  # a malformed structure found while walking (subgraph loop)
         return _fail(args, [str(err)])
     problems = problem_lines(checked)
+    lookups = _lookup_notes(packs)
     code = EXIT_UNREADABLE if errors else EXIT_MISSING if problems else EXIT_OK
     suggestion = suggest(
         [r for c in checked for r in c.models], [u for c in checked for u in c.nodes], config_files(cfg), cfg
@@ -889,6 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
             "comfy_host": args.comfy_host,
             "errors": errors,
             "problems": problems,
+            "node_packs": {"looked_up": packs.loaded, "sources": packs.cache.sources, "problems": lookups},
             "workflows": [
                 {
                     "path": c.workflow.path,
@@ -904,7 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
             report["suggestion_yaml"] = suggested
         print(json.dumps(report, indent=2))
         return code
-    report_text = human_report(checked, errors, source, problems)
+    report_text = human_report(checked, errors, source, problems, lookups)
     if args.suggest:
         print(report_text, file=sys.stderr)
         sys.stdout.write(suggested)

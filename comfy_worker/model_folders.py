@@ -123,6 +123,60 @@ LOADERS: dict[str, Loader] = {
 }
 
 
+# Popular node packs' loaders, read from their sources: the folder a model input reads, for when
+# neither a live ComfyUI nor model-list.json knows the file (not ComfyUI's own: LOADERS is that).
+PACK_LOADERS: dict[str, Loader] = {
+    "ADE_AnimateDiffLoaderGen1": Loader(("model_name", "beta_schedule"), {"model_name": "animatediff_models"}),
+    "ADE_LoadAnimateDiffModel": Loader(("model_name",), {"model_name": "animatediff_models"}),
+    "ADE_AnimateDiffLoRALoader": Loader(("name", "strength"), {"name": "animatediff_motion_lora"}),
+    "ControlNetLoaderAdvanced": Loader(("control_net_name",), {"control_net_name": "controlnet"}),
+    "ACN_ControlNetLoaderAdvanced": Loader(("cnet",), {"cnet": "controlnet"}),
+    "ACN_DiffControlNetLoaderAdvanced": Loader(("cnet",), {"cnet": "controlnet"}),
+    "ACN_AnimaLLLiteLoaderAdvanced": Loader(("model_patch",), {"model_patch": "model_patches"}),
+    "SAMLoader": Loader(("model_name", "device_mode"), {"model_name": "sams"}),
+    "UltralyticsDetectorProvider": Loader(("model_name",), {"model_name": "ultralytics"}),  # "bbox/x.pt"
+    "IPAdapterModelLoader": Loader(("ipadapter_file",), {"ipadapter_file": "ipadapter"}),
+    "UnetLoaderGGUF": Loader(("unet_name",), {"unet_name": "diffusion_models"}),
+    "CLIPLoaderGGUF": Loader(("clip_name", "type"), {"clip_name": "text_encoders"}),
+    "DualCLIPLoaderGGUF": Loader(
+        ("clip_name1", "clip_name2", "type"), {"clip_name1": "text_encoders", "clip_name2": "text_encoders"}
+    ),
+}
+# What a value of any input may be to count as a model file (a custom loader's input, by extension).
+MODEL_FILE_EXTENSIONS = (*MODEL_EXTENSIONS, ".gguf", ".onnx")
+# model-list.json's "save_path": "default" means the folder of the entry's type.
+MODEL_LIST_TYPE_FOLDERS = {
+    "checkpoint": "checkpoints",
+    "checkpoints": "checkpoints",
+    "lora": "loras",
+    "vae": "vae",
+    "taesd": "vae_approx",
+    "upscale": "upscale_models",
+    "controlnet": "controlnet",
+    "t2i-adapter": "controlnet",
+    "clip": "text_encoders",
+    "text_encoders": "text_encoders",
+    "clip_vision": "clip_vision",
+    "unet": "diffusion_models",
+    "diffusion_model": "diffusion_models",
+    "embeddings": "embeddings",
+    "gligen": "gligen",
+}
+
+
+def looks_like_model_file(value: object) -> bool:
+    """A widget or input value that names a model file (by its extension), whatever the node."""
+    return isinstance(value, str) and "\n" not in value and value.strip().lower().endswith(MODEL_FILE_EXTENSIONS)
+
+
+def model_list_folder(entry: dict) -> str | None:
+    """The models folder of a model-list.json entry: its save_path's first part, or its type's."""
+    save_path = str(entry.get("save_path") or "").strip().strip("/")
+    if save_path and save_path != "default":
+        return canonical(save_path)
+    return MODEL_LIST_TYPE_FOLDERS.get(str(entry.get("type") or "").lower())
+
+
 def canonical(folder: str) -> str:
     """The folder name ComfyUI uses for ``folder`` (``unet`` -> ``diffusion_models``, ``clip`` ->
     ``text_encoders``); a nested destination (``loras/wan``) is named by its first part."""

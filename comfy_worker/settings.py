@@ -23,6 +23,11 @@ from comfy_worker.public_address import HostAllowList
 APP_DIR = Path(__file__).resolve().parents[1]  # the repo (or /app in the image): scripts + baked config.yml
 DEFAULT_COMFYUI_REF = "v0.3.75"  # the ComfyUI release the tests run
 DEFAULT_COMFYUI_REPO = "https://github.com/comfyanonymous/ComfyUI.git"
+MANAGER_DATA = "https://raw.githubusercontent.com/Comfy-Org/ComfyUI-Manager/main"  # ComfyUI-Manager's data files
+DEFAULT_NODE_MAP_URL = f"{MANAGER_DATA}/extension-node-map.json"
+DEFAULT_NODE_STATS_URL = f"{MANAGER_DATA}/github-stats.json"
+DEFAULT_MODEL_LIST_URL = f"{MANAGER_DATA}/model-list.json"
+DEFAULT_REGISTRY_URL = "https://api.comfy.org"
 SECRET_ENV_NAMES = (
     "HF_TOKEN",
     "CIVITAI_TOKEN",
@@ -203,6 +208,11 @@ class Settings:
     ] = ()  # env WEBHOOK_ALLOW_HOSTS: host[:port] webhooks may reach though not public
     max_stored_result_mb: float = 20.0  # env MAX_STORED_RESULT_MB: largest result the API's store keeps
     enable_jupyter: bool = True  # env ENABLE_JUPYTER: JupyterLab (default on in pod/local, off in serverless)
+    node_map_url: str = DEFAULT_NODE_MAP_URL  # env COMFY_NODE_MAP_URL: class -> node pack (check_workflow.py)
+    node_stats_url: str = DEFAULT_NODE_STATS_URL  # env COMFY_NODE_STATS_URL: stars of each node pack
+    model_list_url: str = DEFAULT_MODEL_LIST_URL  # env COMFY_MODEL_LIST_URL: model file -> URL, folder
+    registry_url: str = DEFAULT_REGISTRY_URL  # env COMFY_REGISTRY_URL: the Comfy Registry API (cnr_id -> repo)
+    user_cache_dir: Path = Path.home() / ".cache"  # env XDG_CACHE_HOME: check_workflow.py's cache of those
     hf_cache_dirs: tuple[Path, ...] = ()  # env HF_HUB_CACHE + RunPod's cached models: linked, not downloaded
     jupyter_password: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
@@ -276,6 +286,11 @@ class Settings:
             webhook_allow_hosts=_hosts(env.get("WEBHOOK_ALLOW_HOSTS", ""), "WEBHOOK_ALLOW_HOSTS"),
             max_stored_result_mb=max(0.001, _float(env, "MAX_STORED_RESULT_MB", 20.0)),
             enable_jupyter=_flag(env, "ENABLE_JUPYTER") if env.get("ENABLE_JUPYTER") else mode != "serverless",
+            node_map_url=env.get("COMFY_NODE_MAP_URL") or DEFAULT_NODE_MAP_URL,
+            node_stats_url=env.get("COMFY_NODE_STATS_URL") or DEFAULT_NODE_STATS_URL,
+            model_list_url=env.get("COMFY_MODEL_LIST_URL") or DEFAULT_MODEL_LIST_URL,
+            registry_url=(env.get("COMFY_REGISTRY_URL") or DEFAULT_REGISTRY_URL).rstrip("/"),
+            user_cache_dir=Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache"),
             hf_cache_dirs=hf_cache_dirs(env),
             jupyter_password=env.get("JUPYTER_PASSWORD") or None,
             api_token=env.get("API_TOKEN") or None,

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 from support.models import UPSCALE_MODEL_NAME
+from support.node_data import PACKS, NodeDataServer
 
 import check_workflow
 from comfy_worker.config_schema import load_config_text
@@ -35,6 +36,23 @@ TEMPLATES = sorted(
     if not Path(p).name.startswith("index")
 )
 HF = "https://huggingface.co/org/repo/resolve/main"
+
+
+@pytest.fixture(scope="module")
+def node_data():
+    server = NodeDataServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(autouse=True)
+def node_data_env(node_data, tmp_path, monkeypatch):
+    """Every check here looks node packs up on loopback, with a cache of its own (the suite is offline)."""
+    node_data.down = False
+    for name, value in node_data.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    return node_data
 
 
 def write_config(tmp_path: Path, models=(), nodes=(), name="config.yml") -> Path:
@@ -285,15 +303,31 @@ def test_bypassed_loaders_are_skipped_and_listed_as_comments(tmp_path, capsys):
     assert "skipped" in err and "MoXinV1.safetensors" in err
 
 
-def test_template_custom_nodes_from_the_registry_have_no_url_and_say_so(tmp_path, capsys):
+def test_template_custom_nodes_from_the_registry_get_their_git_urls(tmp_path, capsys):
+    """issue 22 #1: a UI workflow's cnr_id becomes the registry's git URL; the entries validate."""
     template = next(p for p in TEMPLATES if p.name == "video_wan2_2_14B_animate.json")
     code, out, _ = run([template, "--config", write_config(tmp_path), "--suggest"], capsys)
+    assert code == 1
+    nodes = load_config_text(out, "suggestion").nodes  # what install_nodes.py --validate-only runs
+    assert {n.url for n in nodes} == {
+        "https://github.com/kijai/ComfyUI-KJNodes",
+        "https://github.com/Fannovel16/comfyui_controlnet_aux",
+        "https://github.com/kijai/ComfyUI-segment-anything-2",
+    }
+    assert "# provides BlockifyMask, DrawMaskOnImage, PointsEditor (from cnr_id)" in out
+
+
+def test_template_custom_nodes_offline_without_a_cache_say_they_could_not_be_looked_up(tmp_path, capsys):
+    """issue 22 #1: no network, no cache: the check still runs and says what it could not look up."""
+    template = next(p for p in TEMPLATES if p.name == "video_wan2_2_14B_animate.json")
+    code, out, err = run([template, "--config", write_config(tmp_path), "--suggest", "--offline"], capsys)
     assert code == 1
     assert yaml.safe_load(out)["nodes"] is None  # only comments: nothing to install without a URL
     assert (
         "# not suggested: BlockifyMask, DrawMaskOnImage, PointsEditor: from the Comfy Registry pack 'comfyui-kjnodes'"
         in out
     )
+    assert "not looked up: registry pack 'comfyui-kjnodes' is not in the cache" in err
 
 
 # --- custom nodes from the UI format ---------------------------------------------------------------
@@ -307,11 +341,13 @@ def test_a_custom_node_class_is_reported_with_its_repo_from_aux_id(tmp_path, cap
     ) in err
     nodes = yaml.safe_load(out)["nodes"]
     assert nodes == [
+        {"url": "https://github.com/kijai/ComfyUI-KJNodes"},  # its cnr_id, by the registry
         {
             "url": "https://github.com/example-org/comfyui-film-grain",
             "version": "8c1f2e4b9d3a7f6e5c0b1a2d3e4f5a6b7c8d9e0f",
-        }
+        },
     ]
+    assert "# the workflow was saved with version 1.1.7" in out
     # a config that installs both packs (by repo, and by the registry id as folder name) provides them
     config = write_config(
         tmp_path,
@@ -524,3 +560,419 @@ def test_an_invalid_config_exits_2_naming_the_problem(tmp_path, capsys):
     bad.write_text("models:\n  - url: https://x/y.safetensors\n    destination: vae\n    sha265: abc\n")
     code, _, err = run([DATA / "workflow_sd3.json", "--config", bad], capsys)
     assert code == 2 and "unknown key 'sha265'; did you mean 'sha256'?" in err
+
+
+# --- node packs from ComfyUI-Manager's data (issue 22) -----------------------------------------------
+KJ = "https://github.com/kijai/ComfyUI-KJNodes"
+VHS = "https://github.com/Kosinkadink/ComfyUI-VideoHelperSuite"
+IMPACT = "https://github.com/ltdrdata/ComfyUI-Impact-Pack"
+SUBPACK = "https://github.com/ltdrdata/ComfyUI-Impact-Subpack"
+IPADAPTER = "https://github.com/cubiq/ComfyUI_IPAdapter_plus"
+CN_AUX = "https://github.com/Fannovel16/comfyui_controlnet_aux"
+SAM2 = "https://github.com/kijai/ComfyUI-segment-anything-2"
+ACN = "https://github.com/Kosinkadink/ComfyUI-Advanced-ControlNet"
+# Small workflows of our own (tests/data/packs/README.md) built of the packs' real classes, and the class ->
+# pack each really comes from. A naive first match of the map gets several wrong (S3-IO, Swwan, tbox, the
+# Dummy pack, the "Hunyuan" pattern).
+PACK_WORKFLOWS = {
+    "vhs_load_combine.json": {"VHS_LoadVideo": VHS, "VHS_VideoCombine": VHS},
+    "vhs_api.json": {"VHS_LoadVideo": VHS, "VHS_VideoCombine": VHS},  # API format
+    "vhs_load_path.json": {"VHS_LoadVideoPath": VHS, "VHS_VideoCombine": VHS, "VHS_VideoInfoLoaded": VHS},
+    "kjnodes_hunyuan_i2v.json": {
+        "GetLatentRangeFromBatch": KJ,
+        "ImageNoiseAugmentation": KJ,
+        "ImageResizeKJ": KJ,
+        "LeapfusionHunyuanI2VPatcher": KJ,
+        "PathchSageAttentionKJ": KJ,
+        "VHS_VideoCombine": VHS,
+    },
+    "impact_regions.json": {
+        "## sd15-basic-pipe [7f3a1c]": IMPACT,
+        **dict.fromkeys(
+            [
+                "CombineRegionalPrompts",
+                "EditBasicPipe",
+                "FromBasicPipe",
+                "FromBasicPipe_v2",
+                "KSamplerAdvancedProvider",
+                "RegionalPrompt",
+                "RegionalSampler",
+            ],
+            IMPACT,
+        ),
+    },
+    "impact_face_detailer_sdxl.json": {
+        **dict.fromkeys(
+            [
+                "BasicPipeToDetailerPipeSDXL",
+                "DetailerForEachPipe",
+                "FaceDetailerPipe",
+                "FromDetailerPipeSDXL",
+                "ImpactSimpleDetectorSEGSPipe",
+                "SAMLoader",
+                "ToBasicPipe",
+                "ToDetailerPipeSDXL",
+            ],
+            IMPACT,
+        ),
+        "UltralyticsDetectorProvider": SUBPACK,
+    },
+    "impact_mask_segs.json": dict.fromkeys(
+        ["MaskToSEGS", "MasksToMaskList", "SAMDetectorSegmented", "SAMLoader", "SEGSToImageList"]
+        + ["Segs & Mask ForEach"],
+        IMPACT,
+    ),
+    "acn_anima_lineart.json": {"ACN_AdvancedControlNetApply_v2": ACN, "ACN_AnimaLLLiteLoaderAdvanced": ACN},
+    "ipadapter_tiled_sd15.json": {"IPAdapterModelLoader": IPADAPTER, "IPAdapterTiled": IPADAPTER},
+    "ipadapter_faceid_sd15.json": {"IPAdapterFaceID": IPADAPTER, "IPAdapterUnifiedLoaderFaceID": IPADAPTER},
+    "cn_aux_preprocessors.json": dict.fromkeys(
+        [
+            "BAE-NormalMapPreprocessor",
+            "BinaryPreprocessor",
+            "CannyEdgePreprocessor",
+            "ColorPreprocessor",
+            "DWPreprocessor",
+            "FakeScribblePreprocessor",
+            "HEDPreprocessor",
+            "LeReS-DepthMapPreprocessor",
+            "LineArtPreprocessor",
+            "M-LSDPreprocessor",
+            "MiDaS-DepthMapPreprocessor",
+            "MiDaS-NormalMapPreprocessor",
+            "OneFormer-ADE20K-SemSegPreprocessor",
+            "OneFormer-COCO-SemSegPreprocessor",
+            "OpenposePreprocessor",
+            "PiDiNetPreprocessor",
+            "SAMPreprocessor",
+            "ScribblePreprocessor",
+            "TilePreprocessor",
+            "UniFormer-SemSegPreprocessor",
+            "Zoe-DepthMapPreprocessor",
+        ],
+        CN_AUX,
+    ),
+}
+WAN_ANIMATE = {
+    "BlockifyMask": KJ,
+    "DrawMaskOnImage": KJ,
+    "PointsEditor": KJ,
+    "DWPreprocessor": CN_AUX,
+    "PixelPerfectResolution": CN_AUX,
+    "DownloadAndLoadSAM2Model": SAM2,
+    "Sam2Segmentation": SAM2,
+}
+
+
+def as_api_format(ui: dict) -> dict:
+    """The same workflow as an API-format export names its nodes (class_type only, no pack ids)."""
+    return {str(n["id"]): {"class_type": n["type"], "inputs": {}} for n in ui["nodes"] if n["type"] != "Note"}
+
+
+def without_pack_ids(ui: dict) -> dict:
+    ui = json.loads(json.dumps(ui))
+    for node in ui["nodes"] + [n for sg in (ui.get("definitions") or {}).get("subgraphs") or [] for n in sg["nodes"]]:
+        for key in ("cnr_id", "aux_id", "ver"):
+            (node.get("properties") or {}).pop(key, None)
+    return ui
+
+
+def checked_repos(paths: list[Path], config: Path, capsys, *extra) -> dict[str, list[dict]]:
+    code, out, _ = run([*paths, "--config", config, "--json", *extra], capsys)
+    report = json.loads(out)
+    return {Path(w["path"]).name: w["nodes"] for w in report["workflows"]}
+
+
+def test_custom_classes_of_real_workflows_get_the_right_repo(tmp_path, capsys):
+    """issue 22 #1 #2: on workflows of the packs' real classes (UI format with and without pack ids,
+    API format, a template with its cnr_ids removed) at least 95% of custom classes get the right pack, and none is called core."""
+    paths = [PACKS / name for name in PACK_WORKFLOWS]
+    expected = {name: dict(classes) for name, classes in PACK_WORKFLOWS.items()}
+    for name in ("vhs_load_path.json", "kjnodes_hunyuan_i2v.json", "cn_aux_preprocessors.json"):
+        api = tmp_path / f"api_{name}"
+        api.write_text(json.dumps(as_api_format(json.loads((PACKS / name).read_text()))))
+        paths.append(api)
+        expected[api.name] = PACK_WORKFLOWS[name]
+    template = next(p for p in TEMPLATES if p.name == "video_wan2_2_14B_animate.json")
+    stripped = tmp_path / "wan_animate_no_ids.json"
+    stripped.write_text(json.dumps(without_pack_ids(json.loads(template.read_text()))))
+    paths.append(stripped)
+    expected[stripped.name] = WAN_ANIMATE
+    found = checked_repos(paths, write_config(tmp_path), capsys, "--include-bypassed")
+    right, wrong = 0, []
+    for name, classes in expected.items():
+        repos = {n["class_type"]: n for n in found[name]}
+        for class_type, repo in classes.items():
+            node = repos[class_type]
+            assert node["status"] != "core", (name, class_type)
+            if node["repo"] == repo:
+                right += 1
+            else:
+                wrong.append((name, class_type, node["repo"]))
+    assert right / (right + len(wrong)) >= 0.95, wrong
+    assert right > 90 and wrong == []
+
+
+def test_a_second_run_offline_gives_the_same_packs_from_the_cache(tmp_path, capsys, node_data):
+    """issue 22 #1: --offline answers from the cache the first run filled, without a request."""
+    paths = [PACKS / "kjnodes_hunyuan_i2v.json", PACKS / "impact_mask_segs.json"]
+    config = write_config(tmp_path)
+    online = checked_repos(paths, config, capsys)
+    before = len(node_data.requests)
+    offline = checked_repos(paths, config, capsys, "--offline")
+    assert len(node_data.requests) == before
+    assert offline == online
+    assert {n["repo"] for n in online["impact_mask_segs.json"] if n["status"] == "missing"} == {IMPACT}
+
+
+def test_json_node_entries_carry_repo_and_repo_source(tmp_path, capsys):
+    """issue 22 #7: "repo" and "repo_source" for every node; null where no pack is known."""
+    wf = json.loads((DATA / "workflow_ui_custom_nodes.json").read_text())
+    path = tmp_path / "wf.json"
+    wf["nodes"].append({"id": 99, "type": "VHS_VideoCombine", "mode": 0, "properties": {}, "widgets_values": {}})
+    wf["nodes"].append({"id": 98, "type": "NoPackHasThisClass", "mode": 0, "properties": {}})
+    path.write_text(json.dumps(wf))
+    nodes = {n["class_type"]: n for n in checked_repos([path], write_config(tmp_path), capsys)["wf.json"]}
+    assert (nodes["WorkerFilmGrain"]["repo"], nodes["WorkerFilmGrain"]["repo_source"]) == (
+        "https://github.com/example-org/comfyui-film-grain",
+        "aux_id",
+    )
+    assert (nodes["ImageResizeKJv2"]["repo"], nodes["ImageResizeKJv2"]["repo_source"]) == (KJ, "cnr_id")
+    assert (nodes["VHS_VideoCombine"]["repo"], nodes["VHS_VideoCombine"]["repo_source"]) == (VHS, "node-map")
+    assert (nodes["NoPackHasThisClass"]["repo"], nodes["NoPackHasThisClass"]["status"]) == (None, "unknown")
+    assert all("repo" in n and "repo_source" in n for n in nodes.values())
+
+
+def test_the_configs_own_node_is_chosen_over_the_maps_favourite(tmp_path, capsys):
+    """issue 22 #2: a bundle the config installs provides the classes it claims (repo_source config)."""
+    swwan = "https://github.com/aining2022/ComfyUI_Swwan.git"
+    config = write_config(tmp_path, nodes=[{"url": swwan}])
+    found = checked_repos([PACKS / "kjnodes_hunyuan_i2v.json"], config, capsys)
+    nodes = {n["class_type"]: n for n in found["kjnodes_hunyuan_i2v.json"]}
+    assert (nodes["ImageResizeKJ"]["repo"], nodes["ImageResizeKJ"]["repo_source"]) == (swwan, "config")
+    assert nodes["ImageResizeKJ"]["status"] == "provided"
+    assert (nodes["LeapfusionHunyuanI2VPatcher"]["repo"], nodes["LeapfusionHunyuanI2VPatcher"]["status"]) == (
+        KJ,
+        "missing",
+    )
+
+
+def test_an_api_format_workflow_names_its_packs_from_the_node_map(tmp_path, capsys):
+    """issue 22 #1: an API-format custom class was 'unknown'; the map names its pack."""
+    api = PACKS / "vhs_api.json"
+    code, out, err = run([api, "--config", write_config(tmp_path), "--suggest"], capsys)
+    assert code == 1
+    assert f"custom node class from {VHS}, which {tmp_path / 'config.yml'} does not install" in err
+    assert [n.url for n in load_config_text(out, "suggestion").nodes] == [VHS]
+    assert "node class VHS_VideoCombine from https://github.com/Kosinkadink/ComfyUI-VideoHelperSuite (node-map)" in err
+
+
+def ui_workflow(*types: str) -> dict:
+    nodes = [{"id": i + 1, "type": t, "mode": 0, "properties": {}, "widgets_values": []} for i, t in enumerate(types)]
+    return {"last_node_id": len(nodes), "nodes": nodes, "links": []}
+
+
+def test_frontend_only_nodes_of_packs_are_not_needed_on_the_server(tmp_path, capsys):
+    """issue 22 #3: KJNodes' SetNode/GetNode and rgthree's UI nodes never reach /prompt: they were
+    'unknown' problems; now frontend_only, named with the pack that draws them, and no problem."""
+    path = tmp_path / "ui.json"
+    types = ["SetNode", "GetNode", "Fast Groups Bypasser (rgthree)", "Label (rgthree)", "Note", "EmptyImage"]
+    path.write_text(json.dumps(ui_workflow(*types)))
+    code, out, _ = run([path, "--config", write_config(tmp_path), "--json"], capsys)
+    report = json.loads(out)
+    assert (code, report["problems"]) == (0, [])
+    nodes = {n["class_type"]: n for n in report["workflows"][0]["nodes"]}
+    assert nodes["SetNode"]["status"] == "frontend_only"
+    assert (nodes["GetNode"]["repo"], nodes["GetNode"]["repo_source"]) == (KJ, "frontend-only")
+    assert nodes["Fast Groups Bypasser (rgthree)"]["repo"] == "https://github.com/rgthree/rgthree-comfy"
+    assert "never sent to the server" in nodes["Label (rgthree)"]["detail"]
+    assert "Note" not in nodes and nodes["EmptyImage"]["status"] == "core"
+
+
+def test_impact_pack_components_are_the_impact_packs(tmp_path, capsys):
+    """issue 22 #4: a component ('## sd15-basic-pipe [7f3a1c]') was an unknown class; it needs the Impact Pack."""
+    wf = PACKS / "impact_regions.json"
+    code, out, _ = run([wf, "--config", write_config(tmp_path), "--json", "--offline"], capsys)
+    nodes = {n["class_type"]: n for n in json.loads(out)["workflows"][0]["nodes"]}
+    component = nodes["## sd15-basic-pipe [7f3a1c]"]
+    assert (component["status"], component["repo"], component["repo_source"]) == ("missing", IMPACT, "component")
+    assert component["detail"].startswith("an Impact Pack component (defined outside the workflow) from")
+    config = write_config(tmp_path, nodes=[{"url": IMPACT + ".git"}], name="impact.yml")
+    code, out, _ = run([wf, "--config", config, "--json", "--offline"], capsys)
+    nodes = {n["class_type"]: n for n in json.loads(out)["workflows"][0]["nodes"]}
+    assert nodes["## sd15-basic-pipe [7f3a1c]"]["status"] == "provided"
+
+
+def test_the_live_comfyuis_folder_decides_before_the_node_map(comfyui, tmp_path, capsys, monkeypatch):
+    """issue 22 #2: --comfy-host names the custom_nodes folder a class was loaded from; that pack wins
+    over the map's most starred candidate."""
+    bundle, own = "https://github.com/famous/bundle", "https://github.com/someone/comfy_worker_test_nodes"
+    node_map = {bundle: [["WorkerTestSteps"], {"title_aux": "bundle"}], own: [["WorkerTestSteps"], {"title_aux": "x"}]}
+    stats = {bundle: {"stars": 9000, "author_account_age_days": 4000}, own: {"stars": 1}}
+    server = NodeDataServer(
+        files={
+            "/extension-node-map.json": json.dumps(node_map).encode(),
+            "/github-stats.json": json.dumps(stats).encode(),
+        },
+        registry={},
+    )
+    try:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        path = tmp_path / "api.json"
+        path.write_text(json.dumps({"1": {"class_type": "WorkerTestSteps", "inputs": {}}}))
+        config = write_config(tmp_path)
+        code, out, _ = run([path, "--config", config, "--json"], capsys)
+        assert json.loads(out)["workflows"][0]["nodes"][0]["repo"] == bundle
+        code, out, _ = run([path, "--config", config, "--json", "--comfy-host", comfyui.host], capsys)
+        node = json.loads(out)["workflows"][0]["nodes"][0]
+        assert (node["repo"], node["repo_source"], node["status"]) == (own, "comfy-host", "not_in_config")
+    finally:
+        server.close()
+
+
+def test_suggest_writes_one_node_entry_per_pack_that_install_nodes_accepts(tmp_path):
+    """issue 22 #7: --suggest was empty for workflows of custom nodes; now one nodes: entry per
+    pack (a commit the workflow saved becomes its version), unresolved classes named in comments."""
+    wf = json.loads((PACKS / "kjnodes_hunyuan_i2v.json").read_text())
+    wf["nodes"] += ui_workflow("NoPackHasThisClass")["nodes"]
+    wf["nodes"][-1]["id"] = 999
+    commit = "5dcda71011870278c35d92ff77a677ed2e538f2d"
+    vhs = next(n for n in wf["nodes"] if n["type"] == "VHS_VideoCombine")
+    vhs["properties"].update({"aux_id": "Kosinkadink/ComfyUI-VideoHelperSuite", "ver": commit})
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(wf))
+    result = run_cli(path, "--config", write_config(tmp_path), "--suggest")
+    assert result.returncode == 1, result.stderr
+    suggestion = tmp_path / "extra.yml"
+    suggestion.write_text(result.stdout)
+    assert yaml.safe_load(result.stdout)["nodes"] == [
+        {"url": KJ},
+        {"url": VHS, "version": commit},
+    ]
+    assert (
+        "# provides GetLatentRangeFromBatch, ImageNoiseAugmentation, ImageResizeKJ, LeapfusionHunyuanI2VPatcher "
+        "(from node-map)" in result.stdout  # its PathchSageAttentionKJ is bypassed
+    )
+    assert "# not suggested: NoPackHasThisClass: no node pack known" in result.stdout
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "install_nodes.py"), "--validate-only", "--config", str(suggestion)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+# --- models of custom loaders (issue 22 #5) ---------------------------------------------------------
+# The folder each model file of the pack workflows is read from (by the loaders' sources).
+PACK_MODEL_FOLDERS = {
+    "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": "clip_vision",
+    "SDXL/rundiffusionXL_beta.safetensors": "checkpoints",
+    "SDXL/sd_xl_refiner_1.0_0.9vae.safetensors": "checkpoints",
+    "SD1.5/epicrealism_naturalSinRC1VAE.safetensors": "checkpoints",  # inside an Impact Pack component
+    "bbox/face_yolov8m.pt": "ultralytics",
+    "clip_l.safetensors": "text_encoders",
+    "hyvid\\hunyuan_video_vae_bf16.safetensors": "vae",
+    "hyvid\\musubi-tuner\\img2vid544p.safetensors": "loras",
+    "hyvideo\\hunyuan_video_720_fp8_e4m3fn.safetensors": "diffusion_models",
+    "ip-adapter-plus_sd15.safetensors": "ipadapter",
+    "llava_llama3_fp16.safetensors": "text_encoders",
+    "sam_vit_b_01ec64.pth": "sams",
+    "sd15/realisticVisionV51_v51VAE.safetensors": "checkpoints",
+    "anima-lllite-any-test-like-v2.safetensors": "model_patches",
+    "anima-base-v1.0.safetensors": "diffusion_models",
+}
+
+
+def test_model_files_of_real_workflows_get_their_folder_and_the_model_lists_url(tmp_path, capsys):
+    """issue 22 #5: custom loaders' files were not listed without a live ComfyUI; now >= 90% get the
+    right folder, and every file model-list.json has gets its URL from there."""
+    listed = {e["filename"]: e["url"] for e in json.loads((PACKS / "model-list.json").read_text())["models"]}
+    paths = [PACKS / name for name in PACK_WORKFLOWS]
+    code, out, _ = run([*paths, "--config", write_config(tmp_path), "--json", "--include-bypassed"], capsys)
+    models = [m for w in json.loads(out)["workflows"] for m in w["models"] if m["name"] in PACK_MODEL_FOLDERS]
+    assert {m["name"] for m in models} == set(PACK_MODEL_FOLDERS)
+    right = [m for m in models if m["folder"] == PACK_MODEL_FOLDERS[m["name"]]]
+    assert len(right) / len(models) >= 0.9, [m for m in models if m not in right]
+    for m in models:
+        base = m["name"].replace("\\", "/").rsplit("/", 1)[-1]
+        if base in listed:
+            assert (m["url_source"], m["url"]) == ("model-list", listed[base]), m
+    ipadapter = next(m for m in models if m["name"] == "ip-adapter-plus_sd15.safetensors")
+    assert (ipadapter["class_type"], ipadapter["input"], ipadapter["folder_source"]) == (
+        "IPAdapterModelLoader",
+        "ipadapter_file",
+        "model-list",
+    )
+
+
+def test_suggest_places_a_custom_loaders_file_by_the_model_lists_save_path(tmp_path, capsys):
+    """issue 22 #5: UltralyticsDetectorProvider's 'bbox/face_yolov8m.pt' -> models/ultralytics/bbox
+    with model-list.json's URL; the entry validates and the config then provides it."""
+    wf = PACKS / "impact_face_detailer_sdxl.json"
+    code, out, _ = run([wf, "--config", write_config(tmp_path), "--suggest"], capsys)
+    entries = {(m.url, m.destination) for m in load_config_text(out, "suggestion").models}
+    assert ("https://huggingface.co/Bingsu/adetailer/resolve/main/face_yolov8m.pt", "ultralytics/bbox") in entries
+    assert ("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth", "sams") in entries
+    config = write_config(
+        tmp_path,
+        [
+            {
+                "url": "https://huggingface.co/Bingsu/adetailer/resolve/main/face_yolov8m.pt",
+                "destination": "ultralytics/bbox",
+            }
+        ],
+        name="u.yml",
+    )
+    code, out, _ = run([wf, "--config", config, "--json"], capsys)
+    face = next(m for w in json.loads(out)["workflows"] for m in w["models"] if m["name"] == "bbox/face_yolov8m.pt")
+    assert face["status"] == "provided"
+
+
+def test_a_custom_loader_the_model_list_lacks_is_placed_by_the_packs_loader_table(tmp_path, capsys):
+    """issue 22 #5: the AnimateDiff motion model was not listed; offline and without a cache the
+    popular packs' loader table still names its folder; an unknown input's file is no problem."""
+    api = {
+        "1": {"class_type": "ADE_LoadAnimateDiffModel", "inputs": {"model_name": "my_motion_model.ckpt"}},
+        "2": {"class_type": "SomeCustomNode", "inputs": {"weights": "private_weights.safetensors", "n": 3}},
+    }
+    path = tmp_path / "api.json"
+    path.write_text(json.dumps(api))
+    code, out, _ = run([path, "--config", write_config(tmp_path), "--json", "--offline"], capsys)
+    models = {m["name"]: m for m in json.loads(out)["workflows"][0]["models"]}
+    motion = models["my_motion_model.ckpt"]
+    assert (motion["folder"], motion["folder_source"], motion["status"]) == (
+        "animatediff_models",
+        "pack-loader",
+        "missing",
+    )
+    weights = models["private_weights.safetensors"]
+    assert (weights["input"], weights["folder"], weights["status"]) == ("weights", None, "folder_unknown")
+    assert not any("private_weights" in p for p in json.loads(out)["problems"])
+
+
+def test_old_style_group_nodes_are_expanded_like_subgraphs(tmp_path, capsys):
+    """issue 22 #4: a 'workflow>Name' node (extra.groupNodes) was an unknown class; its nodes count."""
+    wf = ui_workflow("workflow>Face fix", "EmptyImage")
+    wf["extra"] = {
+        "groupNodes": {
+            "Face fix": {
+                "nodes": [
+                    {"type": "SAMLoader", "index": 0, "widgets_values": ["sam_vit_b_01ec64.pth", "AUTO"]},
+                    {"type": "FaceDetailer", "index": 1, "widgets_values": []},
+                ],
+                "links": [],
+                "external": [],
+            }
+        }
+    }
+    path = tmp_path / "ui.json"
+    path.write_text(json.dumps(wf))
+    code, out, _ = run([path, "--config", write_config(tmp_path), "--json"], capsys)
+    report = json.loads(out)["workflows"][0]
+    nodes = {n["class_type"]: n for n in report["nodes"]}
+    assert "workflow>Face fix" not in nodes
+    assert (nodes["FaceDetailer"]["node_id"], nodes["FaceDetailer"]["repo"]) == ("1:1", IMPACT)
+    sam = next(m for m in report["models"] if m["class_type"] == "SAMLoader")
+    assert (sam["name"], sam["folder"], sam["status"]) == ("sam_vit_b_01ec64.pth", "sams", "missing")

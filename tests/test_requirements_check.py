@@ -16,8 +16,16 @@ from support.wheels import UV
 CHECKS = [
     ["download_models.py", "--validate-only", "--config", "config.yml"],
     ["install_nodes.py", "--validate-only", "--config", "config.yml"],
-    ["check_workflow.py", "examples/workflow_upscale.json", "--config", "config.yml"],
-    ["check_workflow.py", "tests/data/workflow_ui_custom_nodes.json", "--config", "config.yml", "--suggest"],
+    # --offline: node packs and model URLs from the (empty) cache, never the network (issue 22)
+    ["check_workflow.py", "examples/workflow_upscale.json", "--config", "config.yml", "--offline"],
+    [
+        "check_workflow.py",
+        "tests/data/workflow_ui_custom_nodes.json",
+        "--config",
+        "config.yml",
+        "--suggest",
+        "--offline",
+    ],
 ]
 
 
