@@ -168,8 +168,9 @@ def local_guard(headers, check_host: bool) -> None:
 # --- the jobs ----------------------------------------------------------------------------------------
 def timed_out_error(timeout_ms: int) -> str:
     return (
-        f"The job ran longer than its policy.executionTimeout ({timeout_ms} ms) and was stopped (its ComfyUI "
-        "prompt interrupted); raise policy.executionTimeout, or make the workflow lighter."
+        f"The job ran longer than its policy.executionTimeout ({timeout_ms} ms) and was stopped: ComfyUI was "
+        "asked to interrupt its prompt (ComfyUI stops between nodes or steps, so it may finish the current one "
+        "first, and the next job waits for that); raise policy.executionTimeout, or make the workflow lighter."
     )
 
 

@@ -14,11 +14,11 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 from urllib.parse import urlsplit
 
+from comfy_worker import public_address
 from comfy_worker.cli import load_or_report, validate_only
 from comfy_worker.config_schema import WorkerConfig, _display_url
 from comfy_worker.exit_codes import EXIT_INVALID
@@ -30,20 +30,17 @@ LOCAL_SUFFIXES = (".local", ".localhost", ".internal", ".lan", ".home.arpa")
 
 
 def host_problem(host: str | None) -> str | None:
-    """Why a worker on RunPod cannot reach ``host``, or None when it may."""
+    """Why a worker on RunPod cannot reach ``host``, or None when it may (as written: no DNS lookup)."""
     if not host:
         return None
-    host = host.lower().rstrip(".")
-    if host == "localhost" or host.endswith(LOCAL_SUFFIXES):
-        return f"{host} is a name of this machine or its local network"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if address.is_loopback:
+    name = host.lower().rstrip(".")
+    if name.endswith(LOCAL_SUFFIXES) and not name.endswith(".localhost"):
+        return f"{host} is a name of this machine's local network"
+    problem = public_address.literal_problem(name)
+    if problem == "loopback":
         return f"{host} is a loopback address (the worker itself, not this machine)"
-    if not address.is_global:
-        return f"{host} is a private or link-local address, not reachable from RunPod"
+    if problem:
+        return f"{host} is a {problem} address, not reachable from RunPod"
     return None
 
 

@@ -553,7 +553,11 @@ def test_policy_execution_timeout_stops_a_job_and_ttl_ends_one_still_queued_both
 
         body = api.wait_final(timed["id"], 30)
         assert body["status"] == "TIMED_OUT", body
-        assert "policy.executionTimeout (11000 ms)" in body["error"] and 11000 <= body["executionTime"] < 16000
+        assert (
+            "policy.executionTimeout (11000 ms)" in body["error"]
+            and "asked to interrupt its prompt" in body["error"]
+            and 11000 <= body["executionTime"] < 16000
+        )
         late = api.wait_final(expired["id"], 10)
         assert late["status"] == "TIMED_OUT" and "policy.ttl (10000 ms) and was not run" in late["error"]
         assert "executionTime" not in late and late["delayTime"] >= 10000
