@@ -7,6 +7,10 @@ running now completes and the restart comes after it (the queue must stay empty 
 job whose prompt just ended has fetched its result). ``--now`` restarts at once (the running job
 then fails). The wait is bounded: past it ComfyUI is not restarted and the run says so.
 
+After the SIGHUP apply_config.sh waits until the new ComfyUI answers (``COMFY_READY_TIMEOUT`` at most)
+and says, in its own output, which custom nodes that ComfyUI failed to import (its log, which each
+start writes anew, lists them as ``IMPORT FAILED``): success is reported only once the nodes are loaded.
+
 Until ComfyUI has really been restarted, the restart stays due: ``<COMFY_PID_FILE>.restart-due``
 holds what changed, the next ``apply_config.sh`` restarts ComfyUI even when nothing changes any more,
 and the supervisor removes the file whenever it starts ComfyUI.
@@ -22,7 +26,7 @@ import threading
 import time
 import urllib.request
 
-from comfy_worker.services import restart_due_file, supervisor_pid_file
+from comfy_worker.services import comfy_ready, import_failures, restart_due_file, supervisor_pid_file
 from comfy_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -124,3 +128,32 @@ def supervisor_running(settings: Settings) -> bool:
         return True
     except (OSError, ValueError):
         return False
+
+
+def comfy_pid(settings: Settings) -> int | None:
+    """The pid ComfyUI's PID file names, None without one."""
+    try:
+        return int(settings.comfy_pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_back(settings: Settings, old_pid: int | None, stop: threading.Event) -> bool:
+    """After a restart was asked: True once a new ComfyUI process (not ``old_pid``) answers, False after
+    ``COMFY_READY_TIMEOUT`` seconds or when ``stop`` is set."""
+    deadline = time.monotonic() + settings.comfy_ready_timeout
+    while time.monotonic() < deadline:
+        pid = comfy_pid(settings)
+        if pid is not None and pid != old_pid and comfy_ready(settings):
+            return True
+        if stop.wait(POLL_S):
+            return False
+    return False
+
+
+def failed_imports(settings: Settings) -> list[str]:
+    """The custom node folders the running ComfyUI's log lists as failed to import."""
+    try:
+        return import_failures(settings.comfy_log_file.read_text(errors="replace"))
+    except OSError:
+        return []

@@ -620,10 +620,36 @@ def apply_restart(settings: Settings, opts: Options, changed: list[str], stop: t
                 what,
             )
             return EXIT_FAILED
+    old_pid = comfy_restart.comfy_pid(settings)
     if not comfy_restart.request_restart(settings):
         log.warning("nodes changed (%s) but no running worker was found to restart ComfyUI", what)
         return EXIT_OK
     log.info("nodes changed (%s): ComfyUI is being restarted", what)
+    return report_restarted(settings, old_pid, stop)
+
+
+def report_restarted(settings: Settings, old_pid: int | None, stop: threading.Event) -> int:
+    """Wait until the restarted ComfyUI answers, then name the custom nodes it failed to import."""
+    from comfy_worker import comfy_restart
+
+    started = time.monotonic()
+    if not comfy_restart.wait_back(settings, old_pid, stop):
+        log.error(
+            "ComfyUI did not answer again within %g s (COMFY_READY_TIMEOUT) after the restart: its log %s says why",
+            settings.comfy_ready_timeout,
+            settings.comfy_log_file,
+        )
+        return EXIT_FAILED
+    failed = comfy_restart.failed_imports(settings)
+    for folder in failed:
+        log.error(
+            "custom node %s failed to import in ComfyUI: its nodes are missing; the reason is in %s",
+            folder,
+            settings.comfy_log_file,
+        )
+    if failed:
+        return EXIT_FAILED
+    log.info("ComfyUI answers again (%.1f s) with every custom node imported", time.monotonic() - started)
     return EXIT_OK
 
 

@@ -99,6 +99,8 @@ def box(tmp_path, git_repos, upscale_model_file):
     repo.tag("v1.0.0")
     repo.commit({"__init__.py": NODE_INIT + NODE_V11})
     repo.tag("v1.1.0")
+    repo.commit({"__init__.py": "raise ImportError('StartNode v1.2.0 needs a package that is not installed')\n"})
+    repo.tag("v1.2.0-broken")
     repo.push()
     with FaultyOrigin() as origin:
         origin.add(f"/{UPSCALE_MODEL_NAME}", file=upscale_model_file)
@@ -222,7 +224,9 @@ def test_comfyui_restarted_when_it_exits_and_by_apply_config_only_when_nodes_cha
         applied = run_script(env, "apply_config.sh")
         assert applied.returncode == 0, applied.stdout + applied.stderr
         assert f"nodes changed (StartNode {old[:12]} -> {new[:12]}): ComfyUI is being restarted" in applied.stderr
-        wait_until(lambda: comfy_pid(env) not in (first, second) and comfy_answers(env), 120, "the restarted ComfyUI")
+        # issue 21 #9: apply_config.sh returns once the new ComfyUI answers with the node loaded
+        assert "ComfyUI answers again" in applied.stderr and "every custom node imported" in applied.stderr
+        assert comfy_pid(env) not in (first, second) and comfy_answers(env)
         assert "StartTestPassImageV11" in object_info(env) and proc.poll() is None
 
         # --no-restart: the node moves back, ComfyUI keeps running (and the log says a restart is due)
@@ -236,6 +240,14 @@ def test_comfyui_restarted_when_it_exits_and_by_apply_config_only_when_nodes_cha
         time.sleep(2)  # a restart asked by SIGHUP would have stopped the old process by now
         assert comfy_pid(env) == third and psutil.pid_exists(third) and comfy_answers(env)
         assert log.read_text().count("restarting ComfyUI (asked by apply_config.sh)") == 1
+
+        # issue 21 #9: a node that fails to import is named in apply_config.sh's own output, exit 1
+        cfg["nodes"][0]["version"] = "v1.2.0-broken"
+        (volume / "config.yml").write_text(yaml.safe_dump(cfg))
+        broken = run_script(env, "apply_config.sh")
+        assert broken.returncode == 1, broken.stdout + broken.stderr
+        assert "custom node StartNode failed to import in ComfyUI" in broken.stderr
+        assert "every custom node imported" not in broken.stderr and comfy_answers(env)
     finally:
         stop_start(proc)
 
