@@ -233,6 +233,7 @@ class JobService:
         self.ttl_timers: dict[str, asyncio.TimerHandle] = {}  # queued job id: its policy.ttl ends it then
         self.timed_out: set[str] = set()
         self.prompts: dict[str, dict] = {}  # job id: its ComfyUI prompt (the runner's ``prompt`` message)
+        self.ended_prompts: deque[str] = deque(maxlen=64)  # prompt ids of jobs that ended (for /health)
         self.streamed: set[str] = set()  # finished jobs whose output /stream handed out
         self.durations: deque[float] = deque(maxlen=20)
         self.stopping = False
@@ -576,7 +577,9 @@ class JobService:
                         "send it again if it should."
                     }
         finally:
-            self.prompts.pop(job["id"], None)
+            prompt = self.prompts.pop(job["id"], None)
+            if prompt and prompt.get("prompt_id"):
+                self.ended_prompts.append(str(prompt["prompt_id"]))
 
     async def abandon_prompt(self, job_id: str) -> str:
         """The runner died under the job: stop its ComfyUI prompt (if it had queued one) and delete the files
@@ -639,10 +642,15 @@ class JobService:
             timeout = aiohttp.ClientTimeout(total=3)
             async with self.session.get(f"http://{self.settings.comfy_host}/queue", timeout=timeout) as resp:
                 queue = await resp.json()
+            running_ids = [
+                str(item[1]) for item in queue.get("queue_running", []) if isinstance(item, list) and item[1:]
+            ]
             comfy.update(
                 reachable=True,
                 queue_running=len(queue.get("queue_running", [])),
                 queue_pending=len(queue.get("queue_pending", [])),
+                # prompts of jobs that already ended (cancelled, timed out) that ComfyUI is still finishing
+                finishing_ended_jobs=sum(pid in self.ended_prompts for pid in running_ids),
             )
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             comfy["problem"] = f"{type(exc).__name__}: {exc}"

@@ -1026,6 +1026,26 @@ def test_an_unexpected_error_in_a_route_answers_json_500_without_its_message(tmp
 
 
 # --- /cancel after a restart ------------------------------------------------------------------------------
+def test_health_says_when_a_cancelled_jobs_prompt_is_still_finishing(api, comfyui):
+    """issue 21 #11: /cancel answers within its cap while ComfyUI may finish the current node of the prompt
+    (it stops between nodes or steps); /health says so until ComfyUI is done with it."""
+    wf = tiny_workflow(size=16)
+    wf["3"] = {"class_type": "WorkerTestSleep", "inputs": {"image": ["1", 0], "seconds": 16.0}}  # never interruptible
+    wf["2"]["inputs"]["images"] = ["3", 0]
+    job = api.post("/run", {"input": {"workflow": wf}}).json()["id"]
+    api.wait_status(job, "IN_PROGRESS")
+    wait_for(lambda: comfyui.get_json("/queue")["queue_running"], 30, "ComfyUI to run the prompt")
+    assert api.get("/health").json()["comfyui"]["finishing_ended_jobs"] == 0
+    started = time.monotonic()
+    assert api.post(f"/cancel/{job}").json() == {"id": job, "status": "CANCELLED"}
+    assert time.monotonic() - started < 15.5  # the documented cap
+    assert not comfy_idle(comfyui)  # ComfyUI is still in the sleeping node
+    comfy = api.get("/health").json()["comfyui"]
+    assert comfy["queue_running"] == 1 and comfy["finishing_ended_jobs"] == 1, comfy
+    wait_for(lambda: comfy_idle(comfyui), 30, "ComfyUI to finish the interrupted prompt")
+    assert api.get("/health").json()["comfyui"]["finishing_ended_jobs"] == 0
+
+
 def test_cancel_of_a_job_recovered_after_a_restart_answers_once_it_is_cancelled(quick_api, tmp_path):
     """issue 20 #16: recovered jobs had no "finished" event: /cancel answered IN_PROGRESS at once."""
     record = tmp_path / "ran.txt"
