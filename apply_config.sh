@@ -2,10 +2,11 @@
 # Provision a running box after editing config.yml (e.g. from a Jupyter terminal), without stopping
 # the services: models are added in place, and ComfyUI is restarted only when nodes changed, once
 # the jobs it is running (and those waiting in its queue) are done.
-#   apply_config.sh [--dry-run] [--force] [--update] [--no-restart | --now] [--max-wait SECONDS]
+#   apply_config.sh [--dry-run] [--force] [--update] [--prune] [--no-restart | --now] [--max-wait SECONDS]
 #     --dry-run           list what would change (each model, each node old -> new, the restart), change nothing
 #     --force             ignore the gate: check every entry again; nodes are resolved and checked out again
 #     --update            move latest, nightly and branch nodes to what they name upstream now
+#     --prune             remove the model files no config entry names any more (listed on every run)
 #     --no-restart        never restart ComfyUI (say that nodes changed instead; the restart stays due)
 #     --now               restart ComfyUI at once, without waiting for its jobs (the running job fails)
 #     --max-wait SECONDS  wait at most this long for ComfyUI's jobs before restarting it (default 900);
@@ -21,7 +22,7 @@ export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
 args=(--apply)
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --force | --dry-run | --no-restart | --now | --update) args+=("$1") ;;
+    --force | --dry-run | --no-restart | --now | --update | --prune) args+=("$1") ;;
     --max-wait)
       if [[ $# -lt 2 ]]; then
         echo "apply_config.sh: --max-wait needs a number of seconds (e.g. --max-wait 600)" >&2
@@ -32,11 +33,11 @@ while [[ $# -gt 0 ]]; do
       ;;
     --max-wait=*) args+=("$1") ;;
     -h | --help)
-      sed -n '2,12s/^# \{0,1\}//p' "$0"
+      sed -n '2,13s/^# \{0,1\}//p' "$0"
       exit 0
       ;;
     *)
-      echo "apply_config.sh: unknown argument '$1' (expected --dry-run, --force, --update, --no-restart, --now, --max-wait SECONDS)" >&2
+      echo "apply_config.sh: unknown argument '$1' (expected --dry-run, --force, --update, --prune, --no-restart, --now, --max-wait SECONDS)" >&2
       exit 2
       ;;
   esac

@@ -448,6 +448,7 @@ class Options:
     update: bool = False  # resolve latest, nightly and branch nodes again
     now: bool = False  # restart ComfyUI without waiting for its jobs
     max_wait: float = 900.0  # seconds a restart waits for ComfyUI's jobs to end
+    prune: bool = False  # remove recorded model files no config entry names any more
 
 
 def refresh_record(settings: Settings, record: dict, source: Source) -> None:
@@ -707,8 +708,21 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
         log.error("failed required model(s): %s", ", ".join(summary.failed))
     print(f"{summary.line()} ({time.monotonic() - started:.2f} s)", flush=True)
     if opts.apply:
+        report_unnamed_models(settings, source, opts.prune)
         rc = max(rc, apply_restart(settings, opts, changed, stop))
     return rc
+
+
+def report_unnamed_models(settings: Settings, source: Source, prune: bool) -> None:
+    """apply_config.sh: the model files a removed entry left (model_prune.py); ``--prune`` removes them."""
+    from comfy_worker import model_prune
+    from comfy_worker.config_schema import ConfigError
+
+    try:
+        cfg, _ = load(settings, source)
+    except (ConfigError, OSError):
+        return  # already reported by the run
+    model_prune.report_or_prune(settings, cfg, prune)
 
 
 def _seconds(value: str) -> float:
@@ -740,6 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--update", action="store_true", help="resolve latest, nightly and branch nodes again and move them"
     )
+    parser.add_argument(
+        "--prune", action="store_true", help="with --apply: remove model files no config entry names any more"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [start] %(message)s", datefmt="%H:%M:%S")
     try:
@@ -761,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         update=args.update,
         now=args.now,
         max_wait=args.max_wait,
+        prune=args.prune,
     )
     return run(settings, opts, stop)
 

@@ -626,3 +626,38 @@ def test_a_warm_record_that_cannot_be_written_fails_no_start(tmp_path):
         out = run_script(env, "start.sh", "--provision-only")
         assert out.returncode == 0, out.stdout + out.stderr
         assert "every entry is ready, but the gate" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_apply_config_names_model_files_no_entry_names_and_prune_removes_them(tmp_path, nginx):
+    """issue 21 #10: removing an entry left its file, silently, and ComfyUI kept listing it."""
+    env = start_env(tmp_path)
+    cfg = {
+        "models": [
+            {"url": f"{nginx.url}/{UPSCALE_MODEL_NAME}", "destination": "upscale_models"},
+            {"url": f"{nginx.url}/b.bin", "destination": "loras", "filename": "b.safetensors"},
+        ]
+    }
+    write_config(env, cfg)
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    models = Path(env["VOLUME_ROOT"]) / "ComfyUI" / "models"
+    removed, kept = models / "loras" / "b.safetensors", models / "upscale_models" / UPSCALE_MODEL_NAME
+    by_hand = models / "loras" / "mine.safetensors"
+    by_hand.write_bytes(b"put here by the user")
+    assert removed.is_file() and kept.is_file()
+
+    cfg["models"].pop()
+    write_config(env, cfg)
+    said = run_script(env, "apply_config.sh")
+    assert said.returncode == 0, said.stdout + said.stderr
+    assert "models/loras/b.safetensors is on the volume but no config entry names it any more" in said.stderr
+    assert "apply_config.sh --prune removes it" in said.stderr and "mine.safetensors" not in said.stderr
+    assert removed.is_file()  # only said
+
+    pruned = run_script(env, "apply_config.sh", "--prune")
+    assert pruned.returncode == 0, pruned.stdout + pruned.stderr
+    assert "pruned models/loras/b.safetensors" in pruned.stderr
+    assert not removed.exists() and kept.is_file() and by_hand.is_file()
+    recorded = [r["filename"] for r in read_lock_file(Path(env["VOLUME_ROOT"]) / "comfy.lock.yml")["models"]]
+    assert recorded == [UPSCALE_MODEL_NAME]
+    again = run_script(env, "apply_config.sh")
+    assert "no config entry names it" not in again.stderr
