@@ -475,6 +475,12 @@ def refresh_record(settings: Settings, record: dict, source: Source) -> None:
     log.info("warm record refreshed for this config source: later starts take the fast path")
 
 
+def edited_since(settings: Settings, source: Source) -> bool:
+    """A set CONFIG_YML and a volume config.yml that differs from it (edited in Jupyter since): the full
+    check runs, which puts CONFIG_YML there and keeps the edited file as .bak, with a warning."""
+    return source.from_env and volume_config(settings) != light_decode(source.text)
+
+
 def warm(
     settings: Settings, source: Source, record: dict, stop, summary: Summary, check_only: bool = False
 ) -> int | None:
@@ -679,6 +685,7 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
             and gate is not None
             and record.get("digest") == gate
             and record.get("source") == source.key(settings)
+            and not edited_since(settings, source)
         )
         result = warm(settings, source, record, stop, summary) if fast else None
         if result is None:

@@ -190,6 +190,14 @@ def test_config_yml_variants_and_bak(tmp_path):
         replaced = "CONFIG_YML is set and differs from" in out.stderr
         assert replaced == (name == "standard"), name  # said loudly, once: only the first run replaced a file
     assert (volume / "config.yml.bak").read_text() == "models: []\n# the user's own\n"
+    # issue 21: an edit made on the volume after a start is replaced on the next (warm) start as well, said
+    (volume / "config.yml").write_text(text + "# edited in Jupyter since\n")
+    out = run_script({**env, "CONFIG_YML": b64}, "start.sh", "--provision-only")
+    assert out.returncode == 0 and "CONFIG_YML is set and differs from" in out.stderr, out.stderr
+    assert (volume / "config.yml").read_text() == text
+    assert (volume / "config.yml.bak").read_text().endswith("# edited in Jupyter since\n")
+    out = run_script({**env, "CONFIG_YML": b64}, "start.sh", "--provision-only")
+    assert "differs" not in out.stderr and "nothing to do" in out.stderr  # and warm again after that
     bad = run_script({**env, "CONFIG_YML": "!!not base64 and not yaml: ["}, "start.sh", "--provision-only")
     assert bad.returncode == 2 and "CONFIG_YML" in bad.stderr
 
