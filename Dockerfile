@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# comfy-worker: a config-driven, self-provisioning ComfyUI worker (docs/deploy.md).
+# comfy-worker: a config-driven, self-provisioning ComfyUI worker (docs/image-reference.md).
 # Build with ./build.sh (always linux/amd64). Layers run from the least to the most often changed:
 # system packages, the venv, torch, ComfyUI's requirements, the project's requirements, the code, and
 # (only with BAKE=1) the provisioned models and nodes. A code change rebuilds the last two only.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the worker image from this folder's Dockerfile, always for linux/amd64 (docs/deploy.md).
+# Builds the worker image from this folder's Dockerfile, always for linux/amd64 (docs/image-reference.md).
 #   ./build.sh [-t IMAGE] [--push] [--no-cache] [--build-arg NAME=VALUE]... [--secret SPEC]...
 #              [--bake] [--dry-run] [-- ENGINE-BUILD-ARGS...]
 #   -t IMAGE          the image name (default comfy-worker:latest; --push needs a registry in it)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks the config, builds and pushes the image, then prints what to paste into RunPod (docs/deploy.md).
+# Checks the config, builds and pushes the image, then prints what to paste into RunPod (docs/image-reference.md).
 #   ./deploy.sh -t REGISTRY/NAME:TAG [--config FILE] [--allow-dirty] [--dry-run] [build.sh options...]
 #   -t IMAGE        where to push (a registry RunPod can pull from)
 #   --config FILE   the config.yml whose CONFIG_YML line is printed (default: config.yml here)

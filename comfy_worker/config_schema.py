@@ -38,7 +38,7 @@ PROVISION_FORMAT_VERSION = 1
 
 ROOT = Path(__file__).resolve().parents[1]  # the repo (or /app in the image)
 SCHEMA_PATH = ROOT / "config.schema.json"
-DOCS_PATH = ROOT / "docs" / "config.md"
+DOCS_PATH = ROOT / "docs" / "config-reference.md"
 DOCS_BEGIN = "<!-- BEGIN GENERATED FIELDS (python -m comfy_worker.config_schema --write) -->"
 DOCS_END = "<!-- END GENERATED FIELDS -->"
 
@@ -782,7 +782,7 @@ def docs_with_table(doc_text: str) -> str:
 def main(argv: list[str]) -> int:
     if argv != ["--write"]:
         print(
-            "usage: python -m comfy_worker.config_schema --write   (regenerates config.schema.json and docs/config.md)"
+            "usage: python -m comfy_worker.config_schema --write   (regenerates config.schema.json and docs/config-reference.md)"
         )
         return 2
     SCHEMA_PATH.write_text(json_schema_text(), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""What ``deploy.sh`` checks in the config it ships before anything is built (docs/deploy.md).
+"""What ``deploy.sh`` checks in the config it ships before anything is built (docs/image-reference.md).
 
 ``python -m comfy_worker.deploy_check --config FILE``:
 

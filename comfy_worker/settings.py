@@ -57,7 +57,7 @@ def is_secret_name(name: str) -> bool:
 
 def comfyui_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment ComfyUI runs with: ``env`` (default ``os.environ``) without the worker's own
-    secrets; of the secrets only ``COMFYUI_SECRETS`` stay (docs/configuration.md, "Secrets")."""
+    secrets; of the secrets only ``COMFYUI_SECRETS`` stay (docs/configuration-guide.md, "Secrets")."""
     env = os.environ if env is None else env
     return {k: v for k, v in env.items() if not is_secret_name(k) or k in COMFYUI_SECRETS}
 

@@ -345,7 +345,7 @@ def test_compose_publishes_comfyuis_unauthenticated_port_on_loopback_unless_open
     assert compose_ports({}) == {"8188": "127.0.0.1", "8000": "", "8888": ""}
     assert compose_ports({"COMFY_PUBLISH_ADDR": "0.0.0.0"})["8188"] == "0.0.0.0"
     assert "COMFY_PUBLISH_ADDR" in (ROOT / ".env.example").read_text()
-    assert "`COMFY_PUBLISH_ADDR=0.0.0.0`" in (ROOT / "docs" / "deploy.md").read_text()
+    assert "`COMFY_PUBLISH_ADDR=0.0.0.0`" in (ROOT / "docs" / "image-reference.md").read_text()
 
 
 def test_env_example_names_only_documented_variables():

@@ -1,5 +1,5 @@
 """--validate-only of download_models.py and install_nodes.py, where the config comes from
-(docs/config.md: --config, CONFIG_YML, the volume's, the image's) and the errors of each source, and
+(docs/config-reference.md: --config, CONFIG_YML, the volume's, the image's) and the errors of each source, and
 the shared CLI pieces (summary table, sizes). comfy.lock.yml: tests/test_lock_file.py."""
 
 import base64

@@ -1,5 +1,5 @@
 """config_schema: the schema and what it rejects, YAML decoding (duplicate keys, bounded messages,
-UTF-8) and CONFIG_YML decoding (docs/config.md), plus the digest and the derived files
+UTF-8) and CONFIG_YML decoding (docs/config-reference.md), plus the digest and the derived files
 (config.schema.json, docs table)."""
 
 import base64
@@ -117,7 +117,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
     assert "cannot read" in info.value.problems[0] and "nope.yml" in info.value.problems[0]
 
 
-# ---- every rejection of docs/config.md, with the message text ----
+# ---- every rejection of docs/config-reference.md, with the message text ----
 
 
 def test_unknown_key_in_model_names_entry_and_suggests_the_right_key():
@@ -431,7 +431,7 @@ def test_committed_json_schema_is_current():
 def test_docs_table_is_current_and_lists_every_field():
     doc = config_schema.DOCS_PATH.read_text()
     assert config_schema.docs_with_table(doc) == doc, (
-        "docs/config.md is stale: run `python -m comfy_worker.config_schema --write`"
+        "docs/config-reference.md is stale: run `python -m comfy_worker.config_schema --write`"
     )
     for field in ("url", "destination", "filename", "sha256", "optional", "version", "name", "requirements"):
         assert f"`models[].{field}`" in doc or f"`nodes[].{field}`" in doc
@@ -556,7 +556,7 @@ def test_other_text_fields_read_as_numbers_or_booleans_say_to_quote_them():
     )
 
 
-# ---- tokens in URL query strings (docs/config.md) ----
+# ---- tokens in URL query strings (docs/config-reference.md) ----
 
 
 @pytest.mark.parametrize(

@@ -254,8 +254,8 @@ def test_readme_starts_with_the_two_commands():
 # ---- example requests ------------------------------------------------------------------------------
 OWN_DOCS = [
     "README.md",
-    "docs/deployment.md",
-    "docs/configuration.md",
+    "docs/runpod-guide.md",
+    "docs/configuration-guide.md",
     "docs/troubleshooting.md",
     "docs/quickstart_id.md",
 ]
@@ -298,8 +298,8 @@ def test_s3_example_names_only_settings_the_worker_reads():
     assert names and all(n in known_env_names() and n not in EXTERNAL for n in names)
 
 
-# ---- configuration.md against the schema and the settings -----------------------------------------
-CONFIGURATION = ROOT / "docs" / "configuration.md"
+# ---- configuration-guide.md against the schema; env.md the one table of variables ------------------
+CONFIGURATION = ROOT / "docs" / "configuration-guide.md"
 
 
 def test_configuration_md_covers_every_config_field():
@@ -307,7 +307,7 @@ def test_configuration_md_covers_every_config_field():
     spans = set(SPAN.findall(CONFIGURATION.read_text()))
     assert fields and [f for f in fields if f not in spans] == []
     mentioned = {s for s in spans if re.fullmatch(r"(comfyui|models\[\]|nodes\[\])\.\w+", s)}
-    assert mentioned - set(fields) == set(), "configuration.md names config fields the schema does not have"
+    assert mentioned - set(fields) == set(), "configuration-guide.md names config fields the schema does not have"
 
 
 def env_rows(text: str) -> dict[str, str]:
@@ -319,17 +319,30 @@ def env_rows(text: str) -> dict[str, str]:
     return rows
 
 
-def test_configuration_md_lists_every_env_var_with_the_default_of_env_md():
-    ours = env_rows(CONFIGURATION.read_text())
+def test_each_env_var_is_tabled_once_in_env_md():
+    """issue 21 #12: the variables were tabled in three files (env.md, configuration.md, api.md) that
+    drifted apart; now env.md alone has a row per variable and the other pages link to it. (The image's
+    build arguments, some of the same names, are another thing: image-reference.md's own table.)"""
     source = (ROOT / "comfy_worker" / "settings.py").read_text()
     read = set(re.findall(r'env(?:\.get\(|\[)"([A-Z][A-Z0-9_]+)"', source))
     read |= set(re.findall(r'_(?:int|float|flag|choice)\(env, "([A-Z][A-Z0-9_]+)"', source))
     read |= set(SECRET_ENV_NAMES)
-    assert sorted(read - set(ours)) == [], "read by settings.py but not in docs/configuration.md"
-    assert sorted(set(ours) - read) == [], "in docs/configuration.md but not read by settings.py"
-    reference = env_rows((ROOT / "docs" / "env.md").read_text())
-    differ = {n: (d, reference[n]) for n, d in ours.items() if n in reference and d != reference[n]}
-    assert differ == {}, "defaults that differ from docs/env.md"
+    assert sorted(read - set(env_rows((ROOT / "docs" / "env.md").read_text()))) == []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        if doc.name in ("env.md", "image-reference.md"):
+            continue
+        tabled = set(env_rows(doc.read_text())) & read
+        assert tabled == set(), f"{doc.name} tables {sorted(tabled)}: link to env.md instead"
+
+
+def test_doc_names_say_guide_or_reference():
+    """issue 21 #12: config.md/configuration.md and deploy.md/deployment.md were twins whose names did not
+    say how they differ."""
+    names = {p.name for p in (ROOT / "docs").glob("*.md")}
+    assert not names & {"config.md", "configuration.md", "deploy.md", "deployment.md"}
+    for name in ("config-reference.md", "configuration-guide.md", "image-reference.md", "runpod-guide.md"):
+        title = (ROOT / "docs" / name).read_text().splitlines()[0].lower()
+        assert ("guide" if "guide" in name else "reference") in title, (name, title)
 
 
 def transcripts() -> list[tuple[str, str, str]]:
