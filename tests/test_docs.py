@@ -346,11 +346,12 @@ def test_doc_names_say_guide_or_reference():
 
 
 def transcripts() -> list[tuple[str, str, str]]:
-    """Every ``$ python check_workflow.py …`` transcript in the docs whose arguments are files of the repo:
+    """Every ``$ .venv/bin/python check_workflow.py …`` transcript in the docs whose arguments are files of the repo:
     (doc, command line, the output printed under it)."""
     found = []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
-        for block in re.findall(r"```\n(\$ python check_workflow\.py [^\n]*)\n(.*?)```", doc.read_text(), re.DOTALL):
+        transcript = r"```\n(\$ \.venv/bin/python check_workflow\.py [^\n]*)\n(.*?)```"
+        for block in re.findall(transcript, doc.read_text(), re.DOTALL):
             command, output = block
             args = shlex.split(command[2:])[2:]
             if all((ROOT / a).exists() for a in args if not a.startswith("-")) and output.strip():
