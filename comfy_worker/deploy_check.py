@@ -19,10 +19,8 @@ import sys
 from urllib.parse import urlsplit
 
 from comfy_worker import public_address
-from comfy_worker.cli import load_or_report, validate_only
+from comfy_worker.cli import settings_and_config, validate_only
 from comfy_worker.config_schema import WorkerConfig, _display_url
-from comfy_worker.exit_codes import EXIT_INVALID
-from comfy_worker.settings import Settings
 
 log = logging.getLogger(__spec__.name if __name__ == "__main__" else __name__)
 
@@ -73,16 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m comfy_worker.deploy_check", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, metavar="PATH", help="the config.yml deploy.sh ships")
     args = parser.parse_args(argv)
-    try:
-        settings = Settings.from_env()
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    loaded = load_or_report(args.config, settings)
-    if loaded is None:
-        return EXIT_INVALID
-    cfg, source = loaded
-    rc = validate_only(cfg, source)
+    args.validate_only = False  # the same loading and messages as --validate-only, then the warnings
+    loaded = settings_and_config(args)
+    if isinstance(loaded, int):
+        return loaded
+    _, cfg = loaded
+    rc = validate_only(cfg, args.config)
     for warning in unreachable_sources(cfg):
         print(f"warning: {warning}", file=sys.stderr)
     return rc
