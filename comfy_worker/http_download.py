@@ -933,20 +933,25 @@ class _ParallelFetch:
             raise RetryableError(f"connection closed at byte {pos - start} of chunk {k}")
 
     def _hasher(self, view: memoryview, hashing: _Hashing) -> None:
+        """Hash the part's contiguous prefix as it grows. Ends as soon as the main thread aborts it or a
+        worker failed, also with bytes on disk still to hash (issue 20 #22: it used to go round
+        forever then, and the main thread's join with it, when a stop found it behind the workers)."""
         digest = hashlib.sha256()
         pos = 0
         try:
             while pos < self.size:
                 with self.cond:
                     while True:
+                        if self.error is not None or hashing.abort:
+                            return
                         k = pos // self.chunk
                         avail = k * self.chunk + self.done[k]
-                        if avail > pos or self.error is not None or hashing.abort:
+                        if avail > pos:
                             break
                         self.cond.wait(0.5)
-                    if avail <= pos:
+                while pos < avail:
+                    if hashing.abort:
                         return
-                while pos < avail and not hashing.abort:
                     n = min(HASH_READ, avail - pos)
                     with view[pos : pos + n] as block:
                         digest.update(block)

@@ -100,6 +100,40 @@ def test_interrupted_parallel_download_resumes_from_the_part_and_its_state(origi
     assert sum(s.sent for s in origin.seen()[first_run:]) <= size - on_disk + 1  # + the 1-byte probe
 
 
+def test_a_stop_while_the_hasher_is_behind_ends_a_parallel_download_at_once(origin, tmp_path):
+    """issue 20 #22: a stop that found the hasher thread behind the workers (bytes on disk not yet
+    hashed) left it going round forever, and the main thread waiting for it: the download never ended.
+    A resumed part makes that moment certain: the hasher starts by re-reading the whole prefix on disk,
+    while a stop already requested ends the workers at once."""
+    path = tmp_path / "src" / "big.bin"
+    sha = random_file(path, 72 * MiB, seed=22)
+    route = origin.add("/big.bin", file=path, rate=32 * MiB)
+    part = tmp_path / "big.bin.part"
+    dl = fast(connections=2, parallel_min_size=MiB, chunk_size=8 * MiB)
+    interrupt(dl, f"{origin.url}/big.bin", part, 48 * MiB)
+    route.rate = None
+    for _ in range(3):  # each one a fresh hasher re-reading 48+ MiB when the stop lands
+        stop = threading.Event()
+        stop.set()
+        outcome = {}
+
+        def run(stop=stop, outcome=outcome):
+            try:
+                dl.fetch(f"{origin.url}/big.bin", part, stop=stop)
+            except DownloadError as err:
+                outcome["error"] = err
+
+        worker = threading.Thread(target=run, daemon=True)
+        started = time.monotonic()
+        worker.start()
+        worker.join(15)
+        assert not worker.is_alive(), "a stopped parallel download never ended"
+        assert time.monotonic() - started < 15
+        assert isinstance(outcome.get("error"), Interrupted)
+    result = dl.fetch(f"{origin.url}/big.bin", part)
+    assert result.sha256 == sha and result.resumed_from >= 48 * MiB
+
+
 def test_server_ignoring_range_restarts_cleanly(origin, blob, tmp_path):
     path, sha = blob
     origin.add("/m.bin", file=path, ignore_range=True)
