@@ -79,9 +79,18 @@ def test_parallel_chunk_dropped_midway_resumes_that_chunk(origin, blob, tmp_path
 def test_interrupted_parallel_download_resumes_from_the_part_and_its_state(origin, blob, tmp_path):
     path, sha = blob
     size = path.stat().st_size
-    origin.add("/m.bin", file=path, rate=6 * MiB)
-    part = tmp_path / "m.bin.part"
     stop = threading.Event()
+
+    def hold_the_second_half(h, seen, head):
+        # chunks past the middle wait for the stop: however slowly the main thread gets to report
+        # progress on a busy machine, the download cannot end before it is stopped
+        rng = seen.headers.get("range", "")
+        if rng.startswith("bytes=") and int(rng[6:].split("-")[0]) > size // 2:
+            stop.wait(30)
+        return False
+
+    origin.add("/m.bin", file=path, rate=6 * MiB, handler=hold_the_second_half)
+    part = tmp_path / "m.bin.part"
     dl = fast(connections=2, parallel_min_size=MiB, chunk_size=MiB)
 
     def stop_halfway(done, total):
