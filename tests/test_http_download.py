@@ -549,3 +549,46 @@ def test_a_stop_on_silent_parallel_connections_keeps_each_chunk_exact_without_a_
     assert result.sha256 == sha and result.resumed_from == 3 * MiB
     ranges = sorted(s.headers["range"] for s in origin.seen("/m.bin")[before:])
     assert ranges[:3] == ["bytes=0-0", f"bytes={MiB}-{2 * MiB - 1}", f"bytes={3 * MiB}-{4 * MiB - 1}"]
+
+
+@pytest.mark.parametrize("connections", [1, 3], ids=["one-connection", "parallel"])
+def test_a_stop_while_the_server_has_not_answered_yet_ends_the_download_at_once(origin, blob, tmp_path, connections):
+    """issue 20 #22: a stop found a request waiting for the server's status line and headers, a wait
+    that only the read timeout (30 s) ended: the stop has to cut it like a body read."""
+    path, _ = blob
+    release = threading.Event()
+
+    def answer_late(h, seen, head):
+        if seen.headers.get("range") != "bytes=0-0":  # the probe is answered; every body waits
+            release.wait(60)
+        return False
+
+    origin.add("/m.bin", file=path, handler=answer_late)
+    stop = threading.Event()
+    outcome = {}
+
+    def run():
+        try:
+            Downloader(connections=connections, parallel_min_size=MiB, chunk_size=MiB, backoff=0.01).fetch(
+                f"{origin.url}/m.bin", tmp_path / "m.part", stop=stop
+            )
+        except DownloadError as err:
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(origin.seen("/m.bin")) < 1 + connections:
+            time.sleep(0.02)
+        assert len(origin.seen("/m.bin")) == 1 + connections  # the probe, and each connection's request
+        time.sleep(0.2)  # each one waits for its answer
+        stopped = time.monotonic()
+        stop.set()
+        worker.join(3)
+        assert not worker.is_alive(), "a request waiting for the server's answer outlived the stop"
+        assert time.monotonic() - stopped < 3
+        assert isinstance(outcome["error"], Interrupted)
+        assert len(origin.seen("/m.bin")) == 1 + connections  # no retry after the stop
+    finally:
+        release.set()
