@@ -12,9 +12,11 @@ Each entry becomes ``models/<destination>/<filename>``:
    any network when comfy.lock.yml records it for the same url with the same size and a sha256 (the
    one the config asks for, when it asks); otherwise it is checked against what the config and the
    source say (the expected sha256: the config's, else the hub's; else the expected size) and
-   recorded. A changed url, or ``--force``, downloads it again (the old file stays usable until the
-   new one is renamed over it). A file that could not be verified (below) is checked again on every
-   run, and verified as soon as the config or the server says more.
+   recorded. A changed url downloads it again (the old file stays usable until the new one is
+   renamed over it). ``--force`` trusts no record: every present file is hashed against its sha256
+   (the entry's, else the source's, else the record's) and replaced when it differs; a file with no
+   sha256 to check is downloaded again. A file that could not be verified (below) is checked again
+   on every run, and verified as soon as the config or the server says more.
 3. Downloads run under a lock per target (``models/.locks/<destination>/<filename>.lock``, filelock,
    waited for through ``volume_lock.acquire``: said in the log, ended by SIGTERM), so two processes
    sharing a volume never write the same file: the second waits, then finds the finished file and
@@ -81,6 +83,7 @@ from comfy_worker.config_schema import ModelEntry
 from comfy_worker.exit_codes import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from comfy_worker.file_names import MAX_NAME_BYTES, safe_filename, url_filename
 from comfy_worker.http_download import (
+    ChecksumError,
     Downloader,
     DownloadError,
     Interrupted,
@@ -91,13 +94,13 @@ from comfy_worker.http_download import (
 )
 from comfy_worker.lock_file import read_lock_file, update_lock_file
 from comfy_worker.log_setup import redact_urls, setup_logging
-from comfy_worker.model_sources import HUGGINGFACE, ModelSource, Sources, TokenPolicy, hf_file
+from comfy_worker.model_sources import CIVITAI, HUGGINGFACE, ModelSource, Sources, TokenPolicy, hf_file
 from comfy_worker.settings import Settings
 
 # run as a script this module is __main__; its log lines still say download_models
 log = logging.getLogger(Path(__file__).stem if __name__ == "__main__" else __name__)
 
-DISK_MARGIN = 64 * MiB
+DISK_MARGIN = 64 * MiB  # kept free beyond every download's remaining bytes (docs/configuration.md)
 
 # the action column: what happened to an entry (the status column says how it ended)
 PRESENT = "present"
@@ -291,30 +294,39 @@ class Provisioner:
     def present(self, r: ModelResult) -> bool:
         """Is the final file there and good? The one answer, offline (``r.source`` unknown: only a
         matching record counts) and after resolving (then checked against the config and the source,
-        hashing the file once, and recorded)."""
+        hashing the file once, and recorded). A record vouches for a file only when its sha256 is the
+        one the config asks for (when it asks). With ``--force`` no record vouches: every present file
+        is hashed against the sha256 of its entry, else its source's, else its record's, and replaced
+        when it differs; a file with no sha256 to check it against is downloaded again."""
         target = r.target
         assert target is not None
-        if self.force or not target.is_file():
-            return False
         online = r.source is not None
+        if not target.is_file() or (self.force and not online):
+            return False
         size = target.stat().st_size
         rec = self.record_for(r)
         if rec and rec.get("url") != r.entry.url:
             if online:
                 log.info("%s: the url changed since it was downloaded; downloading again", target)
             return False
-        want_sha = r.entry.sha256 or (r.source.sha256 if r.source else None)
+        want_sha, said_by = self._expected_sha256(r)
         want_size = r.entry.size if r.entry.size is not None else r.size
         if want_size is not None and size != want_size:
             if online:
                 log.warning("%s: present with %d bytes but %d are expected; downloading again", target, size, want_size)
             return False
         rec_sha = rec.get("sha256") if rec else None
-        if rec and rec.get("size") == size and rec_sha and (not want_sha or rec_sha == want_sha):
+        vouched = rec and rec.get("size") == size and rec_sha and (not want_sha or rec_sha == want_sha)
+        if vouched and not self.force:
             r.size, r.sha256 = size, rec_sha  # vouched for by the record: no hashing
             return True
         if not online:
             return False
+        if self.force and not want_sha:
+            if not rec_sha:
+                log.info("%s: --force: no sha256 to check it against; downloading it again", target)
+                return False
+            want_sha, said_by = rec_sha, "comfy.lock.yml"
         if want_sha is None and want_size is None:
             if rec is None:
                 return False  # nothing tells a whole file from a cut-off one: download it
@@ -324,11 +336,24 @@ class Provisioner:
             return True
         digest = _sha256_file(target)
         if want_sha and digest != want_sha:
-            log.warning("%s: present but its sha256 differs from the expected one; downloading again", target)
+            log.warning(
+                "%s: present but its sha256 differs from the expected one (it is %s, %s says %s): the file "
+                "changed on the volume or upstream; downloading it again",
+                *(target, digest, said_by, want_sha),
+            )
             return False
         r.size, r.sha256, r.verified = size, digest, True
         self.record(r)
         return True
+
+    @staticmethod
+    def _expected_sha256(r: ModelResult) -> tuple[str | None, str]:
+        """The sha256 a file must have, and who says so: the config, else the source (the hub)."""
+        if r.entry.sha256:
+            return r.entry.sha256, "the config"
+        if r.source is not None and r.source.sha256:
+            return r.source.sha256, {HUGGINGFACE: "Hugging Face", CIVITAI: "CivitAI"}.get(r.kind, "the server")
+        return None, ""
 
     def _run(self, r: ModelResult) -> None:
         self.resolve(r, need_network=False)
@@ -497,16 +522,19 @@ class Provisioner:
                 f"Hugging Face (Xet) {hf.repo_id}/{hf.path}: {type(err).__name__}: {redact_urls(str(err))}"
             )
         os.replace(outcome["path"], part)
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # hf_hub_download's metadata of the file, done with
         size = part.stat().st_size
         if r.size is not None and size != r.size:
-            part.unlink()
-            raise DownloadError(f"size mismatch: got {size} bytes, expected {r.size}")
+            discard_part(part)
+            raise DownloadError(f"size mismatch: got {size} bytes, expected {r.size}; the partial file was deleted")
         if r.entry.sha256:
             digest = _sha256_file(part)
             if digest != r.entry.sha256:
-                part.unlink()
-                raise DownloadError(f"sha256 mismatch: got {digest}, expected {r.entry.sha256}")
+                discard_part(part)
+                raise ChecksumError(
+                    f"sha256 mismatch: got {digest}, expected {r.entry.sha256}; the partial file was deleted "
+                    "(if the file was updated upstream, update sha256 in the config)"
+                )
             r.sha256 = digest
         else:
             r.sha256 = r.source.sha256 if r.source else None
@@ -515,16 +543,22 @@ class Provisioner:
         progress(size, size)
 
     def _reserve_disk(self, r: ModelResult, part: Path) -> None:
+        """Fail at once when the rest of the file, plus ``DISK_MARGIN``, does not fit in what is free
+        minus what the downloads running now still need. The message says the whole need, the margin
+        included (issue 20 #13: "needs 4.8 MiB more, 59.2 MiB free" read as a contradiction)."""
         if r.size is None:
             return
         have = part.stat().st_size if part.exists() else 0
         need = max(0, r.size - have)
         with self._disk_lock:
-            free = shutil.disk_usage(part.parent).free - sum(self._reserved.values())
+            reserved = sum(self._reserved.values())
+            free = shutil.disk_usage(part.parent).free - reserved
             if need + DISK_MARGIN > free:
+                others = f" after the {human_size(reserved)} the other downloads still need" if reserved else ""
                 raise DownloadError(
-                    f"not enough disk space in {part.parent}: needs {human_size(need)} more, "
-                    f"{human_size(max(free, 0))} free; free some space or use a bigger volume"
+                    f"not enough disk space in {part.parent}: needs {human_size(need + DISK_MARGIN)} free "
+                    f"({human_size(need)} for {(r.target or part).name} + a {DISK_MARGIN // MiB} MiB safety "
+                    f"margin), {human_size(max(free, 0))} free{others}; free some space or use a bigger volume"
                 )
             self._reserved[str(r.target)] = need
 

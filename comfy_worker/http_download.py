@@ -50,7 +50,10 @@ How the pieces fit:
   download with ``Interrupted`` instead of a retry. Fast downloads keep their 1 MiB reads untouched: a
   read that returns as soon as a few bytes arrive (``readinto1``) measured the same throughput on
   loopback but 2.5x as many blocks to write, hash and count, and would still wait out a silent server.
-  Not covered: the wait for a response's headers (bounded by the connect and read timeouts).
+  The wait for a response's status line and headers is cut the same way (``_cuttable``: the
+  connections of the downloader's sessions register their socket while ``getresponse`` waits), so a
+  server that accepted a request but does not answer holds a stop for no longer than the poll; only
+  the connect itself is bounded by its 10 s timeout.
 - Signed links: a link that the CDN refuses (401/403/410) on another host than the URL asked for is
   renewed by asking that URL again (Hugging Face's resolve URL, CivitAI's download, any redirecting
   site), as often as it helps: the download gives up after ``retries`` renewals in a row without a byte
@@ -85,6 +88,8 @@ from pathlib import Path
 from urllib.parse import urljoin, urlparse
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
 
 from comfy_worker.file_names import content_disposition_name, safe_filename
 from comfy_worker.log_setup import redact_urls
@@ -280,6 +285,44 @@ def _cut_on_stop(resp: requests.Response, stop: threading.Event) -> Iterator[Non
         _CUTTER.remove(key)
 
 
+_WAITING = threading.local()  # ``stop``: the stop event of the request this thread is waiting on
+
+
+def _cuttable(connection_cls):
+    """``connection_cls`` whose wait for a response's status line and headers is cut like a body read:
+    its socket is shut down as soon as the stop event of the request (``_WAITING.stop``) is set. A
+    server that takes its time to answer (or never does) no longer holds a stop for the read timeout."""
+
+    class Cuttable(connection_cls):
+        def getresponse(self, *args, **kwargs):
+            stop = getattr(_WAITING, "stop", None)
+            sock = getattr(self, "sock", None)
+            key = _CUTTER.add(sock, stop) if stop is not None and isinstance(sock, socket.socket) else None
+            try:
+                return super().getresponse(*args, **kwargs)
+            finally:
+                if key is not None:
+                    _CUTTER.remove(key)
+
+    return Cuttable
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _cuttable(urllib3.connection.HTTPConnection)
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _cuttable(urllib3.connection.HTTPSConnection)
+
+
+class _CuttableAdapter(HTTPAdapter):
+    """requests' adapter whose connections' header waits end on a stop (``_cuttable``)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
 def iter_body(resp: requests.Response, buffers=None):
     """The response body as memoryviews of buffers from ``buffers`` (``take()``/``put_back()``; default:
     one reused buffer, so consume each block before the next). Reads with ``readinto`` on the underlying
@@ -392,22 +435,34 @@ class Downloader:
         s = getattr(self._local, "session", None)
         if s is None:
             s = requests.Session()
+            s.mount("http://", _CuttableAdapter())
+            s.mount("https://", _CuttableAdapter())
             s.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
             self._local.session = s
         return s
 
-    def open(self, url: str, method: str = "GET", headers: dict[str, str] | None = None) -> requests.Response:
+    def open(
+        self,
+        url: str,
+        method: str = "GET",
+        headers: dict[str, str] | None = None,
+        stop: threading.Event | None = None,
+    ) -> requests.Response:
         """Send one request, following redirects by hand with per-host headers. Returns a 2xx response
-        (streaming, caller closes). Raises RetryableError / HttpStatusError."""
+        (streaming, caller closes). Raises RetryableError / HttpStatusError. ``stop`` (default: the
+        downloader's) cuts the wait for the answer's headers."""
         for _ in range(10):
             hop_headers = dict(headers or {})
             hop_headers.update(self.headers_for(url))
+            _WAITING.stop = stop or self.stop
             try:
                 resp = self.session().request(
                     method, url, headers=hop_headers, stream=True, allow_redirects=False, timeout=(10, self.timeout)
                 )
             except NETWORK_ERRORS as err:
                 raise RetryableError(f"{urlparse(url).netloc}: {type(err).__name__}: {redact_urls(str(err))}") from None
+            finally:
+                _WAITING.stop = None
             if resp.status_code in REDIRECTS and resp.headers.get("Location"):
                 resp.close()
                 url = urljoin(url, resp.headers["Location"])
@@ -466,9 +521,9 @@ class Downloader:
             if stop.wait(delay):
                 raise Interrupted(f"{what}: interrupted")
 
-    def _probe_once(self, url: str, method: str) -> Probe:
+    def _probe_once(self, url: str, method: str, stop: threading.Event | None = None) -> Probe:
         headers = {"Range": "bytes=0-0"} if method == "GET" else {}
-        resp = self.open(url, method, headers)
+        resp = self.open(url, method, headers, stop)
         try:
             size = None
             cr = resp.headers.get("Content-Range", "")
@@ -495,7 +550,7 @@ class Downloader:
 
     def probe(self, url: str, stop: threading.Event | None = None) -> Probe:
         """Where the bytes are, how many, whether ranges work, and the server's file name."""
-        return self.with_retries(f"probe {urlparse(url).netloc}", lambda: self._probe_once(url, "GET"), stop=stop)
+        return self.with_retries(f"probe {urlparse(url).netloc}", lambda: self._probe_once(url, "GET", stop), stop=stop)
 
     def head(self, url: str) -> Probe:
         """Like ``probe`` but with HEAD (for --dry-run); falls back to the ranged GET when HEAD is refused."""
@@ -645,7 +700,7 @@ class Downloader:
                 headers["Range"] = f"bytes={conn.pos}-"
                 if probe.validator and not probe.validator.startswith("W/"):
                     headers["If-Range"] = probe.validator
-            resp = self.open(probe.url, "GET", headers)
+            resp = self.open(probe.url, "GET", headers, stop)
             with resp, _cut_on_stop(resp, stop), open(part, "r+b") as f:
                 if resp.status_code == 416 and size is not None and conn.pos == size:
                     return
@@ -904,7 +959,7 @@ class _ParallelFetch:
         headers = {"Range": f"bytes={pos}-{end - 1}"}
         if self.probe.validator and not self.probe.validator.startswith("W/"):
             headers["If-Range"] = self.probe.validator
-        resp = self.dl.open(self.probe.url, "GET", headers)
+        resp = self.dl.open(self.probe.url, "GET", headers, self.stop)
         with resp, _cut_on_stop(resp, self.stop):
             if resp.status_code == 200:
                 # e.g. replicas behind a load balancer whose ETags differ, so If-Range fails on some
@@ -933,20 +988,25 @@ class _ParallelFetch:
             raise RetryableError(f"connection closed at byte {pos - start} of chunk {k}")
 
     def _hasher(self, view: memoryview, hashing: _Hashing) -> None:
+        """Hash the part's contiguous prefix as it grows. Ends as soon as the main thread aborts it or a
+        worker failed, also with bytes on disk still to hash (issue 20 #22: it used to go round
+        forever then, and the main thread's join with it, when a stop found it behind the workers)."""
         digest = hashlib.sha256()
         pos = 0
         try:
             while pos < self.size:
                 with self.cond:
                     while True:
+                        if self.error is not None or hashing.abort:
+                            return
                         k = pos // self.chunk
                         avail = k * self.chunk + self.done[k]
-                        if avail > pos or self.error is not None or hashing.abort:
+                        if avail > pos:
                             break
                         self.cond.wait(0.5)
-                    if avail <= pos:
+                while pos < avail:
+                    if hashing.abort:
                         return
-                while pos < avail and not hashing.abort:
                     n = min(HASH_READ, avail - pos)
                     with view[pos : pos + n] as block:
                         digest.update(block)

@@ -364,9 +364,12 @@ def model_paths(settings: Settings, cfg) -> dict[str, str]:
     return out
 
 
-def provision_models(settings, cfg, config_path: Path, stop, summary: Summary, only: list[str] | None = None) -> int:
+def provision_models(
+    settings, cfg, config_path: Path, stop, summary: Summary, only: list[str] | None = None, force: bool = False
+) -> int:
     """download_models.py (which also links Hugging Face files found in a hub cache on the host); the
-    summary counts each entry as kept, fetched, linked from cache or failed, by what lies on the volume."""
+    summary counts each entry as kept, fetched, linked from cache or failed, by what lies on the volume.
+    ``force`` (``--force``): every present file is hashed against its sha256 and replaced when it differs."""
     from comfy_worker.hf_cache import is_linked_from
 
     paths = model_paths(settings, cfg)
@@ -377,6 +380,8 @@ def provision_models(settings, cfg, config_path: Path, stop, summary: Summary, o
         args = ["--config", str(config_path)]
         if only is not None:
             args += ["--only", *todo]
+        if force:
+            args.append("--force")
         rc = run_script(settings, "download_models.py", args, stop)
     after_paths = model_paths(settings, cfg)
     for e in cfg.models:
@@ -575,7 +580,7 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
             summary.comfyui = f"{result.action} {(result.commit or '?')[:12]}, requirements {reqs}"
         _check_stop(stop, "after ComfyUI")
         with Phase(summary, "models"):
-            rc_models = provision_models(settings, cfg, source.path, stop, summary)
+            rc_models = provision_models(settings, cfg, source.path, stop, summary, force=opts.force)
         _check_stop(stop, "after the models")
         with Phase(summary, "nodes"):
             flags = [*(["--force"] if opts.force else []), *(["--update"] if opts.update else [])]

@@ -79,9 +79,18 @@ def test_parallel_chunk_dropped_midway_resumes_that_chunk(origin, blob, tmp_path
 def test_interrupted_parallel_download_resumes_from_the_part_and_its_state(origin, blob, tmp_path):
     path, sha = blob
     size = path.stat().st_size
-    origin.add("/m.bin", file=path, rate=6 * MiB)
-    part = tmp_path / "m.bin.part"
     stop = threading.Event()
+
+    def hold_the_second_half(h, seen, head):
+        # chunks past the middle wait for the stop: however slowly the main thread gets to report
+        # progress on a busy machine, the download cannot end before it is stopped
+        rng = seen.headers.get("range", "")
+        if rng.startswith("bytes=") and int(rng[6:].split("-")[0]) > size // 2:
+            stop.wait(30)
+        return False
+
+    origin.add("/m.bin", file=path, rate=6 * MiB, handler=hold_the_second_half)
+    part = tmp_path / "m.bin.part"
     dl = fast(connections=2, parallel_min_size=MiB, chunk_size=MiB)
 
     def stop_halfway(done, total):
@@ -98,6 +107,40 @@ def test_interrupted_parallel_download_resumes_from_the_part_and_its_state(origi
     result = dl.fetch(f"{origin.url}/m.bin", part)
     assert result.sha256 == sha and result.resumed_from == on_disk
     assert sum(s.sent for s in origin.seen()[first_run:]) <= size - on_disk + 1  # + the 1-byte probe
+
+
+def test_a_stop_while_the_hasher_is_behind_ends_a_parallel_download_at_once(origin, tmp_path):
+    """issue 20 #22: a stop that found the hasher thread behind the workers (bytes on disk not yet
+    hashed) left it going round forever, and the main thread waiting for it: the download never ended.
+    A resumed part makes that moment certain: the hasher starts by re-reading the whole prefix on disk,
+    while a stop already requested ends the workers at once."""
+    path = tmp_path / "src" / "big.bin"
+    sha = random_file(path, 72 * MiB, seed=22)
+    route = origin.add("/big.bin", file=path, rate=32 * MiB)
+    part = tmp_path / "big.bin.part"
+    dl = fast(connections=2, parallel_min_size=MiB, chunk_size=8 * MiB)
+    interrupt(dl, f"{origin.url}/big.bin", part, 48 * MiB)
+    route.rate = None
+    for _ in range(3):  # each one a fresh hasher re-reading 48+ MiB when the stop lands
+        stop = threading.Event()
+        stop.set()
+        outcome = {}
+
+        def run(stop=stop, outcome=outcome):
+            try:
+                dl.fetch(f"{origin.url}/big.bin", part, stop=stop)
+            except DownloadError as err:
+                outcome["error"] = err
+
+        worker = threading.Thread(target=run, daemon=True)
+        started = time.monotonic()
+        worker.start()
+        worker.join(15)
+        assert not worker.is_alive(), "a stopped parallel download never ended"
+        assert time.monotonic() - started < 15
+        assert isinstance(outcome.get("error"), Interrupted)
+    result = dl.fetch(f"{origin.url}/big.bin", part)
+    assert result.sha256 == sha and result.resumed_from >= 48 * MiB
 
 
 def test_server_ignoring_range_restarts_cleanly(origin, blob, tmp_path):
@@ -506,3 +549,46 @@ def test_a_stop_on_silent_parallel_connections_keeps_each_chunk_exact_without_a_
     assert result.sha256 == sha and result.resumed_from == 3 * MiB
     ranges = sorted(s.headers["range"] for s in origin.seen("/m.bin")[before:])
     assert ranges[:3] == ["bytes=0-0", f"bytes={MiB}-{2 * MiB - 1}", f"bytes={3 * MiB}-{4 * MiB - 1}"]
+
+
+@pytest.mark.parametrize("connections", [1, 3], ids=["one-connection", "parallel"])
+def test_a_stop_while_the_server_has_not_answered_yet_ends_the_download_at_once(origin, blob, tmp_path, connections):
+    """issue 20 #22: a stop found a request waiting for the server's status line and headers, a wait
+    that only the read timeout (30 s) ended: the stop has to cut it like a body read."""
+    path, _ = blob
+    release = threading.Event()
+
+    def answer_late(h, seen, head):
+        if seen.headers.get("range") != "bytes=0-0":  # the probe is answered; every body waits
+            release.wait(60)
+        return False
+
+    origin.add("/m.bin", file=path, handler=answer_late)
+    stop = threading.Event()
+    outcome = {}
+
+    def run():
+        try:
+            Downloader(connections=connections, parallel_min_size=MiB, chunk_size=MiB, backoff=0.01).fetch(
+                f"{origin.url}/m.bin", tmp_path / "m.part", stop=stop
+            )
+        except DownloadError as err:
+            outcome["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(origin.seen("/m.bin")) < 1 + connections:
+            time.sleep(0.02)
+        assert len(origin.seen("/m.bin")) == 1 + connections  # the probe, and each connection's request
+        time.sleep(0.2)  # each one waits for its answer
+        stopped = time.monotonic()
+        stop.set()
+        worker.join(3)
+        assert not worker.is_alive(), "a request waiting for the server's answer outlived the stop"
+        assert time.monotonic() - stopped < 3
+        assert isinstance(outcome["error"], Interrupted)
+        assert len(origin.seen("/m.bin")) == 1 + connections  # no retry after the stop
+    finally:
+        release.set()

@@ -669,3 +669,25 @@ def test_apply_config_names_model_files_no_entry_names_and_prune_removes_them(tm
     assert recorded == [UPSCALE_MODEL_NAME]
     again = run_script(env, "apply_config.sh")
     assert "no config entry names it" not in again.stderr
+
+
+def test_apply_config_force_hashes_the_models_and_replaces_a_corrupted_one(tmp_path, origin):
+    """issue 20 #5: a model whose bytes changed on the volume (same size) stayed "present ok" even with
+    `apply_config.sh --force`: the lock-file record vouched for it. --force now reaches download_models.py,
+    which hashes the file against its sha256 and downloads it again."""
+    data = b"m" * 4000
+    sha = hashlib.sha256(data).hexdigest()
+    origin.add("/m.bin", body=data)
+    env = start_env(tmp_path)
+    write_config(env, {"models": [{"url": f"{origin.url}/m.bin", "destination": "checkpoints", "sha256": sha}]})
+    first = run_script(env, "start.sh", "--provision-only")
+    assert first.returncode == 0, first.stdout + first.stderr
+    target = Path(env["VOLUME_ROOT"]) / "ComfyUI" / "models" / "checkpoints" / "m.bin"
+    target.write_bytes(b"x" * 4000)  # same size, other bytes
+    plain = run_script(env, "apply_config.sh")
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    assert target.read_bytes() == b"x" * 4000  # without --force the record is trusted: no hashing
+    forced = run_script(env, "apply_config.sh", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "present but its sha256 differs from the expected one" in forced.stderr
+    assert target.read_bytes() == data

@@ -371,9 +371,14 @@ class FaultyOrigin:
             h.wfile.write(body)
 
 
-def fake_huggingface(hub: FaultyOrigin, cdn: FaultyOrigin, repo: str, files: dict[str, Path], rev: str = "main"):
+def fake_huggingface(
+    hub: FaultyOrigin, cdn: FaultyOrigin, repo: str, files: dict[str, Path], rev: str = "main", xet: bool = False
+):
     """Serve ``files`` (path in repo -> local file) the way huggingface.co does: the resolve URL on ``hub``
-    answers 302 to ``cdn`` (an LFS object) with X-Linked-Size / X-Linked-Etag (the sha256) / X-Repo-Commit."""
+    answers 302 to ``cdn`` (an LFS object) with X-Linked-Size / X-Linked-Etag (the sha256) / X-Repo-Commit.
+    ``xet``: the files are said to be stored with Xet (X-Xet-Hash, X-Xet-Refresh-Route), so the
+    downloader hands them to huggingface_hub's ``hf_hub_download``; with ``HF_HUB_DISABLE_XET=1`` in its
+    environment, that fetches them over plain HTTP from the resolve URL (no Xet storage server here)."""
     commit = hashlib.sha1(repo.encode()).hexdigest()
     for name, local in files.items():
         sha = hashlib.sha256(local.read_bytes()).hexdigest()
@@ -389,6 +394,11 @@ def fake_huggingface(hub: FaultyOrigin, cdn: FaultyOrigin, repo: str, files: dic
                     "X-Linked-Size": str(local.stat().st_size),
                     "X-Linked-Etag": f'"{sha}"',
                     "ETag": f'"{sha}"',
+                    **(
+                        {"X-Xet-Hash": sha, "X-Xet-Refresh-Route": f"/api/models/{repo}/xet-read-token/{commit}"}
+                        if xet
+                        else {}
+                    ),
                 },
             )
     return commit
