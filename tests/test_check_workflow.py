@@ -21,6 +21,7 @@ from support.models import UPSCALE_MODEL_NAME
 from support.node_data import PACKS, NodeDataServer
 
 import check_workflow
+from comfy_worker import workflow_check
 from comfy_worker.config_schema import load_config_text
 from comfy_worker.file_names import url_filename
 
@@ -497,7 +498,7 @@ def test_a_live_comfyui_finds_a_class_that_is_not_installed(comfyui, tmp_path, c
 
 
 def test_a_live_comfyui_tells_which_folder_a_list_input_reads(comfyui):
-    live = check_workflow.LiveComfy.connect(comfyui.host)
+    live = workflow_check.LiveComfy.connect(comfyui.host)
     assert UPSCALE_MODEL_NAME in live.folder_files["upscale_models"]
     assert live.folder_of("UpscaleModelLoader", "model_name") == "upscale_models"
     assert live.folder_of("EmptyImage", "width") is None
