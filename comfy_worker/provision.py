@@ -533,7 +533,6 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
     """Under the volume lock: ComfyUI, models, nodes, then the gate. (exit code, node changes)."""
     from comfy_worker import comfyui_checkout
     from comfy_worker.config_schema import config_digest
-    from comfy_worker.lock_file import update_lock_file
 
     cfg, text = load(settings, source)
     ref = settings.effective_comfyui_ref(cfg.comfyui.ref)
@@ -574,10 +573,10 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
             if result is not None:
                 return result, []
         with Phase(summary, "comfyui"):
-            result = comfyui_checkout.ensure(settings, ref)
+            result, release = provision_comfyui(settings, ref, opts.update)
             reqs = comfyui_checkout.install_requirements(settings)
-            update_lock_file(settings.lock_file, "comfyui", {"ref": result.commit})
-            summary.comfyui = f"{result.action} {(result.commit or '?')[:12]}, requirements {reqs}"
+            shown = f"{(result.commit or '?')[:12]}" + (f" ({release})" if release else "")
+            summary.comfyui = f"{result.action} {shown}, requirements {reqs}"
         _check_stop(stop, "after ComfyUI")
         with Phase(summary, "models"):
             rc_models = provision_models(settings, cfg, source.path, stop, summary, force=opts.force)
@@ -587,6 +586,8 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
             rc_nodes, changed = provision_nodes(settings, source.path, stop, summary, flags)
         _check_stop(stop, "after the nodes")
         rc = max(rc_models, rc_nodes)
+        if result.action == "updated":  # a running ComfyUI must restart to run the new one
+            changed = [f"ComfyUI moved to {shown}", *changed]
         if rc == EXIT_OK:
             if write_gate(settings, digest, build_record(settings, cfg, source)):
                 log.info("gate written (%s)", GATE)
@@ -595,6 +596,23 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
         return rc, changed
     finally:
         lock.release()
+
+
+def provision_comfyui(settings: Settings, ref: str, update: bool):
+    """ComfyUI at ``ref`` (comfyui_checkout.ensure) and its record in comfy.lock.yml; (the checkout
+    result, the release ``latest`` stands for or None). ``latest`` is the release the lock file
+    records, looked up again (and the checkout moved there) only with ``update``; the lock records
+    that tag while the checkout is at it, else the commit, as for any other ref."""
+    from comfy_worker import comfyui_checkout
+    from comfy_worker.lock_file import read_lock_file, update_lock_file
+
+    locked = read_lock_file(settings.lock_file).get("comfyui") if ref == comfyui_checkout.LATEST else None
+    target, release = comfyui_checkout.resolve_ref(settings, ref, locked, update)
+    result = comfyui_checkout.ensure(settings, target, move=release is not None and update)
+    if release is not None and not result.at_ref:
+        release = None  # a kept checkout elsewhere (ensure said so): the lock records where it is
+    update_lock_file(settings.lock_file, "comfyui", {"ref": release or result.commit})
+    return result, release
 
 
 def apply_restart(settings: Settings, opts: Options, changed: list[str], stop: threading.Event) -> int:
