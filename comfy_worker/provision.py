@@ -92,6 +92,7 @@ class Summary:
     models: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
+    config: object = None  # the WorkerConfig when this run parsed it (apply reuses it: parsed once)
 
     def line(self) -> str:
         def counts(d: dict[str, int]) -> str:
@@ -504,6 +505,7 @@ def warm(
     if check_only or not check.comfyui_ok:
         return None
     cfg, _ = load(settings, source)
+    summary.config = cfg
     config_path = source.path
     rc = EXIT_OK
     if check.missing_models:
@@ -535,6 +537,7 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
     from comfy_worker.config_schema import config_digest
 
     cfg, text = load(settings, source)
+    summary.config = cfg
     ref = settings.effective_comfyui_ref(cfg.comfyui.ref)
     digest = config_digest(cfg, ref)
     if opts.dry_run:
@@ -738,20 +741,22 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
         log.error("failed required model(s): %s", ", ".join(summary.failed))
     print(f"{summary.line()} ({time.monotonic() - started:.2f} s)", flush=True)
     if opts.apply:
-        report_unnamed_models(settings, source, opts.prune)
+        report_unnamed_models(settings, source, opts.prune, summary.config)
         rc = max(rc, apply_restart(settings, opts, changed, stop))
     return rc
 
 
-def report_unnamed_models(settings: Settings, source: Source, prune: bool) -> None:
-    """apply_config.sh: the model files a removed entry left (model_prune.py); ``--prune`` removes them."""
+def report_unnamed_models(settings: Settings, source: Source, prune: bool, cfg=None) -> None:
+    """apply_config.sh: the model files a removed entry left (model_prune.py); ``--prune`` removes them.
+    ``cfg``: the config the run parsed; parsed here only when the run did not (a warm start)."""
     from comfy_worker import model_prune
     from comfy_worker.config_schema import ConfigError
 
-    try:
-        cfg, _ = load(settings, source)
-    except (ConfigError, OSError):
-        return  # already reported by the run
+    if cfg is None:
+        try:
+            cfg, _ = load(settings, source)
+        except (ConfigError, OSError):
+            return  # already reported by the run
     model_prune.report_or_prune(settings, cfg, prune)
 
 

@@ -169,6 +169,27 @@ def test_warm_path_imports_nothing_heavy(tmp_path):
     assert "HEAVY []" in out.stdout
 
 
+def test_apply_config_parses_the_config_once(tmp_path):
+    """apply_config.sh names the model files no entry names (model_prune.py) with the config the run
+    parsed: a full run and a warm one each parse it once."""
+    env = start_env(tmp_path)
+    write_config(env, {"models": [], "nodes": []})
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    code = (
+        "import sys; from comfy_worker import config_schema, provision\n"
+        "parse, calls = config_schema.load_config_text, []\n"
+        "config_schema.load_config_text = lambda *a, **k: calls.append(1) or parse(*a, **k)\n"
+        "rc = provision.main(sys.argv[1:])\n"
+        "print('PARSED', len(calls)); sys.exit(rc)\n"
+    )
+    for args in (["--apply", "--force"], ["--apply"]):
+        out = subprocess.run(
+            [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        assert "PARSED 1" in out.stdout, (args, out.stdout)
+
+
 def test_config_yml_variants_and_bak(tmp_path):
     env = start_env(tmp_path)
     volume = Path(env["VOLUME_ROOT"])
