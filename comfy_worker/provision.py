@@ -787,7 +787,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"with --apply: wait at most this long for ComfyUI's jobs before a restart (default {Options.max_wait:g})",
     )
     parser.add_argument(
-        "--update", action="store_true", help="resolve latest, nightly and branch nodes again and move them"
+        "--update",
+        action="store_true",
+        help="resolve latest, nightly and branch nodes (and comfyui.ref latest) again and move them",
     )
     parser.add_argument(
         "--prune", action="store_true", help="with --apply: remove model files no config entry names any more"

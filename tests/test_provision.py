@@ -366,6 +366,9 @@ def test_comfyui_ref_latest_is_the_newest_release_locked_until_apply_config_upda
     assert git(comfy, "rev-parse", "HEAD") == v76 and read_lock_file(lock)["comfyui"] == {"ref": "v0.3.76"}
 
     away.rename(upstream)
+    dry = run_script(env, "apply_config.sh", "--dry-run", "--update")
+    assert dry.returncode == 0 and git(comfy, "rev-parse", "HEAD") == v76, dry.stdout + dry.stderr
+    assert f"ComfyUI to v0.3.77 (latest) (--update); now at {v76[:12]}" in dry.stdout
     updated = run_script(env, "apply_config.sh", "--update")
     assert updated.returncode == 0, updated.stdout + updated.stderr
     assert git(comfy, "rev-parse", "HEAD") == v77 and (comfy / "NEWS.md").read_text() == "ComfyUI v0.3.77\n"
