@@ -5,7 +5,7 @@
 #   apply_config.sh [--dry-run] [--force] [--update] [--prune] [--no-restart | --now] [--max-wait SECONDS]
 #     --dry-run           list what would change (each model, each node old -> new, the restart), change nothing
 #     --force             ignore the gate: check every entry again; nodes are resolved and checked out again
-#     --update            move latest, nightly and branch nodes to what they name upstream now
+#     --update            move latest, nightly and branch nodes, and ComfyUI at ref latest, to what they name now
 #     --prune             remove the model files no config entry names any more (listed on every run)
 #     --no-restart        never restart ComfyUI (say that nodes changed instead; the restart stays due)
 #     --now               restart ComfyUI at once, without waiting for its jobs (the running job fails)

@@ -11,6 +11,10 @@ its requirements installed with torch, torchvision and torchaudio pinned (docs/a
   the provisioning lock, so no live process is writing it.
 - ``output/``, ``input/`` and ``user/`` are never deleted: git checkout leaves untracked and ignored
   files alone, and nothing here removes a file of the checkout.
+- ``latest`` (comfyui.ref or COMFYUI_REF) is the newest release tag of ``COMFYUI_REPO`` (``vX.Y.Z``, no
+  pre-release), looked up once: comfy.lock.yml records the tag (``comfyui: {ref: vX.Y.Z}``), later
+  starts keep it, and only ``apply_config.sh --update`` (provision ``--update``) looks again and
+  moves the checkout to a newer release (resolve_ref). A warm start reads neither the lock nor git.
 - ComfyUI's requirements are installed into the environment of ``$PYTHON`` (uv when found, else pip)
   with a constraints file pinning the installed torch trio. What was installed is recorded inside
   that environment (``<prefix>/comfy-worker-comfyui-requirements.json``: the requirements file's
@@ -24,15 +28,20 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from comfy_worker.log_setup import safe_url
 from comfy_worker.state_files import COMFYUI_REQUIREMENTS_RECORD
 
 log = logging.getLogger(__name__)
+
+LATEST = "latest"  # comfyui.ref: the newest release tag, resolved at provisioning and locked
+RELEASE_TAG_RE = re.compile(r"^v\d+\.\d+\.\d+$")  # ComfyUI's release tags (v0.3.75); nothing else is a release
 
 
 class CheckoutError(Exception):
@@ -43,6 +52,46 @@ class CheckoutError(Exception):
 class CheckoutResult:
     action: str  # "cloned", "updated", "kept"
     commit: str | None
+    at_ref: bool = True  # False: a kept checkout that is not at the ref it was asked for
+
+
+def newest_release(settings) -> str:
+    """The newest release tag (``vX.Y.Z``, no pre-release) of ``settings.comfyui_repo`` (git ls-remote)."""
+    from comfy_worker import git_versions
+
+    try:
+        refs = git_versions.ls_remote(settings.comfyui_repo, settings.github_token)
+    except git_versions.VersionError as err:
+        raise CheckoutError(f"ComfyUI ref 'latest': {err}; check COMFYUI_REPO") from None
+    tag = git_versions.newest_release_tag([t for t in refs.tags if RELEASE_TAG_RE.match(t)])
+    if tag is None:
+        raise CheckoutError(
+            f"ComfyUI ref 'latest': {safe_url(str(settings.comfyui_repo))} has no release tag "
+            "(vX.Y.Z); set comfyui.ref in config.yml (or COMFYUI_REF) to a tag, branch or commit"
+        )
+    return tag
+
+
+def locked_release(section: object) -> str | None:
+    """The release tag comfy.lock.yml's ``comfyui`` section records for ``latest`` (other refs are
+    recorded as a commit, which is no release tag)."""
+    ref = section.get("ref") if isinstance(section, dict) else None
+    return ref if isinstance(ref, str) and RELEASE_TAG_RE.match(ref) else None
+
+
+def resolve_ref(settings, ref: str, locked: object, update: bool) -> tuple[str, str | None]:
+    """The ref to check out, and the release ``latest`` stands for (None for any other ref): the one
+    comfy.lock.yml records (``locked``: its ``comfyui`` section), else, and always with ``update``
+    (apply_config.sh --update), the newest release of COMFYUI_REPO."""
+    if ref != LATEST:
+        return ref, None
+    tag = None if update else locked_release(locked)
+    if tag:
+        log.info("ComfyUI 'latest' is %s, as comfy.lock.yml records (apply_config.sh --update looks again)", tag)
+        return tag, tag
+    tag = newest_release(settings)
+    log.info("ComfyUI 'latest': the newest release of COMFYUI_REPO is %s", tag)
+    return tag, tag
 
 
 def partial_prefix(dest: Path) -> str:
@@ -143,9 +192,10 @@ def update(settings, ref: str) -> str:
         raise CheckoutError(f"ComfyUI update to {ref}: {err}") from None
 
 
-def ensure(settings, ref: str) -> CheckoutResult:
-    """ComfyUI at ``settings.comfyui_path``: cloned when absent, updated on ``COMFYUI_UPDATE=1``.
-    Called under the provisioning lock only (provision.py): it removes clones a killed start left."""
+def ensure(settings, ref: str, move: bool = False) -> CheckoutResult:
+    """ComfyUI at ``settings.comfyui_path``: cloned when absent, moved to ``ref`` on ``COMFYUI_UPDATE=1``
+    or ``move`` (``latest`` under apply_config.sh --update). Called under the provisioning lock only
+    (provision.py): it removes clones a killed start left."""
     from comfy_worker.git_versions import read_head
 
     path = settings.comfyui_path
@@ -153,18 +203,17 @@ def ensure(settings, ref: str) -> CheckoutResult:
     if not is_checkout(path):
         log.info("cloning ComfyUI %s from %s into %s", ref, settings.comfyui_repo, path)
         return CheckoutResult("cloned", clone(settings, ref))
-    if settings.comfyui_update:
+    if settings.comfyui_update or move:
         before = read_head(path)
         commit = update(settings, ref)
         return CheckoutResult("updated" if commit != before else "kept", commit)
     head = read_head(path)
-    _say_when_elsewhere(path, ref, head)
-    return CheckoutResult("kept", head)
+    return CheckoutResult("kept", head, _say_when_elsewhere(path, ref, head))
 
 
-def _say_when_elsewhere(path: Path, ref: str, head: str | None) -> None:
+def _say_when_elsewhere(path: Path, ref: str, head: str | None) -> bool:
     """An existing checkout is never moved without COMFYUI_UPDATE=1; say so when it is not at the ref
-    (as far as the local repo knows the ref: no network here)."""
+    (as far as the local repo knows the ref: no network here). False when it is elsewhere."""
     from comfy_worker import git_versions
 
     try:
@@ -174,7 +223,7 @@ def _say_when_elsewhere(path: Path, ref: str, head: str | None) -> None:
         finally:
             repo.close()
     except Exception:  # noqa: BLE001 - only a hint: the checkout is kept either way
-        return
+        return True
     if wanted is not None and wanted != head:
         log.warning(
             "ComfyUI at %s is at %s, not at %s (%s): it is kept as it is; set COMFYUI_UPDATE=1 to move it",
@@ -183,6 +232,8 @@ def _say_when_elsewhere(path: Path, ref: str, head: str | None) -> None:
             ref,
             wanted[:12],
         )
+        return False
+    return True
 
 
 # ---- ComfyUI's requirements, torch pinned ----

@@ -201,8 +201,9 @@ class ComfyUISection(_Strict):
 
     ref: str | None = Field(
         default=None,
-        description=f"Tag, branch or commit of `COMFYUI_REPO` to install (env `COMFYUI_REF` wins; "
-        f"default `{DEFAULT_COMFYUI_REF}`).",
+        description=f"Tag, branch or commit of `COMFYUI_REPO` to install, or `latest`: the newest release tag "
+        f"(`vX.Y.Z`), resolved once and kept in comfy.lock.yml until `apply_config.sh --update` "
+        f"(env `COMFYUI_REF` wins; default `{DEFAULT_COMFYUI_REF}`).",
     )
 
     @field_validator("ref", mode="before")

@@ -63,18 +63,30 @@ class DryRunError(Exception):
     pass
 
 
-def plan_comfyui(settings: Settings, ref: str, plan: Plan) -> None:
-    from comfy_worker.comfyui_checkout import is_checkout
+def plan_comfyui(settings: Settings, ref: str, plan: Plan, update: bool = False) -> None:
+    """ComfyUI cloned, moved or kept; ``latest`` is shown as the release a run would take (the one
+    comfy.lock.yml records, else, and with ``update``, the newest: git ls-remote)."""
+    from comfy_worker import comfyui_checkout
     from comfy_worker.git_versions import read_head
+    from comfy_worker.lock_file import read_lock_file
     from comfy_worker.log_setup import safe_url
 
     path = settings.comfyui_path
-    if not is_checkout(path):
+    moving = settings.comfyui_update
+    if ref == comfyui_checkout.LATEST:
+        try:
+            locked = read_lock_file(settings.lock_file).get("comfyui")
+            release = comfyui_checkout.resolve_ref(settings, ref, locked, update)[0]
+        except comfyui_checkout.CheckoutError as err:
+            plan.add("cannot resolve", str(err))
+            plan.failed += 1
+            return
+        ref, moving = f"{release} (latest)", moving or update
+    if not comfyui_checkout.is_checkout(path):
         plan.add("would clone", f"ComfyUI {ref} from {safe_url(settings.comfyui_repo)} into {path}")
-    elif settings.comfyui_update:
-        plan.add(
-            "would move (if not at)", f"ComfyUI to {ref} (COMFYUI_UPDATE=1); now at {(read_head(path) or '?')[:12]}"
-        )
+    elif moving:
+        why = "COMFYUI_UPDATE=1" if settings.comfyui_update else "--update"
+        plan.add("would move (if not at)", f"ComfyUI to {ref} ({why}); now at {(read_head(path) or '?')[:12]}")
     else:
         plan.add("keep", f"ComfyUI at {(read_head(path) or '?')[:12]} ({path})")
 
@@ -147,7 +159,7 @@ def show(settings: Settings, cfg, text: str, ref: str, gate_matches: bool, opts,
     when a required entry could not be resolved. The scripts read the config from a temp file: the
     volume's config.yml is not written, not even for a CONFIG_YML."""
     plan = Plan()
-    plan_comfyui(settings, ref, plan)
+    plan_comfyui(settings, ref, plan, getattr(opts, "update", False))
     with tempfile.TemporaryDirectory(prefix="comfy-worker-dry-run-") as tmp:
         config = Path(tmp) / "config.yml"
         config.write_text(text, encoding="utf-8")

@@ -1,10 +1,10 @@
 """comfy.lock.yml (what the volume holds, exactly) and the atomic file write every record uses.
 
 The lock file is YAML with up to three sections, each owned by one writer: ``comfyui`` ({ref: commit},
-start.sh), ``models`` (download_models.py) and ``nodes`` (install_nodes.py). It is shaped like a
-config.yml, so it can be fed back as one to rebuild the same box. A writer replaces only its own
-section, under a file lock (``comfy.lock.yml.lock``), and writes the whole file atomically. The format
-is described in docs/architecture.md.
+or {ref: vX.Y.Z}, the release ``latest`` resolved to; start.sh), ``models`` (download_models.py) and
+``nodes`` (install_nodes.py). It is shaped like a config.yml, so it can be fed back as one to rebuild
+the same box. A writer replaces only its own section, under a file lock (``comfy.lock.yml.lock``), and
+writes the whole file atomically. The format is described in docs/architecture.md.
 """
 
 from __future__ import annotations

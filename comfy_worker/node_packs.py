@@ -91,6 +91,7 @@ class DataCache:
         self.directory, self.offline, self.ttl, self.timeout = directory, offline, ttl, timeout
         self.problems: list[str] = []
         self.sources: dict[str, str] = {}  # what -> "network", "cache", "stale cache"
+        self.unreachable: list[tuple[str, str, str]] = []  # (what, URL shown, reason): not fetched, not cached
 
     def _paths(self, url: str) -> tuple[Path, Path]:
         digest = hashlib.sha256(url.encode()).hexdigest()[:32]
@@ -162,6 +163,7 @@ class DataCache:
             self.sources[what] = "stale cache"
             return cached[0]
         self.problems.append(f"cannot fetch {what} from {safe_url(url)} ({reason}) and it is not cached")
+        self.unreachable.append((what, safe_url(url), reason))
         return None
 
 

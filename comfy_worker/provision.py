@@ -92,6 +92,7 @@ class Summary:
     models: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
+    config: object = None  # the WorkerConfig when this run parsed it (apply reuses it: parsed once)
 
     def line(self) -> str:
         def counts(d: dict[str, int]) -> str:
@@ -504,6 +505,7 @@ def warm(
     if check_only or not check.comfyui_ok:
         return None
     cfg, _ = load(settings, source)
+    summary.config = cfg
     config_path = source.path
     rc = EXIT_OK
     if check.missing_models:
@@ -533,9 +535,9 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
     """Under the volume lock: ComfyUI, models, nodes, then the gate. (exit code, node changes)."""
     from comfy_worker import comfyui_checkout
     from comfy_worker.config_schema import config_digest
-    from comfy_worker.lock_file import update_lock_file
 
     cfg, text = load(settings, source)
+    summary.config = cfg
     ref = settings.effective_comfyui_ref(cfg.comfyui.ref)
     digest = config_digest(cfg, ref)
     if opts.dry_run:
@@ -574,10 +576,10 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
             if result is not None:
                 return result, []
         with Phase(summary, "comfyui"):
-            result = comfyui_checkout.ensure(settings, ref)
+            result, release = provision_comfyui(settings, ref, opts.update)
             reqs = comfyui_checkout.install_requirements(settings)
-            update_lock_file(settings.lock_file, "comfyui", {"ref": result.commit})
-            summary.comfyui = f"{result.action} {(result.commit or '?')[:12]}, requirements {reqs}"
+            shown = f"{(result.commit or '?')[:12]}" + (f" ({release})" if release else "")
+            summary.comfyui = f"{result.action} {shown}, requirements {reqs}"
         _check_stop(stop, "after ComfyUI")
         with Phase(summary, "models"):
             rc_models = provision_models(settings, cfg, source.path, stop, summary, force=opts.force)
@@ -587,6 +589,8 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
             rc_nodes, changed = provision_nodes(settings, source.path, stop, summary, flags)
         _check_stop(stop, "after the nodes")
         rc = max(rc_models, rc_nodes)
+        if result.action == "updated":  # a running ComfyUI must restart to run the new one
+            changed = [f"ComfyUI moved to {shown}", *changed]
         if rc == EXIT_OK:
             if write_gate(settings, digest, build_record(settings, cfg, source)):
                 log.info("gate written (%s)", GATE)
@@ -595,6 +599,23 @@ def cold(settings: Settings, source: Source, opts: Options, stop, summary: Summa
         return rc, changed
     finally:
         lock.release()
+
+
+def provision_comfyui(settings: Settings, ref: str, update: bool):
+    """ComfyUI at ``ref`` (comfyui_checkout.ensure) and its record in comfy.lock.yml; (the checkout
+    result, the release ``latest`` stands for or None). ``latest`` is the release the lock file
+    records, looked up again (and the checkout moved there) only with ``update``; the lock records
+    that tag while the checkout is at it, else the commit, as for any other ref."""
+    from comfy_worker import comfyui_checkout
+    from comfy_worker.lock_file import read_lock_file, update_lock_file
+
+    locked = read_lock_file(settings.lock_file).get("comfyui") if ref == comfyui_checkout.LATEST else None
+    target, release = comfyui_checkout.resolve_ref(settings, ref, locked, update)
+    result = comfyui_checkout.ensure(settings, target, move=release is not None and update)
+    if release is not None and not result.at_ref:
+        release = None  # a kept checkout elsewhere (ensure said so): the lock records where it is
+    update_lock_file(settings.lock_file, "comfyui", {"ref": release or result.commit})
+    return result, release
 
 
 def apply_restart(settings: Settings, opts: Options, changed: list[str], stop: threading.Event) -> int:
@@ -720,20 +741,22 @@ def run(settings: Settings, opts: Options, stop: threading.Event) -> int:
         log.error("failed required model(s): %s", ", ".join(summary.failed))
     print(f"{summary.line()} ({time.monotonic() - started:.2f} s)", flush=True)
     if opts.apply:
-        report_unnamed_models(settings, source, opts.prune)
+        report_unnamed_models(settings, source, opts.prune, summary.config)
         rc = max(rc, apply_restart(settings, opts, changed, stop))
     return rc
 
 
-def report_unnamed_models(settings: Settings, source: Source, prune: bool) -> None:
-    """apply_config.sh: the model files a removed entry left (model_prune.py); ``--prune`` removes them."""
+def report_unnamed_models(settings: Settings, source: Source, prune: bool, cfg=None) -> None:
+    """apply_config.sh: the model files a removed entry left (model_prune.py); ``--prune`` removes them.
+    ``cfg``: the config the run parsed; parsed here only when the run did not (a warm start)."""
     from comfy_worker import model_prune
     from comfy_worker.config_schema import ConfigError
 
-    try:
-        cfg, _ = load(settings, source)
-    except (ConfigError, OSError):
-        return  # already reported by the run
+    if cfg is None:
+        try:
+            cfg, _ = load(settings, source)
+        except (ConfigError, OSError):
+            return  # already reported by the run
     model_prune.report_or_prune(settings, cfg, prune)
 
 
@@ -764,7 +787,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"with --apply: wait at most this long for ComfyUI's jobs before a restart (default {Options.max_wait:g})",
     )
     parser.add_argument(
-        "--update", action="store_true", help="resolve latest, nightly and branch nodes again and move them"
+        "--update",
+        action="store_true",
+        help="resolve latest, nightly and branch nodes (and comfyui.ref latest) again and move them",
     )
     parser.add_argument(
         "--prune", action="store_true", help="with --apply: remove model files no config entry names any more"

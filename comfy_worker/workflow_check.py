@@ -740,6 +740,7 @@ def judge_node(
 
 
 MODEL_PROBLEMS = {"missing", "wrong_folder", "backslash"}
+URL_WANTED = {"missing", "wrong_folder", "folder_unknown"}  # a file the config lacks: its URL is looked up
 NODE_PROBLEMS = {"missing", "unknown", "not_installed", "not_in_config", "needs_newer_comfyui"}
 
 
@@ -754,9 +755,11 @@ class Suggestion:
     nodes: list[tuple[dict, list[str]]] = field(default_factory=list)
     unresolved_models: list[str] = field(default_factory=list)
     unresolved_nodes: list[str] = field(default_factory=list)
+    comfyui: tuple[dict, list[str]] | None = None  # ({"ref": "v0.3.76"}, why) when a newer ComfyUI is needed
 
     def as_dict(self) -> dict:
         return {
+            "comfyui": self.comfyui[0] if self.comfyui else None,
             "models": [e for e, _ in self.models],
             "nodes": [e for e, _ in self.nodes],
             "unresolved": self.unresolved_models + self.unresolved_nodes,
@@ -837,7 +840,60 @@ def suggest(refs: list[ModelRef], uses: list[NodeUse], files: list[ConfigFile], 
             )
         out.models.append((entry, notes))
     _suggest_nodes(uses, cfg, out)
+    out.comfyui = suggest_comfyui(uses, cfg)
     return out
+
+
+_RELEASE_RE = re.compile(r"^v?\d+\.\d+\.\d+$")
+
+
+def saved_comfyui_version(uses: list[NodeUse]) -> str | None:
+    """The ComfyUI version a UI-format workflow was saved with: the newest ``ver`` of its ``comfy-core``
+    nodes (``properties: {"cnr_id": "comfy-core", "ver": "0.3.66"}``); None when none names one."""
+    from comfy_worker.git_versions import release_version
+
+    found = [(v, u.ver) for u in uses if u.cnr_id == "comfy-core" and u.ver and (v := release_version(u.ver))]
+    return max(found)[1] if found else None
+
+
+def _newer_than(saved: str | None, ref: str) -> bool:
+    """Is the saved version newer than a release ref (False when either is not a version: a branch,
+    a commit, ``latest``)?"""
+    from comfy_worker.git_versions import release_version
+
+    have, want = release_version(ref), release_version(saved) if saved else None
+    return have is not None and want is not None and want > have
+
+
+def suggest_comfyui(uses: list[NodeUse], cfg: WorkerConfig) -> tuple[dict, list[str]] | None:
+    """``comfyui: {ref: vX.Y.Z}`` (the version the workflow was saved with, at least) when core classes
+    are missing from the configured ComfyUI (``needs_newer_comfyui``) or the workflow was saved with a
+    newer release than ``comfyui.ref``; ``latest`` when the workflow names no version that would do.
+    The notes say why."""
+    configured = cfg.comfyui_ref()
+    saved = saved_comfyui_version(uses)
+    newer = sorted({u.class_type for u in uses if u.status == "needs_newer_comfyui"})
+    saved_newer = _newer_than(saved, configured)
+    if not newer and not saved_newer:
+        return None
+    notes = []
+    if newer:
+        shown = ", ".join(newer[:6]) + (f" and {len(newer) - 6} more" if len(newer) > 6 else "")
+        notes.append(f"core class(es) that ComfyUI {configured} (comfyui.ref) does not have: {shown}")
+    if saved:
+        notes.append(
+            f"the workflow was saved with ComfyUI {saved}" + (f", newer than {configured}" if saved_newer else "")
+        )
+    if saved_newer and _RELEASE_RE.match(saved):
+        ref = saved if saved.startswith("v") else f"v{saved}"
+        notes.append(f"{ref} or any newer release; 'latest' takes the newest at provisioning")
+    else:
+        ref = "latest"
+        notes.append(
+            "the workflow names no newer release: 'latest' takes the newest at provisioning "
+            "(recorded in comfy.lock.yml, moved by apply_config.sh --update)"
+        )
+    return {"ref": ref}, notes
 
 
 def _suggest_nodes(uses: list[NodeUse], cfg: WorkerConfig, out: Suggestion) -> None:
@@ -886,11 +942,12 @@ def _yaml_entry(entry: dict, notes: list[str]) -> list[str]:
 
 
 def suggestion_yaml(s: Suggestion, workflows: list[str]) -> str:
-    lines = [
-        _comment(f"check_workflow.py --suggest for {', '.join(Path(w).name for w in workflows)}"),
-        "# Add these entries to the models: and nodes: lists of config.yml.",
-        "models:",
-    ]
+    lines = [_comment(f"check_workflow.py --suggest for {', '.join(Path(w).name for w in workflows)}")]
+    if s.comfyui:
+        entry, notes = s.comfyui
+        lines += ["# Set comfyui.ref in config.yml:", "comfyui:", *(f"  {_comment(n)}" for n in notes)]
+        lines.append(f"  ref: {entry['ref']}")
+    lines += ["# Add these entries to the models: and nodes: lists of config.yml.", "models:"]
     for entry, notes in s.models:
         lines += _yaml_entry(entry, notes)
     lines += [f"  {_comment('not suggested: ' + u)}" for u in s.unresolved_models]
@@ -907,24 +964,28 @@ class Checked:
     workflow: Workflow
     models: list[ModelRef]
     nodes: list[NodeUse]
+    comfyui_version: str | None = None  # the ComfyUI it was saved with (saved_comfyui_version)
 
 
-def resolve_model(ref: ModelRef, packs: Packs | None) -> None:
+def resolve_model(ref: ModelRef, packs: Packs | None, want_url: bool = True) -> None:
     """The folder of a custom loader's file (model-list.json's save_path, else the popular packs'
-    loader table) and, for a file the workflow does not embed, model-list.json's URL."""
+    loader table) and, for a file the workflow does not embed, model-list.json's URL (not with
+    ``want_url=False``: check() asks for it only for a file the config does not provide, so a
+    workflow whose models the config has never fetches the model list)."""
     if ref.folder is not None:
         ref.folder_source = ref.folder_source or "loader"
     if ref.folder is None and ref.directory:  # the workflow's properties.models says where
         ref.folder, ref.folder_source = model_folders.canonical(ref.directory), "directory"
     unplaced = ref.folder is None
-    entry = packs.get().model(ref.name) if packs is not None and (unplaced or not ref.url) else None
+    wanted = unplaced or (want_url and not ref.url)
+    entry = packs.get().model(ref.name) if packs is not None and wanted else None
     if unplaced:
         table = model_folders.PACK_LOADERS.get(ref.class_type)
         if entry and (folder := model_folders.model_list_folder(entry)):
             ref.folder, ref.folder_source = folder, "model-list"
         elif table and ref.input in table.files:
             ref.folder, ref.folder_source = table.files[ref.input], "pack-loader"
-    if not ref.url and entry and isinstance(entry.get("url"), str):
+    if want_url and not ref.url and entry and isinstance(entry.get("url"), str):
         ref.url, ref.url_source = entry["url"], "model-list"
 
 
@@ -944,17 +1005,19 @@ def check(
         for use in nodes:
             resolve_pack(use, cfg, live, packs, classes)
         for ref in models:
-            resolve_model(ref, packs)
+            resolve_model(ref, packs, want_url=False)
             if ref.inactive and not include_inactive:
                 ref.status, ref.detail = "skipped", f"the node is {ref.inactive}"
             else:
                 judge_model(ref, files, source)
+            if not ref.url and ref.status in URL_WANTED:
+                resolve_model(ref, packs)  # a file to add: model-list.json's URL, for the suggestion
         for use in nodes:
             if use.inactive and not include_inactive:
                 use.status, use.detail = "skipped", f"the node is {use.inactive}"
             else:
                 judge_node(use, cfg, source, live, packs)
-        out.append(Checked(wf, models, nodes))
+        out.append(Checked(wf, models, nodes, saved_comfyui_version(nodes)))
     return out
 
 
@@ -975,12 +1038,27 @@ def problem_lines(checked: list[Checked]) -> list[str]:
 
 
 def human_report(
-    checked: list[Checked], errors: list[str], source: str, problems: list[str], lookups: list[str] = ()
+    checked: list[Checked],
+    errors: list[str],
+    source: str,
+    problems: list[str],
+    lookups: list[str] = (),
+    comfyui_ref: str | None = None,
 ) -> str:
     out = [f"config: {source}"]
     for c in checked:
         custom = [u for u in c.nodes if u.status != "core" and not _core_class(u)]
         out.append(f"{c.workflow.path} ({c.workflow.kind}): {len(c.models)} model file(s), {len(c.nodes)} node(s)")
+        if c.comfyui_version:
+            newer = comfyui_ref is not None and _newer_than(c.comfyui_version, comfyui_ref)
+            out.append(
+                f"  saved with ComfyUI {c.comfyui_version}"
+                + (
+                    f", newer than {comfyui_ref} (comfyui.ref): --suggest proposes a newer comfyui.ref"
+                    if newer
+                    else (f"; comfyui.ref is {comfyui_ref}" if comfyui_ref else "")
+                )
+            )
         for ref in c.models:
             where = f"{ref.folder or ref.directory or '?'}/{ref.name}"
             out.append(f"  {ref.status:<13} {where}  [{_ref_label(ref)}]")
@@ -1005,8 +1083,21 @@ def human_report(
 
 
 def _lookup_notes(packs: Packs) -> list[str]:
-    """What could not be looked up (the node map, the model list, a registry pack), one line each."""
-    return list(dict.fromkeys(packs.cache.problems)) if packs.loaded else []
+    """What could not be looked up: everything that could not be fetched and is not cached in one
+    line (naming each and the way out), then each other problem (``--offline`` and not cached)."""
+    if not packs.loaded:
+        return []
+    cache = packs.cache
+    shown = {f"cannot fetch {w} from {u} ({r}) and it is not cached" for w, u, r in cache.unreachable}
+    notes = []
+    if cache.unreachable:
+        reached = "; ".join(dict.fromkeys(f"{w} at {u} ({r})" for w, u, r in cache.unreachable))
+        notes.append(
+            f"could not reach {reached}, and none of it is cached ({cache.directory}): node packs and model "
+            "URLs are unknown; run once with network access, after which --offline uses the cache"
+        )
+    notes += [p for p in dict.fromkeys(cache.problems) if p not in shown]
+    return notes
 
 
 def _core_class(use: NodeUse) -> bool:
@@ -1087,10 +1178,15 @@ def main(argv: list[str] | None = None) -> int:
             "errors": errors,
             "problems": problems,
             "node_packs": {"looked_up": packs.loaded, "sources": packs.cache.sources, "problems": lookups},
+            "comfyui": {
+                "ref": cfg.comfyui_ref(),
+                "saved_with": saved_comfyui_version([u for c in checked for u in c.nodes]),
+            },
             "workflows": [
                 {
                     "path": c.workflow.path,
                     "format": c.workflow.kind,
+                    "comfyui_version": c.comfyui_version,
                     "models": [_asdict(r) for r in c.models],
                     "nodes": [_asdict(u) for u in c.nodes],
                 }
@@ -1102,7 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
             report["suggestion_yaml"] = suggested
         print(json.dumps(report, indent=2))
         return code
-    report_text = human_report(checked, errors, source, problems, lookups)
+    report_text = human_report(checked, errors, source, problems, lookups, cfg.comfyui_ref())
     if args.suggest:
         print(report_text, file=sys.stderr)
         sys.stdout.write(suggested)

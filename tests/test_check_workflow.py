@@ -977,3 +977,122 @@ def test_old_style_group_nodes_are_expanded_like_subgraphs(tmp_path, capsys):
     assert (nodes["FaceDetailer"]["node_id"], nodes["FaceDetailer"]["repo"]) == ("1:1", IMPACT)
     sam = next(m for m in report["models"] if m["class_type"] == "SAMLoader")
     assert (sam["name"], sam["folder"], sam["status"]) == ("sam_vit_b_01ec64.pth", "sams", "missing")
+
+
+# --- workflows newer than the configured ComfyUI (issue 22 #8) -------------------------------------
+def template(name: str) -> dict:
+    return json.loads(next(p for p in TEMPLATES if p.name == name).read_text())
+
+
+def saved_with(ui: dict, ver: str, new_class: str | None = None) -> dict:
+    """``ui`` as a newer ComfyUI saves it: every comfy-core node's ``ver`` set, and (``new_class``) one
+    more core node of a class ComfyUI v0.3.75 does not have."""
+    ui = json.loads(json.dumps(ui))
+    for node in ui["nodes"]:
+        if (node.get("properties") or {}).get("cnr_id") == "comfy-core":
+            node["properties"]["ver"] = ver
+    if new_class:
+        props = {"cnr_id": "comfy-core", "ver": ver, "Node name for S&R": new_class}
+        ui["nodes"].append({"id": 999, "type": new_class, "mode": 0, "properties": props, "widgets_values": []})
+    return ui
+
+
+def default_config(tmp_path: Path, **comfyui) -> Path:
+    """A config that provides default.json's one checkpoint (its embedded URL)."""
+    (url, directory, name) = next(iter(embedded_models(template("default.json"))))
+    path = write_config(tmp_path, [{"url": url, "destination": directory, "filename": name}])
+    if comfyui:
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "comfyui": comfyui}))
+    return path
+
+
+def test_the_comfyui_version_a_workflow_was_saved_with_is_named(tmp_path, capsys):
+    """ComfyUI's default template was saved with 0.3.65 (its comfy-core nodes' ver): named in the text
+    report and --json; older than the configured v0.3.75, so nothing about ComfyUI is suggested."""
+    path = next(p for p in TEMPLATES if p.name == "default.json")
+    config = default_config(tmp_path)
+    code, out, _ = run([path, "--config", config], capsys)
+    assert code == 0, out
+    assert "  saved with ComfyUI 0.3.65; comfyui.ref is v0.3.75" in out.splitlines()
+    code, out, _ = run([path, "--config", config, "--json", "--suggest"], capsys)
+    report = json.loads(out)
+    assert report["workflows"][0]["comfyui_version"] == "0.3.65"
+    assert report["comfyui"] == {"ref": "v0.3.75", "saved_with": "0.3.65"}
+    assert report["suggestion"]["comfyui"] is None and "comfyui:" not in report["suggestion_yaml"]
+
+
+def test_core_classes_newer_than_the_configured_comfyui_suggest_the_version_it_was_saved_with(tmp_path, capsys):
+    path = tmp_path / "newer.json"
+    path.write_text(json.dumps(saved_with(template("default.json"), "0.3.81", "TextEncodeZImageOmni")))
+    code, out, err = run([path, "--config", default_config(tmp_path), "--suggest"], capsys)
+    assert code == 1
+    assert (
+        "  saved with ComfyUI 0.3.81, newer than v0.3.75 (comfyui.ref): --suggest proposes a newer comfyui.ref"
+        in err.splitlines()
+    )
+    assert "node 999 (TextEncodeZImageOmni): a core class of ComfyUI 0.3.81 that ComfyUI v0.3.75" in err
+    suggested = load_config_text(out, "suggestion")  # what the config loader accepts
+    assert suggested.comfyui.ref == "v0.3.81" and not suggested.models and not suggested.nodes
+    comfyui_part = out.split("comfyui:\n", 1)[1].split("# Add these entries", 1)[0]
+    assert comfyui_part == (
+        "  # core class(es) that ComfyUI v0.3.75 (comfyui.ref) does not have: TextEncodeZImageOmni\n"
+        "  # the workflow was saved with ComfyUI 0.3.81, newer than v0.3.75\n"
+        "  # v0.3.81 or any newer release; 'latest' takes the newest at provisioning\n"
+        "  ref: v0.3.81\n"
+    )
+    code, out, _ = run([path, "--config", default_config(tmp_path), "--json"], capsys)
+    assert json.loads(out)["suggestion"]["comfyui"] == {"ref": "v0.3.81"}
+
+
+def test_a_saved_version_newer_than_an_older_configured_ref_is_suggested_without_failing(tmp_path, capsys):
+    path = next(p for p in TEMPLATES if p.name == "default.json")
+    config = default_config(tmp_path, ref="v0.3.60")
+    code, out, err = run([path, "--config", config, "--suggest"], capsys)
+    assert code == 0, err  # every class and model is there: a hint, not a problem
+    assert "saved with ComfyUI 0.3.65, newer than v0.3.60 (comfyui.ref)" in err
+    assert load_config_text(out, "suggestion").comfyui.ref == "v0.3.65"
+    assert "  # the workflow was saved with ComfyUI 0.3.65, newer than v0.3.60\n" in out
+
+
+def test_newer_core_classes_without_a_saved_version_suggest_latest(tmp_path, capsys):
+    """An API-format workflow names no version: comfyui.ref latest (the newest release) is proposed."""
+    ui = saved_with(template("default.json"), "0.3.81", "TextEncodeZImageOmni")
+    ui["nodes"] = [{**n, "properties": {k: v for k, v in n["properties"].items() if k != "ver"}} for n in ui["nodes"]]
+    path = tmp_path / "newer.json"
+    path.write_text(json.dumps(ui))
+    code, out, err = run([path, "--config", default_config(tmp_path), "--suggest"], capsys)
+    assert code == 1 and "saved with ComfyUI" not in err
+    assert load_config_text(out, "suggestion").comfyui.ref == "latest"
+    assert "# the workflow names no newer release: 'latest' takes the newest at provisioning" in out
+
+
+# --- looked up only when needed; an unreachable network said once -----------------------------------
+def test_a_core_workflow_whose_models_the_config_provides_asks_no_node_data(tmp_path, capsys, node_data):
+    node_data.requests.clear()
+    ui = next(p for p in TEMPLATES if p.name == "default.json")
+    sdxl = [{"url": f"{HF}/sd_xl_turbo_1.0_fp16.safetensors", "destination": "checkpoints"}]
+    assert run([ui, "--config", default_config(tmp_path)], capsys)[0] == 0  # UI format, the URL embedded
+    assert (
+        run([DATA / "workflow_sdxl_turbo.json", "--config", write_config(tmp_path, sdxl, name="s.yml")], capsys)[0] == 0
+    )
+    assert node_data.requests == []
+    # a model the config lacks and the workflow does not embed: now the model list is asked for its URL
+    code, out, _ = run([DATA / "workflow_sdxl_turbo.json", "--config", write_config(tmp_path), "--json"], capsys)
+    assert code == 1 and "/model-list.json" in [p for p, _ in node_data.requests]
+
+
+def test_no_network_and_no_cache_is_said_once_with_the_way_out(tmp_path, capsys, node_data):
+    node_data.down = True
+    path = tmp_path / "api.json"
+    api = {"1": {"class_type": "WorkerFilmGrain", "inputs": {"strength": 0.1}}}
+    api["2"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_turbo_1.0_fp16.safetensors"}}
+    path.write_text(json.dumps(api))
+    code, out, _ = run([path, "--config", write_config(tmp_path)], capsys)
+    assert code == 1
+    notes = [line for line in out.splitlines() if line.startswith("not looked up:")]
+    assert len(notes) == 1, out
+    assert (
+        f"could not reach the node map (extension-node-map.json) at {node_data.url}/extension-node-map.json" in notes[0]
+    )
+    assert f"the model list (model-list.json) at {node_data.url}/model-list.json (HTTP 503)" in notes[0]
+    assert "run once with network access, after which --offline uses the cache" in notes[0]

@@ -85,3 +85,25 @@ def test_a_leftover_partial_is_removed_also_when_comfyui_is_already_there(tmp_pa
     result = comfyui_checkout.ensure(settings_for(volume, str(require_upstream())), REF)
     assert result.action == "kept"
     assert not dead.exists()
+
+
+def test_latest_is_the_newest_release_tag_unless_the_lock_file_records_one(tmp_path):
+    """`latest`: the highest vX.Y.Z tag by version (v0.3.10 > v0.3.9); pre-releases and other tags never
+    count; a release comfy.lock.yml records is kept (no remote asked) unless update; other refs pass."""
+    from support.gitrepos import git
+
+    repo = tmp_path / "upstream"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    for tag in ("v0.3.9", "v0.3.10", "v0.4.0-rc1", "v0.4.0.dev1", "v1", "latest-build", "0.5.0"):
+        git(repo, "commit", "-q", "--allow-empty", "-m", tag)
+        git(repo, "tag", tag)
+    settings = settings_for(tmp_path / "volume", str(repo))
+    assert comfyui_checkout.newest_release(settings) == "v0.3.10"
+    assert comfyui_checkout.resolve_ref(settings, "latest", None, update=False) == ("v0.3.10", "v0.3.10")
+    gone = settings_for(tmp_path / "volume", str(tmp_path / "no-such-repo"))
+    assert comfyui_checkout.resolve_ref(gone, "latest", {"ref": "v0.3.9"}, update=False) == ("v0.3.9", "v0.3.9")
+    assert comfyui_checkout.resolve_ref(settings, "latest", {"ref": "v0.3.9"}, update=True)[1] == "v0.3.10"
+    commit = {"ref": "0123456789abcdef0123456789abcdef01234567"}  # a fixed ref's record: not a release
+    assert comfyui_checkout.resolve_ref(settings, "latest", commit, update=False)[1] == "v0.3.10"
+    assert comfyui_checkout.resolve_ref(gone, "v0.3.75", {"ref": "v0.3.9"}, update=True) == ("v0.3.75", None)

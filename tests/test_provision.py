@@ -169,6 +169,27 @@ def test_warm_path_imports_nothing_heavy(tmp_path):
     assert "HEAVY []" in out.stdout
 
 
+def test_apply_config_parses_the_config_once(tmp_path):
+    """apply_config.sh names the model files no entry names (model_prune.py) with the config the run
+    parsed: a full run and a warm one each parse it once."""
+    env = start_env(tmp_path)
+    write_config(env, {"models": [], "nodes": []})
+    assert run_script(env, "start.sh", "--provision-only").returncode == 0
+    code = (
+        "import sys; from comfy_worker import config_schema, provision\n"
+        "parse, calls = config_schema.load_config_text, []\n"
+        "config_schema.load_config_text = lambda *a, **k: calls.append(1) or parse(*a, **k)\n"
+        "rc = provision.main(sys.argv[1:])\n"
+        "print('PARSED', len(calls)); sys.exit(rc)\n"
+    )
+    for args in (["--apply", "--force"], ["--apply"]):
+        out = subprocess.run(
+            [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        assert "PARSED 1" in out.stdout, (args, out.stdout)
+
+
 def test_config_yml_variants_and_bak(tmp_path):
     env = start_env(tmp_path)
     volume = Path(env["VOLUME_ROOT"])
@@ -303,6 +324,83 @@ def test_comfyui_update_moves_an_existing_checkout_to_another_ref(tmp_path):
     assert all((comfy / rel).read_bytes() == data for rel, data in mine.items())
     assert "my local edit" not in (comfy / "README.md").read_text()
     assert "my local edit" in git(comfy, "stash", "show", "-p")
+
+
+def test_comfyui_ref_latest_is_the_newest_release_locked_until_apply_config_update(tmp_path):
+    """issue 22 #8: `comfyui.ref: latest` is the newest vX.Y.Z tag of COMFYUI_REPO at the first
+    provisioning, recorded in comfy.lock.yml; later starts keep it (without asking the remote) when a
+    newer release appears; apply_config.sh --update moves to it. Pre-release and other tags never count."""
+    from support.comfy_process import clone_comfyui
+    from support.gitrepos import git
+
+    upstream = clone_comfyui(tmp_path / "upstream")  # this test's own copy: the shared repo is not touched
+
+    def release(tag: str) -> str:
+        (upstream / "NEWS.md").write_text(f"ComfyUI {tag}\n")
+        git(upstream, "add", "NEWS.md")
+        git(upstream, "commit", "-q", "-m", tag)
+        git(upstream, "tag", tag)
+        return git(upstream, "rev-parse", "HEAD")
+
+    v76 = release("v0.3.76")
+    env = start_env(tmp_path, COMFYUI_REPO=str(upstream))
+    write_config(env, {"comfyui": {"ref": "latest"}, "models": [], "nodes": []})
+    volume = Path(env["VOLUME_ROOT"])
+    comfy, lock = volume / "ComfyUI", volume / "comfy.lock.yml"
+    first = run_script(env, "start.sh", "--provision-only")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert git(comfy, "rev-parse", "HEAD") == v76
+    assert read_lock_file(lock)["comfyui"] == {"ref": "v0.3.76"}
+    assert f"ComfyUI cloned {v76[:12]} (v0.3.76)" in first.stdout
+
+    v77 = release("v0.3.77")
+    release("v0.4.0-rc1")  # a pre-release above it
+    git(upstream, "tag", "nightly-2026")
+    warm = run_script(env, "start.sh", "--provision-only")
+    assert warm.returncode == 0 and "gate matches" in warm.stderr, warm.stdout + warm.stderr
+    away = tmp_path / "away"
+    upstream.rename(away)  # a full run without --update asks no remote: the lock file says v0.3.76
+    forced = run_script(env, "apply_config.sh", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "ComfyUI 'latest' is v0.3.76, as comfy.lock.yml records" in forced.stderr
+    assert git(comfy, "rev-parse", "HEAD") == v76 and read_lock_file(lock)["comfyui"] == {"ref": "v0.3.76"}
+
+    away.rename(upstream)
+    dry = run_script(env, "apply_config.sh", "--dry-run", "--update")
+    assert dry.returncode == 0 and git(comfy, "rev-parse", "HEAD") == v76, dry.stdout + dry.stderr
+    assert f"ComfyUI to v0.3.77 (latest) (--update); now at {v76[:12]}" in dry.stdout
+    updated = run_script(env, "apply_config.sh", "--update")
+    assert updated.returncode == 0, updated.stdout + updated.stderr
+    assert git(comfy, "rev-parse", "HEAD") == v77 and (comfy / "NEWS.md").read_text() == "ComfyUI v0.3.77\n"
+    assert read_lock_file(lock)["comfyui"] == {"ref": "v0.3.77"}
+    assert f"ComfyUI updated {v77[:12]} (v0.3.77)" in updated.stdout
+    assert "ComfyUI moved to" in updated.stderr  # a running ComfyUI is restarted for it
+
+    # COMFYUI_REF=latest is the same field: a fresh volume takes the newest release
+    (tmp_path / "second").mkdir()
+    env2 = start_env(tmp_path / "second", COMFYUI_REPO=str(upstream), COMFYUI_REF="latest")
+    write_config(env2, {"models": [], "nodes": []})
+    second = run_script(env2, "start.sh", "--provision-only")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert read_lock_file(Path(env2["VOLUME_ROOT"]) / "comfy.lock.yml")["comfyui"] == {"ref": "v0.3.77"}
+
+
+def test_comfyui_ref_latest_without_a_release_tag_is_a_clear_error(tmp_path):
+    from support.gitrepos import git
+
+    upstream = tmp_path / "upstream"
+    upstream.mkdir()
+    git(upstream, "init", "-q")
+    (upstream / "main.py").write_text("")
+    git(upstream, "add", "main.py")
+    git(upstream, "commit", "-q", "-m", "no release yet")
+    git(upstream, "tag", "v1.0.0-beta")
+    env = start_env(tmp_path, COMFYUI_REPO=str(upstream), COMFYUI_REF="latest")
+    write_config(env, {"models": [], "nodes": []})
+    out = run_script(env, "start.sh", "--provision-only")
+    assert out.returncode == 1
+    assert f"ComfyUI ref 'latest': {upstream} has no release tag (vX.Y.Z); set comfyui.ref" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_comfyui_path_that_is_not_a_checkout_is_a_clear_error_and_nothing_is_deleted(tmp_path):
