@@ -424,6 +424,14 @@ def dry_run(want: Desired, api_url: str) -> None:
 
 
 # --- --smoke --------------------------------------------------------------------------------------
+def _kind(item) -> str:
+    """``base64 png`` for ``{"type": "base64", "filename": "x.png"}``; the type name of anything else."""
+    if not isinstance(item, dict):
+        return type(item).__name__
+    ext = str(item.get("filename") or "").rpartition(".")[2] if "." in str(item.get("filename") or "") else ""
+    return " ".join(p for p in (str(item.get("type") or ""), ext.lower()) if p) or "object"
+
+
 def result_shape(output) -> str:
     """What a job's output holds, without its data: ``images: 1 (base64 png)``."""
     if not isinstance(output, dict):
@@ -431,16 +439,7 @@ def result_shape(output) -> str:
     parts = []
     for key, value in output.items():
         if isinstance(value, list):
-            kinds = sorted(
-                {
-                    " ".join(str(v.get(k)) for k in ("type", "filename") if v.get(k)).rsplit(".", 1)[-1]
-                    if isinstance(v, dict) and v.get("filename")
-                    else str(v.get("type", "?"))
-                    if isinstance(v, dict)
-                    else type(v).__name__
-                    for v in value
-                }
-            )
+            kinds = sorted({_kind(v) for v in value})
             parts.append(f"{key}: {len(value)}" + (f" ({', '.join(kinds)})" if kinds else ""))
         elif isinstance(value, dict):
             parts.append(f"{key}: {{{', '.join(sorted(value))}}}")
