@@ -153,7 +153,7 @@ class RunPodRestFake:
         endpoint = {
             "id": eid, "args": "", "disk": 20, "ports": [], "env": {}, "registry": None, "dataCenterIds": [],
             "networkVolumes": [], "timeout": 300000, "flashboot": "OFF", "createdAt": CREATED_AT,
-            **fields, "gpu": gpu, "workers": {"min": 0, "max": 3, "idleTimeout": 5, **(fields.get("workers") or {})},
+            **fields, "gpu": gpu, "workers": {"min": 0, "max": 3, "idleTimeout": 10, **(fields.get("workers") or {})},
             "requestUrls": self._urls(eid),
         }  # fmt: skip
         self.endpoints[eid] = endpoint
