@@ -474,6 +474,7 @@ def worker_ready() -> None:
             f"ComfyUI does not answer at {url} ({cause}): it died or never started (its log: "
             f"{settings.comfy_log_file}); this worker takes no jobs"
         ) from None
+    log.info("Fitness check: the provisioning gate is on the volume and ComfyUI answers")
 
 
 def main() -> None:

@@ -493,13 +493,16 @@ def workflow_config(workflows: list[str], config: Path, settings: Settings) -> P
 
 
 # --- the command ----------------------------------------------------------------------------------
-def validated_config(path: Path, settings: Settings) -> None:
+def validated_config(path: Path, settings: Settings, say_ok: bool) -> None:
+    """The config loaded as ``--validate-only`` loads it (its messages on stderr when it is invalid);
+    ``say_ok`` prints its ``ok:`` line (deploy.sh printed it already for ``--config``)."""
     from comfy_worker.cli import load_or_report, validate_only
 
     loaded = load_or_report(str(path), settings)
     if loaded is None:
         raise DeployError(f"{path} is invalid (see above): fix it, then deploy again", EXIT_INVALID)
-    validate_only(*loaded)
+    if say_ok:
+        validate_only(*loaded)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -515,9 +518,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             EXIT_INVALID,
         )
     config = Path(args.config)
+    validated_config(config, settings, say_ok=False)
     if args.from_workflow:
         config = workflow_config(args.from_workflow, config, settings)
-        validated_config(config, settings)
+        validated_config(config, settings, say_ok=True)
     want = desired(args, config)
     check_no_local_secret({"env": want.env}, settings)
     if args.check_only:

@@ -319,3 +319,11 @@ def test_smoke_sends_a_job_through_runsync_and_prints_latency_and_shape(fake, en
         "--endpoint", "e6", "--image", IMAGE, "--config", write_config(tmp_path), "--smoke", capsys=capsys
     )
     assert code == 1 and "smoke: FAILED" in err and "could not load the model" in err
+
+
+def test_an_invalid_config_is_refused_with_the_validate_only_messages_before_any_request(fake, env, tmp_path, capsys):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("models:\n  - url: https://example.com/a.safetensors\n")  # no destination
+    code, _, err = module("--endpoint", "e7", "--image", IMAGE, "--config", bad, capsys=capsys)
+    assert code == 2 and f"error: {bad} is invalid (1 problem(s)):" in err and "destination" in err
+    assert fake.requests == []

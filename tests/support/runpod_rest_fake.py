@@ -12,13 +12,14 @@ import json
 import threading
 import uuid
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import jsonschema
 import referencing
 from referencing.jsonschema import DRAFT202012
 
-from support.local_http import QuietHandler, serve_in_thread
+from support.local_http import QuietHandler
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "data" / "runpod_rest_v2.json"
 POOLS = ("ADA_24", "AMPERE_16", "AMPERE_24", "AMPERE_48", "ADA_48_PRO", "AMPERE_80", "ADA_80_PRO", "HOPPER_141")
@@ -75,7 +76,10 @@ class RunPodRestFake:
             "output": {"images": [{"type": "base64", "filename": "a.png", "data": PNG_1PX}]},
         }
         self._lock = threading.Lock()
-        self.server = serve_in_thread(self._handler())
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        # a short poll: close() (shutdown) returns at once, not after serve_forever's default 0.5 s
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def close(self) -> None:
