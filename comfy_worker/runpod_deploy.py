@@ -242,16 +242,9 @@ def endpoint_changes(want: Desired, current: dict) -> tuple[dict, list[str]]:
     if current.get("image") != want.image:
         body["image"] = want.image
         lines.append(f"image: {current.get('image')} -> {want.image}")
-    old_env = current.get("env") or {}
-    if old_env != want.env:
+    if (current.get("env") or {}) != want.env:
         body["env"] = want.env
-        for name in sorted(set(old_env) | set(want.env)):
-            if name not in want.env:
-                lines.append(f"env {name}: removed")
-            elif name not in old_env:
-                lines.append(f"env {name}: added")
-            elif old_env[name] != want.env[name]:
-                lines.append(f"env {name}: changed" + (" (the config)" if name == "CONFIG_YML" else ""))
+        lines += env_changes(current.get("env") or {}, want.env)
     if current.get("flashboot") != want.flashboot:
         body["flashboot"] = want.flashboot
         lines.append(f"flashboot: {current.get('flashboot')} -> {want.flashboot}")
@@ -277,6 +270,19 @@ def endpoint_changes(want: Desired, current: dict) -> tuple[dict, list[str]]:
         body["timeout"] = want.timeout_ms
         lines.append(f"execution timeout: {_seconds(current.get('timeout'))} -> {_seconds(want.timeout_ms)}")
     return body, lines
+
+
+def env_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """One line per variable added, removed or changed; never a value."""
+    lines = []
+    for name in sorted(set(old) | set(new)):
+        if name not in new:
+            lines.append(f"env {name}: removed")
+        elif name not in old:
+            lines.append(f"env {name}: added")
+        elif old[name] != new[name]:
+            lines.append(f"env {name}: changed" + (" (the config)" if name == "CONFIG_YML" else ""))
+    return lines
 
 
 def _cuda_shown(gpu: dict) -> str:

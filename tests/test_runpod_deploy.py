@@ -155,6 +155,7 @@ def test_update_sets_workers_timeouts_and_cuda_and_leaves_the_rest(fake, env, tm
     assert module(*base, "--network-volume", "vol7x2k9q", capsys=capsys)[0] == 0
     (endpoint,) = fake.endpoints.values()
     assert endpoint["gpu"]["pools"] == ["ADA_24", "AMPERE_24"] and endpoint["networkVolumes"] == ["vol7x2k9q"]
+    endpoint["env"]["SET_BY_HAND"] = "1"  # in the console: the next deploy removes it, and says so
     code, out, err = module(
         *base, "--workers-min", 1, "--workers-max", 5, "--idle-timeout", 30, "--execution-timeout", 900,
         "--cuda", "12.8", "--cuda", "12.9", capsys=capsys,
@@ -167,6 +168,7 @@ def test_update_sets_workers_timeouts_and_cuda_and_leaves_the_rest(fake, env, tm
     assert "networkVolumes" not in sent and "pools" not in sent["gpu"]  # not given: left as they are
     assert endpoint["networkVolumes"] == ["vol7x2k9q"] and endpoint["gpu"]["minCudaVersion"] is None
     assert "execution timeout: 300 s -> 900 s" in out and "CUDA versions: 12.8 or newer -> 12.8, 12.9" in out
+    assert "env SET_BY_HAND: removed" in out and set(sent["env"]) == {"CONFIG_YML"}
     assert fake.invalid == []
 
 
