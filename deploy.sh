@@ -117,9 +117,9 @@ runpod_deploy() {
 }
 dry_flag=()
 ((!dry_run)) || dry_flag=(--dry-run)
-if [[ -n "$deploy_image" ]]; then
-  exec "$PY" -m comfy_worker.runpod_deploy --endpoint "$endpoint" --config "$config" --image "$deploy_image" \
-    ${dry_flag[@]+"${dry_flag[@]}"} ${deploy_opts[@]+"${deploy_opts[@]}"}
+if [[ -n "$deploy_image" ]]; then # an image already pushed: no build
+  runpod_deploy --image "$deploy_image" ${dry_flag[@]+"${dry_flag[@]}"}
+  exit 0
 fi
 if [[ -n "$endpoint" ]]; then
   runpod_deploy --check-only ${dry_flag[@]+"${dry_flag[@]}"}
