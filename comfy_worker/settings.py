@@ -48,7 +48,7 @@ SECRET_PREFIXES = ("AWS_",)  # boto3's own credentials (AWS_SECRET_ACCESS_KEY, A
 # The only secrets ComfyUI's process (and so every custom node in it) is given: nodes that download
 # models need them. Every other secret is the worker's own and is removed from ComfyUI's environment:
 # API_TOKEN, JUPYTER_PASSWORD, JUPYTER_TOKEN, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, AWS_*,
-# RUNPOD_AI_API_KEY, GITHUB_TOKEN and COMFY_ORG_API_KEY (the handler sends that one with each job).
+# RUNPOD_AI_API_KEY, RUNPOD_API_KEY, GITHUB_TOKEN and COMFY_ORG_API_KEY (the handler sends that one with each job).
 COMFYUI_SECRETS = ("HF_TOKEN", "CIVITAI_TOKEN")
 
 
