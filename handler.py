@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from comfy_worker.log_setup import (
 )
 from comfy_worker.prompt_runner import PromptRunner
 from comfy_worker.settings import Settings, secret_values
+from comfy_worker.state_files import GATE
 from s3_upload import S3Uploader
 
 log = logging.getLogger(__name__)
@@ -436,6 +438,45 @@ async def local_test_handler(job: dict) -> dict:
     return result
 
 
+class WorkerUnfit(RuntimeError):
+    """Why this serverless worker must not take jobs (RunPod's fitness check reports it, then replaces it)."""
+
+
+FITNESS_COMFY_TIMEOUT_S = 10.0
+
+
+def worker_ready() -> None:
+    """RunPod's fitness check (serverless only; the SDK runs it before the first job request): the
+    provisioning gate is on the volume (every required model and node is ready) and ComfyUI answers.
+    Raises ``WorkerUnfit`` with the reason; the SDK logs ``Fitness check failed: worker_ready |
+    WorkerUnfit: <reason>``, tells RunPod, and ends the worker, which RunPod then replaces."""
+    settings = Settings.from_env()
+    gate = settings.volume_root / GATE
+    try:
+        digest = gate.read_text(encoding="utf-8").strip()
+    except OSError as err:
+        digest, why = "", err.strerror or str(err)
+    else:
+        why = "it is empty"
+    if not digest:
+        raise WorkerUnfit(
+            f"provisioning left no gate at {gate} ({why}): the config's models and nodes are not all ready on "
+            "this volume (a failed download or node install, or a volume that cannot be written: see the "
+            "start's log above); this worker takes no jobs"
+        )
+    url = f"http://{settings.comfy_host}/system_stats"
+    try:
+        with urllib.request.urlopen(url, timeout=FITNESS_COMFY_TIMEOUT_S) as resp:
+            resp.read()
+    except (OSError, ValueError) as err:
+        cause = getattr(err, "reason", None) or err
+        raise WorkerUnfit(
+            f"ComfyUI does not answer at {url} ({cause}): it died or never started (its log: "
+            f"{settings.comfy_log_file}); this worker takes no jobs"
+        ) from None
+    log.info("Fitness check: the provisioning gate is on the volume and ComfyUI answers")
+
+
 def main() -> None:
     setup_logging()
     settings = Settings.from_env()
@@ -447,6 +488,8 @@ def main() -> None:
         if args.rp_log_level:  # the SDK applies --rp_log_level after this: the last one given wins
             sys.argv += ["--rp_log_level", level]
     RunPodLogger().set_level(level)
+    if settings.mode == "serverless":
+        runpod.serverless.register_fitness_check(worker_ready)
     runpod.serverless.start({"handler": entry, "concurrency_modifier": lambda _current: settings.concurrency})
 
 

@@ -28,6 +28,7 @@ DEFAULT_NODE_MAP_URL = f"{MANAGER_DATA}/extension-node-map.json"
 DEFAULT_NODE_STATS_URL = f"{MANAGER_DATA}/github-stats.json"
 DEFAULT_MODEL_LIST_URL = f"{MANAGER_DATA}/model-list.json"
 DEFAULT_REGISTRY_URL = "https://api.comfy.org"
+DEFAULT_RUNPOD_API_URL = "https://api.runpod.io"  # RunPod's REST API 2.0.0 (deploy.sh --endpoint)
 SECRET_ENV_NAMES = (
     "HF_TOKEN",
     "CIVITAI_TOKEN",
@@ -39,6 +40,7 @@ SECRET_ENV_NAMES = (
     "JUPYTER_TOKEN",
     "API_TOKEN",
     "RUNPOD_AI_API_KEY",
+    "RUNPOD_API_KEY",
 )
 SECRET_PREFIXES = ("AWS_",)  # boto3's own credentials (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, ...)
 
@@ -46,7 +48,7 @@ SECRET_PREFIXES = ("AWS_",)  # boto3's own credentials (AWS_SECRET_ACCESS_KEY, A
 # The only secrets ComfyUI's process (and so every custom node in it) is given: nodes that download
 # models need them. Every other secret is the worker's own and is removed from ComfyUI's environment:
 # API_TOKEN, JUPYTER_PASSWORD, JUPYTER_TOKEN, BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, AWS_*,
-# RUNPOD_AI_API_KEY, GITHUB_TOKEN and COMFY_ORG_API_KEY (the handler sends that one with each job).
+# RUNPOD_AI_API_KEY, RUNPOD_API_KEY, GITHUB_TOKEN and COMFY_ORG_API_KEY (the handler sends that one with each job).
 COMFYUI_SECRETS = ("HF_TOKEN", "CIVITAI_TOKEN")
 
 
@@ -223,7 +225,10 @@ class Settings:
     hf_token: str | None = field(default=None, repr=False)
     civitai_token: str | None = field(default=None, repr=False)
     github_token: str | None = field(default=None, repr=False)
+    runpod_api_url: str = DEFAULT_RUNPOD_API_URL  # env RUNPOD_API_URL: RunPod's REST API (deploy.sh --endpoint)
+    runpod_api_key: str | None = field(default=None, repr=False)  # env RUNPOD_API_KEY: deploy.sh --endpoint
     secret_list: tuple[str, ...] = field(default=(), repr=False)
+    secret_names: tuple[str, ...] = field(default=(), repr=False)  # the names of secret_list, in its order
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -301,7 +306,10 @@ class Settings:
             hf_token=env.get("HF_TOKEN") or None,
             civitai_token=env.get("CIVITAI_TOKEN") or None,
             github_token=env.get("GITHUB_TOKEN") or None,
+            runpod_api_url=(env.get("RUNPOD_API_URL") or DEFAULT_RUNPOD_API_URL).rstrip("/"),
+            runpod_api_key=env.get("RUNPOD_API_KEY") or None,
             secret_list=tuple(secret_values(env)),
+            secret_names=tuple(n for n, _ in secret_items(env)),
         )
 
     def effective_comfyui_ref(self, config_ref: str | None) -> str:
@@ -331,11 +339,20 @@ class Settings:
         """The values of every secret variable that was set when these settings were read."""
         return list(self.secret_list)
 
+    def secret_items(self) -> list[tuple[str, str]]:
+        """(name, value) of every secret variable that was set when these settings were read."""
+        return list(zip(self.secret_names, self.secret_list, strict=True))
+
 
 def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     """Values of every secret env var that is set (for log redaction and returned errors)."""
+    return [v for _, v in secret_items(env)]
+
+
+def secret_items(env: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
+    """(name, value) of every secret env var that is set (4 characters or more)."""
     env = os.environ if env is None else env
-    return [v for n, v in env.items() if is_secret_name(n) and v and len(v) >= 4]
+    return [(n, v) for n, v in env.items() if is_secret_name(n) and v and len(v) >= 4]
 
 
 def shell_exports(settings: Settings) -> str:

@@ -1214,3 +1214,38 @@ def _fail(args: argparse.Namespace, errors: list[str]) -> int:
         for err in errors:
             print(f"error: {err}", file=sys.stderr)
     return EXIT_UNREADABLE
+
+
+def config_for_workflows(workflows: list[str], config: Path, settings: Settings) -> tuple[str, list[str], list[str]]:
+    """For ``deploy.sh --from-workflow``: (the config's YAML with the suggested models and nodes added,
+    the problems the workflows still have against that config, what could not be suggested). An
+    unreadable workflow or an invalid config is a problem too. Nothing is written."""
+    from comfy_worker.config_schema import load_config_text
+
+    try:
+        cfg = load_selected_config(str(config), settings)[0]
+        wfs = [read_workflow(p) for p in workflows]
+    except ConfigError as err:
+        return "", [f"{err.source} is invalid: {p}" for p in err.problems], []
+    except Unreadable as err:
+        return "", [str(err)], []
+    packs = Packs(settings, offline=False)
+    try:
+        checked = check(wfs, cfg, str(config), None, False, packs)
+    except Unreadable as err:
+        return "", [str(err)], []
+    s = suggest([r for c in checked for r in c.models], [u for c in checked for u in c.nodes], config_files(cfg), cfg)
+    raw = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    for key, entries in (("models", s.models), ("nodes", s.nodes)):
+        raw[key] = list(raw.get(key) or []) + [entry for entry, _ in entries]
+    names = ", ".join(Path(w).name for w in workflows)
+    merged = f"# {config.name} with the entries {names} needs (deploy.sh --from-workflow)\n" + yaml.safe_dump(
+        raw, sort_keys=False, allow_unicode=True, width=10_000
+    )
+    try:
+        merged_cfg = load_config_text(merged, str(config))
+    except ConfigError as err:
+        return merged, [f"the config with the suggested entries is invalid: {p}" for p in err.problems], []
+    problems = problem_lines(check(wfs, merged_cfg, str(config), None, False, packs))
+    problems += _lookup_notes(packs) if problems else []
+    return merged, problems, s.unresolved_models + s.unresolved_nodes

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.gitrepos import git
+from support.runpod_rest_fake import RunPodRestFake
 
 from comfy_worker.config_schema import decode_config_env
 
@@ -307,6 +308,37 @@ def test_deploy_arguments(stub, clone):
     )
     assert "Dry run, would push: r.example/w@sha256:" in r.stdout
     assert decode_config_env(config_line(r.stdout)) == (clone / "config.yml").read_text()
+
+
+def test_deploy_with_an_endpoint_builds_pushes_then_deploys_the_digest(stub, clone):
+    """-t IMAGE --endpoint NAME: the deploy options are checked before the build; after the push the
+    endpoint gets the image by digest (RunPod's REST API: a loopback fake, tests/test_runpod_deploy.py)."""
+    key = "rpa_build_path_key_123456"
+    fake = RunPodRestFake(key)
+    try:
+        env = stub.env(stub.docker, RUNPOD_API_KEY=key, RUNPOD_API_URL=fake.url)
+        for args, message in (
+            (["--endpoint", "w", "-t", "r.example/w:1", "--image", "r.example/w@" + DIGEST], "not both"),
+            (["--endpoint", "w"], "--endpoint needs --image REF"),
+            (["-t", "r.example/w:1", "--gpu", "ADA_24"], "need --endpoint NAME"),
+            (["-t", "r.example/w:1", "--endpoint", "w", "--cuda", "12"], "--cuda '12'"),
+        ):
+            r = run(clone / "deploy.sh", *args, env=env)
+            assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        r = run(clone / "deploy.sh", "-t", "r.example/w:1", "--endpoint", "w", env={**env, "RUNPOD_API_KEY": ""})
+        assert r.returncode == 2 and "RUNPOD_API_KEY is not set" in r.stderr
+        assert stub.calls() == [] and fake.requests == []  # refused before anything was built or sent
+
+        r = run(clone / "deploy.sh", "-t", "registry.example/me/worker:v4", "--endpoint", "built", env=env)
+        assert r.returncode == 0, r.stderr
+        assert [c["args"][0] for c in stub.calls()] == ["build", "push", "image"]
+        (endpoint,) = fake.endpoints.values()
+        assert endpoint["image"] == f"registry.example/me/worker@{DIGEST}" and endpoint["flashboot"] == "FLASHBOOT"
+        assert decode_config_env(endpoint["env"]["CONFIG_YML"]) == (clone / "config.yml").read_text()
+        assert "endpoint built: created" in r.stdout and "CONFIG_YML=" not in r.stdout  # nothing to paste
+        assert fake.invalid == [] and key not in r.stdout + r.stderr
+    finally:
+        fake.close()
 
 
 def test_scripts_are_executable():

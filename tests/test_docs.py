@@ -39,7 +39,6 @@ PY = sys.executable
 
 # Names the docs may quote that comfy-worker does not read, and why.
 EXTERNAL = {
-    "RUNPOD_API_KEY": "your RunPod account key, on the client side (examples/client.py --token)",
     "CUDA_VISIBLE_DEVICES": "the CUDA runtime's; an empty one means no GPU (services.py)",
     "PIP_CACHE_DIR": "pip's own; wins over NODE_PACKAGE_CACHE",
     "UV_CACHE_DIR": "uv's own; wins over NODE_PACKAGE_CACHE",

@@ -849,15 +849,11 @@ def test_example_client_saves_the_returned_images(local_api, tmp_path):
     assert failed.returncode == 1 and "Export (API)" in failed.stderr
 
 
-def test_worker_loop_runs_max_concurrency_jobs_at_once(worker_env, tmp_path):
-    jobs = [
-        job(slow_workflow(10, 0.05, color=0xFF0000), job_id="job-red"),
-        job(slow_workflow(10, 0.05, color=0x0000FF), job_id="job-blue"),
-    ]
-    queue = FakeRunPodQueue(jobs)
+def serverless_worker_env(queue: FakeRunPodQueue, volume: Path, **extra: str) -> dict[str, str]:
+    """The environment RunPod gives a serverless worker (its job queue: ``queue``), the volume ``volume``."""
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
-    env.update(worker_env.env(), COMFY_LOG_FILE=str(worker_env.log_path), MAX_CONCURRENCY="2")
     env.update(
+        VOLUME_ROOT=str(volume),
         RUNPOD_ENDPOINT_ID="test-endpoint",
         RUNPOD_POD_ID="test-worker",
         RUNPOD_WEBHOOK_GET_JOB=f"{queue.base}/job-take/$ID?gpu=cpu",
@@ -865,7 +861,26 @@ def test_worker_loop_runs_max_concurrency_jobs_at_once(worker_env, tmp_path):
         RUNPOD_SKIP_GPU_CHECK="true",
         RUNPOD_MIN_MEMORY_GB="0",
         RUNPOD_MIN_DISK_PERCENT="0",
+        **extra,
     )
+    return env
+
+
+def provisioned_volume(path: Path) -> Path:
+    """A volume as a successful provisioning leaves it: the gate holds the config's digest."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / ".config-sha256").write_text("0" * 64 + "\n")
+    return path
+
+
+def test_worker_loop_runs_max_concurrency_jobs_at_once(worker_env, tmp_path):
+    jobs = [
+        job(slow_workflow(10, 0.05, color=0xFF0000), job_id="job-red"),
+        job(slow_workflow(10, 0.05, color=0x0000FF), job_id="job-blue"),
+    ]
+    queue = FakeRunPodQueue(jobs)
+    env = serverless_worker_env(queue, provisioned_volume(tmp_path / "volume"), **worker_env.env())
+    env.update(COMFY_LOG_FILE=str(worker_env.log_path), MAX_CONCURRENCY="2")  # the fitness check passes
     log_path = tmp_path / "worker.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "handler.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -888,6 +903,36 @@ def test_worker_loop_runs_max_concurrency_jobs_at_once(worker_env, tmp_path):
     for job_id, color in (("job-red", (255, 0, 0)), ("job-blue", (0, 0, 255))):
         output = queue.results[job_id]["output"]
         assert decode_image(output["images"][0]).getpixel((0, 0)) == color
+
+
+def test_fitness_check_ends_a_worker_without_a_gate_or_without_comfyui_before_any_job(tmp_path):
+    """RunPod's fitness check (handler.worker_ready): the worker exits 1 with a readable reason, and
+    takes no job, when provisioning left no gate or ComfyUI does not answer (docs/runpod-guide.md)."""
+    queue = FakeRunPodQueue([job(empty_to_save(8, 8, 0), job_id="never-taken")])
+    dead_comfy = f"127.0.0.1:{free_port()}"
+    cases = {
+        "no gate": serverless_worker_env(queue, tmp_path / "empty-volume", COMFY_HOST=dead_comfy),
+        "no ComfyUI": serverless_worker_env(queue, provisioned_volume(tmp_path / "volume"), COMFY_HOST=dead_comfy),
+    }
+    procs = {}
+    for name, env in cases.items():
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "handler.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+    try:
+        codes = {name: proc.wait(timeout=90) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            stop_process(proc)
+        queue.server.shutdown()
+    logs = {name: (tmp_path / f"{name}.log").read_text() for name in cases}
+    assert codes == {"no gate": 1, "no ComfyUI": 1}, logs
+    assert queue.takes == [] and queue.jobs, logs  # no job was asked for
+    gate = tmp_path / "empty-volume" / ".config-sha256"
+    assert f"Fitness check failed: worker_ready | WorkerUnfit: provisioning left no gate at {gate}" in logs["no gate"]
+    assert f"WorkerUnfit: ComfyUI does not answer at http://{dead_comfy}/system_stats" in logs["no ComfyUI"]
+    assert all("Worker is unhealthy, exiting." in text for text in logs.values())
 
 
 # --- audit fixes -------------------------------------------------------------------------------------

@@ -294,6 +294,9 @@ def test_serverless_takes_the_first_job_only_after_comfyui_answers(tmp_path, box
         text = log.read_text()
         assert "mode serverless" in text and "Jupyter started" not in text
         assert text.index("ComfyUI answers") < text.index("handler started"), text
+        # RunPod's fitness check (handler.worker_ready) ran and passed before the first job was asked for
+        assert "Fitness check: the provisioning gate is on the volume and ComfyUI answers" in text
+        assert "All fitness checks passed" in text
     finally:
         stop_start(proc)
         queue.server.shutdown()
