@@ -25,10 +25,13 @@ resolved), 2 bad options, config or environment.
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import json
+import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,9 +480,11 @@ def smoke(client: RunPodRest, endpoint: dict, request_file: Path) -> int:
 
 
 # --- --from-workflow --------------------------------------------------------------------------------
-def workflow_config(workflows: list[str], config: Path, settings: Settings) -> Path:
+def workflow_config(workflows: list[str], config: Path, settings: Settings, keep: bool = True) -> Path:
     """The config with what the workflows need added, written next to the first workflow as
-    ``W.config.yml``; DeployError naming each unresolved class or model when something is not."""
+    ``W.config.yml`` (``keep``; else, for --dry-run and deploy.sh's check before a build, into a temporary
+    file removed at exit, so nothing is left or said twice); DeployError naming each unresolved class or
+    model when something is not."""
     from comfy_worker import workflow_check
 
     merged, problems, unresolved = workflow_check.config_for_workflows(workflows, config, settings)
@@ -491,10 +496,17 @@ def workflow_config(workflows: list[str], config: Path, settings: Settings) -> P
         raise DeployError(lines)
     first = Path(workflows[0])
     out = first.with_name(first.name.removesuffix(first.suffix) + ".config.yml")
+    what = f"({config.name} plus what {', '.join(Path(w).name for w in workflows)} needs)"
+    if not keep:
+        fd, temp = tempfile.mkstemp(prefix="comfy-worker-", suffix=".config.yml")
+        os.close(fd)
+        atexit.register(Path(temp).unlink, missing_ok=True)
+        Path(temp).write_text(merged, encoding="utf-8")
+        return Path(temp)
     from comfy_worker.lock_file import atomic_write_text
 
     atomic_write_text(out, merged)
-    print(f"--from-workflow: wrote {out} ({config.name} plus what {', '.join(Path(w).name for w in workflows)} needs)")
+    print(f"--from-workflow: wrote {out} {what}")
     return out
 
 
@@ -526,7 +538,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     config = Path(args.config)
     validated_config(config, settings, say_ok=False)
     if args.from_workflow:
-        config = workflow_config(args.from_workflow, config, settings)
+        config = workflow_config(args.from_workflow, config, settings, keep=not (args.dry_run or args.check_only))
         validated_config(config, settings, say_ok=True)
     want = desired(args, config)
     check_no_local_secret({"env": want.env}, settings)

@@ -294,6 +294,19 @@ def test_from_workflow_deploys_a_templates_embedded_models(fake, env, tmp_path):
     assert f"ok: {kept} is valid (4 model(s), 0 node(s)" in r.stdout + r.stderr
 
 
+def test_from_workflow_with_dry_run_writes_no_config_file_and_sends_nothing(fake, env, tmp_path):
+    """--dry-run leaves nothing behind: the merged config goes into the printed request, not next to the
+    workflow."""
+    source = next(p for p in TEMPLATES if p.name == "flux_schnell_full_text_to_image.json")
+    workflow = tmp_path / "flux.json"
+    workflow.write_text(source.read_text())
+    args = ["--endpoint", "flux", "--image", IMAGE, "--config", write_config(tmp_path), "--from-workflow", workflow]
+    r = deploy_sh(*args, "--dry-run", env=env)
+    assert r.returncode == 0, r.stderr
+    assert fake.requests == [] and not (tmp_path / "flux.config.yml").exists()
+    assert "wrote" not in r.stdout and "CONFIG_YML" in r.stdout
+
+
 def test_from_workflow_with_an_unknown_class_is_refused_before_any_request(fake, env, tmp_path):
     workflow = tmp_path / "odd.json"
     node = {"id": 1, "type": "NoSuchNodeAnywhere", "mode": 0, "properties": {}, "widgets_values": []}
