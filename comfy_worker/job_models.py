@@ -48,7 +48,15 @@ from urllib.parse import urlsplit
 from comfy_worker import hf_cache, volume_lock
 from comfy_worker.config_schema import ModelEntry
 from comfy_worker.file_names import MAX_NAME_BYTES, safe_filename, url_filename
-from comfy_worker.http_download import ChecksumError, Downloader, DownloadError, Interrupted, Probe, fsync_path
+from comfy_worker.http_download import (
+    ChecksumError,
+    Downloader,
+    DownloadError,
+    Interrupted,
+    Probe,
+    fsync_path,
+    same_host,
+)
 from comfy_worker.job_errors import JobError
 from comfy_worker.lock_file import atomic_write_text, read_lock_file
 from comfy_worker.log_setup import redact_urls, safe_url
@@ -123,7 +131,7 @@ class HostPolicy:
 
 
 def refusal(index: int, entry_url: str, url: str, problem: str, policy: HostPolicy) -> str:
-    hop = "" if url == entry_url else f" (it leads to {safe_url(url)})"
+    hop = "" if same_host(url, entry_url) else f" (it leads to {safe_url(url)})"
     parts = urlsplit(url)
     host = normal_host(parts.hostname or "?")
     host = f"[{host}]" if ":" in host else host
@@ -200,21 +208,18 @@ class JobModels:
         return self.tokens.headers_for(url)
 
     def check_hosts(self, entries: list[ModelEntry]) -> None:
-        """Every entry's URL, and the hub it is fetched through, before any request."""
+        """Where each entry is first requested, before any request: the hub a Hugging Face or CivitAI URL is
+        fetched through (HF_ENDPOINT, CIVITAI_BASE_URL; huggingface.co and civitai.com by default), the URL
+        itself otherwise."""
         for i, entry in enumerate(entries):
-            urls = [entry.url]
             kind = self.sources.kind_of(entry.url)
-            if kind == HUGGINGFACE:
-                urls.append(self.settings.hf_endpoint)
-            elif kind == CIVITAI:
-                urls.append(self.settings.civitai_base_url)
-            for url in urls:
-                problem = self.policy.problem(url)
-                if problem:
-                    raise JobError(
-                        refusal(i, entry.url, url, problem, self.policy),
-                        {"model": i, "url": safe_url(entry.url), "refused": safe_url(url), "setting": HOSTS_SETTING},
-                    )
+            url = {HUGGINGFACE: self.settings.hf_endpoint, CIVITAI: self.settings.civitai_base_url}.get(kind, entry.url)
+            problem = self.policy.problem(url)
+            if problem:
+                raise JobError(
+                    refusal(i, entry.url, url, problem, self.policy),
+                    {"model": i, "url": safe_url(entry.url), "refused": safe_url(url), "setting": HOSTS_SETTING},
+                )
 
     def run(self, entries: list[ModelEntry]) -> list[Report]:
         """Check the hosts of all entries, then make each present in turn; raises JobError."""

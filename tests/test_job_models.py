@@ -17,8 +17,9 @@ import uuid
 import pytest
 from PIL import Image
 from support.api_server import ApiServer
+from support.hf_hub_cache import make_hf_cache
 from support.models import UPSCALE_MODEL_NAME, make_upscale_model
-from support.origins import FaultyOrigin
+from support.origins import FaultyOrigin, fake_huggingface
 
 import handler
 from comfy_worker import comfy_client, job_models, model_prune
@@ -233,6 +234,33 @@ def test_the_default_hosts_are_hugging_face_and_civitai_with_their_download_host
     assert listed.problem("https://cdn-lfs.hf.co/x") is None or "resolves" in listed.problem("https://cdn-lfs.hf.co/x")
     with pytest.raises(ValueError, match="JOB_MODEL_HOSTS"):
         Settings.from_env({"JOB_MODEL_HOSTS": "host:port"})
+
+
+def test_hugging_face_entries_resolve_through_the_hub_and_cached_models_are_linked(
+    env, origin, model_files, monkeypatch, tmp_path
+):
+    with FaultyOrigin() as cdn:
+        name = f"hf-{uuid.uuid4().hex[:8]}.safetensors"
+        fake_huggingface(origin, cdn, "org/upscalers", {name: model_files[1]})
+        monkeypatch.setenv("HF_ENDPOINT", origin.url)
+        url = f"https://huggingface.co/org/upscalers/resolve/main/{name}"
+        (refused,) = run(upscale_job(name, [{"url": url, "destination": "upscale_models"}]))
+        assert f"(it leads to http://127.0.0.1:{cdn.port}/repos/" in refused["error"]  # the CDN is not listed
+        assert "Signature" not in refused["error"] and cdn.seen() == []  # no signed query shown, no request sent
+        monkeypatch.setenv("JOB_MODEL_HOSTS", f"{origin.netloc},{cdn.netloc}")
+        (result,) = run(upscale_job(name, [{"url": url, "destination": "upscale_models"}]))
+        assert upscaled(result) and result["models"][0]["status"] == "fetched"  # verified by the hub's sha256
+        assert len(cdn.seen()) >= 1
+
+    cache = tmp_path / "hub"
+    cached = f"cached-{uuid.uuid4().hex[:8]}.safetensors"
+    make_hf_cache(cache, "org/cached", cached, model_files[2].read_bytes())
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    entry = {"url": f"https://huggingface.co/org/cached/resolve/main/{cached}", "destination": "upscale_models"}
+    seen = len(origin.seen())
+    (linked,) = run(upscale_job(cached, [entry]))
+    assert upscaled(linked) and linked["models"][0]["status"] == "linked from cache"
+    assert (env.path / "models" / "upscale_models" / cached).is_symlink() and len(origin.seen()) == seen
 
 
 # --- shared: fetched once --------------------------------------------------------------------------
