@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 HOSTS_SETTING = "JOB_MODEL_HOSTS"
 GB = 1000**3
 FETCHED, PRESENT, LINKED = "fetched", "present", "linked from cache"
+DISK_MARGIN = 64 << 20  # kept free beyond a download's remaining bytes, as provisioning does
 STOP_WAIT_S = 30.0  # after a timeout or cancel: how long the job waits for its downloads to wind down
 
 
@@ -361,9 +363,10 @@ class JobModels:
 
     def _download(self, i, entry: ModelEntry, rel: str, target: Path, source, probe, total: int) -> int:
         size = entry.size if entry.size is not None else source.size if source.size is not None else probe.size
+        part = target.with_name(target.name + ".part")
         if size is not None:
             self._make_room(i, entry, rel, size)
-        part = target.with_name(target.name + ".part")
+            self._check_disk(i, entry, part, size)
         state = {"last": 0.0}
 
         def progress(done: int, expected: int | None) -> None:
@@ -393,6 +396,19 @@ class JobModels:
             except JobError as err:  # the file is here and whole: this job uses it
                 log.warning("%s", err.message)
         return result.size
+
+    def _check_disk(self, i: int, entry: ModelEntry, part: Path, size: int) -> None:
+        """Fail at once when the rest of the file, plus ``DISK_MARGIN``, does not fit on the volume."""
+        part.parent.mkdir(parents=True, exist_ok=True)
+        need = size - (part.stat().st_size if part.exists() else 0) + DISK_MARGIN
+        free = shutil.disk_usage(part.parent).free
+        if need > free:
+            raise JobError(
+                f"models[{i}] ({safe_url(entry.url)}): not enough disk space in {part.parent}: it needs {need} bytes "
+                f"free (the file and a {DISK_MARGIN >> 20} MiB margin), {free} are free; free some space or use a "
+                "bigger volume (or a lower JOB_MODELS_MAX_GB).",
+                {"model": i, "url": safe_url(entry.url), "needed_bytes": need, "free_bytes": free},
+            )
 
     # ---- the state file and the bound ----
 

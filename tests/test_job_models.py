@@ -40,6 +40,13 @@ def model_files(tmp_path_factory):
     return [make_upscale_model(folder / f"m{seed}.safetensors", seed=seed) for seed in (1, 2, 3, 4)]
 
 
+@pytest.fixture(scope="module")
+def origin():
+    """One model host for the module (each test serves its files under fresh names)."""
+    with FaultyOrigin() as served:
+        yield served
+
+
 @pytest.fixture
 def env(comfyui, origin, monkeypatch, tmp_path):
     """The handler pointed at the shared ComfyUI, a volume of its own, and ``origin`` as the one job model host;
@@ -115,13 +122,13 @@ def test_a_job_runs_with_the_model_it_names_and_the_next_job_fetches_nothing(env
     ]
     assert (env.path / "models" / "upscale_models" / name).read_bytes() == model_files[0].read_bytes()
     assert state(tmp_path)[f"upscale_models/{name}"]["sha256"] == sha
-    requests_after_first = len(origin.seen())
+    requests_after_first = len(origin.seen(f"/m/{name}"))
     second, third = run(
         upscale_job(name, [entry], color=0x00FF00), upscale_job(name, [{"url": url, "destination": "upscale_models"}])
     )
     assert upscaled(second) and upscaled(third)
     assert second["models"][0]["status"] == third["models"][0]["status"] == "present"
-    assert len(origin.seen()) == requests_after_first  # nothing fetched again, not even a probe
+    assert len(origin.seen(f"/m/{name}")) == requests_after_first  # nothing fetched again, not even a probe
 
 
 def test_the_entry_is_checked_by_the_config_schema_with_its_messages(env):
@@ -144,7 +151,7 @@ def test_job_models_off_when_the_bound_is_zero(env, origin, model_files, monkeyp
     monkeypatch.setenv("JOB_MODELS_MAX_GB", "0")
     url, name, _ = serve(origin, model_files[0])
     (result,) = run(upscale_job(name, [{"url": url, "destination": "upscale_models"}]))
-    assert "JOB_MODELS_MAX_GB=0" in result["error"] and origin.seen() == []
+    assert "JOB_MODELS_MAX_GB=0" in result["error"] and origin.seen(f"/m/{name}") == []
 
 
 # --- verified; a clash is never replaced -----------------------------------------------------------
@@ -166,7 +173,7 @@ def test_a_wrong_sha256_fails_that_job_only_and_leaves_no_file(env, origin, mode
 def test_a_file_of_the_same_name_with_other_bytes_is_never_replaced(env, origin, model_files):
     config_model = env.path / "models" / "upscale_models" / UPSCALE_MODEL_NAME
     before = config_model.read_bytes()
-    url, _, sha = serve(origin, model_files[0])
+    url, served_name, sha = serve(origin, model_files[0])
     for entry in (
         {"url": url, "destination": "upscale_models", "filename": UPSCALE_MODEL_NAME, "sha256": sha},
         {"url": url, "destination": "upscale_models", "filename": UPSCALE_MODEL_NAME},
@@ -175,7 +182,7 @@ def test_a_file_of_the_same_name_with_other_bytes_is_never_replaced(env, origin,
         assert f"models/upscale_models/{UPSCALE_MODEL_NAME} is already on the volume" in result["error"]
         assert "a job never replaces a file" in result["error"]
         assert result["details"]["path"] == f"upscale_models/{UPSCALE_MODEL_NAME}"
-    assert config_model.read_bytes() == before and origin.seen() == []
+    assert config_model.read_bytes() == before and origin.seen(f"/m/{served_name}") == []
     same = hashlib.sha256(before).hexdigest()  # the same bytes: used as they are
     (ok,) = run(upscale_job(UPSCALE_MODEL_NAME, [{**entry, "sha256": same}]))
     assert upscaled(ok) and ok["models"][0]["status"] == "present"
@@ -287,8 +294,8 @@ def test_the_download_time_counts_against_the_timeout(env, origin, model_files):
 
 def test_progress_updates_go_out_while_a_model_downloads(env, origin, tmp_path):
     big = tmp_path / "big.bin"
-    big.write_bytes(b"\x01" * (4 << 20))
-    url, name, _ = serve(origin, big, rate=2 << 20)  # about 2 s
+    big.write_bytes(b"\x01" * (2 << 20))
+    url, name, _ = serve(origin, big, rate=2 << 20)  # about 1 s
     events: list[dict] = []
     settings = Settings.from_env()
     uses = Uses(settings.models_dir)
@@ -301,9 +308,9 @@ def test_progress_updates_go_out_while_a_model_downloads(env, origin, tmp_path):
         (report,) = asyncio.run(prepare())
     finally:
         uses.release()
-    assert report["status"] == "fetched" and report["bytes"] == 4 << 20
+    assert report["status"] == "fetched" and report["bytes"] == 2 << 20
     assert all(e["stage"] == "models" and e["model"] == f"upscale_models/{name}" for e in events)
-    assert len(events) >= 2 and events[0]["bytes"] < 4 << 20 and events[-1]["bytes"] == 4 << 20
+    assert len(events) >= 2 and events[0]["bytes"] < 2 << 20 and events[-1]["bytes"] == 2 << 20
 
 
 # --- bounded on disk -------------------------------------------------------------------------------
