@@ -239,6 +239,9 @@ def test_the_default_hosts_are_hugging_face_and_civitai_with_their_download_host
     assert listed.problem("http://10.0.0.5:9000/x") is None  # listed exactly: a private address is fine
     assert listed.problem("http://10.0.0.5:9001/x") == "10.0.0.5:9001 is a private address"
     assert listed.problem("https://cdn-lfs.hf.co/x") is None or "resolves" in listed.problem("https://cdn-lfs.hf.co/x")
+    defaults = Settings.from_env({})
+    assert defaults.job_model_hosts is None and defaults.job_models_max_gb == 50
+    assert Settings.from_env({"JOB_MODEL_HOSTS": " a.com , *.b.com:8443 "}).job_model_hosts == ("a.com", "*.b.com:8443")
     with pytest.raises(ValueError, match="JOB_MODEL_HOSTS"):
         Settings.from_env({"JOB_MODEL_HOSTS": "host:port"})
 
