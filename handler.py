@@ -22,7 +22,7 @@ from runpod.serverless.modules.rp_logger import RunPodLogger
 from runpod.serverless.utils import rp_upload
 from websockets.exceptions import InvalidHandshake, WebSocketException
 
-from comfy_worker import outputs
+from comfy_worker import job_models, outputs
 from comfy_worker.comfy_client import ComfyClient, close_shared_session, shared_session
 from comfy_worker.job_errors import JobError
 from comfy_worker.job_input import (
@@ -46,6 +46,7 @@ from comfy_worker.log_setup import (
     set_job_secrets,
     setup_logging,
 )
+from comfy_worker.model_use import Uses
 from comfy_worker.prompt_runner import PromptRunner
 from comfy_worker.settings import Settings, secret_values
 from comfy_worker.state_files import GATE
@@ -260,24 +261,29 @@ async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
     timeout = request.timeout or settings.job_timeout
     token = uuid.uuid4().hex[:12]
     uploaded: list[str] = []
+    progress = ProgressThrottle(job) if settings.send_progress else None
+    uses = Uses(settings.models_dir)  # the job models this job uses: no eviction or prune deletes them meanwhile
     runner = PromptRunner(
         client,
         workflow,
         timeout=timeout,
         ready_timeout=settings.comfy_ready_timeout,
         extra_data={"api_key_comfy_org": api_key} if api_key else None,
-        on_progress=ProgressThrottle(job) if settings.send_progress else None,
+        on_progress=progress,
         comfyui_path=settings.comfyui_path,
         # in the API's job runner: the API learns the prompt, to stop it and delete its files should the runner die
         on_queue=lambda: report_prompt(runner.prompt_id, runner.submitted_wall, uploaded),
     )
     files: list[outputs.OutputFile] = []
     notes: list[str] = []
+    models: list[dict] = []
     try:
         try:
             await runner.open()
-            # the job's clock starts once ComfyUI is ready: image downloads, uploads, queue and run count
+            # the job's clock starts once ComfyUI is ready: model and image downloads, uploads, queue and run count
             runner.deadline = deadline = time.monotonic() + timeout
+            if request.models:
+                models = await job_models.prepare(request.models, settings, uses, deadline, timeout, progress)
             if request.images:
                 renames = await _upload_within(client, request, token, uploaded, settings, deadline, timeout)
                 notes += unused_images(workflow, renames)
@@ -302,7 +308,7 @@ async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
             errors.append("The workflow finished but produced no output files or text (does it have a save node?).")
         done = time.monotonic()
         log.info("Done: %d image(s), %d file(s), %d text(s)", len(images_out), len(files_out), len(texts))
-        return {
+        answer = {
             "images": images_out,
             "files": files_out,
             "text": texts,
@@ -315,10 +321,14 @@ async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
                 "total_ms": round((done - started) * 1000),
             },
         }
+        if request.models:
+            answer["models"] = models
+        return answer
     finally:
         try:
             await runner.close()
         finally:
+            uses.release()
             outputs.cleanup(files, folders, uploaded, created_after=runner.submitted_wall)
 
 

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from comfy_worker.config_schema import ConfigError, ModelEntry, parse_config
 from comfy_worker.job_errors import JobError
 
-KNOWN_KEYS = ("workflow", "images", "overrides", "timeout", "comfy_org_api_key")
+KNOWN_KEYS = ("workflow", "images", "overrides", "timeout", "comfy_org_api_key", "models")
+JOB_MODEL_KEYS = ("url", "destination", "filename", "sha256", "size")  # a config.yml model entry's, less 'optional'
 S3_CONFIG_KEYS = ("accessId", "accessSecret", "bucketName", "endpointUrl")  # RunPod's names, beside "input"
 _S3_CONFIG_MEANING = {
     "accessId": "the access key id",
@@ -43,6 +45,7 @@ class JobInput:
     overrides: list[dict[str, Any]] = field(default_factory=list)
     timeout: float | None = None
     comfy_org_api_key: str | None = field(default=None, repr=False)
+    models: list[ModelEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,43 @@ def parse_job_input(raw: Any) -> JobInput:
     key = raw.get("comfy_org_api_key")
     if key is not None and (not isinstance(key, str) or not key.strip()):
         raise JobError("'comfy_org_api_key' must be a non-empty string.")
-    return JobInput(workflow, images, overrides, float(timeout) if timeout is not None else None, key)
+    models = _check_models(raw.get("models"))
+    return JobInput(workflow, images, overrides, float(timeout) if timeout is not None else None, key, models)
+
+
+def _check_models(models: Any) -> list[ModelEntry]:
+    """``models``: config.yml model entries, checked by the config's own schema (the same messages: the
+    entry by index and url, the key at fault, an unknown key with a did-you-mean); never ``optional``."""
+    if models is None:
+        return []
+    if not isinstance(models, list):
+        raise JobError(
+            f"'models' must be a list of model entries ({{url, destination, filename, sha256, size}}), got "
+            f"{type(models).__name__}.",
+            {"key": "models"},
+        )
+    for i, item in enumerate(models):
+        if isinstance(item, dict) and "optional" in item:
+            raise JobError(
+                f"models[{i}]: unknown key 'optional': every model a job names is required; allowed keys: "
+                f"{', '.join(JOB_MODEL_KEYS)}.",
+                {"key": f"models[{i}].optional", "allowed_keys": list(JOB_MODEL_KEYS)},
+            )
+    try:
+        return parse_config({"models": models}, "input.models").models
+    except ConfigError as err:
+        problems = [
+            p.replace(
+                "allowed keys: url, destination, filename, sha256, size, optional",
+                "allowed keys: " + ", ".join(JOB_MODEL_KEYS),
+            )
+            for p in err.problems
+        ]
+        text = "; ".join(problems)
+        raise JobError(
+            f"input.models is invalid: {text}{'' if text.endswith(('.', '?')) else '.'}",
+            {"key": "models", "problems": problems},
+        ) from None
 
 
 def parse_s3_config(raw: Any) -> S3Config | None:

@@ -6,7 +6,9 @@ record is *named* when some entry of the current config has the same ``destinati
 (its ``filename``, else its URL or the URL's last path segment). Only recorded files are considered: a
 file put into ``models/`` by hand is never touched. Pruning removes the file (a link to a cached model:
 only the link, never the cache) and its record; a file that another recorded entry of the config
-still names is kept, so nothing the config asks for goes away.
+still names is kept, so nothing the config asks for goes away. A file a running job uses (its in-use
+marker is held, model_use.py) is kept too, whoever recorded it; the job models themselves are not recorded
+here (their own bound, job_models.py, removes them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from comfy_worker.config_schema import ModelEntry, WorkerConfig
 from comfy_worker.file_names import url_filename
 from comfy_worker.lock_file import read_lock_file, update_lock_file
+from comfy_worker.model_use import unused as unused_by_jobs
 from comfy_worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,11 @@ def report_or_prune(settings: Settings, cfg: WorkerConfig, prune: bool) -> int:
                 shown,
             )
             continue
-        path.unlink(missing_ok=True)
+        with unused_by_jobs(settings.models_dir, f"{record['destination']}/{record['filename']}") as free:
+            if not free:
+                log.warning("%s: kept, in use by a running job; --prune removes it once no job uses it", shown)
+                continue
+            path.unlink(missing_ok=True)
         update_lock_file(settings.lock_file, "models", lambda old, gone=record: _without(old, gone))
         log.info("pruned %s (no config entry names it)", shown)
     return len(found)

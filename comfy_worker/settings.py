@@ -29,6 +29,21 @@ DEFAULT_NODE_STATS_URL = f"{MANAGER_DATA}/github-stats.json"
 DEFAULT_MODEL_LIST_URL = f"{MANAGER_DATA}/model-list.json"
 DEFAULT_REGISTRY_URL = "https://api.comfy.org"
 DEFAULT_RUNPOD_API_URL = "https://api.runpod.io"  # RunPod's REST API 2.0.0 (deploy.sh --endpoint)
+# Where a job's ``models`` may download from by default (JOB_MODEL_HOSTS): the Hugging Face Hub and its
+# download hosts (LFS and Xet CDNs under hf.co, legacy ones under huggingface.co), CivitAI and its storage
+# (its own hosts, Cloudflare R2 buckets). ``*.name`` matches every host under ``name``.
+DEFAULT_JOB_MODEL_HOSTS = (
+    "huggingface.co",
+    "*.huggingface.co",
+    "hf.co",
+    "*.hf.co",
+    "civitai.com",
+    "*.civitai.com",
+    "civitai.red",
+    "*.civitai.red",
+    "*.r2.cloudflarestorage.com",
+)
+DEFAULT_JOB_MODELS_MAX_GB = 50.0
 SECRET_ENV_NAMES = (
     "HF_TOKEN",
     "CIVITAI_TOKEN",
@@ -216,6 +231,9 @@ class Settings:
     registry_url: str = DEFAULT_REGISTRY_URL  # env COMFY_REGISTRY_URL: the Comfy Registry API (cnr_id -> repo)
     user_cache_dir: Path = Path.home() / ".cache"  # env XDG_CACHE_HOME: check_workflow.py's cache of those
     hf_cache_dirs: tuple[Path, ...] = ()  # env HF_HUB_CACHE + RunPod's cached models: linked, not downloaded
+    # env JOB_MODEL_HOSTS: where a job's models may come from; None = DEFAULT_JOB_MODEL_HOSTS
+    job_model_hosts: tuple[str, ...] | None = None
+    job_models_max_gb: float = DEFAULT_JOB_MODELS_MAX_GB  # env JOB_MODELS_MAX_GB: disk bound of job models; 0 = off
     jupyter_password: str | None = field(default=None, repr=False)
     api_token: str | None = field(default=None, repr=False)
     config_yml: str | None = field(default=None, repr=False)
@@ -297,6 +315,10 @@ class Settings:
             registry_url=(env.get("COMFY_REGISTRY_URL") or DEFAULT_REGISTRY_URL).rstrip("/"),
             user_cache_dir=Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache"),
             hf_cache_dirs=hf_cache_dirs(env),
+            job_model_hosts=(
+                _hosts(env["JOB_MODEL_HOSTS"], "JOB_MODEL_HOSTS") if env.get("JOB_MODEL_HOSTS", "").strip() else None
+            ),
+            job_models_max_gb=max(0.0, _float(env, "JOB_MODELS_MAX_GB", DEFAULT_JOB_MODELS_MAX_GB)),
             jupyter_password=env.get("JUPYTER_PASSWORD") or None,
             api_token=env.get("API_TOKEN") or None,
             config_yml=env.get("CONFIG_YML"),  # set but empty is kept: an error, not "unset"

@@ -6,6 +6,11 @@ without importing them (they are slow to import)."""
 GATE = ".config-sha256"  # the config's digest, written only once every required entry is ready
 GATE_RECORD = ".config-sha256.json"  # what the gate's digest covered (provision.py)
 PROVISION_LOCK = ".provision.lock"  # held while a worker provisions the volume
+# the models jobs fetched (job_models.py): JSON {"version": 1, "models": {"<destination>/<filename>":
+# {"url", "sha256", "size" (bytes it takes on the volume: 0 for a link to a cached model), "added",
+# "last_used" (Unix seconds)}}}, replaced atomically, only while JOB_MODELS_LOCK is held
+JOB_MODELS_STATE = ".job-models.json"
+JOB_MODELS_LOCK = ".job-models.lock"
 
 # inside a node's git dir: install_nodes.py's state of that node (the commit it installed, its requirements)
 NODE_STATE = "comfy-worker-node.json"

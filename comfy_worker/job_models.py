@@ -1,0 +1,545 @@
+"""Models named in a job (input ``models``): fetched once onto the volume, verified, bounded on disk
+(docs/api.md, "Job models").
+
+Each entry (a config.yml model entry: ``url``, ``destination``, ``filename``, ``sha256``, ``size``) becomes
+``models/<destination>/<filename>`` before the workflow is queued:
+
+1. Hosts: every URL is checked before it is requested (``HostPolicy``): the entry's URL (and the hub it
+   stands for) before anything, then every hop the downloader makes, redirects included (its
+   ``headers_for`` is asked about each hop before the request). A host must be in ``JOB_MODEL_HOSTS``
+   (default: Hugging Face, CivitAI and their download hosts; ``*.name`` entries match every host under
+   ``name``), and a host that is, or resolves to, a loopback, private, link-local or other non-public
+   address is refused unless ``JOB_MODEL_HOSTS`` names it exactly. Xet files are fetched over the Hub's
+   plain HTTP redirect, so every hop goes through that check.
+2. In use: the job holds the file's in-use marker (model_use.py) from before it looks at the file until
+   the job ends, so no eviction or prune deletes a file a running job uses.
+3. Present: a file already there is used when it is the entry's (its sha256, when the entry gives one;
+   else the same url recorded for it, by a job or by comfy.lock.yml); any other file under that name (a
+   config model, another job's, one put there by hand) is never replaced: the job fails naming the clash.
+4. Fetch: under the per-target lock download_models.py uses (``models/.locks/<destination>/<name>.lock``),
+   so two jobs, two workers, or a provisioning run never write the same file: the second waits, then
+   finds it present. A Hugging Face file in a hub cache on the host (RunPod's cached models) is linked;
+   anything else goes through the provisioning downloader (http_download.py: ``.part``, resume, sha256
+   while the bytes arrive, tokens only to their own host, Hugging Face / CivitAI resolution), and is
+   renamed into place only once verified; a mismatch deletes the part.
+5. Bound: the job models are recorded in ``$VOLUME_ROOT/.job-models.json`` (state_files.py describes it)
+   with the bytes they take and their last use. Before a download whose size is known (after it, when it
+   was not), the least recently used job models that no running job uses and comfy.lock.yml does not
+   record (config models) are deleted until everything fits in ``JOB_MODELS_MAX_GB``. Downloads running at
+   the same moment are not counted against each other, so they may pass the bound by their own sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from comfy_worker import hf_cache, volume_lock
+from comfy_worker.config_schema import ModelEntry
+from comfy_worker.file_names import MAX_NAME_BYTES, safe_filename, url_filename
+from comfy_worker.http_download import (
+    ChecksumError,
+    Downloader,
+    DownloadError,
+    Interrupted,
+    Probe,
+    fsync_path,
+    same_host,
+)
+from comfy_worker.job_errors import JobError
+from comfy_worker.lock_file import atomic_write_text, read_lock_file
+from comfy_worker.log_setup import redact_urls, safe_url
+from comfy_worker.model_sources import CIVITAI, HUGGINGFACE, ModelSource, Sources, TokenPolicy, hf_file
+from comfy_worker.model_use import Uses, unused
+from comfy_worker.public_address import literal_problem, normal_host, resolved_problem, split_host_port
+from comfy_worker.settings import DEFAULT_JOB_MODEL_HOSTS, Settings
+from comfy_worker.state_files import JOB_MODELS_LOCK, JOB_MODELS_STATE
+
+log = logging.getLogger(__name__)
+
+HOSTS_SETTING = "JOB_MODEL_HOSTS"
+GB = 1000**3
+FETCHED, PRESENT, LINKED = "fetched", "present", "linked from cache"
+DISK_MARGIN = 64 << 20  # kept free beyond a download's remaining bytes, as provisioning does
+STOP_WAIT_S = 30.0  # after a timeout or cancel: how long the job waits for its downloads to wind down
+
+
+# ---- where a job may fetch from ----
+
+
+class HostRefused(DownloadError):
+    """A URL (the entry's, or a hop of it) that JOB_MODEL_HOSTS does not allow: never requested."""
+
+
+class HostPolicy:
+    """JOB_MODEL_HOSTS: ``host``, ``host:port`` and ``*.domain`` entries; ``default`` stands for the
+    default list. Entries the variable names exactly (not ``*.``, not ``default``) may be non-public."""
+
+    def __init__(self, entries: tuple[str, ...] | None):
+        self.shown = ",".join(entries) if entries is not None else ",".join(DEFAULT_JOB_MODEL_HOSTS)
+        self.exact: set[tuple[str, int | None]] = set()  # named by the user: may be a non-public address
+        self.listed: set[tuple[str, int | None]] = set()
+        self.suffixes: set[tuple[str, int | None]] = set()
+        for entry in DEFAULT_JOB_MODEL_HOSTS if entries is None else entries:
+            if entry.strip().lower() == "default":
+                self._add(DEFAULT_JOB_MODEL_HOSTS, explicit=False)
+            else:
+                self._add((entry,), explicit=entries is not None)
+
+    def _add(self, entries: tuple[str, ...], explicit: bool) -> None:
+        for entry in entries:
+            host, port = split_host_port(entry.strip())
+            if host.startswith("*."):
+                self.suffixes.add((host[2:], port))
+            else:
+                (self.exact if explicit else self.listed).add((host, port))
+
+    def problem(self, url: str) -> str | None:
+        """Why ``url`` may not be requested (one phrase), None when it may."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+        except ValueError:
+            return "it is not a valid URL"
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            return "it is not an http(s) URL with a host"
+        host = normal_host(parts.hostname)
+        if (host, None) in self.exact or (host, port) in self.exact:
+            return None
+        shown = f"{host}:{port}"
+        literal = literal_problem(host)
+        if literal:
+            return f"{shown} is a {literal} address"
+        listed = (host, None) in self.listed or (host, port) in self.listed
+        if not listed and not any(host.endswith("." + s) and p in (None, port) for s, p in self.suffixes):
+            return f"{shown} is not in {HOSTS_SETTING}"
+        try:
+            addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+        except OSError:
+            return None  # the request itself fails and says so
+        return resolved_problem(host, addresses)
+
+
+def refusal(index: int, entry_url: str, url: str, problem: str, policy: HostPolicy) -> str:
+    hop = "" if same_host(url, entry_url) else f" (it leads to {safe_url(url)})"
+    parts = urlsplit(url)
+    host = normal_host(parts.hostname or "?")
+    host = f"[{host}]" if ":" in host else host
+    try:
+        entry = f"{host}:{parts.port}" if parts.port else host
+    except ValueError:
+        entry = host
+    return (
+        f"models[{index}] ({safe_url(entry_url)}){hop} is refused: {problem}. A job fetches models only from "
+        f"the hosts in {HOSTS_SETTING} (now {policy.shown}), never from a loopback, private or link-local "
+        f"address unless that host is listed exactly; to allow it, add {entry} to {HOSTS_SETTING} on the "
+        "endpoint."
+    )
+
+
+# ---- the state file ----
+
+
+def _read_state(path: Path) -> dict[str, dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        models = data.get("models") if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
+
+
+def _write_state(path: Path, models: dict[str, dict]) -> None:
+    atomic_write_text(path, json.dumps({"version": 1, "models": models}, indent=1, sort_keys=True) + "\n")
+
+
+@dataclass
+class Report:
+    """One job model: where it is and how the job got it (the result's ``models``)."""
+
+    index: int
+    path: str  # destination/filename under models/
+    status: str  # fetched | present | linked from cache
+    bytes: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "status": self.status, "bytes": self.bytes, "seconds": round(self.seconds, 3)}
+
+
+class JobModels:
+    """Makes one job's models present (run on a thread: the downloader blocks). ``stop`` ends it."""
+
+    def __init__(self, settings: Settings, uses: Uses, stop: threading.Event, on_progress=None):
+        self.settings = settings
+        self.models_dir = settings.models_dir
+        self.state_path = settings.volume_root / JOB_MODELS_STATE
+        self.max_bytes = int(settings.job_models_max_gb * GB)
+        self.policy = HostPolicy(settings.job_model_hosts)
+        self.uses, self.stop = uses, stop
+        self.on_progress: Callable[[dict], None] = on_progress or (lambda event: None)
+        self.tokens = TokenPolicy(settings)
+        self.downloader = Downloader(
+            headers_for=self._headers_for,
+            connections=settings.download_connections,
+            retries=settings.download_retries,
+            backoff=settings.download_retry_backoff,
+            stop=stop,
+        )
+        self.sources = Sources(settings, self.downloader, self.tokens)
+        self._current: tuple[int, str] = (0, "")  # (index, entry url) of the entry being fetched
+
+    def _headers_for(self, url: str) -> dict[str, str]:
+        """The downloader asks this before every request, each redirect hop included."""
+        problem = self.policy.problem(url)
+        if problem:
+            index, entry_url = self._current
+            raise HostRefused(refusal(index, entry_url, url, problem, self.policy))
+        return self.tokens.headers_for(url)
+
+    def check_hosts(self, entries: list[ModelEntry]) -> None:
+        """Where each entry is first requested, before any request: the hub a Hugging Face or CivitAI URL is
+        fetched through (HF_ENDPOINT, CIVITAI_BASE_URL; huggingface.co and civitai.com by default), the URL
+        itself otherwise."""
+        for i, entry in enumerate(entries):
+            kind = self.sources.kind_of(entry.url)
+            url = {HUGGINGFACE: self.settings.hf_endpoint, CIVITAI: self.settings.civitai_base_url}.get(kind, entry.url)
+            problem = self.policy.problem(url)
+            if problem:
+                raise JobError(
+                    refusal(i, entry.url, url, problem, self.policy),
+                    {"model": i, "url": safe_url(entry.url), "refused": safe_url(url), "setting": HOSTS_SETTING},
+                )
+
+    def run(self, entries: list[ModelEntry]) -> list[Report]:
+        """Check the hosts of all entries, then make each present in turn; raises JobError."""
+        self.check_hosts(entries)
+        reports = []
+        for i, entry in enumerate(entries):
+            self._current = (i, entry.url)
+            started = time.monotonic()
+            try:
+                path, status, size = self._one(i, entry, len(entries))
+            except (volume_lock.Interrupted, Interrupted, InterruptedError):
+                raise JobError(f"models[{i}] ({safe_url(entry.url)}): stopped.", {"model": i}) from None
+            except HostRefused as err:
+                raise JobError(str(err), {"model": i, "url": safe_url(entry.url), "setting": HOSTS_SETTING}) from None
+            except ChecksumError as err:
+                raise JobError(_mismatch(i, entry, err), {"model": i, "url": safe_url(entry.url)}) from None
+            except (DownloadError, volume_lock.LockError, OSError) as err:
+                raise JobError(
+                    f"models[{i}] ({safe_url(entry.url)}) could not be fetched: {_one_line(err)}.",
+                    {"model": i, "url": safe_url(entry.url)},
+                ) from None
+            reports.append(Report(i, path, status, size, time.monotonic() - started))
+            log.info("job model %s: %s (%d bytes, %.1f s)", path, status, size, reports[-1].seconds)
+        return reports
+
+    # ---- one entry ----
+
+    def _one(self, i: int, entry: ModelEntry, total: int) -> tuple[str, str, int]:
+        source = probe = None
+        name = entry.filename or self._recorded_name(entry) or self.sources.offline_name(entry.url)
+        if name is None:
+            source, probe = self._resolve(entry)
+            name = source.name or probe.filename or url_filename(source.url) or url_filename(entry.url)
+        if not name or safe_filename(name) != name or len(name.encode()) > MAX_NAME_BYTES:
+            raise JobError(
+                f"models[{i}] ({safe_url(entry.url)}): no usable file name can be told for it; set 'filename'.",
+                {"model": i, "url": safe_url(entry.url)},
+            )
+        rel = f"{entry.destination}/{name}"
+        target = self.models_dir / rel
+        self.uses.hold(rel, self.stop)  # before looking: no eviction or prune deletes it from now on
+        if target.is_file():
+            return rel, PRESENT, self._present(i, entry, rel, target)
+        lock = volume_lock.acquire(
+            self.models_dir / ".locks" / f"{rel}.lock", f"another job or worker fetching {name}", stop=self.stop
+        )
+        try:
+            if target.is_file():  # fetched by another job or worker meanwhile
+                return rel, PRESENT, self._present(i, entry, rel, target)
+            if self._link_cached(entry, target):
+                self._record(rel, entry, self._sha_of_link(entry, target), 0)
+                return rel, LINKED, target.stat().st_size
+            if source is None:
+                source, probe = self._resolve(entry)
+            return rel, FETCHED, self._download(i, entry, rel, target, source, probe, total)
+        finally:
+            lock.release()
+
+    def _recorded_name(self, entry: ModelEntry) -> str | None:
+        """The file name an earlier job (or comfy.lock.yml) recorded for this url and destination: a job
+        naming a model by url alone finds it again without asking the server."""
+        for rel, rec in _read_state(self.state_path).items():
+            dest, _, name = rel.rpartition("/")
+            if dest == entry.destination and rec.get("url") == entry.url:
+                return name
+        for rec in read_lock_file(self.settings.lock_file).get("models") or []:
+            if isinstance(rec, dict) and rec.get("destination") == entry.destination and rec.get("url") == entry.url:
+                return rec.get("filename")
+        return None
+
+    def _resolve(self, entry: ModelEntry) -> tuple[ModelSource, Probe]:
+        source = self.sources.resolve(entry.url)
+        probe = self.downloader.probe(source.url, self.stop)
+        return source, probe
+
+    def _present(self, i: int, entry: ModelEntry, rel: str, target: Path) -> int:
+        """The size of the file already at ``target`` when it is the entry's; JobError naming the clash
+        otherwise (it is never replaced)."""
+        size = target.stat().st_size
+        job_rec = _read_state(self.state_path).get(rel)
+        dest, name = rel.rsplit("/", 1)
+        lock_rec = next(
+            (
+                r
+                for r in read_lock_file(self.settings.lock_file).get("models") or []
+                if isinstance(r, dict) and r.get("destination") == dest and r.get("filename") == name
+            ),
+            None,
+        )
+        whose = (
+            "a model of config.yml" if lock_rec else "another job's model" if job_rec else "a file put there by hand"
+        )
+        shown = safe_url(entry.url)
+        details = {"model": i, "url": shown, "path": rel, "clash": whose}
+        if entry.size is not None and size != entry.size:
+            raise JobError(
+                f"models[{i}] ({shown}): models/{rel} is already on the volume ({whose}) with {size} bytes, not the "
+                f"entry's size {entry.size}; a job never replaces a file: give the entry another 'filename' or "
+                "'destination'.",
+                details,
+            )
+        if entry.sha256:
+            known = [r.get("sha256") for r in (job_rec, lock_rec) if r and r.get("sha256") and r.get("size") == size]
+            digest = known[0] if known else hf_cache.sha256_of(target)
+            if digest != entry.sha256:
+                raise JobError(
+                    f"models[{i}] ({shown}): models/{rel} is already on the volume ({whose}) with other bytes "
+                    f"(sha256 {digest}, the entry asks for {entry.sha256}); a job never replaces a file: give the "
+                    "entry another 'filename' or 'destination'.",
+                    details,
+                )
+        elif not any(r and r.get("url") == entry.url for r in (job_rec, lock_rec)):
+            raise JobError(
+                f"models[{i}] ({shown}): models/{rel} is already on the volume ({whose}, not from this url) and the "
+                "entry gives no sha256 to show it is the same file; a job never replaces a file: give the entry "
+                "another 'filename' or 'destination', or the file's 'sha256' to use it.",
+                details,
+            )
+        if job_rec:
+            self._touch(rel)
+        return size
+
+    def _link_cached(self, entry: ModelEntry, target: Path) -> bool:
+        file = hf_file(entry.url) if self.sources.kind_of(entry.url) == HUGGINGFACE else None
+        found = hf_cache.find(file, self.settings.hf_cache_dirs) if file is not None else None
+        if found is None:
+            return False
+        if entry.size is not None and found.stat().st_size != entry.size:
+            return False
+        try:
+            hf_cache.link_into(found, target, entry.sha256 or hf_cache.blob_sha256(found))
+        except hf_cache.CacheMismatch as err:
+            log.warning("%s; downloading it instead", err)
+            return False
+        return True
+
+    def _sha_of_link(self, entry: ModelEntry, target: Path) -> str | None:
+        return entry.sha256 or hf_cache.blob_sha256(Path(os.path.realpath(target)))
+
+    def _download(self, i, entry: ModelEntry, rel: str, target: Path, source, probe, total: int) -> int:
+        size = entry.size if entry.size is not None else source.size if source.size is not None else probe.size
+        part = target.with_name(target.name + ".part")
+        if size is not None:
+            self._make_room(i, entry, rel, size)
+            self._check_disk(i, entry, part, size)
+        state = {"last": 0.0}
+
+        def progress(done: int, expected: int | None) -> None:
+            now = time.monotonic()
+            if now - state["last"] >= 0.5 or (expected and done >= expected):
+                state["last"] = now
+                self.on_progress(
+                    {"stage": "models", "model": rel, "bytes": done, "total": expected, "models_total": total}
+                )
+
+        result = self.downloader.fetch(
+            source.url,
+            part,
+            expected_size=size,
+            expected_sha256=entry.sha256 or source.sha256,
+            probe=probe,
+            progress=progress,
+            stop=self.stop,
+            source=entry.url,
+        )
+        os.replace(part, target)
+        fsync_path(target.parent)
+        self._record(rel, entry, result.sha256, result.size)
+        if size is None:  # now that its size is known: make room for it after the fact
+            try:
+                self._make_room(i, entry, rel, result.size)
+            except JobError as err:  # the file is here and whole: this job uses it
+                log.warning("%s", err.message)
+        return result.size
+
+    def _check_disk(self, i: int, entry: ModelEntry, part: Path, size: int) -> None:
+        """Fail at once when the rest of the file, plus ``DISK_MARGIN``, does not fit on the volume."""
+        part.parent.mkdir(parents=True, exist_ok=True)
+        need = size - (part.stat().st_size if part.exists() else 0) + DISK_MARGIN
+        free = shutil.disk_usage(part.parent).free
+        if need > free:
+            raise JobError(
+                f"models[{i}] ({safe_url(entry.url)}): not enough disk space in {part.parent}: it needs {need} bytes "
+                f"free (the file and a {DISK_MARGIN >> 20} MiB margin), {free} are free; free some space or use a "
+                "bigger volume (or a lower JOB_MODELS_MAX_GB).",
+                {"model": i, "url": safe_url(entry.url), "needed_bytes": need, "free_bytes": free},
+            )
+
+    # ---- the state file and the bound ----
+
+    def _state_lock(self):
+        return volume_lock.acquire(
+            self.settings.volume_root / JOB_MODELS_LOCK, "another job updating the job models", stop=self.stop
+        )
+
+    def _record(self, rel: str, entry: ModelEntry, sha256: str | None, size: int) -> None:
+        lock = self._state_lock()
+        try:
+            models = _read_state(self.state_path)
+            now = time.time()
+            models[rel] = {"url": entry.url, "sha256": sha256, "size": size, "added": now, "last_used": now}
+            _write_state(self.state_path, models)
+        finally:
+            lock.release()
+
+    def _touch(self, rel: str) -> None:
+        lock = self._state_lock()
+        try:
+            models = _read_state(self.state_path)
+            if rel in models:
+                models[rel]["last_used"] = time.time()
+                _write_state(self.state_path, models)
+        finally:
+            lock.release()
+
+    def _exists(self, rel: str) -> bool:
+        path = self.models_dir / rel
+        return path.is_file() or path.is_symlink()
+
+    def _make_room(self, i: int, entry: ModelEntry, rel: str, need: int) -> None:
+        """Delete least recently used job models (none in use, none config.yml's) until ``need`` more
+        bytes fit in JOB_MODELS_MAX_GB; JobError when they cannot."""
+        shown = safe_url(entry.url)
+        bound = f"JOB_MODELS_MAX_GB={self.settings.job_models_max_gb:g}"
+        if need > self.max_bytes:
+            raise JobError(
+                f"models[{i}] ({shown}) has {need} bytes, more than the job models may take ({bound}); raise "
+                "JOB_MODELS_MAX_GB on the endpoint, or put the model in config.yml.",
+                {"model": i, "url": shown, "bytes": need, "max_bytes": self.max_bytes},
+            )
+        lock = self._state_lock()
+        try:
+            models = _read_state(self.state_path)
+            config = {
+                f"{r.get('destination')}/{r.get('filename')}"
+                for r in read_lock_file(self.settings.lock_file).get("models") or []
+                if isinstance(r, dict)
+            }
+            for gone in [k for k in models if k != rel and not self._exists(k)]:
+                del models[gone]  # deleted by hand (or by prune): no longer taking space
+            mine = {k: v for k, v in models.items() if k not in config}  # a file config.yml names is never deleted
+            used = sum(int(v.get("size") or 0) for k, v in mine.items() if k != rel)
+            for old, rec in sorted(mine.items(), key=lambda kv: kv[1].get("last_used") or 0):
+                if used + need <= self.max_bytes:
+                    break
+                if old == rel:
+                    continue
+                with unused(self.models_dir, old) as free:
+                    if not free:
+                        continue
+                    (self.models_dir / old).unlink(missing_ok=True)
+                del models[old]
+                used -= int(rec.get("size") or 0)
+                log.info("job models: deleted %s (least recently used) to stay within %s", old, bound)
+            if used + need > self.max_bytes:
+                raise JobError(
+                    f"models[{i}] ({shown}) needs {need} bytes but the job models already take {used} of "
+                    f"{self.max_bytes} ({bound}) and those left are in use by running jobs; retry later, or raise "
+                    "JOB_MODELS_MAX_GB on the endpoint.",
+                    {"model": i, "url": shown, "bytes": need, "used_bytes": used, "max_bytes": self.max_bytes},
+                )
+            _write_state(self.state_path, models)
+        finally:
+            lock.release()
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(redact_urls(str(err) or type(err).__name__).split()).rstrip(".")
+
+
+def _mismatch(i: int, entry: ModelEntry, err: ChecksumError) -> str:
+    m = re.search(r"got ([0-9a-f]{64}), expected ([0-9a-f]{64})", str(err))
+    got, want = (m[1], m[2]) if m else ("?", entry.sha256)
+    said = "the entry's sha256" if entry.sha256 else "the sha256 its hub gives"
+    return (
+        f"models[{i}] ({safe_url(entry.url)}): sha256 mismatch: the downloaded file's sha256 is {got}, {said} is "
+        f"{want}; nothing was kept (check the url and the entry's 'sha256')."
+    )
+
+
+async def prepare(
+    entries: list[ModelEntry],
+    settings: Settings,
+    uses: Uses,
+    deadline: float,
+    timeout: float,
+    on_progress=None,
+) -> list[dict]:
+    """Make the job's models present before ``deadline`` (monotonic); the result's ``models`` list.
+    On the deadline or a cancel the downloads are stopped (their parts kept for the next job)."""
+    if settings.job_models_max_gb <= 0:
+        raise JobError(
+            "This endpoint does not take job models (JOB_MODELS_MAX_GB=0): remove 'models' from the input, or put "
+            "the models in config.yml, or set JOB_MODELS_MAX_GB on the endpoint.",
+            {"setting": "JOB_MODELS_MAX_GB"},
+        )
+    stop = threading.Event()
+    fetcher = JobModels(settings, uses, stop, on_progress)
+    future = asyncio.get_running_loop().run_in_executor(None, fetcher.run, entries)
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            reports = await asyncio.shield(future)
+    except TimeoutError:
+        stop.set()
+        await _wind_down(future)
+        raise JobError(
+            f"The job timed out after {timeout:g} s while its models were fetched; the workflow was not queued "
+            "(a partial download is kept and resumed by the next job that names it).",
+            {"timeout_s": timeout, "state": "models"},
+        ) from None
+    except BaseException:
+        stop.set()
+        await _wind_down(future)
+        raise
+    return [r.as_dict() for r in reports]
+
+
+async def _wind_down(future) -> None:
+    """Wait (bounded) for the stopped fetch, so its locks are released before the job ends."""
+    with contextlib.suppress(BaseException):  # its own error (the stop) is not this job's answer
+        await asyncio.wait_for(asyncio.shield(future), STOP_WAIT_S)
