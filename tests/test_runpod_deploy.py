@@ -180,6 +180,47 @@ def test_flashboot_off_is_sent_when_asked(fake, env, tmp_path, capsys):
     assert fake.sent("POST", "/v2/serverless")[0].json()["flashboot"] == "OFF"
 
 
+def test_workers_are_patched_whole_and_a_min_above_the_max_is_refused_before_any_write(fake, env, tmp_path, capsys):
+    """Only --workers-max given: the PATCH carries the whole block (min, idleTimeout kept as they are);
+    a minimum above the maximum (given, the endpoint's, or RunPod's default 3 on create) writes nothing."""
+    base = ["--endpoint", "w1", "--image", IMAGE, "--config", write_config(tmp_path)]
+    code, _, err = module(*base, "--workers-min", 5, capsys=capsys)  # RunPod's default max is 3
+    assert code == 2 and "workers would be min 5, max 3 (RunPod's default for a new one is min 0, max 3)" in err
+    assert fake.sent("POST", "/v2/") == []
+    assert module(*base, "--workers-min", 1, "--workers-max", 4, "--idle-timeout", 20, capsys=capsys)[0] == 0
+    code, out, err = module(*base, "--workers-max", 6, capsys=capsys)
+    assert code == 0, err
+    (patch,) = fake.sent("PATCH", "/v2/serverless/")
+    assert patch.json()["workers"] == {"min": 1, "max": 6, "idleTimeout": 20} and "workers max: 4 -> 6" in out
+    fake.requests.clear()
+    code, _, err = module(*base, "--workers-min", 8, capsys=capsys)
+    assert code == 2 and "workers would be min 8, max 6 (the endpoint 'w1' has min 1, max 6)" in err
+    assert [r.method for r in fake.requests] == ["GET"]  # looked up, nothing written
+
+
+def test_gpu_pools_are_upper_cased_and_an_unknown_one_is_warned_about(fake, env, tmp_path, capsys):
+    base = ["--endpoint", "g1", "--image", IMAGE, "--config", write_config(tmp_path)]
+    code, _, err = module(*base, "--gpu", "ada-24", capsys=capsys)
+    assert code == 2 and "--gpu 'ADA-24': give a RunPod GPU pool id, e.g. --gpu ADA_24" in err
+    code, _, err = module(*base, "--gpu", "ada_32_pro", "--gpu", "blackwell_96", capsys=capsys)
+    assert code == 0 and "warning" not in err, err
+    assert fake.sent("POST", "/v2/serverless")[0].json()["gpu"]["pools"] == ["ADA_32_PRO", "BLACKWELL_96"]
+    code, _, err = module(*base, "--gpu", "ADA_9000", "--dry-run", capsys=capsys)
+    assert code == 0 and "warning: --gpu ADA_9000: not among RunPod's documented GPU pools" in err
+
+
+def test_an_endpoint_named_with_runpods_old_flashboot_suffix_is_updated_not_doubled(fake, env, tmp_path, capsys):
+    """Endpoints made when RunPod marked FlashBoot with " -fb" on the name are the same endpoint."""
+    old = fake.create_endpoint(
+        {"name": "legacy -fb", "type": "QUEUE", "image": "old/image:1", "flashboot": "FLASHBOOT",
+         "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4}, "gpu": {"pools": ["ADA_24"]}}
+    )  # fmt: skip
+    code, out, err = module("--endpoint", "legacy", "--image", IMAGE, "--config", write_config(tmp_path), capsys=capsys)
+    assert code == 0, err
+    assert fake.sent("POST", "/v2/serverless") == [] and list(fake.endpoints) == [old["id"]]
+    assert f"endpoint legacy: updated (id {old['id']})" in out and fake.endpoints[old["id"]]["image"] == IMAGE
+
+
 # --- secrets --------------------------------------------------------------------------------------------
 def test_secrets_are_referenced_never_copied(fake, env, tmp_path, capsys):
     config = write_config(tmp_path)
@@ -235,6 +276,21 @@ def test_an_unreachable_api_names_the_url_and_the_cause(env, tmp_path, capsys, m
     assert code == 1 and out == ""
     assert err.startswith(f"error: cannot reach RunPod's API at http://127.0.0.1:{port}/v2/serverless: ")
     assert "refused" in err.lower() and "Traceback" not in err
+
+
+def test_odd_api_urls_and_answers_are_one_line_without_a_traceback(fake, env, tmp_path, capsys, monkeypatch):
+    """RUNPOD_API_URL without a scheme is refused before any request; one with a trailing /v2/ works;
+    an API answering JSON of another shape is one line, exit 1 (an exception would fail the test)."""
+    args = ["--endpoint", "u1", "--image", IMAGE, "--config", write_config(tmp_path)]
+    monkeypatch.setenv("RUNPOD_API_URL", fake.url.removeprefix("http://"))
+    code, _, err = module(*args, capsys=capsys)
+    assert code == 2 and "is not an API base URL: give one like https://api.runpod.io" in err and fake.requests == []
+    monkeypatch.setenv("RUNPOD_API_URL", fake.url + "/v2/")
+    assert module(*args, capsys=capsys)[0] == 0
+    assert {req.path for req in fake.requests} == {"/v2/serverless", "/v2/templates"}
+    fake.raw_answers[("GET", "/v2/serverless")] = (200, "application/json", b'[{"id": "x"}]')
+    code, _, err = module(*args, capsys=capsys)
+    assert code == 1 and err.startswith("error: RunPod answered GET /v2/serverless without a list of endpoints")
 
 
 def test_the_key_is_required_and_two_endpoints_of_one_name_are_refused(fake, env, tmp_path, capsys, monkeypatch):
