@@ -60,6 +60,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _CUDA = re.compile(r"^\d+\.\d+$")
 _POOL = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# a name that says it holds a credential (OPENAI_API_KEY, MY_PASSWORD, HUGGING_FACE_HUB_TOKEN, ...): --env
+# refuses it like the worker's own secrets, since a plain env value shows in the console and in the API
+_CREDENTIAL_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)")
 _MIN_SECRET_LEN = 8  # a local secret's value this long found in a body stops the run
 
 
@@ -149,7 +152,7 @@ def option_problems(args: argparse.Namespace) -> list[str]:
                 problems.append(f"{opt} {name or item!r}: write {opt} NAME=VALUE (NAME: letters, digits, _)")
             elif name == "CONFIG_YML":
                 problems.append(f"{opt} CONFIG_YML: deploy.sh sets CONFIG_YML from --config; pass the file there")
-            elif opt == "--env" and (is_secret_name(name) or name == "RUNPOD_API_KEY"):
+            elif opt == "--env" and (is_secret_name(name) or _CREDENTIAL_NAME.search(name.upper())):
                 problems.append(
                     f"--env {name}=...: {name} is a secret and is never copied from this machine: store it as a "
                     f"RunPod secret (console > Settings > Secrets) and pass --env-secret {name}=<secret name>"
@@ -418,7 +421,9 @@ def deploy(client: RunPodRest, want: Desired, settings: Settings) -> Outcome:
         if not body:
             return Outcome(current, "unchanged", [], template_id, template_action)
         check_no_local_secret(body, settings)
-        updated = client.update_endpoint(current["id"], {"templateId": template_id, **body})
+        if "image" in body or "env" in body:  # the template's container settings go with a container change
+            body = {"templateId": template_id, **body}
+        updated = client.update_endpoint(current["id"], body)
         return Outcome(updated, "updated", lines, template_id, template_action)
     except RestError as err:
         if template_action == "unchanged":

@@ -192,6 +192,7 @@ def test_workers_are_patched_whole_and_a_min_above_the_max_is_refused_before_any
     assert code == 0, err
     (patch,) = fake.sent("PATCH", "/v2/serverless/")
     assert patch.json()["workers"] == {"min": 1, "max": 6, "idleTimeout": 20} and "workers max: 4 -> 6" in out
+    assert set(patch.json()) == {"workers"}  # no templateId: it would re-apply the container (a new release)
     fake.requests.clear()
     code, _, err = module(*base, "--workers-min", 8, capsys=capsys)
     assert code == 2 and "workers would be min 8, max 6 (the endpoint 'w1' has min 1, max 6)" in err
@@ -227,6 +228,9 @@ def test_secrets_are_referenced_never_copied(fake, env, tmp_path, capsys):
     base = ["--endpoint", "e3", "--image", IMAGE, "--config", config]
     code, _, err = module(*base, "--env", "HF_TOKEN=hf_abc", capsys=capsys)
     assert code == 2 and "--env-secret HF_TOKEN=<secret name>" in err
+    for name in ("OPENAI_API_KEY", "HUGGING_FACE_HUB_TOKEN", "my_password", "S3_SECRET_KEY"):  # named as secrets
+        code, _, err = module(*base, "--env", f"{name}=abc", capsys=capsys)
+        assert code == 2 and f"--env {name}=...: {name} is a secret" in err
     code, _, err = module(*base, "--env", f"MY_SETTING={LOCAL_HF_TOKEN}", capsys=capsys)
     assert code == 2 and "the value of this machine's HF_TOKEN" in err and LOCAL_HF_TOKEN not in err
     assert fake.requests == []
