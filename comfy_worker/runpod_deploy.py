@@ -195,8 +195,12 @@ def desired(args: argparse.Namespace, config: Path) -> Desired:
 
 
 def check_no_local_secret(body: dict, settings: Settings) -> None:
-    """Refuse a request body that holds the value of a secret variable of this machine."""
+    """Refuse a request body that holds the value of a secret variable of this machine (in the config
+    too: ``CONFIG_YML`` is base64, so it is looked into decoded)."""
     text = json.dumps(body)
+    config_yml = (body.get("env") or {}).get("CONFIG_YML")
+    if config_yml:
+        text += base64.b64decode(config_yml).decode("utf-8", "replace")
     for name, value in settings.secret_items():
         if len(value) >= _MIN_SECRET_LEN and value in text:
             raise DeployError(

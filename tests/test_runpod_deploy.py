@@ -233,6 +233,11 @@ def test_secrets_are_referenced_never_copied(fake, env, tmp_path, capsys):
         assert code == 2 and f"--env {name}=...: {name} is a secret" in err
     code, _, err = module(*base, "--env", f"MY_SETTING={LOCAL_HF_TOKEN}", capsys=capsys)
     assert code == 2 and "the value of this machine's HF_TOKEN" in err and LOCAL_HF_TOKEN not in err
+    pasted = write_config(
+        tmp_path, [{"url": f"https://example.com/{LOCAL_HF_TOKEN}.safetensors", "destination": "loras"}], "pasted.yml"
+    )
+    code, _, err = module("--endpoint", "e3", "--image", IMAGE, "--config", pasted, capsys=capsys)
+    assert code == 2 and "the value of this machine's HF_TOKEN" in err and LOCAL_HF_TOKEN not in err  # base64 or not
     assert fake.requests == []
     code, _, err = module(*base, "--env-secret", "CIVITAI_TOKEN=civitai", capsys=capsys)
     assert code == 0, err
