@@ -159,9 +159,22 @@ def option_problems(args: argparse.Namespace) -> list[str]:
                 )
             elif opt == "--env-secret" and not _SECRET_NAME.match(value):
                 problems.append(f"--env-secret {name}={value!r}: name the RunPod secret (letters, digits, _ . -)")
-    if args.smoke_request and not Path(args.smoke_request).is_file():
-        problems.append(f"--smoke-request {args.smoke_request}: no such file")
+    if args.smoke_request:
+        problems += smoke_request_problems(Path(args.smoke_request))
     return problems
+
+
+def smoke_request_problems(path: Path) -> list[str]:
+    """--smoke-request FILE is checked before anything is deployed: a JSON object (a job: ``{"input": ...}``)."""
+    try:
+        job = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        return [f"--smoke-request {path}: {err.strerror or err}"]
+    except ValueError as err:
+        return [f'--smoke-request {path}: not JSON ({err}): give a job as RunPod takes it, {{"input": {{...}}}}']
+    if not isinstance(job, dict) or "input" not in job:
+        return [f'--smoke-request {path}: not a job: give a JSON object with "input", as RunPod takes it']
+    return []
 
 
 def config_env(config: Path, args: argparse.Namespace) -> dict[str, str]:

@@ -399,6 +399,15 @@ def test_smoke_sends_a_job_through_runsync_and_prints_latency_and_shape(fake, en
         "--endpoint", "e6", "--image", IMAGE, "--config", write_config(tmp_path), "--smoke", capsys=capsys
     )
     assert code == 1 and "smoke: FAILED" in err and "could not load the model" in err
+    fake.requests.clear()
+    for text, said in (("{oops", "not JSON ("), ('{"prompt": {}}', 'not a job: give a JSON object with "input"')):
+        (tmp_path / "job.json").write_text(text)
+        code, out, err = module(
+            "--endpoint", "e6", "--image", IMAGE, "--config", write_config(tmp_path),
+            "--smoke-request", tmp_path / "job.json", capsys=capsys,
+        )  # fmt: skip
+        assert code == 2 and f"error: --smoke-request {tmp_path / 'job.json'}: {said}" in err
+    assert fake.requests == []  # refused before deploying
 
 
 def test_an_invalid_config_is_refused_with_the_validate_only_messages_before_any_request(fake, env, tmp_path, capsys):
