@@ -382,6 +382,13 @@ def test_from_workflow_with_an_unknown_class_is_refused_before_any_request(fake,
     assert r.returncode == 1
     assert "NoSuchNodeAnywhere" in r.stderr and "nothing was sent to RunPod" in r.stderr
     assert fake.requests == [] and not (tmp_path / "odd.config.yml").exists()
+    missing = tmp_path / "missing.json"
+    r = deploy_sh(
+        "--endpoint", "odd", "--image", IMAGE, "--config", write_config(tmp_path),
+        "--from-workflow", workflow, "--from-workflow", missing, env=env,
+    )  # fmt: skip
+    assert r.returncode == 1 and f"  {missing}: cannot read the file (No such file or directory)" in r.stderr
+    assert fake.requests == []
 
 
 # --- --smoke --------------------------------------------------------------------------------------------
