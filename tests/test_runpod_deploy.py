@@ -423,3 +423,11 @@ def test_an_invalid_config_is_refused_with_the_validate_only_messages_before_any
     code, _, err = module("--endpoint", "e7", "--image", IMAGE, "--config", bad, capsys=capsys)
     assert code == 2 and f"error: {bad} is invalid (1 problem(s)):" in err and "destination" in err
     assert fake.requests == []
+
+
+def test_an_endpoint_answered_without_request_urls_gets_runpods_queue_urls():
+    """requestUrls is optional in RunPod's Endpoint schema: the URLs are then RunPod's pattern."""
+    assert runpod_deploy.request_urls({"id": "4m7x2k9q"}) == (
+        "https://api.runpod.ai/v2/4m7x2k9q/run",
+        "https://api.runpod.ai/v2/4m7x2k9q/runsync",
+    )
