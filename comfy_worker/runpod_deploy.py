@@ -159,6 +159,9 @@ def option_problems(args: argparse.Namespace) -> list[str]:
                 )
             elif opt == "--env-secret" and not _SECRET_NAME.match(value):
                 problems.append(f"--env-secret {name}={value!r}: name the RunPod secret (letters, digits, _ . -)")
+    names = [item.partition("=")[0] for item in (*args.env, *args.env_secret)]
+    for name in sorted({n for n in names if n and names.count(n) > 1}):
+        problems.append(f"{name} is given more than once (--env, --env-secret): give it once")
     if args.smoke_request:
         problems += smoke_request_problems(Path(args.smoke_request))
     return problems

@@ -228,6 +228,8 @@ def test_secrets_are_referenced_never_copied(fake, env, tmp_path, capsys):
     base = ["--endpoint", "e3", "--image", IMAGE, "--config", config]
     code, _, err = module(*base, "--env", "HF_TOKEN=hf_abc", capsys=capsys)
     assert code == 2 and "--env-secret HF_TOKEN=<secret name>" in err
+    code, _, err = module(*base, "--env", "MODE=a", "--env-secret", "MODE=b", capsys=capsys)
+    assert code == 2 and "MODE is given more than once (--env, --env-secret): give it once" in err
     for name in ("OPENAI_API_KEY", "HUGGING_FACE_HUB_TOKEN", "my_password", "S3_SECRET_KEY"):  # named as secrets
         code, _, err = module(*base, "--env", f"{name}=abc", capsys=capsys)
         assert code == 2 and f"--env {name}=...: {name} is a secret" in err
