@@ -374,7 +374,7 @@ def test_from_workflow_with_dry_run_writes_no_config_file_and_sends_nothing(fake
     assert "wrote" not in r.stdout and "CONFIG_YML" in r.stdout
 
 
-def test_from_workflow_with_an_unknown_class_is_refused_before_any_request(fake, env, tmp_path):
+def test_from_workflow_with_an_unknown_class_is_refused_before_any_request(fake, env, tmp_path, capsys):
     workflow = tmp_path / "odd.json"
     node = {"id": 1, "type": "NoSuchNodeAnywhere", "mode": 0, "properties": {}, "widgets_values": []}
     workflow.write_text(json.dumps({"last_node_id": 1, "nodes": [node], "links": []}))
@@ -385,11 +385,11 @@ def test_from_workflow_with_an_unknown_class_is_refused_before_any_request(fake,
     assert "NoSuchNodeAnywhere" in r.stderr and "nothing was sent to RunPod" in r.stderr
     assert fake.requests == [] and not (tmp_path / "odd.config.yml").exists()
     missing = tmp_path / "missing.json"
-    r = deploy_sh(
+    code, _, err = module(
         "--endpoint", "odd", "--image", IMAGE, "--config", write_config(tmp_path),
-        "--from-workflow", workflow, "--from-workflow", missing, env=env,
+        "--from-workflow", workflow, "--from-workflow", missing, capsys=capsys,
     )  # fmt: skip
-    assert r.returncode == 1 and f"  {missing}: cannot read the file (No such file or directory)" in r.stderr
+    assert code == 1 and f"  {missing}: cannot read the file (No such file or directory)" in err
     assert fake.requests == []
 
 
