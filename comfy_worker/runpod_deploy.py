@@ -622,6 +622,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         validated_config(config, settings, say_ok=True)
     want = desired(args, config)
     check_no_local_secret({"env": want.env}, settings)
+    if args.check_only:
+        return EXIT_OK
+    # said once, here: deploy.sh -t runs --check-only before the build and this run after the push
     unknown = [pool for pool in want.pools if pool not in KNOWN_POOLS]
     if unknown:
         print(
@@ -629,8 +632,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             "RunPod refuses a pool id it does not know (its ids: GET /v2/catalog/gpus, 'pool')",
             file=sys.stderr,
         )
-    if args.check_only:
-        return EXIT_OK
     if args.dry_run:
         dry_run(want, api_url)
         return EXIT_OK

@@ -208,6 +208,8 @@ def test_gpu_pools_are_upper_cased_and_an_unknown_one_is_warned_about(fake, env,
     assert fake.sent("POST", "/v2/serverless")[0].json()["gpu"]["pools"] == ["ADA_32_PRO", "BLACKWELL_96"]
     code, _, err = module(*base, "--gpu", "ADA_9000", "--dry-run", capsys=capsys)
     assert code == 0 and "warning: --gpu ADA_9000: not among RunPod's documented GPU pools" in err
+    code, _, err = module(*base, "--gpu", "ADA_9000", "--check-only", capsys=capsys)
+    assert code == 0 and "warning" not in err  # deploy.sh -t's check before the build: said once, after it
 
 
 def test_an_endpoint_named_with_runpods_old_flashboot_suffix_is_updated_not_doubled(fake, env, tmp_path, capsys):
