@@ -38,11 +38,18 @@ from pathlib import Path
 
 from comfy_worker.exit_codes import EXIT_FAILED, EXIT_INVALID, EXIT_OK
 from comfy_worker.log_setup import redact
-from comfy_worker.runpod_rest import RestError, RunPodRest
+from comfy_worker.runpod_rest import RestError, RunPodRest, api_base_url
 from comfy_worker.settings import Settings, is_secret_name
 
 FLASHBOOT_MODES = ("FLASHBOOT", "OFF", "PRIORITY_FLASHBOOT")
 DEFAULT_POOLS = ("ADA_24", "AMPERE_24")  # 24 GB cards: SDXL, FLUX.1 at fp8 (docs/runpod-guide.md)
+# RunPod's serverless GPU pools as its docs list them (references/gpu-types, flash's GpuGroup); the API
+# names no set (GET /v2/catalog/gpus, ``pool``), so another id is sent with a warning, not refused
+KNOWN_POOLS = (
+    "AMPERE_16", "AMPERE_24", "ADA_24", "ADA_32_PRO", "AMPERE_48", "ADA_48_PRO", "AMPERE_80", "ADA_80_PRO",
+    "BLACKWELL_96", "HOPPER_141", "BLACKWELL_180",
+)  # fmt: skip
+RUNPOD_DEFAULT_WORKERS = {"min": 0, "max": 3}  # what RunPod sets on create when workers are not given
 DEFAULT_MIN_CUDA = "12.8"  # the image's torch is built for CUDA 12.8
 DEFAULT_DISK_GB = 20
 SCALING = {"type": "QUEUE_DELAY", "queueDelay": 4}
@@ -52,6 +59,10 @@ SMOKE_POLL_S = 5.0
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 _CUDA = re.compile(r"^\d+\.\d+$")
+_POOL = re.compile(r"^[A-Z][A-Z0-9_]*$")
+# a name that says it holds a credential (OPENAI_API_KEY, MY_PASSWORD, HUGGING_FACE_HUB_TOKEN, ...): --env
+# refuses it like the worker's own secrets, since a plain env value shows in the console and in the API
+_CREDENTIAL_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)")
 _MIN_SECRET_LEN = 8  # a local secret's value this long found in a body stops the run
 
 
@@ -69,7 +80,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", required=True, metavar="NAME", help="the serverless endpoint to create or update")
     p.add_argument("--image", metavar="REF", help="the image, best by digest (REPO@sha256:...)")
     p.add_argument("--config", required=True, metavar="FILE", help="the config.yml shipped as CONFIG_YML")
-    p.add_argument("--gpu", action="append", default=[], metavar="POOL", help="a GPU pool (repeatable), e.g. ADA_24")
+    p.add_argument(
+        "--gpu",
+        action="append",
+        default=[],
+        metavar="POOL",
+        type=str.upper,
+        help="a GPU pool (repeatable), e.g. ADA_24",
+    )
     p.add_argument("--cuda", action="append", default=[], metavar="X.Y", help="an allowed CUDA version (repeatable)")
     p.add_argument("--network-volume", metavar="ID|NAME", help="the network volume, by id or name")
     p.add_argument("--flashboot", choices=FLASHBOOT_MODES, default="FLASHBOOT", type=str.upper)
@@ -111,6 +129,9 @@ def option_problems(args: argparse.Namespace) -> list[str]:
     problems = []
     if not args.endpoint.strip():
         problems.append("--endpoint needs a name")
+    for pool in args.gpu:
+        if not _POOL.match(pool):
+            problems.append(f"--gpu {pool!r}: give a RunPod GPU pool id, e.g. --gpu ADA_24 ({', '.join(KNOWN_POOLS)})")
     for v in args.cuda:
         if not _CUDA.match(v):
             problems.append(f"--cuda {v!r}: give a CUDA version as MAJOR.MINOR, e.g. --cuda 12.8")
@@ -131,16 +152,32 @@ def option_problems(args: argparse.Namespace) -> list[str]:
                 problems.append(f"{opt} {name or item!r}: write {opt} NAME=VALUE (NAME: letters, digits, _)")
             elif name == "CONFIG_YML":
                 problems.append(f"{opt} CONFIG_YML: deploy.sh sets CONFIG_YML from --config; pass the file there")
-            elif opt == "--env" and (is_secret_name(name) or name == "RUNPOD_API_KEY"):
+            elif opt == "--env" and (is_secret_name(name) or _CREDENTIAL_NAME.search(name.upper())):
                 problems.append(
                     f"--env {name}=...: {name} is a secret and is never copied from this machine: store it as a "
                     f"RunPod secret (console > Settings > Secrets) and pass --env-secret {name}=<secret name>"
                 )
             elif opt == "--env-secret" and not _SECRET_NAME.match(value):
                 problems.append(f"--env-secret {name}={value!r}: name the RunPod secret (letters, digits, _ . -)")
-    if args.smoke_request and not Path(args.smoke_request).is_file():
-        problems.append(f"--smoke-request {args.smoke_request}: no such file")
+    names = [item.partition("=")[0] for item in (*args.env, *args.env_secret)]
+    for name in sorted({n for n in names if n and names.count(n) > 1}):
+        problems.append(f"{name} is given more than once (--env, --env-secret): give it once")
+    if args.smoke_request:
+        problems += smoke_request_problems(Path(args.smoke_request))
     return problems
+
+
+def smoke_request_problems(path: Path) -> list[str]:
+    """--smoke-request FILE is checked before anything is deployed: a JSON object (a job: ``{"input": ...}``)."""
+    try:
+        job = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        return [f"--smoke-request {path}: {err.strerror or err}"]
+    except ValueError as err:
+        return [f'--smoke-request {path}: not JSON ({err}): give a job as RunPod takes it, {{"input": {{...}}}}']
+    if not isinstance(job, dict) or "input" not in job:
+        return [f'--smoke-request {path}: not a job: give a JSON object with "input", as RunPod takes it']
+    return []
 
 
 def config_env(config: Path, args: argparse.Namespace) -> dict[str, str]:
@@ -174,8 +211,12 @@ def desired(args: argparse.Namespace, config: Path) -> Desired:
 
 
 def check_no_local_secret(body: dict, settings: Settings) -> None:
-    """Refuse a request body that holds the value of a secret variable of this machine."""
+    """Refuse a request body that holds the value of a secret variable of this machine (in the config
+    too: ``CONFIG_YML`` is base64, so it is looked into decoded)."""
     text = json.dumps(body)
+    config_yml = (body.get("env") or {}).get("CONFIG_YML")
+    if config_yml:
+        text += base64.b64decode(config_yml).decode("utf-8", "replace")
     for name, value in settings.secret_items():
         if len(value) >= _MIN_SECRET_LEN and value in text:
             raise DeployError(
@@ -266,13 +307,37 @@ def endpoint_changes(want: Desired, current: dict) -> tuple[dict, list[str]]:
         lines.append(f"network volume: {', '.join(current.get('networkVolumes') or []) or 'none'} -> {want.volume_id}")
     workers_now = current.get("workers") or {}
     changed_workers = {k: v for k, v in want.workers.items() if workers_now.get(k) != v}
-    if changed_workers:
-        body["workers"] = changed_workers
+    if changed_workers:  # the whole block, so that no PATCH semantics can reset what was not given
+        body["workers"] = merged_workers(want, current)
         lines += [f"workers {k}: {workers_now.get(k)} -> {v}" for k, v in changed_workers.items()]
     if want.timeout_ms is not None and current.get("timeout") != want.timeout_ms:
         body["timeout"] = want.timeout_ms
         lines.append(f"execution timeout: {_seconds(current.get('timeout'))} -> {_seconds(want.timeout_ms)}")
     return body, lines
+
+
+def merged_workers(want: Desired, current: dict | None) -> dict:
+    """The endpoint's workers block once ``want``'s are applied (to RunPod's defaults on create);
+    DeployError when its min would be above its max (RunPod would refuse it after the template is written)."""
+    now = (current or {}).get("workers") or RUNPOD_DEFAULT_WORKERS
+    merged = {k: v for k, v in {**now, **want.workers}.items() if k in ("min", "max", "idleTimeout")}
+    low, high = merged.get("min"), merged.get("max")
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        now_said = (
+            f"the endpoint {want.name!r} has {_shown_workers(now)}"
+            if current
+            else (f"RunPod's default for a new one is {_shown_workers(now)}")
+        )
+        raise DeployError(
+            f"error: the endpoint's workers would be min {low}, max {high} ({now_said}): give --workers-min and "
+            "--workers-max together, the minimum at most the maximum",
+            EXIT_INVALID,
+        )
+    return merged
+
+
+def _shown_workers(workers: dict) -> str:
+    return f"min {workers.get('min')}, max {workers.get('max')}"
 
 
 def env_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
@@ -308,8 +373,11 @@ class Outcome:
     template_action: str
 
 
-def _one_named(items: list[dict], name: str, what: str, fix: str) -> dict | None:
-    found = [i for i in items if i.get("name") == name]
+LEGACY_FLASHBOOT_SUFFIX = " -fb"  # RunPod once marked a FlashBoot endpoint by this suffix on its name
+
+
+def _one_named(items: list[dict], name: str, what: str, fix: str, *aliases: str) -> dict | None:
+    found = [i for i in items if i.get("name") in (name, *aliases)]
     if len(found) > 1:
         ids = ", ".join(str(i.get("id")) for i in found)
         raise DeployError(f"{len(found)} {what}s are named {name!r} ({ids}): {fix}")
@@ -353,12 +421,14 @@ def deploy(client: RunPodRest, want: Desired, settings: Settings) -> Outcome:
     """Look up, then create or update: the template first, the endpoint second. An endpoint refused
     after the template was written is said (the next run reuses the template)."""
     fix = "deploy.sh updates one endpoint in place: delete or rename the others in the console"
-    current = _one_named(client.list_endpoints(), want.name, "endpoint", fix)
+    current = _one_named(client.list_endpoints(), want.name, "endpoint", fix, want.name + LEGACY_FLASHBOOT_SUFFIX)
     if current is not None and current.get("type") == "LOAD_BALANCER":
         raise DeployError(
             f"the endpoint {want.name!r} ({current['id']}) is a load-balancing endpoint; this worker "
             "takes jobs from a queue: choose another --endpoint name"
         )
+    if want.workers:
+        merged_workers(want, current)  # a min above the max is refused before anything is written
     if want.volume:
         want.volume_id = resolve_volume(client, want.volume)
     template_id, template_action = upsert_template(client, want)
@@ -371,7 +441,9 @@ def deploy(client: RunPodRest, want: Desired, settings: Settings) -> Outcome:
         if not body:
             return Outcome(current, "unchanged", [], template_id, template_action)
         check_no_local_secret(body, settings)
-        updated = client.update_endpoint(current["id"], {"templateId": template_id, **body})
+        if "image" in body or "env" in body:  # the template's container settings go with a container change
+            body = {"templateId": template_id, **body}
+        updated = client.update_endpoint(current["id"], body)
         return Outcome(updated, "updated", lines, template_id, template_action)
     except RestError as err:
         if template_action == "unchanged":
@@ -457,17 +529,21 @@ def result_shape(output) -> str:
     return "; ".join(parts) or "empty"
 
 
+def _job(answer) -> dict:
+    return answer if isinstance(answer, dict) else {"status": f"not a job's status: {type(answer).__name__}"}
+
+
 def smoke(client: RunPodRest, endpoint: dict, request_file: Path) -> int:
     """One job through ``/runsync`` (polling ``/status`` while it is queued): latency and shape."""
     job = json.loads(request_file.read_text(encoding="utf-8"))
     _, runsync = request_urls(endpoint)
     print(f"smoke: sending {request_file.name} to {runsync}", flush=True)
     start = time.monotonic()
-    answer = client.post_url(runsync, job, timeout=SMOKE_TIMEOUT_S) or {}
+    answer = _job(client.post_url(runsync, job, timeout=SMOKE_TIMEOUT_S))
     status_url = (endpoint.get("requestUrls") or {}).get("status") or runsync.rsplit("/", 1)[0] + "/status/{job_id}"
     while answer.get("status") in ("IN_QUEUE", "IN_PROGRESS") and time.monotonic() - start < SMOKE_TIMEOUT_S:
         time.sleep(SMOKE_POLL_S)
-        answer = client.get_url(status_url.replace("{job_id}", str(answer.get("id"))), timeout=60) or {}
+        answer = _job(client.get_url(status_url.replace("{job_id}", str(answer.get("id"))), timeout=60))
     took = time.monotonic() - start
     status = answer.get("status")
     output = answer.get("output")
@@ -527,6 +603,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     problems = option_problems(args)
     if not args.image and not args.check_only:
         problems.append("--image REF is required (or -t IMAGE to build and push one)")
+    try:
+        api_url = api_base_url(settings.runpod_api_url)
+    except ValueError as err:
+        problems.append(str(err))
     if problems:
         raise DeployError([f"error: {p}" for p in problems], EXIT_INVALID)
     if not settings.runpod_api_key and not args.dry_run:
@@ -544,10 +624,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     check_no_local_secret({"env": want.env}, settings)
     if args.check_only:
         return EXIT_OK
+    # said once, here: deploy.sh -t runs --check-only before the build and this run after the push
+    unknown = [pool for pool in want.pools if pool not in KNOWN_POOLS]
+    if unknown:
+        print(
+            f"warning: --gpu {', '.join(unknown)}: not among RunPod's documented GPU pools ({', '.join(KNOWN_POOLS)}); "
+            "RunPod refuses a pool id it does not know (its ids: GET /v2/catalog/gpus, 'pool')",
+            file=sys.stderr,
+        )
     if args.dry_run:
-        dry_run(want, settings.runpod_api_url)
+        dry_run(want, api_url)
         return EXIT_OK
-    client = RunPodRest(settings.runpod_api_url, settings.runpod_api_key or "")
+    client = RunPodRest(api_url, settings.runpod_api_key or "")
     if "@sha256:" not in want.image:
         print(
             f"warning: --image {want.image} is a tag: workers may pull different builds; deploy by digest "

@@ -1224,11 +1224,16 @@ def config_for_workflows(workflows: list[str], config: Path, settings: Settings)
 
     try:
         cfg = load_selected_config(str(config), settings)[0]
-        wfs = [read_workflow(p) for p in workflows]
     except ConfigError as err:
         return "", [f"{err.source} is invalid: {p}" for p in err.problems], []
-    except Unreadable as err:
-        return "", [str(err)], []
+    wfs, unreadable = [], []
+    for path in workflows:
+        try:
+            wfs.append(read_workflow(path))
+        except Unreadable as err:
+            unreadable.append(f"{path}: {err}")
+    if unreadable:
+        return "", unreadable, []
     packs = Packs(settings, offline=False)
     try:
         checked = check(wfs, cfg, str(config), None, False, packs)

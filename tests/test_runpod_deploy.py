@@ -180,14 +180,68 @@ def test_flashboot_off_is_sent_when_asked(fake, env, tmp_path, capsys):
     assert fake.sent("POST", "/v2/serverless")[0].json()["flashboot"] == "OFF"
 
 
+def test_workers_are_patched_whole_and_a_min_above_the_max_is_refused_before_any_write(fake, env, tmp_path, capsys):
+    """Only --workers-max given: the PATCH carries the whole block (min, idleTimeout kept as they are);
+    a minimum above the maximum (given, the endpoint's, or RunPod's default 3 on create) writes nothing."""
+    base = ["--endpoint", "w1", "--image", IMAGE, "--config", write_config(tmp_path)]
+    code, _, err = module(*base, "--workers-min", 5, capsys=capsys)  # RunPod's default max is 3
+    assert code == 2 and "workers would be min 5, max 3 (RunPod's default for a new one is min 0, max 3)" in err
+    assert fake.sent("POST", "/v2/") == []
+    assert module(*base, "--workers-min", 1, "--workers-max", 4, "--idle-timeout", 20, capsys=capsys)[0] == 0
+    code, out, err = module(*base, "--workers-max", 6, capsys=capsys)
+    assert code == 0, err
+    (patch,) = fake.sent("PATCH", "/v2/serverless/")
+    assert patch.json()["workers"] == {"min": 1, "max": 6, "idleTimeout": 20} and "workers max: 4 -> 6" in out
+    assert set(patch.json()) == {"workers"}  # no templateId: it would re-apply the container (a new release)
+    fake.requests.clear()
+    code, _, err = module(*base, "--workers-min", 8, capsys=capsys)
+    assert code == 2 and "workers would be min 8, max 6 (the endpoint 'w1' has min 1, max 6)" in err
+    assert [r.method for r in fake.requests] == ["GET"]  # looked up, nothing written
+
+
+def test_gpu_pools_are_upper_cased_and_an_unknown_one_is_warned_about(fake, env, tmp_path, capsys):
+    base = ["--endpoint", "g1", "--image", IMAGE, "--config", write_config(tmp_path)]
+    code, _, err = module(*base, "--gpu", "ada-24", capsys=capsys)
+    assert code == 2 and "--gpu 'ADA-24': give a RunPod GPU pool id, e.g. --gpu ADA_24" in err
+    code, _, err = module(*base, "--gpu", "ada_32_pro", "--gpu", "blackwell_96", capsys=capsys)
+    assert code == 0 and "warning" not in err, err
+    assert fake.sent("POST", "/v2/serverless")[0].json()["gpu"]["pools"] == ["ADA_32_PRO", "BLACKWELL_96"]
+    code, _, err = module(*base, "--gpu", "ADA_9000", "--dry-run", capsys=capsys)
+    assert code == 0 and "warning: --gpu ADA_9000: not among RunPod's documented GPU pools" in err
+    code, _, err = module(*base, "--gpu", "ADA_9000", "--check-only", capsys=capsys)
+    assert code == 0 and "warning" not in err  # deploy.sh -t's check before the build: said once, after it
+
+
+def test_an_endpoint_named_with_runpods_old_flashboot_suffix_is_updated_not_doubled(fake, env, tmp_path, capsys):
+    """Endpoints made when RunPod marked FlashBoot with " -fb" on the name are the same endpoint."""
+    old = fake.create_endpoint(
+        {"name": "legacy -fb", "type": "QUEUE", "image": "old/image:1", "flashboot": "FLASHBOOT",
+         "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4}, "gpu": {"pools": ["ADA_24"]}}
+    )  # fmt: skip
+    code, out, err = module("--endpoint", "legacy", "--image", IMAGE, "--config", write_config(tmp_path), capsys=capsys)
+    assert code == 0, err
+    assert fake.sent("POST", "/v2/serverless") == [] and list(fake.endpoints) == [old["id"]]
+    assert f"endpoint legacy: updated (id {old['id']})" in out and fake.endpoints[old["id"]]["image"] == IMAGE
+
+
 # --- secrets --------------------------------------------------------------------------------------------
 def test_secrets_are_referenced_never_copied(fake, env, tmp_path, capsys):
     config = write_config(tmp_path)
     base = ["--endpoint", "e3", "--image", IMAGE, "--config", config]
     code, _, err = module(*base, "--env", "HF_TOKEN=hf_abc", capsys=capsys)
     assert code == 2 and "--env-secret HF_TOKEN=<secret name>" in err
+    code, _, err = module(*base, "--env", "MODE=a", "--env-secret", "MODE=b", capsys=capsys)
+    assert code == 2 and "MODE is given more than once (--env, --env-secret): give it once" in err
+    for name in ("OPENAI_API_KEY", "HUGGING_FACE_HUB_TOKEN", "my_password", "S3_SECRET_KEY"):  # named as secrets
+        code, _, err = module(*base, "--env", f"{name}=abc", capsys=capsys)
+        assert code == 2 and f"--env {name}=...: {name} is a secret" in err
     code, _, err = module(*base, "--env", f"MY_SETTING={LOCAL_HF_TOKEN}", capsys=capsys)
     assert code == 2 and "the value of this machine's HF_TOKEN" in err and LOCAL_HF_TOKEN not in err
+    pasted = write_config(
+        tmp_path, [{"url": f"https://example.com/{LOCAL_HF_TOKEN}.safetensors", "destination": "loras"}], "pasted.yml"
+    )
+    code, _, err = module("--endpoint", "e3", "--image", IMAGE, "--config", pasted, capsys=capsys)
+    assert code == 2 and "the value of this machine's HF_TOKEN" in err and LOCAL_HF_TOKEN not in err  # base64 or not
     assert fake.requests == []
     code, _, err = module(*base, "--env-secret", "CIVITAI_TOKEN=civitai", capsys=capsys)
     assert code == 0, err
@@ -235,6 +289,21 @@ def test_an_unreachable_api_names_the_url_and_the_cause(env, tmp_path, capsys, m
     assert code == 1 and out == ""
     assert err.startswith(f"error: cannot reach RunPod's API at http://127.0.0.1:{port}/v2/serverless: ")
     assert "refused" in err.lower() and "Traceback" not in err
+
+
+def test_odd_api_urls_and_answers_are_one_line_without_a_traceback(fake, env, tmp_path, capsys, monkeypatch):
+    """RUNPOD_API_URL without a scheme is refused before any request; one with a trailing /v2/ works;
+    an API answering JSON of another shape is one line, exit 1 (an exception would fail the test)."""
+    args = ["--endpoint", "u1", "--image", IMAGE, "--config", write_config(tmp_path)]
+    monkeypatch.setenv("RUNPOD_API_URL", fake.url.removeprefix("http://"))
+    code, _, err = module(*args, capsys=capsys)
+    assert code == 2 and "is not an API base URL: give one like https://api.runpod.io" in err and fake.requests == []
+    monkeypatch.setenv("RUNPOD_API_URL", fake.url + "/v2/")
+    assert module(*args, capsys=capsys)[0] == 0
+    assert {req.path for req in fake.requests} == {"/v2/serverless", "/v2/templates"}
+    fake.raw_answers[("GET", "/v2/serverless")] = (200, "application/json", b'[{"id": "x"}]')
+    code, _, err = module(*args, capsys=capsys)
+    assert code == 1 and err.startswith("error: RunPod answered GET /v2/serverless without a list of endpoints")
 
 
 def test_the_key_is_required_and_two_endpoints_of_one_name_are_refused(fake, env, tmp_path, capsys, monkeypatch):
@@ -307,7 +376,7 @@ def test_from_workflow_with_dry_run_writes_no_config_file_and_sends_nothing(fake
     assert "wrote" not in r.stdout and "CONFIG_YML" in r.stdout
 
 
-def test_from_workflow_with_an_unknown_class_is_refused_before_any_request(fake, env, tmp_path):
+def test_from_workflow_with_an_unknown_class_is_refused_before_any_request(fake, env, tmp_path, capsys):
     workflow = tmp_path / "odd.json"
     node = {"id": 1, "type": "NoSuchNodeAnywhere", "mode": 0, "properties": {}, "widgets_values": []}
     workflow.write_text(json.dumps({"last_node_id": 1, "nodes": [node], "links": []}))
@@ -317,6 +386,13 @@ def test_from_workflow_with_an_unknown_class_is_refused_before_any_request(fake,
     assert r.returncode == 1
     assert "NoSuchNodeAnywhere" in r.stderr and "nothing was sent to RunPod" in r.stderr
     assert fake.requests == [] and not (tmp_path / "odd.config.yml").exists()
+    missing = tmp_path / "missing.json"
+    code, _, err = module(
+        "--endpoint", "odd", "--image", IMAGE, "--config", write_config(tmp_path),
+        "--from-workflow", workflow, "--from-workflow", missing, capsys=capsys,
+    )  # fmt: skip
+    assert code == 1 and f"  {missing}: cannot read the file (No such file or directory)" in err
+    assert fake.requests == []
 
 
 # --- --smoke --------------------------------------------------------------------------------------------
@@ -334,6 +410,15 @@ def test_smoke_sends_a_job_through_runsync_and_prints_latency_and_shape(fake, en
         "--endpoint", "e6", "--image", IMAGE, "--config", write_config(tmp_path), "--smoke", capsys=capsys
     )
     assert code == 1 and "smoke: FAILED" in err and "could not load the model" in err
+    fake.requests.clear()
+    for text, said in (("{oops", "not JSON ("), ('{"prompt": {}}', 'not a job: give a JSON object with "input"')):
+        (tmp_path / "job.json").write_text(text)
+        code, out, err = module(
+            "--endpoint", "e6", "--image", IMAGE, "--config", write_config(tmp_path),
+            "--smoke-request", tmp_path / "job.json", capsys=capsys,
+        )  # fmt: skip
+        assert code == 2 and f"error: --smoke-request {tmp_path / 'job.json'}: {said}" in err
+    assert fake.requests == []  # refused before deploying
 
 
 def test_an_invalid_config_is_refused_with_the_validate_only_messages_before_any_request(fake, env, tmp_path, capsys):
@@ -342,3 +427,11 @@ def test_an_invalid_config_is_refused_with_the_validate_only_messages_before_any
     code, _, err = module("--endpoint", "e7", "--image", IMAGE, "--config", bad, capsys=capsys)
     assert code == 2 and f"error: {bad} is invalid (1 problem(s)):" in err and "destination" in err
     assert fake.requests == []
+
+
+def test_an_endpoint_answered_without_request_urls_gets_runpods_queue_urls():
+    """requestUrls is optional in RunPod's Endpoint schema: the URLs are then RunPod's pattern."""
+    assert runpod_deploy.request_urls({"id": "4m7x2k9q"}) == (
+        "https://api.runpod.ai/v2/4m7x2k9q/run",
+        "https://api.runpod.ai/v2/4m7x2k9q/runsync",
+    )

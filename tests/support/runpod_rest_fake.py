@@ -22,7 +22,10 @@ from referencing.jsonschema import DRAFT202012
 from support.local_http import QuietHandler
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "data" / "runpod_rest_v2.json"
-POOLS = ("ADA_24", "AMPERE_16", "AMPERE_24", "AMPERE_48", "ADA_48_PRO", "AMPERE_80", "ADA_80_PRO", "HOPPER_141")
+POOLS = (
+    "AMPERE_16", "AMPERE_24", "ADA_24", "ADA_32_PRO", "AMPERE_48", "ADA_48_PRO", "AMPERE_80", "ADA_80_PRO",
+    "BLACKWELL_96", "HOPPER_141", "BLACKWELL_180",
+)  # fmt: skip
 CREATED_AT = "2026-12-01T12:00:00Z"
 PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 
@@ -71,6 +74,8 @@ class RunPodRestFake:
         self.endpoints: dict[str, dict] = {}
         self.requests: list[Request] = []
         self.invalid: list[str] = []  # request bodies (and our own answers) that broke the schema
+        # (method, path) -> (status, content type, raw body): what a broken API or a proxy answers instead
+        self.raw_answers: dict[tuple[str, str], tuple[int, str, bytes]] = {}
         self.job_answer = {
             "status": "COMPLETED",
             "output": {"images": [{"type": "base64", "filename": "a.png", "data": PNG_1PX}]},
@@ -216,6 +221,22 @@ class RunPodRestFake:
                 return 200, {"id": parts[3], **self.job_answer}
         raise Problem(404, "Not Found", f"no route {method} {path}")
 
+    def answer_http(self, method: str, path: str, authorization: str | None, raw: bytes) -> tuple[int, str, bytes]:
+        """(status, content type, body) for one request: a configured raw answer, else the API's."""
+        if (method, path) in self.raw_answers:
+            return self.raw_answers[(method, path)]
+        try:
+            if authorization != f"Bearer {self.api_key}":
+                raise Problem(401, "Unauthorized", "invalid bearer token")
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                raise Problem(400, "Bad Request", "the body is not JSON") from None
+            status, answer = self.route(method, path, body)
+            return status, "application/json", json.dumps(answer).encode()
+        except Problem as problem:
+            return problem.status, "application/problem+json", json.dumps(problem.doc).encode()
+
     def _handler(self):
         fake = self
 
@@ -224,18 +245,9 @@ class RunPodRestFake:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with fake._lock:
                     fake.requests.append(Request(self.command, self.path, dict(self.headers), raw))
-                    try:
-                        if self.headers.get("Authorization") != f"Bearer {fake.api_key}":
-                            raise Problem(401, "Unauthorized", "invalid bearer token")
-                        try:
-                            body = json.loads(raw) if raw else None
-                        except ValueError:
-                            raise Problem(400, "Bad Request", "the body is not JSON") from None
-                        status, answer = fake.route(self.command, self.path, body)
-                        ctype = "application/json"
-                    except Problem as problem:
-                        status, answer, ctype = problem.status, problem.doc, "application/problem+json"
-                data = json.dumps(answer).encode()
+                    status, ctype, data = fake.answer_http(
+                        self.command, self.path, self.headers.get("Authorization"), raw
+                    )
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
