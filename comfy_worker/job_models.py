@@ -46,6 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import requests
+import urllib3
+
 from comfy_worker import hf_cache, volume_lock
 from comfy_worker.config_schema import ModelEntry
 from comfy_worker.file_names import MAX_NAME_BYTES, safe_filename, url_filename
@@ -63,7 +66,7 @@ from comfy_worker.lock_file import atomic_write_text, read_lock_file
 from comfy_worker.log_setup import redact_urls, safe_url
 from comfy_worker.model_sources import CIVITAI, HUGGINGFACE, ModelSource, Sources, TokenPolicy, hf_file
 from comfy_worker.model_use import Uses, unused
-from comfy_worker.public_address import literal_problem, normal_host, resolved_problem, split_host_port
+from comfy_worker.public_address import address_problem, literal_problem, normal_host, resolved_problem, split_host_port
 from comfy_worker.settings import DEFAULT_JOB_MODEL_HOSTS, Settings
 from comfy_worker.state_files import JOB_MODELS_LOCK, JOB_MODELS_STATE
 
@@ -116,12 +119,16 @@ class HostPolicy:
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             return "it is not an http(s) URL with a host"
         host = normal_host(parts.hostname)
-        if (host, None) in self.exact or (host, port) in self.exact:
+        requested = _requested_host(url)
+        if requested != (host, parts.port):
+            other = f"{requested[0]}:{requested[1] or port}" if requested else "no host it can parse"
+            return f"it is not a well-formed URL: the HTTP client would connect to {other}, not {host}:{port}"
+        if self.listed_exactly(host, port):
             return None
         shown = f"{host}:{port}"
         literal = literal_problem(host)
         if literal:
-            return f"{shown} is a {literal} address"
+            return f"{shown} is {'an' if literal[0] in 'aeiou' else 'a'} {literal} address"
         listed = (host, None) in self.listed or (host, port) in self.listed
         if not listed and not any(host.endswith("." + s) and p in (None, port) for s, p in self.suffixes):
             return f"{shown} is not in {HOSTS_SETTING}"
@@ -130,6 +137,62 @@ class HostPolicy:
         except OSError:
             return None  # the request itself fails and says so
         return resolved_problem(host, addresses)
+
+    def listed_exactly(self, host: str, port: int | None) -> bool:
+        """Named by the user in JOB_MODEL_HOSTS (host or host:port): may be a non-public address."""
+        host = normal_host(host)
+        return (host, None) in self.exact or (host, port) in self.exact
+
+
+def _requested_host(url: str) -> tuple[str, int | None] | None:
+    """The host and port requests will connect to for ``url`` (None when it cannot parse it). Where this
+    differs from ``urlsplit``'s reading (``http://127.0.0.1\\@huggingface.co/``), the check would judge one
+    host and the request go to another."""
+    try:
+        prepared = requests.PreparedRequest()
+        prepared.prepare_url(url, None)
+        parsed = urllib3.util.parse_url(prepared.url)
+    except (ValueError, requests.RequestException, urllib3.exceptions.HTTPError):
+        return None
+    return normal_host(parsed.host or ""), parsed.port
+
+
+class _PeerCheckedDownloader(Downloader):
+    """The provisioning downloader whose every new connection is checked once made, before a byte is sent:
+    ``check_peer(host, port, address)`` raises when the address connected to may not be reached. The
+    policy's own DNS answer can differ from the one the connection gets (DNS rebinding, a short TTL); the
+    connected address cannot. Connections through a proxy (HTTP(S)_PROXY) are not checked: the proxy
+    resolves the host."""
+
+    def __init__(self, check_peer: Callable[[str, int, str], None], **kwargs):
+        super().__init__(**kwargs)
+        self._check_peer = check_peer
+
+    def session(self) -> requests.Session:
+        s = super().session()
+        if not getattr(s, "peer_checked", False):
+            for adapter in s.adapters.values():
+                manager = adapter.poolmanager
+                manager.pool_classes_by_scheme = {
+                    scheme: _peer_checked_pool(pool, self._check_peer)
+                    for scheme, pool in manager.pool_classes_by_scheme.items()
+                }
+            s.peer_checked = True  # type: ignore[attr-defined]
+        return s
+
+
+def _peer_checked_pool(pool_cls, check_peer):
+    class PeerChecked(pool_cls.ConnectionCls):
+        def _new_conn(self):
+            sock = super()._new_conn()
+            try:
+                check_peer(self.host, self.port, sock.getpeername()[0])
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+    return type(pool_cls.__name__, (pool_cls,), {"ConnectionCls": PeerChecked})
 
 
 def refusal(index: int, entry_url: str, url: str, problem: str, policy: HostPolicy) -> str:
@@ -191,7 +254,9 @@ class JobModels:
         self.uses, self.stop = uses, stop
         self.on_progress: Callable[[dict], None] = on_progress or (lambda event: None)
         self.tokens = TokenPolicy(settings)
-        self.downloader = Downloader(
+        self._hop = threading.local()  # ``url``: the URL this thread requests now (for a refusal's message)
+        self.downloader = _PeerCheckedDownloader(
+            self._check_peer,
             headers_for=self._headers_for,
             connections=settings.download_connections,
             retries=settings.download_retries,
@@ -207,7 +272,20 @@ class JobModels:
         if problem:
             index, entry_url = self._current
             raise HostRefused(refusal(index, entry_url, url, problem, self.policy))
+        self._hop.url = url
         return self.tokens.headers_for(url)
+
+    def _check_peer(self, host: str, port: int, address: str) -> None:
+        """A new connection, before anything is sent on it: the address it reached must be public unless
+        JOB_MODEL_HOSTS names the host exactly (HostRefused)."""
+        if self.policy.listed_exactly(host, port):
+            return
+        kind = address_problem(address)
+        if kind:
+            index, entry_url = self._current
+            url = getattr(self._hop, "url", None) or entry_url
+            problem = f"{normal_host(host)} resolved to {address}, a {kind} address, when connected"
+            raise HostRefused(refusal(index, entry_url, url, problem, self.policy))
 
     def check_hosts(self, entries: list[ModelEntry]) -> None:
         """Where each entry is first requested, before any request: the hub a Hugging Face or CivitAI URL is

@@ -10,6 +10,8 @@ import hashlib
 import io
 import json
 import logging
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -219,6 +221,54 @@ def test_an_unlisted_host_and_a_link_local_address_are_refused_with_no_request_s
     )
     assert "(it leads to http://169.254.169.254/latest/m.safetensors) is refused" in hop["error"]
     assert "link-local" in hop["error"] and time.monotonic() - started < 5  # refused, not a connect timeout
+
+
+def prepare_models(models: list[dict]) -> list[dict]:
+    """job_models.prepare for ``models`` with the environment's settings, outside a handler (fast)."""
+    settings = Settings.from_env()
+    uses = Uses(settings.models_dir)
+    entries = parse_job_input(upscale_job("x", models)["input"]).models
+    try:
+        return asyncio.run(job_models.prepare(entries, settings, uses, time.monotonic() + 60, 60))
+    finally:
+        uses.release()
+
+
+def test_a_hop_whose_host_the_http_client_reads_otherwise_is_refused_with_no_request_sent(env, origin, model_files):
+    with FaultyOrigin() as other:
+        url, name, _ = serve(other, model_files[0])
+        # urlsplit reads the listed origin after the '@'; requests would connect to ``other`` before the '\'
+        tricky = f"http://{other.netloc}\\@{origin.netloc}/m/{name}"
+        with pytest.raises(JobError, match=r"models\[0\] .*: url: must not contain credentials"):
+            parse_job_input(upscale_job(name, [{"url": tricky, "destination": "upscale_models"}])["input"])
+        origin.add("/bent-hop", redirect=tricky)
+        with pytest.raises(JobError) as err:
+            prepare_models([{"url": f"{origin.url}/bent-hop", "destination": "upscale_models", "filename": name}])
+        assert f"the HTTP client would connect to {other.netloc}, not {origin.netloc}" in err.value.message
+        assert "JOB_MODEL_HOSTS" in err.value.message and other.seen() == []
+
+
+def test_a_listed_name_that_resolves_anew_to_loopback_is_refused_once_connected(env, origin, monkeypatch):
+    """DNS rebinding: the policy's lookup answers a public address, the connection's own lookup loopback."""
+    monkeypatch.setenv("JOB_MODEL_HOSTS", "*.rebind.test")
+    real_getaddrinfo = socket.getaddrinfo
+    lookups = []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "files.rebind.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        checking = sys._getframe(1).f_globals["__name__"] == "comfy_worker.job_models"  # else: connecting
+        lookups.append("check" if checking else "connect")
+        address = "93.184.216.34" if checking else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = f"http://files.rebind.test:{origin.port}/m/rebind.safetensors"
+    with pytest.raises(JobError) as err:
+        prepare_models([{"url": url, "destination": "upscale_models", "filename": "rebind.safetensors"}])
+    assert "files.rebind.test resolved to 127.0.0.1, a loopback address, when connected" in err.value.message
+    assert "JOB_MODEL_HOSTS" in err.value.message and "check" in lookups and "connect" in lookups
+    assert origin.seen("/m/rebind.safetensors") == []
 
 
 def test_the_default_hosts_are_hugging_face_and_civitai_with_their_download_hosts():
