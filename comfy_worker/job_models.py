@@ -195,6 +195,12 @@ def _peer_checked_pool(pool_cls, check_peer):
     return type(pool_cls.__name__, (pool_cls,), {"ConnectionCls": PeerChecked})
 
 
+def _same_origin(a: str, b: str) -> bool:
+    """Same scheme, host and port (a token host is https unless HF_ENDPOINT / CIVITAI_BASE_URL say otherwise)."""
+    pa, pb = urlsplit(a), urlsplit(b)
+    return pa.scheme.lower() == pb.scheme.lower() and same_host(a, b)
+
+
 def refusal(index: int, entry_url: str, url: str, problem: str, policy: HostPolicy) -> str:
     hop = "" if same_host(url, entry_url) else f" (it leads to {safe_url(url)})"
     parts = urlsplit(url)
@@ -273,7 +279,11 @@ class JobModels:
             index, entry_url = self._current
             raise HostRefused(refusal(index, entry_url, url, problem, self.policy))
         self._hop.url = url
-        return self.tokens.headers_for(url)
+        headers = self.tokens.headers_for(url)
+        bases = (self.settings.hf_endpoint, self.settings.civitai_base_url)
+        if headers and urlsplit(url).scheme.lower() != "https" and not any(_same_origin(url, b) for b in bases):
+            return {}  # a token never crosses the network in the clear (http://huggingface.co:443/...)
+        return headers
 
     def _check_peer(self, host: str, port: int, address: str) -> None:
         """A new connection, before anything is sent on it: the address it reached must be public unless
@@ -533,16 +543,19 @@ class JobModels:
         lock = self._state_lock()
         try:
             models = _read_state(self.state_path)
+            lock_data = read_lock_file(self.settings.lock_file)
             config = {
                 f"{r.get('destination')}/{r.get('filename')}"
-                for r in read_lock_file(self.settings.lock_file).get("models") or []
+                for r in lock_data.get("models") or []
                 if isinstance(r, dict)
             }
             for gone in [k for k in models if k != rel and not self._exists(k)]:
                 del models[gone]  # deleted by hand (or by prune): no longer taking space
             mine = {k: v for k, v in models.items() if k not in config}  # a file config.yml names is never deleted
             used = sum(int(v.get("size") or 0) for k, v in mine.items() if k != rel)
-            for old, rec in sorted(mine.items(), key=lambda kv: kv[1].get("last_used") or 0):
+            # a damaged comfy.lock.yml may have lost a config model's record: then nothing is deleted
+            oldest_first = [] if lock_data.damaged else sorted(mine.items(), key=lambda kv: kv[1].get("last_used") or 0)
+            for old, rec in oldest_first:
                 if used + need <= self.max_bytes:
                     break
                 if old == rel:
@@ -554,6 +567,13 @@ class JobModels:
                 del models[old]
                 used -= int(rec.get("size") or 0)
                 log.info("job models: deleted %s (least recently used) to stay within %s", old, bound)
+            if used + need > self.max_bytes and lock_data.damaged:
+                raise JobError(
+                    f"models[{i}] ({shown}) needs {need} bytes, more than JOB_MODELS_MAX_GB leaves free, and no job "
+                    f"model is deleted to make room while {self.settings.lock_file} is damaged (it could not tell "
+                    "config.yml's models); run apply_config.sh (it rewrites the file), or raise JOB_MODELS_MAX_GB.",
+                    {"model": i, "url": shown, "bytes": need, "max_bytes": self.max_bytes},
+                )
             if used + need > self.max_bytes:
                 raise JobError(
                     f"models[{i}] ({shown}) needs {need} bytes but the job models already take {used} of "

@@ -271,6 +271,17 @@ def test_a_listed_name_that_resolves_anew_to_loopback_is_refused_once_connected(
     assert origin.seen("/m/rebind.safetensors") == []
 
 
+def test_a_token_is_never_sent_over_plain_http_to_its_hosts_https_port(env, origin, model_files, monkeypatch):
+    """HF_TOKEN belongs to https://<HF_ENDPOINT>; a job naming http:// on that host and port gets no token."""
+    monkeypatch.setenv("HF_ENDPOINT", f"https://{origin.netloc}")
+    monkeypatch.setenv("HF_TOKEN", "hf_job_models_secret")
+    url, name, sha = serve(origin, model_files[0])
+    (report,) = prepare_models([{"url": url, "destination": "upscale_models", "sha256": sha}])
+    assert report["status"] == "fetched"
+    seen = origin.seen(f"/m/{name}")
+    assert seen and all("authorization" not in s.headers for s in seen)
+
+
 def test_the_default_hosts_are_hugging_face_and_civitai_with_their_download_hosts():
     policy = job_models.HostPolicy(None)
     for url in (
@@ -407,6 +418,21 @@ def test_past_the_bound_the_least_recently_used_job_model_goes_and_config_models
     assert upscaled(result)
     assert (folder / a).is_file() and (folder / d).is_file() and not (folder / c).exists()
     assert (folder / UPSCALE_MODEL_NAME).is_file()
+
+
+def test_no_job_model_is_deleted_while_comfy_lock_yml_is_damaged(env, origin, model_files, monkeypatch, tmp_path):
+    """A damaged comfy.lock.yml may have lost the record of a config model a job fetched first: keep them all."""
+    size = model_files[0].stat().st_size
+    (url_a, a, sha_a), (url_b, b, sha_b) = serve(origin, model_files[0]), serve(origin, model_files[1])
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", str(1.5 * size / 1e9))
+    prepare_models([{"url": url_a, "destination": "upscale_models", "sha256": sha_a}])
+    (tmp_path / "volume" / "comfy.lock.yml").write_text("models: [{destination: upscale_models, filename: \n")
+    with pytest.raises(JobError) as err:
+        prepare_models([{"url": url_b, "destination": "upscale_models", "sha256": sha_b}])
+    assert "no job model is deleted to make room while" in err.value.message and "comfy.lock.yml" in err.value.message
+    folder = env.path / "models" / "upscale_models"
+    assert (folder / a).is_file() and not (folder / b).exists()
+    assert set(state(tmp_path)) == {f"upscale_models/{a}"}
 
 
 def test_prune_never_removes_a_model_a_running_job_uses(env, tmp_path, caplog):
