@@ -58,6 +58,7 @@ from comfy_worker.http_download import (
     DownloadError,
     Interrupted,
     Probe,
+    discard_part,
     fsync_path,
     same_host,
 )
@@ -456,8 +457,11 @@ class JobModels:
             self._make_room(i, entry, rel, size)
             self._check_disk(i, entry, part, size)
         state = {"last": 0.0}
+        limit = size if size is not None else self.max_bytes  # a server that sends no length is cut off here
 
         def progress(done: int, expected: int | None) -> None:
+            if done > limit:
+                raise _TooBig(done)
             now = time.monotonic()
             if now - state["last"] >= 0.5 or (expected and done >= expected):
                 state["last"] = now
@@ -465,16 +469,29 @@ class JobModels:
                     {"stage": "models", "model": rel, "bytes": done, "total": expected, "models_total": total}
                 )
 
-        result = self.downloader.fetch(
-            source.url,
-            part,
-            expected_size=size,
-            expected_sha256=entry.sha256 or source.sha256,
-            probe=probe,
-            progress=progress,
-            stop=self.stop,
-            source=entry.url,
-        )
+        try:
+            result = self.downloader.fetch(
+                source.url,
+                part,
+                expected_size=size,
+                expected_sha256=entry.sha256 or source.sha256,
+                probe=probe,
+                progress=progress,
+                stop=self.stop,
+                source=entry.url,
+            )
+        except _TooBig as err:
+            discard_part(part)
+            shown, bound = safe_url(entry.url), f"JOB_MODELS_MAX_GB={self.settings.job_models_max_gb:g}"
+            raise JobError(
+                f"models[{i}] ({shown}): the server sent more than the entry's size of {size} bytes; nothing was kept "
+                "(check the url and the entry's 'size')."
+                if size is not None
+                else f"models[{i}] ({shown}): the server sent more than the {self.max_bytes} bytes the job models may "
+                f"take ({bound}) without saying the file's size; nothing was kept: raise JOB_MODELS_MAX_GB on the "
+                "endpoint, or put the model in config.yml.",
+                {"model": i, "url": shown, "bytes": err.args[0], "max_bytes": limit},
+            ) from None
         os.replace(part, target)
         fsync_path(target.parent)
         self._record(rel, entry, result.sha256, result.size)
@@ -584,6 +601,10 @@ class JobModels:
             _write_state(self.state_path, models)
         finally:
             lock.release()
+
+
+class _TooBig(Exception):
+    """Raised from a download's progress: more bytes arrived than the file may have (args: the bytes)."""
 
 
 def _one_line(err: BaseException) -> str:

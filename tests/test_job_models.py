@@ -420,6 +420,26 @@ def test_past_the_bound_the_least_recently_used_job_model_goes_and_config_models
     assert (folder / UPSCALE_MODEL_NAME).is_file()
 
 
+def test_a_server_that_sends_no_length_is_cut_off_at_the_bound_or_at_the_entrys_size(
+    env, origin, monkeypatch, tmp_path
+):
+    endless = tmp_path / "endless.bin"
+    endless.write_bytes(b"\x02" * (4 << 20))
+    url, name, _ = serve(origin, endless, no_length=True, ignore_range=True)  # its size is never told
+    folder = env.path / "models" / "upscale_models"
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", str((512 << 10) / 1e9))
+    with pytest.raises(JobError) as err:
+        prepare_models([{"url": url, "destination": "upscale_models", "filename": name}])
+    assert f"the server sent more than the {512 << 10} bytes the job models may take" in err.value.message
+    assert "JOB_MODELS_MAX_GB" in err.value.message
+    assert not [p for p in folder.iterdir() if p.name.startswith(name)]  # not the file, not a part
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", "1")
+    with pytest.raises(JobError) as err:
+        prepare_models([{"url": url, "destination": "upscale_models", "filename": name, "size": 1000}])
+    assert "the server sent more than the entry's size of 1000 bytes; nothing was kept" in err.value.message
+    assert not [p for p in folder.iterdir() if p.name.startswith(name)]
+
+
 def test_no_job_model_is_deleted_while_comfy_lock_yml_is_damaged(env, origin, model_files, monkeypatch, tmp_path):
     """A damaged comfy.lock.yml may have lost the record of a config model a job fetched first: keep them all."""
     size = model_files[0].stat().st_size
