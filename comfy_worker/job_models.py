@@ -414,7 +414,8 @@ class JobModels:
             )
         if entry.sha256:
             known = [r.get("sha256") for r in (job_rec, lock_rec) if r and r.get("sha256") and r.get("size") == size]
-            digest = known[0] if known else hf_cache.sha256_of(target)
+            linked = hf_cache.blob_sha256(Path(os.path.realpath(target))) if target.is_symlink() else None
+            digest = known[0] if known else linked or hf_cache.sha256_of(target)  # a linked blob is named by it
             if digest != entry.sha256:
                 raise JobError(
                     f"models[{i}] ({shown}): models/{rel} is already on the volume ({whose}) with other bytes "

@@ -334,6 +334,26 @@ def test_hugging_face_entries_resolve_through_the_hub_and_cached_models_are_link
     assert (env.path / "models" / "upscale_models" / cached).is_symlink() and len(origin.seen()) == seen
 
 
+def test_a_model_linked_from_the_cache_is_not_hashed_again_by_the_next_job(
+    env, origin, model_files, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("HF_ENDPOINT", origin.url)  # the hub a Hugging Face entry is checked against
+    cache, data = tmp_path / "hub", model_files[3].read_bytes()
+    cached = f"cached-{uuid.uuid4().hex[:8]}.safetensors"
+    make_hf_cache(cache, "org/cached", cached, data)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    entry = {
+        "url": f"https://huggingface.co/org/cached/resolve/main/{cached}",
+        "destination": "upscale_models",
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    hashed = []
+    real_sha256_of = job_models.hf_cache.sha256_of
+    monkeypatch.setattr(job_models.hf_cache, "sha256_of", lambda path: hashed.append(path) or real_sha256_of(path))
+    assert prepare_models([entry])[0]["status"] == "linked from cache" and len(hashed) == 1  # checked once, linking
+    assert prepare_models([entry])[0]["status"] == "present" and len(hashed) == 1  # its blob's name is its sha256
+
+
 # --- shared: fetched once --------------------------------------------------------------------------
 
 
