@@ -9,8 +9,11 @@ Each entry (a config.yml model entry: ``url``, ``destination``, ``filename``, ``
    ``headers_for`` is asked about each hop before the request). A host must be in ``JOB_MODEL_HOSTS``
    (default: Hugging Face, CivitAI and their download hosts; ``*.name`` entries match every host under
    ``name``), and a host that is, or resolves to, a loopback, private, link-local or other non-public
-   address is refused unless ``JOB_MODEL_HOSTS`` names it exactly. Xet files are fetched over the Hub's
-   plain HTTP redirect, so every hop goes through that check.
+   address is refused unless ``JOB_MODEL_HOSTS`` names it exactly; so is a URL whose host requests would
+   read otherwise (``_requested_host``). Each new connection's peer address is checked again before
+   anything is sent on it (``_PeerCheckedDownloader``: DNS may answer otherwise the second time). A token
+   never goes over plain http. Xet files are fetched over the Hub's plain HTTP redirect, so every hop goes
+   through that check.
 2. In use: the job holds the file's in-use marker (model_use.py) from before it looks at the file until
    the job ends, so no eviction or prune deletes a file a running job uses.
 3. Present: a file already there is used when it is the entry's (its sha256, when the entry gives one;
@@ -25,7 +28,8 @@ Each entry (a config.yml model entry: ``url``, ``destination``, ``filename``, ``
 5. Bound: the job models are recorded in ``$VOLUME_ROOT/.job-models.json`` (state_files.py describes it)
    with the bytes they take and their last use. Before a download whose size is known (after it, when it
    was not), the least recently used job models that no running job uses and comfy.lock.yml does not
-   record (config models) are deleted until everything fits in ``JOB_MODELS_MAX_GB``. Downloads running at
+   record (config models) are deleted until everything fits in ``JOB_MODELS_MAX_GB`` (none while
+   comfy.lock.yml is damaged). A server that tells no size is cut off past the bound. Downloads running at
    the same moment are not counted against each other, so they may pass the bound by their own sizes.
 """
 
