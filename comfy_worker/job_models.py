@@ -232,7 +232,19 @@ def _read_state(path: Path) -> dict[str, dict]:
         models = data.get("models") if isinstance(data, dict) else None
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
+    if not isinstance(models, dict):
+        return {}
+    return {k: _sane_record(v) for k, v in models.items() if isinstance(v, dict)}
+
+
+def _sane_record(rec: dict) -> dict:
+    """A record with a ``size`` and ``last_used`` fit to add and sort (a hand-edited or damaged value
+    reads as 0: counted as nothing, evicted first)."""
+
+    def number(value):
+        return value if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0
+
+    return {**rec, "size": int(number(rec.get("size"))), "last_used": number(rec.get("last_used"))}
 
 
 def _write_state(path: Path, models: dict[str, dict]) -> None:

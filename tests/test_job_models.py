@@ -475,6 +475,23 @@ def test_no_job_model_is_deleted_while_comfy_lock_yml_is_damaged(env, origin, mo
     assert set(state(tmp_path)) == {f"upscale_models/{a}"}
 
 
+def test_a_state_file_with_damaged_values_is_survived(env, origin, model_files, monkeypatch, tmp_path):
+    size = model_files[0].stat().st_size
+    (url_a, a, sha_a), (url_b, b, sha_b) = serve(origin, model_files[0]), serve(origin, model_files[1])
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", str(1.5 * size / 1e9))
+    prepare_models([{"url": url_a, "destination": "upscale_models", "sha256": sha_a}])
+    path = tmp_path / "volume" / ".job-models.json"
+    damaged = json.loads(path.read_text())
+    damaged["models"][f"upscale_models/{a}"].update(size="big", last_used="yesterday")
+    path.write_text(json.dumps(damaged))
+    (report,) = prepare_models([{"url": url_b, "destination": "upscale_models", "sha256": sha_b}])
+    assert report["status"] == "fetched" and set(state(tmp_path)) == {f"upscale_models/{a}", f"upscale_models/{b}"}
+    path.write_text("{not json")  # unreadable: read as empty, rewritten by the next job model
+    (url_c, c, sha_c) = serve(origin, model_files[2])
+    assert prepare_models([{"url": url_c, "destination": "upscale_models", "sha256": sha_c}])[0]["status"] == "fetched"
+    assert set(state(tmp_path)) == {f"upscale_models/{c}"}
+
+
 def test_prune_never_removes_a_model_a_running_job_uses(env, tmp_path, caplog):
     settings = Settings.from_env()
     folder = settings.models_dir / "upscale_models"
