@@ -374,6 +374,8 @@ def test_the_download_time_counts_against_the_timeout(env, origin, model_files):
     (result,) = run(upscale_job(name, [{"url": url, "destination": "upscale_models"}], timeout=1))
     assert result["error"].startswith("The job timed out after 1 s while its models were fetched")
     assert result["details"]["state"] == "models" and time.monotonic() - started < 5
+    folder = env.path / "models" / "upscale_models"
+    assert not (folder / name).exists() and (folder / f"{name}.part").stat().st_size >= 100  # kept to resume
 
 
 def test_progress_updates_go_out_while_a_model_downloads(env, origin, tmp_path):
