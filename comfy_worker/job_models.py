@@ -130,8 +130,10 @@ class HostPolicy:
             return f"it is not a well-formed URL: the HTTP client would connect to {other}, not {host}:{port}"
         if self.listed_exactly(host, port):
             return None
-        shown = f"{host}:{port}"
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         literal = literal_problem(host)
+        if literal and literal.startswith("not "):
+            return f"{shown} is {literal}"
         if literal:
             return f"{shown} is {'an' if literal[0] in 'aeiou' else 'a'} {literal} address"
         listed = (host, None) in self.listed or (host, port) in self.listed

@@ -307,6 +307,29 @@ def test_the_default_hosts_are_hugging_face_and_civitai_with_their_download_host
         Settings.from_env({"JOB_MODEL_HOSTS": "host:port"})
 
 
+def test_every_spelling_of_a_non_public_address_and_every_look_alike_host_is_refused():
+    policy = job_models.HostPolicy(None)
+    for url, problem in (
+        ("http://2130706433/", "2130706433:80 is a loopback address"),
+        ("http://0x7f000001/", "0x7f000001:80 is a loopback address"),
+        ("http://127.1/", "127.1:80 is a loopback address"),
+        ("http://127.0.0.1./", "127.0.0.1:80 is a loopback address"),
+        ("http://0.0.0.0/", "0.0.0.0:80 is an unspecified address"),
+        ("http://[::ffff:127.0.0.1]/", "[::ffff:127.0.0.1]:80 is a loopback address"),
+        ("http://[::ffff:169.254.169.254]/", "[::ffff:169.254.169.254]:80 is a link-local address"),
+        ("http://[fd00::1]:8080/", "[fd00::1]:8080 is a private address"),
+        ("http://100.64.0.1/", "100.64.0.1:80 is not globally routable"),
+        ("https://HuggingFace.CO@127.0.0.1/x", "127.0.0.1:443 is a loopback address"),
+        ("https://evilhuggingface.co/x", "evilhuggingface.co:443 is not in JOB_MODEL_HOSTS"),
+        ("https://huggingface.co.evil.com/x", "huggingface.co.evil.com:443 is not in JOB_MODEL_HOSTS"),
+        (
+            "http://127.0.0.1:1\\@huggingface.co/x",
+            "the HTTP client would connect to 127.0.0.1:1, not huggingface.co:80",
+        ),
+    ):
+        assert problem in (policy.problem(url) or ""), url
+
+
 def test_hugging_face_entries_resolve_through_the_hub_and_cached_models_are_linked(
     env, origin, model_files, monkeypatch, tmp_path
 ):
