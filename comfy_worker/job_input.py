@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from comfy_worker.config_schema import ConfigError, ModelEntry, parse_config
 from comfy_worker.job_errors import JobError
+from comfy_worker.log_setup import safe_url
 
 KNOWN_KEYS = ("workflow", "images", "overrides", "timeout", "comfy_org_api_key", "models")
 JOB_MODEL_KEYS = ("url", "destination", "filename", "sha256", "size")  # a config.yml model entry's, less 'optional'
@@ -117,7 +118,7 @@ def _check_models(models: Any) -> list[ModelEntry]:
                 {"key": f"models[{i}].optional", "allowed_keys": list(JOB_MODEL_KEYS)},
             )
     try:
-        return parse_config({"models": models}, "input.models").models
+        entries = parse_config({"models": models}, "input.models").models
     except ConfigError as err:
         problems = [
             p.replace(
@@ -131,6 +132,15 @@ def _check_models(models: Any) -> list[ModelEntry]:
             f"input.models is invalid: {text}{'' if text.endswith(('.', '?')) else '.'}",
             {"key": "models", "problems": problems},
         ) from None
+    for i, entry in enumerate(entries):
+        hidden = next((part for part in entry.destination.split("/") if part.startswith(".")), None)
+        if hidden:  # models/.locks holds the download locks and in-use markers every worker relies on
+            raise JobError(
+                f"input.models is invalid: models[{i}] ({safe_url(entry.url)}): destination: must not name a hidden "
+                f"folder ({hidden!r}); a job's models go into ComfyUI's model folders, such as 'loras'.",
+                {"key": f"models[{i}].destination"},
+            )
+    return entries
 
 
 def parse_s3_config(raw: Any) -> S3Config | None:

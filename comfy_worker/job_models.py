@@ -9,8 +9,11 @@ Each entry (a config.yml model entry: ``url``, ``destination``, ``filename``, ``
    ``headers_for`` is asked about each hop before the request). A host must be in ``JOB_MODEL_HOSTS``
    (default: Hugging Face, CivitAI and their download hosts; ``*.name`` entries match every host under
    ``name``), and a host that is, or resolves to, a loopback, private, link-local or other non-public
-   address is refused unless ``JOB_MODEL_HOSTS`` names it exactly. Xet files are fetched over the Hub's
-   plain HTTP redirect, so every hop goes through that check.
+   address is refused unless ``JOB_MODEL_HOSTS`` names it exactly; so is a URL whose host requests would
+   read otherwise (``_requested_host``). Each new connection's peer address is checked again before
+   anything is sent on it (``_PeerCheckedDownloader``: DNS may answer otherwise the second time). A token
+   never goes over plain http. Xet files are fetched over the Hub's plain HTTP redirect, so every hop goes
+   through that check.
 2. In use: the job holds the file's in-use marker (model_use.py) from before it looks at the file until
    the job ends, so no eviction or prune deletes a file a running job uses.
 3. Present: a file already there is used when it is the entry's (its sha256, when the entry gives one;
@@ -25,7 +28,8 @@ Each entry (a config.yml model entry: ``url``, ``destination``, ``filename``, ``
 5. Bound: the job models are recorded in ``$VOLUME_ROOT/.job-models.json`` (state_files.py describes it)
    with the bytes they take and their last use. Before a download whose size is known (after it, when it
    was not), the least recently used job models that no running job uses and comfy.lock.yml does not
-   record (config models) are deleted until everything fits in ``JOB_MODELS_MAX_GB``. Downloads running at
+   record (config models) are deleted until everything fits in ``JOB_MODELS_MAX_GB`` (none while
+   comfy.lock.yml is damaged). A server that tells no size is cut off past the bound. Downloads running at
    the same moment are not counted against each other, so they may pass the bound by their own sizes.
 """
 
@@ -46,6 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import requests
+import urllib3
+
 from comfy_worker import hf_cache, volume_lock
 from comfy_worker.config_schema import ModelEntry
 from comfy_worker.file_names import MAX_NAME_BYTES, safe_filename, url_filename
@@ -55,6 +62,7 @@ from comfy_worker.http_download import (
     DownloadError,
     Interrupted,
     Probe,
+    discard_part,
     fsync_path,
     same_host,
 )
@@ -63,7 +71,7 @@ from comfy_worker.lock_file import atomic_write_text, read_lock_file
 from comfy_worker.log_setup import redact_urls, safe_url
 from comfy_worker.model_sources import CIVITAI, HUGGINGFACE, ModelSource, Sources, TokenPolicy, hf_file
 from comfy_worker.model_use import Uses, unused
-from comfy_worker.public_address import literal_problem, normal_host, resolved_problem, split_host_port
+from comfy_worker.public_address import address_problem, literal_problem, normal_host, resolved_problem, split_host_port
 from comfy_worker.settings import DEFAULT_JOB_MODEL_HOSTS, Settings
 from comfy_worker.state_files import JOB_MODELS_LOCK, JOB_MODELS_STATE
 
@@ -116,12 +124,18 @@ class HostPolicy:
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             return "it is not an http(s) URL with a host"
         host = normal_host(parts.hostname)
-        if (host, None) in self.exact or (host, port) in self.exact:
+        requested = _requested_host(url)
+        if requested != (host, parts.port):
+            other = f"{requested[0]}:{requested[1] or port}" if requested else "no host it can parse"
+            return f"it is not a well-formed URL: the HTTP client would connect to {other}, not {host}:{port}"
+        if self.listed_exactly(host, port):
             return None
-        shown = f"{host}:{port}"
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         literal = literal_problem(host)
+        if literal and literal.startswith("not "):
+            return f"{shown} is {literal}"
         if literal:
-            return f"{shown} is a {literal} address"
+            return f"{shown} is {'an' if literal[0] in 'aeiou' else 'a'} {literal} address"
         listed = (host, None) in self.listed or (host, port) in self.listed
         if not listed and not any(host.endswith("." + s) and p in (None, port) for s, p in self.suffixes):
             return f"{shown} is not in {HOSTS_SETTING}"
@@ -130,6 +144,68 @@ class HostPolicy:
         except OSError:
             return None  # the request itself fails and says so
         return resolved_problem(host, addresses)
+
+    def listed_exactly(self, host: str, port: int | None) -> bool:
+        """Named by the user in JOB_MODEL_HOSTS (host or host:port): may be a non-public address."""
+        host = normal_host(host)
+        return (host, None) in self.exact or (host, port) in self.exact
+
+
+def _requested_host(url: str) -> tuple[str, int | None] | None:
+    """The host and port requests will connect to for ``url`` (None when it cannot parse it). Where this
+    differs from ``urlsplit``'s reading (``http://127.0.0.1\\@huggingface.co/``), the check would judge one
+    host and the request go to another."""
+    try:
+        prepared = requests.PreparedRequest()
+        prepared.prepare_url(url, None)
+        parsed = urllib3.util.parse_url(prepared.url)
+    except (ValueError, requests.RequestException, urllib3.exceptions.HTTPError):
+        return None
+    return normal_host(parsed.host or ""), parsed.port
+
+
+class _PeerCheckedDownloader(Downloader):
+    """The provisioning downloader whose every new connection is checked once made, before a byte is sent:
+    ``check_peer(host, port, address)`` raises when the address connected to may not be reached. The
+    policy's own DNS answer can differ from the one the connection gets (DNS rebinding, a short TTL); the
+    connected address cannot. Connections through a proxy (HTTP(S)_PROXY) are not checked: the proxy
+    resolves the host."""
+
+    def __init__(self, check_peer: Callable[[str, int, str], None], **kwargs):
+        super().__init__(**kwargs)
+        self._check_peer = check_peer
+
+    def session(self) -> requests.Session:
+        s = super().session()
+        if not getattr(s, "peer_checked", False):
+            for adapter in s.adapters.values():
+                manager = adapter.poolmanager
+                manager.pool_classes_by_scheme = {
+                    scheme: _peer_checked_pool(pool, self._check_peer)
+                    for scheme, pool in manager.pool_classes_by_scheme.items()
+                }
+            s.peer_checked = True  # type: ignore[attr-defined]
+        return s
+
+
+def _peer_checked_pool(pool_cls, check_peer):
+    class PeerChecked(pool_cls.ConnectionCls):
+        def _new_conn(self):
+            sock = super()._new_conn()
+            try:
+                check_peer(self.host, self.port, sock.getpeername()[0])
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+
+    return type(pool_cls.__name__, (pool_cls,), {"ConnectionCls": PeerChecked})
+
+
+def _same_origin(a: str, b: str) -> bool:
+    """Same scheme, host and port (a token host is https unless HF_ENDPOINT / CIVITAI_BASE_URL say otherwise)."""
+    pa, pb = urlsplit(a), urlsplit(b)
+    return pa.scheme.lower() == pb.scheme.lower() and same_host(a, b)
 
 
 def refusal(index: int, entry_url: str, url: str, problem: str, policy: HostPolicy) -> str:
@@ -158,7 +234,19 @@ def _read_state(path: Path) -> dict[str, dict]:
         models = data.get("models") if isinstance(data, dict) else None
     except (OSError, ValueError):
         return {}
-    return {k: v for k, v in models.items() if isinstance(v, dict)} if isinstance(models, dict) else {}
+    if not isinstance(models, dict):
+        return {}
+    return {k: _sane_record(v) for k, v in models.items() if isinstance(v, dict)}
+
+
+def _sane_record(rec: dict) -> dict:
+    """A record with a ``size`` and ``last_used`` fit to add and sort (a hand-edited or damaged value
+    reads as 0: counted as nothing, evicted first)."""
+
+    def number(value):
+        return value if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0
+
+    return {**rec, "size": int(number(rec.get("size"))), "last_used": number(rec.get("last_used"))}
 
 
 def _write_state(path: Path, models: dict[str, dict]) -> None:
@@ -191,7 +279,9 @@ class JobModels:
         self.uses, self.stop = uses, stop
         self.on_progress: Callable[[dict], None] = on_progress or (lambda event: None)
         self.tokens = TokenPolicy(settings)
-        self.downloader = Downloader(
+        self._hop = threading.local()  # ``url``: the URL this thread requests now (for a refusal's message)
+        self.downloader = _PeerCheckedDownloader(
+            self._check_peer,
             headers_for=self._headers_for,
             connections=settings.download_connections,
             retries=settings.download_retries,
@@ -207,7 +297,24 @@ class JobModels:
         if problem:
             index, entry_url = self._current
             raise HostRefused(refusal(index, entry_url, url, problem, self.policy))
-        return self.tokens.headers_for(url)
+        self._hop.url = url
+        headers = self.tokens.headers_for(url)
+        bases = (self.settings.hf_endpoint, self.settings.civitai_base_url)
+        if headers and urlsplit(url).scheme.lower() != "https" and not any(_same_origin(url, b) for b in bases):
+            return {}  # a token never crosses the network in the clear (http://huggingface.co:443/...)
+        return headers
+
+    def _check_peer(self, host: str, port: int, address: str) -> None:
+        """A new connection, before anything is sent on it: the address it reached must be public unless
+        JOB_MODEL_HOSTS names the host exactly (HostRefused)."""
+        if self.policy.listed_exactly(host, port):
+            return
+        kind = address_problem(address)
+        if kind:
+            index, entry_url = self._current
+            url = getattr(self._hop, "url", None) or entry_url
+            problem = f"{normal_host(host)} resolved to {address}, a {kind} address, when connected"
+            raise HostRefused(refusal(index, entry_url, url, problem, self.policy))
 
     def check_hosts(self, entries: list[ModelEntry]) -> None:
         """Where each entry is first requested, before any request: the hub a Hugging Face or CivitAI URL is
@@ -325,7 +432,8 @@ class JobModels:
             )
         if entry.sha256:
             known = [r.get("sha256") for r in (job_rec, lock_rec) if r and r.get("sha256") and r.get("size") == size]
-            digest = known[0] if known else hf_cache.sha256_of(target)
+            linked = hf_cache.blob_sha256(Path(os.path.realpath(target))) if target.is_symlink() else None
+            digest = known[0] if known else linked or hf_cache.sha256_of(target)  # a linked blob is named by it
             if digest != entry.sha256:
                 raise JobError(
                     f"models[{i}] ({shown}): models/{rel} is already on the volume ({whose}) with other bytes "
@@ -368,8 +476,11 @@ class JobModels:
             self._make_room(i, entry, rel, size)
             self._check_disk(i, entry, part, size)
         state = {"last": 0.0}
+        limit = size if size is not None else self.max_bytes  # a server that sends no length is cut off here
 
         def progress(done: int, expected: int | None) -> None:
+            if done > limit:
+                raise _TooBig(done)
             now = time.monotonic()
             if now - state["last"] >= 0.5 or (expected and done >= expected):
                 state["last"] = now
@@ -377,16 +488,29 @@ class JobModels:
                     {"stage": "models", "model": rel, "bytes": done, "total": expected, "models_total": total}
                 )
 
-        result = self.downloader.fetch(
-            source.url,
-            part,
-            expected_size=size,
-            expected_sha256=entry.sha256 or source.sha256,
-            probe=probe,
-            progress=progress,
-            stop=self.stop,
-            source=entry.url,
-        )
+        try:
+            result = self.downloader.fetch(
+                source.url,
+                part,
+                expected_size=size,
+                expected_sha256=entry.sha256 or source.sha256,
+                probe=probe,
+                progress=progress,
+                stop=self.stop,
+                source=entry.url,
+            )
+        except _TooBig as err:
+            discard_part(part)
+            shown, bound = safe_url(entry.url), f"JOB_MODELS_MAX_GB={self.settings.job_models_max_gb:g}"
+            raise JobError(
+                f"models[{i}] ({shown}): the server sent more than the entry's size of {size} bytes; nothing was kept "
+                "(check the url and the entry's 'size')."
+                if size is not None
+                else f"models[{i}] ({shown}): the server sent more than the {self.max_bytes} bytes the job models may "
+                f"take ({bound}) without saying the file's size; nothing was kept: raise JOB_MODELS_MAX_GB on the "
+                "endpoint, or put the model in config.yml.",
+                {"model": i, "url": shown, "bytes": err.args[0], "max_bytes": limit},
+            ) from None
         os.replace(part, target)
         fsync_path(target.parent)
         self._record(rel, entry, result.sha256, result.size)
@@ -455,16 +579,19 @@ class JobModels:
         lock = self._state_lock()
         try:
             models = _read_state(self.state_path)
+            lock_data = read_lock_file(self.settings.lock_file)
             config = {
                 f"{r.get('destination')}/{r.get('filename')}"
-                for r in read_lock_file(self.settings.lock_file).get("models") or []
+                for r in lock_data.get("models") or []
                 if isinstance(r, dict)
             }
             for gone in [k for k in models if k != rel and not self._exists(k)]:
                 del models[gone]  # deleted by hand (or by prune): no longer taking space
             mine = {k: v for k, v in models.items() if k not in config}  # a file config.yml names is never deleted
             used = sum(int(v.get("size") or 0) for k, v in mine.items() if k != rel)
-            for old, rec in sorted(mine.items(), key=lambda kv: kv[1].get("last_used") or 0):
+            # a damaged comfy.lock.yml may have lost a config model's record: then nothing is deleted
+            oldest_first = [] if lock_data.damaged else sorted(mine.items(), key=lambda kv: kv[1].get("last_used") or 0)
+            for old, rec in oldest_first:
                 if used + need <= self.max_bytes:
                     break
                 if old == rel:
@@ -476,6 +603,13 @@ class JobModels:
                 del models[old]
                 used -= int(rec.get("size") or 0)
                 log.info("job models: deleted %s (least recently used) to stay within %s", old, bound)
+            if used + need > self.max_bytes and lock_data.damaged:
+                raise JobError(
+                    f"models[{i}] ({shown}) needs {need} bytes, more than JOB_MODELS_MAX_GB leaves free, and no job "
+                    f"model is deleted to make room while {self.settings.lock_file} is damaged (it could not tell "
+                    "config.yml's models); run apply_config.sh (it rewrites the file), or raise JOB_MODELS_MAX_GB.",
+                    {"model": i, "url": shown, "bytes": need, "max_bytes": self.max_bytes},
+                )
             if used + need > self.max_bytes:
                 raise JobError(
                     f"models[{i}] ({shown}) needs {need} bytes but the job models already take {used} of "
@@ -486,6 +620,10 @@ class JobModels:
             _write_state(self.state_path, models)
         finally:
             lock.release()
+
+
+class _TooBig(Exception):
+    """Raised from a download's progress: more bytes arrived than the file may have (args: the bytes)."""
 
 
 def _one_line(err: BaseException) -> str:

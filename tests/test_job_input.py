@@ -286,3 +286,12 @@ def test_the_s3_endpoint_must_be_a_plain_http_url_and_is_never_echoed(url, probl
     assert info.value.message == f"s3Config.endpointUrl is not a usable S3 endpoint: {problem}{ENDPOINT_FIX}"
     assert info.value.details == {"key": "s3Config.endpointUrl"}
     assert S3_ID not in info.value.message and S3_SECRET not in info.value.message
+
+
+@pytest.mark.parametrize("destination", [".locks/upscale_models", "loras/.cache", ".hidden"])
+def test_a_job_model_never_goes_into_a_hidden_folder(destination):
+    """models/.locks holds every worker's download locks and in-use markers: no job writes there."""
+    entry = {"url": "https://huggingface.co/o/r/resolve/main/m.safetensors", "destination": destination}
+    err = error_of({"workflow": {"1": {"class_type": "X"}}, "models": [entry]})
+    assert err.message.startswith(f"input.models is invalid: models[0] ({entry['url']}): destination: must not name")
+    assert err.details == {"key": "models[0].destination"}

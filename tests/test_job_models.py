@@ -10,6 +10,8 @@ import hashlib
 import io
 import json
 import logging
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -221,6 +223,65 @@ def test_an_unlisted_host_and_a_link_local_address_are_refused_with_no_request_s
     assert "link-local" in hop["error"] and time.monotonic() - started < 5  # refused, not a connect timeout
 
 
+def prepare_models(models: list[dict]) -> list[dict]:
+    """job_models.prepare for ``models`` with the environment's settings, outside a handler (fast)."""
+    settings = Settings.from_env()
+    uses = Uses(settings.models_dir)
+    entries = parse_job_input(upscale_job("x", models)["input"]).models
+    try:
+        return asyncio.run(job_models.prepare(entries, settings, uses, time.monotonic() + 60, 60))
+    finally:
+        uses.release()
+
+
+def test_a_hop_whose_host_the_http_client_reads_otherwise_is_refused_with_no_request_sent(env, origin, model_files):
+    with FaultyOrigin() as other:
+        url, name, _ = serve(other, model_files[0])
+        # urlsplit reads the listed origin after the '@'; requests would connect to ``other`` before the '\'
+        tricky = f"http://{other.netloc}\\@{origin.netloc}/m/{name}"
+        with pytest.raises(JobError, match=r"models\[0\] .*: url: must not contain credentials"):
+            parse_job_input(upscale_job(name, [{"url": tricky, "destination": "upscale_models"}])["input"])
+        origin.add("/bent-hop", redirect=tricky)
+        with pytest.raises(JobError) as err:
+            prepare_models([{"url": f"{origin.url}/bent-hop", "destination": "upscale_models", "filename": name}])
+        assert f"the HTTP client would connect to {other.netloc}, not {origin.netloc}" in err.value.message
+        assert "JOB_MODEL_HOSTS" in err.value.message and other.seen() == []
+
+
+def test_a_listed_name_that_resolves_anew_to_loopback_is_refused_once_connected(env, origin, monkeypatch):
+    """DNS rebinding: the policy's lookup answers a public address, the connection's own lookup loopback."""
+    monkeypatch.setenv("JOB_MODEL_HOSTS", "*.rebind.test")
+    real_getaddrinfo = socket.getaddrinfo
+    lookups = []
+
+    def rebinding(host, port, *args, **kwargs):
+        if host != "files.rebind.test":
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        checking = sys._getframe(1).f_globals["__name__"] == "comfy_worker.job_models"  # else: connecting
+        lookups.append("check" if checking else "connect")
+        address = "93.184.216.34" if checking else "127.0.0.1"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = f"http://files.rebind.test:{origin.port}/m/rebind.safetensors"
+    with pytest.raises(JobError) as err:
+        prepare_models([{"url": url, "destination": "upscale_models", "filename": "rebind.safetensors"}])
+    assert "files.rebind.test resolved to 127.0.0.1, a loopback address, when connected" in err.value.message
+    assert "JOB_MODEL_HOSTS" in err.value.message and "check" in lookups and "connect" in lookups
+    assert origin.seen("/m/rebind.safetensors") == []
+
+
+def test_a_token_is_never_sent_over_plain_http_to_its_hosts_https_port(env, origin, model_files, monkeypatch):
+    """HF_TOKEN belongs to https://<HF_ENDPOINT>; a job naming http:// on that host and port gets no token."""
+    monkeypatch.setenv("HF_ENDPOINT", f"https://{origin.netloc}")
+    monkeypatch.setenv("HF_TOKEN", "hf_job_models_secret")
+    url, name, sha = serve(origin, model_files[0])
+    (report,) = prepare_models([{"url": url, "destination": "upscale_models", "sha256": sha}])
+    assert report["status"] == "fetched"
+    seen = origin.seen(f"/m/{name}")
+    assert seen and all("authorization" not in s.headers for s in seen)
+
+
 def test_the_default_hosts_are_hugging_face_and_civitai_with_their_download_hosts():
     policy = job_models.HostPolicy(None)
     for url in (
@@ -244,6 +305,29 @@ def test_the_default_hosts_are_hugging_face_and_civitai_with_their_download_host
     assert Settings.from_env({"JOB_MODEL_HOSTS": " a.com , *.b.com:8443 "}).job_model_hosts == ("a.com", "*.b.com:8443")
     with pytest.raises(ValueError, match="JOB_MODEL_HOSTS"):
         Settings.from_env({"JOB_MODEL_HOSTS": "host:port"})
+
+
+def test_every_spelling_of_a_non_public_address_and_every_look_alike_host_is_refused():
+    policy = job_models.HostPolicy(None)
+    for url, problem in (
+        ("http://2130706433/", "2130706433:80 is a loopback address"),
+        ("http://0x7f000001/", "0x7f000001:80 is a loopback address"),
+        ("http://127.1/", "127.1:80 is a loopback address"),
+        ("http://127.0.0.1./", "127.0.0.1:80 is a loopback address"),
+        ("http://0.0.0.0/", "0.0.0.0:80 is an unspecified address"),
+        ("http://[::ffff:127.0.0.1]/", "[::ffff:127.0.0.1]:80 is a loopback address"),
+        ("http://[::ffff:169.254.169.254]/", "[::ffff:169.254.169.254]:80 is a link-local address"),
+        ("http://[fd00::1]:8080/", "[fd00::1]:8080 is a private address"),
+        ("http://100.64.0.1/", "100.64.0.1:80 is not globally routable"),
+        ("https://HuggingFace.CO@127.0.0.1/x", "127.0.0.1:443 is a loopback address"),
+        ("https://evilhuggingface.co/x", "evilhuggingface.co:443 is not in JOB_MODEL_HOSTS"),
+        ("https://huggingface.co.evil.com/x", "huggingface.co.evil.com:443 is not in JOB_MODEL_HOSTS"),
+        (
+            "http://127.0.0.1:1\\@huggingface.co/x",
+            "the HTTP client would connect to 127.0.0.1:1, not huggingface.co:80",
+        ),
+    ):
+        assert problem in (policy.problem(url) or ""), url
 
 
 def test_hugging_face_entries_resolve_through_the_hub_and_cached_models_are_linked(
@@ -273,6 +357,26 @@ def test_hugging_face_entries_resolve_through_the_hub_and_cached_models_are_link
     assert (env.path / "models" / "upscale_models" / cached).is_symlink() and len(origin.seen()) == seen
 
 
+def test_a_model_linked_from_the_cache_is_not_hashed_again_by_the_next_job(
+    env, origin, model_files, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("HF_ENDPOINT", origin.url)  # the hub a Hugging Face entry is checked against
+    cache, data = tmp_path / "hub", model_files[3].read_bytes()
+    cached = f"cached-{uuid.uuid4().hex[:8]}.safetensors"
+    make_hf_cache(cache, "org/cached", cached, data)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    entry = {
+        "url": f"https://huggingface.co/org/cached/resolve/main/{cached}",
+        "destination": "upscale_models",
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    hashed = []
+    real_sha256_of = job_models.hf_cache.sha256_of
+    monkeypatch.setattr(job_models.hf_cache, "sha256_of", lambda path: hashed.append(path) or real_sha256_of(path))
+    assert prepare_models([entry])[0]["status"] == "linked from cache" and len(hashed) == 1  # checked once, linking
+    assert prepare_models([entry])[0]["status"] == "present" and len(hashed) == 1  # its blob's name is its sha256
+
+
 # --- shared: fetched once --------------------------------------------------------------------------
 
 
@@ -293,6 +397,8 @@ def test_the_download_time_counts_against_the_timeout(env, origin, model_files):
     (result,) = run(upscale_job(name, [{"url": url, "destination": "upscale_models"}], timeout=1))
     assert result["error"].startswith("The job timed out after 1 s while its models were fetched")
     assert result["details"]["state"] == "models" and time.monotonic() - started < 5
+    folder = env.path / "models" / "upscale_models"
+    assert not (folder / name).exists() and (folder / f"{name}.part").stat().st_size >= 100  # kept to resume
 
 
 def test_progress_updates_go_out_while_a_model_downloads(env, origin, tmp_path):
@@ -357,6 +463,58 @@ def test_past_the_bound_the_least_recently_used_job_model_goes_and_config_models
     assert upscaled(result)
     assert (folder / a).is_file() and (folder / d).is_file() and not (folder / c).exists()
     assert (folder / UPSCALE_MODEL_NAME).is_file()
+
+
+def test_a_server_that_sends_no_length_is_cut_off_at_the_bound_or_at_the_entrys_size(
+    env, origin, monkeypatch, tmp_path
+):
+    endless = tmp_path / "endless.bin"
+    endless.write_bytes(b"\x02" * (4 << 20))
+    url, name, _ = serve(origin, endless, no_length=True, ignore_range=True)  # its size is never told
+    folder = env.path / "models" / "upscale_models"
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", str((512 << 10) / 1e9))
+    with pytest.raises(JobError) as err:
+        prepare_models([{"url": url, "destination": "upscale_models", "filename": name}])
+    assert f"the server sent more than the {512 << 10} bytes the job models may take" in err.value.message
+    assert "JOB_MODELS_MAX_GB" in err.value.message
+    assert not [p for p in folder.iterdir() if p.name.startswith(name)]  # not the file, not a part
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", "1")
+    with pytest.raises(JobError) as err:
+        prepare_models([{"url": url, "destination": "upscale_models", "filename": name, "size": 1000}])
+    assert "the server sent more than the entry's size of 1000 bytes; nothing was kept" in err.value.message
+    assert not [p for p in folder.iterdir() if p.name.startswith(name)]
+
+
+def test_no_job_model_is_deleted_while_comfy_lock_yml_is_damaged(env, origin, model_files, monkeypatch, tmp_path):
+    """A damaged comfy.lock.yml may have lost the record of a config model a job fetched first: keep them all."""
+    size = model_files[0].stat().st_size
+    (url_a, a, sha_a), (url_b, b, sha_b) = serve(origin, model_files[0]), serve(origin, model_files[1])
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", str(1.5 * size / 1e9))
+    prepare_models([{"url": url_a, "destination": "upscale_models", "sha256": sha_a}])
+    (tmp_path / "volume" / "comfy.lock.yml").write_text("models: [{destination: upscale_models, filename: \n")
+    with pytest.raises(JobError) as err:
+        prepare_models([{"url": url_b, "destination": "upscale_models", "sha256": sha_b}])
+    assert "no job model is deleted to make room while" in err.value.message and "comfy.lock.yml" in err.value.message
+    folder = env.path / "models" / "upscale_models"
+    assert (folder / a).is_file() and not (folder / b).exists()
+    assert set(state(tmp_path)) == {f"upscale_models/{a}"}
+
+
+def test_a_state_file_with_damaged_values_is_survived(env, origin, model_files, monkeypatch, tmp_path):
+    size = model_files[0].stat().st_size
+    (url_a, a, sha_a), (url_b, b, sha_b) = serve(origin, model_files[0]), serve(origin, model_files[1])
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", str(1.5 * size / 1e9))
+    prepare_models([{"url": url_a, "destination": "upscale_models", "sha256": sha_a}])
+    path = tmp_path / "volume" / ".job-models.json"
+    damaged = json.loads(path.read_text())
+    damaged["models"][f"upscale_models/{a}"].update(size="big", last_used="yesterday")
+    path.write_text(json.dumps(damaged))
+    (report,) = prepare_models([{"url": url_b, "destination": "upscale_models", "sha256": sha_b}])
+    assert report["status"] == "fetched" and set(state(tmp_path)) == {f"upscale_models/{a}", f"upscale_models/{b}"}
+    path.write_text("{not json")  # unreadable: read as empty, rewritten by the next job model
+    (url_c, c, sha_c) = serve(origin, model_files[2])
+    assert prepare_models([{"url": url_c, "destination": "upscale_models", "sha256": sha_c}])[0]["status"] == "fetched"
+    assert set(state(tmp_path)) == {f"upscale_models/{c}"}
 
 
 def test_prune_never_removes_a_model_a_running_job_uses(env, tmp_path, caplog):
