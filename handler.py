@@ -17,9 +17,6 @@ import uuid
 from pathlib import Path
 
 import aiohttp
-import runpod
-from runpod.serverless.modules.rp_logger import RunPodLogger
-from runpod.serverless.utils import rp_upload
 from websockets.exceptions import InvalidHandshake, WebSocketException
 
 from comfy_worker import job_models, outputs
@@ -53,10 +50,32 @@ from comfy_worker.state_files import GATE
 from s3_upload import S3Uploader
 
 log = logging.getLogger(__name__)
-# The RunPod SDK calls logging.basicConfig() at import; drop that handler to keep one log format (log_setup's).
-for _h in list(logging.getLogger().handlers):
-    if _h.formatter is not None and _h.formatter._fmt == rp_upload.FMT:
-        logging.getLogger().removeHandler(_h)
+
+
+def _runpod():
+    """The RunPod SDK, imported on first use: its import takes about 2 s (it probes the CPU in a child
+    process), which the API's job runner (pod/local mode: no SDK call) would otherwise wait for at every
+    start. The serverless worker loop imports it in ``preload`` (while ComfyUI boots) or ``main``."""
+    import runpod
+    from runpod.serverless.utils import rp_upload
+
+    # The SDK calls logging.basicConfig() at import; drop that handler to keep one log format (log_setup's).
+    for h in list(logging.getLogger().handlers):
+        if h.formatter is not None and h.formatter._fmt == rp_upload.FMT:
+            logging.getLogger().removeHandler(h)
+    return runpod
+
+
+def preload() -> None:
+    """What ``python -m comfy_worker.services --preload-handler handler.py`` runs while ComfyUI boots."""
+    _runpod()
+
+
+def __getattr__(name: str):  # ``handler.runpod``: the SDK, imported on first use
+    if name == "runpod":
+        return _runpod()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 PROGRESS_INTERVAL_S = 0.5  # at most 2 progress updates a second
 JOB_MARK_INPUT = "comfy_worker_job"
@@ -71,7 +90,7 @@ class ProgressThrottle:
     def __init__(self, job: dict, interval: float = PROGRESS_INTERVAL_S, send=None):
         self.job = {"id": job.get("id")}
         self.interval = interval
-        self.send = send or runpod.serverless.progress_update
+        self.send = send or _runpod().serverless.progress_update
         self.last = float("-inf")
 
     def __call__(self, event: dict) -> None:
@@ -497,6 +516,9 @@ def main() -> None:
         entry, level = local_test_handler, local_test_log_level(args.rp_log_level or level)
         if args.rp_log_level:  # the SDK applies --rp_log_level after this: the last one given wins
             sys.argv += ["--rp_log_level", level]
+    runpod = _runpod()
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
     RunPodLogger().set_level(level)
     if settings.mode == "serverless":
         runpod.serverless.register_fitness_check(worker_ready)

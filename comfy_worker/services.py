@@ -111,7 +111,9 @@ def run_preloaded_handler(args: list[str]) -> int:
     script = Path(args[0]).resolve()
     sys.argv = [str(script), *args[1:]]
     sys.path.insert(0, str(script.parent))
-    __import__(script.stem)  # e.g. ``import handler``: the RunPod SDK, aiohttp, boto3
+    module = importlib.import_module(script.stem)  # e.g. ``import handler``: aiohttp, boto3
+    if callable(getattr(module, "preload", None)):
+        module.preload()  # handler.py: the RunPod SDK
     if sys.stdin.buffer.read(1) != GO:
         return 0  # the supervisor stopped before ComfyUI answered: no job was ever taken
     sys.stdin.close()

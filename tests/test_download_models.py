@@ -782,7 +782,7 @@ def test_a_present_file_of_the_right_size_but_wrong_sha256_is_downloaded_again(b
 
 def test_sigterm_while_waiting_for_another_process_lock_stops_at_once(box, origin, blob, tmp_path):
     path, sha = blob
-    origin.add("/m.safetensors", file=path, rate=1 * MiB)  # about 5 s: the first process holds the lock
+    route = origin.add("/m.safetensors", file=path, rate=1 * MiB)  # about 5 s: the first process holds the lock
     box.write([{"url": f"{origin.url}/m.safetensors", "destination": "checkpoints", "filename": "m.safetensors"}])
     first = subprocess.Popen(box.argv(), env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     part = box.models / "checkpoints" / "m.safetensors.part"
@@ -805,6 +805,7 @@ def test_sigterm_while_waiting_for_another_process_lock_stops_at_once(box, origi
     assert time.monotonic() - stopped < 5
     assert "interrupted" in err_log.read_text()
     assert first.poll() is None and part.exists()  # the other process's download goes on, resumable
+    route.rate = None  # the rest at full speed: the lock was held long enough
     out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
     assert sha_of(box.models / "checkpoints" / "m.safetensors") == sha

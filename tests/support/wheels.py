@@ -8,10 +8,13 @@ installers run offline and the project's .venv (with the real torch) is never to
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -54,9 +57,40 @@ def wheel_env(folder: Path) -> dict[str, str]:
     }
 
 
+_VENV_TEMPLATES: dict[tuple, Path] = {}
+
+
 def make_venv(path: Path, wheels: Path, packages: list[str] = (), pip: bool = False) -> Path:
     """A venv at ``path`` (its python returned) with ``packages`` installed from ``wheels``.
-    ``pip=True`` uses the stdlib venv module (slower) so the venv has pip for the pip fallback."""
+    ``pip=True`` uses the stdlib venv module (slower) so the venv has pip for the pip fallback.
+
+    The first venv of a kind (same packages, same wheels' names and metadata, same ``pip``) is made in
+    a template folder of this test process; each call gets a copy of it, its own from then on."""
+    key = (tuple(packages), pip, _wheel_metadata(wheels) if packages else ())
+    template = _VENV_TEMPLATES.get(key)
+    if template is None or not (template / "bin" / "python").exists():
+        template = Path(tempfile.mkdtemp(prefix="venv-template-")) / "venv"
+        atexit.register(shutil.rmtree, template.parent, True)
+        _create_venv(template, wheels, packages, pip)
+        _VENV_TEMPLATES[key] = template
+    shutil.copytree(template, path, symlinks=True)
+    for script in (path / "bin").iterdir():  # activate scripts, pip's launchers: they name the venv's path
+        if script.is_file() and not script.is_symlink():
+            data = script.read_bytes()
+            if str(template).encode() in data:
+                script.write_bytes(data.replace(str(template).encode(), str(path).encode()))
+    return path / "bin" / "python"
+
+
+def _wheel_metadata(wheels: Path) -> tuple:
+    found = []
+    for wheel in sorted(Path(wheels).glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            found.append((wheel.name, *(z.read(n) for n in z.namelist() if n.endswith(".dist-info/METADATA"))))
+    return tuple(found)
+
+
+def _create_venv(path: Path, wheels: Path, packages: list[str], pip: bool) -> Path:
     if pip:
         subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, capture_output=True)
     else:
