@@ -182,6 +182,21 @@ def test_build_sizes_prints_every_layer_of_the_built_image(stub):
     assert r.returncode == 0 and r.stdout.splitlines()[1].startswith(f"{stub.docker} history --no-trunc ")
 
 
+def test_the_default_base_is_plain_ubuntu_and_the_cuda_base_one_build_arg_away():
+    """issue 25: the default base nvidia/cuda:…-cudnn-runtime added a second copy of the CUDA and cuDNN that
+    torch's wheels bring; it stays available through BASE_IMAGE (docs/image-reference.md)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (default,) = re.findall(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M)
+    assert default == "docker.io/library/ubuntu:24.04"
+    assert (
+        dockerfile.splitlines()[dockerfile.splitlines().index(f"ARG BASE_IMAGE={default}") + 1] == "FROM ${BASE_IMAGE}"
+    )
+    assert (
+        "--build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04"
+        in (ROOT / "docs" / "image-reference.md").read_text()
+    )
+
+
 @pytest.fixture
 def clone(tmp_path):
     """A committed git repo holding the scripts, the Dockerfile and a config (deploy.sh's own folder)."""
