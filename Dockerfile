@@ -3,7 +3,11 @@
 # Build with ./build.sh (always linux/amd64). Layers run from the least to the most often changed:
 # system packages, the venv, torch, ComfyUI's requirements, the project's requirements, the code, and
 # (only with BAKE=1) the provisioned models and nodes. A code change rebuilds the last two only.
-ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# The base: plain Ubuntu 24.04. torch's CUDA wheels bring their own CUDA runtime, cuBLAS, cuDNN... (the
+# nvidia-* packages) and the NVIDIA container runtime injects the driver, so a CUDA base image would be a
+# second copy of those libraries (GBs in every pull). For custom nodes that compile CUDA code or load CUDA
+# libraries without torch: --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 (or -runtime-).
+ARG BASE_IMAGE=docker.io/library/ubuntu:24.04
 FROM ${BASE_IMAGE}
 
 # A CA bundle for pip/uv/git behind a TLS-intercepting proxy (a path inside the build, e.g. a file
@@ -98,8 +102,12 @@ RUN --mount=type=secret,id=HF_TOKEN \
  && mkdir -p /workspace \
  && env -u COMFYUI_REF VOLUME_ROOT=/workspace MODE=local ./start.sh --provision-only
 
+# NVIDIA_*: what the CUDA images set, so the NVIDIA container runtime gives the container the GPUs and the
+# driver's compute libraries whatever the base
 ENV VOLUME_ROOT=${BAKE:+/workspace} \
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # ComfyUI, the local API (pod/local), JupyterLab
 EXPOSE 8188 8000 8888

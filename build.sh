@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the worker image from this folder's Dockerfile, always for linux/amd64 (docs/image-reference.md).
 #   ./build.sh [-t IMAGE] [--push] [--no-cache] [--build-arg NAME=VALUE]... [--secret SPEC]...
-#              [--bake] [--dry-run] [-- ENGINE-BUILD-ARGS...]
+#              [--bake] [--sizes] [--dry-run] [-- ENGINE-BUILD-ARGS...]
 #   -t IMAGE          the image name (default comfy-worker:latest; --push needs a registry in it)
 #   --push            push IMAGE after the build
 #   --no-cache        build every layer again
@@ -9,6 +9,8 @@
 #   --secret SPEC     passed to the build (id=NAME,src=FILE)
 #   --bake            BAKE=1: provision config.yml into the image; HF_TOKEN, CIVITAI_TOKEN and
 #                     GITHUB_TOKEN from this environment go in as build secrets, never build args
+#   --sizes           after the build, print the size of every layer of IMAGE (oldest first) and the
+#                     total (the engine's history, through python3 -m comfy_worker.image_layers)
 #   --dry-run         print the commands instead of running them
 # CONTAINER_ENGINE picks the engine: docker (default) or podman (which gets --format docker, the
 # image format that keeps HEALTHCHECK and SHELL).
@@ -16,7 +18,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ENGINE="${CONTAINER_ENGINE:-docker}"
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 die() {
   echo "build.sh: $*" >&2
   exit 2
@@ -26,6 +28,7 @@ image="comfy-worker:latest"
 push=0
 dry_run=0
 bake=0
+sizes=0
 build_opts=()
 while (($#)); do
   case "$1" in
@@ -41,6 +44,7 @@ while (($#)); do
     --push) push=1 && shift ;;
     --no-cache) build_opts+=(--no-cache) && shift ;;
     --bake) bake=1 && shift ;;
+    --sizes) sizes=1 && shift ;;
     --dry-run) dry_run=1 && shift ;;
     --build-arg | --secret)
       [[ $# -ge 2 && "$2" == *=* ]] || die "$1 needs NAME=VALUE (got '${2:-}')"
@@ -99,6 +103,14 @@ cmd+=(${build_opts[@]+"${build_opts[@]}"} "$HERE")
 run "${cmd[@]}"
 if ((push)); then
   run "$ENGINE" push "$image"
+fi
+if ((sizes)); then
+  history=("$ENGINE" history --no-trunc --human=false --format '{{.Size}}\t{{.CreatedBy}}' "$image")
+  if ((dry_run)); then
+    run "${history[@]}"
+  else
+    "${history[@]}" | (cd "$HERE" && python3 -m comfy_worker.image_layers "$image")
+  fi
 fi
 if ((!dry_run)); then
   if ((push)); then

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from comfy_worker.comfy_client import ComfyClient, close_shared_session
@@ -206,6 +206,17 @@ def status_body(job: dict) -> dict:
     return body
 
 
+def status_response(job: dict) -> Response:
+    """``status_body`` as the HTTP answer. A job that just finished here carries its result as the store
+    encoded it (``result_json``, ``JobStore.complete``): that text is spliced in, not encoded a second time
+    (a result may be megabytes of base64)."""
+    text = job.get("result_json")
+    if text is None or text == "{}":
+        return JSONResponse(status_body(job))  # as is: outputs are plain JSON
+    head = json.dumps(status_body({**job, "result": {}}))
+    return Response(f"{head[:-1]}, {text[1:]}", media_type="application/json")
+
+
 class JobService:
     """The queue, the job runner, the store and the webhooks of one API process.
 
@@ -237,6 +248,7 @@ class JobService:
         self.streamed: set[str] = set()  # finished jobs whose output /stream handed out
         self.durations: deque[float] = deque(maxlen=20)
         self.stopping = False
+        self.secrets = secret_values()  # read once: the environment is set before the API starts
         self.session = None
         self.loop: asyncio.AbstractEventLoop | None = None  # for the signal handler
 
@@ -359,14 +371,20 @@ class JobService:
         return job
 
     async def wait(self, job_id: str, seconds: float) -> dict:
-        """The job once it is final, or as it is after ``seconds`` (or when the API stops)."""
-        if self.get(job_id)["status"] in FINAL or self.stopping:
-            return self.get(job_id)
-        event = self.finished.setdefault(job_id, asyncio.Event())  # also a job from before a restart: job_done sets it
+        """The job once it is final, or as it is after ``seconds`` (or when the API stops). A job this
+        process runs has an event until it is final (no store read before waiting), and ``job_done`` hands
+        the final job to its waiters with it (none after)."""
+        event = self.finished.get(job_id)
+        if event is None or self.stopping:
+            job = self.get(job_id)
+            if job["status"] in FINAL or self.stopping:
+                return job
+            event = self.finished.setdefault(job_id, asyncio.Event())  # a job from before a restart: job_done sets it
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):  # no task of its own, unlike wait_for
                 await event.wait()
-        return self.get(job_id)
+        final = getattr(event, "job", None)
+        return final if final is not None and not self.stopping else self.get(job_id)
 
     # -- cancelling --
     async def cancel(self, job_id: str) -> dict:
@@ -405,11 +423,13 @@ class JobService:
                 body["error"] = job["result"]["error"]
         return body
 
-    def job_done(self, job_id: str) -> None:
+    def job_done(self, job_id: str, job: dict | None = None) -> None:
+        """The job is final (``job``: as the store has it now, when known): its waiters wake up."""
         if (timer := self.ttl_timers.pop(job_id, None)) is not None:
             timer.cancel()
         event = self.finished.pop(job_id, None)
         if event is not None:
+            event.job = job
             event.set()
 
     # -- running --
@@ -519,7 +539,7 @@ class JobService:
             self.expire_queued(job_id, policy["ttl"])
             return
         # whatever handler ran (--handler): no secret and no URL query in the error stored and returned
-        output = redact_answer(output, [*secret_values(), *job_secrets(job)])
+        output = redact_answer(output, [*self.secrets, *job_secrets(job)])
         started = self.running.pop(job_id, None)
         outcome = self.outcome(job_id, output, started is not None, policy)
         if outcome is None:
@@ -527,10 +547,12 @@ class JobService:
         status, result = outcome
         if started is not None:
             self.durations.append(time.monotonic() - started)
-        if self.store.finish(job_id, status, result, time.time()):
-            log.info("job %s %s", job_id, status)
-            self.send_webhook(job_id)
-        self.job_done(job_id)
+        final = self.store.complete(job_id, status, result, time.time())
+        if final is not None:
+            log.info("job %s %s", job_id, final["status"])
+            if final["webhook"]:
+                self.send_webhook(job_id)  # a job without one wakes nothing more
+        self.job_done(job_id, final)
 
     def outcome(self, job_id: str, output: dict | None, started: bool, policy: dict) -> tuple[str, dict] | None:
         """(status, result) of what the runner gave back (None: cancelled or stopped), or None when the
@@ -855,7 +877,7 @@ def create_app(settings: Settings, runner: RunnerProcess, token: str | None, sto
         body = job_body(await read_json(request, settings.max_request_mb))
         job_id = await service.submit(body, prefix="sync-", key=idempotency_key(request))
         seconds = settings.runsync_wait_s if wait is None else min(max(wait, 0), RUNSYNC_MAX_WAIT_MS) / 1000
-        return JSONResponse(status_body(await service.wait(job_id, seconds)))  # as is: outputs are plain JSON
+        return status_response(await service.wait(job_id, seconds))
 
     async def status(job_id: str, request: Request):
         await read_json(request, settings.max_request_mb)
@@ -928,6 +950,9 @@ def serve(settings: Settings, runner: RunnerProcess, host: str, port: int, token
         port=port,
         log_config=None,  # our logging (one format, secrets redacted)
         access_log=False,
+        loop="uvloop",  # the faster loop and HTTP parser (both pinned in requirements.txt), not "auto"'s guess
+        http="httptools",
+        proxy_headers=False,  # nothing here reads the client's address: no X-Forwarded-* rewriting per request
         timeout_graceful_shutdown=5,
         lifespan="on",
     )

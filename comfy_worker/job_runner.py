@@ -322,7 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     run_job = load_handler(args.handler, Settings.from_env().app_dir)
     setup_logging()  # again: importing the handler (the RunPod SDK) may touch the root logger
-    asyncio.run(amain(run_job, out, args.concurrency))  # the event loop the serverless worker runs it in
+    import uvloop  # here: the serverless handler imports this module (report_prompt) and runs on asyncio's loop
+
+    # uvloop, the API's loop too (pinned in requirements.txt): the jobs run on the critical path of the API's
+    # throughput, and the handler uses only portable asyncio (aiohttp, websockets), so it runs the same on
+    # asyncio's own loop, the one the serverless worker uses (bench/api_throughput.py compares the two)
+    uvloop.run(amain(run_job, out, args.concurrency))
     return 0
 
 

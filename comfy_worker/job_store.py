@@ -74,6 +74,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_webhook ON jobs (webhook_next) WHERE webhook_pending = 1;
 """
+JOB_COLUMNS = (
+    "id, status, webhook, created, started, finished, attempts, webhook_pending"  # a job as read, but its result
+)
 WAL_FLUSH_DELAY_S = 1.0  # a wiped request leaves the WAL this soon; at most one checkpoint (~13 ms) per delay
 AUTO_VACUUM_INCREMENTAL = 2
 
@@ -232,22 +235,29 @@ class JobStore:
     def finish(self, job_id: str, status: str, result: dict, now: float) -> bool:
         """``IN_PROGRESS`` -> ``status`` with ``result``; False (nothing changed) when it was not running.
         A result over ``max_result_mb`` is replaced by an error saying so (the job ends ``FAILED``)."""
+        return self.complete(job_id, status, result, now) is not None
+
+    def complete(self, job_id: str, status: str, result: dict, now: float) -> dict | None:
+        """``finish``, returning the job as ``get`` reads it from then on (None: it was not running), plus
+        ``result_json``, its result as stored: the API answers the job's waiters with these, without reading
+        back, decoding and encoding again what it just wrote (committed before this returns)."""
         assert status in FINAL
         text = json.dumps(result)
         if self.max_result_bytes is not None and len(text) > self.max_result_bytes:
             log.warning("job %s: its result (%d bytes) is over MAX_STORED_RESULT_MB: not kept", job_id, len(text))
-            status, text = "FAILED", json.dumps(oversized_result(len(text), self.max_result_mb))
-        done = (
-            self.db.execute(
-                "UPDATE jobs SET status = ?, result = ?, finished = ?, webhook_pending = (webhook IS NOT NULL), "
-                "request = '{}' WHERE id = ? AND status = 'IN_PROGRESS'",
-                (status, text, now, job_id),
-            ).rowcount
-            == 1
-        )
-        if done:
-            self._wiped()
-        return done
+            status, result = "FAILED", oversized_result(len(text), self.max_result_mb)
+            text = json.dumps(result)
+        rows = self.db.execute(
+            "UPDATE jobs SET status = ?, result = ?, finished = ?, webhook_pending = (webhook IS NOT NULL), "
+            f"request = '{{}}' WHERE id = ? AND status = 'IN_PROGRESS' RETURNING {JOB_COLUMNS}",
+            (status, text, now, job_id),
+        ).fetchall()  # stepped to its end: the statement, and with it the transaction, is over
+        if not rows:
+            return None
+        self._wiped()
+        job = dict(rows[0])  # RETURNING gives a REAL column's whole number as an int: as get() reads them
+        job.update({k: float(job[k]) for k in ("created", "started", "finished") if job[k] is not None})
+        return {**job, "result": result, "result_json": text}
 
     def requeue(self, job_id: str) -> bool:
         """A running job stopped by a shutdown goes back to the queue (it runs again after the restart)."""
@@ -313,11 +323,7 @@ class JobStore:
     # -- reads --
     def get(self, job_id: str) -> dict | None:
         """The job's row without its request (``queued_request`` reads that), its result parsed."""
-        row = self.db.execute(
-            "SELECT id, status, webhook, created, started, finished, attempts, result, webhook_pending "
-            "FROM jobs WHERE id = ?",
-            (job_id,),
-        ).fetchone()
+        row = self.db.execute(f"SELECT {JOB_COLUMNS}, result FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
             return None
         job = dict(row)
@@ -338,12 +344,14 @@ class JobStore:
         return [r["id"] for r in self.db.execute("SELECT id FROM jobs WHERE webhook_pending = 1 ORDER BY seq")]
 
     def due_webhooks(self, now: float) -> list[str]:
-        """Jobs whose webhook is owed and due (never tried, or its next attempt's time has come)."""
+        """Jobs whose webhook is owed and due (never tried, or its next attempt's time has come). Read through
+        the index of owed webhooks: the finished jobs kept for RESULT_TTL_S cost nothing here (without
+        ``INDEXED BY`` SQLite scans the whole table to avoid sorting by ``seq``)."""
         return [
             r["id"]
             for r in self.db.execute(
-                "SELECT id FROM jobs WHERE webhook_pending = 1 AND (webhook_next IS NULL OR webhook_next <= ?) "
-                "ORDER BY seq",
+                "SELECT id FROM jobs INDEXED BY jobs_by_webhook WHERE webhook_pending = 1 "
+                "AND (webhook_next IS NULL OR webhook_next <= ?) ORDER BY seq",
                 (now,),
             )
         ]

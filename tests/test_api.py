@@ -31,7 +31,7 @@ from support.moto_s3 import moto_s3
 from support.recording_handler import ran
 from support.webhook_receiver import WebhookReceiver
 
-from comfy_worker.api import MAX_JSON_DEPTH, ApiError, JobService, create_app
+from comfy_worker.api import MAX_JSON_DEPTH, ApiError, JobService, create_app, status_body, status_response
 from comfy_worker.job_runner import RunnerProcess
 from comfy_worker.job_store import JobStore
 from comfy_worker.settings import Settings
@@ -1148,3 +1148,43 @@ def test_a_cancelled_queued_job_is_never_handed_to_the_handler_and_its_webhook_i
         }
     finally:
         hooks.server.shutdown()
+
+
+def test_finished_jobs_without_a_webhook_wake_no_webhook_work_and_their_waiters_read_nothing_back(
+    tmp_path, monkeypatch
+):
+    """issue 25: every finished job woke the webhook loop (two queries, one of them over the whole table) even
+    without a webhook, and each /runsync read its job back from the store and decoded the result that had just
+    been written. Now a job without a webhook wakes nothing more, and its waiter gets the job as written, its
+    answer splicing in the result's stored text. The job runner runs on uvloop, as uvicorn does."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(SUPPORT))  # the runner's handler: recording_handler
+    settings = Settings.from_env({"VOLUME_ROOT": str(tmp_path), "MAX_CONCURRENCY": "1"})
+
+    async def go():
+        store = JobStore(tmp_path / "jobs.sqlite3")
+        calls = {"due_webhooks": 0, "get": 0}
+        for name in calls:
+            real = getattr(store, name)
+
+            def counted(*args, _real=real, _name=name):
+                calls[_name] += 1
+                return _real(*args)
+
+            setattr(store, name, counted)
+        service = JobService(settings, RunnerProcess("recording_handler:handler", 1), store)
+        await service.start()
+        try:
+            with open(f"/proc/{service.runner.proc.pid}/maps") as maps:
+                assert "/uvloop/" in maps.read()
+            job_ids = [await service.submit({"input": {"value": ["é", i]}}) for i in range(20)]
+            finals = await asyncio.gather(*(service.wait(job_id, 20) for job_id in job_ids))  # /runsync's waits
+            assert calls == {"due_webhooks": 1, "get": 0}  # the webhook loop's first pass at the start only
+            for job_id, final in zip(job_ids, finals, strict=True):
+                stored = service.get(job_id)
+                assert stored["status"] == "COMPLETED" and {k: final[k] for k in stored} == stored
+                assert json.loads(status_response(final).body) == status_body(stored)
+        finally:
+            await service.stop()
+
+    asyncio.run(asyncio.wait_for(go(), 60))

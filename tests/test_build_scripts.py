@@ -38,6 +38,10 @@ with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps({{"engine": os.path.basename(sys.argv[0]), "args": args, "secrets": secrets}}) + "\\n")
 if args[:1] == ["push"] and "--digestfile" in args:
     open(args[args.index("--digestfile") + 1], "w").write("{DIGEST}")
+if args[:1] == ["history"]:  # podman's way: sizes for people whatever --human says, newest layer first
+    print("0 B\t/bin/sh -c #(nop) ENV VOLUME_ROOT=")
+    print("4.83 GB\t|2 PIP_CERT= TORCH_PACKAGES=torch==2.9.1 torchvision==0.24.1 /bin/sh -c uv pip install torch")
+    print("78.1 MB\t/bin/sh -c #(nop) ADD file:0123 in /")
 if args[:2] == ["image", "inspect"]:
     name = args[-1].rsplit(":", 1)[0]
     print("other.example/x@sha256:" + "cd" * 32)
@@ -85,6 +89,7 @@ def test_build_help_and_bad_arguments(stub):
         "--build-arg",
         "--secret",
         "--bake",
+        "--sizes",
         "--dry-run",
         "CONTAINER_ENGINE",
     ):
@@ -155,6 +160,42 @@ def test_build_dry_run_prints_the_commands_and_runs_nothing(stub):
     assert lines[0].startswith(f"{stub.docker} build --platform linux/amd64 -f ")
     assert lines[1] == f"{stub.docker} push r.example/w:1"
     assert stub.calls() == []
+
+
+def test_build_sizes_prints_every_layer_of_the_built_image(stub):
+    """issue 25: the image's weight, layer by layer (the table in docs/image-reference.md)."""
+    r = run(ROOT / "build.sh", "--sizes", "-t", "r.example/w:1", env=stub.env(stub.podman))
+    assert r.returncode == 0, r.stderr
+    build, history = stub.calls()
+    assert build["args"][0] == "build"
+    assert history["args"] == [
+        "history", "--no-trunc", "--human=false", "--format", r"{{.Size}}\t{{.CreatedBy}}", "r.example/w:1"
+    ]  # fmt: skip
+    table = r.stdout.splitlines()
+    assert table[1:] == [
+        "   78.1 MB  ADD file:0123 in /",
+        "   4.83 GB  RUN uv pip install torch",
+        "       0 B  1 steps that only set metadata (ENV, ARG, EXPOSE, ...)",
+        "   4.91 GB  in all (3 layers)",
+        "build.sh: built r.example/w:1 (linux/amd64)",
+    ]
+    r = run(ROOT / "build.sh", "--sizes", "--dry-run", "-t", "r.example/w:1", env=stub.env(stub.docker))
+    assert r.returncode == 0 and r.stdout.splitlines()[1].startswith(f"{stub.docker} history --no-trunc ")
+
+
+def test_the_default_base_is_plain_ubuntu_and_the_cuda_base_one_build_arg_away():
+    """issue 25: the default base nvidia/cuda:…-cudnn-runtime added a second copy of the CUDA and cuDNN that
+    torch's wheels bring; it stays available through BASE_IMAGE (docs/image-reference.md)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (default,) = re.findall(r"^ARG BASE_IMAGE=(\S+)$", dockerfile, re.M)
+    assert default == "docker.io/library/ubuntu:24.04"
+    assert (
+        dockerfile.splitlines()[dockerfile.splitlines().index(f"ARG BASE_IMAGE={default}") + 1] == "FROM ${BASE_IMAGE}"
+    )
+    assert (
+        "--build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04"
+        in (ROOT / "docs" / "image-reference.md").read_text()
+    )
 
 
 @pytest.fixture

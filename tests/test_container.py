@@ -141,6 +141,8 @@ def test_image_holds_only_the_app_and_its_environment(image):
     inspect = json.loads(container.podman("image", "inspect", image).stdout)[0]
     assert inspect["Config"]["Entrypoint"] == ["/usr/bin/tini", "-g", "--", "/app/start.sh"]
     assert inspect["Healthcheck"]["Test"] == ["CMD", "/opt/venv/bin/python", "/app/scripts/healthcheck.py"]
+    # on a base without CUDA (issue 25) the NVIDIA container runtime still gives the GPUs and the driver
+    assert {"NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_DRIVER_CAPABILITIES=compute,utility"} <= set(inspect["Config"]["Env"])
 
 
 def test_container_serves_a_job_then_a_second_one_on_the_same_volume_skips_provisioning(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import subprocess
@@ -244,3 +245,55 @@ def test_an_idempotency_key_finds_its_job_until_the_result_expires_then_it_may_b
     assert store.by_key("key-1", since=3.5) == ("second", "d2")
     with pytest.raises(sqlite3.IntegrityError):  # one job per key, enforced by the store itself
         store.db.execute("UPDATE jobs SET idempotency_key = 'key-1' WHERE id = 'first'")
+
+
+def sqlite_steps(store: JobStore, call) -> int:
+    """How many SQLite virtual-machine steps ``call()`` took on the store's connection (a measure of the
+    rows it visited that does not depend on the machine's speed or load)."""
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    store.db.set_progress_handler(count, 1)
+    try:
+        call()
+    finally:
+        store.db.set_progress_handler(None, 1)
+    return steps
+
+
+def test_finding_due_webhooks_costs_the_same_with_thousands_of_finished_jobs_kept(store):
+    """issue 25: the webhook loop's query scanned the whole table (to avoid a sort by seq), once per finished
+    job: the API slowed down with every result kept for RESULT_TTL_S. It now reads the owed webhooks' index."""
+    store.add("hooked", {"input": 1}, "http://hook", 1.0)
+    store.start("hooked", 1.0)
+    store.finish("hooked", "COMPLETED", {}, 2.0)
+    few = sqlite_steps(store, lambda: store.due_webhooks(time.time()))
+    for i in range(3000):
+        store.add(f"j{i}", {"input": i}, None, 1.0)
+        store.start(f"j{i}", 1.0)
+        store.finish(f"j{i}", "COMPLETED", {"output": i}, 2.0)
+    many = sqlite_steps(store, lambda: store.due_webhooks(time.time()))
+    assert store.due_webhooks(time.time()) == ["hooked"]
+    assert many < few + 50, (few, many)
+
+
+def test_complete_returns_the_final_job_as_get_reads_it_and_its_result_as_stored(tmp_path):
+    """issue 25: the API read back and decoded every result it had just written to answer the job's waiter;
+    ``complete`` hands it the job as the store now has it (also a result replaced for its size)."""
+    store = JobStore(tmp_path / "jobs.sqlite3", max_result_mb=0.01)
+    try:
+        for job_id, result in (("small", {"output": {"n": 1}}), ("big", {"output": {"data": "A" * 20_000}})):
+            store.add(job_id, {"input": {}}, "http://hook" if job_id == "big" else None, 1.25)
+            store.start(job_id, 2.0)
+            final = store.complete(job_id, "COMPLETED", result, 3.5)
+            stored = store.get(job_id)
+            assert {k: v for k, v in final.items() if k != "result_json"} == stored
+            assert json.loads(final["result_json"]) == stored["result"]
+            assert store.complete(job_id, "FAILED", {"error": "again"}, 4.0) is None  # finished once only
+        assert store.get("big")["status"] == "FAILED" and "MAX_STORED_RESULT_MB" in store.get("big")["result"]["error"]
+    finally:
+        store.close()
