@@ -14,18 +14,34 @@ How the pieces fit:
 - Single connection (small files, or a server that does not do ranges): bytes are hashed in memory as
   they arrive and appended to the part. A resume sends ``Range`` + ``If-Range``; a ``200`` answer means
   the server ignored the range (or the file changed), so the part is truncated and the hash restarted.
-- Several connections (big files on a server that does ranges): the file is cut into chunks that are
-  handed out in order to ``connections`` workers; each worker writes its bytes with ``pwrite`` at their
-  offset and records per chunk how many bytes from the chunk's start are on disk. Because chunks are
-  handed out in order, the completed region grows from the front, and a hasher thread feeds sha256
-  with the contiguous prefix as it grows (including the written part of the chunk at the front),
-  reading those bytes through a read-only ``mmap`` of the part, i.e. straight from the page cache
-  moments after they were written, without a copy. So hashing runs during the download on another
-  core instead of as a second pass afterwards; when the last byte lands only the chunks that were
-  still in flight remain to hash.
-  Progress per chunk is saved in ``<part>.state`` (JSON) every half second, so a killed process resumes
-  where each chunk stopped. sha256 state cannot be saved, so after a restart the hasher re-reads the
-  already-downloaded prefix while the rest downloads.
+- Several connections (big files on a server that does ranges): the file is counted in chunks of
+  1 MiB (more for files over 4 GiB: at most ``STATE_UNITS`` of them), handed out in order to worker
+  threads, one per connection, as runs of consecutive chunks fetched with one range request each: up
+  to ``REQUEST_SIZE``, shorter as the end nears, so the connections finish together. Each worker
+  writes its bytes with ``pwrite`` at their offset and records per chunk how many bytes from the
+  chunk's start are on disk.
+  How many connections (``_Ramp``): a download starts with ``start_connections`` (4) and, once they
+  all receive, measures the aggregate rate and doubles them (quadruples them when the last step
+  doubled the rate: a server that caps each connection, as CDNs do), up to ``connections``
+  (DOWNLOAD_CONNECTIONS); growth ends at the first step that did not raise the rate by a quarter.
+  A server that answers 429/503 to a range request while other connections are running gets one
+  connection fewer: that worker gives its run back and ends, and the download never grows again
+  (the last connection retries with backoff, as a single one does).
+  Hashing during the transfer: because runs are handed out in order, the completed region grows from
+  the front, and a hasher thread feeds sha256 with the contiguous prefix as it grows (including the
+  written part of the chunk at the front), reading those bytes through a read-only ``mmap`` of the
+  part, i.e. straight from the page cache moments after they were written, without a copy. So hashing
+  runs during the download on another core instead of as a second pass afterwards; when the last byte
+  lands only the short last runs remain to hash. The hasher also has the kernel start writing each
+  hashed stretch to the disk (``start_writeback``), so the fsync before ``fetch`` returns has little
+  left to write (the single-connection path does the same as it appends).
+  Progress per chunk is saved in ``<part>.state`` every half second, so a killed process resumes
+  where each chunk stopped. Its format, JSON: ``{"url": the URL without its query, "size": total
+  bytes, "chunk": bytes per chunk, "validator": ETag or Last-Modified, "done": [bytes on disk from
+  the start of each chunk, one per chunk]}``. Versions before issue 25 wrote 8-32 MiB chunks; such a
+  part is resumed in its own chunk size. sha256 state cannot be saved, so after a restart the hasher
+  re-reads the already-downloaded prefix while the rest downloads: a resumed file is still verified
+  whole.
 - Which file a part belongs to: ``<part>.source`` (JSON) records, before the first byte is written,
   the source (the URL the caller names the file by, e.g. the config entry: not a signed CDN link,
   which changes every time), the server's validator (ETag, else Last-Modified) and the total size.
@@ -174,7 +190,7 @@ class Result:
     sha256: str
     fetched: int  # bytes received over the network by this call
     resumed_from: int  # bytes already in the part when this call started
-    connections: int
+    connections: int  # the most connections that were running at once
 
 
 def same_host(a: str, b: str) -> bool:
