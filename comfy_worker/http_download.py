@@ -115,6 +115,7 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 READ_SIZE = 1 * MiB
 HASH_READ = 4 * MiB
+HASH_SPAN = 64 * MiB  # the most the parallel hasher hashes in one call (see _ParallelFetch._hasher)
 WRITE_PIECE = 64 * 1024
 WRITEBACK = 32 * MiB  # bytes between two start_writeback calls
 REQUEST_SIZE = 16 * MiB  # the most one range request of a parallel download asks for
@@ -940,7 +941,7 @@ class _Ramp:
     SETTLE_MOST = 2.0  # ... and at most, when some connection has not received a byte yet
     WINDOW = 0.2  # seconds the rate is measured over (a few 1 MiB reads per connection at 20 MB/s)
     GAIN = 1.25
-    LINEAR = 1.75  # a doubling that gave this much more is taken as rate per connection capped
+    LINEAR = 1.5  # a doubling that gave this much more is taken as rate per connection capped
 
     def __init__(self, start: int, most: int, now: float):
         self.most = max(1, most)
@@ -1192,7 +1193,7 @@ class _ParallelFetch:
                 while pos < avail:
                     if hashing.abort:
                         return
-                    n = min(HASH_READ, avail - pos)
+                    n = min(HASH_SPAN, avail - pos)
                     with view[pos : pos + n] as block:
                         digest.update(block)
                     pos += n
