@@ -118,7 +118,8 @@ HASH_READ = 4 * MiB
 HASH_SPAN = 64 * MiB  # the most the parallel hasher hashes in one call (see _ParallelFetch._hasher)
 WRITE_PIECE = 64 * 1024
 WRITEBACK = 32 * MiB  # bytes between two start_writeback calls
-REQUEST_SIZE = 16 * MiB  # the most one range request of a parallel download asks for
+REQUEST_SIZE = 16 * MiB  # the most one range request of a parallel download asks for ...
+REQUEST_TIME = 0.25  # ... and no more than a connection receives in this many seconds (4 MiB until measured)
 STATE_UNITS = 4096  # the most chunks a parallel download counts its progress in (the .state's "done")
 REDIRECTS = {301, 302, 303, 307, 308}
 USER_AGENT = "comfy-worker-downloader/1"
@@ -947,7 +948,8 @@ class _Ramp:
         self.most = max(1, most)
         self.target = max(1, min(start, self.most))
         self.growing = self.target < self.most
-        self.rate: float | None = None  # bytes/s measured at the current target
+        self.rate: float | None = None  # bytes/s last measured ...
+        self.measured_with = self.target  # ... with this many connections
         self.since = now  # when the current target was set
         self.mark: tuple[float, int] | None = None  # (time, bytes) where the current measurement began
 
@@ -968,8 +970,8 @@ class _Ramp:
         if self.rate is not None and rate < self.rate * self.GAIN:
             self.growing = False
             return self.target
-        step = 4 if self.rate is not None and rate >= self.rate * self.LINEAR else 2
-        self.rate = rate
+        step = 4 if self.rate is None or rate >= self.rate * self.LINEAR else 2
+        self.rate, self.measured_with = rate, self.target
         self.target = min(self.most, self.target * step)
         self.growing = self.target < self.most
         self.since, self.mark = now, None
@@ -1000,8 +1002,7 @@ class _ParallelFetch:
         if not dl.chunk_size and saved and self._same_file(saved) and isinstance(saved.get("chunk"), int):
             self.chunk = max(1, saved["chunk"])  # a part started by an older version: resumed in its chunks
         self.n = (size + self.chunk - 1) // self.chunk
-        # chunks per request: up to REQUEST_SIZE (fewer near the end); one when the caller set the chunk size
-        self.run_most = 1 if dl.chunk_size else max(1, REQUEST_SIZE // self.chunk)
+        self.fixed_runs = bool(dl.chunk_size)  # the caller set the chunk size: one chunk per request
         self.cond = threading.Condition()
         self.local = threading.local()
         self.next_chunk = 0
@@ -1066,9 +1067,10 @@ class _ParallelFetch:
             if self.returned:
                 return self.returned.pop(0)
             first = self.next_chunk
+            most = 1 if self.fixed_runs else self._run_most()
             share = (self.n - first) // (2 * max(1, self.ramp.target))
             end = first + 1
-            while end < self.n and end - first < min(self.run_most, share) and self.done[end] == 0:
+            while end < self.n and end - first < min(most, share) and self.done[end] == 0:
                 end += 1
             self.next_chunk = end
             return first, end
@@ -1079,6 +1081,15 @@ class _ParallelFetch:
         if self.running == 0:
             self.finished.set()
         self.cond.notify_all()
+
+    def _run_most(self) -> int:
+        """Chunks per request: what one connection receives in REQUEST_TIME at the rate the ramp
+        measured (4 MiB before it did), between 1 MiB and REQUEST_SIZE. Short requests where each
+        connection is slow keep the front of the file moving, so the hasher is never held up long
+        behind one connection while the others fill the file further on."""
+        per_connection = self.ramp.rate / self.ramp.measured_with if self.ramp.rate else 4 * MiB / REQUEST_TIME
+        size = min(REQUEST_SIZE, max(MiB, int(per_connection * REQUEST_TIME)))
+        return max(1, size // self.chunk)
 
     def _shed(self, run: tuple[int, int]) -> bool:
         """After a 429/503 for ``run``: step back when another connection is still running (the run
@@ -1185,7 +1196,9 @@ class _ParallelFetch:
                     while True:
                         if self.error is not None or hashing.abort:
                             return
-                        k = pos // self.chunk
+                        k = pos // self.chunk  # the end of the completed prefix, as far as it reaches now
+                        while k < self.n - 1 and self.done[k] >= self.chunk and k * self.chunk < pos + HASH_SPAN:
+                            k += 1
                         avail = k * self.chunk + self.done[k]
                         if avail > pos:
                             break
