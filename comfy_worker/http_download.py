@@ -970,7 +970,7 @@ class _Ramp:
         if self.rate is not None and rate < self.rate * self.GAIN:
             self.growing = False
             return self.target
-        step = 4 if self.rate is None or rate >= self.rate * self.LINEAR else 2
+        step = 4 if self.rate is not None and rate >= self.rate * self.LINEAR else 2
         self.rate, self.measured_with = rate, self.target
         self.target = min(self.most, self.target * step)
         self.growing = self.target < self.most
