@@ -16,13 +16,14 @@ How the pieces fit:
   the server ignored the range (or the file changed), so the part is truncated and the hash restarted.
 - Several connections (big files on a server that does ranges): the file is counted in chunks of
   1 MiB (more for files over 4 GiB: at most ``STATE_UNITS`` of them), handed out in order to worker
-  threads, one per connection, as runs of consecutive chunks fetched with one range request each: up
-  to ``REQUEST_SIZE``, shorter as the end nears, so the connections finish together. Each worker
+  threads, one per connection, as runs of consecutive chunks fetched with one range request each: as
+  much as a connection receives in ``REQUEST_TIME``, at most ``REQUEST_SIZE``, shorter as the end
+  nears, so the connections finish together. Each worker
   writes its bytes with ``pwrite`` at their offset and records per chunk how many bytes from the
   chunk's start are on disk.
   How many connections (``_Ramp``): a download starts with ``start_connections`` (4) and, once they
-  all receive, measures the aggregate rate and doubles them (quadruples them when the last step
-  doubled the rate: a server that caps each connection, as CDNs do), up to ``connections``
+  all receive, measures the aggregate rate and doubles them (quadruples them when the last doubling
+  raised the rate by half or more: a server that caps each connection, as CDNs do), up to ``connections``
   (DOWNLOAD_CONNECTIONS); growth ends at the first step that did not raise the rate by a quarter.
   A server that answers 429/503 to a range request while other connections are running gets one
   connection fewer: that worker gives its run back and ends, and the download never grows again
@@ -935,8 +936,9 @@ class _Ramp:
     steps up, up to ``most``: twice as many after the first measurement, and after each later one
     twice as many again if the last step raised the rate by ``GAIN`` or more, four times as many if
     the rate grew nearly in proportion (``LINEAR``: a server that caps each connection, as CDNs do).
-    Growth ends for good at the first step that did not pay (the link or the CPU is the limit), and
-    when the server pushes back (``hold``)."""
+    A step that did not pay is measured once more (a busy machine or the bursts that start each
+    response make one window a rough measure); growth ends for good when it still does not (the link
+    or the CPU is the limit), and when the server pushes back (``hold``)."""
 
     SETTLE = 0.1  # seconds after a step before measuring, at least ...
     SETTLE_MOST = 2.0  # ... and at most, when some connection has not received a byte yet
@@ -952,6 +954,7 @@ class _Ramp:
         self.measured_with = self.target  # ... with this many connections
         self.since = now  # when the current target was set
         self.mark: tuple[float, int] | None = None  # (time, bytes) where the current measurement began
+        self.misses = 0  # measurements in a row at this target that showed no gain
 
     def tick(self, now: float, fetched: int, receiving: int) -> int:
         """The target after another look at ``fetched`` (bytes received so far) and ``receiving``
@@ -968,8 +971,11 @@ class _Ramp:
             return self.target
         rate = (fetched - at) / (now - began)
         if self.rate is not None and rate < self.rate * self.GAIN:
-            self.growing = False
+            self.misses += 1
+            self.growing = self.misses < 2
+            self.since, self.mark = now, None  # measured again from here
             return self.target
+        self.misses = 0
         step = 4 if self.rate is not None and rate >= self.rate * self.LINEAR else 2
         self.rate, self.measured_with = rate, self.target
         self.target = min(self.most, self.target * step)
@@ -987,10 +993,10 @@ class _Ramp:
 class _ParallelFetch:
     """One file over several ranged connections; see the module docstring.
 
-    Workers are threads, one per connection, each taking chunks in file order until none is left. The
-    main thread starts them as ``_Ramp`` says and reports progress; a worker whose request the server
-    answers 429/503 while others are still running steps back (``_Shed``): its chunk goes back to the
-    pool for the others, and the download carries on with one connection fewer."""
+    Workers are threads, one per connection, each taking runs of chunks in file order until none is
+    left. The main thread starts them as ``_Ramp`` says and reports progress; a worker whose request
+    the server answers 429/503 while others are still running steps back (``_Shed``): its run goes
+    back to the pool for the others, and the download carries on with one connection fewer."""
 
     def __init__(self, dl: Downloader, probe: Probe, part: Path, size: int, progress, stop: threading.Event):
         self.dl, self.probe, self.part, self.size = dl, probe, part, size
@@ -1056,7 +1062,7 @@ class _ParallelFetch:
 
     def _take(self) -> tuple[int, int] | None:
         """The next run of chunks ``(first, end)`` for a worker, fetched with one request: up to
-        ``run_most`` chunks that nothing was written to yet, fewer as the end nears (at most a share
+        ``_run_most`` chunks that nothing was written to yet, fewer as the end nears (at most a share
         of what is left per connection), so that the connections finish together and the last ones
         in flight are short (all that the hasher has left when the last byte lands). None (and the
         worker counted as finished) when none is left."""

@@ -164,6 +164,10 @@ def test_sigkill_mid_download_then_rerun_resumes_from_the_part(box, tmp_path):
     size = 80 * MiB
     sha = random_file(www / "unet.safetensors", size, seed=5)
     workdir = tmp_path / "nginx"
+    # at most 4 connections at 2 MB/s each (nginx lets each response start with a second's worth at
+    # once, so many short ranged requests would take the file in a second): the download takes
+    # seconds, and the rerun still long enough for a progress line
+    box.env["DOWNLOAD_CONNECTIONS"] = "4"
     with NginxOrigin(www, workdir, limit_rate="2m") as ng:
         box.write([{"url": f"{ng.url}/limited/unet.safetensors", "destination": "unet"}])
         part = box.models / "unet" / "unet.safetensors.part"
