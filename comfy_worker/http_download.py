@@ -14,18 +14,35 @@ How the pieces fit:
 - Single connection (small files, or a server that does not do ranges): bytes are hashed in memory as
   they arrive and appended to the part. A resume sends ``Range`` + ``If-Range``; a ``200`` answer means
   the server ignored the range (or the file changed), so the part is truncated and the hash restarted.
-- Several connections (big files on a server that does ranges): the file is cut into chunks that are
-  handed out in order to ``connections`` workers; each worker writes its bytes with ``pwrite`` at their
-  offset and records per chunk how many bytes from the chunk's start are on disk. Because chunks are
-  handed out in order, the completed region grows from the front, and a hasher thread feeds sha256
-  with the contiguous prefix as it grows (including the written part of the chunk at the front),
-  reading those bytes through a read-only ``mmap`` of the part, i.e. straight from the page cache
-  moments after they were written, without a copy. So hashing runs during the download on another
-  core instead of as a second pass afterwards; when the last byte lands only the chunks that were
-  still in flight remain to hash.
-  Progress per chunk is saved in ``<part>.state`` (JSON) every half second, so a killed process resumes
-  where each chunk stopped. sha256 state cannot be saved, so after a restart the hasher re-reads the
-  already-downloaded prefix while the rest downloads.
+- Several connections (big files on a server that does ranges): the file is counted in chunks of
+  1 MiB (more for files over 4 GiB: at most ``STATE_UNITS`` of them), handed out in order to worker
+  threads, one per connection, as runs of consecutive chunks fetched with one range request each: as
+  much as a connection receives in ``REQUEST_TIME``, at most ``REQUEST_SIZE``, shorter as the end
+  nears, so the connections finish together. Each worker
+  writes its bytes with ``pwrite`` at their offset and records per chunk how many bytes from the
+  chunk's start are on disk.
+  How many connections (``_Ramp``): a download starts with ``start_connections`` (4) and, once they
+  all receive, measures the aggregate rate and doubles them (quadruples them when the last doubling
+  raised the rate by half or more: a server that caps each connection, as CDNs do), up to ``connections``
+  (DOWNLOAD_CONNECTIONS); growth ends at the first step that did not raise the rate by a quarter.
+  A server that answers 429/503 to a range request while other connections are running gets one
+  connection fewer: that worker gives its run back and ends, and the download never grows again
+  (the last connection retries with backoff, as a single one does).
+  Hashing during the transfer: because runs are handed out in order, the completed region grows from
+  the front, and a hasher thread feeds sha256 with the contiguous prefix as it grows (including the
+  written part of the chunk at the front), reading those bytes through a read-only ``mmap`` of the
+  part, i.e. straight from the page cache moments after they were written, without a copy. So hashing
+  runs during the download on another core instead of as a second pass afterwards; when the last byte
+  lands only the short last runs remain to hash. The hasher also has the kernel start writing each
+  hashed stretch to the disk (``start_writeback``), so the fsync before ``fetch`` returns has little
+  left to write (the single-connection path does the same as it appends).
+  Progress per chunk is saved in ``<part>.state`` every half second, so a killed process resumes
+  where each chunk stopped. Its format, JSON: ``{"url": the URL without its query, "size": total
+  bytes, "chunk": bytes per chunk, "validator": ETag or Last-Modified, "done": [bytes on disk from
+  the start of each chunk, one per chunk]}``. Versions before issue 25 wrote 8-32 MiB chunks; such a
+  part is resumed in its own chunk size. sha256 state cannot be saved, so after a restart the hasher
+  re-reads the already-downloaded prefix while the rest downloads: a resumed file is still verified
+  whole.
 - Which file a part belongs to: ``<part>.source`` (JSON) records, before the first byte is written,
   the source (the URL the caller names the file by, e.g. the config entry: not a signed CDN link,
   which changes every time), the server's validator (ETag, else Last-Modified) and the total size.
@@ -99,7 +116,12 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 READ_SIZE = 1 * MiB
 HASH_READ = 4 * MiB
+HASH_SPAN = 64 * MiB  # the most the parallel hasher hashes in one call (see _ParallelFetch._hasher)
 WRITE_PIECE = 64 * 1024
+WRITEBACK = 32 * MiB  # bytes between two start_writeback calls
+REQUEST_SIZE = 16 * MiB  # the most one range request of a parallel download asks for ...
+REQUEST_TIME = 0.25  # ... and no more than a connection receives in this many seconds (4 MiB until measured)
+STATE_UNITS = 4096  # the most chunks a parallel download counts its progress in (the .state's "done")
 REDIRECTS = {301, 302, 303, 307, 308}
 USER_AGENT = "comfy-worker-downloader/1"
 NETWORK_ERRORS = (
@@ -141,11 +163,16 @@ class _RangeMismatch(DownloadError):
 
 
 class RetryableError(Exception):
-    """A failure worth another attempt (429, 5xx, network)."""
+    """A failure worth another attempt (429, 5xx, network); ``status``: the HTTP status, if any."""
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None):
         self.retry_after = retry_after
+        self.status = status
         super().__init__(message)
+
+
+class _Shed(Exception):
+    """A parallel download's connection that steps back after the server pushed back (429/503)."""
 
 
 @dataclass
@@ -166,7 +193,7 @@ class Result:
     sha256: str
     fetched: int  # bytes received over the network by this call
     resumed_from: int  # bytes already in the part when this call started
-    connections: int
+    connections: int  # the most connections that were running at once
 
 
 def same_host(a: str, b: str) -> bool:
@@ -410,18 +437,22 @@ class Downloader:
     def __init__(
         self,
         headers_for: Callable[[str], dict[str, str]] | None = None,
-        connections: int = 8,
+        connections: int = 32,
         parallel_min_size: int = 64 * MiB,
         chunk_size: int | None = None,
         retries: int = 5,
         backoff: float = 1.0,
         timeout: float = 30.0,
         stop: threading.Event | None = None,
+        start_connections: int = 4,
     ):
-        """``stop``: when set, waits between retries end at once (the default for calls given none)."""
+        """``connections``: the most ranged connections one big file gets; a download starts with
+        ``start_connections`` and adds more while that makes it faster (see ``_Ramp``). ``stop``: when
+        set, waits between retries end at once (the default for calls given none)."""
         self.stop = stop or threading.Event()
         self.headers_for = headers_for or (lambda url: {})
         self.connections = max(1, connections)
+        self.start_connections = max(1, start_connections)
         self.parallel_min_size = parallel_min_size
         self.chunk_size = chunk_size
         self.retries = max(1, retries)
@@ -473,7 +504,7 @@ class Downloader:
             status, retry_after = resp.status_code, _retry_after(resp)
             resp.close()
             if status == 429 or status >= 500 or status == 408:
-                raise RetryableError(f"HTTP {status} from {urlparse(url).netloc}", retry_after)
+                raise RetryableError(f"HTTP {status} from {urlparse(url).netloc}", retry_after, status)
             raise HttpStatusError(status, url, _describe(status, url))
         raise DownloadError(f"too many redirects starting at {urlparse(url).netloc}")
 
@@ -721,6 +752,7 @@ class Downloader:
                 elif resp.status_code not in (200, 206):
                     raise DownloadError(f"unexpected HTTP {resp.status_code} from {urlparse(probe.url).netloc}")
                 fd = f.fileno()
+                flushed = conn.pos
                 for block in iter_body(resp, pipe):
                     n = len(block)
                     try:
@@ -731,6 +763,9 @@ class Downloader:
                     pipe.feed(block)
                     conn.pos += n
                     conn.fetched += n
+                    if conn.pos - flushed >= WRITEBACK:
+                        start_writeback(fd, flushed, conn.pos - flushed)
+                        flushed = conn.pos
                     progress(conn.pos, size)
                     if stop.is_set():
                         raise Interrupted("interrupted")
@@ -767,6 +802,28 @@ def write_at(fd: int, data: memoryview, offset: int) -> None:
     done = 0
     while done < end:
         done += os.pwrite(fd, data[done : min(end, done + WRITE_PIECE)], offset + done)
+
+
+def _libc_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return fn
+
+
+_SYNC_FILE_RANGE = _libc_sync_file_range()
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Have the kernel start writing ``length`` bytes at ``offset`` to the disk now, without waiting
+    for it (sync_file_range(2) with SYNC_FILE_RANGE_WRITE, where there is one). Done as the download
+    goes, it leaves the final fsync little to wait for: otherwise a 2 GiB file is still all in the
+    page cache when the transfer ends, and the fsync writes it all out then (about 2 s here)."""
+    if _SYNC_FILE_RANGE is not None and length > 0:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -873,35 +930,106 @@ class _Hashing:
     sha256: str | None = None
 
 
+class _Ramp:
+    """How many connections a parallel download wants. It starts with ``start``; once every connection
+    it has is receiving (or ``SETTLE_MOST`` passed), it measures the aggregate rate over ``WINDOW`` and
+    steps up, up to ``most``: twice as many after the first measurement, and after each later one
+    twice as many again if the last step raised the rate by ``GAIN`` or more, four times as many if
+    the rate grew nearly in proportion (``LINEAR``: a server that caps each connection, as CDNs do).
+    A step that did not pay is measured once more (a busy machine or the bursts that start each
+    response make one window a rough measure); growth ends for good when it still does not (the link
+    or the CPU is the limit), and when the server pushes back (``hold``)."""
+
+    SETTLE = 0.1  # seconds after a step before measuring, at least ...
+    SETTLE_MOST = 2.0  # ... and at most, when some connection has not received a byte yet
+    WINDOW = 0.2  # seconds the rate is measured over (a few 1 MiB reads per connection at 20 MB/s)
+    GAIN = 1.25
+    LINEAR = 1.5  # a doubling that gave this much more is taken as rate per connection capped
+
+    def __init__(self, start: int, most: int, now: float):
+        self.most = max(1, most)
+        self.target = max(1, min(start, self.most))
+        self.growing = self.target < self.most
+        self.rate: float | None = None  # bytes/s last measured ...
+        self.measured_with = self.target  # ... with this many connections
+        self.since = now  # when the current target was set
+        self.mark: tuple[float, int] | None = None  # (time, bytes) where the current measurement began
+        self.misses = 0  # measurements in a row at this target that showed no gain
+
+    def tick(self, now: float, fetched: int, receiving: int) -> int:
+        """The target after another look at ``fetched`` (bytes received so far) and ``receiving``
+        (connections that have received bytes)."""
+        if not self.growing:
+            return self.target
+        if self.mark is None:
+            settled = receiving >= self.target or now - self.since >= self.SETTLE_MOST
+            if now - self.since >= self.SETTLE and settled:
+                self.mark = (now, fetched)
+            return self.target
+        began, at = self.mark
+        if now - began < self.WINDOW:
+            return self.target
+        rate = (fetched - at) / (now - began)
+        if self.rate is not None and rate < self.rate * self.GAIN:
+            self.misses += 1
+            self.growing = self.misses < 2
+            self.since, self.mark = now, None  # measured again from here
+            return self.target
+        self.misses = 0
+        step = 4 if self.rate is not None and rate >= self.rate * self.LINEAR else 2
+        self.rate, self.measured_with = rate, self.target
+        self.target = min(self.most, self.target * step)
+        self.growing = self.target < self.most
+        self.since, self.mark = now, None
+        return self.target
+
+    def hold(self, most: int) -> None:
+        """The server refused another connection: at most ``most`` from now on, and no more growth."""
+        self.most = max(1, min(self.most, most))
+        self.target = min(self.target, self.most)
+        self.growing = False
+
+
 class _ParallelFetch:
-    """One file over several ranged connections; see the module docstring."""
+    """One file over several ranged connections; see the module docstring.
+
+    Workers are threads, one per connection, each taking runs of chunks in file order until none is
+    left. The main thread starts them as ``_Ramp`` says and reports progress; a worker whose request
+    the server answers 429/503 while others are still running steps back (``_Shed``): its run goes
+    back to the pool for the others, and the download carries on with one connection fewer."""
 
     def __init__(self, dl: Downloader, probe: Probe, part: Path, size: int, progress, stop: threading.Event):
         self.dl, self.probe, self.part, self.size = dl, probe, part, size
         self.progress, self.stop = progress, stop
         self.state = state_path(part)
-        chunk = dl.chunk_size or max(8 * MiB, min(32 * MiB, size // (dl.connections * 16)))
-        self.chunk = max(MiB, chunk // MiB * MiB) if not dl.chunk_size else dl.chunk_size
+        # the unit of progress: 1 MiB, or more so that a file has at most STATE_UNITS of them
+        self.chunk = dl.chunk_size or max(1, -(-size // STATE_UNITS // MiB)) * MiB
+        saved = _load_state(self.state) if self.state.exists() and self.part.exists() else None
+        if not dl.chunk_size and saved and self._same_file(saved) and isinstance(saved.get("chunk"), int):
+            self.chunk = max(1, saved["chunk"])  # a part started by an older version: resumed in its chunks
         self.n = (size + self.chunk - 1) // self.chunk
+        self.fixed_runs = bool(dl.chunk_size)  # the caller set the chunk size: one chunk per request
         self.cond = threading.Condition()
+        self.local = threading.local()
         self.next_chunk = 0
+        self.returned: list[tuple[int, int]] = []  # runs given back by a worker that stepped back, taken first
+        self.running = 0  # workers started and not yet finished
+        self.finished = threading.Event()  # set when the last worker finished
+        self.peak = 0
+        self.receiving = 0  # workers that have received bytes
         self.fetched = 0
         self.error: BaseException | None = None
-        self.done = self._resume_point()
+        self.done = self._resume_point(saved)
         self.resumed_from = sum(self.done)
 
     def _chunk_len(self, k: int) -> int:
         return min(self.chunk, self.size - k * self.chunk)
 
-    def _resume_point(self) -> list[int]:
-        data = _load_state(self.state) if self.state.exists() and self.part.exists() else None
-        if (
-            data
-            and data.get("size") == self.size
-            and data.get("chunk") == self.chunk
-            and data.get("validator") == self.probe.validator
-            and len(data["done"]) == self.n
-        ):
+    def _same_file(self, data: dict) -> bool:
+        return data.get("size") == self.size and data.get("validator") == self.probe.validator
+
+    def _resume_point(self, data: dict | None) -> list[int]:
+        if data and self._same_file(data) and data.get("chunk") == self.chunk and len(data["done"]) == self.n:
             return [min(int(d), self._chunk_len(k)) for k, d in enumerate(data["done"])]
         done = [0] * self.n
         if self.part.exists() and not self.state.exists():
@@ -925,37 +1053,103 @@ class _ParallelFetch:
         }
         _write_json(self.state, payload)
 
-    def _take(self) -> int | None:
-        with self.cond:
-            while self.next_chunk < self.n and self.done[self.next_chunk] >= self._chunk_len(self.next_chunk):
-                self.next_chunk += 1
-            if self.next_chunk >= self.n or self.error is not None or self.stop.is_set():
-                return None
-            k = self.next_chunk
+    def _work_left(self) -> bool:
+        """Under ``cond``: a chunk remains to be handed out (and nothing ended the download)."""
+        while self.next_chunk < self.n and self.done[self.next_chunk] >= self._chunk_len(self.next_chunk):
             self.next_chunk += 1
-            return k
+        ended = self.error is not None or self.stop.is_set()
+        return not ended and (bool(self.returned) or self.next_chunk < self.n)
+
+    def _take(self) -> tuple[int, int] | None:
+        """The next run of chunks ``(first, end)`` for a worker, fetched with one request: up to
+        ``_run_most`` chunks that nothing was written to yet, fewer as the end nears (at most a share
+        of what is left per connection), so that the connections finish together and the last ones
+        in flight are short (all that the hasher has left when the last byte lands). None (and the
+        worker counted as finished) when none is left."""
+        with self.cond:
+            if not self._work_left():
+                self._worker_ends()
+                return None
+            if self.returned:
+                return self.returned.pop(0)
+            first = self.next_chunk
+            most = 1 if self.fixed_runs else self._run_most()
+            share = (self.n - first) // (2 * max(1, self.ramp.target))
+            end = first + 1
+            while end < self.n and end - first < min(most, share) and self.done[end] == 0:
+                end += 1
+            self.next_chunk = end
+            return first, end
+
+    def _worker_ends(self) -> None:
+        """Under ``cond``: one worker fewer."""
+        self.running -= 1
+        if self.running == 0:
+            self.finished.set()
+        self.cond.notify_all()
+
+    def _run_most(self) -> int:
+        """Chunks per request: what one connection receives in REQUEST_TIME at the rate the ramp
+        measured (4 MiB before it did), between 1 MiB and REQUEST_SIZE. Short requests where each
+        connection is slow keep the front of the file moving, so the hasher is never held up long
+        behind one connection while the others fill the file further on."""
+        per_connection = self.ramp.rate / self.ramp.measured_with if self.ramp.rate else 4 * MiB / REQUEST_TIME
+        size = min(REQUEST_SIZE, max(MiB, int(per_connection * REQUEST_TIME)))
+        return max(1, size // self.chunk)
+
+    def _shed(self, run: tuple[int, int]) -> bool:
+        """After a 429/503 for ``run``: step back when another connection is still running (the run
+        goes back to the pool, the ramp holds at one connection fewer); False for the last one,
+        which retries with backoff as a single connection would."""
+        with self.cond:
+            self.ramp.hold(self.running - 1)
+            if self.running <= self.ramp.most:
+                return False
+            self.returned.append(run)
+            self.returned.sort()
+            self._worker_ends()
+        log.info(
+            "%s pushed back (429/503): going on with %d connection(s)", urlparse(self.probe.url).netloc, self.ramp.most
+        )
+        return True
+
+    def _attempt(self, fd: int, run: tuple[int, int]) -> None:
+        try:
+            self._fetch_run(fd, *run)
+        except RetryableError as err:
+            if err.status in (429, 503) and self._shed(run):
+                raise _Shed from None
+            raise
 
     def _worker(self, fd: int) -> None:
+        self.local.first = True
         try:
-            while (k := self._take()) is not None:
+            while (run := self._take()) is not None:
                 self.dl.with_retries(
-                    f"download {urlparse(self.probe.url).netloc} chunk {k}",
-                    lambda k=k: self._fetch_chunk(fd, k),
-                    lambda k=k: self.done[k],
+                    f"download {urlparse(self.probe.url).netloc} chunk {run[0]}",
+                    lambda run=run: self._attempt(fd, run),
+                    lambda run=run: sum(self.done[run[0] : run[1]]),
                     self.stop,
                 )
+        except _Shed:
+            pass
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             with self.cond:
                 if self.error is None:
                     self.error = err
-                self.cond.notify_all()
+                self._worker_ends()
 
-    def _fetch_chunk(self, fd: int, k: int) -> None:
-        start = k * self.chunk
-        end = start + self._chunk_len(k)
-        pos = start + self.done[k]
-        if pos >= end:
+    def _fetch_run(self, fd: int, first: int, end_chunk: int) -> None:
+        """Fetch chunks ``first`` to ``end_chunk`` (exclusive) with one range request, from where they
+        stand (bytes land in order, so what is done of a run is a prefix of it), counting each chunk's
+        bytes as they are written."""
+        k = first
+        while k < end_chunk and self.done[k] >= self._chunk_len(k):
+            k += 1
+        if k >= end_chunk:
             return
+        pos = k * self.chunk + self.done[k]
+        end = min(self.size, end_chunk * self.chunk)
         headers = {"Range": f"bytes={pos}-{end - 1}"}
         if self.probe.validator and not self.probe.validator.startswith("W/"):
             headers["If-Range"] = self.probe.validator
@@ -977,29 +1171,40 @@ class _ParallelFetch:
                 write_at(fd, block, pos)
                 pos += len(block)
                 with self.cond:
-                    self.done[k] = pos - start
+                    while k < end_chunk and k * self.chunk < pos:
+                        self.done[k] = min(pos - k * self.chunk, self._chunk_len(k))
+                        if self.done[k] < self._chunk_len(k):
+                            break
+                        k += 1
                     self.fetched += len(block)
+                    if self.local.first:
+                        self.local.first = False
+                        self.receiving += 1
                     self.cond.notify_all()
                 if pos >= end:
                     break
                 if self.stop.is_set() or self.error is not None:
                     raise Interrupted("interrupted")
         if pos < end:
-            raise RetryableError(f"connection closed at byte {pos - start} of chunk {k}")
+            raise RetryableError(f"connection closed at byte {pos} of chunks {first}-{end_chunk - 1}")
 
-    def _hasher(self, view: memoryview, hashing: _Hashing) -> None:
-        """Hash the part's contiguous prefix as it grows. Ends as soon as the main thread aborts it or a
-        worker failed, also with bytes on disk still to hash (issue 20 #22: it used to go round
-        forever then, and the main thread's join with it, when a stop found it behind the workers)."""
+    def _hasher(self, fd: int, view: memoryview, hashing: _Hashing) -> None:
+        """Hash the part's contiguous prefix as it grows, and have the kernel start writing each hashed
+        stretch to the disk (``start_writeback``), so neither the hash nor the final fsync is left for
+        after the last byte. Ends as soon as the main thread aborts it or a worker failed, also with
+        bytes on disk still to hash (issue 20 #22: it used to go round forever then, and the main
+        thread's join with it, when a stop found it behind the workers)."""
         digest = hashlib.sha256()
-        pos = 0
+        pos = flushed = 0
         try:
             while pos < self.size:
                 with self.cond:
                     while True:
                         if self.error is not None or hashing.abort:
                             return
-                        k = pos // self.chunk
+                        k = pos // self.chunk  # the end of the completed prefix, as far as it reaches now
+                        while k < self.n - 1 and self.done[k] >= self.chunk and k * self.chunk < pos + HASH_SPAN:
+                            k += 1
                         avail = k * self.chunk + self.done[k]
                         if avail > pos:
                             break
@@ -1007,10 +1212,13 @@ class _ParallelFetch:
                 while pos < avail:
                     if hashing.abort:
                         return
-                    n = min(HASH_READ, avail - pos)
+                    n = min(HASH_SPAN, avail - pos)
                     with view[pos : pos + n] as block:
                         digest.update(block)
                     pos += n
+                if pos - flushed >= WRITEBACK or pos == self.size:
+                    start_writeback(fd, flushed, pos - flushed)
+                    flushed = pos
             if pos == self.size:
                 hashing.sha256 = digest.hexdigest()
         except BaseException as err:  # noqa: BLE001
@@ -1018,10 +1226,49 @@ class _ParallelFetch:
                 self.error = self.error or err
                 self.cond.notify_all()
 
+    def _start_workers(self, fd: int, workers: list[threading.Thread]) -> None:
+        """Start workers up to the ramp's target, while there is a chunk for them."""
+        with self.cond:
+            if not self._work_left():
+                if self.running == 0:
+                    self.finished.set()  # nothing was left to start (a complete part), or a stop
+                return
+            if self.ramp.target <= self.running:
+                return
+            want = min(self.ramp.target - self.running, self.n - self.next_chunk + len(self.returned))
+            self.running += want
+            self.peak = max(self.peak, self.running)
+        for _ in range(want):
+            w = threading.Thread(target=self._worker, args=(fd,), daemon=True, name=f"dl-{len(workers)}")
+            workers.append(w)
+            w.start()
+
+    def _drive(self, fd: int, workers: list[threading.Thread]) -> None:
+        """Until every worker finished: report progress, save the state every half second, and add
+        connections as the ramp says."""
+        last_save = time.monotonic()
+        self._start_workers(fd, workers)
+        while not self.finished.wait(0.05):
+            with self.cond:
+                on_disk, fetched, receiving = sum(self.done), self.fetched, self.receiving
+            now = time.monotonic()
+            self.ramp.tick(now, fetched, receiving)
+            self.progress(on_disk, self.size)
+            if now - last_save > 0.5:
+                self._save_state()
+                last_save = now
+            self._start_workers(fd, workers)
+        for w in workers:
+            w.join()
+
     def run(self) -> Result:
+        """Allocate the part, start the hasher and the first workers, drive them to the end, and hand
+        back the size and sha256 (or the first worker's error)."""
         fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
         hashing = _Hashing()
         mapped = view = hasher = None
+        workers: list[threading.Thread] = []
+        self.ramp = _Ramp(self.dl.start_connections, self.dl.connections, time.monotonic())
         try:
             self._save_state()
             if os.fstat(fd).st_size < self.size:
@@ -1029,24 +1276,10 @@ class _ParallelFetch:
             # the hasher reads what the workers wrote straight from the page cache, without a copy
             mapped = mmap.mmap(fd, self.size, prot=mmap.PROT_READ)
             view = memoryview(mapped)
-            workers = [
-                threading.Thread(target=self._worker, args=(fd,), daemon=True, name=f"dl-{i}")
-                for i in range(min(self.dl.connections, self.n))
-            ]
-            hasher = threading.Thread(target=self._hasher, args=(view, hashing), daemon=True, name="dl-hash")
+            hasher = threading.Thread(target=self._hasher, args=(fd, view, hashing), daemon=True, name="dl-hash")
             hasher.start()
-            for w in workers:
-                w.start()
-            last_save = time.monotonic()
             try:
-                while alive := [w for w in workers if w.is_alive()]:
-                    alive[0].join(0.2)
-                    with self.cond:
-                        on_disk = sum(self.done)
-                    self.progress(on_disk, self.size)
-                    if time.monotonic() - last_save > 0.5:
-                        self._save_state()
-                        last_save = time.monotonic()
+                self._drive(fd, workers)
             except BaseException:
                 self.stop.set()
                 raise
@@ -1076,4 +1309,4 @@ class _ParallelFetch:
             if mapped is not None:
                 mapped.close()
             os.close(fd)
-        return Result(self.size, hashing.sha256, self.fetched, self.resumed_from, min(self.dl.connections, self.n))
+        return Result(self.size, hashing.sha256, self.fetched, self.resumed_from, self.peak)

@@ -137,18 +137,18 @@ class HuggingFaceResolver:
         resolve_url = hf_hub_url(repo_id, path, repo_type=repo_type, revision=revision, endpoint=endpoint)
         what = f"Hugging Face {repo_id}/{path}@{revision}"
 
-        def metadata():
+        def metadata():  # a retryable failure's text leaves out ``what``: with_retries puts it in front
             try:
                 return get_hf_file_metadata(resolve_url, token=self.settings.hf_token or False, endpoint=endpoint)
             except HfHubHTTPError as err:
                 status = err.response.status_code if err.response is not None else None
                 if status is None or status in (408, 429) or status >= 500:
-                    raise RetryableError(f"{what}: HTTP {status}") from None
+                    raise RetryableError(f"HTTP {status}") from None
                 hint = {401: " (gated or private: set HF_TOKEN)", 403: " (gated: accept the terms, set HF_TOKEN)"}
                 hint[404] = " (check the repo, revision and file path)"
                 raise DownloadError(f"{what}: HTTP {status}{hint.get(status, '')}") from None
             except (OSError, *_hf_transport_errors()) as err:  # network errors of huggingface_hub's client
-                raise RetryableError(f"{what}: {type(err).__name__}: {redact_urls(str(err))}") from None
+                raise RetryableError(f"{type(err).__name__}: {redact_urls(str(err))}") from None
 
         meta = self.downloader.with_retries(what, metadata)
         etag = (meta.etag or "").lower()

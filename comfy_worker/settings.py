@@ -202,7 +202,7 @@ class Settings:
     runpod_log_level: str = "INFO"  # the RunPod SDK's own log (its DEBUG level logs every job output)
     hf_endpoint: str = "https://huggingface.co"  # env HF_ENDPOINT: Hugging Face Hub base URL (tests: a local fake)
     civitai_base_url: str = "https://civitai.com"  # env CIVITAI_BASE_URL: CivitAI base URL (tests: a local fake)
-    download_connections: int = 8  # env DOWNLOAD_CONNECTIONS: parallel range connections per big file
+    download_connections: int = 32  # env DOWNLOAD_CONNECTIONS: the most range connections per big file
     download_retries: int = 5  # env DOWNLOAD_RETRIES: attempts per request without progress
     download_retry_backoff: float = 1.0  # env DOWNLOAD_RETRY_BACKOFF: first retry delay in seconds (doubles)
     download_log_interval: float = 10.0  # env DOWNLOAD_LOG_INTERVAL: seconds between progress lines (no TTY)
@@ -288,7 +288,7 @@ class Settings:
             runpod_log_level=(env.get("RUNPOD_LOG_LEVEL") or env.get("RUNPOD_DEBUG_LEVEL") or "INFO").upper(),
             hf_endpoint=(env.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"),
             civitai_base_url=(env.get("CIVITAI_BASE_URL") or "https://civitai.com").rstrip("/"),
-            download_connections=max(1, _int(env, "DOWNLOAD_CONNECTIONS", 8)),
+            download_connections=max(1, _int(env, "DOWNLOAD_CONNECTIONS", 32)),
             download_retries=max(1, _int(env, "DOWNLOAD_RETRIES", 5)),
             download_retry_backoff=max(0.0, _float(env, "DOWNLOAD_RETRY_BACKOFF", 1.0)),
             download_log_interval=max(0.1, _float(env, "DOWNLOAD_LOG_INTERVAL", 10.0)),

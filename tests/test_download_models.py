@@ -164,6 +164,10 @@ def test_sigkill_mid_download_then_rerun_resumes_from_the_part(box, tmp_path):
     size = 80 * MiB
     sha = random_file(www / "unet.safetensors", size, seed=5)
     workdir = tmp_path / "nginx"
+    # at most 4 connections at 2 MB/s each (nginx lets each response start with a second's worth at
+    # once, so many short ranged requests would take the file in a second): the download takes
+    # seconds, and the rerun still long enough for a progress line
+    box.env["DOWNLOAD_CONNECTIONS"] = "4"
     with NginxOrigin(www, workdir, limit_rate="2m") as ng:
         box.write([{"url": f"{ng.url}/limited/unet.safetensors", "destination": "unet"}])
         part = box.models / "unet" / "unet.safetensors.part"
@@ -875,7 +879,8 @@ def test_download_retries_and_connections_are_honoured_from_the_environment(box,
     # last byte and may have sent the next request: overlaps under 50 ms are that, not a 4th connection.
     events = sorted([(s.at, 1) for s in bodies] + [((s.finished or s.at) - 0.05, -1) for s in bodies])
     peak = max(sum(d for _, d in events[: i + 1]) for i in range(len(events)))
-    assert len(bodies) == 8 and peak == 3  # 8 MiB chunks (~170 ms each) over exactly 3 connections at a time
+    # exactly 3 connections at a time (requests of up to 16 MiB, ~330 ms each, and shorter ones near the end)
+    assert peak == 3 and len(bodies) >= 4
 
     box.env["DOWNLOAD_RETRIES"] = "2"
     box.write([{"url": f"{origin.url}/flaky.safetensors", "destination": "unet"}])
@@ -1156,3 +1161,16 @@ def test_the_disk_space_error_says_the_whole_need_with_the_safety_margin(box, or
     r = run_on_tmpfs(70)
     assert r.returncode == 0, r.stderr
     assert "downloaded" in r.stdout
+
+
+def test_dry_run_names_an_unreachable_hugging_face_file_once(box):
+    """issue 25: the label came twice ("Hugging Face X@main: Hugging Face X@main: ConnectError...") in
+    the retry warnings and the dry run's line; HF_ENDPOINT here is a port where nothing listens."""
+    box.env["DOWNLOAD_RETRIES"] = "2"
+    box.write([{"url": "https://huggingface.co/org/repo/resolve/main/m.safetensors", "destination": "unet"}])
+    r = box.run("--dry-run")
+    label = "Hugging Face org/repo/m.safetensors@main"
+    assert r.returncode == 1, r.stdout + r.stderr
+    failures = [line for line in (r.stdout + r.stderr).splitlines() if label in line]
+    assert failures and all(line.count(label) == 1 for line in failures), failures
+    assert any("gave up after 2 attempts" in line for line in failures)

@@ -592,3 +592,135 @@ def test_a_stop_while_the_server_has_not_answered_yet_ends_the_download_at_once(
         assert len(origin.seen("/m.bin")) == 1 + connections  # no retry after the stop
     finally:
         release.set()
+
+
+# ---- issue 25: connections that adapt, verification during the transfer ----
+
+
+def concurrency(seen, until: float | None = None) -> int:
+    """The most body requests the origin was sending at once (those that arrived before ``until``).
+    A request counts as finished 50 ms before the origin noted it (its handler returns a moment after
+    the client got the last byte and may have sent the next request)."""
+    bodies = [s for s in seen if s.headers.get("range") != "bytes=0-0" and s.status in (200, 206)]
+    if until is not None:
+        bodies = [s for s in bodies if s.at < until]
+    events = sorted([(s.at, 1) for s in bodies] + [((s.finished or s.at) - 0.05, -1) for s in bodies])
+    level = peak = 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    return peak
+
+
+def test_connections_are_added_while_the_rate_grows_against_a_server_that_caps_each_one(origin, tmp_path):
+    """A CDN caps each connection's rate: the download starts with a few connections and adds more
+    while that still makes it faster, up to the maximum."""
+    path = tmp_path / "src" / "capped.bin"
+    sha = random_file(path, 24 * MiB, seed=25)
+    origin.add("/capped.bin", file=path, rate=4 * MiB)  # per connection: 8 of them take 32 MiB/s
+    part = tmp_path / "capped.bin.part"
+    dl = fast(connections=8, start_connections=2, parallel_min_size=MiB, chunk_size=MiB)
+    result = dl.fetch(f"{origin.url}/capped.bin", part)
+    assert result.sha256 == sha and result.connections == 8
+    seen = origin.seen("/capped.bin")
+    first_body = min(s.at for s in seen if s.headers.get("range") != "bytes=0-0")
+    assert concurrency(seen, until=first_body + 0.2) == 2  # a few to start with ...
+    assert concurrency(seen) >= 7  # ... 8 at the end (one may be between two requests)
+
+
+@pytest.mark.parametrize("status", [503, 429])
+def test_a_server_that_refuses_another_connection_gets_one_fewer(origin, tmp_path, status):
+    """The server answers 503/429 to a 4th connection at once: the download goes on with 3 instead of
+    retrying the 4th (which would fail: it makes no progress) or trying ever more."""
+    path = tmp_path / "src" / "busy.bin"
+    sha = random_file(path, 16 * MiB, seed=26)
+    origin.add("/busy.bin", file=path, rate=4 * MiB, busy_over=3, busy_status=status)
+    dl = fast(connections=8, start_connections=2, parallel_min_size=MiB, chunk_size=MiB, retries=3)
+    result = dl.fetch(f"{origin.url}/busy.bin", tmp_path / "busy.bin.part")
+    assert result.sha256 == sha
+    seen = origin.seen("/busy.bin")
+    refused = [s for s in seen if s.status == status]
+    assert 1 <= len(refused) <= 2  # the ramp's step to 4 (a 2nd only if two stepped at once): then no more
+    after = [s for s in seen if s.at > refused[-1].at]
+    assert after and concurrency(after) <= 3
+    assert result.connections == 4  # the most that were running at once, the refused one included
+
+
+def test_a_small_file_uses_one_connection(origin, blob, tmp_path):
+    path, sha = blob  # 6 MiB: under the 64 MiB from which a file is split
+    origin.add("/m.bin", file=path, rate=16 * MiB)
+    result = fast(connections=8).fetch(f"{origin.url}/m.bin", tmp_path / "m.part")
+    assert result.sha256 == sha and result.connections == 1
+    bodies = [s for s in origin.seen("/m.bin") if s.headers.get("range") != "bytes=0-0"]
+    assert len(bodies) == 1 and "range" not in bodies[0].headers
+
+
+def test_the_sha256_is_computed_while_the_pieces_arrive(origin, tmp_path, monkeypatch):
+    """The hash follows the completed prefix of the part as the connections fill it, and the last
+    requests are short, so when the last byte lands only a small tail is left to hash (a pass over
+    the whole file after the transfer, or 8 chunks finishing together, would leave most of it)."""
+    from comfy_worker import http_download
+
+    path = tmp_path / "src" / "big.bin"
+    size = 64 * MiB  # where files start to be split
+    sha = random_file(path, size, seed=27)
+    origin.add("/big.bin", file=path, rate=8 * MiB)  # 8 connections: about a second
+    last_write = [0.0]
+    hashed: list[tuple[float, int]] = []
+    write_at = http_download.write_at
+
+    def recording_write(fd, data, offset):
+        write_at(fd, data, offset)
+        last_write[0] = time.monotonic()
+
+    real_sha256 = hashlib.sha256
+
+    class RecordingSha256:
+        def __init__(self):
+            self.digest = real_sha256()
+
+        def update(self, data):
+            self.digest.update(data)
+            hashed.append((time.monotonic(), len(data)))
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    monkeypatch.setattr(http_download, "write_at", recording_write)
+    monkeypatch.setattr(http_download.hashlib, "sha256", RecordingSha256)
+    dl = fast(connections=8, start_connections=8)
+    result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
+    assert result.sha256 == sha and result.connections == 8
+    assert sum(n for _, n in hashed) == size  # one pass over the file, no second one
+    after_last_byte = sum(n for t, n in hashed if t > last_write[0])
+    assert after_last_byte <= size // 8, f"{after_last_byte / MiB:.0f} MiB of 64 hashed after the last byte"
+
+
+def test_a_resumed_part_is_hashed_whole_and_a_damaged_prefix_deletes_it(origin, tmp_path):
+    path = tmp_path / "src" / "big.bin"
+    sha = random_file(path, 12 * MiB, seed=28)
+    route = origin.add("/big.bin", file=path, rate=8 * MiB)
+    part = tmp_path / "big.bin.part"
+    dl = fast(connections=3, parallel_min_size=MiB, chunk_size=MiB)
+    interrupt(dl, f"{origin.url}/big.bin", part, 3 * MiB)
+    with open(part, "r+b") as f:  # a byte of the kept prefix goes bad
+        f.seek(100)
+        f.write(b"\xff" if f.read(1) != b"\xff" else b"\x00")
+    route.rate = None
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        dl.fetch(f"{origin.url}/big.bin", part, expected_sha256=sha)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no .part, .part.state, .part.source
+    assert dl.fetch(f"{origin.url}/big.bin", part, expected_sha256=sha).resumed_from == 0
+
+
+def test_a_part_counted_in_bigger_chunks_by_an_older_version_is_resumed(origin, tmp_path):
+    path = tmp_path / "src" / "big.bin"
+    sha = random_file(path, 72 * MiB, seed=29)
+    route = origin.add("/big.bin", file=path, rate=24 * MiB)
+    part = tmp_path / "big.bin.part"
+    interrupt(fast(connections=3, chunk_size=8 * MiB), f"{origin.url}/big.bin", part, 12 * MiB)
+    saved = json.loads(state_path(part).read_text())
+    assert saved["chunk"] == 8 * MiB and len(saved["done"]) == 9  # what versions before issue 25 wrote
+    route.rate = None
+    result = fast().fetch(f"{origin.url}/big.bin", part)  # 1 MiB chunks for a new part
+    assert result.sha256 == sha and result.resumed_from == sum(saved["done"]) >= 12 * MiB

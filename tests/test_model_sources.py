@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from support.origins import FaultyOrigin, fake_civitai, fake_huggingface, random_file
 
-from comfy_worker.http_download import Downloader, MiB
+from comfy_worker.http_download import Downloader, DownloadError, MiB
 from comfy_worker.model_sources import CIVITAI, HTTP, HUGGINGFACE, HfFile, ModelSource, Sources, TokenPolicy
 from comfy_worker.settings import Settings
 
@@ -74,3 +74,15 @@ def test_civitai_model_page_resolves_to_the_newest_versions_primary_file(tmp_pat
     assert Sources(settings(), Downloader()).resolve("https://example.org/a.bin") == ModelSource(
         HTTP, "https://example.org/a.bin"
     )
+
+
+def test_a_hugging_face_failure_names_the_file_once_in_retries_and_in_the_error(caplog):
+    # nothing listens at HF_ENDPOINT: every attempt is a connection error, retried, then given up
+    s = Sources(settings(), Downloader(backoff=0.01, retries=3))
+    with pytest.raises(DownloadError) as err:
+        s.resolve("https://huggingface.co/org/repo/resolve/main/unet/m.safetensors")
+    label = "Hugging Face org/repo/unet/m.safetensors@main"
+    message = str(err.value)
+    assert message.startswith(f"{label}: gave up after 3 attempts: ") and message.count(label) == 1, message
+    retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
+    assert len(retries) == 2 and all(m.startswith(f"{label}: ") and m.count(label) == 1 for m in retries), retries

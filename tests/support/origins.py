@@ -5,7 +5,8 @@
 - ``FaultyOrigin``: a small threaded Python server whose routes can drop the connection after N bytes
   (once, or on every response: ``trickle``), answer with error statuses first, ignore Range (always, or
   all but the probe's: ``whole_for_ranges``, like replicas whose ETags differ), answer a
-  range from another offset, go without a validator or a length, redirect, stream slowly or go silent; it records every request's
+  range from another offset, go without a validator or a length, redirect, stream slowly or go silent,
+  or refuse (503/429) a body beyond so many at once (``busy_over``); it records every request's
   headers and how many body bytes it sent, so tests can prove what was fetched and who got which token.
 - ``fake_huggingface`` / ``fake_civitai``: routes that speak the Hugging Face resolve protocol
   (``HEAD``/``GET /{repo}/resolve/{rev}/{path}``, at the branch and at the commit, with ETag,
@@ -171,6 +172,9 @@ class Route:
     redirect: str | None = None  # answer 302 with this Location
     json_body: object | None = None
     handler: object | None = None  # callable(request_handler) -> bool (True = handled)
+    busy_over: int | None = None  # answer busy_status to a body request while this many are being sent
+    busy_status: int = 503
+    sending: int = 0  # bodies being sent now (counted for busy_over)
 
     def size(self) -> int:
         return self.file.stat().st_size if self.file is not None else len(self.body or b"")
@@ -306,6 +310,15 @@ class FaultyOrigin:
                 h.send_header("Content-Length", "0")
                 h.end_headers()
                 return
+        counted = route.busy_over is not None and rng != "bytes=0-0" and not head
+        if counted:
+            with self.lock:
+                busy = route.sending >= route.busy_over
+                route.sending += not busy
+            if busy:
+                seen.status = route.busy_status
+                self._plain(h, route.busy_status, b"too many connections\n", head)
+                return
         seen.status = 206 if partial else 200
         h.send_response(seen.status)
         if "Content-Type" not in route.headers:
@@ -325,6 +338,28 @@ class FaultyOrigin:
         h.end_headers()
         if head:
             return
+        if counted:
+            self._send_counted(h, route, seen, start, end)
+        else:
+            self._send(h, route, seen, start, end)
+
+    def _send_counted(self, h, route: Route, seen: Seen, start: int, end: int) -> None:
+        """Send a body counted in ``route.sending`` until its last piece is about to go out (so a
+        client that got the whole body and asks again is never taken for one connection too many)."""
+        counted = [True]
+
+        def last_piece():
+            with self.lock:
+                if counted[0]:
+                    route.sending -= 1
+                    counted[0] = False
+
+        try:
+            self._send(h, route, seen, start, end, last_piece)
+        finally:
+            last_piece()
+
+    def _send(self, h, route: Route, seen: Seen, start: int, end: int, last_piece=None) -> None:
         pos = start
         began = time.monotonic()
         while pos < end:
@@ -348,6 +383,8 @@ class FaultyOrigin:
                 h.connection.shutdown(socket.SHUT_RDWR)
                 h.close_connection = True
                 return
+            if last_piece is not None and pos + n >= end:
+                last_piece()
             try:
                 h.wfile.write(route.read(pos, pos + n))
             except OSError:
