@@ -31,6 +31,13 @@ Each entry (a config.yml model entry: ``url``, ``destination``, ``filename``, ``
    record (config models) are deleted until everything fits in ``JOB_MODELS_MAX_GB`` (none while
    comfy.lock.yml is damaged). A server that tells no size is cut off past the bound. Downloads running at
    the same moment are not counted against each other, so they may pass the bound by their own sizes.
+6. Cut downloads: a download is recorded in the state file (``downloads``) before its first byte, under
+   its target lock; done, it becomes a job model's record, and failed with no part left, it is forgotten.
+   A part left by a cut one (the job's timeout, a cancel, a killed worker) is abandoned once nobody holds
+   its target lock: it counts in the bound (its bytes and records next to it), and making room deletes
+   abandoned parts (with their records, ``discard_part``), oldest first, before any job model. A part
+   being downloaded (its lock held) is never touched, nor is this download's own (a part of the same
+   url is resumed), nor a part the state file does not record (provisioning's).
 """
 
 from __future__ import annotations
@@ -45,13 +52,14 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
 import urllib3
+from filelock import FileLock, Timeout
 
 from comfy_worker import hf_cache, volume_lock
 from comfy_worker.config_schema import ModelEntry
@@ -65,6 +73,8 @@ from comfy_worker.http_download import (
     discard_part,
     fsync_path,
     same_host,
+    source_path,
+    state_path,
 )
 from comfy_worker.job_errors import JobError
 from comfy_worker.lock_file import atomic_write_text, read_lock_file
@@ -228,29 +238,70 @@ def refusal(index: int, entry_url: str, url: str, problem: str, policy: HostPoli
 # ---- the state file ----
 
 
-def _read_state(path: Path) -> dict[str, dict]:
+def _read_state(path: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The job models and the job-model downloads the state file records (both empty when it is unreadable)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        models = data.get("models") if isinstance(data, dict) else None
     except (OSError, ValueError):
-        return {}
-    if not isinstance(models, dict):
-        return {}
-    return {k: _sane_record(v) for k, v in models.items() if isinstance(v, dict)}
+        return {}, {}
+    data = data if isinstance(data, dict) else {}
+    models, downloads = data.get("models"), data.get("downloads")
+    models = models if isinstance(models, dict) else {}
+    downloads = downloads if isinstance(downloads, dict) else {}
+    return (
+        {k: _sane_record(v) for k, v in models.items() if isinstance(v, dict)},
+        {k: _sane_download(v) for k, v in downloads.items() if isinstance(v, dict)},
+    )
+
+
+def _number(value) -> float:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _sane_record(rec: dict) -> dict:
     """A record with a ``size`` and ``last_used`` fit to add and sort (a hand-edited or damaged value
     reads as 0: counted as nothing, evicted first)."""
-
-    def number(value):
-        return value if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0
-
-    return {**rec, "size": int(number(rec.get("size"))), "last_used": number(rec.get("last_used"))}
+    return {**rec, "size": int(_number(rec.get("size"))), "last_used": _number(rec.get("last_used"))}
 
 
-def _write_state(path: Path, models: dict[str, dict]) -> None:
-    atomic_write_text(path, json.dumps({"version": 1, "models": models}, indent=1, sort_keys=True) + "\n")
+def _sane_download(rec: dict) -> dict:
+    """A download record with a ``touched`` fit to sort (a damaged value reads as 0: deleted first)."""
+    return {**rec, "started": _number(rec.get("started")), "touched": _number(rec.get("touched"))}
+
+
+def _write_state(path: Path, models: dict[str, dict], downloads: dict[str, dict]) -> None:
+    data = {"version": 1, "models": models, "downloads": downloads}
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def _not_downloading(lock_path: Path) -> Iterator[bool]:
+    """Yields True while the per-target download lock at ``lock_path`` is held here (nobody downloads that
+    target: its part may be deleted now), False when someone holds it (or it cannot be taken). Never waits."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire(timeout=0)
+    except (Timeout, OSError, NotImplementedError):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+def _part_of(target: Path) -> Path:
+    return target.with_name(target.name + ".part")
+
+
+def _part_bytes(part: Path) -> int:
+    """What a part takes, records next to it included (0 when there is none)."""
+    total = 0
+    for path in (part, state_path(part), source_path(part)):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total
 
 
 @dataclass
@@ -390,7 +441,7 @@ class JobModels:
     def _recorded_name(self, entry: ModelEntry) -> str | None:
         """The file name an earlier job (or comfy.lock.yml) recorded for this url and destination: a job
         naming a model by url alone finds it again without asking the server."""
-        for rel, rec in _read_state(self.state_path).items():
+        for rel, rec in _read_state(self.state_path)[0].items():
             dest, _, name = rel.rpartition("/")
             if dest == entry.destination and rec.get("url") == entry.url:
                 return name
@@ -408,7 +459,7 @@ class JobModels:
         """The size of the file already at ``target`` when it is the entry's; JobError naming the clash
         otherwise (it is never replaced)."""
         size = target.stat().st_size
-        job_rec = _read_state(self.state_path).get(rel)
+        job_rec = _read_state(self.state_path)[0].get(rel)
         dest, name = rel.rsplit("/", 1)
         lock_rec = next(
             (
@@ -471,7 +522,16 @@ class JobModels:
 
     def _download(self, i, entry: ModelEntry, rel: str, target: Path, source, probe, total: int) -> int:
         size = entry.size if entry.size is not None else source.size if source.size is not None else probe.size
-        part = target.with_name(target.name + ".part")
+        part = _part_of(target)
+        # recorded before a byte is written: its part is counted, and deletable once abandoned
+        self._begin_download(rel, entry, size)
+        try:
+            return self._fetch_into(i, entry, rel, target, part, source, probe, total, size)
+        finally:
+            with contextlib.suppress(volume_lock.Interrupted, volume_lock.LockError, OSError):
+                self._end_download(rel, part)
+
+    def _fetch_into(self, i, entry: ModelEntry, rel: str, target: Path, part: Path, source, probe, total, size) -> int:
         if size is not None:
             self._make_room(i, entry, rel, size)
             self._check_disk(i, entry, part, size)
@@ -544,30 +604,68 @@ class JobModels:
     def _record(self, rel: str, entry: ModelEntry, sha256: str | None, size: int) -> None:
         lock = self._state_lock()
         try:
-            models = _read_state(self.state_path)
+            models, downloads = _read_state(self.state_path)
             now = time.time()
             models[rel] = {"url": entry.url, "sha256": sha256, "size": size, "added": now, "last_used": now}
-            _write_state(self.state_path, models)
+            downloads.pop(rel, None)
+            _write_state(self.state_path, models, downloads)
         finally:
             lock.release()
 
     def _touch(self, rel: str) -> None:
         lock = self._state_lock()
         try:
-            models = _read_state(self.state_path)
+            models, downloads = _read_state(self.state_path)
             if rel in models:
                 models[rel]["last_used"] = time.time()
-                _write_state(self.state_path, models)
+                _write_state(self.state_path, models, downloads)
         finally:
             lock.release()
+
+    def _begin_download(self, rel: str, entry: ModelEntry, size: int | None) -> None:
+        """Record the download of ``rel`` (its target lock is held) before it starts: should it be cut (a
+        timeout, a cancel, a killed worker), its part is known as a job model's and counted in the bound."""
+        lock = self._state_lock()
+        try:
+            models, downloads = _read_state(self.state_path)
+            now = time.time()
+            started = downloads.get(rel, {}).get("started") or now
+            downloads[rel] = {"url": entry.url, "size": size, "started": started, "touched": now}
+            _write_state(self.state_path, models, downloads)
+        finally:
+            lock.release()
+
+    def _end_download(self, rel: str, part: Path) -> None:
+        """After a download that did not complete: forget it when no part is left, else note when it was
+        last touched (a part left behind is deleted, oldest first, when the bound needs its room)."""
+        if not (self.models_dir / rel).is_file() or part.exists():
+            lock = self._state_lock()
+            try:
+                models, downloads = _read_state(self.state_path)
+                if rel in downloads:
+                    if part.exists():
+                        downloads[rel]["touched"] = time.time()
+                    else:
+                        del downloads[rel]
+                    _write_state(self.state_path, models, downloads)
+            finally:
+                lock.release()
 
     def _exists(self, rel: str) -> bool:
         path = self.models_dir / rel
         return path.is_file() or path.is_symlink()
 
     def _make_room(self, i: int, entry: ModelEntry, rel: str, need: int) -> None:
-        """Delete least recently used job models (none in use, none config.yml's) until ``need`` more
-        bytes fit in JOB_MODELS_MAX_GB; JobError when they cannot."""
+        """Make ``need`` more bytes fit in JOB_MODELS_MAX_GB, counting the job models and the parts their
+        cut downloads left; JobError when they cannot. Steps, under the state file's lock:
+
+        1. Forget the records of files deleted by hand (or by prune), and of parts gone with nobody
+           downloading them.
+        2. Count the job models (not config.yml's) and the abandoned parts (a recorded download whose
+           target lock is free: nobody fetches it), ``rel``'s own part aside (this download resumes it).
+        3. Delete abandoned parts, oldest first, then the least recently used job models no running job
+           uses, until ``need`` fits (none while comfy.lock.yml is damaged).
+        """
         shown = safe_url(entry.url)
         bound = f"JOB_MODELS_MAX_GB={self.settings.job_models_max_gb:g}"
         if need > self.max_bytes:
@@ -578,7 +676,7 @@ class JobModels:
             )
         lock = self._state_lock()
         try:
-            models = _read_state(self.state_path)
+            models, downloads = _read_state(self.state_path)
             lock_data = read_lock_file(self.settings.lock_file)
             config = {
                 f"{r.get('destination')}/{r.get('filename')}"
@@ -587,9 +685,20 @@ class JobModels:
             }
             for gone in [k for k in models if k != rel and not self._exists(k)]:
                 del models[gone]  # deleted by hand (or by prune): no longer taking space
+            parts = self._abandoned_parts(downloads, rel, config)
             mine = {k: v for k, v in models.items() if k not in config}  # a file config.yml names is never deleted
-            used = sum(int(v.get("size") or 0) for k, v in mine.items() if k != rel)
+            used = sum(int(v.get("size") or 0) for k, v in mine.items() if k != rel) + sum(parts.values())
             # a damaged comfy.lock.yml may have lost a config model's record: then nothing is deleted
+            if not lock_data.damaged:
+                for old in sorted(parts, key=lambda k: downloads[k]["touched"]):
+                    if used + need <= self.max_bytes:
+                        break
+                    if self._delete_part(old):
+                        del downloads[old]
+                        log.info(
+                            "job models: deleted the abandoned partial download of %s to stay within %s", old, bound
+                        )
+                    used -= parts[old]  # deleted, or being downloaded again now: no longer abandoned
             oldest_first = [] if lock_data.damaged else sorted(mine.items(), key=lambda kv: kv[1].get("last_used") or 0)
             for old, rec in oldest_first:
                 if used + need <= self.max_bytes:
@@ -617,9 +726,35 @@ class JobModels:
                     "JOB_MODELS_MAX_GB on the endpoint.",
                     {"model": i, "url": shown, "bytes": need, "used_bytes": used, "max_bytes": self.max_bytes},
                 )
-            _write_state(self.state_path, models)
+            _write_state(self.state_path, models, downloads)
         finally:
             lock.release()
+
+    def _download_lock(self, rel: str) -> Path:
+        return self.models_dir / ".locks" / f"{rel}.lock"
+
+    def _abandoned_parts(self, downloads: dict[str, dict], rel: str, config: set[str]) -> dict[str, int]:
+        """The recorded downloads nobody is running (their target lock taken without waiting), with the bytes
+        their parts take; ``rel`` (this download's own) and config.yml's targets aside. Records whose part
+        is gone are dropped from ``downloads``."""
+        found = {}
+        for other in [k for k in downloads if k != rel and k not in config]:
+            part = _part_of(self.models_dir / other)
+            with _not_downloading(self._download_lock(other)) as free:
+                if not free:
+                    continue  # being downloaded: its job counts it
+                if not part.exists():
+                    del downloads[other]
+                    continue
+                found[other] = _part_bytes(part)
+        return found
+
+    def _delete_part(self, rel: str) -> bool:
+        """Delete ``rel``'s part and its records when nobody is downloading it (checked again now)."""
+        with _not_downloading(self._download_lock(rel)) as free:
+            if free:
+                discard_part(_part_of(self.models_dir / rel))
+            return free
 
 
 class _TooBig(Exception):

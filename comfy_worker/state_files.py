@@ -8,7 +8,10 @@ GATE_RECORD = ".config-sha256.json"  # what the gate's digest covered (provision
 PROVISION_LOCK = ".provision.lock"  # held while a worker provisions the volume
 # the models jobs fetched (job_models.py): JSON {"version": 1, "models": {"<destination>/<filename>":
 # {"url", "sha256", "size" (bytes it takes on the volume: 0 for a link to a cached model), "added",
-# "last_used" (Unix seconds)}}}, replaced atomically, only while JOB_MODELS_LOCK is held
+# "last_used" (Unix seconds)}}, "downloads": {"<destination>/<filename>": {"url", "size" (the bytes expected,
+# null when the server tells none), "started", "touched" (Unix seconds)}}}: a job model being downloaded, or
+# whose download was cut (its <filename>.part left, deleted first when the bound needs room once nobody holds
+# its download lock), recorded before the first byte; replaced atomically, only while JOB_MODELS_LOCK is held
 JOB_MODELS_STATE = ".job-models.json"
 JOB_MODELS_LOCK = ".job-models.lock"
 

@@ -17,6 +17,7 @@ import time
 import uuid
 
 import pytest
+from filelock import FileLock
 from PIL import Image
 from support.api_server import ApiServer
 from support.hf_hub_cache import make_hf_cache
@@ -104,6 +105,10 @@ def upscaled(result: dict) -> bool:
 
 def state(tmp_path) -> dict:
     return json.loads((tmp_path / "volume" / ".job-models.json").read_text())["models"]
+
+
+def downloads(tmp_path) -> dict:
+    return json.loads((tmp_path / "volume" / ".job-models.json").read_text())["downloads"]
 
 
 def gets(origin: FaultyOrigin, url: str) -> int:
@@ -223,13 +228,13 @@ def test_an_unlisted_host_and_a_link_local_address_are_refused_with_no_request_s
     assert "link-local" in hop["error"] and time.monotonic() - started < 5  # refused, not a connect timeout
 
 
-def prepare_models(models: list[dict]) -> list[dict]:
+def prepare_models(models: list[dict], timeout: float = 60) -> list[dict]:
     """job_models.prepare for ``models`` with the environment's settings, outside a handler (fast)."""
     settings = Settings.from_env()
     uses = Uses(settings.models_dir)
     entries = parse_job_input(upscale_job("x", models)["input"]).models
     try:
-        return asyncio.run(job_models.prepare(entries, settings, uses, time.monotonic() + 60, 60))
+        return asyncio.run(job_models.prepare(entries, settings, uses, time.monotonic() + timeout, timeout))
     finally:
         uses.release()
 
@@ -483,6 +488,71 @@ def test_a_server_that_sends_no_length_is_cut_off_at_the_bound_or_at_the_entrys_
         prepare_models([{"url": url, "destination": "upscale_models", "filename": name, "size": 1000}])
     assert "the server sent more than the entry's size of 1000 bytes; nothing was kept" in err.value.message
     assert not [p for p in folder.iterdir() if p.name.startswith(name)]
+
+
+def cut_download(origin: FaultyOrigin, local, folder) -> tuple[str, str, str]:
+    """A job model download cut by the job's timeout (the server goes silent after 3/4 of the file): its
+    part is left, recorded in the state file; (url, file name, sha256)."""
+    url, name, sha = serve(origin, local, pause_after=local.stat().st_size * 3 // 4)
+    with pytest.raises(JobError) as err:
+        prepare_models([{"url": url, "destination": "upscale_models", "sha256": sha}], timeout=1)
+    assert err.value.message.startswith("The job timed out after 1 s while its models were fetched")
+    assert (folder / f"{name}.part").stat().st_size == local.stat().st_size * 3 // 4
+    assert (folder / f"{name}.part.source").is_file() and not (folder / name).exists()
+    return url, name, sha
+
+
+def test_a_part_left_by_a_cut_download_counts_in_the_bound_and_is_deleted_before_any_job_model(
+    env, origin, model_files, monkeypatch, tmp_path
+):
+    size = model_files[0].stat().st_size
+    folder = env.path / "models" / "upscale_models"
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", str(2.5 * size / 1e9))
+    (url_b, b, sha_b), (url_c, c, sha_c) = serve(origin, model_files[1]), serve(origin, model_files[2])
+    prepare_models([{"url": url_b, "destination": "upscale_models", "sha256": sha_b}])
+    url_a, a, _ = cut_download(origin, model_files[0], folder)
+    record = downloads(tmp_path)[f"upscale_models/{a}"]
+    assert record["url"] == url_a and record["size"] == size and record["touched"] >= record["started"] > 0
+    # b, the part (3/4) and c would pass 2.5 files: the abandoned part goes (with its records), b stays
+    (report,) = prepare_models([{"url": url_c, "destination": "upscale_models", "sha256": sha_c}])
+    assert report["status"] == "fetched"
+    assert not [p for p in folder.iterdir() if p.name.startswith(a)]
+    assert (folder / b).is_file() and (folder / c).is_file()
+    assert set(state(tmp_path)) == {f"upscale_models/{b}", f"upscale_models/{c}"} and downloads(tmp_path) == {}
+
+
+def test_a_part_whose_download_lock_is_held_is_never_deleted(env, origin, model_files, monkeypatch, tmp_path):
+    size = model_files[0].stat().st_size
+    folder = env.path / "models" / "upscale_models"
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", str(1.5 * size / 1e9))
+    _, a, _ = cut_download(origin, model_files[0], folder)
+    url_b, b, sha_b = serve(origin, model_files[1])
+    downloading = FileLock(str(folder.parent / ".locks" / "upscale_models" / f"{a}.lock"))
+    downloading.acquire()  # another worker downloads a now (download_models.py's lock)
+    try:
+        (report,) = prepare_models([{"url": url_b, "destination": "upscale_models", "sha256": sha_b}])
+    finally:
+        downloading.release()
+    assert report["status"] == "fetched" and (folder / b).is_file()
+    assert (folder / f"{a}.part").stat().st_size == size * 3 // 4 and (folder / f"{a}.part.source").is_file()
+    assert set(downloads(tmp_path)) == {f"upscale_models/{a}"}
+
+
+def test_a_part_of_the_same_url_is_resumed_not_deleted_when_there_is_room(
+    env, origin, model_files, monkeypatch, tmp_path
+):
+    size = model_files[0].stat().st_size
+    folder = env.path / "models" / "upscale_models"
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", str(2.2 * size / 1e9))
+    url_b, b, sha_b = serve(origin, model_files[1])
+    prepare_models([{"url": url_b, "destination": "upscale_models", "sha256": sha_b}])
+    url_a, a, sha_a = cut_download(origin, model_files[0], folder)
+    origin.routes[f"/m/{a}"].pause_after = None  # the server answers in full now
+    (report,) = prepare_models([{"url": url_a, "destination": "upscale_models", "sha256": sha_a}])
+    assert report["status"] == "fetched" and (folder / a).read_bytes() == model_files[0].read_bytes()
+    last = [s for s in origin.seen(f"/m/{a}") if s.method == "GET"][-1]
+    assert last.headers.get("range") == f"bytes={size * 3 // 4}-" and last.sent == size - size * 3 // 4
+    assert (folder / b).is_file() and downloads(tmp_path) == {}  # its own part is not counted against it
 
 
 def test_no_job_model_is_deleted_while_comfy_lock_yml_is_damaged(env, origin, model_files, monkeypatch, tmp_path):
