@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import pytest
 from PIL import Image
+from support.aio import arun, gather_jobs
 from support.comfy_process import free_port
 from support.dropping_proxy import DroppingProxy, cut_once_running
 from support.image_host import ImageHost
@@ -50,24 +51,11 @@ CLEAN_ENV = ("BUCKET_ENDPOINT_URL", "RUNPOD_ENDPOINT_ID", "RUNPOD_POD_ID", "REFR
 # --- helpers ---------------------------------------------------------------------------------------
 def run(job: dict) -> dict:
     """Run the async handler in a fresh event loop (as one RunPod job)."""
-
-    async def go():
-        try:
-            return await handler.handler(job)
-        finally:
-            await comfy_client.close_shared_session()
-
-    return asyncio.run(go())
+    return arun(lambda: handler.handler(job))
 
 
 def run_many(jobs: list[dict]) -> list[dict]:
-    async def go():
-        try:
-            return await asyncio.gather(*(handler.handler(j) for j in jobs))
-        finally:
-            await comfy_client.close_shared_session()
-
-    return asyncio.run(go())
+    return gather_jobs(handler.handler, jobs)
 
 
 def png_b64(size=(8, 8), color=(255, 0, 0), prefix=True) -> str:

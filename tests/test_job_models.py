@@ -19,13 +19,14 @@ import uuid
 import pytest
 from filelock import FileLock
 from PIL import Image
+from support.aio import gather_jobs
 from support.api_server import ApiServer
 from support.hf_hub_cache import make_hf_cache
 from support.models import UPSCALE_MODEL_NAME, make_upscale_model
 from support.origins import FaultyOrigin, fake_huggingface
 
 import handler
-from comfy_worker import comfy_client, job_models, model_prune
+from comfy_worker import job_models, model_prune
 from comfy_worker.config_schema import parse_config
 from comfy_worker.job_errors import JobError
 from comfy_worker.job_input import parse_job_input
@@ -88,13 +89,7 @@ def upscale_job(name: str, models: list[dict], color: int = 0x336699, job_id: st
 
 
 def run(*jobs: dict) -> list[dict]:
-    async def go():
-        try:
-            return await asyncio.gather(*(handler.handler(j) for j in jobs))
-        finally:
-            await comfy_client.close_shared_session()
-
-    return asyncio.run(go())
+    return gather_jobs(handler.handler, list(jobs))
 
 
 def upscaled(result: dict) -> bool:

@@ -15,3 +15,8 @@ def arun(coro_fn):
             await comfy_client.close_shared_session()
 
     return asyncio.run(go())
+
+
+def gather_jobs(handler_fn, jobs: list[dict]) -> list:
+    """Run ``handler_fn`` on every job at once (one event loop), returning their results in order."""
+    return arun(lambda: asyncio.gather(*(handler_fn(job) for job in jobs)))
