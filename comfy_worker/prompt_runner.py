@@ -316,7 +316,8 @@ class PromptRunner:
             raise
 
     def _follow_up(self) -> None:
-        """Remove the prompt in the background once its unanswered POST ends (queued then, or never)."""
+        """Remove the prompt in the background once its unanswered POST ends (queued then, or never): delete
+        it from the queue, interrupt it if it runs and wait (up to INTERRUPT_GRACE_S) for it to stop."""
 
         async def remove() -> None:
             with contextlib.suppress(Exception):
@@ -326,6 +327,8 @@ class PromptRunner:
                     await self.client.delete_queued(self.prompt_id)
                     if await self.client.is_running(self.prompt_id):
                         await self.client.interrupt(self.prompt_id)
+                        while await self.client.is_running(self.prompt_id):  # it stops at its next step
+                            await asyncio.sleep(0.1)
                 log.info("Prompt %s of an ended job was removed from ComfyUI once it was queued", self.prompt_id)
             except Exception as exc:  # noqa: BLE001 - nobody waits for this task
                 log.warning("Could not remove prompt %s of an ended job from ComfyUI: %s", self.prompt_id, exc)

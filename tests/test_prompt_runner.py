@@ -337,3 +337,33 @@ def test_a_job_cancelled_just_before_its_prompt_is_sent_never_sends_it(comfyui):
     assert task.cancelled() and cancelled.post is None and aborted.post is None
     for runner in (cancelled, aborted):
         assert comfyui.get_json(f"/history/{runner.prompt_id}") == {}
+
+
+def test_a_job_whose_deadline_passes_while_its_prompt_is_on_its_way_removes_it_once_comfyui_answers(comfyui):
+    """A ComfyUI that does not answer POST /prompt before the job's deadline fails the job then, and the
+    prompt, queued once ComfyUI answers, is removed in the background (not run to its end)."""
+    proxy = HoldingProxy(comfyui.port, b"POST /prompt").start()
+    client = ComfyClient(proxy.host, comfyui.pid_file, comfyui.log_path)
+    late = PromptRunner(client, steps_workflow(100, 0.1), timeout=0.5, ready_timeout=10)
+
+    async def go():
+        with pytest.raises(TimeoutError):
+            await late.run()
+        proxy.release()
+        deadline = time.monotonic() + 20
+        while not proxy.forwarded and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*prompt_runner._follow_ups), 20)
+        following = runner_for(comfyui, steps_workflow(1, 0.0))
+        started = time.monotonic()
+        result = await following.run()
+        return result, time.monotonic() - started
+
+    try:
+        result, elapsed = arun(go)
+    finally:
+        proxy.stop()
+    assert proxy.forwarded == 1  # ComfyUI did get the prompt after the job ended
+    assert result.outputs["3"] == {"text": ["done"]}
+    assert elapsed < 5  # not behind the late prompt's 10 s
+    _not_run_to_the_end(comfyui, late.prompt_id)
