@@ -241,7 +241,6 @@ class PromptRunner:
         self.history_used = False
         self.submitted = 0.0
         self.submitted_wall: float | None = None  # time.time() just before queueing (files older are not ours)
-        self.queued = False
         self.aborted = False  # the job was cancelled (``abort``): the prompt is never sent from now on
         self.post: asyncio.Task | None = None  # POST /prompt once sent (ComfyUI may queue the prompt until it ends)
         self.started: float | None = None
@@ -276,7 +275,6 @@ class PromptRunner:
             if self.on_queue is not None:
                 self.on_queue()
             answer = await self._queue()
-            self.queued = True
             if "rejected" in answer:
                 raise rejection_error(answer["rejected"], self.workflow, self.comfyui_path)
             if answer.get("node_errors"):
