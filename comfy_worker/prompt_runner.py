@@ -6,6 +6,12 @@ silent); a dead ComfyUI process (or another one in the PID file: ComfyUI was res
 ends the job at once, while a job that starts during a restart waits for ComfyUI to be back; on timeout the prompt is removed from the queue,
 or interrupted if it is running; the same happens when the job is cancelled (``abort``).
 
+A cancellation or timeout may come while ``POST /prompt`` is on its way: ComfyUI may queue the prompt after
+the job ended. So the POST runs in its own task (a cancelled job does not cut it), ``abort`` waits for its
+answer (the moment the prompt is surely queued) before deleting or interrupting the prompt, and a POST that
+outlives that wait (or the job's deadline) is followed up in the background: its prompt is removed the
+moment ComfyUI answers. An aborted runner never sends the POST.
+
 Only well-formed messages that carry this prompt's id act on the job: a custom node may broadcast
 anything (a string payload, a message without ``prompt_id``) and that is ignored.
 """
@@ -13,6 +19,7 @@ anything (a string payload, a message without ``prompt_id``) and that is ignored
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -37,6 +44,7 @@ INTERRUPT_GRACE_S = 10.0
 HISTORY_POLL_S = 1.5  # after a reconnect: ask /history when the socket was silent this long
 _WS_ERRORS = (ConnectionClosed, InvalidHandshake, OSError, asyncio.TimeoutError)
 _closing: set[asyncio.Task] = set()  # websockets being closed in the background (referenced until done)
+_follow_ups: set[asyncio.Task] = set()  # prompts of ended jobs removed once their POST is answered
 
 
 def _dict(value: Any) -> dict:
@@ -233,7 +241,8 @@ class PromptRunner:
         self.history_used = False
         self.submitted = 0.0
         self.submitted_wall: float | None = None  # time.time() just before queueing (files older are not ours)
-        self.queued = False
+        self.aborted = False  # the job was cancelled (``abort``): the prompt is never sent from now on
+        self.post: asyncio.Task | None = None  # POST /prompt once sent (ComfyUI may queue the prompt until it ends)
         self.started: float | None = None
         self.current_node: str | None = None
         self.nodes_done: set[str] = set()
@@ -265,10 +274,7 @@ class PromptRunner:
             self.client.note_process()  # another ComfyUI process later: it was restarted, the prompt is gone
             if self.on_queue is not None:
                 self.on_queue()
-            # a ComfyUI that does not answer must not hold the job past its deadline
-            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
-                answer = await self.client.queue_prompt(self.workflow, self.prompt_id, self.client_id, self.extra_data)
-            self.queued = True
+            answer = await self._queue()
             if "rejected" in answer:
                 raise rejection_error(answer["rejected"], self.workflow, self.comfyui_path)
             if answer.get("node_errors"):
@@ -289,6 +295,59 @@ class PromptRunner:
             self.result.queue_ms = round((self.started - self.submitted) * 1000)
             self.result.execution_ms = round((finished - self.started) * 1000)
         return self.result
+
+    async def _queue(self) -> dict:
+        """Send POST /prompt (never once aborted, nor with a cancellation pending) in its own task, so a
+        cancelled job does not cut it half-sent, and wait for the answer until the deadline; a POST still
+        unanswered then has its prompt removed once ComfyUI answers (``_follow_up``)."""
+        if self.aborted or asyncio.current_task().cancelling():
+            raise asyncio.CancelledError  # the job was cancelled just before the prompt was sent: nothing is sent
+        self.post = asyncio.create_task(
+            self.client.queue_prompt(self.workflow, self.prompt_id, self.client_id, self.extra_data)
+        )
+        try:
+            # a ComfyUI that does not answer must not hold the job past its deadline
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                return await asyncio.shield(self.post)
+        except TimeoutError:
+            self._follow_up()
+            raise
+
+    def _follow_up(self) -> None:
+        """Remove the prompt in the background once its unanswered POST ends (queued then, or never): delete
+        it from the queue, interrupt it if it runs and wait (up to INTERRUPT_GRACE_S) for it to stop."""
+
+        async def remove() -> None:
+            with contextlib.suppress(Exception):
+                await self.post
+            try:
+                async with asyncio.timeout(INTERRUPT_GRACE_S):
+                    await self.client.delete_queued(self.prompt_id)
+                    if await self.client.is_running(self.prompt_id):
+                        await self.client.interrupt(self.prompt_id)
+                        while await self.client.is_running(self.prompt_id):  # it stops at its next step
+                            await asyncio.sleep(0.1)
+                log.info("Prompt %s of an ended job was removed from ComfyUI once it was queued", self.prompt_id)
+            except Exception as exc:  # noqa: BLE001 - nobody waits for this task
+                log.warning("Could not remove prompt %s of an ended job from ComfyUI: %s", self.prompt_id, exc)
+
+        task = asyncio.create_task(remove())
+        _follow_ups.add(task)
+        task.add_done_callback(_follow_ups.discard)
+
+    async def _posted(self) -> bool:
+        """Whether the prompt may be in ComfyUI: wait (up to INTERRUPT_GRACE_S) for a POST on its way to
+        be answered; one still unanswered then is followed up in the background."""
+        if self.post is None:
+            return False
+        if not self.post.done():
+            await asyncio.wait([self.post], timeout=INTERRUPT_GRACE_S)
+            if not self.post.done():
+                self._follow_up()
+                return True
+        if self.post.cancelled() or self.post.exception() is not None:
+            return True  # it may have reached ComfyUI all the same
+        return "rejected" not in self.post.result()
 
     async def _connect_first(self):
         try:
@@ -463,10 +522,10 @@ class PromptRunner:
     async def stop(self) -> tuple[bool, bool]:
         """Drop the prompt from the queue (if pending), interrupt it (if running) and wait up to
         INTERRUPT_GRACE_S for it to stop. Returns (was running, stopped)."""
-        running = self.started is not None
         self.interrupt_error = None
-        if not self.queued:
+        if not await self._posted():
             return False, True
+        running = self.started is not None
         try:
             async with asyncio.timeout(INTERRUPT_GRACE_S):
                 await self.client.delete_queued(self.prompt_id)
@@ -481,7 +540,10 @@ class PromptRunner:
         return running, stopped
 
     async def abort(self) -> None:
-        """The job was cancelled: stop the prompt as a timeout does (bounded in time), without raising."""
+        """The job was cancelled: never send the prompt from now on, and stop it as a timeout does (a POST on
+        its way is waited for first: ComfyUI may queue the prompt until it answers); bounded in time, never
+        raises."""
+        self.aborted = True
         log.warning("Job cancelled; stopping prompt %s", self.prompt_id)
         try:
             async with asyncio.timeout(INTERRUPT_GRACE_S + 5):

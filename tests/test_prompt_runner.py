@@ -6,7 +6,9 @@ import asyncio
 import random
 import time
 
+import pytest
 from support.aio import arun
+from support.holding_proxy import HoldingProxy
 
 from comfy_worker import prompt_runner
 from comfy_worker.comfy_client import ComfyClient
@@ -266,3 +268,102 @@ def test_closing_the_websocket_never_waits_for_a_peer_that_does_not_answer_the_c
         assert took < 0.5, took
         assert peer.received.startswith(b"\x88")  # the close frame was sent (masked, from the client)
         assert peer.closed_at and peer.closed_at[0] - started < 5  # and the connection ended from this side
+
+
+def _not_run_to_the_end(comfyui, prompt_id: str) -> None:
+    """``prompt_id`` is neither queued nor running in ComfyUI, and did not run to its end."""
+    queue = comfyui.get_json("/queue")
+    assert prompt_id not in str(queue["queue_running"]) + str(queue["queue_pending"])
+    entry = comfyui.get_json(f"/history/{prompt_id}").get(prompt_id)
+    if entry is not None:  # it had started: it was interrupted
+        assert "execution_success" not in [m[0] for m in entry["status"]["messages"]]
+
+
+def test_a_job_cancelled_while_its_prompt_is_on_its_way_to_comfyui_removes_it_once_queued(comfyui):
+    """The cancellation comes while POST /prompt is in flight (held by a proxy until the abort has begun):
+    ComfyUI queues the prompt after the job ended. It must not run to its end in front of the next job."""
+    proxy = HoldingProxy(comfyui.port, b"POST /prompt").start()
+    client = ComfyClient(proxy.host, comfyui.pid_file, comfyui.log_path)
+    cancelled = PromptRunner(client, steps_workflow(100, 0.1), timeout=60, ready_timeout=10)  # 10 s unless stopped
+
+    async def go():
+        task = asyncio.create_task(cancelled.run())
+        await asyncio.to_thread(proxy.wait_held)
+        task.cancel()
+        await asyncio.sleep(0.2)  # the abort has begun (and, before the fix, ended) with the POST still held
+        proxy.release()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert proxy.forwarded == 1  # ComfyUI did get the prompt after the cancellation
+        _not_run_to_the_end(comfyui, cancelled.prompt_id)
+        following = runner_for(comfyui, steps_workflow(1, 0.0))
+        started = time.monotonic()
+        result = await following.run()
+        return result, time.monotonic() - started
+
+    try:
+        result, elapsed = arun(go)
+    finally:
+        proxy.stop()
+    assert result.outputs["3"] == {"text": ["done"]}
+    assert elapsed < 5  # not behind the cancelled prompt's 10 s
+    _not_run_to_the_end(comfyui, cancelled.prompt_id)
+
+
+def test_a_job_cancelled_just_before_its_prompt_is_sent_never_sends_it(comfyui):
+    """The cancellation arrives as the prompt is about to be sent (``on_queue``, where the API learns the
+    prompt id): no POST /prompt is sent; an aborted runner never sends one either."""
+    proxy = HoldingProxy(comfyui.port, b"POST /prompt").start()
+    client = ComfyClient(proxy.host, comfyui.pid_file, comfyui.log_path)
+    workflow = steps_workflow(1, 0.0)
+    cancelled = PromptRunner(client, workflow, timeout=30, ready_timeout=10, on_queue=lambda: task.cancel())
+    aborted = PromptRunner(client, steps_workflow(1, 0.0), timeout=30, ready_timeout=10)
+
+    async def go():
+        nonlocal task
+        task = asyncio.create_task(cancelled.run())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await aborted.abort()
+        with pytest.raises(asyncio.CancelledError):
+            await aborted.run()
+
+    task = None
+    try:
+        arun(go)
+    finally:
+        proxy.stop()
+    assert proxy.held == 0  # no POST /prompt reached the proxy
+    assert task.cancelled() and cancelled.post is None and aborted.post is None
+    for runner in (cancelled, aborted):
+        assert comfyui.get_json(f"/history/{runner.prompt_id}") == {}
+
+
+def test_a_job_whose_deadline_passes_while_its_prompt_is_on_its_way_removes_it_once_comfyui_answers(comfyui):
+    """A ComfyUI that does not answer POST /prompt before the job's deadline fails the job then, and the
+    prompt, queued once ComfyUI answers, is removed in the background (not run to its end)."""
+    proxy = HoldingProxy(comfyui.port, b"POST /prompt").start()
+    client = ComfyClient(proxy.host, comfyui.pid_file, comfyui.log_path)
+    late = PromptRunner(client, steps_workflow(100, 0.1), timeout=0.5, ready_timeout=10)
+
+    async def go():
+        with pytest.raises(TimeoutError):
+            await late.run()
+        proxy.release()
+        deadline = time.monotonic() + 20
+        while not proxy.forwarded and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*prompt_runner._follow_ups), 20)
+        following = runner_for(comfyui, steps_workflow(1, 0.0))
+        started = time.monotonic()
+        result = await following.run()
+        return result, time.monotonic() - started
+
+    try:
+        result, elapsed = arun(go)
+    finally:
+        proxy.stop()
+    assert proxy.forwarded == 1  # ComfyUI did get the prompt after the job ended
+    assert result.outputs["3"] == {"text": ["done"]}
+    assert elapsed < 5  # not behind the late prompt's 10 s
+    _not_run_to_the_end(comfyui, late.prompt_id)
