@@ -609,7 +609,9 @@ class JobService:
 
     async def abandon_prompt(self, job_id: str) -> str:
         """The runner died under the job: stop its ComfyUI prompt (if it had queued one) and delete the files
-        it wrote and the inputs it uploaded (issue 20 #17). Returns a sentence for the job's error."""
+        it wrote and the inputs it uploaded (issue 20 #17); a prompt ComfyUI has no trace of may still be on
+        its way (the runner died during its POST /prompt): it is watched for in the background and stopped
+        once ComfyUI queues it (``remove_when_queued``). Returns a sentence for the job's error."""
         prompt = self.prompts.get(job_id)
         if prompt is None:
             return ""
