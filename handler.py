@@ -268,6 +268,27 @@ async def _upload_within(client, request: JobInput, token: str, uploaded: list[s
         ) from None
 
 
+async def _open_within(runner: PromptRunner, client: ComfyClient, deadline: float, timeout: float) -> None:
+    """Connect to ComfyUI before the job's deadline: a ComfyUI that is starting or being restarted is waited
+    for (up to COMFY_READY_TIMEOUT, ``PromptRunner.open``), but never past the job's own timeout."""
+    scope = asyncio.timeout(max(0.0, deadline - time.monotonic()))
+    try:
+        async with scope:
+            await runner.open()
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        restarting = client.on_death == "restarted"
+        why = " (it is being restarted)" if restarting else ""
+        after = "send the job again once ComfyUI is back" if restarting else client.after_hang
+        raise JobError(
+            f"The job timed out after {timeout:g} s while it waited for ComfyUI at {client.host} to answer{why}; "
+            f"the workflow was not queued: {after}.",
+            {"timeout_s": timeout, "state": "waiting_for_comfyui", "host": client.host},
+            refresh_worker=client.on_death == "replaced",
+        ) from None
+
+
 async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
     started = time.monotonic()
     request: JobInput = parse_job_input(job.get("input"))
@@ -298,9 +319,10 @@ async def run_job(job: dict, settings: Settings, job_id: str) -> dict:
     models: list[dict] = []
     try:
         try:
-            await runner.open()
-            # the job's clock starts once ComfyUI is ready: model and image downloads, uploads, queue and run count
-            runner.deadline = deadline = time.monotonic() + timeout
+            # the job's clock starts with the job: waiting for a ComfyUI that (re)starts, model and image
+            # downloads, uploads, queue and run all count
+            runner.deadline = deadline = started + timeout
+            await _open_within(runner, client, deadline, timeout)
             if request.models:
                 models = await job_models.prepare(request.models, settings, uses, deadline, timeout, progress)
             if request.images:

@@ -51,7 +51,7 @@ from comfy_worker.job_runner import EXPIRED, RunnerDied, RunnerProcess
 from comfy_worker.job_store import FINAL, JobStore
 from comfy_worker.log_setup import redact_answer, safe_url, setup_logging
 from comfy_worker.outputs import ComfyFolders
-from comfy_worker.prompt_runner import abandon_prompt
+from comfy_worker.prompt_runner import LATE_PROMPT_WAIT_S, abandon_prompt, remove_when_queued
 from comfy_worker.settings import Settings, secret_values
 from comfy_worker.token_file import stored_token
 from comfy_worker.webhooks import Webhooks, submit_problem
@@ -246,6 +246,7 @@ class JobService:
         self.prompts: dict[str, dict] = {}  # job id: its ComfyUI prompt (the runner's ``prompt`` message)
         self.ended_prompts: deque[str] = deque(maxlen=64)  # prompt ids of jobs that ended (for /health)
         self.streamed: set[str] = set()  # finished jobs whose output /stream handed out
+        self.late_prompts: set[asyncio.Task] = set()  # prompts of a dead runner watched for (remove_when_queued)
         self.durations: deque[float] = deque(maxlen=20)
         self.stopping = False
         self.secrets = secret_values()  # read once: the environment is set before the API starts
@@ -302,6 +303,9 @@ class JobService:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.restarting is not None:
             self.restarting.cancel()
+        for task in self.late_prompts:
+            task.cancel()
+        await asyncio.gather(*self.late_prompts, return_exceptions=True)
         await self.runner.close(timeout=CANCEL_WAIT_S)
         await self.webhooks.close()
         if self.session is not None:
@@ -605,16 +609,29 @@ class JobService:
 
     async def abandon_prompt(self, job_id: str) -> str:
         """The runner died under the job: stop its ComfyUI prompt (if it had queued one) and delete the files
-        it wrote and the inputs it uploaded (issue 20 #17). Returns a sentence for the job's error."""
+        it wrote and the inputs it uploaded (issue 20 #17); a prompt ComfyUI has no trace of may still be on
+        its way (the runner died during its POST /prompt): it is watched for in the background and stopped
+        once ComfyUI queues it (``remove_when_queued``). Returns a sentence for the job's error."""
         prompt = self.prompts.get(job_id)
         if prompt is None:
             return ""
         settings = self.settings
         client = ComfyClient(settings.comfy_host, settings.comfy_pid_file, settings.comfy_log_file)
         folders = ComfyFolders.of(settings.comfyui_path, settings.comfy_args)
-        stopped, files = await abandon_prompt(
-            client, str(prompt.get("prompt_id")), folders, prompt.get("queued_at"), list(prompt.get("inputs") or [])
+        prompt_id, queued_at, inputs = (
+            str(prompt.get("prompt_id")),
+            prompt.get("queued_at"),
+            list(prompt.get("inputs") or []),
         )
+        stopped, files = await abandon_prompt(client, prompt_id, folders, queued_at, inputs)
+        if stopped is None:  # its POST /prompt may still be on its way: ComfyUI may queue it now
+            task = asyncio.create_task(remove_when_queued(client, prompt_id, folders, queued_at, inputs))
+            self.late_prompts.add(task)
+            task.add_done_callback(self.late_prompts.discard)
+            return (
+                "Its ComfyUI prompt was on its way to ComfyUI (not queued yet): it is removed if ComfyUI queues "
+                f"it within {LATE_PROMPT_WAIT_S:g} s, and its uploaded inputs were deleted. "
+            )
         if not stopped:
             return "Its ComfyUI prompt could not be stopped (see the log). "
         return f"Its ComfyUI prompt was stopped and its files deleted ({files} output file(s)). "

@@ -33,7 +33,7 @@ import aiohttp
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from comfy_worker import outputs
-from comfy_worker.comfy_client import ComfyClient
+from comfy_worker.comfy_client import HTTP_TIMEOUT, ComfyClient
 from comfy_worker.job_errors import JobError
 from comfy_worker.model_folders import describe_missing_model
 
@@ -45,6 +45,9 @@ HISTORY_POLL_S = 1.5  # after a reconnect: ask /history when the socket was sile
 _WS_ERRORS = (ConnectionClosed, InvalidHandshake, OSError, asyncio.TimeoutError)
 _closing: set[asyncio.Task] = set()  # websockets being closed in the background (referenced until done)
 _follow_ups: set[asyncio.Task] = set()  # prompts of ended jobs removed once their POST is answered
+# a dead job runner's POST /prompt may still queue its prompt this long (the POST's own read timeout)
+LATE_PROMPT_WAIT_S = float(HTTP_TIMEOUT.sock_read)
+LATE_PROMPT_POLL_S = 0.2
 
 
 def _dict(value: Any) -> dict:
@@ -613,25 +616,40 @@ class PromptRunner:
         return False
 
 
+async def _stop_abandoned(client: ComfyClient, prompt_id: str) -> bool:
+    """Delete ``prompt_id`` from ComfyUI's queue (again while it is pending: it may have been queued just now)
+    and interrupt it while it runs, until ComfyUI has it no more. Returns whether ComfyUI had it queued."""
+    seen, interrupted = False, False
+    await client.delete_queued(prompt_id)
+    while (state := await client.queue_state(prompt_id)) is not None:
+        seen = True
+        if state == "pending":
+            await client.delete_queued(prompt_id)
+        elif not interrupted:
+            await client.interrupt(prompt_id)
+            interrupted = True
+        await asyncio.sleep(0.1)
+    return seen
+
+
 async def abandon_prompt(
     client: ComfyClient, prompt_id: str, folders: outputs.ComfyFolders, queued_at: float | None, inputs: list[str]
-) -> tuple[bool, int]:
+) -> tuple[bool | None, int]:
     """Stop a prompt whose job is gone (the API's job runner died under it) and delete what it left: drop
     it from ComfyUI's queue, interrupt it while it runs (waiting up to INTERRUPT_GRACE_S for it to end),
     then delete the output and temp files /history lists for it (changed since ``queued_at``, as the
-    handler's own clean-up) and the job's uploaded ``inputs``. Returns (stopped, files deleted); never raises
-    for ComfyUI (a ComfyUI that is gone took the prompt with it)."""
-    stopped, interrupted = False, False
+    handler's own clean-up) and the job's uploaded ``inputs``. Returns (stopped, files deleted); stopped is
+    None when ComfyUI has no trace of the prompt (neither queued nor in /history): its POST /prompt may
+    still be on its way (``remove_when_queued`` watches for it). Never raises for ComfyUI (a ComfyUI that
+    is gone took the prompt with it)."""
+    stopped: bool | None = False
     try:
         async with asyncio.timeout(INTERRUPT_GRACE_S):
-            await client.delete_queued(prompt_id)
-            while (state := await client.queue_state(prompt_id)) is not None:
-                if state == "running" and not interrupted:
-                    await client.interrupt(prompt_id)
-                    interrupted = True
-                await asyncio.sleep(0.1)
+            seen = await _stop_abandoned(client, prompt_id)
             stopped = True
         entry = await client.history(prompt_id)
+        if not seen and not entry:
+            stopped = None
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:
         log.warning("Prompt %s: could not stop it or read its outputs (%s)", prompt_id, exc or type(exc).__name__)
         entry = None
@@ -640,3 +658,35 @@ async def abandon_prompt(
     if stopped:
         log.info("Prompt %s of a dead job runner: stopped, %d file(s) deleted", prompt_id, len(files))
     return stopped, len(files)
+
+
+async def remove_when_queued(
+    client: ComfyClient,
+    prompt_id: str,
+    folders: outputs.ComfyFolders,
+    queued_at: float | None,
+    inputs: list[str],
+    within: float = LATE_PROMPT_WAIT_S,
+) -> bool:
+    """The prompt of a dead job runner that ComfyUI had no trace of (``abandon_prompt`` said None): its
+    POST /prompt may have been on its way, and ComfyUI may queue it later. Watch ComfyUI's queue and
+    /history for it for up to ``within`` seconds (the POST's own read timeout by default) and, the moment
+    it shows, stop it and delete its files as ``abandon_prompt`` does. Returns whether it showed; never
+    raises for ComfyUI (one that does not answer is asked again until the end)."""
+    started = time.monotonic()
+    while time.monotonic() < started + within:
+        try:
+            shown = await client.queue_state(prompt_id) is not None or bool(await client.history(prompt_id))
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            shown = False
+        if shown:
+            log.warning(
+                "Prompt %s of a dead job runner was queued in ComfyUI after all (%.1f s later): stopping it",
+                prompt_id,
+                time.monotonic() - started,
+            )
+            await abandon_prompt(client, prompt_id, folders, queued_at, inputs)
+            return True
+        await asyncio.sleep(LATE_PROMPT_POLL_S)
+    log.info("Prompt %s of a dead job runner never reached ComfyUI (watched for %g s)", prompt_id, within)
+    return False

@@ -26,6 +26,7 @@ import uvicorn
 from PIL import Image
 from support.api_server import SUPPORT, ApiServer, slow_workflow, tiny_workflow
 from support.comfy_process import ROOT
+from support.holding_proxy import HoldingProxy
 from support.local_http import QuietHandler, serve_in_thread
 from support.moto_s3 import moto_s3
 from support.recording_handler import ran
@@ -659,6 +660,38 @@ def test_a_job_runner_killed_under_a_job_leaves_no_prompt_running_and_deletes_it
     assert comfy_idle(comfyui)  # interrupted, not left running for its 20 s
     assert saved() == [] and uploaded() == []
     assert "Its ComfyUI prompt was stopped and its files deleted (1 output file(s))." in body["error"], body
+
+
+def test_a_job_runner_killed_while_its_prompt_is_on_its_way_leaves_no_prompt_running_once_comfyui_queues_it(
+    api_factory, comfyui
+):
+    """issue 20 #17, the race: the runner dies while its POST /prompt is in flight (held by a proxy between
+    it and ComfyUI until the API has looked and found nothing), and ComfyUI queues the prompt after that.
+    The API keeps watching for it and stops it: it does not run to its end in front of the next job."""
+    proxy = HoldingProxy(comfyui.port, b"POST /prompt").start()
+    try:
+        api = api_factory(COMFY_HOST=proxy.host)
+        job_id = api.post("/run", {"input": {"workflow": slow_workflow(400)}}).json()["id"]  # 20 s unless stopped
+        proxy.wait_held(timeout=60)
+        prompt_id = json.loads(proxy.held_bodies[0])["prompt_id"]
+        os.kill(api.runner_pid(), signal.SIGKILL)
+        body = api.wait_final(job_id, 30)  # the API looked: ComfyUI had no such prompt yet
+        assert body["status"] == "FAILED" and "The job runner process died while this job ran" in body["error"]
+        on_its_way = "Its ComfyUI prompt was on its way to ComfyUI (not queued yet): it is removed if ComfyUI queues it"
+        assert on_its_way in body["error"], body
+        proxy.release()  # now ComfyUI queues it
+        wait_for(lambda: proxy.forwarded == 1, 10, "the held POST /prompt to reach ComfyUI")
+        queued_late = f"Prompt {prompt_id} of a dead job runner was queued in ComfyUI after all"
+        wait_for(lambda: queued_late in api.log(), 15, "the API to find the late prompt")
+        wait_for(lambda: comfy_idle(comfyui), 10, "ComfyUI to be idle: the late prompt stopped")
+        started = time.monotonic()
+        after = api.post("/runsync", {"input": {"workflow": tiny_workflow(0x0D0D0D)}}).json()
+        assert after["status"] == "COMPLETED" and time.monotonic() - started < 10  # not behind the late prompt
+    finally:
+        proxy.stop()
+    entry = comfyui.get_json(f"/history/{prompt_id}").get(prompt_id)
+    if entry is not None:  # it had started: it was interrupted
+        assert "execution_success" not in [m[0] for m in entry["status"]["messages"]]
 
 
 def test_the_api_killed_by_sigkill_leaves_no_prompt_running_in_comfyui(api, comfyui):

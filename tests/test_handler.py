@@ -653,7 +653,8 @@ def test_comfyui_restarting_on_a_pod_fails_the_running_job_saying_so_and_a_job_s
     """issue 20 #18 (and the "replaced" wording): on pods and local boxes ComfyUI is restarted when it dies.
     The job it ran fails at once saying ComfyUI is being restarted (no replacement is promised); a job
     sent while the PID file still names the dead process waits for the new one (started here on the same
-    port after a delay, as the supervisor does) and completes. The shared ComfyUI is the one killed: the
+    port after a delay, as the supervisor does) and completes; one whose own timeout ends while it waits
+    ends then, with its timeout error. The shared ComfyUI is the one killed: the
     test restarts it on its port (one boot instead of a private ComfyUI's two)."""
     private = worker_on(comfyui, monkeypatch, "pod")
     try:
@@ -674,6 +675,17 @@ def _restarting_on_a_pod(private, worker_log):
         f"ComfyUI (process {dead_pid}) is no longer running (its websocket closed during the job); ComfyUI is "
         "being restarted: send the job again, it runs once ComfyUI is back."
     ), result
+
+    # a job whose own timeout ends while it waits for ComfyUI ends then, with its timeout error (not after
+    # COMFY_READY_TIMEOUT, nor after the 10 s given to the supervisor to restart a dead ComfyUI)
+    started = time.monotonic()
+    short = run(job(empty_to_save(8, 8), timeout=2))
+    assert 2.0 <= time.monotonic() - started < 2.0 + 3.0, short
+    assert short["error"] == (
+        f"The job timed out after 2 s while it waited for ComfyUI at {private.host} to answer (it is being "
+        "restarted); the workflow was not queued: send the job again once ComfyUI is back."
+    ), short
+    assert short["details"]["state"] == "waiting_for_comfyui" and "refresh_worker" not in short
 
     port = private.port
     restarter = threading.Thread(target=lambda: (time.sleep(1.0), private.start(port=port)))
@@ -1115,6 +1127,32 @@ def test_a_job_that_arrives_before_comfyui_is_ready_waits_and_succeeds(comfyui_f
     (result,) = results
     assert "error" not in result, result
     assert decode_image(result["images"][0]).getpixel((0, 0)) == (0, 255, 0)
+
+
+def test_a_job_whose_timeout_ends_while_comfyui_does_not_answer_ends_then_not_after_comfy_ready_timeout(
+    tmp_path, monkeypatch
+):
+    """The wait for ComfyUI (up to COMFY_READY_TIMEOUT) counts against the job's own timeout (here
+    COMFY_JOB_TIMEOUT): nothing answers at COMFY_HOST and no PID file says ComfyUI is dead (so the wait
+    goes on), and the job ends at its timeout with its timeout error (issue 20 #18)."""
+    for name in CLEAN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MODE", "serverless")
+    monkeypatch.setenv("COMFY_HOST", f"127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("COMFY_PID_FILE", str(tmp_path / "none.pid"))
+    monkeypatch.setenv("COMFY_LOG_FILE", str(tmp_path / "comfyui.log"))
+    monkeypatch.setenv("COMFY_READY_TIMEOUT", "300")
+    monkeypatch.setenv("COMFY_JOB_TIMEOUT", "1.5")
+    started = time.monotonic()
+    result = run(job(empty_to_save(8, 8)))
+    assert 1.5 <= time.monotonic() - started < 1.5 + 3.0, result
+    host = os.environ["COMFY_HOST"]
+    assert result["error"] == (
+        f"The job timed out after 1.5 s while it waited for ComfyUI at {host} to answer; the workflow was not "
+        "queued: this worker will be replaced."
+    ), result
+    assert result["details"] == {"timeout_s": 1.5, "state": "waiting_for_comfyui", "host": host}
+    assert result["refresh_worker"] is True
 
 
 # --- hardening: a hostile or faulty world (each test names the defect it guards against) ------------

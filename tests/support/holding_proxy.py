@@ -21,6 +21,7 @@ class HoldingProxy:
         self.hold = hold
         self.port = free_port()
         self.held = 0  # requests that reached the proxy and were held
+        self.held_bodies: list[bytes] = []  # their bodies, in order
         self.forwarded = 0  # held requests forwarded after the release
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
@@ -64,6 +65,7 @@ class HoldingProxy:
                     if data.startswith(self.hold):
                         data = await self._whole_request(reader, data)
                         holding = True
+                        self.held_bodies.append(data.partition(b"\r\n\r\n")[2])
                         self.held += 1
                         await self.released.wait()
                         self.forwarded += 1
