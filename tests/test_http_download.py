@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 
@@ -729,6 +730,47 @@ def test_the_sha256_is_computed_while_the_pieces_arrive(origin, tmp_path, monkey
     assert sum(n for _, n in hashed) == size  # one pass over the file, no second one
     after_last_byte = sum(n for t, n in hashed if t > last_write[0])
     assert after_last_byte <= size // 8, f"{after_last_byte / MiB:.0f} MiB of 64 hashed after the last byte"
+
+
+def test_the_connection_threads_yield_the_cpu_to_the_hasher(origin, tmp_path, monkeypatch):
+    """On a busy machine dozens of connection threads woken at once would take the hasher's share of
+    the CPU and leave it seconds behind the last byte: they run at a lower priority (a higher nice
+    value) than the hasher, and the calling thread's own priority is left as it was."""
+    from comfy_worker import http_download
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    writers: set[int] = set()
+    hashers: set[int] = set()
+    write_at = http_download.write_at
+    real_sha256 = hashlib.sha256
+
+    def recording_write(fd, data, offset):
+        writers.add(niceness())
+        write_at(fd, data, offset)
+
+    class RecordingSha256:
+        def __init__(self):
+            self.digest = real_sha256()
+
+        def update(self, data):
+            hashers.add(niceness())
+            self.digest.update(data)
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    path = tmp_path / "src" / "big.bin"
+    sha = random_file(path, 8 * MiB, seed=33)
+    origin.add("/big.bin", file=path)
+    monkeypatch.setattr(http_download, "write_at", recording_write)
+    monkeypatch.setattr(http_download.hashlib, "sha256", RecordingSha256)
+    before = niceness()
+    result = fast(connections=4, parallel_min_size=MiB, chunk_size=MiB).fetch(f"{origin.url}/big.bin", tmp_path / "p")
+    assert result.sha256 == sha and result.connections > 1
+    assert niceness() == before and hashers == {before}
+    assert min(writers) > before, f"connection threads at nice {writers}, the hasher at {before}"
 
 
 def test_a_resumed_part_is_hashed_whole_and_a_damaged_prefix_deletes_it(origin, tmp_path):
