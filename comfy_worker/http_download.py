@@ -34,7 +34,9 @@ How the pieces fit:
   written part of the chunk at the front), reading those bytes through a read-only ``mmap`` of the
   part, i.e. straight from the page cache moments after they were written, without a copy. So hashing
   runs during the download on another core instead of as a second pass afterwards; when the last byte
-  lands only the short last runs remain to hash. The hasher also has the kernel start writing each
+  lands only the short last runs remain to hash. The connection threads run at a lower CPU priority
+  than the hasher (``_yield_cpu_to_hasher``), so on a busy machine it is not starved behind them. The
+  hasher also has the kernel start writing each
   hashed stretch to the disk (``start_writeback``), so the fsync before ``fetch`` returns has little
   left to write (the single-connection path does the same as it appends).
   Progress per chunk is saved in ``<part>.state`` every half second, so a killed process resumes
