@@ -9,9 +9,8 @@ import argparse
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
 from comfy_worker.config_schema import ConfigError, WorkerConfig, load_config, load_config_env
@@ -132,8 +131,8 @@ def run_parallel(work: Callable[[T], T], items: Sequence[T], parallel: int, stop
     pool = ThreadPoolExecutor(max(1, min(parallel, len(items) or 1)), thread_name_prefix="entry")
     try:
         futures = [pool.submit(work, item) for item in items]
-        while not all(f.done() for f in futures) and not stop.is_set():
-            time.sleep(0.05)
+        while not stop.is_set() and wait(futures, timeout=0.05).not_done:
+            pass  # wait() returns as soon as the last one is done: a run ends when its work does
         if stop.is_set():
             pool.shutdown(wait=True, cancel_futures=True)
             raise Interrupted("stopped by a signal")

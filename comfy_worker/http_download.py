@@ -22,9 +22,10 @@ How the pieces fit:
   writes its bytes with ``pwrite`` at their offset and records per chunk how many bytes from the
   chunk's start are on disk.
   How many connections (``_Ramp``): a download starts with ``start_connections`` (4) and, once they
-  all receive, measures the aggregate rate and doubles them (quadruples them when the last doubling
-  raised the rate by half or more: a server that caps each connection, as CDNs do), up to ``connections``
-  (DOWNLOAD_CONNECTIONS); growth ends at the first step that did not raise the rate by a quarter.
+  all receive, measures the aggregate rate and doubles them; when each connection then still gets
+  nearly its rate from before the step (a server that caps each connection, as CDNs do) it goes
+  straight to ``connections`` (DOWNLOAD_CONNECTIONS), otherwise it doubles again while that raises
+  the rate by a quarter; growth ends at the first step that did not (measured twice).
   A server that answers 429/503 to a range request while other connections are running gets one
   connection fewer: that worker gives its run back and ends, and the download never grows again
   (the last connection retries with backoff, as a single one does).
@@ -33,7 +34,9 @@ How the pieces fit:
   written part of the chunk at the front), reading those bytes through a read-only ``mmap`` of the
   part, i.e. straight from the page cache moments after they were written, without a copy. So hashing
   runs during the download on another core instead of as a second pass afterwards; when the last byte
-  lands only the short last runs remain to hash. The hasher also has the kernel start writing each
+  lands only the short last runs remain to hash. The connection threads run at a lower CPU priority
+  than the hasher (``_yield_cpu_to_hasher``), so on a busy machine it is not starved behind them. The
+  hasher also has the kernel start writing each
   hashed stretch to the disk (``start_writeback``), so the fsync before ``fetch`` returns has little
   left to write (the single-connection path does the same as it appends).
   Progress per chunk is saved in ``<part>.state`` every half second, so a killed process resumes
@@ -794,6 +797,19 @@ class _Connection:
         f.truncate(0)
 
 
+WORKER_NICENESS = 10
+
+
+def _yield_cpu_to_hasher() -> None:
+    """Give the calling connection thread a lower CPU priority (nice +WORKER_NICENESS for this thread
+    only; Linux schedules threads one by one): on a busy machine, dozens of connection threads woken
+    at once by a burst would otherwise take the hasher's share, so it fell behind the transfer and
+    finished seconds after the last byte. Raising one's own niceness needs no privilege."""
+    with suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICENESS))
+
+
 def write_at(fd: int, data: memoryview, offset: int) -> None:
     """``pwrite`` all of ``data`` at ``offset``, in WRITE_PIECE slices: the kernel's dirty-page
     throttling punishes big single writes (measured here: 2 GiB in 1 MiB writes took up to 3x longer
@@ -933,18 +949,25 @@ class _Hashing:
 class _Ramp:
     """How many connections a parallel download wants. It starts with ``start``; once every connection
     it has is receiving (or ``SETTLE_MOST`` passed), it measures the aggregate rate over ``WINDOW`` and
-    steps up, up to ``most``: twice as many after the first measurement, and after each later one
-    twice as many again if the last step raised the rate by ``GAIN`` or more, four times as many if
-    the rate grew nearly in proportion (``LINEAR``: a server that caps each connection, as CDNs do).
-    A step that did not pay is measured once more (a busy machine or the bursts that start each
-    response make one window a rough measure); growth ends for good when it still does not (the link
-    or the CPU is the limit), and when the server pushes back (``hold``)."""
+    steps up, up to ``most``. After the first measurement it doubles. After each later one it compares
+    the rate per connection with the one measured before the step: when each connection still gets
+    about as much as before (``SAME``), the server caps each connection (as CDNs do) and the link had
+    room for all of them, so it goes straight to ``most``; otherwise it doubles again while the step
+    raised the aggregate rate by ``GAIN``. Judging by the rate per connection, not by one short
+    window's aggregate gain, keeps a capped server that front-loads each response (nginx sends a
+    tenth of a second's worth at once) from passing for a saturated link. A step that did not pay
+    is measured once more (a busy machine makes one window a rough measure); growth ends for good
+    when it still does not (the link or the CPU is the limit), and when the server pushes back
+    (``hold``). While growing, requests keep the size they started with (see
+    ``_ParallelFetch._run_most``), so both measurements see the same share of each response's
+    front-loaded start."""
 
     SETTLE = 0.1  # seconds after a step before measuring, at least ...
     SETTLE_MOST = 2.0  # ... and at most, when some connection has not received a byte yet
     WINDOW = 0.2  # seconds the rate is measured over (a few 1 MiB reads per connection at 20 MB/s)
     GAIN = 1.25
-    LINEAR = 1.5  # a doubling that gave this much more is taken as rate per connection capped
+    SAME = 0.7  # each connection still got this share of its rate before the step (and not more than
+    # 1 / SAME times it: then the measurement before was the odd one, e.g. connections still starting)
 
     def __init__(self, start: int, most: int, now: float):
         self.most = max(1, most)
@@ -970,13 +993,24 @@ class _Ramp:
         if now - began < self.WINDOW:
             return self.target
         rate = (fetched - at) / (now - began)
-        if self.rate is not None and rate < self.rate * self.GAIN:
+        if self.rate is None:
+            step = 2
+        elif (
+            self.SAME * self.rate / self.measured_with
+            <= rate / self.target
+            <= self.rate / self.measured_with / self.SAME
+        ):
+            step = self.most  # capped per connection: as many as allowed at once
+        elif rate >= self.rate * self.GAIN:
+            step = 2
+        else:
             self.misses += 1
             self.growing = self.misses < 2
             self.since, self.mark = now, None  # measured again from here
+            log.debug("ramp: %d connection(s) gave %.0f MB/s, no gain", self.target, rate / 1e6)
             return self.target
         self.misses = 0
-        step = 4 if self.rate is not None and rate >= self.rate * self.LINEAR else 2
+        log.debug("ramp: %d connection(s) gave %.0f MB/s", self.target, rate / 1e6)
         self.rate, self.measured_with = rate, self.target
         self.target = min(self.most, self.target * step)
         self.growing = self.target < self.most
@@ -1090,10 +1124,12 @@ class _ParallelFetch:
 
     def _run_most(self) -> int:
         """Chunks per request: what one connection receives in REQUEST_TIME at the rate the ramp
-        measured (4 MiB before it did), between 1 MiB and REQUEST_SIZE. Short requests where each
+        measured (4 MiB before it did, and while it is still growing, so that its measurements
+        compare like with like), between 1 MiB and REQUEST_SIZE. Short requests where each
         connection is slow keep the front of the file moving, so the hasher is never held up long
         behind one connection while the others fill the file further on."""
-        per_connection = self.ramp.rate / self.ramp.measured_with if self.ramp.rate else 4 * MiB / REQUEST_TIME
+        measured = self.ramp.rate and not self.ramp.growing  # while growing: the size it started with
+        per_connection = self.ramp.rate / self.ramp.measured_with if measured else 4 * MiB / REQUEST_TIME
         size = min(REQUEST_SIZE, max(MiB, int(per_connection * REQUEST_TIME)))
         return max(1, size // self.chunk)
 
@@ -1123,6 +1159,7 @@ class _ParallelFetch:
 
     def _worker(self, fd: int) -> None:
         self.local.first = True
+        _yield_cpu_to_hasher()
         try:
             while (run := self._take()) is not None:
                 self.dl.with_retries(

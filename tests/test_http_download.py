@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 
@@ -628,6 +629,41 @@ def test_connections_are_added_while_the_rate_grows_against_a_server_that_caps_e
     assert concurrency(seen) >= 7  # ... 8 at the end (one may be between two requests)
 
 
+def test_while_connections_are_added_every_request_asks_for_the_same_size(origin, tmp_path):
+    """Each step of the ramp is measured with requests of the size the download started with (4 MiB),
+    so a server whose responses start faster than they go on (a front-loaded burst) shows each step
+    the same rate per connection; the requests are sized to the measured rate only once the ramp is
+    done (here 6 MiB/s per connection: 1 MiB requests)."""
+    path = tmp_path / "src" / "capped.bin"
+    sha = random_file(path, 48 * MiB, seed=31)
+    origin.add("/capped.bin", file=path, rate=6 * MiB)
+    dl = fast(connections=8, start_connections=2, parallel_min_size=MiB)
+    result = dl.fetch(f"{origin.url}/capped.bin", tmp_path / "capped.bin.part")
+    assert result.sha256 == sha and result.connections == 8
+    bodies = sorted((s for s in origin.seen("/capped.bin") if s.headers["range"] != "bytes=0-0"), key=lambda s: s.at)
+
+    def asked(s) -> int:
+        first, last = map(int, s.headers["range"].removeprefix("bytes=").split("-"))
+        return last + 1 - first
+
+    assert [asked(s) for s in bodies[:4]] == [4 * MiB] * 4  # 2 connections, then 4: their first requests
+    assert asked(bodies[-5]) <= MiB  # sized to the rate afterwards
+
+
+def test_a_step_that_keeps_each_connections_rate_goes_straight_to_the_maximum(origin, tmp_path):
+    """Doubling 2 connections to 4 doubled the rate (each connection capped at 2 MiB/s): the next step
+    opens all 32 at once, not 16 and then 32 after another measurement."""
+    path = tmp_path / "src" / "capped.bin"
+    sha = random_file(path, 48 * MiB, seed=32)
+    origin.add("/capped.bin", file=path, rate=2 * MiB)  # a 4 MiB request takes 2 s: no connection asks twice
+    dl = fast(connections=32, start_connections=2, parallel_min_size=MiB)
+    result = dl.fetch(f"{origin.url}/capped.bin", tmp_path / "capped.bin.part")
+    assert result.sha256 == sha and result.connections == 32
+    bodies = sorted((s for s in origin.seen("/capped.bin") if s.headers["range"] != "bytes=0-0"), key=lambda s: s.at)
+    added = [s.at for s in bodies[4:32]]  # the first requests of connections 5 to 32
+    assert max(added) - min(added) < 0.25, f"connections 5-32 opened over {max(added) - min(added):.2f} s"
+
+
 @pytest.mark.parametrize("status", [503, 429])
 def test_a_server_that_refuses_another_connection_gets_one_fewer(origin, tmp_path, status):
     """The server answers 503/429 to a 4th connection at once: the download goes on with 3 instead of
@@ -694,6 +730,47 @@ def test_the_sha256_is_computed_while_the_pieces_arrive(origin, tmp_path, monkey
     assert sum(n for _, n in hashed) == size  # one pass over the file, no second one
     after_last_byte = sum(n for t, n in hashed if t > last_write[0])
     assert after_last_byte <= size // 8, f"{after_last_byte / MiB:.0f} MiB of 64 hashed after the last byte"
+
+
+def test_the_connection_threads_yield_the_cpu_to_the_hasher(origin, tmp_path, monkeypatch):
+    """On a busy machine dozens of connection threads woken at once would take the hasher's share of
+    the CPU and leave it seconds behind the last byte: they run at a lower priority (a higher nice
+    value) than the hasher, and the calling thread's own priority is left as it was."""
+    from comfy_worker import http_download
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    writers: set[int] = set()
+    hashers: set[int] = set()
+    write_at = http_download.write_at
+    real_sha256 = hashlib.sha256
+
+    def recording_write(fd, data, offset):
+        writers.add(niceness())
+        write_at(fd, data, offset)
+
+    class RecordingSha256:
+        def __init__(self):
+            self.digest = real_sha256()
+
+        def update(self, data):
+            hashers.add(niceness())
+            self.digest.update(data)
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    path = tmp_path / "src" / "big.bin"
+    sha = random_file(path, 8 * MiB, seed=33)
+    origin.add("/big.bin", file=path)
+    monkeypatch.setattr(http_download, "write_at", recording_write)
+    monkeypatch.setattr(http_download.hashlib, "sha256", RecordingSha256)
+    before = niceness()
+    result = fast(connections=4, parallel_min_size=MiB, chunk_size=MiB).fetch(f"{origin.url}/big.bin", tmp_path / "p")
+    assert result.sha256 == sha and result.connections > 1
+    assert niceness() == before and hashers == {before}
+    assert min(writers) > before, f"connection threads at nice {writers}, the hasher at {before}"
 
 
 def test_a_resumed_part_is_hashed_whole_and_a_damaged_prefix_deletes_it(origin, tmp_path):

@@ -143,6 +143,8 @@ http {{
 
 
 class _QuietServer(ThreadingHTTPServer):
+    request_queue_size = 64  # a download opening 32 connections at once is not kept waiting for a SYN retry
+
     def handle_error(self, request, client_address):
         import sys
 
