@@ -270,6 +270,14 @@ def test_closing_the_websocket_never_waits_for_a_peer_that_does_not_answer_the_c
         assert peer.closed_at and peer.closed_at[0] - started < 5  # and the connection ended from this side
 
 
+async def _timed_following_prompt(comfyui):
+    """A one-step prompt queued next, with how long it took (it must not wait behind a stopped one)."""
+    following = runner_for(comfyui, steps_workflow(1, 0.0))
+    started = time.monotonic()
+    result = await following.run()
+    return result, time.monotonic() - started
+
+
 def _not_run_to_the_end(comfyui, prompt_id: str) -> None:
     """``prompt_id`` is neither queued nor running in ComfyUI, and did not run to its end."""
     queue = comfyui.get_json("/queue")
@@ -296,10 +304,7 @@ def test_a_job_cancelled_while_its_prompt_is_on_its_way_to_comfyui_removes_it_on
             await task
         assert proxy.forwarded == 1  # ComfyUI did get the prompt after the cancellation
         _not_run_to_the_end(comfyui, cancelled.prompt_id)
-        following = runner_for(comfyui, steps_workflow(1, 0.0))
-        started = time.monotonic()
-        result = await following.run()
-        return result, time.monotonic() - started
+        return await _timed_following_prompt(comfyui)
 
     try:
         result, elapsed = arun(go)
@@ -354,10 +359,7 @@ def test_a_job_whose_deadline_passes_while_its_prompt_is_on_its_way_removes_it_o
         while not proxy.forwarded and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await asyncio.wait_for(asyncio.gather(*prompt_runner._follow_ups), 20)
-        following = runner_for(comfyui, steps_workflow(1, 0.0))
-        started = time.monotonic()
-        result = await following.run()
-        return result, time.monotonic() - started
+        return await _timed_following_prompt(comfyui)
 
     try:
         result, elapsed = arun(go)
