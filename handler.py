@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from comfy_worker.log_setup import (
 )
 from comfy_worker.model_use import Uses
 from comfy_worker.prompt_runner import PromptRunner
+from comfy_worker.services import comfy_unreachable
 from comfy_worker.settings import Settings, secret_values
 from comfy_worker.state_files import GATE
 from s3_upload import S3Uploader
@@ -515,16 +515,12 @@ def worker_ready() -> None:
             "this volume (a failed download or node install, or a volume that cannot be written: see the "
             "start's log above); this worker takes no jobs"
         )
-    url = f"http://{settings.comfy_host}/system_stats"
-    try:
-        with urllib.request.urlopen(url, timeout=FITNESS_COMFY_TIMEOUT_S) as resp:
-            resp.read()
-    except (OSError, ValueError) as err:
-        cause = getattr(err, "reason", None) or err
+    cause = comfy_unreachable(settings, FITNESS_COMFY_TIMEOUT_S)
+    if cause is not None:
         raise WorkerUnfit(
-            f"ComfyUI does not answer at {url} ({cause}): it died or never started (its log: "
-            f"{settings.comfy_log_file}); this worker takes no jobs"
-        ) from None
+            f"ComfyUI does not answer at http://{settings.comfy_host}/system_stats ({cause}): it died or never "
+            f"started (its log: {settings.comfy_log_file}); this worker takes no jobs"
+        )
     log.info("Fitness check: the provisioning gate is on the volume and ComfyUI answers")
 
 

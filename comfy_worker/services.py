@@ -148,12 +148,17 @@ def import_failures(comfy_log: str) -> list[str]:
     return [Path(m.group(1)).name for m in _IMPORT_FAILED.finditer(comfy_log)]
 
 
-def comfy_ready(settings: Settings) -> bool:
+def comfy_unreachable(settings: Settings, timeout: float = 2.0) -> str | None:
+    """Why ComfyUI does not answer ``/system_stats`` at COMFY_HOST (the cause), None when it answers."""
     try:
-        with urllib.request.urlopen(f"http://{settings.comfy_host}/system_stats", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
+        with urllib.request.urlopen(f"http://{settings.comfy_host}/system_stats", timeout=timeout) as r:
+            return None if r.status == 200 else f"HTTP {r.status}"
+    except (OSError, ValueError) as err:
+        return str(getattr(err, "reason", None) or err)
+
+
+def comfy_ready(settings: Settings) -> bool:
+    return comfy_unreachable(settings) is None
 
 
 class Supervisor:
