@@ -81,7 +81,14 @@ from comfy_worker.lock_file import atomic_write_text, read_lock_file
 from comfy_worker.log_setup import redact_urls, safe_url
 from comfy_worker.model_sources import CIVITAI, HUGGINGFACE, ModelSource, Sources, TokenPolicy, hf_file
 from comfy_worker.model_use import Uses, unused
-from comfy_worker.public_address import address_problem, literal_problem, normal_host, resolved_problem, split_host_port
+from comfy_worker.public_address import (
+    HostAllowList,
+    address_problem,
+    literal_problem,
+    normal_host,
+    resolved_problem,
+    split_host_port,
+)
 from comfy_worker.settings import DEFAULT_JOB_MODEL_HOSTS, Settings
 from comfy_worker.state_files import JOB_MODELS_LOCK, JOB_MODELS_STATE
 
@@ -107,22 +114,19 @@ class HostPolicy:
 
     def __init__(self, entries: tuple[str, ...] | None):
         self.shown = ",".join(entries) if entries is not None else ",".join(DEFAULT_JOB_MODEL_HOSTS)
-        self.exact: set[tuple[str, int | None]] = set()  # named by the user: may be a non-public address
-        self.listed: set[tuple[str, int | None]] = set()
+        exact: list[str] = []  # named by the user: may be a non-public address
+        listed: list[str] = []
         self.suffixes: set[tuple[str, int | None]] = set()
         for entry in DEFAULT_JOB_MODEL_HOSTS if entries is None else entries:
-            if entry.strip().lower() == "default":
-                self._add(DEFAULT_JOB_MODEL_HOSTS, explicit=False)
-            else:
-                self._add((entry,), explicit=entries is not None)
-
-    def _add(self, entries: tuple[str, ...], explicit: bool) -> None:
-        for entry in entries:
-            host, port = split_host_port(entry.strip())
-            if host.startswith("*."):
-                self.suffixes.add((host[2:], port))
-            else:
-                (self.exact if explicit else self.listed).add((host, port))
+            named = entry.strip().lower() != "default"
+            for one in (entry.strip(),) if named else DEFAULT_JOB_MODEL_HOSTS:
+                host, port = split_host_port(one)
+                if host.startswith("*."):
+                    self.suffixes.add((host[2:], port))
+                else:
+                    (exact if named and entries is not None else listed).append(one)
+        self.exact = HostAllowList(exact, HOSTS_SETTING)
+        self.listed = HostAllowList(listed, HOSTS_SETTING)
 
     def problem(self, url: str) -> str | None:
         """Why ``url`` may not be requested (one phrase), None when it may."""
@@ -146,8 +150,9 @@ class HostPolicy:
             return f"{shown} is {literal}"
         if literal:
             return f"{shown} is {'an' if literal[0] in 'aeiou' else 'a'} {literal} address"
-        listed = (host, None) in self.listed or (host, port) in self.listed
-        if not listed and not any(host.endswith("." + s) and p in (None, port) for s, p in self.suffixes):
+        if not self.listed.allows(host, port) and not any(
+            host.endswith("." + s) and p in (None, port) for s, p in self.suffixes
+        ):
             return f"{shown} is not in {HOSTS_SETTING}"
         try:
             addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
@@ -157,8 +162,7 @@ class HostPolicy:
 
     def listed_exactly(self, host: str, port: int | None) -> bool:
         """Named by the user in JOB_MODEL_HOSTS (host or host:port): may be a non-public address."""
-        host = normal_host(host)
-        return (host, None) in self.exact or (host, port) in self.exact
+        return self.exact.allows(host, port)
 
 
 def _requested_host(url: str) -> tuple[str, int | None] | None:
