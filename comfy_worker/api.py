@@ -834,10 +834,81 @@ def shown_key(key: str) -> str:
     return key if len(key) <= 16 else f"{key[:8]}…({len(key)} chars)"
 
 
+class Api(FastAPI):
+    """The FastAPI app, with the routes every job takes answered before FastAPI's own stack (``HotRoutes``)."""
+
+    hot: HotRoutes | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        route = self.hot.match(scope) if self.hot is not None else None
+        if route is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.hot.answer(route, scope, receive, send)
+
+
+class HotRoutes:
+    """``POST /run``, ``POST /runsync`` and ``GET|POST /status/{id}`` (also under ``/v2/<id>/``) answered
+    straight from the ASGI scope: the same checks, the same functions and the same answers as the FastAPI
+    routes that document them (``create_app``), without FastAPI's route matching, dependency solving and
+    middleware for every job, about a fifth of the API's CPU per trivial job (bench/api_throughput.py).
+    Anything else goes to FastAPI, and so does a ``/runsync`` whose query is more than ``wait=<digits>``
+    (FastAPI's validation then answers a malformed one)."""
+
+    def __init__(self, routes: dict, authorized):
+        self.routes = routes  # (method, route name) -> async function(request, job_id, wait) -> Response
+        self.authorized = authorized
+
+    def match(self, scope) -> tuple | None:
+        """(function, job id, wait) of a hot route, None for anything else."""
+        if scope["type"] != "http" or scope.get("root_path"):
+            return None
+        path = scope["path"]
+        if path.startswith("/v2/"):
+            endpoint, _, rest = path[4:].partition("/")
+            if not endpoint or not rest:
+                return None
+            path = f"/{rest}"
+        name, slash, job_id = path[1:].partition("/")
+        if (name == "status") != bool(job_id) or "/" in job_id or (slash and not job_id):
+            return None
+        function = self.routes.get((scope["method"], name))
+        if function is None:
+            return None
+        wait = None
+        if name == "runsync" and scope["query_string"]:
+            key, _, value = scope["query_string"].partition(b"=")
+            if key != b"wait" or not value.isdigit() or len(value) > 18:
+                return None
+            wait = int(value)
+        return function, job_id, wait
+
+    async def answer(self, route: tuple, scope, receive, send) -> None:
+        """Run the route; an ``ApiError`` is its JSON answer, anything else a 500 as ``create_app``'s
+        handler words it, raised again for uvicorn to log."""
+        function, job_id, wait = route
+        request = Request(scope, receive)
+        try:
+            await self.authorized(request)
+            response = await function(request, job_id, wait)
+        except ApiError as exc:
+            response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+        except Exception as exc:
+            await JSONResponse({"error": unexpected_error(exc)}, 500)(scope, receive, send)
+            raise
+        await response(scope, receive, send)
+
+
+def unexpected_error(exc: Exception) -> str:
+    """The answer to a request a bug broke: its type only (its message may hold secrets; uvicorn logs it)."""
+    return f"The API failed on this request unexpectedly ({type(exc).__name__}); its log has the details."
+
+
 def create_app(settings: Settings, runner: RunnerProcess, token: str | None, store: JobStore, host: str = "127.0.0.1"):
     """The FastAPI app: RunPod's routes (also under ``/v2/<id>/``) over a ``JobService`` running its jobs in
     ``runner`` with them kept in ``store`` (both closed when the app stops); ``host``: the address it listens
-    on (without a token, on loopback, requests must name a loopback host: ``local_guard``)."""
+    on (without a token, on loopback, requests must name a loopback host: ``local_guard``). The routes every
+    job takes are answered by ``HotRoutes`` first, with the functions defined here."""
     service = JobService(settings, runner, store)
 
     @contextlib.asynccontextmanager
@@ -848,7 +919,7 @@ def create_app(settings: Settings, runner: RunnerProcess, token: str | None, sto
         finally:
             await service.stop()
 
-    app = FastAPI(title="comfy-worker API", lifespan=lifespan, redoc_url=None)
+    app = Api(title="comfy-worker API", lifespan=lifespan, redoc_url=None)
     app.state.service = service
 
     @app.exception_handler(ApiError)
@@ -866,8 +937,7 @@ def create_app(settings: Settings, runner: RunnerProcess, token: str | None, sto
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):  # a bug: uvicorn logs its traceback; its message may hold secrets
-        error = f"The API failed on this request unexpectedly ({type(exc).__name__}); its log has the details."
-        return JSONResponse({"error": error}, 500)
+        return JSONResponse({"error": unexpected_error(exc)}, 500)
 
     check_host = is_loopback(host)
 
@@ -881,24 +951,43 @@ def create_app(settings: Settings, runner: RunnerProcess, token: str | None, sto
                 {"WWW-Authenticate": "Bearer"},
             )
 
-    router = APIRouter(dependencies=[Depends(authorized)])
-
-    @router.post("/run")
-    async def run(request: Request):
+    async def submit_run(request: Request, _job_id="", _wait=None) -> Response:
         body = job_body(await read_json(request, settings.max_request_mb))
         job_id = await service.submit(body, key=idempotency_key(request))
-        return {"id": job_id, "status": service.get(job_id)["status"]}  # IN_QUEUE, unless sent before (its key)
+        # IN_QUEUE, unless sent before (its key)
+        return JSONResponse({"id": job_id, "status": service.get(job_id)["status"]})
 
-    @router.post("/runsync")
-    async def runsync(request: Request, wait: int | None = None):
+    async def submit_runsync(request: Request, _job_id="", wait: int | None = None) -> Response:
         body = job_body(await read_json(request, settings.max_request_mb))
         job_id = await service.submit(body, prefix="sync-", key=idempotency_key(request))
         seconds = settings.runsync_wait_s if wait is None else min(max(wait, 0), RUNSYNC_MAX_WAIT_MS) / 1000
         return status_response(await service.wait(job_id, seconds))
 
-    async def status(job_id: str, request: Request):
+    async def job_status(request: Request, job_id: str, _wait=None) -> Response:
         await read_json(request, settings.max_request_mb)
         return JSONResponse(status_body(service.get(job_id)))
+
+    app.hot = HotRoutes(
+        {
+            ("POST", "run"): submit_run,
+            ("POST", "runsync"): submit_runsync,
+            ("GET", "status"): job_status,
+            ("POST", "status"): job_status,
+        },
+        authorized,
+    )
+    router = APIRouter(dependencies=[Depends(authorized)])
+
+    @router.post("/run")
+    async def run(request: Request):
+        return await submit_run(request)
+
+    @router.post("/runsync")
+    async def runsync(request: Request, wait: int | None = None):
+        return await submit_runsync(request, wait=wait)
+
+    async def status(job_id: str, request: Request):
+        return await job_status(request, job_id)
 
     router.add_api_route("/status/{job_id}", status, methods=["GET", "POST"])
 

@@ -1031,8 +1031,23 @@ def test_a_deeply_nested_body_is_refused_with_400_json_naming_the_depth_limit(qu
     assert "Traceback" not in api.log() and api.get("/health").json()["jobs"]["inQueue"] == 0
 
 
+@contextlib.contextmanager
+def app_in_thread(app):
+    """``app`` served by a real uvicorn in a thread, without lifespan (no runner: jobs stay queued); yields its URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "uvicorn to start")
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def test_an_unexpected_error_in_a_route_answers_json_500_without_its_message(tmp_path):
-    """issue 20 #12: any exception a route did not expect answered a plain-text 500."""
+    """issue 20 #12: any exception a route did not expect answered a plain-text 500. /status is a hot route
+    (HotRoutes), /stream is FastAPI's: both answer it the same way."""
     settings = Settings.from_env({"VOLUME_ROOT": str(tmp_path)})
     store = JobStore(tmp_path / "jobs.sqlite3")
     app = create_app(settings, None, None, store)  # no lifespan: only the routes that need no runner are used
@@ -1041,21 +1056,111 @@ def test_an_unexpected_error_in_a_route_answers_json_500_without_its_message(tmp
         raise RuntimeError(f"the store broke holding {TOKEN}")
 
     app.state.service.get = broken_get
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    app.state.service.stream = broken_get
     try:
-        wait_for(lambda: server.started, 30, "uvicorn to start")
-        port = server.servers[0].sockets[0].getsockname()[1]
-        answer = requests.get(f"http://127.0.0.1:{port}/status/x", timeout=30)
-        assert answer.status_code == 500 and answer.headers["content-type"] == "application/json", answer.text
-        assert answer.json() == {
-            "error": "The API failed on this request unexpectedly (RuntimeError); its log has the details."
-        }
+        with app_in_thread(app) as url:
+            for route in ("/status/x", "/stream/x"):
+                answer = requests.get(f"{url}{route}", timeout=30)
+                assert answer.status_code == 500 and answer.headers["content-type"] == "application/json", answer.text
+                assert answer.json() == {
+                    "error": "The API failed on this request unexpectedly (RuntimeError); its log has the details."
+                }
     finally:
-        server.should_exit = True
-        thread.join(10)
         store.close()
+
+
+def test_the_hot_routes_answer_every_request_as_fastapi_s_own_routes_do(tmp_path):
+    """issue 25: /run, /runsync and /status are answered before FastAPI's stack (HotRoutes, for speed). The
+    same requests, sent once to them and once to FastAPI's routes (``app.hot`` off), get the same status,
+    content type, auth challenge and body (job ids aside): with a token, without one, with bad bodies, a
+    malformed ``wait``, unknown jobs and the /v2/<id>/ copies."""
+    settings = Settings.from_env({"VOLUME_ROOT": str(tmp_path)})
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    job = {"input": {"workflow": tiny_workflow()}}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    cases = [
+        ("POST", "/run", auth, json.dumps(job)),
+        ("POST", "/v2/ep-1/run", auth, json.dumps(job)),
+        ("POST", "/run", {}, json.dumps(job)),
+        ("POST", "/run", {"Authorization": "Bearer wrong"}, json.dumps(job)),
+        ("POST", "/run", auth, "{not json"),
+        ("POST", "/run", auth, json.dumps({"input": 3})),
+        ("POST", "/run", auth, json.dumps({"input": {}, "policy": {"ttl": 1}})),
+        ("POST", "/run", {**auth, "Idempotency-Key": "bad key"}, json.dumps(job)),
+        ("POST", "/runsync?wait=0", auth, json.dumps(job)),
+        ("POST", "/v2/ep-1/runsync?wait=0", auth, json.dumps(job)),
+        ("POST", "/runsync?wait=soon", auth, json.dumps(job)),
+        ("POST", "/runsync?wait=0&x=1", auth, json.dumps(job)),
+        ("GET", "/status/no-such-job", auth, None),
+        ("POST", "/v2/ep-1/status/no-such-job", auth, None),
+        ("GET", "/status/no-such-job", {}, None),
+        ("GET", "/status/", auth, None),
+        ("PUT", "/run", auth, json.dumps(job)),
+    ]
+
+    def answers(url: str) -> list:
+        seen = []
+        for method, path, headers, data in cases:
+            headers = {**headers, "Content-Type": "application/json"} if data is not None else headers
+            answer = requests.request(method, f"{url}{path}", headers=headers, data=data, timeout=30)
+            body = answer.json()
+            if isinstance(body, dict) and "id" in body:
+                body["id"] = body["id"].startswith("sync-")  # ids differ; their kind must not
+            seen.append(
+                (
+                    path,
+                    answer.status_code,
+                    answer.headers.get("content-type"),
+                    answer.headers.get("www-authenticate"),
+                    body,
+                )
+            )
+        return seen
+
+    try:
+        for token in (TOKEN, None):
+            app = create_app(settings, None, token, store)
+            with app_in_thread(app) as url:
+                hot = answers(url)
+                queued = store.db.execute("SELECT id FROM jobs WHERE status = 'IN_QUEUE'").fetchone()["id"]
+                status_hot = requests.get(f"{url}/status/{queued}", headers=auth, timeout=30)
+                app.hot = None  # every request through FastAPI's routes
+                assert answers(url) == hot
+                status_fastapi = requests.get(f"{url}/status/{queued}", headers=auth, timeout=30)
+            assert (status_hot.status_code, status_hot.json()) == (status_fastapi.status_code, status_fastapi.json())
+            assert status_hot.json()["status"] == "IN_QUEUE"
+            assert [code for _, code, *_ in hot][:3] == ([200, 200, 401] if token else [200, 200, 200])
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "query", "hot"),
+    [
+        ("POST", "/run", b"", "run"),
+        ("POST", "/runsync", b"wait=5000", "runsync"),
+        ("POST", "/v2/abc/runsync", b"", "runsync"),
+        ("GET", "/status/job-1", b"", "status"),
+        ("POST", "/v2/abc/status/job-1", b"", "status"),
+        ("POST", "/runsync", b"wait=x", None),
+        ("POST", "/runsync", b"wait=1&wait=2", None),
+        ("POST", "/run/", b"", None),
+        ("GET", "/status", b"", None),
+        ("GET", "/status/a/b", b"", None),
+        ("GET", "/run", b"", None),
+        ("POST", "/v2//run", b"", None),
+        ("POST", "/v2/abc", b"", None),
+        ("GET", "/health", b"", None),
+        ("POST", "/cancel/job-1", b"", None),
+    ],
+)
+def test_which_requests_the_hot_routes_take(method, path, query, hot):
+    """issue 25: only the routes every job takes, in the forms FastAPI would route them the same way; the
+    rest (and a /runsync query that needs FastAPI's validation) goes on to FastAPI."""
+    app = create_app(Settings.from_env({}), None, TOKEN, None)
+    route = app.hot.match({"type": "http", "method": method, "path": path, "query_string": query, "root_path": ""})
+    named = {"run": ("POST", "run"), "runsync": ("POST", "runsync"), "status": (method, "status")}
+    assert (route and route[0]) == (app.hot.routes[named[hot]] if hot else None)
 
 
 # --- /cancel after a restart ------------------------------------------------------------------------------
