@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -183,6 +184,20 @@ async def amain(run_job: RunJob, out, concurrency: int) -> None:
 EXPIRED = object()  # what ``RunnerProcess.run`` returns for a job not started by its ``not_after``
 
 
+_spawner: ThreadPoolExecutor | None = None  # the thread later runners are started from (keep_runner_priority)
+
+
+def keep_runner_priority() -> None:
+    """Start every later runner from a thread made now: a child gets the CPU priority of the thread that
+    starts it, so runners keep the priority the calling thread has now even after it lowers its own
+    (``api.yield_cpu_to_jobs``), also a runner started after one died. Lowering a priority needs no
+    privilege, raising it back does."""
+    global _spawner
+    if _spawner is None:
+        _spawner = ThreadPoolExecutor(1, thread_name_prefix="runner-spawn")
+        _spawner.submit(lambda: None).result()  # its one thread exists from here on
+
+
 class RunnerDied(RuntimeError):
     """The runner process ended under a job; ``started``: whether the job had started in it."""
 
@@ -216,7 +231,8 @@ class RunnerProcess:
     def spawn(self) -> RunnerProcess:
         cmd = [sys.executable, "-m", "comfy_worker.job_runner", "--handler", self.handler]
         cmd += ["--concurrency", str(self.concurrency)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        popen = lambda: subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)  # noqa: E731
+        self.proc = popen() if _spawner is None else _spawner.submit(popen).result()
         return self
 
     async def attach(self, timeout: float = 300) -> None:

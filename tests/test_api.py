@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -32,7 +33,15 @@ from support.moto_s3 import moto_s3
 from support.recording_handler import ran
 from support.webhook_receiver import WebhookReceiver
 
-from comfy_worker.api import MAX_JSON_DEPTH, ApiError, JobService, create_app, status_body, status_response
+from comfy_worker.api import (
+    API_NICENESS,
+    MAX_JSON_DEPTH,
+    ApiError,
+    JobService,
+    create_app,
+    status_body,
+    status_response,
+)
 from comfy_worker.job_runner import RunnerProcess
 from comfy_worker.job_store import JobStore
 from comfy_worker.settings import Settings
@@ -631,6 +640,28 @@ def test_a_job_runner_that_dies_fails_its_job_and_a_new_runner_runs_the_next(api
     assert done["status"] == "COMPLETED" and pixel(done["output"]["images"][0]) == (12, 12, 12)
     assert api.runner_pid() not in (None, first_runner)
     assert "a new job runner took over" in api.log()
+
+
+def niceness(pid: int, thread: str | None = None) -> list[int]:
+    """The nice value of each thread of process ``pid`` (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    tasks = Path(f"/proc/{pid}/task").iterdir() if thread is None else [Path(f"/proc/{pid}/task/{thread}")]
+    return [int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16]) for task in tasks]
+
+
+def test_the_api_runs_nicer_than_its_job_runner_also_after_the_runner_died(quick_api):
+    """issue 25: where the cores are busy the job's work goes first: the API's uvicorn loop runs
+    API_NICENESS nicer than its job runner, and a runner started after one died keeps the runner's priority."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    api = quick_api()
+    assert api.post("/runsync", {"input": {"value": 1}}).json()["output"] == {"echo": 1}
+    main_thread = niceness(api.proc.pid, str(api.proc.pid))[0]
+    assert main_thread == min(19, own + API_NICENESS)
+    first = api.runner_pid()
+    assert set(niceness(first)) == {own}
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: api.runner_pid() not in (None, first), 30, "a new job runner")
+    assert api.post("/runsync", {"input": {"value": 2}}).json()["output"] == {"echo": 2}
+    assert set(niceness(api.runner_pid())) == {own}
 
 
 def test_a_job_runner_killed_under_a_job_leaves_no_prompt_running_and_deletes_its_files(api, comfyui):
