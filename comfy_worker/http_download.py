@@ -101,6 +101,7 @@ import re
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -119,11 +120,13 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 READ_SIZE = 1 * MiB
 HASH_READ = 4 * MiB
-HASH_SPAN = 64 * MiB  # the most the parallel hasher hashes in one call (see _ParallelFetch._hasher)
+HASH_SPAN = 64 * MiB  # the most the parallel hasher hashes from the page cache in one call (see _hasher)
+HANDOFF_DEPTH = 8  # the most received blocks waiting for the parallel hasher (see _ParallelFetch._hand_over)
 WRITE_PIECE = 64 * 1024
 WRITEBACK = 32 * MiB  # bytes between two start_writeback calls
 REQUEST_SIZE = 16 * MiB  # the most one range request of a parallel download asks for ...
 REQUEST_TIME = 0.25  # ... and no more than a connection receives in this many seconds (4 MiB until measured)
+LONE_REQUEST_SIZE = 256 * MiB  # what one request asks for once the download settled at one connection
 STATE_UNITS = 4096  # the most chunks a parallel download counts its progress in (the .state's "done")
 REDIRECTS = {301, 302, 303, 307, 308}
 USER_AGENT = "comfy-worker-downloader/1"
@@ -245,6 +248,30 @@ class _OneBuffer:
 
     def put_back(self, view: memoryview) -> None:
         pass
+
+
+def _whole(view: memoryview) -> memoryview:
+    """The whole buffer that ``view`` (a block sliced from it) came from."""
+    return view.obj if isinstance(view.obj, memoryview) else memoryview(view.obj)
+
+
+class _BufferPool:
+    """READ_SIZE buffers shared by the connections of a parallel download and its hasher: a worker
+    takes one per read; the block goes back at once, or after the hasher hashed it when it was handed
+    over. A buffer is made when none is free, so there are never more than the most held at once
+    (one per connection, plus the hasher's HANDOFF_DEPTH and the one it is hashing)."""
+
+    def __init__(self):
+        self.free: list[memoryview] = []  # list.append and list.pop are atomic: no lock needed
+
+    def take(self) -> memoryview:
+        try:
+            return self.free.pop()
+        except IndexError:
+            return memoryview(bytearray(READ_SIZE))
+
+    def put_back(self, view: memoryview) -> None:
+        self.free.append(_whole(view))
 
 
 def _socket_of(resp: requests.Response) -> socket.socket | None:
@@ -400,7 +427,7 @@ class _HashPipe:
         return self.free.get()
 
     def put_back(self, view: memoryview) -> None:
-        self.free.put(view.obj if isinstance(view.obj, memoryview) else memoryview(view.obj))
+        self.free.put(_whole(view))
 
     def feed(self, block: memoryview) -> None:
         self.full.put(block)
@@ -447,7 +474,7 @@ class Downloader:
         backoff: float = 1.0,
         timeout: float = 30.0,
         stop: threading.Event | None = None,
-        start_connections: int = 4,
+        start_connections: int = 1,
     ):
         """``connections``: the most ranged connections one big file gets; a download starts with
         ``start_connections`` and adds more while that makes it faster (see ``_Ramp``). ``stop``: when
@@ -947,20 +974,22 @@ class _Hashing:
 
 
 class _Ramp:
-    """How many connections a parallel download wants. It starts with ``start``; once every connection
-    it has is receiving (or ``SETTLE_MOST`` passed), it measures the aggregate rate over ``WINDOW`` and
-    steps up, up to ``most``. After the first measurement it doubles. After each later one it compares
-    the rate per connection with the one measured before the step: when each connection still gets
-    about as much as before (``SAME``), the server caps each connection (as CDNs do) and the link had
-    room for all of them, so it goes straight to ``most``; otherwise it doubles again while the step
-    raised the aggregate rate by ``GAIN``. Judging by the rate per connection, not by one short
-    window's aggregate gain, keeps a capped server that front-loads each response (nginx sends a
-    tenth of a second's worth at once) from passing for a saturated link. A step that did not pay
-    is measured once more (a busy machine makes one window a rough measure); growth ends for good
-    when it still does not (the link or the CPU is the limit), and when the server pushes back
-    (``hold``). While growing, requests keep the size they started with (see
-    ``_ParallelFetch._run_most``), so both measurements see the same share of each response's
-    front-loaded start."""
+    """How many connections a parallel download wants. It starts with ``start`` (one, by default);
+    once every connection it has is receiving (or ``SETTLE_MOST`` passed), it measures the aggregate
+    rate over ``WINDOW`` and steps up, up to ``most``. After the first measurement it doubles. After
+    each later one it compares the rate per connection with the one measured before the step: when
+    each connection still gets about as much as before (``SAME``), the server caps each connection
+    (as CDNs do) and the link had room for all of them, so it goes straight to ``most``; otherwise it
+    doubles again while the step raised the aggregate rate by ``GAIN``. Judging by the rate per
+    connection, not by one short window's aggregate gain, keeps a capped server that front-loads each
+    response (nginx sends a tenth of a second's worth at once) from passing for a saturated link. A
+    step that did not pay is measured once more (a busy machine makes one window a rough measure);
+    when it still does not (the link or the CPU is the limit: on loopback one connection is as fast
+    as two), the target goes back to the count measured before the step (``measured_with``) and
+    growth ends for good; the connections above it end after their current request.
+    Growth also ends when the server pushes back (``hold``). While growing, requests keep the size
+    they started with (see ``_ParallelFetch._run_most``), so both measurements see the same share of
+    each response's front-loaded start."""
 
     SETTLE = 0.1  # seconds after a step before measuring, at least ...
     SETTLE_MOST = 2.0  # ... and at most, when some connection has not received a byte yet
@@ -1005,9 +1034,11 @@ class _Ramp:
             step = 2
         else:
             self.misses += 1
-            self.growing = self.misses < 2
-            self.since, self.mark = now, None  # measured again from here
             log.debug("ramp: %d connection(s) gave %.0f MB/s, no gain", self.target, rate / 1e6)
+            if self.misses >= 2:  # twice: the step did not pay, back to where it started
+                self.target, self.growing = self.measured_with, False
+                log.debug("ramp: settled at %d connection(s)", self.target)
+            self.since, self.mark = now, None  # measured again from here
             return self.target
         self.misses = 0
         log.debug("ramp: %d connection(s) gave %.0f MB/s", self.target, rate / 1e6)
@@ -1022,6 +1053,11 @@ class _Ramp:
         self.most = max(1, min(self.most, most))
         self.target = min(self.target, self.most)
         self.growing = False
+
+    @property
+    def lone(self) -> bool:
+        """Growth ended at one connection: each request may be much bigger (see ``_run_most``)."""
+        return not self.growing and self.target == 1
 
 
 class _ParallelFetch:
@@ -1055,6 +1091,12 @@ class _ParallelFetch:
         self.error: BaseException | None = None
         self.done = self._resume_point(saved)
         self.resumed_from = sum(self.done)
+        self.hashing = _Hashing()
+        self.buffers = _BufferPool()
+        self.hash_frontier = 0  # the end of all the bytes handed to the hasher (as blocks, or claimed on disk)
+        self.handoff: deque[tuple[int, memoryview]] = deque()  # (offset, block) waiting for the hasher
+        self.hashed_from_buffers = 0  # bytes the hasher got as the blocks a worker had just received ...
+        self.hashed_from_cache = 0  # ... and bytes it read back from the part (through the page cache)
 
     def _chunk_len(self, k: int) -> int:
         return min(self.chunk, self.size - k * self.chunk)
@@ -1101,14 +1143,14 @@ class _ParallelFetch:
         in flight are short (all that the hasher has left when the last byte lands). None (and the
         worker counted as finished) when none is left."""
         with self.cond:
-            if not self._work_left():
+            if not self._work_left() or self.running > self.ramp.target:  # done, or one too many
                 self._worker_ends()
                 return None
             if self.returned:
                 return self.returned.pop(0)
             first = self.next_chunk
             most = 1 if self.fixed_runs else self._run_most()
-            share = (self.n - first) // (2 * max(1, self.ramp.target))
+            share = self.n - first if self.ramp.lone else (self.n - first) // (2 * max(1, self.ramp.target))
             end = first + 1
             while end < self.n and end - first < min(most, share) and self.done[end] == 0:
                 end += 1
@@ -1127,7 +1169,10 @@ class _ParallelFetch:
         measured (4 MiB before it did, and while it is still growing, so that its measurements
         compare like with like), between 1 MiB and REQUEST_SIZE. Short requests where each
         connection is slow keep the front of the file moving, so the hasher is never held up long
-        behind one connection while the others fill the file further on."""
+        behind one connection while the others fill the file further on. Once the download settled
+        at one connection, LONE_REQUEST_SIZE: nothing to keep in step, and fewer round trips."""
+        if self.ramp.lone:
+            return max(1, LONE_REQUEST_SIZE // self.chunk)
         measured = self.ramp.rate and not self.ramp.growing  # while growing: the size it started with
         per_connection = self.ramp.rate / self.ramp.measured_with if measured else 4 * MiB / REQUEST_TIME
         size = min(REQUEST_SIZE, max(MiB, int(per_connection * REQUEST_TIME)))
@@ -1203,10 +1248,14 @@ class _ParallelFetch:
                     "(the file changed on the server, or it stopped honouring ranges)"
                 )
             _check_range(resp, pos, self.size)
-            for block in iter_body(resp):
+            for block in iter_body(resp, self.buffers):
                 block = block[: end - pos]  # what arrived is written and counted, also when stopping
-                write_at(fd, block, pos)
-                pos += len(block)
+                try:
+                    write_at(fd, block, pos)
+                except BaseException:
+                    self.buffers.put_back(block)
+                    raise
+                start, pos = pos, pos + len(block)
                 with self.cond:
                     while k < end_chunk and k * self.chunk < pos:
                         self.done[k] = min(pos - k * self.chunk, self._chunk_len(k))
@@ -1217,7 +1266,10 @@ class _ParallelFetch:
                     if self.local.first:
                         self.local.first = False
                         self.receiving += 1
+                    handed = self._hand_over(start, block)
                     self.cond.notify_all()
+                if not handed:
+                    self.buffers.put_back(block)
                 if pos >= end:
                     break
                 if self.stop.is_set() or self.error is not None:
@@ -1225,12 +1277,44 @@ class _ParallelFetch:
         if pos < end:
             raise RetryableError(f"connection closed at byte {pos} of chunks {first}-{end_chunk - 1}")
 
-    def _hasher(self, fd: int, view: memoryview, hashing: _Hashing) -> None:
-        """Hash the part's contiguous prefix as it grows, and have the kernel start writing each hashed
-        stretch to the disk (``start_writeback``), so neither the hash nor the final fsync is left for
-        after the last byte. Ends as soon as the main thread aborts it or a worker failed, also with
-        bytes on disk still to hash (issue 20 #22: it used to go round forever then, and the main
-        thread's join with it, when a stop found it behind the workers)."""
+    def _hand_over(self, start: int, block: memoryview) -> bool:
+        """Under ``cond``, for a block just written at ``start``: hand it to the hasher as it is (no
+        copy, no read back from the page cache) when it begins exactly where the bytes already handed
+        to the hasher end, and the hasher's queue has room; else (False) the hasher reads it from the
+        part later. A worker never waits for the hasher."""
+        if start != self.hash_frontier or len(self.handoff) >= HANDOFF_DEPTH or self.hashing.abort:
+            return False
+        self.handoff.append((start, block))
+        self.hash_frontier += len(block)
+        return True
+
+    def _next_to_hash(self) -> tuple[int, memoryview | None, int] | None:
+        """Under ``cond``: what the hasher hashes next, in file order: ``(offset, block, length)``, the
+        oldest block handed over; else, when the part's contiguous prefix on disk (including the written
+        part of the chunk at the front) reaches past the frontier, ``(offset, None, length)``: that
+        stretch, claimed to be read from the page cache (a resumed prefix, or blocks that were not
+        handed over). None when there is nothing yet."""
+        if self.handoff:
+            start, block = self.handoff.popleft()
+            return start, block, len(block)
+        start = self.hash_frontier
+        k = start // self.chunk
+        while k < self.n - 1 and self.done[k] >= self.chunk:
+            k += 1
+        avail = k * self.chunk + self.done[k]
+        if avail <= start:
+            return None
+        self.hash_frontier = avail
+        return start, None, avail - start
+
+    def _hasher(self, fd: int, view: memoryview) -> None:
+        """Hash the part in file order as it fills (``_next_to_hash``), and have the kernel start
+        writing each hashed stretch to the disk (``start_writeback``), so neither the hash nor the
+        final fsync is left for after the last byte. Ends as soon as the main thread aborts it or a
+        worker failed, also with bytes on disk still to hash (issue 20 #22: it used to go round forever
+        then, and the main thread's join with it, when a stop found it behind the workers); blocks
+        still queued are dropped then."""
+        hashing = self.hashing
         digest = hashlib.sha256()
         pos = flushed = 0
         try:
@@ -1239,20 +1323,24 @@ class _ParallelFetch:
                     while True:
                         if self.error is not None or hashing.abort:
                             return
-                        k = pos // self.chunk  # the end of the completed prefix, as far as it reaches now
-                        while k < self.n - 1 and self.done[k] >= self.chunk and k * self.chunk < pos + HASH_SPAN:
-                            k += 1
-                        avail = k * self.chunk + self.done[k]
-                        if avail > pos:
+                        if (item := self._next_to_hash()) is not None:
                             break
                         self.cond.wait(0.5)
-                while pos < avail:
-                    if hashing.abort:
-                        return
-                    n = min(HASH_SPAN, avail - pos)
-                    with view[pos : pos + n] as block:
-                        digest.update(block)
-                    pos += n
+                start, block, length = item
+                if start != pos:
+                    raise RuntimeError(f"the hasher was handed bytes from {start}, it is at {pos}")
+                if block is not None:
+                    digest.update(block)
+                    self.buffers.put_back(block)
+                    self.hashed_from_buffers += length
+                else:
+                    for at in range(start, start + length, HASH_SPAN):
+                        if hashing.abort:
+                            return
+                        with view[at : min(start + length, at + HASH_SPAN)] as stretch:
+                            digest.update(stretch)
+                    self.hashed_from_cache += length
+                pos += length
                 if pos - flushed >= WRITEBACK or pos == self.size:
                     start_writeback(fd, flushed, pos - flushed)
                     flushed = pos
@@ -1281,15 +1369,16 @@ class _ParallelFetch:
             w.start()
 
     def _drive(self, fd: int, workers: list[threading.Thread]) -> None:
-        """Until every worker finished: report progress, save the state every half second, and add
-        connections as the ramp says."""
+        """Until every worker finished: report progress, save the state every half second, and set
+        the number of connections as the ramp says (more are started here; those above a lowered
+        target end after their current request, in ``_take``)."""
         last_save = time.monotonic()
         self._start_workers(fd, workers)
         while not self.finished.wait(0.05):
-            with self.cond:
-                on_disk, fetched, receiving = sum(self.done), self.fetched, self.receiving
             now = time.monotonic()
-            self.ramp.tick(now, fetched, receiving)
+            with self.cond:  # the workers read the ramp's target under it (_take)
+                on_disk = sum(self.done)
+                self.ramp.tick(now, self.fetched, self.receiving)
             self.progress(on_disk, self.size)
             if now - last_save > 0.5:
                 self._save_state()
@@ -1302,7 +1391,7 @@ class _ParallelFetch:
         """Allocate the part, start the hasher and the first workers, drive them to the end, and hand
         back the size and sha256 (or the first worker's error)."""
         fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
-        hashing = _Hashing()
+        hashing = self.hashing
         mapped = view = hasher = None
         workers: list[threading.Thread] = []
         self.ramp = _Ramp(self.dl.start_connections, self.dl.connections, time.monotonic())
@@ -1313,7 +1402,7 @@ class _ParallelFetch:
             # the hasher reads what the workers wrote straight from the page cache, without a copy
             mapped = mmap.mmap(fd, self.size, prot=mmap.PROT_READ)
             view = memoryview(mapped)
-            hasher = threading.Thread(target=self._hasher, args=(fd, view, hashing), daemon=True, name="dl-hash")
+            hasher = threading.Thread(target=self._hasher, args=(fd, view), daemon=True, name="dl-hash")
             hasher.start()
             try:
                 self._drive(fd, workers)
@@ -1335,6 +1424,10 @@ class _ParallelFetch:
                     raise Interrupted("interrupted")
                 raise DownloadError("download stopped before the end")
             self.progress(self.size, self.size)
+            log.debug(
+                "%s: sha256 of %d bytes from the received blocks, %d read back from the part",
+                *(self.part.name, self.hashed_from_buffers, self.hashed_from_cache),
+            )
         finally:
             if hasher is not None and hasher.is_alive():
                 with self.cond:

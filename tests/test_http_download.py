@@ -59,7 +59,8 @@ def test_parallel_ranges_from_nginx_give_the_exact_file(tmp_path):
     sha = random_file(root / "big.bin", 24 * MiB + 7, seed=2)
     with NginxOrigin(root, tmp_path / "nginx") as ng:
         part = tmp_path / "big.bin.part"
-        result = fast(connections=4, parallel_min_size=MiB, chunk_size=2 * MiB).fetch(f"{ng.url}/big.bin", part)
+        dl = fast(connections=4, start_connections=4, parallel_min_size=MiB, chunk_size=2 * MiB)
+        result = dl.fetch(f"{ng.url}/big.bin", part)
         log = (tmp_path / "nginx" / "access.log").read_text()
     assert result.sha256 == sha and result.connections == 4
     assert hashlib.sha256(part.read_bytes()).hexdigest() == sha
@@ -523,7 +524,7 @@ def test_a_stop_on_silent_parallel_connections_keeps_each_chunk_exact_without_a_
     outcome = {}
 
     def dl() -> Downloader:
-        return fast(connections=3, parallel_min_size=MiB, chunk_size=2 * MiB)
+        return fast(connections=3, start_connections=3, parallel_min_size=MiB, chunk_size=2 * MiB)
 
     def run():
         try:
@@ -570,9 +571,8 @@ def test_a_stop_while_the_server_has_not_answered_yet_ends_the_download_at_once(
 
     def run():
         try:
-            Downloader(connections=connections, parallel_min_size=MiB, chunk_size=MiB, backoff=0.01).fetch(
-                f"{origin.url}/m.bin", tmp_path / "m.part", stop=stop
-            )
+            dl = fast(connections=connections, start_connections=connections, parallel_min_size=MiB, chunk_size=MiB)
+            dl.fetch(f"{origin.url}/m.bin", tmp_path / "m.part", stop=stop)
         except DownloadError as err:
             outcome["error"] = err
 
@@ -767,7 +767,8 @@ def test_the_connection_threads_yield_the_cpu_to_the_hasher(origin, tmp_path, mo
     monkeypatch.setattr(http_download, "write_at", recording_write)
     monkeypatch.setattr(http_download.hashlib, "sha256", RecordingSha256)
     before = niceness()
-    result = fast(connections=4, parallel_min_size=MiB, chunk_size=MiB).fetch(f"{origin.url}/big.bin", tmp_path / "p")
+    dl = fast(connections=4, start_connections=4, parallel_min_size=MiB, chunk_size=MiB)
+    result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "p")
     assert result.sha256 == sha and result.connections > 1
     assert niceness() == before and hashers == {before}
     assert min(writers) > before, f"connection threads at nice {writers}, the hasher at {before}"
@@ -801,3 +802,116 @@ def test_a_part_counted_in_bigger_chunks_by_an_older_version_is_resumed(origin, 
     route.rate = None
     result = fast().fetch(f"{origin.url}/big.bin", part)  # 1 MiB chunks for a new part
     assert result.sha256 == sha and result.resumed_from == sum(saved["done"]) >= 12 * MiB
+
+
+# ---- issue 25: the ramp drops back, the hasher takes the received blocks as they are ----
+
+
+def ramp_targets(rate_of, most: int = 32, seconds: float = 5.0) -> tuple[list[int], object]:
+    """The targets a new ramp goes through on a link where ``rate_of(connections)`` bytes/s arrive,
+    looked at every 50 ms (as ``_ParallelFetch._drive`` does), with every connection receiving."""
+    from comfy_worker.http_download import _Ramp
+
+    now, fetched = 0.0, 0.0
+    ramp = _Ramp(Downloader().start_connections, most, now)
+    targets = [ramp.target]
+    while now < seconds:
+        now += 0.05
+        fetched += rate_of(ramp.target) * 0.05
+        if ramp.tick(now, int(fetched), ramp.target) != targets[-1]:
+            targets.append(ramp.target)
+    return targets, ramp
+
+
+def test_the_ramp_opens_all_connections_behind_a_server_that_caps_each_one():
+    targets, ramp = ramp_targets(lambda n: n * 20e6)  # each connection gets 20 MB/s, however many
+    assert targets == [1, 2, 32] and not ramp.growing
+
+
+def test_the_ramp_settles_back_at_one_connection_when_a_second_does_not_pay():
+    """On loopback the CPU, not the link, is the limit: two connections bring no more than one (and
+    cost CPU), so the download goes back to one and stays there."""
+    targets, ramp = ramp_targets(lambda n: 1e9)
+    assert targets == [1, 2, 1] and not ramp.growing and ramp.lone
+
+
+def test_the_ramp_settles_at_the_last_step_that_paid():
+    targets, ramp = ramp_targets(lambda n: 100e6 if n == 1 else 130e6)  # 2 pay (+30 %), 4 do not
+    assert targets == [1, 2, 4, 2] and not ramp.growing and not ramp.lone
+
+
+@pytest.fixture
+def fetches(monkeypatch):
+    """Every ``_ParallelFetch`` the test makes, to read its counters afterwards."""
+    from comfy_worker import http_download
+
+    made = []
+
+    class Recorded(http_download._ParallelFetch):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(http_download, "_ParallelFetch", Recorded)
+    return made
+
+
+def test_connections_above_a_lowered_target_end_and_the_last_one_feeds_the_hasher_its_blocks(
+    origin, tmp_path, monkeypatch, fetches
+):
+    """Three connections run until the ramp settles at one: the two others end after their current
+    request, and from then on the hasher takes each block the remaining connection received as it is
+    (no read back from the part); the sha256 is the file's."""
+    from comfy_worker import http_download
+
+    dropped_at = []
+
+    class SettlesAtOne(http_download._Ramp):
+        def tick(self, now, fetched, receiving):
+            if fetched >= 6 * MiB and not dropped_at:
+                self.target, self.growing = 1, False
+                dropped_at.append(time.monotonic())
+            return self.target
+
+    monkeypatch.setattr(http_download, "_Ramp", SettlesAtOne)
+    path = tmp_path / "src" / "big.bin"
+    size = 24 * MiB
+    sha = random_file(path, size, seed=34)
+    origin.add("/big.bin", file=path, rate=16 * MiB)  # per connection: one request (2 MiB) takes 1/8 s
+    dl = fast(connections=3, start_connections=3, parallel_min_size=MiB, chunk_size=2 * MiB)
+    result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
+    assert result.sha256 == sha and result.connections == 3
+    seen = origin.seen("/big.bin")
+    assert concurrency(seen) == 3
+    later = [s for s in seen if s.at > dropped_at[0] + 0.3]  # requests after the others' last one ended
+    assert len(later) >= 3 and concurrency(later) == 1
+    (fetch,) = fetches
+    assert fetch.hashed_from_buffers + fetch.hashed_from_cache == size
+    assert fetch.hashed_from_cache <= 12 * MiB, f"{fetch.hashed_from_cache / MiB:.0f} MiB read back from the part"
+
+
+def test_a_resumed_parallel_download_hashes_the_kept_prefix_from_the_part(origin, tmp_path, fetches):
+    path = tmp_path / "src" / "big.bin"
+    size = 12 * MiB
+    sha = random_file(path, size, seed=35)
+    route = origin.add("/big.bin", file=path, rate=8 * MiB)
+    part = tmp_path / "big.bin.part"
+    dl = fast(connections=3, parallel_min_size=MiB, chunk_size=MiB)
+    interrupt(dl, f"{origin.url}/big.bin", part, 3 * MiB)
+    route.rate = None
+    result = dl.fetch(f"{origin.url}/big.bin", part, expected_sha256=sha)
+    assert result.sha256 == sha and result.resumed_from >= 3 * MiB
+    resumed = fetches[-1]
+    assert resumed.hashed_from_cache >= result.resumed_from  # read back: not received by this call
+    assert resumed.hashed_from_buffers + resumed.hashed_from_cache == size  # the whole file, once
+
+
+def test_a_sha256_mismatch_found_in_the_received_blocks_deletes_the_part(origin, tmp_path, fetches):
+    path = tmp_path / "src" / "big.bin"
+    random_file(path, 8 * MiB, seed=36)
+    origin.add("/big.bin", file=path)
+    part = tmp_path / "big.bin.part"
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        fast(connections=1 + 1, parallel_min_size=MiB).fetch(f"{origin.url}/big.bin", part, expected_sha256="0" * 64)
+    assert fetches[0].hashed_from_buffers > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no .part, .part.state, .part.source
