@@ -837,6 +837,14 @@ def _yield_cpu_to_hasher() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICENESS))
 
 
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def write_at(fd: int, data: memoryview, offset: int) -> None:
     """``pwrite`` all of ``data`` at ``offset``, in WRITE_PIECE slices: the kernel's dirty-page
     throttling punishes big single writes (measured here: 2 GiB in 1 MiB writes took up to 3x longer
@@ -997,31 +1005,44 @@ class _Ramp:
     GAIN = 1.25
     SAME = 0.7  # each connection still got this share of its rate before the step (and not more than
     # 1 / SAME times it: then the measurement before was the odd one, e.g. connections still starting)
+    CPU_BOUND = 0.3  # the download kept this share of the machine's cores busy: the CPU is the limit
 
-    def __init__(self, start: int, most: int, now: float):
+    def __init__(self, start: int, most: int, now: float, cores: int | None = None):
         self.most = max(1, most)
+        self.cores = cores or _cores()
         self.target = max(1, min(start, self.most))
         self.growing = self.target < self.most
         self.rate: float | None = None  # bytes/s last measured ...
         self.measured_with = self.target  # ... with this many connections
         self.since = now  # when the current target was set
-        self.mark: tuple[float, int] | None = None  # (time, bytes) where the current measurement began
+        self.mark: tuple[float, int, float] | None = None  # (time, bytes, cpu) where the measurement began
         self.misses = 0  # measurements in a row at this target that showed no gain
 
-    def tick(self, now: float, fetched: int, receiving: int) -> int:
-        """The target after another look at ``fetched`` (bytes received so far) and ``receiving``
-        (connections that have received bytes)."""
+    def tick(self, now: float, fetched: int, receiving: int, cpu: float = 0.0) -> int:
+        """The target after another look at ``fetched`` (bytes received so far), ``receiving``
+        (connections that have received bytes) and ``cpu`` (CPU seconds the download used so far)."""
         if not self.growing:
             return self.target
         if self.mark is None:
             settled = receiving >= self.target or now - self.since >= self.SETTLE_MOST
             if now - self.since >= self.SETTLE and settled:
-                self.mark = (now, fetched)
+                self.mark = (now, fetched, cpu)
             return self.target
-        began, at = self.mark
+        began, at, cpu_at = self.mark
         if now - began < self.WINDOW:
             return self.target
         rate = (fetched - at) / (now - began)
+        busy = (cpu - cpu_at) / (now - began) / self.cores
+        if busy >= self.CPU_BOUND:  # more connections cannot make it faster, they would only cost CPU
+            measured = self.target
+            if self.rate is not None and rate < self.rate * self.GAIN:
+                self.target = self.measured_with  # the step did not pay
+            self.growing = False
+            log.debug(
+                "ramp: %d connection(s) gave %.0f MB/s and kept %.0f %% of the CPU busy: settled at %d",
+                *(measured, rate / 1e6, 100 * busy, self.target),
+            )
+            return self.target
         if self.rate is None:
             step = 2
         elif (
@@ -1034,14 +1055,16 @@ class _Ramp:
             step = 2
         else:
             self.misses += 1
-            log.debug("ramp: %d connection(s) gave %.0f MB/s, no gain", self.target, rate / 1e6)
+            log.debug(
+                "ramp: %d connection(s) gave %.0f MB/s (CPU %.0f %%), no gain", self.target, rate / 1e6, 100 * busy
+            )
             if self.misses >= 2:  # twice: the step did not pay, back to where it started
                 self.target, self.growing = self.measured_with, False
                 log.debug("ramp: settled at %d connection(s)", self.target)
             self.since, self.mark = now, None  # measured again from here
             return self.target
         self.misses = 0
-        log.debug("ramp: %d connection(s) gave %.0f MB/s", self.target, rate / 1e6)
+        log.debug("ramp: %d connection(s) gave %.0f MB/s (CPU %.0f %%)", self.target, rate / 1e6, 100 * busy)
         self.rate, self.measured_with = rate, self.target
         self.target = min(self.most, self.target * step)
         self.growing = self.target < self.most
@@ -1097,6 +1120,7 @@ class _ParallelFetch:
         self.handoff: deque[tuple[int, memoryview]] = deque()  # (offset, block) waiting for the hasher
         self.hashed_from_buffers = 0  # bytes the hasher got as the blocks a worker had just received ...
         self.hashed_from_cache = 0  # ... and bytes it read back from the part (through the page cache)
+        self.cache_cpu = 0.0  # CPU seconds the hasher spent reading back (not a cost of receiving)
 
     def _chunk_len(self, k: int) -> int:
         return min(self.chunk, self.size - k * self.chunk)
@@ -1257,6 +1281,7 @@ class _ParallelFetch:
                     raise
                 start, pos = pos, pos + len(block)
                 with self.cond:
+                    handed = self._hand_over(start, block)  # before the block counts as on disk (see there)
                     while k < end_chunk and k * self.chunk < pos:
                         self.done[k] = min(pos - k * self.chunk, self._chunk_len(k))
                         if self.done[k] < self._chunk_len(k):
@@ -1266,7 +1291,6 @@ class _ParallelFetch:
                     if self.local.first:
                         self.local.first = False
                         self.receiving += 1
-                    handed = self._hand_over(start, block)
                     self.cond.notify_all()
                 if not handed:
                     self.buffers.put_back(block)
@@ -1278,15 +1302,29 @@ class _ParallelFetch:
             raise RetryableError(f"connection closed at byte {pos} of chunks {first}-{end_chunk - 1}")
 
     def _hand_over(self, start: int, block: memoryview) -> bool:
-        """Under ``cond``, for a block just written at ``start``: hand it to the hasher as it is (no
-        copy, no read back from the page cache) when it begins exactly where the bytes already handed
-        to the hasher end, and the hasher's queue has room; else (False) the hasher reads it from the
-        part later. A worker never waits for the hasher."""
-        if start != self.hash_frontier or len(self.handoff) >= HANDOFF_DEPTH or self.hashing.abort:
+        """Under ``cond``, for a block just written at ``start`` and not yet counted in ``done``: hand
+        it to the hasher as it is (no copy, no read back from the page cache) when it begins exactly
+        where the bytes already handed to the hasher end (the hash frontier); else (False) the hasher
+        reads it from the part later. When the hasher's queue is full, the worker at the frontier
+        waits for room, as the single connection's reader waits for a free buffer (``_HashPipe``):
+        the hasher empties its queue without waiting for anything, so this cannot deadlock, and the
+        frontier cannot move past ``start`` meanwhile (the hasher claims only bytes counted in
+        ``done``). Without that wait, a hasher that fell behind a fast connection for a moment would
+        read everything after from the page cache, which costs it a third more CPU per byte: on a
+        busy machine it then never caught up again. Only the frontier's worker ever waits."""
+        if start != self.hash_frontier:
+            return False
+        while len(self.handoff) >= HANDOFF_DEPTH and not self._hashing_ends():
+            self.cond.wait(0.5)
+        if self._hashing_ends():
             return False
         self.handoff.append((start, block))
         self.hash_frontier += len(block)
         return True
+
+    def _hashing_ends(self) -> bool:
+        """Under ``cond``: the hasher stops (or stopped) taking blocks."""
+        return self.hashing.abort or self.error is not None or self.stop.is_set()
 
     def _next_to_hash(self) -> tuple[int, memoryview | None, int] | None:
         """Under ``cond``: what the hasher hashes next, in file order: ``(offset, block, length)``, the
@@ -1295,6 +1333,8 @@ class _ParallelFetch:
         stretch, claimed to be read from the page cache (a resumed prefix, or blocks that were not
         handed over). None when there is nothing yet."""
         if self.handoff:
+            if len(self.handoff) >= HANDOFF_DEPTH:
+                self.cond.notify_all()  # the worker at the frontier may be waiting for room
             start, block = self.handoff.popleft()
             return start, block, len(block)
         start = self.hash_frontier
@@ -1337,8 +1377,10 @@ class _ParallelFetch:
                     for at in range(start, start + length, HASH_SPAN):
                         if hashing.abort:
                             return
+                        began = time.thread_time()
                         with view[at : min(start + length, at + HASH_SPAN)] as stretch:
                             digest.update(stretch)
+                        self.cache_cpu += time.thread_time() - began
                     self.hashed_from_cache += length
                 pos += length
                 if pos - flushed >= WRITEBACK or pos == self.size:
@@ -1376,9 +1418,10 @@ class _ParallelFetch:
         self._start_workers(fd, workers)
         while not self.finished.wait(0.05):
             now = time.monotonic()
+            cpu = time.process_time() - self.cache_cpu  # what receiving costs (a resumed prefix's hash does not count)
             with self.cond:  # the workers read the ramp's target under it (_take)
                 on_disk = sum(self.done)
-                self.ramp.tick(now, self.fetched, self.receiving)
+                self.ramp.tick(now, self.fetched, self.receiving, cpu)
             self.progress(on_disk, self.size)
             if now - last_save > 0.5:
                 self._save_state()

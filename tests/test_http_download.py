@@ -807,18 +807,20 @@ def test_a_part_counted_in_bigger_chunks_by_an_older_version_is_resumed(origin, 
 # ---- issue 25: the ramp drops back, the hasher takes the received blocks as they are ----
 
 
-def ramp_targets(rate_of, most: int = 32, seconds: float = 5.0) -> tuple[list[int], object]:
-    """The targets a new ramp goes through on a link where ``rate_of(connections)`` bytes/s arrive,
-    looked at every 50 ms (as ``_ParallelFetch._drive`` does), with every connection receiving."""
+def ramp_targets(rate_of, most: int = 32, cores_busy=lambda n: 0.1, seconds: float = 5.0) -> tuple[list[int], object]:
+    """The targets a new ramp goes through on a 2-core machine where ``rate_of(connections)`` bytes/s
+    arrive and receiving them keeps ``cores_busy(connections)`` cores busy, looked at every 50 ms (as
+    ``_ParallelFetch._drive`` does), with every connection receiving."""
     from comfy_worker.http_download import _Ramp
 
-    now, fetched = 0.0, 0.0
-    ramp = _Ramp(Downloader().start_connections, most, now)
+    now = fetched = cpu = 0.0
+    ramp = _Ramp(Downloader().start_connections, most, now, cores=2)
     targets = [ramp.target]
     while now < seconds:
         now += 0.05
         fetched += rate_of(ramp.target) * 0.05
-        if ramp.tick(now, int(fetched), ramp.target) != targets[-1]:
+        cpu += cores_busy(ramp.target) * 0.05
+        if ramp.tick(now, int(fetched), ramp.target, cpu) != targets[-1]:
             targets.append(ramp.target)
     return targets, ramp
 
@@ -838,6 +840,19 @@ def test_the_ramp_settles_back_at_one_connection_when_a_second_does_not_pay():
 def test_the_ramp_settles_at_the_last_step_that_paid():
     targets, ramp = ramp_targets(lambda n: 100e6 if n == 1 else 130e6)  # 2 pay (+30 %), 4 do not
     assert targets == [1, 2, 4, 2] and not ramp.growing and not ramp.lone
+
+
+def test_the_ramp_stays_at_one_connection_when_receiving_keeps_the_cpu_busy():
+    """One connection on loopback keeps most of a 2-core machine busy (receiving, writing, hashing):
+    a second one cannot make it faster, so none is tried (measured here: one window that made a
+    second connection look like a gain, a busy moment, was enough to open 32 of them)."""
+    targets, ramp = ramp_targets(lambda n: 0.6e9 * (1 + 0.6 * (n > 1)), cores_busy=lambda n: 1.2)
+    assert targets == [1] and not ramp.growing and ramp.lone
+
+
+def test_a_step_that_pays_but_keeps_the_cpu_busy_is_the_last_one():
+    targets, ramp = ramp_targets(lambda n: 0.2e9 * n, cores_busy=lambda n: 0.35 * n)  # 2 cores: 2 of 4 pay
+    assert targets == [1, 2] and not ramp.growing
 
 
 @pytest.fixture
@@ -867,7 +882,7 @@ def test_connections_above_a_lowered_target_end_and_the_last_one_feeds_the_hashe
     dropped_at = []
 
     class SettlesAtOne(http_download._Ramp):
-        def tick(self, now, fetched, receiving):
+        def tick(self, now, fetched, receiving, cpu=0.0):
             if fetched >= 6 * MiB and not dropped_at:
                 self.target, self.growing = 1, False
                 dropped_at.append(time.monotonic())
