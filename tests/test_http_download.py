@@ -930,3 +930,36 @@ def test_a_sha256_mismatch_found_in_the_received_blocks_deletes_the_part(origin,
         fast(connections=1 + 1, parallel_min_size=MiB).fetch(f"{origin.url}/big.bin", part, expected_sha256="0" * 64)
     assert fetches[0].hashed_from_buffers > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no .part, .part.state, .part.source
+
+
+def test_a_connection_faster_than_the_hasher_waits_for_it_instead_of_leaving_it_to_read_back(
+    origin, tmp_path, monkeypatch, fetches
+):
+    """The hasher takes a while per block (a busy machine): the connection at the front waits for room
+    in its queue, as the single connection's reader does, so every byte is hashed from the blocks as
+    they arrived; otherwise the hasher, once behind, read all the rest back from the part, at a third
+    more CPU per byte, and never caught up."""
+    from comfy_worker import http_download
+
+    real_sha256 = hashlib.sha256
+
+    class SlowSha256:
+        def __init__(self):
+            self.digest = real_sha256()
+
+        def update(self, data):
+            time.sleep(0.005)
+            self.digest.update(data)
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    path = tmp_path / "src" / "big.bin"
+    size = 24 * MiB
+    sha = random_file(path, size, seed=37)
+    origin.add("/big.bin", file=path)
+    monkeypatch.setattr(http_download.hashlib, "sha256", SlowSha256)
+    dl = fast(connections=4, parallel_min_size=MiB, chunk_size=MiB)
+    result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
+    assert result.sha256 == sha and result.connections == 1
+    assert fetches[0].hashed_from_buffers == size and fetches[0].hashed_from_cache == 0
