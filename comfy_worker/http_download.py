@@ -18,27 +18,36 @@ How the pieces fit:
   1 MiB (more for files over 4 GiB: at most ``STATE_UNITS`` of them), handed out in order to worker
   threads, one per connection, as runs of consecutive chunks fetched with one range request each: as
   much as a connection receives in ``REQUEST_TIME``, at most ``REQUEST_SIZE``, shorter as the end
-  nears, so the connections finish together. Each worker
-  writes its bytes with ``pwrite`` at their offset and records per chunk how many bytes from the
-  chunk's start are on disk.
-  How many connections (``_Ramp``): a download starts with ``start_connections`` (4) and, once they
+  nears, so the connections finish together; once the download settled at one connection, up to
+  ``LONE_REQUEST_SIZE`` (fewer round trips). Each worker writes its bytes with ``pwrite`` at their
+  offset and records per chunk how many bytes from the chunk's start are on disk.
+  How many connections (``_Ramp``): a download starts with ``start_connections`` (1) and, once they
   all receive, measures the aggregate rate and doubles them; when each connection then still gets
   nearly its rate from before the step (a server that caps each connection, as CDNs do) it goes
   straight to ``connections`` (DOWNLOAD_CONNECTIONS), otherwise it doubles again while that raises
-  the rate by a quarter; growth ends at the first step that did not (measured twice).
+  the rate by a quarter. A step that did not (measured twice) is undone: back to the count before
+  it, and growth ends. Growth also ends, at once, when receiving kept ``CPU_BOUND`` of the cores
+  busy (the CPU, not the link, is the limit, as on loopback: more connections would only cost CPU).
+  Workers above a lowered target end after their current request.
   A server that answers 429/503 to a range request while other connections are running gets one
   connection fewer: that worker gives its run back and ends, and the download never grows again
   (the last connection retries with backoff, as a single one does).
-  Hashing during the transfer: because runs are handed out in order, the completed region grows from
-  the front, and a hasher thread feeds sha256 with the contiguous prefix as it grows (including the
-  written part of the chunk at the front), reading those bytes through a read-only ``mmap`` of the
-  part, i.e. straight from the page cache moments after they were written, without a copy. So hashing
-  runs during the download on another core instead of as a second pass afterwards; when the last byte
-  lands only the short last runs remain to hash. The connection threads run at a lower CPU priority
-  than the hasher (``_yield_cpu_to_hasher``), so on a busy machine it is not starved behind them. The
-  hasher also has the kernel start writing each
-  hashed stretch to the disk (``start_writeback``), so the fsync before ``fetch`` returns has little
-  left to write (the single-connection path does the same as it appends).
+  Hashing during the transfer, in file order: a hasher thread feeds sha256 from two sources. A block
+  a worker just wrote that starts exactly at the hash frontier (the end of all bytes handed to the
+  hasher so far) is queued for it as it is, a buffer from a pool shared with the workers (no copy,
+  no read back), and returned to the pool once hashed; the worker at the frontier waits when that
+  queue holds ``HANDOFF_DEPTH`` blocks, like the single connection's reader. Every other block goes
+  back to the pool at once: when its queue is empty and the part's contiguous prefix on disk
+  (including the written part of the chunk at the front) reaches past the frontier, the hasher
+  claims that stretch and reads it through a read-only ``mmap`` of the part, i.e. from the page
+  cache (the runs of connections ahead of the front, a resumed prefix). Because runs are handed out
+  in order, the completed region grows from the front, so hashing runs during the download on
+  another core instead of as a second pass afterwards; settled at one connection, every byte is
+  hashed from the blocks as they arrive. The connection threads run at a lower CPU priority than
+  the hasher (``_yield_cpu_to_hasher``), so on a busy machine it is not starved behind them. The
+  hasher also has the kernel start writing each hashed stretch to the disk (``start_writeback``), so
+  the fsync before ``fetch`` returns has little left to write (the single-connection path does the
+  same as it appends).
   Progress per chunk is saved in ``<part>.state`` every half second, so a killed process resumes
   where each chunk stopped. Its format, JSON: ``{"url": the URL without its query, "size": total
   bytes, "chunk": bytes per chunk, "validator": ETag or Last-Modified, "done": [bytes on disk from
@@ -994,8 +1003,13 @@ class _Ramp:
     step that did not pay is measured once more (a busy machine makes one window a rough measure);
     when it still does not (the link or the CPU is the limit: on loopback one connection is as fast
     as two), the target goes back to the count measured before the step (``measured_with``) and
-    growth ends for good; the connections above it end after their current request.
-    Growth also ends when the server pushes back (``hold``). While growing, requests keep the size
+    growth ends for good; the connections above it end after their current request. Growth also
+    ends, without a second measurement, when receiving kept ``CPU_BOUND`` of the machine's cores
+    busy (the process's CPU time, less what the hasher spent reading bytes back, e.g. a resumed
+    prefix): then
+    the CPU is the limit, and a rate window on a busy machine is too rough a measure to tell (one
+    made 2 connections look like a gain over 1 on loopback, and then a per-connection cap). And it
+    ends when the server pushes back (``hold``). While growing, requests keep the size
     they started with (see ``_ParallelFetch._run_most``), so both measurements see the same share of
     each response's front-loaded start."""
 
