@@ -991,27 +991,25 @@ class _Hashing:
 
 
 class _Ramp:
-    """How many connections a parallel download wants. It starts with ``start`` (one, by default);
-    once every connection it has is receiving (or ``SETTLE_MOST`` passed), it measures the aggregate
-    rate over ``WINDOW`` and steps up, up to ``most``. After the first measurement it doubles. After
-    each later one it compares the rate per connection with the one measured before the step: when
-    each connection still gets about as much as before (``SAME``), the server caps each connection
-    (as CDNs do) and the link had room for all of them, so it goes straight to ``most``; otherwise it
-    doubles again while the step raised the aggregate rate by ``GAIN``. Judging by the rate per
-    connection, not by one short window's aggregate gain, keeps a capped server that front-loads each
-    response (nginx sends a tenth of a second's worth at once) from passing for a saturated link. A
-    step that did not pay is measured once more (a busy machine makes one window a rough measure);
-    when it still does not (the link or the CPU is the limit: on loopback one connection is as fast
-    as two), the target goes back to the count measured before the step (``measured_with``) and
-    growth ends for good; the connections above it end after their current request. Growth also
-    ends, without a second measurement, when receiving kept ``CPU_BOUND`` of the machine's cores
-    busy (the process's CPU time, less what the hasher spent reading bytes back, e.g. a resumed
-    prefix): then
-    the CPU is the limit, and a rate window on a busy machine is too rough a measure to tell (one
-    made 2 connections look like a gain over 1 on loopback, and then a per-connection cap). And it
-    ends when the server pushes back (``hold``). While growing, requests keep the size
-    they started with (see ``_ParallelFetch._run_most``), so both measurements see the same share of
-    each response's front-loaded start."""
+    """How many connections a parallel download wants. It starts with ``start`` (one, by default); once every
+    connection it has is receiving (or ``SETTLE_MOST`` passed), it measures the aggregate rate over
+    ``WINDOW`` and steps up, up to ``most``. After the first measurement it doubles. After each later
+    one it compares the rate per connection with the one measured before the step: when each connection
+    still gets about as much as before (``SAME``), the server caps each connection (as CDNs do) and the
+    link had room for all of them, so it goes straight to ``most``; otherwise it doubles again while the
+    step raised the aggregate rate by ``GAIN``. Judging by the rate per connection, not by one short
+    window's aggregate gain, keeps a capped server that front-loads each response (nginx sends a tenth
+    of a second's worth at once) from passing for a saturated link. A step that did not pay is measured
+    once more (a busy machine makes one window a rough measure); when it still does not (the link or the
+    CPU is the limit: on loopback one connection is as fast as two), the target goes back to the count
+    measured before the step (``measured_with``) and growth ends for good; the connections above it end
+    after their current request. Growth also ends, without a second measurement, when receiving kept
+    ``CPU_BOUND`` of the machine's cores busy (the process's CPU time, less what the hasher spent
+    reading bytes back, e.g. a resumed prefix): then the CPU is the limit, and a rate window on a busy
+    machine is too rough a measure to tell (one made 2 connections look like a gain over 1 on loopback,
+    and then a per-connection cap). And it ends when the server pushes back (``hold``). While growing,
+    requests keep the size they started with (see ``_ParallelFetch._run_most``), so both measurements
+    see the same share of each response's front-loaded start."""
 
     SETTLE = 0.1  # seconds after a step before measuring, at least ...
     SETTLE_MOST = 2.0  # ... and at most, when some connection has not received a byte yet
