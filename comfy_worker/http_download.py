@@ -1017,6 +1017,7 @@ class _Ramp:
     GAIN = 1.25
     SAME = 0.7  # each connection still got this share of its rate before the step (and not more than
     # 1 / SAME times it: then the measurement before was the odd one, e.g. connections still starting)
+    CPU_WINDOW = 0.1  # seconds the CPU use is measured over (steadier than the rate: a shorter window)
     CPU_BOUND = 0.3  # the download kept this share of the machine's cores busy: the CPU is the limit
 
     def __init__(self, start: int, most: int, now: float, cores: int | None = None):
@@ -1037,11 +1038,12 @@ class _Ramp:
             return self.target
         if self.mark is None:
             settled = receiving >= self.target or now - self.since >= self.SETTLE_MOST
-            if now - self.since >= self.SETTLE and settled:
+            after_step = self.SETTLE if self.rate is not None else 0.0  # the first: as soon as it receives
+            if now - self.since >= after_step and settled:
                 self.mark = (now, fetched, cpu)
             return self.target
         began, at, cpu_at = self.mark
-        if now - began < self.WINDOW:
+        if now - began < self.CPU_WINDOW:
             return self.target
         rate = (fetched - at) / (now - began)
         busy = (cpu - cpu_at) / (now - began) / self.cores
@@ -1054,6 +1056,8 @@ class _Ramp:
                 "ramp: %d connection(s) gave %.0f MB/s and kept %.0f %% of the CPU busy: settled at %d",
                 *(measured, rate / 1e6, 100 * busy, self.target),
             )
+            return self.target
+        if now - began < self.WINDOW:
             return self.target
         if self.rate is None:
             step = 2
