@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import threading
 import time
@@ -963,3 +964,39 @@ def test_a_connection_faster_than_the_hasher_waits_for_it_instead_of_leaving_it_
     result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
     assert result.sha256 == sha and result.connections == 1
     assert fetches[0].hashed_from_buffers == size and fetches[0].hashed_from_cache == 0
+
+
+def test_reading_back_a_resumed_prefix_does_not_pass_for_a_cpu_bound_link(origin, tmp_path, monkeypatch):
+    """After a restart the hasher re-reads the part's prefix (seconds of CPU for a big file) while the
+    rest downloads: that is no cost of receiving, so a capped server still gets its connections
+    (counted as the download's CPU, it made the ramp settle at one)."""
+    from comfy_worker import http_download
+
+    real_sha256 = hashlib.sha256
+
+    class SlowToReadBack:  # 40 ms of CPU per MiB read back from the part
+        def __init__(self):
+            self.digest = real_sha256()
+
+        def update(self, data):
+            if isinstance(data.obj, mmap.mmap):
+                began = time.thread_time()
+                while time.thread_time() - began < 0.04:
+                    pass
+            self.digest.update(data)
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    path = tmp_path / "src" / "big.bin"
+    sha = random_file(path, 24 * MiB, seed=38)
+    url = f"{origin.url}/big.bin"
+    route = origin.add("/big.bin", file=path, rate=16 * MiB)
+    part = tmp_path / "big.bin.part"
+    interrupt(fast(connections=2, start_connections=2, parallel_min_size=MiB, chunk_size=MiB), url, part, 8 * MiB)
+    route.rate = 4 * MiB  # per connection
+    monkeypatch.setattr(http_download, "HASH_SPAN", MiB)
+    monkeypatch.setattr(http_download.hashlib, "sha256", SlowToReadBack)
+    result = fast(connections=8, parallel_min_size=MiB, chunk_size=MiB).fetch(url, part, expected_sha256=sha)
+    assert result.sha256 == sha and 8 * MiB <= result.resumed_from <= 16 * MiB
+    assert result.connections >= 4  # 1, 2, then 8 (or 4, then 8): not stuck at 1 or 2
