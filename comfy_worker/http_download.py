@@ -21,14 +21,16 @@ How the pieces fit:
   nears, so the connections finish together; once the download settled at one connection, up to
   ``LONE_REQUEST_SIZE`` (fewer round trips). Each worker writes its bytes with ``pwrite`` at their
   offset and records per chunk how many bytes from the chunk's start are on disk.
-  How many connections (``_Ramp``): a download starts with ``start_connections`` (1) and, once they
+  How many connections (``_Ramp``): a download starts with ``start_connections`` (4) and, once they
   all receive, measures the aggregate rate and doubles them; when each connection then still gets
   nearly its rate from before the step (a server that caps each connection, as CDNs do) it goes
   straight to ``connections`` (DOWNLOAD_CONNECTIONS), otherwise it doubles again while that raises
   the rate by a quarter. A step that did not (measured twice) is undone: back to the count before
-  it, and growth ends. Growth also ends, at once, when receiving kept ``CPU_BOUND`` of the cores
-  busy (the CPU, not the link, is the limit, as on loopback: more connections would only cost CPU).
-  Workers above a lowered target end after their current request.
+  it, and growth ends. When receiving kept ``CPU_BOUND`` of the cores busy, the CPU, not the link,
+  is the limit (loopback, a fast link into a small machine): growth ends at once, and when that is
+  the first measurement the download goes down to one connection, the cheapest in CPU (all its
+  blocks are hashed as they arrive, see below). Workers above a lowered target end after their
+  current request.
   A server that answers 429/503 to a range request while other connections are running gets one
   connection fewer: that worker gives its run back and ends, and the download never grows again
   (the last connection retries with backoff, as a single one does).
@@ -483,7 +485,7 @@ class Downloader:
         backoff: float = 1.0,
         timeout: float = 30.0,
         stop: threading.Event | None = None,
-        start_connections: int = 1,
+        start_connections: int = 4,
     ):
         """``connections``: the most ranged connections one big file gets; a download starts with
         ``start_connections`` and adds more while that makes it faster (see ``_Ramp``). ``stop``: when
@@ -991,25 +993,26 @@ class _Hashing:
 
 
 class _Ramp:
-    """How many connections a parallel download wants. It starts with ``start`` (one, by default); once every
-    connection it has is receiving (or ``SETTLE_MOST`` passed), it measures the aggregate rate over
-    ``WINDOW`` and steps up, up to ``most``. After the first measurement it doubles. After each later
-    one it compares the rate per connection with the one measured before the step: when each connection
-    still gets about as much as before (``SAME``), the server caps each connection (as CDNs do) and the
-    link had room for all of them, so it goes straight to ``most``; otherwise it doubles again while the
-    step raised the aggregate rate by ``GAIN``. Judging by the rate per connection, not by one short
-    window's aggregate gain, keeps a capped server that front-loads each response (nginx sends a tenth
-    of a second's worth at once) from passing for a saturated link. A step that did not pay is measured
-    once more (a busy machine makes one window a rough measure); when it still does not (the link or the
-    CPU is the limit: on loopback one connection is as fast as two), the target goes back to the count
-    measured before the step (``measured_with``) and growth ends for good; the connections above it end
-    after their current request. Growth also ends, without a second measurement, when receiving kept
-    ``CPU_BOUND`` of the machine's cores busy (the process's CPU time, less what the hasher spent
-    reading bytes back, e.g. a resumed prefix): then the CPU is the limit, and a rate window on a busy
-    machine is too rough a measure to tell (one made 2 connections look like a gain over 1 on loopback,
-    and then a per-connection cap). And it ends when the server pushes back (``hold``). While growing,
-    requests keep the size they started with (see ``_ParallelFetch._run_most``), so both measurements
-    see the same share of each response's front-loaded start."""
+    """How many connections a parallel download wants. It starts with ``start``; once every connection it has
+    is receiving (or ``SETTLE_MOST`` passed), it measures the aggregate rate over ``WINDOW`` and steps
+    up, up to ``most``. After the first measurement it doubles. After each later one it compares the
+    rate per connection with the one measured before the step: when each connection still gets about as
+    much as before (``SAME``), the server caps each connection (as CDNs do) and the link had room for
+    all of them, so it goes straight to ``most``; otherwise it doubles again while the step raised the
+    aggregate rate by ``GAIN``. Judging by the rate per connection, not by one short window's aggregate
+    gain, keeps a capped server that front-loads each response (nginx sends a tenth of a second's worth
+    at once) from passing for a saturated link. A step that did not pay is measured once more (a busy
+    machine makes one window a rough measure); when it still does not (the link or the CPU is the limit:
+    on loopback one connection is as fast as two), the target goes back to the count measured before the
+    step (``measured_with``) and growth ends for good; the connections above it end after their current
+    request. Growth also ends, without a second measurement, when receiving kept ``CPU_BOUND`` of the
+    machine's cores busy (the process's CPU time, less what the hasher spent reading bytes back, e.g. a
+    resumed prefix), at one connection when that was the first measurement: then the CPU is the limit,
+    and a rate window on a busy machine is too rough a measure to tell (on loopback, one made 2
+    connections look like a gain over 1, and then like a per-connection cap). And it ends when the
+    server pushes back (``hold``). While growing, requests keep the size they started with (see
+    ``_ParallelFetch._run_most``), so both measurements see the same share of each response's
+    front-loaded start."""
 
     SETTLE = 0.1  # seconds after a step before measuring, at least ...
     SETTLE_MOST = 2.0  # ... and at most, when some connection has not received a byte yet
@@ -1021,6 +1024,8 @@ class _Ramp:
     CPU_BOUND = 0.3  # the download kept this share of the machine's cores busy: the CPU is the limit
 
     def __init__(self, start: int, most: int, now: float, cores: int | None = None):
+        """``start`` connections, at most ``most``, on a machine with ``cores`` (default: this
+        process's)."""
         self.most = max(1, most)
         self.cores = cores or _cores()
         self.target = max(1, min(start, self.most))
@@ -1038,8 +1043,7 @@ class _Ramp:
             return self.target
         if self.mark is None:
             settled = receiving >= self.target or now - self.since >= self.SETTLE_MOST
-            after_step = self.SETTLE if self.rate is not None else 0.0  # the first: as soon as it receives
-            if now - self.since >= after_step and settled:
+            if now - self.since >= self.SETTLE and settled:
                 self.mark = (now, fetched, cpu)
             return self.target
         began, at, cpu_at = self.mark
@@ -1049,7 +1053,9 @@ class _Ramp:
         busy = (cpu - cpu_at) / (now - began) / self.cores
         if busy >= self.CPU_BOUND:  # more connections cannot make it faster, they would only cost CPU
             measured = self.target
-            if self.rate is not None and rate < self.rate * self.GAIN:
+            if self.rate is None:
+                self.target = 1  # the cheapest: one connection's blocks are all hashed as they arrive
+            elif rate < self.rate * self.GAIN:
                 self.target = self.measured_with  # the step did not pay
             self.growing = False
             log.debug(

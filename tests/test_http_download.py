@@ -60,8 +60,7 @@ def test_parallel_ranges_from_nginx_give_the_exact_file(tmp_path):
     sha = random_file(root / "big.bin", 24 * MiB + 7, seed=2)
     with NginxOrigin(root, tmp_path / "nginx") as ng:
         part = tmp_path / "big.bin.part"
-        dl = fast(connections=4, start_connections=4, parallel_min_size=MiB, chunk_size=2 * MiB)
-        result = dl.fetch(f"{ng.url}/big.bin", part)
+        result = fast(connections=4, parallel_min_size=MiB, chunk_size=2 * MiB).fetch(f"{ng.url}/big.bin", part)
         log = (tmp_path / "nginx" / "access.log").read_text()
     assert result.sha256 == sha and result.connections == 4
     assert hashlib.sha256(part.read_bytes()).hexdigest() == sha
@@ -525,7 +524,7 @@ def test_a_stop_on_silent_parallel_connections_keeps_each_chunk_exact_without_a_
     outcome = {}
 
     def dl() -> Downloader:
-        return fast(connections=3, start_connections=3, parallel_min_size=MiB, chunk_size=2 * MiB)
+        return fast(connections=3, parallel_min_size=MiB, chunk_size=2 * MiB)
 
     def run():
         try:
@@ -572,8 +571,9 @@ def test_a_stop_while_the_server_has_not_answered_yet_ends_the_download_at_once(
 
     def run():
         try:
-            dl = fast(connections=connections, start_connections=connections, parallel_min_size=MiB, chunk_size=MiB)
-            dl.fetch(f"{origin.url}/m.bin", tmp_path / "m.part", stop=stop)
+            Downloader(connections=connections, parallel_min_size=MiB, chunk_size=MiB, backoff=0.01).fetch(
+                f"{origin.url}/m.bin", tmp_path / "m.part", stop=stop
+            )
         except DownloadError as err:
             outcome["error"] = err
 
@@ -768,8 +768,7 @@ def test_the_connection_threads_yield_the_cpu_to_the_hasher(origin, tmp_path, mo
     monkeypatch.setattr(http_download, "write_at", recording_write)
     monkeypatch.setattr(http_download.hashlib, "sha256", RecordingSha256)
     before = niceness()
-    dl = fast(connections=4, start_connections=4, parallel_min_size=MiB, chunk_size=MiB)
-    result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "p")
+    result = fast(connections=4, parallel_min_size=MiB, chunk_size=MiB).fetch(f"{origin.url}/big.bin", tmp_path / "p")
     assert result.sha256 == sha and result.connections > 1
     assert niceness() == before and hashers == {before}
     assert min(writers) > before, f"connection threads at nice {writers}, the hasher at {before}"
@@ -808,14 +807,16 @@ def test_a_part_counted_in_bigger_chunks_by_an_older_version_is_resumed(origin, 
 # ---- issue 25: the ramp drops back, the hasher takes the received blocks as they are ----
 
 
-def ramp_targets(rate_of, most: int = 32, cores_busy=lambda n: 0.1, seconds: float = 5.0) -> tuple[list[int], object]:
+def ramp_targets(
+    rate_of, start: int | None = None, most: int = 32, cores_busy=lambda n: 0.1, seconds: float = 5.0
+) -> tuple[list[int], object]:
     """The targets a new ramp goes through on a 2-core machine where ``rate_of(connections)`` bytes/s
     arrive and receiving them keeps ``cores_busy(connections)`` cores busy, looked at every 50 ms (as
-    ``_ParallelFetch._drive`` does), with every connection receiving."""
+    ``_ParallelFetch._drive`` does), with every connection receiving; ``start``: the downloader's default."""
     from comfy_worker.http_download import _Ramp
 
     now = fetched = cpu = 0.0
-    ramp = _Ramp(Downloader().start_connections, most, now, cores=2)
+    ramp = _Ramp(start or Downloader().start_connections, most, now, cores=2)
     targets = [ramp.target]
     while now < seconds:
         now += 0.05
@@ -827,19 +828,20 @@ def ramp_targets(rate_of, most: int = 32, cores_busy=lambda n: 0.1, seconds: flo
 
 
 def test_the_ramp_opens_all_connections_behind_a_server_that_caps_each_one():
-    targets, ramp = ramp_targets(lambda n: n * 20e6)  # each connection gets 20 MB/s, however many
+    targets, ramp = ramp_targets(lambda n: n * 20e6, start=1)  # each connection gets 20 MB/s, however many
     assert targets == [1, 2, 32] and not ramp.growing
+    assert ramp_targets(lambda n: n * 20e6)[0] == [4, 8, 32]  # from the default start
 
 
 def test_the_ramp_settles_back_at_one_connection_when_a_second_does_not_pay():
     """On loopback the CPU, not the link, is the limit: two connections bring no more than one (and
     cost CPU), so the download goes back to one and stays there."""
-    targets, ramp = ramp_targets(lambda n: 1e9)
+    targets, ramp = ramp_targets(lambda n: 1e9, start=1)
     assert targets == [1, 2, 1] and not ramp.growing and ramp.lone
 
 
 def test_the_ramp_settles_at_the_last_step_that_paid():
-    targets, ramp = ramp_targets(lambda n: 100e6 if n == 1 else 130e6)  # 2 pay (+30 %), 4 do not
+    targets, ramp = ramp_targets(lambda n: 100e6 if n == 1 else 130e6, start=1)  # 2 pay (+30 %), 4 do not
     assert targets == [1, 2, 4, 2] and not ramp.growing and not ramp.lone
 
 
@@ -847,12 +849,14 @@ def test_the_ramp_stays_at_one_connection_when_receiving_keeps_the_cpu_busy():
     """One connection on loopback keeps most of a 2-core machine busy (receiving, writing, hashing):
     a second one cannot make it faster, so none is tried (measured here: one window that made a
     second connection look like a gain, a busy moment, was enough to open 32 of them)."""
-    targets, ramp = ramp_targets(lambda n: 0.6e9 * (1 + 0.6 * (n > 1)), cores_busy=lambda n: 1.2)
+    targets, ramp = ramp_targets(lambda n: 0.6e9 * (1 + 0.6 * (n > 1)), start=1, cores_busy=lambda n: 1.2)
     assert targets == [1] and not ramp.growing and ramp.lone
+    targets, ramp = ramp_targets(lambda n: 0.9e9, cores_busy=lambda n: 1.4)  # from the default start: down to one
+    assert targets == [4, 1] and ramp.lone
 
 
 def test_a_step_that_pays_but_keeps_the_cpu_busy_is_the_last_one():
-    targets, ramp = ramp_targets(lambda n: 0.2e9 * n, cores_busy=lambda n: 0.35 * n)  # 2 cores: 2 of 4 pay
+    targets, ramp = ramp_targets(lambda n: 0.2e9 * n, start=1, cores_busy=lambda n: 0.35 * n)  # 2 cores: 2 pay
     assert targets == [1, 2] and not ramp.growing
 
 
@@ -960,7 +964,7 @@ def test_a_connection_faster_than_the_hasher_waits_for_it_instead_of_leaving_it_
     sha = random_file(path, size, seed=37)
     origin.add("/big.bin", file=path)
     monkeypatch.setattr(http_download.hashlib, "sha256", SlowSha256)
-    dl = fast(connections=4, parallel_min_size=MiB, chunk_size=MiB)
+    dl = fast(connections=4, start_connections=1, parallel_min_size=MiB, chunk_size=MiB)
     result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
     assert result.sha256 == sha and result.connections == 1
     assert fetches[0].hashed_from_buffers == size and fetches[0].hashed_from_cache == 0
@@ -997,6 +1001,7 @@ def test_reading_back_a_resumed_prefix_does_not_pass_for_a_cpu_bound_link(origin
     route.rate = 4 * MiB  # per connection
     monkeypatch.setattr(http_download, "HASH_SPAN", MiB)
     monkeypatch.setattr(http_download.hashlib, "sha256", SlowToReadBack)
-    result = fast(connections=8, parallel_min_size=MiB, chunk_size=MiB).fetch(url, part, expected_sha256=sha)
+    dl = fast(connections=8, start_connections=1, parallel_min_size=MiB, chunk_size=MiB)
+    result = dl.fetch(url, part, expected_sha256=sha)
     assert result.sha256 == sha and 8 * MiB <= result.resumed_from <= 16 * MiB
     assert result.connections >= 4  # 1, 2, then 8 (or 4, then 8): not stuck at 1 or 2
