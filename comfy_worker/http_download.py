@@ -848,6 +848,18 @@ def _yield_cpu_to_hasher() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICENESS))
 
 
+def _machine_cpu() -> tuple[float, float] | None:
+    """The machine's CPU time so far, busy and in all (``/proc/stat``, in clock ticks); None where
+    there is no such file."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = sum(ticks[3:5])  # idle, iowait
+    return float(sum(ticks) - idle), float(sum(ticks))
+
+
 def _cores() -> int:
     """The CPU cores this process may run on."""
     try:
@@ -1021,7 +1033,8 @@ class _Ramp:
     SAME = 0.7  # each connection still got this share of its rate before the step (and not more than
     # 1 / SAME times it: then the measurement before was the odd one, e.g. connections still starting)
     CPU_WINDOW = 0.1  # seconds the CPU use is measured over (steadier than the rate: a shorter window)
-    CPU_BOUND = 0.3  # the download kept this share of the machine's cores busy: the CPU is the limit
+    CPU_BOUND = 0.3  # the download kept this share of the machine's cores busy ...
+    MACHINE_FULL = 0.85  # ... and the whole machine was this busy: the CPU is the limit (else the link)
 
     def __init__(self, start: int, most: int, now: float, cores: int | None = None):
         """``start`` connections, at most ``most``, on a machine with ``cores`` (default: this
@@ -1036,22 +1049,32 @@ class _Ramp:
         self.mark: tuple[float, int, float] | None = None  # (time, bytes, cpu) where the measurement began
         self.misses = 0  # measurements in a row at this target that showed no gain
 
-    def tick(self, now: float, fetched: int, receiving: int, cpu: float = 0.0) -> int:
+    def tick(
+        self,
+        now: float,
+        fetched: int,
+        receiving: int,
+        cpu: float = 0.0,
+        machine: tuple[float, float] | None = None,
+    ) -> int:
         """The target after another look at ``fetched`` (bytes received so far), ``receiving``
-        (connections that have received bytes) and ``cpu`` (CPU seconds the download used so far)."""
+        (connections that have received bytes), ``cpu`` (CPU seconds the download used so far) and
+        ``machine`` (the machine's busy and total CPU time so far, ``_machine_cpu``; None: unknown)."""
         if not self.growing:
             return self.target
         if self.mark is None:
             settled = receiving >= self.target or now - self.since >= self.SETTLE_MOST
             if now - self.since >= self.SETTLE and settled:
-                self.mark = (now, fetched, cpu)
+                self.mark = (now, fetched, cpu, machine)
             return self.target
-        began, at, cpu_at = self.mark
+        began, at, cpu_at, machine_at = self.mark
         if now - began < self.CPU_WINDOW:
             return self.target
         rate = (fetched - at) / (now - began)
         busy = (cpu - cpu_at) / (now - began) / self.cores
-        if busy >= self.CPU_BOUND:  # more connections cannot make it faster, they would only cost CPU
+        full = machine is not None and machine_at is not None and machine[1] > machine_at[1]
+        full = full and (machine[0] - machine_at[0]) / (machine[1] - machine_at[1]) >= self.MACHINE_FULL
+        if busy >= self.CPU_BOUND and full:  # more connections cannot make it faster, they would only cost CPU
             measured = self.target
             if self.rate is None:
                 self.target = 1  # the cheapest: one connection's blocks are all hashed as they arrive
@@ -1443,7 +1466,7 @@ class _ParallelFetch:
             cpu = time.process_time() - self.cache_cpu  # what receiving costs (a resumed prefix's hash does not count)
             with self.cond:  # the workers read the ramp's target under it (_take)
                 on_disk = sum(self.done)
-                self.ramp.tick(now, self.fetched, self.receiving, cpu)
+                self.ramp.tick(now, self.fetched, self.receiving, cpu, _machine_cpu())
             self.progress(on_disk, self.size)
             if now - last_save > 0.5:
                 self._save_state()

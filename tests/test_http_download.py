@@ -808,21 +808,24 @@ def test_a_part_counted_in_bigger_chunks_by_an_older_version_is_resumed(origin, 
 
 
 def ramp_targets(
-    rate_of, start: int | None = None, most: int = 32, cores_busy=lambda n: 0.1, seconds: float = 5.0
+    rate_of, start: int | None = None, most: int = 32, cores_busy=lambda n: 0.1, machine_busy=None, seconds=5.0
 ) -> tuple[list[int], object]:
     """The targets a new ramp goes through on a 2-core machine where ``rate_of(connections)`` bytes/s
-    arrive and receiving them keeps ``cores_busy(connections)`` cores busy, looked at every 50 ms (as
+    arrive and receiving them keeps ``cores_busy(connections)`` cores busy, and the whole machine
+    ``machine_busy(connections)`` of its CPU (default: the download's share), looked at every 50 ms (as
     ``_ParallelFetch._drive`` does), with every connection receiving; ``start``: the downloader's default."""
     from comfy_worker.http_download import _Ramp
 
-    now = fetched = cpu = 0.0
+    machine_busy = machine_busy or (lambda n: cores_busy(n) / 2)
+    now = fetched = cpu = busy = 0.0
     ramp = _Ramp(start or Downloader().start_connections, most, now, cores=2)
     targets = [ramp.target]
     while now < seconds:
         now += 0.05
         fetched += rate_of(ramp.target) * 0.05
         cpu += cores_busy(ramp.target) * 0.05
-        if ramp.tick(now, int(fetched), ramp.target, cpu) != targets[-1]:
+        busy += machine_busy(ramp.target) * 0.05
+        if ramp.tick(now, int(fetched), ramp.target, cpu, (busy, now)) != targets[-1]:
             targets.append(ramp.target)
     return targets, ramp
 
@@ -831,6 +834,8 @@ def test_the_ramp_opens_all_connections_behind_a_server_that_caps_each_one():
     targets, ramp = ramp_targets(lambda n: n * 20e6, start=1)  # each connection gets 20 MB/s, however many
     assert targets == [1, 2, 32] and not ramp.growing
     assert ramp_targets(lambda n: n * 20e6)[0] == [4, 8, 32]  # from the default start
+    # 8 x 40 MB/s keep a third of the cores busy receiving, but the machine has room: the link is the limit
+    assert ramp_targets(lambda n: n * 40e6, cores_busy=lambda n: n * 0.08, machine_busy=lambda n: 0.4)[0] == [4, 8, 32]
 
 
 def test_the_ramp_settles_back_at_one_connection_when_a_second_does_not_pay():
@@ -849,14 +854,17 @@ def test_the_ramp_stays_at_one_connection_when_receiving_keeps_the_cpu_busy():
     """One connection on loopback keeps most of a 2-core machine busy (receiving, writing, hashing):
     a second one cannot make it faster, so none is tried (measured here: one window that made a
     second connection look like a gain, a busy moment, was enough to open 32 of them)."""
-    targets, ramp = ramp_targets(lambda n: 0.6e9 * (1 + 0.6 * (n > 1)), start=1, cores_busy=lambda n: 1.2)
+    loopback = {"cores_busy": lambda n: 1.2, "machine_busy": lambda n: 1.0}  # the server takes the rest
+    targets, ramp = ramp_targets(lambda n: 0.6e9 * (1 + 0.6 * (n > 1)), start=1, **loopback)
     assert targets == [1] and not ramp.growing and ramp.lone
-    targets, ramp = ramp_targets(lambda n: 0.9e9, cores_busy=lambda n: 1.4)  # from the default start: down to one
+    targets, ramp = ramp_targets(lambda n: 0.9e9, **loopback)  # from the default start: down to one
     assert targets == [4, 1] and ramp.lone
 
 
 def test_a_step_that_pays_but_keeps_the_cpu_busy_is_the_last_one():
-    targets, ramp = ramp_targets(lambda n: 0.2e9 * n, start=1, cores_busy=lambda n: 0.35 * n)  # 2 cores: 2 pay
+    targets, ramp = ramp_targets(
+        lambda n: 0.2e9 * n, start=1, cores_busy=lambda n: 0.35 * n, machine_busy=lambda n: 0.9
+    )
     assert targets == [1, 2] and not ramp.growing
 
 
@@ -887,7 +895,7 @@ def test_connections_above_a_lowered_target_end_and_the_last_one_feeds_the_hashe
     dropped_at = []
 
     class SettlesAtOne(http_download._Ramp):
-        def tick(self, now, fetched, receiving, cpu=0.0):
+        def tick(self, now, fetched, receiving, cpu=0.0, machine=None):
             if fetched >= 6 * MiB and not dropped_at:
                 self.target, self.growing = 1, False
                 dropped_at.append(time.monotonic())
