@@ -26,8 +26,8 @@ How the pieces fit:
   nearly its rate from before the step (a server that caps each connection, as CDNs do) it goes
   straight to ``connections`` (DOWNLOAD_CONNECTIONS), otherwise it doubles again while that raises
   the rate by a quarter. A step that did not (measured twice) is undone: back to the count before
-  it, and growth ends. When receiving kept ``CPU_BOUND`` of the cores busy, the CPU, not the link,
-  is the limit (loopback, a fast link into a small machine): growth ends at once, and when that is
+  it, and growth ends. When receiving kept ``CPU_BOUND`` of the cores busy and the machine had no
+  CPU to spare, the CPU, not the link, is the limit (loopback): growth ends at once, and when that is
   the first measurement the download goes down to one connection, the cheapest in CPU (all its
   blocks are hashed as they arrive, see below). Workers above a lowered target end after their
   current request.
@@ -1019,10 +1019,11 @@ class _Ramp:
     step (``measured_with``) and growth ends for good; the connections above it end after their current
     request. Growth also ends, without a second measurement, when receiving kept ``CPU_BOUND`` of the
     machine's cores busy (the process's CPU time, less what the hasher spent reading bytes back, e.g. a
-    resumed prefix), at one connection when that was the first measurement: then the CPU is the limit,
-    and a rate window on a busy machine is too rough a measure to tell (on loopback, one made 2
-    connections look like a gain over 1, and then like a per-connection cap). And it ends when the
-    server pushes back (``hold``). While growing, requests keep the size they started with (see
+    resumed prefix) and the whole machine was busy (``MACHINE_FULL``; with room to spare, the link is
+    the limit), at one connection when that was the first measurement: then the CPU is the limit, and a
+    rate window on a busy machine is too rough a measure to tell (on loopback, one made 2 connections
+    look like a gain over 1, and then like a per-connection cap). And it ends when the server pushes
+    back (``hold``). While growing, requests keep the size they started with (see
     ``_ParallelFetch._run_most``), so both measurements see the same share of each response's
     front-loaded start."""
 
