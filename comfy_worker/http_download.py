@@ -18,27 +18,38 @@ How the pieces fit:
   1 MiB (more for files over 4 GiB: at most ``STATE_UNITS`` of them), handed out in order to worker
   threads, one per connection, as runs of consecutive chunks fetched with one range request each: as
   much as a connection receives in ``REQUEST_TIME``, at most ``REQUEST_SIZE``, shorter as the end
-  nears, so the connections finish together. Each worker
-  writes its bytes with ``pwrite`` at their offset and records per chunk how many bytes from the
-  chunk's start are on disk.
+  nears, so the connections finish together; once the download settled at one connection, up to
+  ``LONE_REQUEST_SIZE`` (fewer round trips). Each worker writes its bytes with ``pwrite`` at their
+  offset and records per chunk how many bytes from the chunk's start are on disk.
   How many connections (``_Ramp``): a download starts with ``start_connections`` (4) and, once they
   all receive, measures the aggregate rate and doubles them; when each connection then still gets
   nearly its rate from before the step (a server that caps each connection, as CDNs do) it goes
   straight to ``connections`` (DOWNLOAD_CONNECTIONS), otherwise it doubles again while that raises
-  the rate by a quarter; growth ends at the first step that did not (measured twice).
+  the rate by a quarter. A step that did not (measured twice) is undone: back to the count before
+  it, and growth ends. When receiving kept ``CPU_BOUND`` of the cores busy and the machine had no
+  CPU to spare, the CPU, not the link, is the limit (loopback): growth ends at once, and when that is
+  the first measurement the download goes down to one connection, the cheapest in CPU (all its
+  blocks are hashed as they arrive, see below). Workers above a lowered target end after their
+  current request.
   A server that answers 429/503 to a range request while other connections are running gets one
   connection fewer: that worker gives its run back and ends, and the download never grows again
   (the last connection retries with backoff, as a single one does).
-  Hashing during the transfer: because runs are handed out in order, the completed region grows from
-  the front, and a hasher thread feeds sha256 with the contiguous prefix as it grows (including the
-  written part of the chunk at the front), reading those bytes through a read-only ``mmap`` of the
-  part, i.e. straight from the page cache moments after they were written, without a copy. So hashing
-  runs during the download on another core instead of as a second pass afterwards; when the last byte
-  lands only the short last runs remain to hash. The connection threads run at a lower CPU priority
-  than the hasher (``_yield_cpu_to_hasher``), so on a busy machine it is not starved behind them. The
-  hasher also has the kernel start writing each
-  hashed stretch to the disk (``start_writeback``), so the fsync before ``fetch`` returns has little
-  left to write (the single-connection path does the same as it appends).
+  Hashing during the transfer, in file order: a hasher thread feeds sha256 from two sources. A block
+  a worker just wrote that starts exactly at the hash frontier (the end of all bytes handed to the
+  hasher so far) is queued for it as it is, a buffer from a pool shared with the workers (no copy,
+  no read back), and returned to the pool once hashed; the worker at the frontier waits when that
+  queue holds ``HANDOFF_DEPTH`` blocks, like the single connection's reader. Every other block goes
+  back to the pool at once: when its queue is empty and the part's contiguous prefix on disk
+  (including the written part of the chunk at the front) reaches past the frontier, the hasher
+  claims that stretch and reads it through a read-only ``mmap`` of the part, i.e. from the page
+  cache (the runs of connections ahead of the front, a resumed prefix). Because runs are handed out
+  in order, the completed region grows from the front, so hashing runs during the download on
+  another core instead of as a second pass afterwards; settled at one connection, every byte is
+  hashed from the blocks as they arrive. The connection threads run at a lower CPU priority than
+  the hasher (``_yield_cpu_to_hasher``), so on a busy machine it is not starved behind them. The
+  hasher also has the kernel start writing each hashed stretch to the disk (``start_writeback``), so
+  the fsync before ``fetch`` returns has little left to write (the single-connection path does the
+  same as it appends).
   Progress per chunk is saved in ``<part>.state`` every half second, so a killed process resumes
   where each chunk stopped. Its format, JSON: ``{"url": the URL without its query, "size": total
   bytes, "chunk": bytes per chunk, "validator": ETag or Last-Modified, "done": [bytes on disk from
@@ -101,6 +112,7 @@ import re
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -119,11 +131,13 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 READ_SIZE = 1 * MiB
 HASH_READ = 4 * MiB
-HASH_SPAN = 64 * MiB  # the most the parallel hasher hashes in one call (see _ParallelFetch._hasher)
+HASH_SPAN = 8 * MiB  # the most the parallel hasher hashes from the page cache in one call (see _hasher)
+HANDOFF_DEPTH = 8  # the most received blocks waiting for the parallel hasher (see _ParallelFetch._hand_over)
 WRITE_PIECE = 64 * 1024
 WRITEBACK = 32 * MiB  # bytes between two start_writeback calls
 REQUEST_SIZE = 16 * MiB  # the most one range request of a parallel download asks for ...
 REQUEST_TIME = 0.25  # ... and no more than a connection receives in this many seconds (4 MiB until measured)
+LONE_REQUEST_SIZE = 256 * MiB  # what one request asks for once the download settled at one connection
 STATE_UNITS = 4096  # the most chunks a parallel download counts its progress in (the .state's "done")
 REDIRECTS = {301, 302, 303, 307, 308}
 USER_AGENT = "comfy-worker-downloader/1"
@@ -245,6 +259,30 @@ class _OneBuffer:
 
     def put_back(self, view: memoryview) -> None:
         pass
+
+
+def _whole(view: memoryview) -> memoryview:
+    """The whole buffer that ``view`` (a block sliced from it) came from."""
+    return view.obj if isinstance(view.obj, memoryview) else memoryview(view.obj)
+
+
+class _BufferPool:
+    """READ_SIZE buffers shared by the connections of a parallel download and its hasher: a worker
+    takes one per read; the block goes back at once, or after the hasher hashed it when it was handed
+    over. A buffer is made when none is free, so there are never more than the most held at once
+    (one per connection, plus the hasher's HANDOFF_DEPTH and the one it is hashing)."""
+
+    def __init__(self):
+        self.free: list[memoryview] = []  # list.append and list.pop are atomic: no lock needed
+
+    def take(self) -> memoryview:
+        try:
+            return self.free.pop()
+        except IndexError:
+            return memoryview(bytearray(READ_SIZE))
+
+    def put_back(self, view: memoryview) -> None:
+        self.free.append(_whole(view))
 
 
 def _socket_of(resp: requests.Response) -> socket.socket | None:
@@ -400,7 +438,7 @@ class _HashPipe:
         return self.free.get()
 
     def put_back(self, view: memoryview) -> None:
-        self.free.put(view.obj if isinstance(view.obj, memoryview) else memoryview(view.obj))
+        self.free.put(_whole(view))
 
     def feed(self, block: memoryview) -> None:
         self.full.put(block)
@@ -810,6 +848,26 @@ def _yield_cpu_to_hasher() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WORKER_NICENESS))
 
 
+def _machine_cpu() -> tuple[float, float] | None:
+    """The machine's CPU time so far, busy and in all (``/proc/stat``, in clock ticks); None where
+    there is no such file."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = sum(ticks[3:5])  # idle, iowait
+    return float(sum(ticks) - idle), float(sum(ticks))
+
+
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def write_at(fd: int, data: memoryview, offset: int) -> None:
     """``pwrite`` all of ``data`` at ``offset``, in WRITE_PIECE slices: the kernel's dirty-page
     throttling punishes big single writes (measured here: 2 GiB in 1 MiB writes took up to 3x longer
@@ -947,18 +1005,25 @@ class _Hashing:
 
 
 class _Ramp:
-    """How many connections a parallel download wants. It starts with ``start``; once every connection
-    it has is receiving (or ``SETTLE_MOST`` passed), it measures the aggregate rate over ``WINDOW`` and
-    steps up, up to ``most``. After the first measurement it doubles. After each later one it compares
-    the rate per connection with the one measured before the step: when each connection still gets
-    about as much as before (``SAME``), the server caps each connection (as CDNs do) and the link had
-    room for all of them, so it goes straight to ``most``; otherwise it doubles again while the step
-    raised the aggregate rate by ``GAIN``. Judging by the rate per connection, not by one short
-    window's aggregate gain, keeps a capped server that front-loads each response (nginx sends a
-    tenth of a second's worth at once) from passing for a saturated link. A step that did not pay
-    is measured once more (a busy machine makes one window a rough measure); growth ends for good
-    when it still does not (the link or the CPU is the limit), and when the server pushes back
-    (``hold``). While growing, requests keep the size they started with (see
+    """How many connections a parallel download wants. It starts with ``start``; once every connection it has
+    is receiving (or ``SETTLE_MOST`` passed), it measures the aggregate rate over ``WINDOW`` and steps
+    up, up to ``most``. After the first measurement it doubles. After each later one it compares the
+    rate per connection with the one measured before the step: when each connection still gets about as
+    much as before (``SAME``), the server caps each connection (as CDNs do) and the link had room for
+    all of them, so it goes straight to ``most``; otherwise it doubles again while the step raised the
+    aggregate rate by ``GAIN``. Judging by the rate per connection, not by one short window's aggregate
+    gain, keeps a capped server that front-loads each response (nginx sends a tenth of a second's worth
+    at once) from passing for a saturated link. A step that did not pay is measured once more (a busy
+    machine makes one window a rough measure); when it still does not (the link or the CPU is the limit:
+    on loopback one connection is as fast as two), the target goes back to the count measured before the
+    step (``measured_with``) and growth ends for good; the connections above it end after their current
+    request. Growth also ends, without a second measurement, when receiving kept ``CPU_BOUND`` of the
+    machine's cores busy (the process's CPU time, less what the hasher spent reading bytes back, e.g. a
+    resumed prefix) and the whole machine was busy (``MACHINE_FULL``; with room to spare, the link is
+    the limit), at one connection when that was the first measurement: then the CPU is the limit, and a
+    rate window on a busy machine is too rough a measure to tell (on loopback, one made 2 connections
+    look like a gain over 1, and then like a per-connection cap). And it ends when the server pushes
+    back (``hold``). While growing, requests keep the size they started with (see
     ``_ParallelFetch._run_most``), so both measurements see the same share of each response's
     front-loaded start."""
 
@@ -968,31 +1033,62 @@ class _Ramp:
     GAIN = 1.25
     SAME = 0.7  # each connection still got this share of its rate before the step (and not more than
     # 1 / SAME times it: then the measurement before was the odd one, e.g. connections still starting)
+    CPU_WINDOW = 0.1  # seconds the CPU use is measured over (steadier than the rate: a shorter window)
+    CPU_BOUND = 0.3  # the download kept this share of the machine's cores busy ...
+    MACHINE_FULL = 0.85  # ... and the whole machine was this busy: the CPU is the limit (else the link)
 
-    def __init__(self, start: int, most: int, now: float):
+    def __init__(self, start: int, most: int, now: float, cores: int | None = None):
+        """``start`` connections, at most ``most``, on a machine with ``cores`` (default: this
+        process's)."""
         self.most = max(1, most)
+        self.cores = cores or _cores()
         self.target = max(1, min(start, self.most))
         self.growing = self.target < self.most
         self.rate: float | None = None  # bytes/s last measured ...
         self.measured_with = self.target  # ... with this many connections
         self.since = now  # when the current target was set
-        self.mark: tuple[float, int] | None = None  # (time, bytes) where the current measurement began
+        self.mark: tuple[float, int, float] | None = None  # (time, bytes, cpu) where the measurement began
         self.misses = 0  # measurements in a row at this target that showed no gain
 
-    def tick(self, now: float, fetched: int, receiving: int) -> int:
-        """The target after another look at ``fetched`` (bytes received so far) and ``receiving``
-        (connections that have received bytes)."""
+    def tick(
+        self,
+        now: float,
+        fetched: int,
+        receiving: int,
+        cpu: float = 0.0,
+        machine: tuple[float, float] | None = None,
+    ) -> int:
+        """The target after another look at ``fetched`` (bytes received so far), ``receiving``
+        (connections that have received bytes), ``cpu`` (CPU seconds the download used so far) and
+        ``machine`` (the machine's busy and total CPU time so far, ``_machine_cpu``; None: unknown)."""
         if not self.growing:
             return self.target
         if self.mark is None:
             settled = receiving >= self.target or now - self.since >= self.SETTLE_MOST
             if now - self.since >= self.SETTLE and settled:
-                self.mark = (now, fetched)
+                self.mark = (now, fetched, cpu, machine)
             return self.target
-        began, at = self.mark
-        if now - began < self.WINDOW:
+        began, at, cpu_at, machine_at = self.mark
+        if now - began < self.CPU_WINDOW:
             return self.target
         rate = (fetched - at) / (now - began)
+        busy = (cpu - cpu_at) / (now - began) / self.cores
+        full = machine is not None and machine_at is not None and machine[1] > machine_at[1]
+        full = full and (machine[0] - machine_at[0]) / (machine[1] - machine_at[1]) >= self.MACHINE_FULL
+        if busy >= self.CPU_BOUND and full:  # more connections cannot make it faster, they would only cost CPU
+            measured = self.target
+            if self.rate is None:
+                self.target = 1  # the cheapest: one connection's blocks are all hashed as they arrive
+            elif rate < self.rate * self.GAIN:
+                self.target = self.measured_with  # the step did not pay
+            self.growing = False
+            log.debug(
+                "ramp: %d connection(s) gave %.0f MB/s and kept %.0f %% of the CPU busy: settled at %d",
+                *(measured, rate / 1e6, 100 * busy, self.target),
+            )
+            return self.target
+        if now - began < self.WINDOW:
+            return self.target
         if self.rate is None:
             step = 2
         elif (
@@ -1005,12 +1101,16 @@ class _Ramp:
             step = 2
         else:
             self.misses += 1
-            self.growing = self.misses < 2
+            log.debug(
+                "ramp: %d connection(s) gave %.0f MB/s (CPU %.0f %%), no gain", self.target, rate / 1e6, 100 * busy
+            )
+            if self.misses >= 2:  # twice: the step did not pay, back to where it started
+                self.target, self.growing = self.measured_with, False
+                log.debug("ramp: settled at %d connection(s)", self.target)
             self.since, self.mark = now, None  # measured again from here
-            log.debug("ramp: %d connection(s) gave %.0f MB/s, no gain", self.target, rate / 1e6)
             return self.target
         self.misses = 0
-        log.debug("ramp: %d connection(s) gave %.0f MB/s", self.target, rate / 1e6)
+        log.debug("ramp: %d connection(s) gave %.0f MB/s (CPU %.0f %%)", self.target, rate / 1e6, 100 * busy)
         self.rate, self.measured_with = rate, self.target
         self.target = min(self.most, self.target * step)
         self.growing = self.target < self.most
@@ -1022,6 +1122,11 @@ class _Ramp:
         self.most = max(1, min(self.most, most))
         self.target = min(self.target, self.most)
         self.growing = False
+
+    @property
+    def lone(self) -> bool:
+        """Growth ended at one connection: each request may be much bigger (see ``_run_most``)."""
+        return not self.growing and self.target == 1
 
 
 class _ParallelFetch:
@@ -1055,6 +1160,13 @@ class _ParallelFetch:
         self.error: BaseException | None = None
         self.done = self._resume_point(saved)
         self.resumed_from = sum(self.done)
+        self.hashing = _Hashing()
+        self.buffers = _BufferPool()
+        self.hash_frontier = 0  # the end of all the bytes handed to the hasher (as blocks, or claimed on disk)
+        self.handoff: deque[tuple[int, memoryview]] = deque()  # (offset, block) waiting for the hasher
+        self.hashed_from_buffers = 0  # bytes the hasher got as the blocks a worker had just received ...
+        self.hashed_from_cache = 0  # ... and bytes it read back from the part (through the page cache)
+        self.cache_cpu = 0.0  # CPU seconds the hasher spent reading back (not a cost of receiving)
 
     def _chunk_len(self, k: int) -> int:
         return min(self.chunk, self.size - k * self.chunk)
@@ -1101,14 +1213,14 @@ class _ParallelFetch:
         in flight are short (all that the hasher has left when the last byte lands). None (and the
         worker counted as finished) when none is left."""
         with self.cond:
-            if not self._work_left():
+            if not self._work_left() or self.running > self.ramp.target:  # done, or one too many
                 self._worker_ends()
                 return None
             if self.returned:
                 return self.returned.pop(0)
             first = self.next_chunk
             most = 1 if self.fixed_runs else self._run_most()
-            share = (self.n - first) // (2 * max(1, self.ramp.target))
+            share = self.n - first if self.ramp.lone else (self.n - first) // (2 * max(1, self.ramp.target))
             end = first + 1
             while end < self.n and end - first < min(most, share) and self.done[end] == 0:
                 end += 1
@@ -1127,7 +1239,10 @@ class _ParallelFetch:
         measured (4 MiB before it did, and while it is still growing, so that its measurements
         compare like with like), between 1 MiB and REQUEST_SIZE. Short requests where each
         connection is slow keep the front of the file moving, so the hasher is never held up long
-        behind one connection while the others fill the file further on."""
+        behind one connection while the others fill the file further on. Once the download settled
+        at one connection, LONE_REQUEST_SIZE: nothing to keep in step, and fewer round trips."""
+        if self.ramp.lone:
+            return max(1, LONE_REQUEST_SIZE // self.chunk)
         measured = self.ramp.rate and not self.ramp.growing  # while growing: the size it started with
         per_connection = self.ramp.rate / self.ramp.measured_with if measured else 4 * MiB / REQUEST_TIME
         size = min(REQUEST_SIZE, max(MiB, int(per_connection * REQUEST_TIME)))
@@ -1203,11 +1318,16 @@ class _ParallelFetch:
                     "(the file changed on the server, or it stopped honouring ranges)"
                 )
             _check_range(resp, pos, self.size)
-            for block in iter_body(resp):
+            for block in iter_body(resp, self.buffers):
                 block = block[: end - pos]  # what arrived is written and counted, also when stopping
-                write_at(fd, block, pos)
-                pos += len(block)
+                try:
+                    write_at(fd, block, pos)
+                except BaseException:
+                    self.buffers.put_back(block)
+                    raise
+                start, pos = pos, pos + len(block)
                 with self.cond:
+                    handed = self._hand_over(start, block)  # before the block counts as on disk (see there)
                     while k < end_chunk and k * self.chunk < pos:
                         self.done[k] = min(pos - k * self.chunk, self._chunk_len(k))
                         if self.done[k] < self._chunk_len(k):
@@ -1218,6 +1338,8 @@ class _ParallelFetch:
                         self.local.first = False
                         self.receiving += 1
                     self.cond.notify_all()
+                if not handed:
+                    self.buffers.put_back(block)
                 if pos >= end:
                     break
                 if self.stop.is_set() or self.error is not None:
@@ -1225,12 +1347,60 @@ class _ParallelFetch:
         if pos < end:
             raise RetryableError(f"connection closed at byte {pos} of chunks {first}-{end_chunk - 1}")
 
-    def _hasher(self, fd: int, view: memoryview, hashing: _Hashing) -> None:
-        """Hash the part's contiguous prefix as it grows, and have the kernel start writing each hashed
-        stretch to the disk (``start_writeback``), so neither the hash nor the final fsync is left for
-        after the last byte. Ends as soon as the main thread aborts it or a worker failed, also with
-        bytes on disk still to hash (issue 20 #22: it used to go round forever then, and the main
-        thread's join with it, when a stop found it behind the workers)."""
+    def _hand_over(self, start: int, block: memoryview) -> bool:
+        """Under ``cond``, for a block just written at ``start`` and not yet counted in ``done``: hand
+        it to the hasher as it is (no copy, no read back from the page cache) when it begins exactly
+        where the bytes already handed to the hasher end (the hash frontier); else (False) the hasher
+        reads it from the part later. When the hasher's queue is full, the worker at the frontier
+        waits for room, as the single connection's reader waits for a free buffer (``_HashPipe``):
+        the hasher empties its queue without waiting for anything, so this cannot deadlock, and the
+        frontier cannot move past ``start`` meanwhile (the hasher claims only bytes counted in
+        ``done``). Without that wait, a hasher that fell behind a fast connection for a moment would
+        read everything after from the page cache, which costs it a third more CPU per byte: on a
+        busy machine it then never caught up again. Only the frontier's worker ever waits."""
+        if start != self.hash_frontier:
+            return False
+        while len(self.handoff) >= HANDOFF_DEPTH and not self._hashing_ends():
+            self.cond.wait(0.5)
+        if self._hashing_ends():
+            return False
+        self.handoff.append((start, block))
+        self.hash_frontier += len(block)
+        return True
+
+    def _hashing_ends(self) -> bool:
+        """Under ``cond``: the hasher stops (or stopped) taking blocks."""
+        return self.hashing.abort or self.error is not None or self.stop.is_set()
+
+    def _next_to_hash(self) -> tuple[int, memoryview | None, int] | None:
+        """Under ``cond``: what the hasher hashes next, in file order: ``(offset, block, length)``, the
+        oldest block handed over; else, when the part's contiguous prefix on disk (including the written
+        part of the chunk at the front) reaches past the frontier, ``(offset, None, length)``: that
+        stretch, claimed to be read from the page cache (a resumed prefix, or blocks that were not
+        handed over). None when there is nothing yet."""
+        if self.handoff:
+            if len(self.handoff) >= HANDOFF_DEPTH:
+                self.cond.notify_all()  # the worker at the frontier may be waiting for room
+            start, block = self.handoff.popleft()
+            return start, block, len(block)
+        start = self.hash_frontier
+        k = start // self.chunk
+        while k < self.n - 1 and self.done[k] >= self.chunk:
+            k += 1
+        avail = k * self.chunk + self.done[k]
+        if avail <= start:
+            return None
+        self.hash_frontier = avail
+        return start, None, avail - start
+
+    def _hasher(self, fd: int, view: memoryview) -> None:
+        """Hash the part in file order as it fills (``_next_to_hash``), and have the kernel start
+        writing each hashed stretch to the disk (``start_writeback``), so neither the hash nor the
+        final fsync is left for after the last byte. Ends as soon as the main thread aborts it or a
+        worker failed, also with bytes on disk still to hash (issue 20 #22: it used to go round forever
+        then, and the main thread's join with it, when a stop found it behind the workers); blocks
+        still queued are dropped then."""
+        hashing = self.hashing
         digest = hashlib.sha256()
         pos = flushed = 0
         try:
@@ -1239,20 +1409,26 @@ class _ParallelFetch:
                     while True:
                         if self.error is not None or hashing.abort:
                             return
-                        k = pos // self.chunk  # the end of the completed prefix, as far as it reaches now
-                        while k < self.n - 1 and self.done[k] >= self.chunk and k * self.chunk < pos + HASH_SPAN:
-                            k += 1
-                        avail = k * self.chunk + self.done[k]
-                        if avail > pos:
+                        if (item := self._next_to_hash()) is not None:
                             break
                         self.cond.wait(0.5)
-                while pos < avail:
-                    if hashing.abort:
-                        return
-                    n = min(HASH_SPAN, avail - pos)
-                    with view[pos : pos + n] as block:
-                        digest.update(block)
-                    pos += n
+                start, block, length = item
+                if start != pos:
+                    raise RuntimeError(f"the hasher was handed bytes from {start}, it is at {pos}")
+                if block is not None:
+                    digest.update(block)
+                    self.buffers.put_back(block)
+                    self.hashed_from_buffers += length
+                else:
+                    for at in range(start, start + length, HASH_SPAN):
+                        if hashing.abort:
+                            return
+                        began = time.thread_time()
+                        with view[at : min(start + length, at + HASH_SPAN)] as stretch:
+                            digest.update(stretch)
+                        self.cache_cpu += time.thread_time() - began
+                    self.hashed_from_cache += length
+                pos += length
                 if pos - flushed >= WRITEBACK or pos == self.size:
                     start_writeback(fd, flushed, pos - flushed)
                     flushed = pos
@@ -1281,15 +1457,17 @@ class _ParallelFetch:
             w.start()
 
     def _drive(self, fd: int, workers: list[threading.Thread]) -> None:
-        """Until every worker finished: report progress, save the state every half second, and add
-        connections as the ramp says."""
+        """Until every worker finished: report progress, save the state every half second, and set
+        the number of connections as the ramp says (more are started here; those above a lowered
+        target end after their current request, in ``_take``)."""
         last_save = time.monotonic()
         self._start_workers(fd, workers)
         while not self.finished.wait(0.05):
-            with self.cond:
-                on_disk, fetched, receiving = sum(self.done), self.fetched, self.receiving
             now = time.monotonic()
-            self.ramp.tick(now, fetched, receiving)
+            cpu = time.process_time() - self.cache_cpu  # what receiving costs (a resumed prefix's hash does not count)
+            with self.cond:  # the workers read the ramp's target under it (_take)
+                on_disk = sum(self.done)
+                self.ramp.tick(now, self.fetched, self.receiving, cpu, _machine_cpu())
             self.progress(on_disk, self.size)
             if now - last_save > 0.5:
                 self._save_state()
@@ -1302,7 +1480,7 @@ class _ParallelFetch:
         """Allocate the part, start the hasher and the first workers, drive them to the end, and hand
         back the size and sha256 (or the first worker's error)."""
         fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
-        hashing = _Hashing()
+        hashing = self.hashing
         mapped = view = hasher = None
         workers: list[threading.Thread] = []
         self.ramp = _Ramp(self.dl.start_connections, self.dl.connections, time.monotonic())
@@ -1313,7 +1491,7 @@ class _ParallelFetch:
             # the hasher reads what the workers wrote straight from the page cache, without a copy
             mapped = mmap.mmap(fd, self.size, prot=mmap.PROT_READ)
             view = memoryview(mapped)
-            hasher = threading.Thread(target=self._hasher, args=(fd, view, hashing), daemon=True, name="dl-hash")
+            hasher = threading.Thread(target=self._hasher, args=(fd, view), daemon=True, name="dl-hash")
             hasher.start()
             try:
                 self._drive(fd, workers)
@@ -1335,6 +1513,10 @@ class _ParallelFetch:
                     raise Interrupted("interrupted")
                 raise DownloadError("download stopped before the end")
             self.progress(self.size, self.size)
+            log.debug(
+                "%s: sha256 of %d bytes from the received blocks, %d read back from the part",
+                *(self.part.name, self.hashed_from_buffers, self.hashed_from_cache),
+            )
         finally:
             if hasher is not None and hasher.is_alive():
                 with self.cond:

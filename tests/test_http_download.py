@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import threading
 import time
@@ -801,3 +802,214 @@ def test_a_part_counted_in_bigger_chunks_by_an_older_version_is_resumed(origin, 
     route.rate = None
     result = fast().fetch(f"{origin.url}/big.bin", part)  # 1 MiB chunks for a new part
     assert result.sha256 == sha and result.resumed_from == sum(saved["done"]) >= 12 * MiB
+
+
+# ---- issue 25: the ramp drops back, the hasher takes the received blocks as they are ----
+
+
+def ramp_targets(
+    rate_of, start: int | None = None, most: int = 32, cores_busy=lambda n: 0.1, machine_busy=None, seconds=5.0
+) -> tuple[list[int], object]:
+    """The targets a new ramp goes through on a 2-core machine where ``rate_of(connections)`` bytes/s
+    arrive and receiving them keeps ``cores_busy(connections)`` cores busy, and the whole machine
+    ``machine_busy(connections)`` of its CPU (default: the download's share), looked at every 50 ms (as
+    ``_ParallelFetch._drive`` does), with every connection receiving; ``start``: the downloader's default."""
+    from comfy_worker.http_download import _Ramp
+
+    machine_busy = machine_busy or (lambda n: cores_busy(n) / 2)
+    now = fetched = cpu = busy = 0.0
+    ramp = _Ramp(start or Downloader().start_connections, most, now, cores=2)
+    targets = [ramp.target]
+    while now < seconds:
+        now += 0.05
+        fetched += rate_of(ramp.target) * 0.05
+        cpu += cores_busy(ramp.target) * 0.05
+        busy += machine_busy(ramp.target) * 0.05
+        if ramp.tick(now, int(fetched), ramp.target, cpu, (busy, now)) != targets[-1]:
+            targets.append(ramp.target)
+    return targets, ramp
+
+
+def test_the_ramp_opens_all_connections_behind_a_server_that_caps_each_one():
+    targets, ramp = ramp_targets(lambda n: n * 20e6, start=1)  # each connection gets 20 MB/s, however many
+    assert targets == [1, 2, 32] and not ramp.growing
+    assert ramp_targets(lambda n: n * 20e6)[0] == [4, 8, 32]  # from the default start
+    # 8 x 40 MB/s keep a third of the cores busy receiving, but the machine has room: the link is the limit
+    assert ramp_targets(lambda n: n * 40e6, cores_busy=lambda n: n * 0.08, machine_busy=lambda n: 0.4)[0] == [4, 8, 32]
+
+
+def test_the_ramp_settles_back_at_one_connection_when_a_second_does_not_pay():
+    """On loopback the CPU, not the link, is the limit: two connections bring no more than one (and
+    cost CPU), so the download goes back to one and stays there."""
+    targets, ramp = ramp_targets(lambda n: 1e9, start=1)
+    assert targets == [1, 2, 1] and not ramp.growing and ramp.lone
+
+
+def test_the_ramp_settles_at_the_last_step_that_paid():
+    targets, ramp = ramp_targets(lambda n: 100e6 if n == 1 else 130e6, start=1)  # 2 pay (+30 %), 4 do not
+    assert targets == [1, 2, 4, 2] and not ramp.growing and not ramp.lone
+
+
+def test_the_ramp_stays_at_one_connection_when_receiving_keeps_the_cpu_busy():
+    """One connection on loopback keeps most of a 2-core machine busy (receiving, writing, hashing):
+    a second one cannot make it faster, so none is tried (measured here: one window that made a
+    second connection look like a gain, a busy moment, was enough to open 32 of them)."""
+    loopback = {"cores_busy": lambda n: 1.2, "machine_busy": lambda n: 1.0}  # the server takes the rest
+    targets, ramp = ramp_targets(lambda n: 0.6e9 * (1 + 0.6 * (n > 1)), start=1, **loopback)
+    assert targets == [1] and not ramp.growing and ramp.lone
+    targets, ramp = ramp_targets(lambda n: 0.9e9, **loopback)  # from the default start: down to one
+    assert targets == [4, 1] and ramp.lone
+
+
+def test_a_step_that_pays_but_keeps_the_cpu_busy_is_the_last_one():
+    targets, ramp = ramp_targets(
+        lambda n: 0.2e9 * n, start=1, cores_busy=lambda n: 0.35 * n, machine_busy=lambda n: 0.9
+    )
+    assert targets == [1, 2] and not ramp.growing
+
+
+@pytest.fixture
+def fetches(monkeypatch):
+    """Every ``_ParallelFetch`` the test makes, to read its counters afterwards."""
+    from comfy_worker import http_download
+
+    made = []
+
+    class Recorded(http_download._ParallelFetch):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(http_download, "_ParallelFetch", Recorded)
+    return made
+
+
+def test_connections_above_a_lowered_target_end_and_the_last_one_feeds_the_hasher_its_blocks(
+    origin, tmp_path, monkeypatch, fetches
+):
+    """Three connections run until the ramp settles at one: the two others end after their current
+    request, and from then on the hasher takes each block the remaining connection received as it is
+    (no read back from the part); the sha256 is the file's."""
+    from comfy_worker import http_download
+
+    dropped_at = []
+
+    class SettlesAtOne(http_download._Ramp):
+        def tick(self, now, fetched, receiving, cpu=0.0, machine=None):
+            if fetched >= 6 * MiB and not dropped_at:
+                self.target, self.growing = 1, False
+                dropped_at.append(time.monotonic())
+            return self.target
+
+    monkeypatch.setattr(http_download, "_Ramp", SettlesAtOne)
+    path = tmp_path / "src" / "big.bin"
+    size = 24 * MiB
+    sha = random_file(path, size, seed=34)
+    origin.add("/big.bin", file=path, rate=16 * MiB)  # per connection: one request (2 MiB) takes 1/8 s
+    dl = fast(connections=3, start_connections=3, parallel_min_size=MiB, chunk_size=2 * MiB)
+    result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
+    assert result.sha256 == sha and result.connections == 3
+    seen = origin.seen("/big.bin")
+    assert concurrency(seen) == 3
+    later = [s for s in seen if s.at > dropped_at[0] + 0.3]  # requests after the others' last one ended
+    assert len(later) >= 3 and concurrency(later) == 1
+    (fetch,) = fetches
+    assert fetch.hashed_from_buffers + fetch.hashed_from_cache == size
+    assert fetch.hashed_from_cache <= 12 * MiB, f"{fetch.hashed_from_cache / MiB:.0f} MiB read back from the part"
+
+
+def test_a_resumed_parallel_download_hashes_the_kept_prefix_from_the_part(origin, tmp_path, fetches):
+    path = tmp_path / "src" / "big.bin"
+    size = 12 * MiB
+    sha = random_file(path, size, seed=35)
+    route = origin.add("/big.bin", file=path, rate=8 * MiB)
+    part = tmp_path / "big.bin.part"
+    dl = fast(connections=3, parallel_min_size=MiB, chunk_size=MiB)
+    interrupt(dl, f"{origin.url}/big.bin", part, 3 * MiB)
+    route.rate = None
+    result = dl.fetch(f"{origin.url}/big.bin", part, expected_sha256=sha)
+    assert result.sha256 == sha and result.resumed_from >= 3 * MiB
+    resumed = fetches[-1]
+    assert resumed.hashed_from_cache >= result.resumed_from  # read back: not received by this call
+    assert resumed.hashed_from_buffers + resumed.hashed_from_cache == size  # the whole file, once
+
+
+def test_a_sha256_mismatch_found_in_the_received_blocks_deletes_the_part(origin, tmp_path, fetches):
+    path = tmp_path / "src" / "big.bin"
+    random_file(path, 8 * MiB, seed=36)
+    origin.add("/big.bin", file=path)
+    part = tmp_path / "big.bin.part"
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):
+        fast(connections=1 + 1, parallel_min_size=MiB).fetch(f"{origin.url}/big.bin", part, expected_sha256="0" * 64)
+    assert fetches[0].hashed_from_buffers > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no .part, .part.state, .part.source
+
+
+def test_a_connection_faster_than_the_hasher_waits_for_it_instead_of_leaving_it_to_read_back(
+    origin, tmp_path, monkeypatch, fetches
+):
+    """The hasher takes a while per block (a busy machine): the connection at the front waits for room
+    in its queue, as the single connection's reader does, so every byte is hashed from the blocks as
+    they arrived; otherwise the hasher, once behind, read all the rest back from the part, at a third
+    more CPU per byte, and never caught up."""
+    from comfy_worker import http_download
+
+    real_sha256 = hashlib.sha256
+
+    class SlowSha256:
+        def __init__(self):
+            self.digest = real_sha256()
+
+        def update(self, data):
+            time.sleep(0.005)
+            self.digest.update(data)
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    path = tmp_path / "src" / "big.bin"
+    size = 24 * MiB
+    sha = random_file(path, size, seed=37)
+    origin.add("/big.bin", file=path)
+    monkeypatch.setattr(http_download.hashlib, "sha256", SlowSha256)
+    dl = fast(connections=4, start_connections=1, parallel_min_size=MiB, chunk_size=MiB)
+    result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
+    assert result.sha256 == sha and result.connections == 1
+    assert fetches[0].hashed_from_buffers == size and fetches[0].hashed_from_cache == 0
+
+
+def test_reading_back_a_resumed_prefix_does_not_pass_for_a_cpu_bound_link(origin, tmp_path, monkeypatch):
+    """After a restart the hasher re-reads the part's prefix (seconds of CPU for a big file) while the
+    rest downloads: that is no cost of receiving, so a capped server still gets its connections
+    (counted as the download's CPU, it made the ramp settle at one)."""
+    from comfy_worker import http_download
+
+    real_sha256 = hashlib.sha256
+
+    class SlowToReadBack:  # 40 ms of CPU per MiB read back from the part
+        def __init__(self):
+            self.digest = real_sha256()
+
+        def update(self, data):
+            if isinstance(data.obj, mmap.mmap):
+                began = time.thread_time()
+                while time.thread_time() - began < 0.04:
+                    pass
+            self.digest.update(data)
+
+        def hexdigest(self):
+            return self.digest.hexdigest()
+
+    path = tmp_path / "src" / "big.bin"
+    sha = random_file(path, 24 * MiB, seed=38)
+    url = f"{origin.url}/big.bin"
+    route = origin.add("/big.bin", file=path, rate=16 * MiB)
+    part = tmp_path / "big.bin.part"
+    interrupt(fast(connections=2, start_connections=2, parallel_min_size=MiB, chunk_size=MiB), url, part, 8 * MiB)
+    route.rate = 4 * MiB  # per connection
+    monkeypatch.setattr(http_download, "HASH_SPAN", MiB)
+    monkeypatch.setattr(http_download.hashlib, "sha256", SlowToReadBack)
+    dl = fast(connections=8, start_connections=1, parallel_min_size=MiB, chunk_size=MiB)
+    result = dl.fetch(url, part, expected_sha256=sha)
+    assert result.sha256 == sha and 8 * MiB <= result.resumed_from <= 16 * MiB
+    assert result.connections >= 4  # 1, 2, then 8 (or 4, then 8): not stuck at 1 or 2
