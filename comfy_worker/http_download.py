@@ -1464,10 +1464,13 @@ class _ParallelFetch:
         self._start_workers(fd, workers)
         while not self.finished.wait(0.05):
             now = time.monotonic()
-            cpu = time.process_time() - self.cache_cpu  # what receiving costs (a resumed prefix's hash does not count)
+            # measured only while the ramp still decides, and outside the lock (/proc/stat is a file read)
+            growing = self.ramp.growing
+            cpu = time.process_time() - self.cache_cpu if growing else 0.0  # a resumed prefix's hash left out
+            machine = _machine_cpu() if growing else None
             with self.cond:  # the workers read the ramp's target under it (_take)
                 on_disk = sum(self.done)
-                self.ramp.tick(now, self.fetched, self.receiving, cpu, _machine_cpu())
+                self.ramp.tick(now, self.fetched, self.receiving, cpu, machine)
             self.progress(on_disk, self.size)
             if now - last_save > 0.5:
                 self._save_state()
