@@ -852,7 +852,7 @@ class HotRoutes:
     """``POST /run``, ``POST /runsync`` and ``GET|POST /status/{id}`` (also under ``/v2/<id>/``) answered
     straight from the ASGI scope: the same checks, the same functions and the same answers as the FastAPI
     routes that document them (``create_app``), without FastAPI's route matching, dependency solving and
-    middleware for every job, about a fifth of the API's CPU per trivial job (bench/api_throughput.py).
+    middleware for every job: a fifth to a third of the API's CPU per trivial job (bench/api_throughput.py).
     Anything else goes to FastAPI, and so does a ``/runsync`` whose query is more than ``wait=<digits>``
     (FastAPI's validation then answers a malformed one)."""
 
@@ -893,11 +893,16 @@ class HotRoutes:
             await self.authorized(request)
             response = await function(request, job_id, wait)
         except ApiError as exc:
-            response = JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+            response = error_response(exc)
         except Exception as exc:
             await JSONResponse({"error": unexpected_error(exc)}, 500)(scope, receive, send)
             raise
         await response(scope, receive, send)
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """An ``ApiError`` as its HTTP answer, ``{"error": "<sentence>"}``."""
+    return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
 
 
 def unexpected_error(exc: Exception) -> str:
@@ -925,7 +930,7 @@ def create_app(settings: Settings, runner: RunnerProcess, token: str | None, sto
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
-        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
