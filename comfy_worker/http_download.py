@@ -19,8 +19,10 @@ How the pieces fit:
   threads, one per connection, as runs of consecutive chunks fetched with one range request each: as
   much as a connection receives in ``REQUEST_TIME``, at most ``REQUEST_SIZE``, shorter as the end
   nears, so the connections finish together; once the download settled at one connection, up to
-  ``LONE_REQUEST_SIZE`` (fewer round trips). Each worker writes its bytes with ``pwrite`` at their
-  offset and records per chunk how many bytes from the chunk's start are on disk.
+  ``LONE_REQUEST_SIZE`` (fewer round trips). Each worker hands the blocks it receives to a writer
+  thread of its own (``part_file.BlockWriter``), which writes them at their offset, with direct I/O
+  where the hasher gets the block from memory (``part_file``: the page cache costs more CPU than
+  anything else here), and records per chunk how many bytes from the chunk's start are on disk.
   How many connections (``_Ramp``): a download starts with ``start_connections`` (4) and, once they
   all receive, measures the aggregate rate and doubles them; when each connection then still gets
   nearly its rate from before the step (a server that caps each connection, as CDNs do) it goes
@@ -35,21 +37,24 @@ How the pieces fit:
   connection fewer: that worker gives its run back and ends, and the download never grows again
   (the last connection retries with backoff, as a single one does).
   Hashing during the transfer, in file order: a hasher thread feeds sha256 from two sources. A block
-  a worker just wrote that starts exactly at the hash frontier (the end of all bytes handed to the
-  hasher so far) is queued for it as it is, a buffer from a pool shared with the workers (no copy,
-  no read back), and returned to the pool once hashed; the worker at the frontier waits when that
-  queue holds ``HANDOFF_DEPTH`` blocks, like the single connection's reader. Every other block goes
-  back to the pool at once: when its queue is empty and the part's contiguous prefix on disk
+  just written that starts exactly at the hash frontier (the end of all bytes handed to the hasher
+  so far) is queued for it as it is, a buffer from a pool shared with the workers (no copy, no read
+  back), and returned to the pool once hashed; the writer at the frontier waits when that queue holds
+  ``HANDOFF_DEPTH`` blocks, like the single connection's reader. A block ahead of the frontier (the
+  runs of the other connections) is kept for the hasher too while the blocks kept stay within
+  ``HOLD_BYTES``, and taken when the frontier reaches it. Any other block goes through the page cache
+  and back to the pool at once: when no block is waiting and the part's contiguous prefix on disk
   (including the written part of the chunk at the front) reaches past the frontier, the hasher
-  claims that stretch and reads it through a read-only ``mmap`` of the part, i.e. from the page
-  cache (the runs of connections ahead of the front, a resumed prefix). Because runs are handed out
+  claims that stretch (up to the next kept block) and reads it through a read-only ``mmap`` of the
+  part, i.e. from the page cache (blocks beyond what may be kept, a resumed prefix). Because runs are handed out
   in order, the completed region grows from the front, so hashing runs during the download on
   another core instead of as a second pass afterwards; settled at one connection, every byte is
   hashed from the blocks as they arrive. The connection threads run at a lower CPU priority than
-  the hasher (``_yield_cpu_to_hasher``), so on a busy machine it is not starved behind them. The
-  hasher also has the kernel start writing each hashed stretch to the disk (``start_writeback``), so
-  the fsync before ``fetch`` returns has little left to write (the single-connection path does the
-  same as it appends).
+  the hasher (``_yield_cpu_to_hasher``), so on a busy machine it is not starved behind them; the
+  writer threads do not (they mostly wait for the disk, and a writer waiting for the CPU leaves the
+  disk idle). The hasher also has the kernel start writing each hashed stretch that went through the
+  page cache to the disk (``start_writeback``), so the fsync before ``fetch`` returns has little left
+  to write (the single-connection path does the same as it appends).
   Progress per chunk is saved in ``<part>.state`` every half second, so a killed process resumes
   where each chunk stopped. Its format, JSON: ``{"url": the URL without its query, "size": total
   bytes, "chunk": bytes per chunk, "validator": ETag or Last-Modified, "done": [bytes on disk from
@@ -125,15 +130,16 @@ from requests.adapters import HTTPAdapter
 
 from comfy_worker.file_names import content_disposition_name, safe_filename
 from comfy_worker.log_setup import redact_urls
+from comfy_worker.part_file import BlockWriter, PartFile, aligned_buffer, skewed, start_writeback, write_at
 
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 READ_SIZE = 1 * MiB
 HASH_READ = 4 * MiB
-HASH_SPAN = 8 * MiB  # the most the parallel hasher hashes from the page cache in one call (see _hasher)
+HASH_SPAN = 8 * MiB  # the most the parallel hasher hashes from the part in one call (see _hasher)
 HANDOFF_DEPTH = 8  # the most received blocks waiting for the parallel hasher (see _ParallelFetch._hand_over)
-WRITE_PIECE = 64 * 1024
+HOLD_BYTES = 64 * MiB  # the most bytes of blocks ahead of the hash frontier kept for the hasher (see _write)
 WRITEBACK = 32 * MiB  # bytes between two start_writeback calls
 REQUEST_SIZE = 16 * MiB  # the most one range request of a parallel download asks for ...
 REQUEST_TIME = 0.25  # ... and no more than a connection receives in this many seconds (4 MiB until measured)
@@ -254,7 +260,7 @@ class _OneBuffer:
     def __init__(self):
         self.view = memoryview(bytearray(READ_SIZE))
 
-    def take(self) -> memoryview:
+    def take(self, pos: int = 0) -> memoryview:
         return self.view
 
     def put_back(self, view: memoryview) -> None:
@@ -275,11 +281,14 @@ class _BufferPool:
     def __init__(self):
         self.free: list[memoryview] = []  # list.append and list.pop are atomic: no lock needed
 
-    def take(self) -> memoryview:
+    def take(self, pos: int = 0) -> memoryview:
+        """A buffer for the bytes from file offset ``pos`` on, placed so that direct I/O can write them
+        (``part_file.skewed``)."""
         try:
-            return self.free.pop()
+            whole = self.free.pop()
         except IndexError:
-            return memoryview(bytearray(READ_SIZE))
+            whole = aligned_buffer(READ_SIZE)
+        return skewed(whole, pos, READ_SIZE)
 
     def put_back(self, view: memoryview) -> None:
         self.free.append(_whole(view))
@@ -391,21 +400,22 @@ class _CuttableAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
-def iter_body(resp: requests.Response, buffers=None):
-    """The response body as memoryviews of buffers from ``buffers`` (``take()``/``put_back()``; default:
-    one reused buffer, so consume each block before the next). Reads with ``readinto`` on the underlying
+def iter_body(resp: requests.Response, buffers=None, pos: int = 0):
+    """The response body as memoryviews of buffers from ``buffers`` (``take(pos)``/``put_back()``, ``pos``
+    the file offset the block is for; default: one reused buffer, so consume each block before the next). Reads with ``readinto`` on the underlying
     http.client response: no copies, and a connection that drops midway still hands over every byte that
     arrived (urllib3's ``read(amt)`` would discard the partial block)."""
     buffers = buffers or _OneBuffer()
     fp = getattr(resp.raw, "_fp", None)
     if not isinstance(fp, http.client.HTTPResponse) or resp.headers.get("Content-Encoding", "identity") != "identity":
         for data in resp.iter_content(READ_SIZE):
-            view = buffers.take()
+            view = buffers.take(pos)
             view[: len(data)] = data
+            pos += len(data)
             yield view[: len(data)]
         return
     while True:
-        view = buffers.take()
+        view = buffers.take(pos)
         try:
             n = fp.readinto(view)
         except BaseException:
@@ -414,6 +424,7 @@ def iter_body(resp: requests.Response, buffers=None):
         if not n:
             buffers.put_back(view)
             break
+        pos += n
         yield view[:n]
     if fp.length in (None, 0):  # complete: the connection can go back to the pool
         resp._content_consumed = True
@@ -434,7 +445,7 @@ class _HashPipe:
         self.thread = threading.Thread(target=self._run, daemon=True, name="dl-hash")
         self.thread.start()
 
-    def take(self) -> memoryview:
+    def take(self, pos: int = 0) -> memoryview:
         return self.free.get()
 
     def put_back(self, view: memoryview) -> None:
@@ -868,38 +879,6 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def write_at(fd: int, data: memoryview, offset: int) -> None:
-    """``pwrite`` all of ``data`` at ``offset``, in WRITE_PIECE slices: the kernel's dirty-page
-    throttling punishes big single writes (measured here: 2 GiB in 1 MiB writes took up to 3x longer
-    than in 64 KiB writes right after another program had written a large file)."""
-    end = len(data)
-    done = 0
-    while done < end:
-        done += os.pwrite(fd, data[done : min(end, done + WRITE_PIECE)], offset + done)
-
-
-def _libc_sync_file_range():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    return fn
-
-
-_SYNC_FILE_RANGE = _libc_sync_file_range()
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Have the kernel start writing ``length`` bytes at ``offset`` to the disk now, without waiting
-    for it (sync_file_range(2) with SYNC_FILE_RANGE_WRITE, where there is one). Done as the download
-    goes, it leaves the final fsync little to wait for: otherwise a 2 GiB file is still all in the
-    page cache when the transfer ends, and the fsync writes it all out then (about 2 s here)."""
-    if _SYNC_FILE_RANGE is not None and length > 0:
-        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
-
-
 def _allocate(fd: int, size: int) -> None:
     """Give the file its full size up front: real blocks via fallocate(2) where the file system has it
     (scattered parallel writes into a sparse file are markedly slower on ext4, and the space is then
@@ -1152,8 +1131,9 @@ class _ParallelFetch:
         self.local = threading.local()
         self.next_chunk = 0
         self.returned: list[tuple[int, int]] = []  # runs given back by a worker that stepped back, taken first
-        self.running = 0  # workers started and not yet finished
-        self.finished = threading.Event()  # set when the last worker finished
+        self.running = 0  # workers started that have not yet taken their last run
+        self.alive = 0  # workers whose thread has not yet ended (their writer's last write done)
+        self.finished = threading.Event()  # set when the last worker ended
         self.peak = 0
         self.receiving = 0  # workers that have received bytes
         self.fetched = 0
@@ -1164,7 +1144,9 @@ class _ParallelFetch:
         self.buffers = _BufferPool()
         self.hash_frontier = 0  # the end of all the bytes handed to the hasher (as blocks, or claimed on disk)
         self.handoff: deque[tuple[int, memoryview]] = deque()  # (offset, block) waiting for the hasher
-        self.hashed_from_buffers = 0  # bytes the hasher got as the blocks a worker had just received ...
+        self.held: dict[int, memoryview] = {}  # offset: a block ahead of the frontier, kept for the hasher
+        self.held_bytes = 0  # their bytes, and those of blocks being written to be kept
+        self.hashed_from_buffers = 0  # bytes the hasher got as the blocks a worker had received ...
         self.hashed_from_cache = 0  # ... and bytes it read back from the part (through the page cache)
         self.cache_cpu = 0.0  # CPU seconds the hasher spent reading back (not a cost of receiving)
 
@@ -1228,11 +1210,15 @@ class _ParallelFetch:
             return first, end
 
     def _worker_ends(self) -> None:
-        """Under ``cond``: one worker fewer."""
+        """Under ``cond``: one worker fewer (it takes no more runs; its writer may still be writing)."""
         self.running -= 1
-        if self.running == 0:
-            self.finished.set()
+        self._check_finished()
         self.cond.notify_all()
+
+    def _check_finished(self) -> None:
+        """Under ``cond``: set ``finished`` when no worker runs and every worker's thread ended."""
+        if self.running == 0 and self.alive == 0:
+            self.finished.set()
 
     def _run_most(self) -> int:
         """Chunks per request: what one connection receives in REQUEST_TIME at the rate the ramp
@@ -1264,37 +1250,59 @@ class _ParallelFetch:
         )
         return True
 
-    def _attempt(self, fd: int, run: tuple[int, int]) -> None:
+    def _attempt(self, run: tuple[int, int]) -> None:
         try:
-            self._fetch_run(fd, *run)
+            self._fetch_run(*run)
         except RetryableError as err:
-            if err.status in (429, 503) and self._shed(run):
-                raise _Shed from None
+            if err.status in (429, 503):
+                self.local.writer.drain()  # the run goes back as far as it is on disk
+                if self._shed(run):
+                    raise _Shed from None
             raise
 
-    def _worker(self, fd: int) -> None:
+    def _worker(self) -> None:
+        """One connection: runs until none is left, its blocks written by its own ``BlockWriter``;
+        the thread ends only after the writer wrote everything it was given."""
         self.local.first = True
         _yield_cpu_to_hasher()
+        writer = self.local.writer = BlockWriter(self._write, self.buffers.put_back)
+        taking = True  # counted in ``running`` until _take or _shed ends it
         try:
             while (run := self._take()) is not None:
                 self.dl.with_retries(
                     f"download {urlparse(self.probe.url).netloc} chunk {run[0]}",
-                    lambda run=run: self._attempt(fd, run),
+                    lambda run=run: self._attempt(run),
                     lambda run=run: sum(self.done[run[0] : run[1]]),
                     self.stop,
                 )
+            taking = False
         except _Shed:
-            pass
+            taking = False
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
-            with self.cond:
-                if self.error is None:
-                    self.error = err
+            self._fail(err)
+        try:
+            writer.close()
+        except BaseException as err:  # noqa: BLE001
+            self._fail(err)
+        with self.cond:
+            if taking:
                 self._worker_ends()
+            self.alive -= 1
+            self._check_finished()
+            self.cond.notify_all()
 
-    def _fetch_run(self, fd: int, first: int, end_chunk: int) -> None:
+    def _fail(self, err: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = err
+            self.cond.notify_all()
+
+    def _fetch_run(self, first: int, end_chunk: int) -> None:
         """Fetch chunks ``first`` to ``end_chunk`` (exclusive) with one range request, from where they
-        stand (bytes land in order, so what is done of a run is a prefix of it), counting each chunk's
-        bytes as they are written."""
+        stand on disk (bytes land in order, so what is done of a run is a prefix of it), handing each
+        block to this connection's writer (which counts it in ``done`` once written: ``_written``)."""
+        writer: BlockWriter = self.local.writer
+        writer.drain()  # a retry resumes where the writes, not the reads, stand
         k = first
         while k < end_chunk and self.done[k] >= self._chunk_len(k):
             k += 1
@@ -1318,28 +1326,15 @@ class _ParallelFetch:
                     "(the file changed on the server, or it stopped honouring ranges)"
                 )
             _check_range(resp, pos, self.size)
-            for block in iter_body(resp, self.buffers):
+            for block in iter_body(resp, self.buffers, pos):
                 block = block[: end - pos]  # what arrived is written and counted, also when stopping
-                try:
-                    write_at(fd, block, pos)
-                except BaseException:
-                    self.buffers.put_back(block)
-                    raise
                 start, pos = pos, pos + len(block)
                 with self.cond:
-                    handed = self._hand_over(start, block)  # before the block counts as on disk (see there)
-                    while k < end_chunk and k * self.chunk < pos:
-                        self.done[k] = min(pos - k * self.chunk, self._chunk_len(k))
-                        if self.done[k] < self._chunk_len(k):
-                            break
-                        k += 1
                     self.fetched += len(block)
                     if self.local.first:
                         self.local.first = False
                         self.receiving += 1
-                    self.cond.notify_all()
-                if not handed:
-                    self.buffers.put_back(block)
+                writer.put(start, block)
                 if pos >= end:
                     break
                 if self.stop.is_set() or self.error is not None:
@@ -1347,17 +1342,51 @@ class _ParallelFetch:
         if pos < end:
             raise RetryableError(f"connection closed at byte {pos} of chunks {first}-{end_chunk - 1}")
 
+    def _write(self, start: int, block: memoryview) -> None:
+        """On a connection's writer thread: write ``block`` at ``start``, hand it to the hasher when it
+        is at the frontier (``_hand_over``; else back to the pool), and count it in ``done``.
+
+        The hasher gets every block from memory that it can, so the page cache would only cost CPU
+        and the block is written with direct I/O: a block at the hash frontier, and one ahead of it
+        while the blocks kept for the hasher (``held``) stay within HOLD_BYTES (the runs of the other
+        connections ahead of the front, at most a few requests each). A block beyond that goes
+        through the page cache, where the hasher finds it when the frontier gets there (a read from
+        the disk would double the disk's traffic)."""
+        n = len(block)
+        with self.cond:
+            # a block at the frontier stays there until it is handed over (nothing else covers its bytes)
+            at_front = start == self.hash_frontier
+            keep = not at_front and self.held_bytes + n <= HOLD_BYTES
+            self.held_bytes += n if keep else 0
+        self.file.write(block, start, at_front or keep)
+        end = start + n
+        with self.cond:
+            handed = self._hand_over(start, block)  # before the block counts as on disk (see there)
+            if keep and handed:
+                self.held_bytes -= n
+            elif keep:
+                self.held[start] = block
+                handed = True
+            k = start // self.chunk
+            while k < self.n and k * self.chunk < end:
+                self.done[k] = max(self.done[k], min(end - k * self.chunk, self._chunk_len(k)))
+                k += 1
+            self.cond.notify_all()
+        if not handed:
+            self.buffers.put_back(block)
+
     def _hand_over(self, start: int, block: memoryview) -> bool:
-        """Under ``cond``, for a block just written at ``start`` and not yet counted in ``done``: hand
-        it to the hasher as it is (no copy, no read back from the page cache) when it begins exactly
-        where the bytes already handed to the hasher end (the hash frontier); else (False) the hasher
-        reads it from the part later. When the hasher's queue is full, the worker at the frontier
-        waits for room, as the single connection's reader waits for a free buffer (``_HashPipe``):
-        the hasher empties its queue without waiting for anything, so this cannot deadlock, and the
-        frontier cannot move past ``start`` meanwhile (the hasher claims only bytes counted in
-        ``done``). Without that wait, a hasher that fell behind a fast connection for a moment would
-        read everything after from the page cache, which costs it a third more CPU per byte: on a
-        busy machine it then never caught up again. Only the frontier's worker ever waits."""
+        """Under ``cond``, on a connection's writer thread, for a block just written at ``start`` and not
+        yet counted in ``done``: hand it to the hasher as it is (no copy, no read back from the part)
+        when it begins exactly where the bytes already handed to the hasher end (the hash frontier);
+        else (False) the hasher reads it from the part later. When the hasher's queue is full, the
+        writer at the frontier waits for room, as the single connection's reader waits for a free
+        buffer (``_HashPipe``): the hasher empties its queue without waiting for anything, so this
+        cannot deadlock, and the frontier cannot move past ``start`` meanwhile (the hasher claims only
+        bytes counted in ``done``). Without that wait, a hasher that fell behind a fast connection for
+        a moment would read everything after from the part, which costs it a third more CPU per byte
+        (more from the disk): on a busy machine it then never caught up again. Only the frontier's
+        writer ever waits (and its connection, once its writer's queue is full)."""
         if start != self.hash_frontier:
             return False
         while len(self.handoff) >= HANDOFF_DEPTH and not self._hashing_ends():
@@ -1374,29 +1403,36 @@ class _ParallelFetch:
 
     def _next_to_hash(self) -> tuple[int, memoryview | None, int] | None:
         """Under ``cond``: what the hasher hashes next, in file order: ``(offset, block, length)``, the
-        oldest block handed over; else, when the part's contiguous prefix on disk (including the written
-        part of the chunk at the front) reaches past the frontier, ``(offset, None, length)``: that
-        stretch, claimed to be read from the page cache (a resumed prefix, or blocks that were not
-        handed over). None when there is nothing yet."""
+        oldest block handed over, or the block kept (``held``) that starts at the frontier; else, when
+        the part's contiguous prefix on disk (including the written part of the chunk at the front)
+        reaches past the frontier, ``(offset, None, length)``: that stretch, up to the next kept block,
+        claimed to be read back from the part (a resumed prefix, or blocks that were not kept). None
+        when there is nothing yet."""
         if self.handoff:
             if len(self.handoff) >= HANDOFF_DEPTH:
-                self.cond.notify_all()  # the worker at the frontier may be waiting for room
+                self.cond.notify_all()  # the writer at the frontier may be waiting for room
             start, block = self.handoff.popleft()
             return start, block, len(block)
         start = self.hash_frontier
+        if (block := self.held.pop(start, None)) is not None:
+            self.held_bytes -= len(block)
+            self.hash_frontier += len(block)
+            return start, block, len(block)
         k = start // self.chunk
         while k < self.n - 1 and self.done[k] >= self.chunk:
             k += 1
         avail = k * self.chunk + self.done[k]
+        if self.held:
+            avail = min(avail, min(self.held))
         if avail <= start:
             return None
         self.hash_frontier = avail
         return start, None, avail - start
 
-    def _hasher(self, fd: int, view: memoryview) -> None:
+    def _hasher(self, view: memoryview) -> None:
         """Hash the part in file order as it fills (``_next_to_hash``), and have the kernel start
-        writing each hashed stretch to the disk (``start_writeback``), so neither the hash nor the
-        final fsync is left for after the last byte. Ends as soon as the main thread aborts it or a
+        writing each hashed stretch to the disk (``start_writeback``: what direct I/O did not write
+        already), so neither the hash nor the final fsync is left for after the last byte. Ends as soon as the main thread aborts it or a
         worker failed, also with bytes on disk still to hash (issue 20 #22: it used to go round forever
         then, and the main thread's join with it, when a stop found it behind the workers); blocks
         still queued are dropped then."""
@@ -1424,13 +1460,12 @@ class _ParallelFetch:
                         if hashing.abort:
                             return
                         began = time.thread_time()
-                        with view[at : min(start + length, at + HASH_SPAN)] as stretch:
-                            digest.update(stretch)
+                        self._hash_back(digest, view[at : min(start + length, at + HASH_SPAN)])
                         self.cache_cpu += time.thread_time() - began
                     self.hashed_from_cache += length
                 pos += length
                 if pos - flushed >= WRITEBACK or pos == self.size:
-                    start_writeback(fd, flushed, pos - flushed)
+                    start_writeback(self.file.fd, flushed, pos - flushed)
                     flushed = pos
             if pos == self.size:
                 hashing.sha256 = digest.hexdigest()
@@ -1439,29 +1474,36 @@ class _ParallelFetch:
                 self.error = self.error or err
                 self.cond.notify_all()
 
-    def _start_workers(self, fd: int, workers: list[threading.Thread]) -> None:
+    @staticmethod
+    def _hash_back(digest, stretch: memoryview) -> None:
+        """Hash a stretch read back from the part (through the page cache, or from the disk where it
+        was written directly: a resumed prefix)."""
+        with stretch:
+            digest.update(stretch)
+
+    def _start_workers(self, workers: list[threading.Thread]) -> None:
         """Start workers up to the ramp's target, while there is a chunk for them."""
         with self.cond:
             if not self._work_left():
-                if self.running == 0:
-                    self.finished.set()  # nothing was left to start (a complete part), or a stop
+                self._check_finished()  # nothing was left to start (a complete part), or a stop
                 return
             if self.ramp.target <= self.running:
                 return
             want = min(self.ramp.target - self.running, self.n - self.next_chunk + len(self.returned))
             self.running += want
+            self.alive += want
             self.peak = max(self.peak, self.running)
         for _ in range(want):
-            w = threading.Thread(target=self._worker, args=(fd,), daemon=True, name=f"dl-{len(workers)}")
+            w = threading.Thread(target=self._worker, daemon=True, name=f"dl-{len(workers)}")
             workers.append(w)
             w.start()
 
-    def _drive(self, fd: int, workers: list[threading.Thread]) -> None:
+    def _drive(self, workers: list[threading.Thread]) -> None:
         """Until every worker finished: report progress, save the state every half second, and set
         the number of connections as the ramp says (more are started here; those above a lowered
         target end after their current request, in ``_take``)."""
         last_save = time.monotonic()
-        self._start_workers(fd, workers)
+        self._start_workers(workers)
         while not self.finished.wait(0.05):
             now = time.monotonic()
             # measured only while the ramp still decides, and outside the lock (/proc/stat is a file read)
@@ -1475,29 +1517,29 @@ class _ParallelFetch:
             if now - last_save > 0.5:
                 self._save_state()
                 last_save = now
-            self._start_workers(fd, workers)
+            self._start_workers(workers)
         for w in workers:
             w.join()
 
     def run(self) -> Result:
         """Allocate the part, start the hasher and the first workers, drive them to the end, and hand
         back the size and sha256 (or the first worker's error)."""
-        fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+        self.file = PartFile(self.part)
         hashing = self.hashing
         mapped = view = hasher = None
         workers: list[threading.Thread] = []
         self.ramp = _Ramp(self.dl.start_connections, self.dl.connections, time.monotonic())
         try:
             self._save_state()
-            if os.fstat(fd).st_size < self.size:
-                _allocate(fd, self.size)  # lets the hasher map the whole file
-            # the hasher reads what the workers wrote straight from the page cache, without a copy
-            mapped = mmap.mmap(fd, self.size, prot=mmap.PROT_READ)
+            if os.fstat(self.file.fd).st_size < self.size:
+                _allocate(self.file.fd, self.size)  # lets the hasher map the whole file
+            # the hasher reads back what was not handed to it through a map of the part, without a copy
+            mapped = mmap.mmap(self.file.fd, self.size, prot=mmap.PROT_READ)
             view = memoryview(mapped)
-            hasher = threading.Thread(target=self._hasher, args=(fd, view), daemon=True, name="dl-hash")
+            hasher = threading.Thread(target=self._hasher, args=(view,), daemon=True, name="dl-hash")
             hasher.start()
             try:
-                self._drive(fd, workers)
+                self._drive(workers)
             except BaseException:
                 self.stop.set()
                 raise
@@ -1517,8 +1559,8 @@ class _ParallelFetch:
                 raise DownloadError("download stopped before the end")
             self.progress(self.size, self.size)
             log.debug(
-                "%s: sha256 of %d bytes from the received blocks, %d read back from the part",
-                *(self.part.name, self.hashed_from_buffers, self.hashed_from_cache),
+                "%s: sha256 of %d bytes from the received blocks, %d read back from the part; %d bytes written directly",
+                *(self.part.name, self.hashed_from_buffers, self.hashed_from_cache, self.file.direct_bytes),
             )
         finally:
             if hasher is not None and hasher.is_alive():
@@ -1530,5 +1572,5 @@ class _ParallelFetch:
                 view.release()
             if mapped is not None:
                 mapped.close()
-            os.close(fd)
+            self.file.close()
         return Result(self.size, hashing.sha256, self.fetched, self.resumed_from, self.peak)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import json
-import mmap
 import os
 import threading
 import time
@@ -22,6 +23,7 @@ from comfy_worker.http_download import (
     same_host,
     state_path,
 )
+from comfy_worker.part_file import PartFile
 
 
 @pytest.fixture
@@ -704,10 +706,10 @@ def test_the_sha256_is_computed_while_the_pieces_arrive(origin, tmp_path, monkey
     origin.add("/big.bin", file=path, rate=8 * MiB)  # 8 connections: about a second
     last_write = [0.0]
     hashed: list[tuple[float, int]] = []
-    write_at = http_download.write_at
+    write = PartFile.write
 
-    def recording_write(fd, data, offset):
-        write_at(fd, data, offset)
+    def recording_write(self, data, pos, direct=True):
+        write(self, data, pos, direct)
         last_write[0] = time.monotonic()
 
     real_sha256 = hashlib.sha256
@@ -723,7 +725,7 @@ def test_the_sha256_is_computed_while_the_pieces_arrive(origin, tmp_path, monkey
         def hexdigest(self):
             return self.digest.hexdigest()
 
-    monkeypatch.setattr(http_download, "write_at", recording_write)
+    monkeypatch.setattr(PartFile, "write", recording_write)
     monkeypatch.setattr(http_download.hashlib, "sha256", RecordingSha256)
     dl = fast(connections=8, start_connections=8)
     result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
@@ -742,14 +744,15 @@ def test_the_connection_threads_yield_the_cpu_to_the_hasher(origin, tmp_path, mo
     def niceness() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
-    writers: set[int] = set()
+    receivers: set[int] = set()
     hashers: set[int] = set()
-    write_at = http_download.write_at
+    iter_body = http_download.iter_body
     real_sha256 = hashlib.sha256
 
-    def recording_write(fd, data, offset):
-        writers.add(niceness())
-        write_at(fd, data, offset)
+    def recording_iter_body(*args, **kwargs):
+        for block in iter_body(*args, **kwargs):
+            receivers.add(niceness())
+            yield block
 
     class RecordingSha256:
         def __init__(self):
@@ -765,13 +768,13 @@ def test_the_connection_threads_yield_the_cpu_to_the_hasher(origin, tmp_path, mo
     path = tmp_path / "src" / "big.bin"
     sha = random_file(path, 8 * MiB, seed=33)
     origin.add("/big.bin", file=path)
-    monkeypatch.setattr(http_download, "write_at", recording_write)
+    monkeypatch.setattr(http_download, "iter_body", recording_iter_body)
     monkeypatch.setattr(http_download.hashlib, "sha256", RecordingSha256)
     before = niceness()
     result = fast(connections=4, parallel_min_size=MiB, chunk_size=MiB).fetch(f"{origin.url}/big.bin", tmp_path / "p")
     assert result.sha256 == sha and result.connections > 1
     assert niceness() == before and hashers == {before}
-    assert min(writers) > before, f"connection threads at nice {writers}, the hasher at {before}"
+    assert min(receivers) > before, f"connection threads at nice {receivers}, the hasher at {before}"
 
 
 def test_a_resumed_part_is_hashed_whole_and_a_damaged_prefix_deletes_it(origin, tmp_path):
@@ -934,6 +937,71 @@ def test_a_resumed_parallel_download_hashes_the_kept_prefix_from_the_part(origin
     assert resumed.hashed_from_buffers + resumed.hashed_from_cache == size  # the whole file, once
 
 
+def test_several_connections_write_directly_and_the_hasher_gets_every_block_from_memory(origin, tmp_path, fetches):
+    """Blocks of the connections ahead of the hash frontier are kept for the hasher (within
+    HOLD_BYTES) instead of being read back from the part, so every block can bypass the page cache
+    (direct I/O); the part on disk is the file."""
+    path = tmp_path / "src" / "big.bin"
+    size = 24 * MiB
+    sha = random_file(path, size, seed=39)
+    origin.add("/big.bin", file=path, rate=8 * MiB)  # per connection
+    part = tmp_path / "big.bin.part"
+    dl = fast(connections=4, start_connections=4, parallel_min_size=MiB, chunk_size=MiB)
+    result = dl.fetch(f"{origin.url}/big.bin", part, expected_sha256=sha)
+    assert result.sha256 == sha and result.connections == 4
+    (fetch,) = fetches
+    assert fetch.hashed_from_buffers == size and fetch.hashed_from_cache == 0
+    assert fetch.file.direct_bytes == size  # 1 MiB blocks at 1 MiB offsets: all aligned
+    assert hashlib.sha256(part.read_bytes()).hexdigest() == sha
+    assert not [t for t in threading.enumerate() if t.name in ("dl-write", "dl-hash")]
+
+
+def test_blocks_beyond_what_may_be_kept_go_through_the_page_cache_and_are_read_back(
+    origin, tmp_path, monkeypatch, fetches
+):
+    from comfy_worker import http_download
+
+    monkeypatch.setattr(http_download, "HOLD_BYTES", 0)  # only the block at the frontier goes to the hasher
+    path = tmp_path / "src" / "big.bin"
+    size = 24 * MiB
+    sha = random_file(path, size, seed=40)
+    origin.add("/big.bin", file=path, rate=8 * MiB)
+    dl = fast(connections=4, start_connections=4, parallel_min_size=MiB, chunk_size=MiB)
+    result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
+    assert result.sha256 == sha and result.connections == 4
+    (fetch,) = fetches
+    assert fetch.hashed_from_cache > 0 and fetch.hashed_from_buffers + fetch.hashed_from_cache == size
+    assert 0 < fetch.file.direct_bytes < size
+
+
+def test_a_failing_write_ends_the_download_with_its_error_and_leaves_no_thread(origin, tmp_path, monkeypatch):
+    """A full disk on a connection's writer thread: the download stops with that error, promptly,
+    and every connection, writer and hasher thread has ended."""
+    from comfy_worker.part_file import PartFile
+
+    real_write = PartFile.write
+    calls = itertools.count()
+
+    def full_disk(self, data, pos, direct=True):
+        if next(calls) >= 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, data, pos, direct)
+
+    monkeypatch.setattr(PartFile, "write", full_disk)
+    path = tmp_path / "src" / "big.bin"
+    random_file(path, 24 * MiB, seed=41)
+    origin.add("/big.bin", file=path, rate=8 * MiB)
+    dl = fast(connections=4, start_connections=4, parallel_min_size=MiB, chunk_size=MiB)
+    began = time.monotonic()
+    with pytest.raises(OSError, match="No space left"):
+        dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part")
+    assert time.monotonic() - began < 5
+    deadline = time.monotonic() + 5
+    while [t for t in threading.enumerate() if t.name.startswith("dl-")] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("dl-") and t.name != "dl-cutter"]
+
+
 def test_a_sha256_mismatch_found_in_the_received_blocks_deletes_the_part(origin, tmp_path, fetches):
     path = tmp_path / "src" / "big.bin"
     random_file(path, 8 * MiB, seed=36)
@@ -984,21 +1052,13 @@ def test_reading_back_a_resumed_prefix_does_not_pass_for_a_cpu_bound_link(origin
     (counted as the download's CPU, it made the ramp settle at one)."""
     from comfy_worker import http_download
 
-    real_sha256 = hashlib.sha256
+    hash_back = http_download._ParallelFetch._hash_back
 
-    class SlowToReadBack:  # 40 ms of CPU per MiB read back from the part
-        def __init__(self):
-            self.digest = real_sha256()
-
-        def update(self, data):
-            if isinstance(data.obj, mmap.mmap):
-                began = time.thread_time()
-                while time.thread_time() - began < 0.04:
-                    pass
-            self.digest.update(data)
-
-        def hexdigest(self):
-            return self.digest.hexdigest()
+    def slow_to_read_back(digest, stretch):  # 40 ms of CPU per MiB read back from the part
+        began = time.thread_time()
+        while time.thread_time() - began < 0.04 * len(stretch) / MiB:
+            pass
+        hash_back(digest, stretch)
 
     path = tmp_path / "src" / "big.bin"
     sha = random_file(path, 24 * MiB, seed=38)
@@ -1008,7 +1068,9 @@ def test_reading_back_a_resumed_prefix_does_not_pass_for_a_cpu_bound_link(origin
     interrupt(fast(connections=2, start_connections=2, parallel_min_size=MiB, chunk_size=MiB), url, part, 8 * MiB)
     route.rate = 4 * MiB  # per connection
     monkeypatch.setattr(http_download, "HASH_SPAN", MiB)
-    monkeypatch.setattr(http_download.hashlib, "sha256", SlowToReadBack)
+    monkeypatch.setattr(http_download._ParallelFetch, "_hash_back", staticmethod(slow_to_read_back))
+    ticks = itertools.count()  # a machine without CPU to spare: only the download's own CPU use decides
+    monkeypatch.setattr(http_download, "_machine_cpu", lambda: (float(next(ticks)),) * 2)
     dl = fast(connections=8, start_connections=1, parallel_min_size=MiB, chunk_size=MiB)
     result = dl.fetch(url, part, expected_sha256=sha)
     assert result.sha256 == sha and 8 * MiB <= result.resumed_from <= 16 * MiB
