@@ -29,9 +29,10 @@ How the pieces fit:
   straight to ``connections`` (DOWNLOAD_CONNECTIONS), otherwise it doubles again while that raises
   the rate by a quarter. A step that did not (measured twice) is undone: back to the count before
   it, and growth ends. When receiving kept ``CPU_BOUND`` of the cores busy and the machine had no
-  CPU to spare, the CPU, not the link, is the limit (loopback): growth ends at once, and when that is
-  the first measurement the download goes down to one connection, the cheapest in CPU (all its
-  blocks are hashed as they arrive, see below). Workers above a lowered target end after their
+  CPU to spare (or receiving alone kept ``ALONE_FULL`` of the cores busy), the CPU, not the link, is
+  the limit (loopback): growth ends at once, and when that is the first measurement the download
+  goes down to one connection, the cheapest in CPU (all its blocks are hashed as they arrive, see
+  below). Workers above a lowered target end after their
   current request.
   A server that answers 429/503 to a range request while other connections are running gets one
   connection fewer: that worker gives its run back and ends, and the download never grows again
@@ -999,7 +1000,7 @@ class _Ramp:
     request. Growth also ends, without a second measurement, when receiving kept ``CPU_BOUND`` of the
     machine's cores busy (the process's CPU time, less what the hasher spent reading bytes back, e.g. a
     resumed prefix) and the whole machine was busy (``MACHINE_FULL``; with room to spare, the link is
-    the limit), at one connection when that was the first measurement: then the CPU is the limit, and a
+    the limit; or receiving alone kept ``ALONE_FULL`` busy: time waiting for the disk counts as idle), at one connection when that was the first measurement: then the CPU is the limit, and a
     rate window on a busy machine is too rough a measure to tell (on loopback, one made 2 connections
     look like a gain over 1, and then like a per-connection cap). And it ends when the server pushes
     back (``hold``). While growing, requests keep the size they started with (see
@@ -1014,7 +1015,9 @@ class _Ramp:
     # 1 / SAME times it: then the measurement before was the odd one, e.g. connections still starting)
     CPU_WINDOW = 0.1  # seconds the CPU use is measured over (steadier than the rate: a shorter window)
     CPU_BOUND = 0.3  # the download kept this share of the machine's cores busy ...
-    MACHINE_FULL = 0.85  # ... and the whole machine was this busy: the CPU is the limit (else the link)
+    MACHINE_FULL = 0.85  # ... and the whole machine was this busy: the CPU is the limit (else the link) ...
+    ALONE_FULL = 0.6  # ... or the download alone kept this share busy (time spent waiting for the disk
+    # counts as idle in /proc/stat, so a machine busy receiving and writing directly can look half idle)
 
     def __init__(self, start: int, most: int, now: float, cores: int | None = None):
         """``start`` connections, at most ``most``, on a machine with ``cores`` (default: this
@@ -1054,7 +1057,7 @@ class _Ramp:
         busy = (cpu - cpu_at) / (now - began) / self.cores
         full = machine is not None and machine_at is not None and machine[1] > machine_at[1]
         full = full and (machine[0] - machine_at[0]) / (machine[1] - machine_at[1]) >= self.MACHINE_FULL
-        if busy >= self.CPU_BOUND and full:  # more connections cannot make it faster, they would only cost CPU
+        if busy >= self.CPU_BOUND and (full or busy >= self.ALONE_FULL):  # more connections would only cost CPU
             measured = self.target
             if self.rate is None:
                 self.target = 1  # the cheapest: one connection's blocks are all hashed as they arrive

@@ -864,6 +864,15 @@ def test_the_ramp_stays_at_one_connection_when_receiving_keeps_the_cpu_busy():
     assert targets == [4, 1] and ramp.lone
 
 
+def test_a_download_that_alone_keeps_most_cores_busy_is_cpu_bound_though_the_machine_looks_half_idle():
+    """Waiting for direct writes counts as idle time in /proc/stat: on loopback the machine then looked
+    80 % busy while receiving alone kept 1.5 of its 2 cores busy, and the ramp went to 8 connections and
+    settled at 4, a third slower than one."""
+    loopback = {"cores_busy": lambda n: 1.5, "machine_busy": lambda n: 0.8}
+    targets, ramp = ramp_targets(lambda n: 0.75e9, **loopback)
+    assert targets == [4, 1] and ramp.lone
+
+
 def test_a_step_that_pays_but_keeps_the_cpu_busy_is_the_last_one():
     targets, ramp = ramp_targets(
         lambda n: 0.2e9 * n, start=1, cores_busy=lambda n: 0.35 * n, machine_busy=lambda n: 0.9
