@@ -983,6 +983,20 @@ def test_blocks_beyond_what_may_be_kept_go_through_the_page_cache_and_are_read_b
     assert 0 < fetch.file.direct_bytes < size
 
 
+def test_with_many_connections_blocks_ahead_of_the_frontier_go_through_the_page_cache(origin, tmp_path, fetches):
+    """Past HOLD_CONNECTIONS connections the link, not the CPU, is the limit: blocks ahead of the
+    frontier are not kept, they go through the page cache and are read back."""
+    path = tmp_path / "src" / "big.bin"
+    size = 24 * MiB
+    sha = random_file(path, size, seed=42)
+    origin.add("/big.bin", file=path, rate=8 * MiB)
+    dl = fast(connections=8, start_connections=8, parallel_min_size=MiB, chunk_size=MiB)
+    result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
+    assert result.sha256 == sha and result.connections == 8
+    (fetch,) = fetches
+    assert not fetch.held and fetch.hashed_from_cache > 0 and fetch.file.direct_bytes < size
+
+
 def test_a_failing_write_ends_the_download_with_its_error_and_leaves_no_thread(origin, tmp_path, monkeypatch):
     """A full disk on a connection's writer thread: the download stops with that error, promptly,
     and every connection, writer and hasher thread has ended."""
