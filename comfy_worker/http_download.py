@@ -109,6 +109,7 @@ import ctypes
 import errno
 import hashlib
 import http.client
+import itertools
 import json
 import logging
 import mmap
@@ -1255,9 +1256,9 @@ class _ParallelFetch:
         )
         return True
 
-    def _attempt(self, run: tuple[int, int]) -> None:
+    def _attempt(self, run: tuple[int, int], retry: bool) -> None:
         try:
-            self._fetch_run(*run)
+            self._fetch_run(*run, retry=retry)
         except RetryableError as err:
             if err.status in (429, 503):
                 self.local.writer.drain()  # the run goes back as far as it is on disk
@@ -1274,9 +1275,10 @@ class _ParallelFetch:
         taking = True  # counted in ``running`` until _take or _shed ends it
         try:
             while (run := self._take()) is not None:
+                tries = itertools.count()
                 self.dl.with_retries(
                     f"download {urlparse(self.probe.url).netloc} chunk {run[0]}",
-                    lambda run=run: self._attempt(run),
+                    lambda run=run, tries=tries: self._attempt(run, next(tries) > 0),
                     lambda run=run: sum(self.done[run[0] : run[1]]),
                     self.stop,
                 )
@@ -1302,12 +1304,16 @@ class _ParallelFetch:
                 self.error = err
             self.cond.notify_all()
 
-    def _fetch_run(self, first: int, end_chunk: int) -> None:
+    def _fetch_run(self, first: int, end_chunk: int, retry: bool = False) -> None:
         """Fetch chunks ``first`` to ``end_chunk`` (exclusive) with one range request, from where they
         stand on disk (bytes land in order, so what is done of a run is a prefix of it), handing each
-        block to this connection's writer (which counts it in ``done`` once written: ``_written``)."""
+        block to this connection's writer (which counts it in ``done`` once written: ``_write``). A
+        retry first waits for the writer, so it asks for the bytes after those written; a new run
+        does not (nothing of its chunks is waiting to be written), which keeps the next request from
+        waiting on the last block's write."""
         writer: BlockWriter = self.local.writer
-        writer.drain()  # a retry resumes where the writes, not the reads, stand
+        if retry:
+            writer.drain()
         k = first
         while k < end_chunk and self.done[k] >= self._chunk_len(k):
             k += 1
@@ -1371,11 +1377,11 @@ class _ParallelFetch:
         end = start + n
         with self.cond:
             handed = self._hand_over(start, block)  # before the block counts as on disk (see there)
-            if keep and handed:
-                self.held_bytes -= n
-            elif keep:
+            if keep and not handed and start > self.hash_frontier:
                 self.held[start] = block
                 handed = True
+            elif keep:  # handed over after all (or bytes the hasher has already: never kept behind it)
+                self.held_bytes -= n
             k = start // self.chunk
             while k < self.n and k * self.chunk < end:
                 self.done[k] = max(self.done[k], min(end - k * self.chunk, self._chunk_len(k)))

@@ -997,6 +997,30 @@ def test_with_many_connections_blocks_ahead_of_the_frontier_go_through_the_page_
     assert not fetch.held and fetch.hashed_from_cache > 0 and fetch.file.direct_bytes < size
 
 
+def test_a_retry_asks_for_the_bytes_after_those_written_though_the_writer_was_behind(
+    origin, blob, tmp_path, monkeypatch
+):
+    """The connection drops while its writer still holds blocks it received: the retry waits for them
+    to be written and asks for what follows, so no byte is fetched twice (counted from the part's
+    records, the request would start a few blocks early)."""
+    from comfy_worker.part_file import PartFile
+
+    real_write = PartFile.write
+
+    def slow_disk(self, data, pos, direct=True):
+        time.sleep(0.1)
+        real_write(self, data, pos, direct)
+
+    monkeypatch.setattr(PartFile, "write", slow_disk)
+    path, sha = blob
+    size = path.stat().st_size
+    origin.add("/m.bin", file=path, drop_after=2 * MiB + 5, drops=1)  # the first response over 2 MiB
+    dl = fast(connections=2, start_connections=2, parallel_min_size=MiB)
+    result = dl.fetch(f"{origin.url}/m.bin", tmp_path / "m.bin.part", expected_sha256=sha)
+    assert result.sha256 == sha
+    assert origin.sent("/m.bin") <= size + 1  # the probe's byte, and every other byte once
+
+
 def test_a_failing_write_ends_the_download_with_its_error_and_leaves_no_thread(origin, tmp_path, monkeypatch):
     """A full disk on a connection's writer thread: the download stops with that error, promptly,
     and every connection, writer and hasher thread has ended."""
