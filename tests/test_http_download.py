@@ -745,9 +745,15 @@ def test_the_connection_threads_yield_the_cpu_to_the_hasher(origin, tmp_path, mo
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     receivers: set[int] = set()
+    writers: set[int] = set()
     hashers: set[int] = set()
     iter_body = http_download.iter_body
+    write = PartFile.write
     real_sha256 = hashlib.sha256
+
+    def recording_write(self, data, pos, direct=True):
+        writers.add(niceness())
+        write(self, data, pos, direct)
 
     def recording_iter_body(*args, **kwargs):
         for block in iter_body(*args, **kwargs):
@@ -769,12 +775,14 @@ def test_the_connection_threads_yield_the_cpu_to_the_hasher(origin, tmp_path, mo
     sha = random_file(path, 8 * MiB, seed=33)
     origin.add("/big.bin", file=path)
     monkeypatch.setattr(http_download, "iter_body", recording_iter_body)
+    monkeypatch.setattr(PartFile, "write", recording_write)
     monkeypatch.setattr(http_download.hashlib, "sha256", RecordingSha256)
     before = niceness()
     result = fast(connections=4, parallel_min_size=MiB, chunk_size=MiB).fetch(f"{origin.url}/big.bin", tmp_path / "p")
     assert result.sha256 == sha and result.connections > 1
     assert niceness() == before and hashers == {before}
     assert min(receivers) > before, f"connection threads at nice {receivers}, the hasher at {before}"
+    assert writers == receivers, f"writer threads at nice {writers}, their connections at {receivers}"
 
 
 def test_a_resumed_part_is_hashed_whole_and_a_damaged_prefix_deletes_it(origin, tmp_path):
