@@ -38,9 +38,10 @@ How the pieces fit:
   connection fewer: that worker gives its run back and ends, and the download never grows again
   (the last connection retries with backoff, as a single one does).
   Hashing during the transfer, in file order: a hasher thread feeds sha256 from two sources. A block
-  just written that starts exactly at the hash frontier (the end of all bytes handed to the hasher
-  so far) is queued for it as it is, a buffer from a pool shared with the workers (no copy, no read
-  back), and returned to the pool once hashed; the writer at the frontier waits when that queue holds
+  that starts exactly at the hash frontier (the end of all bytes handed to the hasher so far) as it
+  arrives, or once written, is queued for it as it is, a buffer from a pool shared with the workers
+  (no copy, no read back; as it arrives, while still in the CPU's cache), and returned to the pool
+  once hashed and written; the connection at the frontier waits when that queue holds
   ``HANDOFF_DEPTH`` blocks, like the single connection's reader. A block ahead of the frontier (the
   runs of the other connections) is kept for the hasher too while the blocks kept stay within
   ``HOLD_BYTES`` and the download runs at most ``HOLD_CONNECTIONS`` connections (where the CPU, not
@@ -278,13 +279,21 @@ def _whole(view: memoryview) -> memoryview:
 
 
 class _BufferPool:
-    """READ_SIZE buffers shared by the connections of a parallel download and its hasher: a worker
-    takes one per read; the block goes back at once, or after the hasher hashed it when it was handed
-    over. A buffer is made when none is free, so there are never more than the most held at once
-    (one per connection, plus the hasher's HANDOFF_DEPTH and the one it is hashing)."""
+    """READ_SIZE buffers shared by the connections of a parallel download, their writers and the
+    hasher: a worker takes one per read; the block goes back once written, or once written and hashed
+    when it was handed to the hasher as it arrived (``share``: two owners, each gives it back). A
+    buffer is made when none is free, so there are never more than the most held at once (a few per
+    connection, plus the hasher's HANDOFF_DEPTH, the blocks kept for it and the one it is hashing)."""
 
     def __init__(self):
         self.free: list[memoryview] = []  # list.append and list.pop are atomic: no lock needed
+        self.owners: dict[int, int] = {}  # id of a shared buffer's memory: owners left (2 or 1)
+        self.lock = threading.Lock()
+
+    def share(self, view: memoryview) -> None:
+        """``view``'s buffer has two owners now: it goes back to the pool after both gave it back."""
+        with self.lock:
+            self.owners[id(view.obj)] = 2
 
     def take(self, pos: int = 0) -> memoryview:
         """A buffer for the bytes from file offset ``pos`` on, placed so that direct I/O can write them
@@ -296,6 +305,11 @@ class _BufferPool:
         return skewed(whole, pos, READ_SIZE)
 
     def put_back(self, view: memoryview) -> None:
+        with self.lock:
+            left = self.owners.pop(id(view.obj), 1) - 1
+            if left:
+                self.owners[id(view.obj)] = left
+                return
         self.free.append(_whole(view))
 
 
@@ -1346,6 +1360,10 @@ class _ParallelFetch:
                     if self.local.first:
                         self.local.first = False
                         self.receiving += 1
+                    # to the hasher while the bytes are still in the CPU's cache (hashing blocks 12 MiB
+                    # old, as when they went through the writer first, was a quarter slower here)
+                    if self._hand_over(start, block):
+                        self.buffers.share(block)  # the hasher's and the writer's
                 writer.put(start, block)
                 if pos >= end:
                     break
@@ -1356,7 +1374,9 @@ class _ParallelFetch:
 
     def _write(self, start: int, block: memoryview) -> None:
         """On a connection's writer thread: write ``block`` at ``start``, hand it to the hasher when it
-        is at the frontier (``_hand_over``; else back to the pool), and count it in ``done``.
+        is at the frontier by now (``_hand_over``; a block behind the frontier was handed over as it
+        arrived, in ``_fetch_run``), keep it for the hasher or give it back to the pool, and count it
+        in ``done``.
 
         The hasher gets every block from memory that it can, so the page cache would only cost CPU
         and the block is written with direct I/O: a block at the hash frontier, and, while the
@@ -1369,40 +1389,43 @@ class _ParallelFetch:
         gets there (a read from the disk would double the disk's traffic)."""
         n = len(block)
         with self.cond:
+            handed = start < self.hash_frontier  # as it arrived: the hasher has its own share of the buffer
             # a block at the frontier stays there until it is handed over (nothing else covers its bytes)
             at_front = start == self.hash_frontier
             few = self.ramp.target <= HOLD_CONNECTIONS
-            keep = not at_front and few and self.held_bytes + n <= HOLD_BYTES
+            keep = not handed and not at_front and few and self.held_bytes + n <= HOLD_BYTES
             self.held_bytes += n if keep else 0
-        self.file.write(block, start, at_front or keep)
+        self.file.write(block, start, handed or at_front or keep)
         end = start + n
         with self.cond:
-            handed = self._hand_over(start, block)  # before the block counts as on disk (see there)
-            if keep and not handed and start > self.hash_frontier:
-                self.held[start] = block
-                handed = True
-            elif keep:  # handed over after all (or bytes the hasher has already: never kept behind it)
-                self.held_bytes -= n
+            taken = False  # the hasher took this thread's share of the buffer
+            if not handed:
+                taken = self._hand_over(start, block)  # before the block counts as on disk (see there)
+                if keep and not taken and start > self.hash_frontier:
+                    self.held[start] = block
+                    taken = True
+                elif keep:  # handed over after all (or bytes the hasher has already: never kept behind it)
+                    self.held_bytes -= n
             k = start // self.chunk
             while k < self.n and k * self.chunk < end:
                 self.done[k] = max(self.done[k], min(end - k * self.chunk, self._chunk_len(k)))
                 k += 1
             self.cond.notify_all()
-        if not handed:
+        if not taken:
             self.buffers.put_back(block)
 
     def _hand_over(self, start: int, block: memoryview) -> bool:
-        """Under ``cond``, on a connection's writer thread, for a block just written at ``start`` and not
-        yet counted in ``done``: hand it to the hasher as it is (no copy, no read back from the part)
-        when it begins exactly where the bytes already handed to the hasher end (the hash frontier);
-        else (False) the hasher reads it from the part later. When the hasher's queue is full, the
-        writer at the frontier waits for room, as the single connection's reader waits for a free
-        buffer (``_HashPipe``): the hasher empties its queue without waiting for anything, so this
-        cannot deadlock, and the frontier cannot move past ``start`` meanwhile (the hasher claims only
-        bytes counted in ``done``). Without that wait, a hasher that fell behind a fast connection for
-        a moment would read everything after from the part, which costs it a third more CPU per byte
-        (more from the disk): on a busy machine it then never caught up again. Only the frontier's
-        writer ever waits (and its connection, once its writer's queue is full)."""
+        """Under ``cond``, for a block at ``start`` not yet counted in ``done`` (on its connection's thread
+        as it arrives, or on its writer's once written): hand it to the hasher as it is (no copy, no
+        read back from the part) when it begins exactly where the bytes already handed to the hasher
+        end (the hash frontier); else (False) it is kept or read back from the part later. When the
+        hasher's queue is full, the thread at the frontier waits for room, as the single connection's
+        reader waits for a free buffer (``_HashPipe``): the hasher empties its queue without waiting
+        for anything, so this cannot deadlock, and the frontier cannot move past ``start`` meanwhile
+        (the hasher claims only bytes counted in ``done``). Without that wait, a hasher that fell
+        behind a fast connection for a moment would read everything after from the part, which costs
+        it a third more CPU per byte: on a busy machine it then never caught up again. Only the
+        frontier's connection (or writer) ever waits."""
         if start != self.hash_frontier:
             return False
         while len(self.handoff) >= HANDOFF_DEPTH and not self._hashing_ends():
