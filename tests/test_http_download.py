@@ -973,36 +973,31 @@ def test_several_connections_write_directly_and_the_hasher_gets_every_block_from
     assert not [t for t in threading.enumerate() if t.name in ("dl-write", "dl-hash")]
 
 
-def test_blocks_beyond_what_may_be_kept_go_through_the_page_cache_and_are_read_back(
-    origin, tmp_path, monkeypatch, fetches
+@pytest.mark.parametrize(
+    ("connections", "hold_bytes"),
+    [(4, 0), (8, 64 * MiB)],
+    ids=["beyond-what-may-be-kept", "more-connections-than-HOLD_CONNECTIONS"],
+)
+def test_blocks_ahead_of_the_frontier_not_kept_go_through_the_page_cache_and_are_read_back(
+    origin, tmp_path, monkeypatch, fetches, connections, hold_bytes
 ):
+    """A block ahead of the frontier is kept for the hasher only within HOLD_BYTES, and only while
+    the download runs at most HOLD_CONNECTIONS connections (past that the link, not the CPU, is the
+    limit): any other goes through the page cache and is read back."""
     from comfy_worker import http_download
 
-    monkeypatch.setattr(http_download, "HOLD_BYTES", 0)  # only the block at the frontier goes to the hasher
+    monkeypatch.setattr(http_download, "HOLD_BYTES", hold_bytes)
     path = tmp_path / "src" / "big.bin"
     size = 24 * MiB
     sha = random_file(path, size, seed=40)
     origin.add("/big.bin", file=path, rate=8 * MiB)
-    dl = fast(connections=4, start_connections=4, parallel_min_size=MiB, chunk_size=MiB)
+    dl = fast(connections=connections, start_connections=connections, parallel_min_size=MiB, chunk_size=MiB)
     result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
-    assert result.sha256 == sha and result.connections == 4
+    assert result.sha256 == sha and result.connections == connections
     (fetch,) = fetches
-    assert fetch.hashed_from_cache > 0 and fetch.hashed_from_buffers + fetch.hashed_from_cache == size
+    assert not fetch.held and fetch.hashed_from_cache > 0
+    assert fetch.hashed_from_buffers + fetch.hashed_from_cache == size
     assert 0 < fetch.file.direct_bytes < size
-
-
-def test_with_many_connections_blocks_ahead_of_the_frontier_go_through_the_page_cache(origin, tmp_path, fetches):
-    """Past HOLD_CONNECTIONS connections the link, not the CPU, is the limit: blocks ahead of the
-    frontier are not kept, they go through the page cache and are read back."""
-    path = tmp_path / "src" / "big.bin"
-    size = 24 * MiB
-    sha = random_file(path, size, seed=42)
-    origin.add("/big.bin", file=path, rate=8 * MiB)
-    dl = fast(connections=8, start_connections=8, parallel_min_size=MiB, chunk_size=MiB)
-    result = dl.fetch(f"{origin.url}/big.bin", tmp_path / "big.bin.part", expected_sha256=sha)
-    assert result.sha256 == sha and result.connections == 8
-    (fetch,) = fetches
-    assert not fetch.held and fetch.hashed_from_cache > 0 and fetch.file.direct_bytes < size
 
 
 def test_a_retry_asks_for_the_bytes_after_those_written_though_the_writer_was_behind(
