@@ -32,8 +32,7 @@ How the pieces fit:
   CPU to spare (or receiving alone kept ``ALONE_FULL`` of the cores busy), the CPU, not the link, is
   the limit (loopback): growth ends at once, and when that is the first measurement the download
   goes down to one connection, the cheapest in CPU (all its blocks are hashed as they arrive, see
-  below). Workers above a lowered target end after their
-  current request.
+  below). Workers above a lowered target end after their current request.
   A server that answers 429/503 to a range request while other connections are running gets one
   connection fewer: that worker gives its run back and ends, and the download never grows again
   (the last connection retries with backoff, as a single one does).
@@ -45,17 +44,18 @@ How the pieces fit:
   ``HANDOFF_DEPTH`` blocks, like the single connection's reader. A block ahead of the frontier (the
   runs of the other connections) is kept for the hasher too while the blocks kept stay within
   ``HOLD_BYTES`` and the download runs at most ``HOLD_CONNECTIONS`` connections (where the CPU, not
-  the link, is the limit), and taken when the frontier reaches it. Any other block goes through the page cache
-  and back to the pool at once: when no block is waiting and the part's contiguous prefix on disk
-  (including the written part of the chunk at the front) reaches past the frontier, the hasher
-  claims that stretch (up to the next kept block) and reads it through a read-only ``mmap`` of the
-  part, i.e. from the page cache (blocks beyond what may be kept, a resumed prefix). Because runs are handed out
-  in order, the completed region grows from the front, so hashing runs during the download on
-  another core instead of as a second pass afterwards; settled at one connection, every byte is
-  hashed from the blocks as they arrive. The connection threads run at a lower CPU priority than
-  the hasher (``_yield_cpu_to_hasher``), so on a busy machine it is not starved behind them; their
-  writer threads start at that priority too (on loopback, a 2 GiB download took 0.1-0.2 s longer
-  with the writers at normal priority, and as much with them at nice 19). The hasher also has the
+  the link, is the limit), and taken when the frontier reaches it. Any other block goes through the
+  page cache and back to the pool at once: when no block is waiting and the part's contiguous
+  prefix on disk (including the written part of the chunk at the front) reaches past the frontier,
+  the hasher claims that stretch (up to the next kept block) and reads it through a read-only
+  ``mmap`` of the part, i.e. from the page cache (blocks beyond what may be kept, a resumed
+  prefix). Because runs are handed out in order, the completed region grows from the front, so
+  hashing runs during the download on another core instead of as a second pass afterwards; settled
+  at one connection, every byte is hashed from the blocks as they arrive. The connection threads
+  run at a lower CPU priority than the hasher (``_yield_cpu_to_hasher``), so on a busy machine it
+  is not starved behind them; their writer threads start at that priority too (on loopback, a
+  2 GiB download took 0.1-0.2 s longer with the writers at normal priority, and as much with them
+  at nice 19). The hasher also has the
   kernel start writing each hashed stretch that went through the page cache to the disk
   (``start_writeback``), so the fsync before ``fetch`` returns has little left to write (the
   single-connection path does the same as it appends).
@@ -420,10 +420,11 @@ class _CuttableAdapter(HTTPAdapter):
 
 
 def iter_body(resp: requests.Response, buffers=None, pos: int = 0):
-    """The response body as memoryviews of buffers from ``buffers`` (``take(pos)``/``put_back()``, ``pos``
-    the file offset the block is for; default: one reused buffer, so consume each block before the next). Reads with ``readinto`` on the underlying
-    http.client response: no copies, and a connection that drops midway still hands over every byte that
-    arrived (urllib3's ``read(amt)`` would discard the partial block)."""
+    """The response body as memoryviews of buffers from ``buffers`` (``take(pos)``/``put_back()``,
+    ``pos`` the file offset the block is for; default: one reused buffer, so consume each block before
+    the next). Reads with ``readinto`` on the underlying http.client response: no copies, and a
+    connection that drops midway still hands over every byte that arrived (urllib3's ``read(amt)``
+    would discard the partial block)."""
     buffers = buffers or _OneBuffer()
     fp = getattr(resp.raw, "_fp", None)
     if not isinstance(fp, http.client.HTTPResponse) or resp.headers.get("Content-Encoding", "identity") != "identity":
@@ -1018,8 +1019,9 @@ class _Ramp:
     request. Growth also ends, without a second measurement, when receiving kept ``CPU_BOUND`` of the
     machine's cores busy (the process's CPU time, less what the hasher spent reading bytes back, e.g. a
     resumed prefix) and the whole machine was busy (``MACHINE_FULL``; with room to spare, the link is
-    the limit; or receiving alone kept ``ALONE_FULL`` busy: time waiting for the disk counts as idle), at one connection when that was the first measurement: then the CPU is the limit, and a
-    rate window on a busy machine is too rough a measure to tell (on loopback, one made 2 connections
+    the limit; or receiving alone kept ``ALONE_FULL`` busy: time waiting for the disk counts as idle),
+    at one connection when that was the first measurement: then the CPU is the limit, and a rate
+    window on a busy machine is too rough a measure to tell (on loopback, one made 2 connections
     look like a gain over 1, and then like a per-connection cap). And it ends when the server pushes
     back (``hold``). While growing, requests keep the size they started with (see
     ``_ParallelFetch._run_most``), so both measurements see the same share of each response's
@@ -1364,6 +1366,7 @@ class _ParallelFetch:
                     # old, as when they went through the writer first, was a quarter slower here)
                     if self._hand_over(start, block):
                         self.buffers.share(block)  # the hasher's and the writer's
+                        self.cond.notify_all()  # the hasher may be waiting for it
                 writer.put(start, block)
                 if pos >= end:
                     break
@@ -1449,7 +1452,7 @@ class _ParallelFetch:
         when there is nothing yet."""
         if self.handoff:
             if len(self.handoff) >= HANDOFF_DEPTH:
-                self.cond.notify_all()  # the writer at the frontier may be waiting for room
+                self.cond.notify_all()  # the thread at the frontier may be waiting for room
             start, block = self.handoff.popleft()
             return start, block, len(block)
         start = self.hash_frontier
@@ -1471,10 +1474,10 @@ class _ParallelFetch:
     def _hasher(self, view: memoryview) -> None:
         """Hash the part in file order as it fills (``_next_to_hash``), and have the kernel start
         writing each hashed stretch to the disk (``start_writeback``: what direct I/O did not write
-        already), so neither the hash nor the final fsync is left for after the last byte. Ends as soon as the main thread aborts it or a
-        worker failed, also with bytes on disk still to hash (issue 20 #22: it used to go round forever
-        then, and the main thread's join with it, when a stop found it behind the workers); blocks
-        still queued are dropped then."""
+        already), so neither the hash nor the final fsync is left for after the last byte. Ends as
+        soon as the main thread aborts it or a worker failed, also with bytes on disk still to hash
+        (issue 20 #22: it used to go round forever then, and the main thread's join with it, when a
+        stop found it behind the workers); blocks still queued are dropped then."""
         hashing = self.hashing
         digest = hashlib.sha256()
         pos = flushed = 0
@@ -1598,7 +1601,8 @@ class _ParallelFetch:
                 raise DownloadError("download stopped before the end")
             self.progress(self.size, self.size)
             log.debug(
-                "%s: sha256 of %d bytes from the received blocks, %d read back from the part; %d bytes written directly",
+                "%s: sha256 of %d bytes from the received blocks, %d read back from the part; "
+                "%d bytes written directly",
                 *(self.part.name, self.hashed_from_buffers, self.hashed_from_cache, self.file.direct_bytes),
             )
         finally:

@@ -94,14 +94,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 class PartFile:
-    """A part opened for writing blocks at their offsets and reading them back; see the module
-    docstring. ``fd`` is the plain descriptor (for fallocate, fsync, writeback)."""
+    """A part opened for writing blocks at their offsets; see the module docstring. ``fd`` is the
+    plain descriptor (for fallocate, the hasher's map, fsync, writeback)."""
 
-    def __init__(self, path: Path, direct: bool = True):
+    def __init__(self, path: Path):
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         self.dfd: int | None = None
-        if direct and hasattr(os, "O_DIRECT"):
+        if hasattr(os, "O_DIRECT"):
             try:
                 self.dfd = os.open(path, os.O_RDWR | os.O_DIRECT)
             except OSError as err:
@@ -157,15 +157,10 @@ def _address(view: memoryview) -> int:
 class BlockWriter:
     """Hands one connection's blocks to ``write(pos, block)`` on a thread of its own, in the order
     given; ``write`` takes over the block. A block not written (after an error, or when ``write``
-    raised) goes to ``dropped(block)``. ``prepare`` runs first on the thread."""
+    raised) goes to ``dropped(block)``. The thread starts at its creator's CPU priority."""
 
-    def __init__(
-        self,
-        write: Callable[[int, memoryview], None],
-        dropped: Callable[[memoryview], None],
-        prepare: Callable[[], None] = lambda: None,
-    ):
-        self.write, self.dropped, self.prepare = write, dropped, prepare
+    def __init__(self, write: Callable[[int, memoryview], None], dropped: Callable[[memoryview], None]):
+        self.write, self.dropped = write, dropped
         self.blocks: queue.Queue = queue.Queue(maxsize=WRITER_DEPTH)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="dl-write")
@@ -193,7 +188,6 @@ class BlockWriter:
             raise self.error
 
     def _run(self) -> None:
-        self.prepare()
         while (item := self.blocks.get()) is not None:
             pos, block = item
             try:
