@@ -9,7 +9,12 @@ The logic is comfy_worker/workflow_check.py; the guide is docs/check_workflow.md
 
 import sys
 
-from comfy_worker.workflow_check import main
+try:
+    from comfy_worker.workflow_check import main
+except ModuleNotFoundError as missing:  # started with a Python that lacks the project's packages
+    from comfy_worker.project_python import run_again
+
+    run_again(missing)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -71,32 +71,37 @@ import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from comfy_worker import hf_cache, volume_lock
-from comfy_worker.cli import (
-    add_common_args,
-    format_table,
-    human_size,
-    run_parallel,
-    settings_and_config,
-    status_word,
-)
-from comfy_worker.config_schema import ModelEntry
-from comfy_worker.exit_codes import EXIT_FAILED, EXIT_INVALID, EXIT_OK
-from comfy_worker.file_names import MAX_NAME_BYTES, safe_filename, url_filename
-from comfy_worker.http_download import (
-    ChecksumError,
-    Downloader,
-    DownloadError,
-    Interrupted,
-    MiB,
-    Probe,
-    discard_part,
-    fsync_path,
-)
-from comfy_worker.lock_file import read_lock_file, update_lock_file
-from comfy_worker.log_setup import redact_urls, setup_logging
-from comfy_worker.model_sources import CIVITAI, HUGGINGFACE, ModelSource, Sources, TokenPolicy, hf_file
-from comfy_worker.settings import Settings
+try:
+    from comfy_worker import hf_cache, volume_lock
+    from comfy_worker.cli import (
+        add_common_args,
+        format_table,
+        human_size,
+        run_parallel,
+        settings_and_config,
+        status_word,
+    )
+    from comfy_worker.config_schema import ModelEntry
+    from comfy_worker.exit_codes import EXIT_FAILED, EXIT_INVALID, EXIT_OK
+    from comfy_worker.file_names import MAX_NAME_BYTES, safe_filename, url_filename
+    from comfy_worker.http_download import (
+        ChecksumError,
+        Downloader,
+        DownloadError,
+        Interrupted,
+        MiB,
+        Probe,
+        discard_part,
+        fsync_path,
+    )
+    from comfy_worker.lock_file import read_lock_file, update_lock_file
+    from comfy_worker.log_setup import redact_urls, setup_logging
+    from comfy_worker.model_sources import CIVITAI, HUGGINGFACE, ModelSource, Sources, TokenPolicy, hf_file
+    from comfy_worker.settings import Settings
+except ModuleNotFoundError as missing:  # started with a Python that lacks the project's packages
+    from comfy_worker.project_python import run_again
+
+    run_again(missing)
 
 # run as a script this module is __main__; its log lines still say download_models
 log = logging.getLogger(Path(__file__).stem if __name__ == "__main__" else __name__)

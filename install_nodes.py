@@ -28,23 +28,28 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from filelock import FileLock
+try:
+    from filelock import FileLock
 
-from comfy_worker import git_versions, node_requirements, volume_lock
-from comfy_worker.cli import (
-    add_common_args,
-    format_table,
-    run_parallel,
-    settings_and_config,
-    status_word,
-)
-from comfy_worker.config_schema import NodeEntry, WorkerConfig
-from comfy_worker.exit_codes import EXIT_FAILED, EXIT_OK
-from comfy_worker.lock_file import atomic_write_text, read_lock_file, update_lock_file
-from comfy_worker.log_setup import setup_logging
-from comfy_worker.settings import Settings
-from comfy_worker.state_files import NODE_STATE
-from comfy_worker.volume_lock import Interrupted, LockError
+    from comfy_worker import git_versions, node_requirements, volume_lock
+    from comfy_worker.cli import (
+        add_common_args,
+        format_table,
+        run_parallel,
+        settings_and_config,
+        status_word,
+    )
+    from comfy_worker.config_schema import NodeEntry, WorkerConfig
+    from comfy_worker.exit_codes import EXIT_FAILED, EXIT_OK
+    from comfy_worker.lock_file import atomic_write_text, read_lock_file, update_lock_file
+    from comfy_worker.log_setup import setup_logging
+    from comfy_worker.settings import Settings
+    from comfy_worker.state_files import NODE_STATE
+    from comfy_worker.volume_lock import Interrupted, LockError
+except ModuleNotFoundError as missing:  # started with a Python that lacks the project's packages
+    from comfy_worker.project_python import run_again
+
+    run_again(missing)
 
 log = logging.getLogger(__name__)
 
