@@ -133,7 +133,7 @@ def test_image_holds_only_the_app_and_its_environment(image):
         "ls -A /app; python -c 'import torch, comfy_worker.settings; print(torch.__version__)'; "
         "cat /opt/venv/torch-constraints.txt; tini --version; test -e \"$LD_PRELOAD\" && echo tcmalloc",
     ).stdout.split()  # fmt: skip
-    for absent in ("tests", ".venv", ".cache", "workspace", ".git", "bench", "__pycache__"):
+    for absent in ("tests", ".venv", ".cache", "workspace", ".git", "bench"):
         assert absent not in listing, listing
     for present in ("start.sh", "handler.py", "config.yml", "comfy_worker", "Dockerfile"):
         assert present in listing, listing
@@ -143,6 +143,19 @@ def test_image_holds_only_the_app_and_its_environment(image):
     assert inspect["Healthcheck"]["Test"] == ["CMD", "/opt/venv/bin/python", "/app/scripts/healthcheck.py"]
     # on a base without CUDA (issue 25) the NVIDIA container runtime still gives the GPUs and the driver
     assert {"NVIDIA_VISIBLE_DEVICES=all", "NVIDIA_DRIVER_CAPABILITIES=compute,utility"} <= set(inspect["Config"]["Env"])
+
+
+def test_the_images_python_code_is_byte_compiled(image):
+    """A new container imports torch, the worker's package and the handler from the .pyc files the build
+    wrote (valid for the sources, so none is written again): no cold start compiles them (issue 25)."""
+    script = (
+        "touch /tmp/t0 && python -c 'import torch, torchvision, aiohttp, runpod, comfy_worker.api, handler' && "
+        "echo new: && find /opt/venv /app -name '*.pyc' -newer /tmp/t0 | head -5 && "
+        "echo app: && ls /app/comfy_worker/__pycache__ | grep -c 'http_download.*pyc'"
+    )
+    out = container.podman("run", "--rm", "--network", "host", "--entrypoint", "/bin/bash", image, "-c", script).stdout
+    assert out.split("new:")[1].split("app:")[0].split() == [], out
+    assert out.split("app:")[1].split() == ["1"], out
 
 
 def test_container_serves_a_job_then_a_second_one_on_the_same_volume_skips_provisioning(
