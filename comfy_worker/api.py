@@ -239,7 +239,8 @@ class JobService:
         self.finished: dict[str, asyncio.Event] = {}
         self.tasks: list[asyncio.Task] = []
         self.webhooks = Webhooks(settings, store, status_body)
-        self.requests: dict[str, tuple[dict, float]] = {}  # accepted by this process: (request, created)
+        # accepted by this process: (request, its JSON text as stored and sent to the runner, created)
+        self.requests: dict[str, tuple[dict, str, float]] = {}
         self.time_limits: dict[str, float] = {}  # job id: its policy.executionTimeout in seconds
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.ttl_timers: dict[str, asyncio.TimerHandle] = {}  # queued job id: its policy.ttl ends it then
@@ -269,7 +270,7 @@ class JobService:
             self.queued.add(job_id)
             self.queue.put_nowait(job_id)
             with contextlib.suppress(ValueError, TypeError, AttributeError):  # a broken row fails when it is run
-                request, created = self.store.queued_request(job_id)
+                request, _, created = self.stored_request(job_id)
                 self.expire_at_ttl(job_id, request.get("policy"), created)
         self.tasks = [asyncio.create_task(self.worker()) for _ in range(self.settings.concurrency + PREFETCH)]
         self.tasks.append(asyncio.create_task(self.expire_loop()))
@@ -338,11 +339,11 @@ class JobService:
             )
         job_id = f"{prefix}{uuid.uuid4()}"
         request = {key: body[key] for key in ("input", "policy", "s3Config") if body.get(key) is not None}
-        now = time.time()
-        self.store.add(job_id, request, body.get("webhook"), now, key, digest)
+        encoded, now = json.dumps(request), time.time()  # the one encoding: stored, then sent to the runner
+        self.store.add(job_id, encoded, body.get("webhook"), now, key, digest)
         self.queued.add(job_id)
         self.finished[job_id] = asyncio.Event()
-        self.requests[job_id] = (request, now)
+        self.requests[job_id] = (request, encoded, now)
         self.queue.put_nowait(job_id)
         self.expire_at_ttl(job_id, request.get("policy"), now)
         log.info("job %s accepted (%d waiting)", job_id, len(self.queued))
@@ -517,14 +518,26 @@ class JobService:
             log.warning("job %s TIMED_OUT in the queue (policy.ttl)", job_id)
             self.dequeue(job_id)
 
+    def stored_request(self, job_id: str) -> tuple[object, str, float] | None:
+        """(request, its JSON text, created) of a job queued before this process started (None: not queued);
+        a request that is not JSON reads as None, and fails when it is run."""
+        stored = self.store.queued_request(job_id)
+        if stored is None:
+            return None
+        encoded, created = stored
+        try:
+            return json.loads(encoded), encoded, created
+        except ValueError:
+            return None, encoded, created
+
     async def run(self, job_id: str) -> None:
         """One job: read its request, send it to the runner (its ``policy.ttl`` as the runner's ``not_after``),
         wait for what comes back, decide the outcome (``outcome``) and write it once, then announce it."""
-        queued = self.requests.pop(job_id, None) or self.store.queued_request(job_id)
+        queued = self.requests.pop(job_id, None) or self.stored_request(job_id)
         if queued is None:  # cancelled meanwhile
             self.queued.discard(job_id)
             return
-        request, created = queued
+        request, encoded, created = queued
         if not isinstance(request, dict) or not isinstance(request.get("input"), dict):
             self.fail(
                 job_id,
@@ -539,7 +552,7 @@ class JobService:
         job = {"id": job_id, "input": request["input"]}
         if "s3Config" in request:  # RunPod's per-request bucket: the handler reads it beside the input
             job["s3Config"] = request["s3Config"]
-        output = await self.output_of(job, not_after)
+        output = await self.output_of(job, not_after, encoded)
         if output is EXPIRED:
             self.expire_queued(job_id, policy["ttl"])
             return
@@ -581,7 +594,7 @@ class JobService:
             return None
         return "CANCELLED", {}
 
-    async def output_of(self, job: dict, not_after: float | None):
+    async def output_of(self, job: dict, not_after: float | None, encoded: str):
         """The handler's output for the job, None when it was cancelled (or the API stops); a job the
         runner took with it when it died fails (its ComfyUI prompt stopped, its files deleted), one it had
         not started yet goes to the next runner."""
@@ -589,7 +602,7 @@ class JobService:
             while True:
                 await self.runner_up.wait()
                 try:
-                    return await self.runner.run(job, not_after)
+                    return await self.runner.run(job, not_after, encoded)
                 except asyncio.CancelledError:  # the API stops (the runner was told to cancel it)
                     return None
                 except RunnerDied as exc:

@@ -8,7 +8,8 @@ instead of delaying the job that is running (bench/api_throughput.py).
 The protocol, one JSON object per line (``json.dumps`` escapes newlines, so a line is a message):
 
 - API -> runner on the runner's stdin:
-  ``{"run": {"id": ..., "input": {...}}, "not_after": <epoch s or null>}`` queues a job: it starts when
+  ``{"run": {"id": ..., "input": {...}}, "not_after": <epoch s or null>}`` queues a job (``run`` is the
+  request as the API stored it, ``s3Config`` and ``policy`` included, with the job's id): it starts when
   fewer than ``--concurrency`` run (the API sends one ahead, so the next starts the moment one ends), or
   ends unstarted once ``not_after`` is past (RunPod's ``policy.ttl``). ``{"cancel": "<id>"}`` cancels a
   job, waiting or running (the handler interrupts its prompt). End of file: the API is gone (stopped, or
@@ -278,20 +279,29 @@ class RunnerProcess:
                 )
         self.pending.clear()
 
-    def _send(self, message: dict) -> None:
+    def _send(self, message: dict | str) -> None:
+        """One message (a dict, or its JSON text already) on the runner's stdin."""
         if self.writer is None or self.writer.is_closing():
             raise OSError("the pipe to the job runner is closed")
-        self.writer.write(json.dumps(message).encode() + b"\n")  # buffered: never blocks the API's loop
+        text = message if isinstance(message, str) else json.dumps(message)
+        self.writer.write(text.encode() + b"\n")  # buffered: never blocks the API's loop
 
-    async def run(self, job: dict, not_after: float | None = None):
+    async def run(self, job: dict, not_after: float | None = None, encoded: str | None = None):
         """The handler's output for ``job``; None when it was cancelled, ``EXPIRED`` when it was not
-        started by ``not_after`` (epoch seconds: RunPod's ``policy.ttl``)."""
+        started by ``not_after`` (epoch seconds: RunPod's ``policy.ttl``). ``encoded``: the job's request as
+        the API stored it (``json.dumps`` of ``{"input": ...}``: one line, never empty), sent as it is with the job's id put
+        in front, so a request (its images as base64 too) is encoded once; ``job`` is then only read for
+        its id."""
         if not self.alive:
             raise RunnerDied("the job runner process is not running")
         future = asyncio.get_running_loop().create_future()
         self.pending[job["id"]] = future
         try:
-            self._send({"run": job, "not_after": not_after})
+            if encoded is None:
+                self._send({"run": job, "not_after": not_after})
+            else:
+                head = f'{{"not_after": {json.dumps(not_after)}, "run": {{"id": {json.dumps(job["id"])}, '
+                self._send(head + encoded[1:] + "}")  # the request's members and closing brace follow
         except OSError as exc:
             self.pending.pop(job["id"], None)
             raise RunnerDied(f"the job runner cannot take jobs ({exc})") from None

@@ -203,16 +203,17 @@ class JobStore:
 
     # -- writes --
     def add(
-        self, job_id: str, request: dict, webhook: str | None, now: float, key: str | None = None, digest: str = ""
+        self, job_id: str, request: str, webhook: str | None, now: float, key: str | None = None, digest: str = ""
     ) -> None:
-        """A queued job; ``key`` (the client's ``Idempotency-Key``) is taken from any older job that had it
+        """A queued job, ``request`` its JSON text (encoded once by the API, and sent as it is to the job
+        runner); ``key`` (the client's ``Idempotency-Key``) is taken from any older job that had it
         (``by_key`` found none still valid), ``digest`` is the request's fingerprint kept beside it."""
         if key is not None:
             self.db.execute("UPDATE jobs SET idempotency_key = NULL WHERE idempotency_key = ?", (key,))
         self.db.execute(
             "INSERT INTO jobs (id, status, request, webhook, created, idempotency_key, request_digest) "
             "VALUES (?, 'IN_QUEUE', ?, ?, ?, ?, ?)",
-            (job_id, json.dumps(request), webhook, now, key, digest if key is not None else None),
+            (job_id, request, webhook, now, key, digest if key is not None else None),
         )
 
     def recover(self) -> int:
@@ -330,12 +331,13 @@ class JobStore:
         job["result"] = json.loads(job["result"]) if job["result"] else {}
         return job
 
-    def queued_request(self, job_id: str) -> tuple[dict, float] | None:
-        """(request, created) of a queued job (read back after a restart); None when it is not queued."""
+    def queued_request(self, job_id: str) -> tuple[str, float] | None:
+        """(request as JSON text, created) of a queued job (read back after a restart); None when it is not
+        queued."""
         row = self.db.execute(
             "SELECT request, created FROM jobs WHERE id = ? AND status = 'IN_QUEUE'", (job_id,)
         ).fetchone()
-        return (json.loads(row["request"]), row["created"]) if row else None
+        return (row["request"], row["created"]) if row else None
 
     def queued_ids(self) -> list[str]:
         return [r["id"] for r in self.db.execute("SELECT id FROM jobs WHERE status = 'IN_QUEUE' ORDER BY seq")]

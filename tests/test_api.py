@@ -511,7 +511,7 @@ def test_a_result_past_result_ttl_s_is_gone_even_before_the_store_is_swept(tmp_p
         service = JobService(settings, None, store)
         now = time.time()
         for job_id, finished in (("old", now - 61), ("fresh", now - 59)):
-            store.add(job_id, {"input": {}}, None, finished - 1)
+            store.add(job_id, json.dumps({"input": {}}), None, finished - 1)
             store.start(job_id, finished - 1)
             store.finish(job_id, "COMPLETED", {"output": {}}, finished)
         assert service.get("fresh")["status"] == "COMPLETED"
@@ -819,6 +819,43 @@ def test_an_input_that_is_missing_null_or_not_an_object_is_refused_with_400_nami
     assert ran(record) == [done["id"]]
 
 
+def test_a_request_is_encoded_once_for_the_store_and_the_runner(tmp_path, monkeypatch):
+    """issue 25 (JSON handled once): the API encodes a job's request once; the store keeps that text and
+    the runner gets it as it is (a big input, e.g. an image as base64, is not encoded twice). The job the
+    handler gets is the request with its id, ``s3Config`` and ``policy`` included."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(SUPPORT))
+    settings = Settings.from_env({"VOLUME_ROOT": str(tmp_path), "MAX_CONCURRENCY": "1"})
+    record = tmp_path / "ran.txt"
+    blob = "iVBORw0KGgo" * 20000  # 220 KB, like a small image as base64
+    encodings: list[int] = []
+    real_dumps = json.dumps
+
+    def counting_dumps(obj, *args, **kw):
+        text = real_dumps(obj, *args, **kw)
+        if blob in text:
+            encodings.append(len(text))
+        return text
+
+    monkeypatch.setattr(json, "dumps", counting_dumps)
+
+    async def go():
+        store = JobStore(tmp_path / "jobs.sqlite3")
+        service = JobService(settings, RunnerProcess("recording_handler:handler", 1), store)
+        await service.start()
+        try:
+            job_id = await service.submit(
+                {"input": {"record": str(record), "blob": blob, "value": 3}, "policy": {"ttl": 600000}}
+            )
+            done = await service.wait(job_id, 20)
+            assert done["status"] == "COMPLETED" and done["result"] == {"output": {"echo": 3}}, done
+        finally:
+            await service.stop()
+
+    asyncio.run(asyncio.wait_for(go(), 60))
+    assert len(encodings) == 1, encodings
+
+
 def test_jobs_that_break_a_queue_worker_fail_alone_and_the_next_job_completes(tmp_path, monkeypatch, caplog):
     """issue 20 #1: an exception in the worker loop killed that queue worker silently; two such jobs (one
     per worker at MAX_CONCURRENCY=1) froze the queue for good. Each now fails alone, its error logged."""
@@ -832,10 +869,10 @@ def test_jobs_that_break_a_queue_worker_fail_alone_and_the_next_job_completes(tm
         service = JobService(settings, RunnerProcess("recording_handler:handler", 1), store)
         real_output_of = service.output_of
 
-        async def output_of(job, not_after):  # a bug that strikes between the queue and the runner
+        async def output_of(job, not_after, encoded):  # a bug that strikes between the queue and the runner
             if job["input"].get("explode"):
                 raise KeyError("a bug in the queue worker")
-            return await real_output_of(job, not_after)
+            return await real_output_of(job, not_after, encoded)
 
         real_outcome = service.outcome
 
@@ -1034,8 +1071,8 @@ def test_a_job_from_before_a_restart_ends_at_its_ttl_while_another_runs(quick_ap
     store_path = volume / ".api" / "jobs.sqlite3"
     store = JobStore(store_path)
     created = time.time() - 5  # its ttl is over 5 s from now
-    store.add("long", {"input": {"record": str(record), "sleep": 120}}, None, created - 1)
-    store.add("short-lived", {"input": {"record": str(record)}, "policy": {"ttl": 10000}}, None, created)
+    store.add("long", json.dumps({"input": {"record": str(record), "sleep": 120}}), None, created - 1)
+    store.add("short-lived", json.dumps({"input": {"record": str(record)}, "policy": {"ttl": 10000}}), None, created)
     store.close()
     api = quick_api(volume=volume)
     up_ms = (time.time() - created) * 1000  # a busy machine may start the API after the ttl is over

@@ -4,6 +4,7 @@ running a small handler written for the test; tests/test_api.py runs it with the
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import textwrap
@@ -20,6 +21,8 @@ HANDLER = textwrap.dedent("""
 
     async def handler(job):
         inp = job["input"]
+        if inp.get("show_job"):
+            return {"job": job}
         print("a stray print on stdout", flush=True)  # must not reach the protocol
         os.write(1, b"and a raw write to fd 1\\n")
         marks = Path(inp.get("marks", os.devnull))
@@ -222,3 +225,19 @@ def test_a_jobs_prompt_reaches_the_api_before_the_job_ends(runner_env):
     ((job_id, prompt, running),) = prompts
     assert job_id == "j" and running  # told while the job ran
     assert prompt == {"prompt": "j", "prompt_id": "p-1", "queued_at": 1700000000.5, "inputs": ["in-1.png"]}
+
+
+def test_a_request_the_api_encoded_is_sent_as_it_is_with_the_jobs_id(runner_env):
+    """``run(job, not_after, encoded)``: the request's JSON text goes into the message unchanged, the id put
+    in front; the handler gets the request's members (``s3Config``, ``policy``) with the id."""
+    request = {"input": {"show_job": True, "text": 'a "quoted"\nline, é'}, "s3Config": {"bucketName": "b"}}
+    request["policy"] = {"ttl": 60000}
+
+    async def go():
+        runner = await started_runner()
+        try:
+            return await runner.run({"id": "j-1"}, time.time() + 60, json.dumps(request))
+        finally:
+            await runner.close(10)
+
+    assert run(go()) == {"job": {"id": "j-1", **request}}

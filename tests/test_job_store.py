@@ -25,10 +25,10 @@ def store(tmp_path):
 
 
 def test_a_job_moves_queued_running_final_and_is_finished_only_once(store):
-    store.add("a", {"input": {"x": 1}}, None, 100.0)
+    store.add("a", json.dumps({"input": {"x": 1}}), None, 100.0)
     assert store.queued_ids() == ["a"] and store.get("a")["status"] == "IN_QUEUE"
     assert store.finish("a", "COMPLETED", {"output": 1}, 101.0) is False  # never finished while queued
-    assert store.queued_request("a") == ({"input": {"x": 1}}, 100.0)
+    assert store.queued_request("a") == ('{"input": {"x": 1}}', 100.0)
     assert store.start("a", 102.0) is True
     assert store.start("a", 103.0) is False  # not queued any more: not started twice
     assert store.queued_request("a") is None
@@ -47,14 +47,14 @@ def test_a_job_moves_queued_running_final_and_is_finished_only_once(store):
 
 def test_recover_requeues_what_was_running_and_keeps_the_order(store, tmp_path):
     for name in "abc":
-        store.add(name, {"input": name}, None, 1.0)
+        store.add(name, json.dumps({"input": name}), None, 1.0)
     store.start("a", 2.0)
     store.close()
     again = JobStore(tmp_path / ".api" / "jobs.sqlite3")
     try:
         assert again.recover() == 1
         assert again.queued_ids() == ["a", "b", "c"]
-        assert again.queued_request("a") == ({"input": "a"}, 1.0)
+        assert again.queued_request("a") == ('{"input": "a"}', 1.0)
         assert again.start("a", 3.0) and again.finish("a", "COMPLETED", {}, 4.0)
         assert again.counts()["retried"] == 1
     finally:
@@ -62,15 +62,15 @@ def test_recover_requeues_what_was_running_and_keeps_the_order(store, tmp_path):
 
 
 def test_cancel_purge_webhooks_and_expiry(store):
-    store.add("q1", {"input": 1}, "http://hook", 1.0)
-    store.add("q2", {"input": 2}, None, 1.0)
-    store.add("run", {"input": 3}, None, 1.0)
+    store.add("q1", json.dumps({"input": 1}), "http://hook", 1.0)
+    store.add("q2", json.dumps({"input": 2}), None, 1.0)
+    store.add("run", json.dumps({"input": 3}), None, 1.0)
     store.start("run", 2.0)
     assert store.cancel_queued(["q1", "run", "nope"], 3.0) == ["q1"]  # a running job is not "queued"
     assert store.pending_webhooks() == ["q1"]
     store.webhook_sent("q1")
     assert store.pending_webhooks() == []
-    store.add("old", {"input": 4, "policy": {"ttl": 10000}}, None, 1.0)
+    store.add("old", json.dumps({"input": 4, "policy": {"ttl": 10000}}), None, 1.0)
     assert store.cancel_queued(["old"], 3.5, "TIMED_OUT", {"error": "expired"}) == ["old"]
     assert (store.get("old")["status"], store.get("old")["result"]) == ("TIMED_OUT", {"error": "expired"})
     assert store.cancel_queued(None, 4.0) == ["q2"]
@@ -83,8 +83,8 @@ def test_a_final_jobs_request_is_emptied_and_its_keys_leave_the_file(store):
     secret = "s3-secret-key-5d1f0e"
     for job_id in ("done", "dropped"):
         workflow = {"x": "node " * 2000}  # a request over a page: its overflow pages are freed when emptied
-        store.add(job_id, {"input": workflow, "s3Config": {"accessSecret": secret}}, None, 1.0)
-    assert store.queued_request("done")[0]["s3Config"]["accessSecret"] == secret
+        store.add(job_id, json.dumps({"input": workflow, "s3Config": {"accessSecret": secret}}), None, 1.0)
+    assert json.loads(store.queued_request("done")[0])["s3Config"]["accessSecret"] == secret
     store.start("done", 2.0)
     store.finish("done", "COMPLETED", {"output": {"ok": True}}, 3.0)
     store.cancel_queued(["dropped"], 3.0)
@@ -101,7 +101,7 @@ def test_an_accepted_job_survives_the_process_being_killed(tmp_path):
         import os
         from comfy_worker.job_store import JobStore
         s = JobStore({str(path)!r})
-        s.add("kept", {{"input": 1}}, None, 1.0)
+        s.add("kept", '{{"input": 1}}', None, 1.0)
         s.start("kept", 2.0)
         os.kill(os.getpid(), 9)
     """)
@@ -143,7 +143,7 @@ def test_every_store_file_is_0600_and_no_file_keeps_a_final_jobs_secrets(tmp_pat
             "s3Config": {"accessId": secrets[0], "accessSecret": secrets[1]},
         }
         for job_id in ("done", "dropped", "waiting"):
-            store.add(job_id, request, None, 1.0)
+            store.add(job_id, json.dumps(request), None, 1.0)
         assert {path.name: path.stat().st_mode & 0o777 for path in store_files(store)} == {
             name: 0o600 for name in ("jobs.sqlite3", "jobs.sqlite3-shm", "jobs.sqlite3-wal", "jobs.sqlite3.lock")
         }
@@ -190,9 +190,12 @@ def test_a_store_of_the_previous_version_is_migrated_and_keeps_its_jobs(tmp_path
     store = JobStore(path)
     try:
         assert store.db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
-        assert store.get("hooked")["result"] == {"output": 1} and store.queued_request("queued") == ({"input": 1}, 3.0)
+        assert store.get("hooked")["result"] == {"output": 1} and store.queued_request("queued") == (
+            '{"input": 1}',
+            3.0,
+        )
         assert store.due_webhooks(time.time()) == ["hooked"]  # owed before the upgrade: sent after it
-        store.add("keyed", {"input": 2}, None, 4.0, key="k-1", digest="d")
+        store.add("keyed", json.dumps({"input": 2}), None, 4.0, key="k-1", digest="d")
         assert store.by_key("k-1", since=0) == ("keyed", "d")
     finally:
         store.close()
@@ -203,7 +206,7 @@ def test_expired_jobs_give_their_space_back_to_the_file_system(store):
     """issue 20 #21: expiring every row left the file (and the WAL) at its largest size."""
     output = {"images": [{"data": "A" * 4000}]}
     for i in range(1500):
-        store.add(f"j{i}", {"input": {"n": i}}, None, 1.0)
+        store.add(f"j{i}", json.dumps({"input": {"n": i}}), None, 1.0)
         store.start(f"j{i}", 1.0)
         store.finish(f"j{i}", "COMPLETED", {"output": output}, 2.0)
     store.flush_wal()
@@ -221,7 +224,7 @@ def test_a_result_over_max_stored_result_mb_is_not_kept_and_the_job_says_why(tmp
     store = JobStore(tmp_path / "jobs.sqlite3", max_result_mb=0.01)
     try:
         for job_id, size in (("small", 100), ("big", 20_000)):
-            store.add(job_id, {"input": {}}, "http://hook", 1.0)
+            store.add(job_id, json.dumps({"input": {}}), "http://hook", 1.0)
             store.start(job_id, 1.0)
             assert store.finish(job_id, "COMPLETED", {"output": {"data": "A" * size}}, 2.0)
         assert store.get("small")["status"] == "COMPLETED"
@@ -235,13 +238,13 @@ def test_a_result_over_max_stored_result_mb_is_not_kept_and_the_job_says_why(tmp
 
 
 def test_an_idempotency_key_finds_its_job_until_the_result_expires_then_it_may_be_used_again(store):
-    store.add("first", {"input": 1}, None, 1.0, key="key-1", digest="d1")
+    store.add("first", json.dumps({"input": 1}), None, 1.0, key="key-1", digest="d1")
     assert store.by_key("key-1", since=0) == ("first", "d1") and store.by_key("other", since=0) is None
     store.start("first", 2.0)
     store.finish("first", "COMPLETED", {}, 3.0)
     assert store.by_key("key-1", since=2.5) == ("first", "d1")  # its result still readable
     assert store.by_key("key-1", since=3.5) is None  # expired (not swept yet): the key is free again
-    store.add("second", {"input": 2}, None, 4.0, key="key-1", digest="d2")  # no unique-index conflict
+    store.add("second", json.dumps({"input": 2}), None, 4.0, key="key-1", digest="d2")  # no unique-index conflict
     assert store.by_key("key-1", since=3.5) == ("second", "d2")
     with pytest.raises(sqlite3.IntegrityError):  # one job per key, enforced by the store itself
         store.db.execute("UPDATE jobs SET idempotency_key = 'key-1' WHERE id = 'first'")
@@ -268,12 +271,12 @@ def sqlite_steps(store: JobStore, call) -> int:
 def test_finding_due_webhooks_costs_the_same_with_thousands_of_finished_jobs_kept(store):
     """issue 25: the webhook loop's query scanned the whole table (to avoid a sort by seq), once per finished
     job: the API slowed down with every result kept for RESULT_TTL_S. It now reads the owed webhooks' index."""
-    store.add("hooked", {"input": 1}, "http://hook", 1.0)
+    store.add("hooked", json.dumps({"input": 1}), "http://hook", 1.0)
     store.start("hooked", 1.0)
     store.finish("hooked", "COMPLETED", {}, 2.0)
     few = sqlite_steps(store, lambda: store.due_webhooks(time.time()))
     for i in range(3000):
-        store.add(f"j{i}", {"input": i}, None, 1.0)
+        store.add(f"j{i}", json.dumps({"input": i}), None, 1.0)
         store.start(f"j{i}", 1.0)
         store.finish(f"j{i}", "COMPLETED", {"output": i}, 2.0)
     many = sqlite_steps(store, lambda: store.due_webhooks(time.time()))
@@ -287,7 +290,7 @@ def test_complete_returns_the_final_job_as_get_reads_it_and_its_result_as_stored
     store = JobStore(tmp_path / "jobs.sqlite3", max_result_mb=0.01)
     try:
         for job_id, result in (("small", {"output": {"n": 1}}), ("big", {"output": {"data": "A" * 20_000}})):
-            store.add(job_id, {"input": {}}, "http://hook" if job_id == "big" else None, 1.25)
+            store.add(job_id, json.dumps({"input": {}}), "http://hook" if job_id == "big" else None, 1.25)
             store.start(job_id, 2.0)
             final = store.complete(job_id, "COMPLETED", result, 3.5)
             stored = store.get(job_id)
