@@ -100,10 +100,13 @@ class DroppingProxy:
         self.server.close()
         for w in self.writers:
             w.transport.abort()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(10):  # a connection accepted just before the close starts a task after the first round
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if not tasks:
+                break
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def stop(self):
         asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(5)
