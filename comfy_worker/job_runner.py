@@ -288,10 +288,10 @@ class RunnerProcess:
 
     async def run(self, job: dict, not_after: float | None = None, encoded: str | None = None):
         """The handler's output for ``job``; None when it was cancelled, ``EXPIRED`` when it was not
-        started by ``not_after`` (epoch seconds: RunPod's ``policy.ttl``). ``encoded``: the job's request as
-        the API stored it (``json.dumps`` of ``{"input": ...}``: one line, never empty), sent as it is with the job's id put
-        in front, so a request (its images as base64 too) is encoded once; ``job`` is then only read for
-        its id."""
+        started by ``not_after`` (epoch seconds: RunPod's ``policy.ttl``). ``encoded``: the job's request
+        as the API stored it (``json.dumps`` of ``{"input": ...}``: one line, never empty), sent as it is
+        with the job's id put in front, so a request (its images as base64 too) is encoded once; ``job``
+        is then only read for its id."""
         if not self.alive:
             raise RunnerDied("the job runner process is not running")
         future = asyncio.get_running_loop().create_future()

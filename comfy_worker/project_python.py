@@ -9,7 +9,7 @@ inside ``try`` and, on ``ModuleNotFoundError``, calls ``run_again``, which:
 2. asks ``scripts/project_python.sh`` which interpreter has the packages (the one place that says it,
    also for the shell scripts: ``$PYTHON``, ``$VENV``, the repo's ``.venv``, the image's ``/opt/venv``,
    then ``python3`` on PATH);
-3. runs the same script with the same arguments in that interpreter (``os.execv``: the same process,
+3. runs the same script with the same arguments in that interpreter (``os.execve``: the same process,
    so signals and the exit code are the script's own), unless it is the interpreter already running,
    or this run is already the second one (``RERUN_MARK`` in the environment: no loop);
 4. else ends with exit 2 (``EXIT_INVALID``: the environment is invalid) and one message that names the
@@ -31,7 +31,9 @@ from comfy_worker.exit_codes import EXIT_INVALID
 
 ROOT = Path(__file__).resolve().parent.parent
 FINDER = ROOT / "scripts" / "project_python.sh"
-RERUN_MARK = "COMFY_WORKER_RERUN_FROM"  # set for the second run: the interpreter the first one ran in
+# set for the second run: the interpreter the first one ran in. Internal, not a setting (settings.py
+# cannot be imported without the packages this module runs for lack of).
+RERUN_MARK = "COMFY_WORKER_RERUN_FROM"
 
 
 def run_again(missing: ModuleNotFoundError) -> None:
