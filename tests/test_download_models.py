@@ -1174,3 +1174,11 @@ def test_dry_run_names_an_unreachable_hugging_face_file_once(box):
     failures = [line for line in (r.stdout + r.stderr).splitlines() if label in line]
     assert failures and all(line.count(label) == 1 for line in failures), failures
     assert any("gave up after 2 attempts" in line for line in failures)
+
+
+def test_importing_the_script_leaves_garbage_collection_on():
+    """The script runs its imports without garbage collection (start-up time): a process that imports it
+    as a module (a test, a tool) gets collection back once the imports are done."""
+    code = "import gc, download_models; print(gc.isenabled())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
