@@ -640,7 +640,7 @@ def test_while_connections_are_added_every_request_asks_for_the_same_size(origin
     path = tmp_path / "src" / "capped.bin"
     sha = random_file(path, 48 * MiB, seed=31)
     origin.add("/capped.bin", file=path, rate=6 * MiB)
-    dl = fast(connections=8, start_connections=2, parallel_min_size=MiB)
+    dl = fast(connections=8, start_connections=1, parallel_min_size=MiB)
     result = dl.fetch(f"{origin.url}/capped.bin", tmp_path / "capped.bin.part")
     assert result.sha256 == sha and result.connections == 8
     bodies = sorted((s for s in origin.seen("/capped.bin") if s.headers["range"] != "bytes=0-0"), key=lambda s: s.at)
@@ -649,14 +649,15 @@ def test_while_connections_are_added_every_request_asks_for_the_same_size(origin
         first, last = map(int, s.headers["range"].removeprefix("bytes=").split("-"))
         return last + 1 - first
 
-    assert [asked(s) for s in bodies[:4]] == [4 * MiB] * 4  # 2 connections, then 4: their first requests
+    assert [asked(s) for s in bodies[:4]] == [4 * MiB] * 4  # 1 connection, then 4: their first requests
     assert asked(bodies[-5]) <= MiB  # sized to the rate afterwards
 
 
 def test_a_step_that_keeps_each_connections_rate_goes_straight_to_the_maximum(origin, tmp_path, monkeypatch):
-    """Doubling 2 connections to 4 doubled the rate (each connection capped at 2 MiB/s): the next step
-    opens all 32 at once, not 16 and then 32 after another measurement. The ramp's targets are recorded
-    as it sets them (when the server saw each request depends on how busy the machine is)."""
+    """Going from 2 connections to 8 (``FIRST_STEP``) made the rate 4 times as high (each connection
+    capped at 2 MiB/s): the next step opens all 32 at once, not 16 and then 32 after another
+    measurement. The ramp's targets are recorded as it sets them (when the server saw each request
+    depends on how busy the machine is)."""
     from comfy_worker.http_download import _Ramp
 
     targets: list[int] = []
@@ -675,7 +676,7 @@ def test_a_step_that_keeps_each_connections_rate_goes_straight_to_the_maximum(or
     dl = fast(connections=32, start_connections=2, parallel_min_size=MiB)
     result = dl.fetch(f"{origin.url}/capped.bin", tmp_path / "capped.bin.part")
     assert result.sha256 == sha and result.connections == 32
-    assert targets == [2, 4, 32]
+    assert targets == [2, 8, 32]
     bodies = [s for s in origin.seen("/capped.bin") if s.headers["range"] != "bytes=0-0"]
     assert concurrency(bodies) == 32  # the server had all 32 at once
 
@@ -687,12 +688,12 @@ def test_a_server_that_refuses_another_connection_gets_one_fewer(origin, tmp_pat
     path = tmp_path / "src" / "busy.bin"
     sha = random_file(path, 16 * MiB, seed=26)
     origin.add("/busy.bin", file=path, rate=4 * MiB, busy_over=3, busy_status=status)
-    dl = fast(connections=8, start_connections=2, parallel_min_size=MiB, chunk_size=MiB, retries=3)
+    dl = fast(connections=8, start_connections=1, parallel_min_size=MiB, chunk_size=MiB, retries=3)
     result = dl.fetch(f"{origin.url}/busy.bin", tmp_path / "busy.bin.part")
     assert result.sha256 == sha
     seen = origin.seen("/busy.bin")
     refused = [s for s in seen if s.status == status]
-    assert 1 <= len(refused) <= 2  # the ramp's step to 4 (a 2nd only if two stepped at once): then no more
+    assert 1 <= len(refused) <= 2  # the ramp's step from 1 to 4 (a 2nd only if two stepped at once): then no more
     after = [s for s in seen if s.at > refused[-1].at]
     assert after and concurrency(after) <= 3
     assert result.connections == 4  # the most that were running at once, the refused one included
@@ -856,22 +857,23 @@ def ramp_targets(
 
 def test_the_ramp_opens_all_connections_behind_a_server_that_caps_each_one():
     targets, ramp = ramp_targets(lambda n: n * 20e6, start=1)  # each connection gets 20 MB/s, however many
-    assert targets == [1, 2, 32] and not ramp.growing
-    assert ramp_targets(lambda n: n * 20e6)[0] == [4, 8, 32]  # from the default start
-    # 8 x 40 MB/s keep a third of the cores busy receiving, but the machine has room: the link is the limit
-    assert ramp_targets(lambda n: n * 40e6, cores_busy=lambda n: n * 0.08, machine_busy=lambda n: 0.4)[0] == [4, 8, 32]
+    assert targets == [1, 4, 32] and not ramp.growing  # FIRST_STEP, then all at once
+    assert ramp_targets(lambda n: n * 20e6)[0] == [4, 16, 32]  # from the default start
+    # 16 x 40 MB/s keep a third of the cores busy receiving, but the machine has room: the link is the limit
+    busy = {"cores_busy": lambda n: n * 0.045, "machine_busy": lambda n: 0.4}
+    assert ramp_targets(lambda n: n * 40e6, **busy)[0] == [4, 16, 32]
 
 
 def test_the_ramp_settles_back_at_one_connection_when_a_second_does_not_pay():
-    """On loopback the CPU, not the link, is the limit: two connections bring no more than one (and
+    """On loopback the CPU, not the link, is the limit: four connections bring no more than one (and
     cost CPU), so the download goes back to one and stays there."""
     targets, ramp = ramp_targets(lambda n: 1e9, start=1)
-    assert targets == [1, 2, 1] and not ramp.growing and ramp.lone
+    assert targets == [1, 4, 1] and not ramp.growing and ramp.lone
 
 
 def test_the_ramp_settles_at_the_last_step_that_paid():
-    targets, ramp = ramp_targets(lambda n: 100e6 if n == 1 else 130e6, start=1)  # 2 pay (+30 %), 4 do not
-    assert targets == [1, 2, 4, 2] and not ramp.growing and not ramp.lone
+    targets, ramp = ramp_targets(lambda n: 100e6 if n == 1 else 130e6, start=1)  # 4 pay (+30 %), 8 do not
+    assert targets == [1, 4, 8, 4] and not ramp.growing and not ramp.lone
 
 
 def test_the_ramp_stays_at_one_connection_when_receiving_keeps_the_cpu_busy():
@@ -898,7 +900,7 @@ def test_a_step_that_pays_but_keeps_the_cpu_busy_is_the_last_one():
     targets, ramp = ramp_targets(
         lambda n: 0.2e9 * n, start=1, cores_busy=lambda n: 0.35 * n, machine_busy=lambda n: 0.9
     )
-    assert targets == [1, 2] and not ramp.growing
+    assert targets == [1, 4] and not ramp.growing
 
 
 @pytest.fixture
