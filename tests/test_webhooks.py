@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -42,7 +43,7 @@ def settings(**env) -> Settings:
 
 def finished(store: JobStore, job_id: str, webhook: str) -> None:
     now = time.time()
-    store.add(job_id, {"input": {}}, webhook, now)
+    store.add(job_id, json.dumps({"input": {}}), webhook, now)
     store.start(job_id, now)
     store.finish(job_id, "COMPLETED", {"output": {"job": job_id}}, now)
 
