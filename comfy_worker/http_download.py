@@ -56,10 +56,9 @@ How the pieces fit:
   run at a lower CPU priority than the hasher (``_yield_cpu_to_hasher``), so on a busy machine it
   is not starved behind them; their writer threads start at that priority too (on loopback, a
   2 GiB download took 0.1-0.2 s longer with the writers at normal priority, and as much with them
-  at nice 19). The hasher also has the
-  kernel start writing each hashed stretch that went through the page cache to the disk
-  (``start_writeback``), so the fsync before ``fetch`` returns has little left to write (the
-  single-connection path does the same as it appends).
+  at nice 19). The hasher also has the kernel start writing each hashed stretch that went through
+  the page cache to the disk (``start_writeback``), so the fsync before ``fetch`` returns has little
+  left to write (the single-connection path does the same as it appends).
   Progress per chunk is saved in ``<part>.state`` every half second, so a killed process resumes
   where each chunk stopped. Its format, JSON: ``{"url": the URL without its query, "size": total
   bytes, "chunk": bytes per chunk, "validator": ETag or Last-Modified, "done": [bytes on disk from
