@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from support.comfy_process import ROOT, require_upstream
+from support.hermetic import SYSTEM_PATH
 
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EMPTY_CONFIG = "models: []\nnodes: []\n"
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from support.comfy_process import ROOT
+from support.hermetic import SYSTEM_PATH
 
 SCRIPTS = ["check_workflow.py", "download_models.py", "install_nodes.py"]
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def shim(path: Path, *argv: str) -> Path:

@@ -12,6 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
+# PATH as a new user's plain shell has it: no virtualenv activated, no pyenv shims
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 
 def isolate_installers(environ: MutableMapping[str, str]) -> None:
     for name in [n for n in environ if n.startswith(("PIP_", "UV_"))]:
