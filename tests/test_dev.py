@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
 from support.comfy_process import ROOT, require_upstream
 from support.hermetic import SYSTEM_PATH
 
@@ -66,6 +68,30 @@ def test_a_python_that_is_not_there_is_named(tmp_path):
     assert done.returncode != 0
     assert f"PYTHON={tmp_path / 'nowhere' / 'python'} is not an executable Python" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_python_on_path_without_the_projects_packages_is_not_used_and_the_fix_is_named(tmp_path):
+    """A fresh clone without .venv, whose python3 on PATH is the system's (no filelock, pydantic, yaml):
+    apply_config.sh stops with one line naming that Python and the fix, not a traceback from deep inside
+    provisioning."""
+    if Path("/opt/venv/bin/python").exists():
+        pytest.skip("/opt/venv (the image's virtualenv) comes before PATH here")
+    repo = fresh_copy(tmp_path)
+    bare = tmp_path / "bin" / "python3"  # this interpreter without site-packages
+    bare.parent.mkdir()
+    bare.write_text(f"#!/bin/sh\nexec '{sys.executable}' -S \"$@\"\n")
+    bare.chmod(0o755)
+    env = plain_env(tmp_path)
+    env["PATH"] = f"{bare.parent}:{env['PATH']}"
+    done = subprocess.run(
+        ["bash", "apply_config.sh", "--dry-run"], cwd=repo, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (
+        f"no Python with the project's packages found: {bare} lacks the project's packages (ModuleNotFoundError: "
+        "No module named 'filelock'): run ./scripts/setup_env.sh (it creates .venv), or set PYTHON or VENV to a "
+        "Python or virtualenv that has requirements.txt installed"
+    )
 
 
 def test_dev_sh_honours_venv_from_a_fresh_clone(tmp_path):
