@@ -445,10 +445,30 @@ def iter_body(resp: requests.Response, buffers=None, pos: int = 0):
             buffers.put_back(view)
             break
         pos += n
+        if fp.length == 0:  # the last byte: back to the pool before the caller stops reading
+            _release(resp)
+            yield view[:n]
+            return
         yield view[:n]
-    if fp.length in (None, 0):  # complete: the connection can go back to the pool
-        resp._content_consumed = True
-        resp.raw.release_conn()
+    if fp.length in (None, 0):
+        _release(resp)
+
+
+def _keep_alive_after_probe(resp: requests.Response, stop: threading.Event) -> None:
+    """Read the probe's one byte (``bytes=0-0``), so its connection serves the next request instead of
+    being closed with a byte unread. A longer body (a server that ignored the range) is left unread."""
+    if resp.status_code != 206 or resp.headers.get("Content-Length") != "1":
+        return
+    with suppress(*NETWORK_ERRORS, OSError), _cut_on_stop(resp, stop):
+        resp.content  # noqa: B018 - read to its end, the response then hands the connection back
+
+
+def _release(resp: requests.Response) -> None:
+    """A response whose body was read to its end: its connection goes back to the pool for the next
+    request (closing the response would close the connection: a new TCP connection and, for HTTPS, a
+    new TLS handshake per range request)."""
+    resp._content_consumed = True
+    resp.raw.release_conn()
 
 
 class _HashPipe:
@@ -649,6 +669,7 @@ class Downloader:
                 content_type=resp.headers.get("Content-Type"),
             )
         finally:
+            _keep_alive_after_probe(resp, stop or self.stop)
             resp.close()
 
     def probe(self, url: str, stop: threading.Event | None = None) -> Probe:

@@ -699,13 +699,28 @@ def test_a_server_that_refuses_another_connection_gets_one_fewer(origin, tmp_pat
     assert result.connections == 4  # the most that were running at once, the refused one included
 
 
-def test_a_small_file_uses_one_connection(origin, blob, tmp_path):
+def test_each_connection_is_kept_open_for_its_next_range_request(origin, tmp_path):
+    """A worker's range requests go over one kept-alive connection: a new one per request would cost a
+    TCP (and TLS) handshake and a new slow start every few MiB."""
+    path = tmp_path / "src" / "kept.bin"
+    sha = random_file(path, 24 * MiB, seed=41)
+    origin.add("/kept.bin", file=path, rate=4 * MiB)  # 1 MiB per REQUEST_TIME: many requests each
+    dl = fast(connections=3, start_connections=3, parallel_min_size=MiB, chunk_size=MiB)
+    result = dl.fetch(f"{origin.url}/kept.bin", tmp_path / "kept.bin.part")
+    assert result.sha256 == sha and result.connections == 3
+    bodies = [s for s in origin.seen("/kept.bin") if s.headers.get("range") != "bytes=0-0"]
+    assert len(bodies) >= 9
+    assert len({s.client for s in bodies}) <= 3
+
+
+def test_a_small_file_uses_one_connection_for_its_probe_and_its_body(origin, blob, tmp_path):
     path, sha = blob  # 6 MiB: under the 64 MiB from which a file is split
     origin.add("/m.bin", file=path, rate=16 * MiB)
     result = fast(connections=8).fetch(f"{origin.url}/m.bin", tmp_path / "m.part")
     assert result.sha256 == sha and result.connections == 1
     bodies = [s for s in origin.seen("/m.bin") if s.headers.get("range") != "bytes=0-0"]
     assert len(bodies) == 1 and "range" not in bodies[0].headers
+    assert len({s.client for s in origin.seen("/m.bin")}) == 1  # the probe's connection is kept for it
 
 
 def test_the_sha256_is_computed_while_the_pieces_arrive(origin, tmp_path, monkeypatch):

@@ -197,6 +197,7 @@ class Seen:
     status: int = 0
     sent: int = 0
     at: float = field(default_factory=time.monotonic)  # when the request arrived
+    client: tuple[str, int] | None = None  # the connection's (host, port): one per TCP connection
     finished: float | None = None  # when the whole body was sent
 
 
@@ -262,7 +263,7 @@ class FaultyOrigin:
         self.stop()
 
     def _serve(self, h: BaseHTTPRequestHandler, head: bool) -> None:
-        seen = Seen(h.command, h.path, {k.lower(): v for k, v in h.headers.items()})
+        seen = Seen(h.command, h.path, {k.lower(): v for k, v in h.headers.items()}, client=h.client_address)
         with self.lock:
             self.requests.append(seen)
         route = self.routes.get(h.path.split("?")[0])
