@@ -29,8 +29,9 @@ Each entry (a config.yml model entry: ``url``, ``destination``, ``filename``, ``
    with the bytes they take and their last use. Before a download whose size is known (after it, when it
    was not), the least recently used job models that no running job uses and comfy.lock.yml does not
    record (config models) are deleted until everything fits in ``JOB_MODELS_MAX_GB`` (none while
-   comfy.lock.yml is damaged). A server that tells no size is cut off past the bound. Downloads running at
-   the same moment are not counted against each other, so they may pass the bound by their own sizes.
+   comfy.lock.yml is damaged). A server that tells no size is cut off past the bound. A download running
+   at the same moment (in this job, another job or another worker on the volume) counts at the size it
+   will have, so two downloads started together cannot both take the room that is left.
 6. Cut downloads: a download is recorded in the state file (``downloads``) before its first byte, under
    its target lock; done, it becomes a job model's record, and failed with no part left, it is forgotten.
    A part left by a cut one (the job's timeout, a cancel, a killed worker) is abandoned once nobody holds
@@ -665,8 +666,9 @@ class JobModels:
 
         1. Forget the records of files deleted by hand (or by prune), and of parts gone with nobody
            downloading them.
-        2. Count the job models (not config.yml's) and the abandoned parts (a recorded download whose
-           target lock is free: nobody fetches it), ``rel``'s own part aside (this download resumes it).
+        2. Count the job models (not config.yml's), the abandoned parts (a recorded download whose
+           target lock is free: nobody fetches it) and the running downloads at their full size,
+           ``rel``'s own part aside (this download resumes it).
         3. Delete abandoned parts, oldest first, then the least recently used job models no running job
            uses, until ``need`` fits (none while comfy.lock.yml is damaged).
         """
@@ -689,9 +691,10 @@ class JobModels:
             }
             for gone in [k for k in models if k != rel and not self._exists(k)]:
                 del models[gone]  # deleted by hand (or by prune): no longer taking space
-            parts = self._abandoned_parts(downloads, rel, config)
+            parts, running = self._other_downloads(downloads, rel, config)
             mine = {k: v for k, v in models.items() if k not in config}  # a file config.yml names is never deleted
             used = sum(int(v.get("size") or 0) for k, v in mine.items() if k != rel) + sum(parts.values())
+            used += sum(n for k, n in running.items() if k not in mine)  # what they will take once done
             # a damaged comfy.lock.yml may have lost a config model's record: then nothing is deleted
             if not lock_data.damaged:
                 for old in sorted(parts, key=lambda k: downloads[k]["touched"]):
@@ -737,21 +740,27 @@ class JobModels:
     def _download_lock(self, rel: str) -> Path:
         return self.models_dir / ".locks" / f"{rel}.lock"
 
-    def _abandoned_parts(self, downloads: dict[str, dict], rel: str, config: set[str]) -> dict[str, int]:
-        """The recorded downloads nobody is running (their target lock taken without waiting), with the bytes
-        their parts take; ``rel`` (this download's own) and config.yml's targets aside. Records whose part
-        is gone are dropped from ``downloads``."""
-        found = {}
+    def _other_downloads(
+        self, downloads: dict[str, dict], rel: str, config: set[str]
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """The recorded downloads other than ``rel`` (this one) and config.yml's targets, as two maps to
+        bytes: those nobody runs (their target lock taken without waiting), with the bytes their parts
+        take; and those running now (in this job, another job or another worker on the volume), with
+        the bytes they take once done (the recorded size, else their part's): they are counted in the
+        bound before they finish, so two downloads started together cannot both take the room left.
+        Records of abandoned downloads whose part is gone are dropped from ``downloads``."""
+        abandoned, running = {}, {}
         for other in [k for k in downloads if k != rel and k not in config]:
             part = _part_of(self.models_dir / other)
             with _not_downloading(self._download_lock(other)) as free:
                 if not free:
-                    continue  # being downloaded: its job counts it
+                    running[other] = int(_number(downloads[other].get("size")) or 0) or _part_bytes(part)
+                    continue
                 if not part.exists():
                     del downloads[other]
                     continue
-                found[other] = _part_bytes(part)
-        return found
+                abandoned[other] = _part_bytes(part)
+        return abandoned, running
 
     def _delete_part(self, rel: str) -> bool:
         """Delete ``rel``'s part and its records when nobody is downloading it (checked again now)."""

@@ -516,21 +516,33 @@ def test_a_part_left_by_a_cut_download_counts_in_the_bound_and_is_deleted_before
     assert set(state(tmp_path)) == {f"upscale_models/{b}", f"upscale_models/{c}"} and downloads(tmp_path) == {}
 
 
-def test_a_part_whose_download_lock_is_held_is_never_deleted(env, origin, model_files, monkeypatch, tmp_path):
+def test_a_running_download_is_never_deleted_and_counts_at_its_full_size(
+    env, origin, model_files, monkeypatch, tmp_path
+):
+    """A download another job (or worker) is running counts in the bound at the size the file will have,
+    not at what its part holds so far: two downloads started together cannot both take the room left."""
     size = model_files[0].stat().st_size
     folder = env.path / "models" / "upscale_models"
     monkeypatch.setenv("JOB_MODELS_MAX_GB", str(1.5 * size / 1e9))
     _, a, _ = cut_download(origin, model_files[0], folder)
     url_b, b, sha_b = serve(origin, model_files[1])
+    entry_b = {"url": url_b, "destination": "upscale_models", "sha256": sha_b}
     downloading = FileLock(str(folder.parent / ".locks" / "upscale_models" / f"{a}.lock"))
-    downloading.acquire()  # another worker downloads a now (download_models.py's lock)
+    downloading.acquire()  # another job downloads a now (its target lock)
     try:
-        (report,) = prepare_models([{"url": url_b, "destination": "upscale_models", "sha256": sha_b}])
+        with pytest.raises(JobError) as err:
+            prepare_models([entry_b])
     finally:
         downloading.release()
-    assert report["status"] == "fetched" and (folder / b).is_file()
+    # a (the whole file once done) and b would pass 1.5 files: b waits, a's part is left alone
+    assert "in use by running jobs; retry later" in err.value.message
+    assert err.value.details["used_bytes"] == size
+    assert not (folder / b).exists()
     assert (folder / f"{a}.part").stat().st_size == size * 3 // 4 and (folder / f"{a}.part.source").is_file()
     assert set(downloads(tmp_path)) == {f"upscale_models/{a}"}
+    (report,) = prepare_models([entry_b])  # nobody downloads a any more: its part is abandoned, and goes
+    assert report["status"] == "fetched" and (folder / b).is_file()
+    assert not (folder / f"{a}.part").exists() and downloads(tmp_path) == {}
 
 
 def test_a_part_of_the_same_url_is_resumed_not_deleted_when_there_is_room(
