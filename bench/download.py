@@ -49,8 +49,11 @@ def settle() -> None:
     os.sync()
 
 
-def timed(cmd: list[str], env: dict | None = None) -> float:
-    settle()
+def timed(cmd: list[str], env: dict | None = None, pause: float | None = None) -> float:
+    if pause is None:
+        settle()
+    else:
+        time.sleep(pause)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -98,6 +101,16 @@ class Tools:
         assert target.stat().st_size > 0
         shutil.rmtree(volume)
         return seconds
+
+    def start_up(self, rounds: int = 5) -> float:
+        """download_models.py's fixed cost, median of ``rounds``: the process start, the imports and the
+        config, with nothing to download (curl's is ~0.01 s)."""
+        config = self.work / "empty.yml"
+        config.write_text("models: []\n")
+        env = dict(os.environ, VOLUME_ROOT=str(self.work / "volume"))
+        env.pop("CONFIG_YML", None)
+        argv = [sys.executable, str(ROOT / "download_models.py"), "--config", str(config)]
+        return statistics.median(timed(argv, env, pause=0.2) for _ in range(rounds))
 
 
 def verdict(ok: bool) -> str:
@@ -149,6 +162,7 @@ def main() -> int:
                     runs[name].append(tools.run(name, url_b, sha_b, "b"))
             for name, times in runs.items():
                 print(f"    {name:12} {' '.join(f'{t:.2f}' for t in times)} s", flush=True)
+            start_up = tools.start_up()
         speedup = {name: capped["curl"] / t for name, t in capped.items()}
         best = {name: min(times) / min(runs["curl"]) for name, times in runs.items()}
         median = {name: statistics.median(times) / statistics.median(runs["curl"]) for name, times in runs.items()}
@@ -172,6 +186,12 @@ def main() -> int:
         print(
             "    others (best, median): "
             + ", ".join(f"{n} {best[n]:.2f}x {median[n]:.2f}x" for n in tools.names if n not in ("curl", "ours"))
+        )
+        less = [t - start_up for t in runs["ours"]]
+        print(
+            f"    ours' fixed cost (process start, imports, config; nothing to download): {start_up:.2f} s; "
+            f"without it ours takes {min(less) / min(runs['curl']):.2f}x curl's time (best runs), "
+            f"{statistics.median(less) / statistics.median(runs['curl']):.2f}x (medians) (for information)"
         )
         return 0
     finally:
