@@ -11,6 +11,11 @@ How the pieces fit:
 - Probe: one ``GET`` with ``Range: bytes=0-0`` (works with pre-signed CDN URLs, unlike ``HEAD``) gives the
   final URL, the size (``Content-Range``), whether ranges work (206), the validator (ETag /
   Last-Modified) and the file name (Content-Disposition).
+- Connections are kept open: a body read to its end hands its connection back to the thread's session
+  at once (``iter_body``), the probe's one byte is read for the same reason, and a connection thread
+  of a parallel download gives its session to the next thread that needs one (the next file's
+  workers), so a config of many files from one hub pays a TCP (and TLS) handshake per connection, not
+  one per range request or per file.
 - Single connection (small files, or a server that does not do ranges): bytes are hashed in memory as
   they arrive and appended to the part. A resume sends ``Range`` + ``If-Range``; a ``200`` answer means
   the server ignored the range (or the file changed), so the part is truncated and the hash restarted.
@@ -454,10 +459,16 @@ def iter_body(resp: requests.Response, buffers=None, pos: int = 0):
         _release(resp)
 
 
-def _keep_alive_after_probe(resp: requests.Response, stop: threading.Event) -> None:
-    """Read the probe's one byte (``bytes=0-0``), so its connection serves the next request instead of
-    being closed with a byte unread. A longer body (a server that ignored the range) is left unread."""
-    if resp.status_code != 206 or resp.headers.get("Content-Length") != "1":
+SMALL_BODY = 64 * 1024  # the most bytes read from an answer nobody needs, to keep its connection open
+
+
+def _read_small_body(resp: requests.Response, stop: threading.Event) -> None:
+    """Read the body of an answer whose bytes are not needed (the probe's: one byte, or a small file
+    from a server that ignores ranges) when it says it has at most SMALL_BODY bytes, so its connection
+    serves the next request instead of being closed with bytes unread; a longer or unsized body is left
+    unread (the connection closes)."""
+    length = resp.headers.get("Content-Length", "")
+    if not length.isdigit() or int(length) > SMALL_BODY:
         return
     with suppress(*NETWORK_ERRORS, OSError), _cut_on_stop(resp, stop):
         resp.content  # noqa: B018 - read to its end, the response then hands the connection back
@@ -551,11 +562,17 @@ class Downloader:
         self.backoff = backoff
         self.timeout = timeout
         self._local = threading.local()
+        self._idle_sessions: list[requests.Session] = []  # given back by threads that ended (give_back_session)
 
     # ---- HTTP plumbing ----
 
     def session(self) -> requests.Session:
+        """The calling thread's session: one given back by a thread before it (its connections kept
+        open for the next file from the same host), else a new one."""
         s = getattr(self._local, "session", None)
+        if s is None and self._idle_sessions:
+            with suppress(IndexError):  # list.pop is atomic; another thread may have taken the last one
+                s = self._local.session = self._idle_sessions.pop()
         if s is None:
             s = requests.Session()
             s.mount("http://", _CuttableAdapter())
@@ -563,6 +580,14 @@ class Downloader:
             s.headers.update({"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
             self._local.session = s
         return s
+
+    def give_back_session(self) -> None:
+        """The calling thread (a connection of a parallel download, about to end) is done with its
+        session: the next thread that needs one takes it over, with its open connections."""
+        s = getattr(self._local, "session", None)
+        if s is not None:
+            self._local.session = None
+            self._idle_sessions.append(s)
 
     def open(
         self,
@@ -669,7 +694,7 @@ class Downloader:
                 content_type=resp.headers.get("Content-Type"),
             )
         finally:
-            _keep_alive_after_probe(resp, stop or self.stop)
+            _read_small_body(resp, stop or self.stop)
             resp.close()
 
     def probe(self, url: str, stop: threading.Event | None = None) -> Probe:
@@ -1329,6 +1354,7 @@ class _ParallelFetch:
             taking = False
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             self._fail(err)
+        self.dl.give_back_session()  # its connections serve the next file's workers
         try:
             writer.close()
         except BaseException as err:  # noqa: BLE001

@@ -713,6 +713,26 @@ def test_each_connection_is_kept_open_for_its_next_range_request(origin, tmp_pat
     assert len({s.client for s in bodies}) <= 3
 
 
+def test_the_next_file_from_the_same_hosts_reuses_the_open_connections(tmp_path):
+    """A redirect's connection serves the next probe, and the connections of one file's workers serve
+    the next file's: no new TCP (and TLS) handshake per file for a config of many files from one hub."""
+    files = [tmp_path / "src" / f"{name}.bin" for name in ("a", "b")]
+    shas = [random_file(path, 6 * MiB, seed=50 + i) for i, path in enumerate(files)]
+    with FaultyOrigin() as site, FaultyOrigin() as cdn:
+        for path in files:
+            cdn.add(f"/signed/{path.name}", file=path, rate=8 * MiB)
+            site.add(f"/download/{path.stem}", redirect=f"{cdn.url}/signed/{path.name}?sig=x", body=b"Found.")
+        dl = fast(connections=3, start_connections=3, parallel_min_size=MiB, chunk_size=MiB)
+        for path, sha in zip(files, shas, strict=True):
+            result = dl.fetch(f"{site.url}/download/{path.stem}", tmp_path / f"{path.name}.part")
+            assert result.sha256 == sha and result.connections == 3
+        assert len(site.seen()) == 2 and len({s.client for s in site.seen()}) == 1
+        for path in files:
+            bodies = [s for s in cdn.seen(f"/signed/{path.name}") if s.headers.get("range") != "bytes=0-0"]
+            assert len(bodies) >= 3
+        assert len({s.client for s in cdn.seen()}) <= 4  # the probes' connection and the three workers'
+
+
 def test_a_small_file_uses_one_connection_for_its_probe_and_its_body(origin, blob, tmp_path):
     path, sha = blob  # 6 MiB: under the 64 MiB from which a file is split
     origin.add("/m.bin", file=path, rate=16 * MiB)

@@ -281,12 +281,15 @@ class FaultyOrigin:
             return
         if route.redirect is not None:
             seen.status = 302
+            note = route.body or b""  # e.g. Hugging Face's "Found. Redirecting to ..."
             h.send_response(302)
             h.send_header("Location", route.redirect)
-            h.send_header("Content-Length", "0")
+            h.send_header("Content-Length", str(len(note)))
             for k, v in route.headers.items():
                 h.send_header(k, v)
             h.end_headers()
+            if not head:
+                h.wfile.write(note)
             return
         if route.json_body is not None:
             seen.status = route.status
