@@ -30,8 +30,9 @@ Each entry (a config.yml model entry: ``url``, ``destination``, ``filename``, ``
    was not), the least recently used job models that no running job uses and comfy.lock.yml does not
    record (config models) are deleted until everything fits in ``JOB_MODELS_MAX_GB`` (none while
    comfy.lock.yml is damaged). A server that tells no size is cut off past the bound. A download running
-   at the same moment (in this job, another job or another worker on the volume) counts at the size it
-   will have, so two downloads started together cannot both take the room that is left.
+   at the same moment (in this job, another job or another worker on the volume) that started first
+   counts at the size it will have, so two downloads started together cannot both take the room that is
+   left: the later one is refused ("retry later").
 6. Cut downloads: a download is recorded in the state file (``downloads``) before its first byte, under
    its target lock; done, it becomes a job model's record, and failed with no part left, it is forgotten.
    A part left by a cut one (the job's timeout, a cancel, a killed worker) is abandoned once nobody holds
@@ -261,6 +262,11 @@ def _read_state(path: Path) -> tuple[dict[str, dict], dict[str, dict]]:
 
 def _number(value) -> float:
     return value if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _started(rec: dict, rel: str) -> tuple[float, str]:
+    """Which of two running downloads started first (a tie goes by name, so both agree on the order)."""
+    return _number(rec.get("started")), rel
 
 
 def _sane_record(rec: dict) -> dict:
@@ -667,8 +673,8 @@ class JobModels:
         1. Forget the records of files deleted by hand (or by prune), and of parts gone with nobody
            downloading them.
         2. Count the job models (not config.yml's), the abandoned parts (a recorded download whose
-           target lock is free: nobody fetches it) and the running downloads at their full size,
-           ``rel``'s own part aside (this download resumes it).
+           target lock is free: nobody fetches it) and the downloads running since before this one at
+           their full size, ``rel``'s own part aside (this download resumes it).
         3. Delete abandoned parts, oldest first, then the least recently used job models no running job
            uses, until ``need`` fits (none while comfy.lock.yml is damaged).
         """
@@ -745,16 +751,19 @@ class JobModels:
     ) -> tuple[dict[str, int], dict[str, int]]:
         """The recorded downloads other than ``rel`` (this one) and config.yml's targets, as two maps to
         bytes: those nobody runs (their target lock taken without waiting), with the bytes their parts
-        take; and those running now (in this job, another job or another worker on the volume), with
-        the bytes they take once done (the recorded size, else their part's): they are counted in the
-        bound before they finish, so two downloads started together cannot both take the room left.
+        take; and those running now (in this job, another job or another worker on the volume) that
+        started before this one, with the bytes they take once done (the recorded size, else their
+        part's): they are counted in the bound before they finish, so two downloads started together
+        cannot both take the room left, and the one started first is never refused for the other.
         Records of abandoned downloads whose part is gone are dropped from ``downloads``."""
         abandoned, running = {}, {}
+        mine = downloads.get(rel)
         for other in [k for k in downloads if k != rel and k not in config]:
             part = _part_of(self.models_dir / other)
             with _not_downloading(self._download_lock(other)) as free:
                 if not free:
-                    running[other] = int(_number(downloads[other].get("size")) or 0) or _part_bytes(part)
+                    if mine is None or _started(downloads[other], other) < _started(mine, rel):
+                        running[other] = int(_number(downloads[other].get("size")) or 0) or _part_bytes(part)
                     continue
                 if not part.exists():
                     del downloads[other]

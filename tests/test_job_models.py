@@ -545,6 +545,27 @@ def test_a_running_download_is_never_deleted_and_counts_at_its_full_size(
     assert not (folder / f"{a}.part").exists() and downloads(tmp_path) == {}
 
 
+def test_of_two_downloads_started_together_only_the_later_one_is_refused(
+    env, origin, model_files, monkeypatch, tmp_path
+):
+    """Each counts only the downloads running since before it: the two never refuse each other."""
+    size = model_files[0].stat().st_size
+    folder = env.path / "models" / "upscale_models"
+    monkeypatch.setenv("JOB_MODELS_MAX_GB", str(1.5 * size / 1e9))
+    url_b, b, sha_b = serve(origin, model_files[1])
+    state_file = tmp_path / "volume" / ".job-models.json"
+    later = {"url": "https://example.com/a.bin", "size": size, "started": time.time() + 3600, "touched": time.time()}
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"version": 1, "models": {}, "downloads": {"upscale_models/a.bin": later}}))
+    downloading = FileLock(str(folder.parent / ".locks" / "upscale_models" / "a.bin.lock"))
+    downloading.acquire()  # a started after b: it is the one to make room, b goes on
+    try:
+        (report,) = prepare_models([{"url": url_b, "destination": "upscale_models", "sha256": sha_b}])
+    finally:
+        downloading.release()
+    assert report["status"] == "fetched" and (folder / b).is_file()
+
+
 def test_a_part_of_the_same_url_is_resumed_not_deleted_when_there_is_room(
     env, origin, model_files, monkeypatch, tmp_path
 ):
