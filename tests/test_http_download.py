@@ -713,6 +713,28 @@ def test_each_connection_is_kept_open_for_its_next_range_request(origin, tmp_pat
     assert len({s.client for s in bodies}) <= 3
 
 
+def test_a_probe_body_that_cannot_be_read_only_costs_its_connection(origin, blob, tmp_path):
+    """The probe's byte is read only to keep the connection; a body that fails to decode (a server that
+    compresses the probe's answer alone, badly) closes that connection and the download goes on."""
+    path, sha = blob
+
+    def broken_probe(h, seen, head):
+        if seen.headers.get("range") != "bytes=0-0":
+            return False
+        seen.status = 206
+        h.send_response(206)
+        h.send_header("Content-Range", f"bytes 0-0/{path.stat().st_size}")
+        h.send_header("Content-Encoding", "gzip")
+        h.send_header("Content-Length", "16")
+        h.end_headers()
+        h.wfile.write(b"this is not gzip")
+        return True
+
+    origin.add("/m.bin", file=path, handler=broken_probe)
+    result = fast().fetch(f"{origin.url}/m.bin", tmp_path / "m.part")
+    assert result.sha256 == sha
+
+
 def test_the_next_file_from_the_same_hosts_reuses_the_open_connections(tmp_path):
     """A redirect's connection serves the next probe, and the connections of one file's workers serve
     the next file's: no new TCP (and TLS) handshake per file for a config of many files from one hub."""
