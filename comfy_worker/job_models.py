@@ -264,11 +264,6 @@ def _number(value) -> float:
     return value if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0 else 0
 
 
-def _started(rec: dict, rel: str) -> tuple[float, str]:
-    """Which of two running downloads started first (a tie goes by name, so both agree on the order)."""
-    return _number(rec.get("started")), rel
-
-
 def _sane_record(rec: dict) -> dict:
     """A record with a ``size`` and ``last_used`` fit to add and sort (a hand-edited or damaged value
     reads as 0: counted as nothing, evicted first)."""
@@ -762,8 +757,9 @@ class JobModels:
             part = _part_of(self.models_dir / other)
             with _not_downloading(self._download_lock(other)) as free:
                 if not free:
-                    if mine is None or _started(downloads[other], other) < _started(mine, rel):
-                        running[other] = int(_number(downloads[other].get("size")) or 0) or _part_bytes(part)
+                    # started first (``_sane_download`` made it a number); a tie goes by name, so both agree
+                    if mine is None or (downloads[other]["started"], other) < (mine["started"], rel):
+                        running[other] = int(_number(downloads[other].get("size"))) or _part_bytes(part)
                     continue
                 if not part.exists():
                     del downloads[other]
