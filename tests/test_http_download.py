@@ -921,7 +921,7 @@ def test_the_ramp_opens_all_connections_behind_a_server_that_caps_each_one():
     assert ramp_targets(lambda n: n * 40e6, **busy)[0] == [4, 16, 32]
 
 
-def test_the_ramp_settles_back_at_one_connection_when_a_second_does_not_pay():
+def test_the_ramp_settles_back_at_one_connection_when_more_do_not_pay():
     """On loopback the CPU, not the link, is the limit: four connections bring no more than one (and
     cost CPU), so the download goes back to one and stays there."""
     targets, ramp = ramp_targets(lambda n: 1e9, start=1)
